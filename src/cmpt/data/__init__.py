@@ -1,0 +1,1 @@
+"""Data sources, synthetic offline data, validation and batching (SPEC §4)."""
