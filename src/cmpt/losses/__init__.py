@@ -1,1 +1,27 @@
-"""cmpt.losses"""
+"""Loss functions of cmpt, as pure functions (SPEC §2, §3).
+
+- :func:`alignment_loss` — CoMP ``L_align`` (vision features vs. a Sinkhorn target over the
+  vocabulary prototypes), with :func:`sinkhorn_targets`, :func:`prior_from_counts` and the
+  pooling helpers :func:`masked_mean` / :func:`segment_mean`.
+- :func:`next_token_loss` — ``L_dec`` on supervised positions only (no full-vocab logits).
+"""
+
+from cmpt.losses.alignment import (
+    SINKHORN_VARIANTS,
+    alignment_loss,
+    masked_mean,
+    prior_from_counts,
+    segment_mean,
+    sinkhorn_targets,
+)
+from cmpt.losses.lm import next_token_loss
+
+__all__ = [
+    "SINKHORN_VARIANTS",
+    "alignment_loss",
+    "masked_mean",
+    "next_token_loss",
+    "prior_from_counts",
+    "segment_mean",
+    "sinkhorn_targets",
+]

@@ -1,0 +1,442 @@
+"""Configuration is data: typed dataclasses ⇄ YAML, ``base:`` inheritance and ``--set a.b=c`` overrides.
+
+A schema is a tree of (ordinary, module-level) dataclasses. :func:`load_config` builds it from a
+YAML file or a dict, checking every key and value against the type hints: nested dataclasses,
+``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``X | None``, ``Literal[...]``, enums, ``int``,
+``float``, ``bool``, ``str`` and ``Path``.
+
+Conversions (everything else is a :class:`ConfigError`):
+
+* ``float`` fields accept ints and numeric strings (YAML 1.1 reads ``1e-4`` as a string);
+* ``int`` fields accept ints, and floats or numeric strings that are exact integers (``1e5``);
+* ``bool`` fields accept only booleans; ``str`` fields only strings (quote ``"2024"``);
+* ``Path`` fields accept strings; tuples accept YAML lists; mapping keys declared ``str`` accept
+  YAML numbers (``1: x``) as their string form.
+
+A YAML file may start with ``base: other.yaml`` (or a list of files), relative to the file
+itself; bases are merged first, in order, then the file on top (dicts merge deep, lists and
+scalars replace). ``base`` is therefore a reserved top-level key.
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import copy
+import dataclasses
+import difflib
+import enum
+import functools
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path, PurePath
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+__all__ = ["BASE_KEY", "ConfigError", "config_hash", "deep_merge", "load_config", "load_yaml"]
+__all__ += ["resolve_config_path", "save_config", "to_dict"]
+
+T = TypeVar("T")
+BASE_KEY = "base"
+_KeyPath = tuple[Any, ...]  # str for mapping keys / fields, int for list indices
+_NONE = type(None)
+_LISTS = (list, cabc.Sequence, cabc.MutableSequence)
+_DICTS = (dict, cabc.Mapping, cabc.MutableMapping)
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit its schema; the message names key, source and expectation."""
+
+
+def _fmt(path: _KeyPath) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """Where values came from: the main source plus the file (or override) of each key."""
+
+    source: str
+    origins: dict[_KeyPath, str] = dataclasses.field(default_factory=dict)
+
+    def where(self, path: _KeyPath) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origins:
+                return self.origins[path[:n]]
+        return self.source
+
+    def error(self, path: _KeyPath, msg: str) -> ConfigError:
+        return ConfigError(f"config key '{_fmt(path)}' (from {self.where(path)}): {msg}")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is _NONE:
+        return "None"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is Union or origin is types.UnionType:
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    return getattr(tp, "__name__", repr(tp))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except NameError as e:  # string annotations naming something not importable at module level
+        raise ConfigError(f"cannot resolve the type hints of {cls.__name__}: {e}") from e
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _suggestion(key: str, names: cabc.Iterable[str], parent: _KeyPath) -> str:
+    names = list(names)
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f"; did you mean '{_fmt((*parent, close[0]))}'?"
+    return f"; valid keys here: {', '.join(names) or '(none)'}"
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+# ----------------------------------------------------------------------------- value conversion
+def _convert(value: Any, tp: Any, path: _KeyPath, ctx: _Ctx) -> Any:
+    """Check ``value`` against ``tp`` and return it in its typed form."""
+    if tp is Any or tp is object:
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        if value is None and _NONE in args:
+            return None
+        options = [a for a in args if a is not _NONE]
+        for a in options:  # an exact scalar match wins (1.0 stays float for ``int | float``)
+            if a in (int, float, str, bool) and type(value) is a:
+                return value
+        if len(options) == 1:
+            return _convert(value, options[0], path, ctx)
+        for a in options:
+            try:
+                return _convert(value, a, path, ctx)
+            except ConfigError:
+                pass
+        raise _type_error(value, tp, path, ctx)
+    if origin is Literal:
+        for a in args:
+            if value == a and type(value) is type(a):
+                return a
+        raise _type_error(value, tp, path, ctx)
+    if _is_dataclass_type(tp):
+        return _build(tp, value, path, ctx)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or value == member.name or value is member:
+                return member
+        raise ctx.error(path, f"expected one of {[m.value for m in tp]}, got {value!r}")
+    if tp in _LISTS or origin in _LISTS:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, tp, path, ctx)
+        item = args[0] if args else Any
+        return [_convert(v, item, (*path, i), ctx) for i, v in enumerate(value)]
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, tp, path, ctx)
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [args[0]] * len(value)
+        elif len(args) != len(value):
+            raise ctx.error(path, f"expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+        else:
+            items = list(args)
+        return tuple(_convert(v, t, (*path, i), ctx) for i, (v, t) in enumerate(zip(value, items)))
+    if tp in _DICTS or origin in _DICTS:
+        if not isinstance(value, dict):
+            raise _type_error(value, tp, path, ctx)
+        kt, vt = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            if kt is str and isinstance(k, (int, float)) and not isinstance(k, bool):
+                k = str(k)
+            key = _convert(k, kt, (*path, str(k)), ctx)
+            out[key] = _convert(v, vt, (*path, str(k)), ctx)
+        return out
+    return _convert_scalar(value, tp, path, ctx)
+
+
+def _convert_scalar(value: Any, tp: Any, path: _KeyPath, ctx: _Ctx) -> Any:
+    if not isinstance(tp, type):
+        raise ctx.error(path, f"unsupported type {tp!r} in the schema")
+    if tp is int and not isinstance(value, (bool, int)):
+        num = _as_number(value)
+        if num is not None and float(num).is_integer():
+            return int(num)
+    elif tp is float:
+        num = _as_number(value)
+        if num is not None:
+            return float(num)
+    elif issubclass(tp, PurePath) and isinstance(value, (str, PurePath)):
+        return tp(value)
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value  # bool, int, str, None and any other plain class
+    raise _type_error(value, tp, path, ctx)
+
+
+def _as_number(value: Any) -> int | float | None:
+    """``value`` as a number when it is one (not a bool) or a numeric string, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
+
+
+def _type_error(value: Any, tp: Any, path: _KeyPath, ctx: _Ctx) -> ConfigError:
+    return ctx.error(path, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type[T], value: Any, path: _KeyPath, ctx: _Ctx) -> T:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"expected a mapping for {cls.__name__}, got {value!r}")
+    fields, hints = _init_fields(cls), _hints(cls)
+    kwargs = {}
+    for key, v in value.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{_fmt((*path, key))}' in {ctx.where((*path, key))}"
+                + _suggestion(str(key), fields, path)
+            )
+        kwargs[key] = _convert(v, hints[key], (*path, key), ctx)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ctx.error(path, f"missing required key(s) {', '.join(missing)} for {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ctx.error(path, f"{cls.__name__} rejected the values: {e}") from e
+
+
+# ----------------------------------------------------------------------------- YAML and bases
+def deep_merge(base: dict, override: dict) -> dict:
+    """A new dict: ``override`` on top of ``base``; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _record_origins(data: dict, name: str, prefix: _KeyPath, origins: dict[_KeyPath, str]) -> None:
+    for k, v in data.items():
+        origins[(*prefix, k)] = name
+        if isinstance(v, dict):
+            _record_origins(v, name, (*prefix, k), origins)
+
+
+def _with_bases(data: dict, base_dir: Path, name: str, stack: tuple[Path, ...]) -> tuple[dict, dict]:
+    data = dict(data)
+    bases = data.pop(BASE_KEY, None)
+    bases = [] if bases is None else [bases] if isinstance(bases, (str, PurePath)) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, (str, PurePath)) for b in bases):
+        raise ConfigError(f"'{BASE_KEY}' in {name} must be a file name or a list of file names")
+    merged: dict = {}
+    origins: dict[_KeyPath, str] = {}
+    for b in bases:
+        b_path = Path(b).expanduser()
+        b_data, b_origins = _read_yaml(b_path if b_path.is_absolute() else base_dir / b_path, stack)
+        merged = deep_merge(merged, b_data)
+        origins.update(b_origins)
+    _record_origins(data, name, (), origins)
+    return deep_merge(merged, data), origins
+
+
+def _read_yaml(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict]:
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in (*stack, resolved))
+        raise ConfigError(f"cycle in '{BASE_KEY}' inheritance: {chain}")
+    if not path.is_file():
+        extra = f" (base of {stack[-1]})" if stack else ""
+        raise ConfigError(f"config file not found: {path}{extra}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML in {path}: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return _with_bases(data, path.parent, str(path), (*stack, resolved))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The plain dict of a YAML file with its ``base:`` chain merged in (no schema check)."""
+    return _read_yaml(Path(path), ())[0]
+
+
+# ----------------------------------------------------------------------------- overrides
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not _NONE]
+        if len(options) == 1:
+            return options[0]
+    return tp
+
+
+def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML) in the plain dict ``data`` of schema ``cls``."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override {override!r} must look like a.b.c=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {e}") from e
+    where = f"--set {override}"
+    node: Any = data
+    tp: Any = cls
+    path: _KeyPath = ()
+    for i, part in enumerate(parts):
+        tp = _unwrap_optional(tp)
+        origin, args = get_origin(tp), get_args(tp)
+        k: Any = part
+        if _is_dataclass_type(tp):
+            fields = _init_fields(tp)
+            if part not in fields:
+                raise ConfigError(
+                    f"{where}: unknown config key '{_fmt((*path, part))}'" + _suggestion(part, fields, path)
+                )
+            child_tp = _hints(tp)[part]
+        elif isinstance(node, dict) and (tp is Any or tp in _DICTS or origin in _DICTS):
+            child_tp = args[1] if args else Any
+        elif isinstance(node, list) and (tp is Any or tp in (*_LISTS, tuple) or origin in (*_LISTS, tuple)):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: '{part}' is not an index of '{_fmt(path)}' ({len(node)} items)")
+            k = int(part)
+            fixed_tuple = origin is tuple and args and args[-1] is not Ellipsis
+            child_tp = (args[k] if k < len(args) else Any) if fixed_tuple else (args[0] if args else Any)
+        else:
+            raise ConfigError(f"{where}: '{_fmt(path)}' has type {_type_name(tp)}; it has no key '{part}'")
+        path = (*path, k)
+        if i == len(parts) - 1:
+            _convert(value, child_tp, path, _Ctx(where))  # fail now, naming the override
+            node[k] = value
+            ctx.origins[path] = where
+            return
+        child = node.get(k) if isinstance(node, dict) else node[k]
+        if child is None:  # e.g. an Optional[Dataclass] left at None: fill it from defaults
+            child = node[k] = {}
+        node, tp = child, child_tp
+
+
+# ----------------------------------------------------------------------------- public API
+def load_config(
+    cls: type[T], source: str | Path | dict | None = None, overrides: cabc.Sequence[str] = ()
+) -> T:
+    """Build a ``cls`` instance from a YAML file (or a dict, or nothing: defaults) plus overrides.
+
+    Overrides look like ``"optim.lr=1e-4"``, ``"data.sizes=[224, 448]"`` or
+    ``"data.sources.0.weight=2"`` (list index); values are parsed with ``yaml.safe_load`` and
+    type-checked. Errors are :class:`ConfigError` naming the dotted key and where it came from.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if source is None:
+        data, ctx = {}, _Ctx("<defaults>")
+    elif isinstance(source, dict):
+        data, origins = _with_bases(source, Path.cwd(), "<dict>", ())
+        ctx = _Ctx("<dict>", origins)
+    else:
+        data, origins = _read_yaml(Path(source), ())
+        ctx = _Ctx(str(source), origins)
+    obj = _convert(data, cls, (), ctx)
+    if overrides:
+        plain = to_dict(obj)
+        for ov in overrides:
+            _apply_override(plain, cls, ov, ctx)
+        obj = _convert(plain, cls, (), ctx)
+    return obj
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {n: _plain(getattr(v, n)) for n in _init_fields(type(v))}
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, PurePath):
+        return str(v)
+    if isinstance(v, enum.Enum):
+        return v.value
+    return v
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain YAML-able dict of a config (tuples → lists, paths → str, enums → values)."""
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        raise TypeError(f"to_dict expects a dataclass instance, got {type(obj).__name__}")
+    return _plain(obj)
+
+
+def save_config(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as YAML (atomically); ``load_config(type(obj), path)`` gives it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable short hash (hex sha256 of the canonical JSON of ``to_dict(obj)``)."""
+    data = obj if isinstance(obj, dict) else to_dict(obj)
+    text = json.dumps(_plain(data), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def resolve_config_path(name_or_path: str | Path, packaged_root: str | Path) -> Path:
+    """A YAML path if it exists, else the packaged recipe ``<packaged_root>/<name>.yaml``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    root = Path(packaged_root)
+    name = str(name_or_path)
+    candidate = root / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    available = sorted(
+        p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.y*ml") if p.is_file()
+    )
+    hint = difflib.get_close_matches(name.removesuffix(".yaml"), available, n=1)
+    raise ConfigError(
+        f"no config file {name!r} and no packaged recipe of that name under {root}"
+        + (f"; did you mean '{hint[0]}'?" if hint else "")
+        + f"; available recipes: {', '.join(available) if available else '(none)'}"
+    )

@@ -1,0 +1,148 @@
+"""Block-diagonal ("varlen") attention over a packed stream, behind one function (DESIGN.md).
+
+Backends, all giving the same numbers within floating-point tolerance:
+
+* ``sdpa``  — PyTorch scaled-dot-product attention run per image; images of equal length are
+  batched together, so a batch of same-size images costs one call. CPU default.
+* ``flex``  — FlexAttention with a document mask (opt-in; compiled once per process).
+* ``flash`` — ``flash_attn_varlen_func`` from the flash-attn package (CUDA, fp16/bf16).
+
+``auto`` picks ``flash`` when importable and usable for the inputs, else ``sdpa``.
+The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the host by
+:func:`build_plan` and shared by every layer (SPEC §6: no per-layer host syncs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+
+@cache
+def flash_available() -> bool:
+    """True when the flash-attn package is importable."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass
+class AttentionPlan:
+    """Host-side description of the packed sequence, computed once per batch."""
+
+    lengths: list[int]
+    backend: str
+    device: torch.device
+    cu_seqlens: torch.Tensor = field(init=False)
+    max_seqlen: int = field(init=False)
+    groups: list[tuple[int, list[int]]] = field(init=False)
+    _gather: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
+    _block_mask: object = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        self.total = starts[-1]
+        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        self.max_seqlen = max(self.lengths, default=0)
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(self.lengths):
+            by_len.setdefault(n, []).append(i)
+        self.groups = sorted(by_len.items())
+
+    def gather_index(self, length: int, members: list[int]) -> torch.Tensor:
+        """(G, L) token indices of the images in one equal-length group."""
+        if length not in self._gather:
+            starts = torch.tensor([self.starts[i] for i in members], device=self.device)
+            self._gather[length] = starts[:, None] + torch.arange(length, device=self.device)
+        return self._gather[length]
+
+    def block_mask(self):
+        """FlexAttention document mask, built once per plan."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            doc = torch.repeat_interleave(
+                torch.arange(len(self.lengths), device=self.device),
+                torch.tensor(self.lengths, device=self.device),
+            )
+
+            def same_doc(b, h, q_idx, kv_idx):
+                return doc[q_idx] == doc[kv_idx]
+
+            self._block_mask = create_block_mask(
+                same_doc, B=None, H=None, Q_LEN=self.total, KV_LEN=self.total, device=self.device
+            )
+        return self._block_mask
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``auto`` into a concrete backend and validate explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        usable = flash_available() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        return "flash" if usable else "sdpa"
+    if backend == "flash" and not flash_available():
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package: pip install flash-attn")
+    return backend
+
+
+def build_plan(lengths: list[int], backend: str, device: torch.device, dtype: torch.dtype) -> AttentionPlan:
+    """Plan for a packed sequence made of segments of ``lengths`` tokens."""
+    return AttentionPlan([int(n) for n in lengths], resolve_backend(backend, device, dtype), device)
+
+
+@cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    if len(plan.lengths) == 1:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        return out.transpose(0, 1)
+    parts, index = [], []
+    for length, members in plan.groups:
+        if len(members) == 1:
+            s = plan.starts[members[0]]
+            qs, ks, vs = (t[s : s + length].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            idx = torch.arange(s, s + length, device=q.device)
+        else:
+            idx2d = plan.gather_index(length, members)
+            qs, ks, vs = (t[idx2d].transpose(1, 2) for t in (q, k, v))  # (G, H, L, d)
+            idx = idx2d.reshape(-1)
+        out = F.scaled_dot_product_attention(qs, ks, vs)  # (G, H, L, d)
+        parts.append(out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
+        index.append(idx)
+    stacked = torch.cat(parts)
+    return stacked.new_empty(stacked.shape).index_copy(0, torch.cat(index), stacked)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Attention where each token sees only its own segment. q, k, v: (N, heads, head_dim)."""
+    if plan.backend == "sdpa":
+        return _sdpa(q, k, v, plan)
+    if plan.backend == "flex":
+        out = _compiled_flex()(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            block_mask=plan.block_mask(),
+        )
+        return out.squeeze(0).transpose(0, 1)
+    if plan.backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen
+        )
+    raise ValueError(f"unresolved attention backend {plan.backend!r}")

@@ -1,0 +1,364 @@
+"""NativeViT: one configurable ViT that reads packed images at native resolution with C-RoPE (SPEC §1).
+
+C-RoPE = the checkpoint's learned absolute position table, bicubically interpolated to each image's
+patch grid and put in the patches' (merge-window) order, plus 2D RoPE on q/k in every layer.
+Images of any size are packed into one sequence with block-diagonal attention.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import build_plan
+from .layers import AttentionPoolHead, Block, make_norm
+from .rope import patch_positions, rope_cos_sin
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass
+class NativeViTConfig:
+    """Architecture of a :class:`NativeViT`. Families differ only in these fields (DESIGN.md, timm-style)."""
+
+    patch_size: int = 14
+    hidden_size: int = 384
+    num_layers: int = 12
+    num_heads: int = 6
+    intermediate_size: int = 1536
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-6
+    mlp: str = "gelu"  # gelu | gelu_tanh | quick_gelu | swiglu
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    patch_bias: bool = True
+    layerscale_init: float | None = None  # LayerScale when set (DINOv2)
+    cls_token: bool = False
+    num_register_tokens: int = 0
+    pos_embed: str = "learned"  # learned | sincos (AIMv2 native) | none
+    pos_grid: int = 16  # side g of the learned g×g table
+    pos_cls: bool = False  # the table carries a CLS row (DINOv2, CLIP)
+    pos_antialias: bool = False  # antialias in the bicubic resize (HF DINOv2-with-registers)
+    pos_embed_order: str = "window"  # window (correct) | official (released CoMP's raster order)
+    patch_norm: bool = False  # norm right after the patch embedding (AIMv2)
+    pre_norm: bool = False  # norm before the first block (CLIP's pre_layrnorm)
+    final_norm: bool = True
+    pool: str = "mean"  # cls | mean | map
+    pool_norm: bool = False  # norm on the pooled CLS (CLIP's post_layernorm)
+    head_intermediate_size: int | None = None  # MLP width of the MAP head (pool == "map")
+    rope: bool = False  # 2D RoPE on q/k (C-RoPE); off = pretrained behaviour
+    rope_theta: float = 10000.0
+    keep_prefix_tokens: bool = True  # CLS/registers in the stream (CoMP recipes: false)
+    merge_size: int = 2
+    attn: str = "auto"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        checks = {
+            "pos_embed": ("learned", "sincos", "none"),
+            "pos_embed_order": ("window", "official"),
+            "pool": ("cls", "mean", "map"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"NativeViTConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("2D RoPE needs a head dim divisible by 4")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return (int(self.cls_token) + self.num_register_tokens) if self.keep_prefix_tokens else 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NativeViTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"cmpt_model"}
+        if unknown:
+            raise ValueError(f"unknown NativeViT config keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """AIMv2-native 2D sin-cos table (h·w, dim) in raster order, HF layout [sin_w|cos_w|sin_h|cos_h]."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position table needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w).outer(omega)
+    cols = torch.arange(w, dtype=torch.float64).repeat(h).outer(omega)
+    return torch.cat([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1).float()
+
+
+def interpolate_table(table: torch.Tensor, g: int, h: int, w: int, antialias: bool = False) -> torch.Tensor:
+    """Bicubic resize (align_corners=False, float32) of a g×g table (g·g, D) to (h·w, D), raster order.
+
+    Returns the table unchanged when (h, w) == (g, g), as Hugging Face does (SPEC §1, §6 precision).
+    """
+    if (h, w) == (g, g):
+        return table
+    grid = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=antialias)
+    return out.permute(0, 2, 3, 1).reshape(h * w, -1).to(table.dtype)
+
+
+class NativeViT(nn.Module):
+    """Native-resolution ViT with C-RoPE over packed images.
+
+    ``forward(patches (N, 3·p·p), grid_hw (n, 2)) -> (N, D)``: patches in merge-window order,
+    block-diagonal attention, prefix tokens (if kept) attend inside their image and are dropped
+    from the output. ``forward_images`` takes a list of (3, H, W) tensors and returns per-image
+    ``(P + h·w, D)`` features, prefix tokens first, patches in raster order.
+    """
+
+    def __init__(self, config: NativeViTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d, p = c.hidden_size, c.patch_size
+        self.grad_checkpointing = False
+        self.patch_embed = nn.Linear(3 * p * p, d, bias=c.patch_bias)
+        self.patch_norm = make_norm(c.norm, d, c.norm_eps) if c.patch_norm else None
+        self.cls_token = nn.Parameter(torch.zeros(1, d)) if c.cls_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(c.num_register_tokens, d)) if c.num_register_tokens else None
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(c.pos_grid**2, d)) if c.pos_embed == "learned" else None
+        self.cls_pos = nn.Parameter(torch.zeros(1, d)) if c.pos_embed == "learned" and c.pos_cls else None
+        self.pre_norm = make_norm(c.norm, d, c.norm_eps) if c.pre_norm else None
+        self.blocks = nn.ModuleList(
+            Block(
+                d,
+                c.num_heads,
+                c.intermediate_size,
+                norm=c.norm,
+                eps=c.norm_eps,
+                mlp=c.mlp,
+                qkv_bias=c.qkv_bias,
+                proj_bias=c.proj_bias,
+                mlp_bias=c.mlp_bias,
+                layerscale=c.layerscale_init,
+            )
+            for _ in range(c.num_layers)
+        )
+        self.norm = make_norm(c.norm, d, c.norm_eps) if c.final_norm else None
+        self.pool_norm = make_norm(c.norm, d, c.norm_eps) if c.pool_norm else None
+        self.head = (
+            AttentionPoolHead(
+                d, c.num_heads, c.head_intermediate_size or c.intermediate_size, c.norm_eps, c.mlp
+            )
+            if c.pool == "map"
+            else None
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Fresh initialisation (truncated normal 0.02, zero biases) for models built from scratch."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for prm in (self.cls_token, self.register_tokens, self.pos_embed, self.cls_pos):
+            if prm is not None:
+                nn.init.trunc_normal_(prm, std=0.02)
+
+    # ------------------------------------------------------------------ positions
+    def _abs_pos(self, grids: list[tuple[int, int]], merge: int) -> torch.Tensor:
+        """Absolute position rows for every patch, in token order (the "C" of C-RoPE)."""
+        c, cache, parts = self.config, {}, []
+        for h, w in grids:
+            if (h, w) not in cache:
+                if c.pos_embed == "learned":
+                    table = interpolate_table(self.pos_embed, c.pos_grid, h, w, c.pos_antialias)
+                else:
+                    table = sincos_2d(h, w, c.hidden_size).to(self.patch_embed.weight)
+                if merge > 1 and c.pos_embed_order == "window":
+                    rc = patch_positions([(h, w)], merge).to(table.device)
+                    table = table[rc[:, 0] * w + rc[:, 1]]
+                cache[(h, w)] = table
+            parts.append(cache[(h, w)])
+        return torch.cat(parts)
+
+    def _prefix(self) -> torch.Tensor:
+        parts = []
+        if self.cls_token is not None:
+            parts.append(self.cls_token + self.cls_pos if self.cls_pos is not None else self.cls_token)
+        if self.register_tokens is not None:
+            parts.append(self.register_tokens)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ core
+    def encode(
+        self,
+        patches: torch.Tensor,
+        grid_hw: torch.Tensor | Sequence[Sequence[int]],
+        merge_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the packed stream; returns (patch tokens (N, D), prefix tokens (n, P, D) or None).
+
+        ``merge_size`` is the patch order of the input: ``config.merge_size`` (window order) by
+        default, 1 for raster order.
+        """
+        c = self.config
+        merge = c.merge_size if merge_size is None else merge_size
+        grids = [(int(h), int(w)) for h, w in (grid_hw.tolist() if torch.is_tensor(grid_hw) else grid_hw)]
+        n_patch = sum(h * w for h, w in grids)
+        if patches.ndim != 2 or patches.shape != (n_patch, 3 * c.patch_size**2):
+            raise ValueError(
+                f"patches must be (sum of h*w = {n_patch}, 3*{c.patch_size}^2 = {3 * c.patch_size**2}) "
+                f"for grid_hw={grids}, got {tuple(patches.shape)}"
+            )
+        if merge > 1 and any(h % merge or w % merge for h, w in grids):
+            raise ValueError(
+                f"grid_hw={grids} is not divisible by merge_size={merge}; resize images to multiples of "
+                f"patch_size*merge_size={c.patch_size * merge} (cmpt.ImageProcessor does) or use merge_size=1"
+            )
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        if self.patch_norm is not None:
+            x = self.patch_norm(x)
+        if c.pos_embed != "none":
+            x = x + self._abs_pos(grids, merge)
+        P, sizes = c.num_prefix_tokens, [h * w for h, w in grids]
+        if P:
+            prefix = self._prefix()[:P]
+            x = torch.cat([t for chunk in x.split(sizes) for t in (prefix, chunk)])
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        plan = build_plan([P + s for s in sizes], c.attn, x.device, x.dtype)
+        rope = self._rope(grids, merge, P, x.device) if c.rope else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, plan, rope, use_reentrant=False)
+            else:
+                x = blk(x, plan, rope)
+        if self.norm is not None:
+            x = self.norm(x)
+        if not P:
+            return x, None
+        per_image = x.split([P + s for s in sizes])
+        prefix_out = torch.stack([t[:P] for t in per_image])
+        return torch.cat([t[P:] for t in per_image]), prefix_out
+
+    def _rope(self, grids, merge: int, P: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = patch_positions(grids, merge)
+        if P:
+            zeros = torch.zeros(P, 2, dtype=torch.long)
+            pos = torch.cat([t for chunk in pos.split([h * w for h, w in grids]) for t in (zeros, chunk)])
+            ident = torch.zeros(len(pos), dtype=torch.bool)
+            starts = torch.tensor([0] + [P + h * w for h, w in grids[:-1]]).cumsum(0)
+            ident[(starts[:, None] + torch.arange(P)).reshape(-1)] = True
+        else:
+            ident = None
+        head_dim = self.config.hidden_size // self.config.num_heads
+        return rope_cos_sin(pos, head_dim, self.config.rope_theta, ident, device)
+
+    def forward(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """Packed patches (N, 3·p·p) in merge-window order + grids (n, 2) → patch features (N, D)."""
+        return self.encode(patches, grid_hw)[0]
+
+    def pool(
+        self, patch_tokens: torch.Tensor, prefix: torch.Tensor | None, grid_hw: torch.Tensor | Sequence
+    ) -> torch.Tensor:
+        """One vector per image (n, D): CLS (DINOv2, CLIP + post-norm), MAP head (SigLIP) or patch mean.
+
+        With ``pool == "cls"`` but prefix tokens dropped, the patch mean is used.
+        """
+        grids = grid_hw.tolist() if torch.is_tensor(grid_hw) else grid_hw
+        chunks = patch_tokens.split([int(h) * int(w) for h, w in grids])
+        if self.config.pool == "cls" and prefix is not None and self.cls_token is not None:
+            out = prefix[:, 0]
+        elif self.head is not None:
+            seqs = chunks if prefix is None else [torch.cat([pre, ch]) for pre, ch in zip(prefix, chunks)]
+            out = self.head(list(seqs))
+        else:
+            out = torch.stack([chunk.mean(0) for chunk in chunks])
+        return self.pool_norm(out) if self.pool_norm is not None else out
+
+    def forward_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalized (3, H, W) images, H and W multiples of the patch size, any grid (odd ones too)
+        → per image (P + h·w, D): prefix tokens first, then patches in raster order."""
+        p = self.config.patch_size
+        patches, grids = [], []
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % p or img.shape[2] % p:
+                raise ValueError(
+                    f"image {i}: expected (3, H, W) with H, W multiples of {p}, got {tuple(img.shape)}"
+                )
+            h, w = img.shape[1] // p, img.shape[2] // p
+            patches.append(img.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p))
+            grids.append((h, w))
+        tokens, prefix = self.encode(torch.cat(patches), grids, merge_size=1)
+        chunks = tokens.split([h * w for h, w in grids])
+        if prefix is None:
+            return list(chunks)
+        return [torch.cat([pre, chunk]) for pre, chunk in zip(prefix, chunks)]
+
+    # ------------------------------------------------------------------ I/O
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {"cmpt_model": "NativeViT", **asdict(self.config)}
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, **overrides
+    ) -> NativeViT:
+        """Load a directory written by :meth:`save_pretrained`; ``overrides`` replace config fields
+        (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``)."""
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                "for a Hugging Face checkpoint use NativeViT.from_hf"
+            )
+        raw = json.loads((d / CONFIG_NAME).read_text())
+        if raw.get("cmpt_model") != "NativeViT":
+            raise ValueError(
+                f"{d / CONFIG_NAME} is not a cmpt NativeViT config; use NativeViT.from_hf for HF models"
+            )
+        config = NativeViTConfig.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
+        model = cls(config)
+        model.load_state_dict(load_file(str(d / WEIGHTS_NAME), device="cpu"))
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def from_hf(
+        cls,
+        name_or_path: str | Path,
+        rope: bool | None = None,
+        keep_prefix_tokens: bool = True,
+        attn: str = "auto",
+        **overrides,
+    ) -> NativeViT:
+        """Convert a Hugging Face DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (SPEC §1 "Families")."""
+        from .convert import load_hf_vit
+
+        return load_hf_vit(
+            name_or_path, rope=bool(rope), keep_prefix_tokens=keep_prefix_tokens, attn=attn, **overrides
+        )
+
+    def num_flops_per_token(self, seq_len: int) -> float:
+        """Approximate forward FLOPs per token (2·params matmuls + attention), for throughput reports."""
+        c = self.config
+        d, f = c.hidden_size, c.intermediate_size * (3 if c.mlp == "swiglu" else 2)
+        per_layer = 2 * (4 * d * d + f * d) + 4 * seq_len * d
+        return c.num_layers * per_layer + 2 * 3 * c.patch_size**2 * d
+
+    def extra_repr(self) -> str:
+        c = self.config
+        src = c.source or "scratch"
+        return f"{src}: {c.num_layers}×{c.hidden_size}, rope={c.rope}, prefix={c.num_prefix_tokens}"
