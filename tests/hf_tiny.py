@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,7 +44,34 @@ def build(family: str, image_size: int = 56, seed: int = 0):
     return model.eval()
 
 
+PREPROCESSOR = {  # shapes of the real checkpoints' preprocessor_config.json
+    "dinov2": {
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "size": {"shortest_edge": 256},
+    },
+    "siglip": {
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"height": 56, "width": 56},
+    },
+    "clip": {
+        "image_mean": [0.4815, 0.4578, 0.4082],
+        "image_std": [0.2686, 0.2613, 0.2758],
+        "size": {"shortest_edge": 56},
+    },
+    "aimv2": {
+        "image_mean": [0.4815, 0.4578, 0.4082],
+        "image_std": [0.2686, 0.2613, 0.2758],
+        "size": {"shortest_edge": 56},
+    },
+}
+
+
 def save(family: str, root: Path, image_size: int = 56) -> Path:
+    """Save the tiny model and a family-typical ``preprocessor_config.json`` under ``root/family``."""
     out = Path(root) / family
     build(family, image_size).save_pretrained(out)
+    pre = dict(PREPROCESSOR[family.split("_")[0]], crop_size={"height": image_size, "width": image_size})
+    (out / "preprocessor_config.json").write_text(json.dumps(pre))
     return out

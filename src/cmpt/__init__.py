@@ -1,9 +1,24 @@
-"""cmpt — continual multimodal pre-training (CoMP, MoCa) for vision foundation models."""
+"""cmpt — continual multimodal pre-training (CoMP, MoCa) for vision foundation models.
 
-from . import vision
-from .vision import NativeViT, NativeViTConfig
+Public API (DESIGN.md): :class:`NativeViT`, :class:`ImageProcessor` → :class:`PackedImages`,
+:class:`PatchMerger`, :class:`VisionLanguageModel`, ``cmpt.vision.smart_resize``, ``cmpt.losses``.
+"""
+
+from . import losses, vision
+from .vision import ImageProcessor, NativeViT, NativeViTConfig, PackedImages
 from .vlm.merger import PatchMerger
+from .vlm.model import VisionLanguageModel, VLMConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["NativeViT", "NativeViTConfig", "PatchMerger", "vision"]
+__all__ = [
+    "ImageProcessor",
+    "NativeViT",
+    "NativeViTConfig",
+    "PackedImages",
+    "PatchMerger",
+    "VLMConfig",
+    "VisionLanguageModel",
+    "losses",
+    "vision",
+]

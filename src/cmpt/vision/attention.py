@@ -40,7 +40,6 @@ class AttentionPlan:
     cu_seqlens: torch.Tensor = field(init=False)
     max_seqlen: int = field(init=False)
     groups: list[tuple[int, list[int]]] = field(init=False)
-    _gather: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
     _block_mask: object = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -55,13 +54,6 @@ class AttentionPlan:
         for i, n in enumerate(self.lengths):
             by_len.setdefault(n, []).append(i)
         self.groups = sorted(by_len.items())
-
-    def gather_index(self, length: int, members: list[int]) -> torch.Tensor:
-        """(G, L) token indices of the images in one equal-length group."""
-        if length not in self._gather:
-            starts = torch.tensor([self.starts[i] for i in members], device=self.device)
-            self._gather[length] = starts[:, None] + torch.arange(length, device=self.device)
-        return self._gather[length]
 
     def block_mask(self):
         """FlexAttention document mask, built once per plan."""
@@ -107,24 +99,23 @@ def _compiled_flex():
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Per-image SDPA. Segments are taken with ``split`` and equal-length ones batched with ``stack``, whose
+    backward passes are single concatenations: slicing instead would zero a full-size gradient per image."""
     if len(plan.lengths) == 1:
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
         return out.transpose(0, 1)
-    parts, index = [], []
-    for length, members in plan.groups:
+    qs, ks, vs = (t.split(plan.lengths) for t in (q, k, v))
+    outs: list[torch.Tensor | None] = [None] * len(plan.lengths)
+    for _, members in plan.groups:
+        # (G, L, H, d) -> (G, H, L, d); a lone image needs no copy
         if len(members) == 1:
-            s = plan.starts[members[0]]
-            qs, ks, vs = (t[s : s + length].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            idx = torch.arange(s, s + length, device=q.device)
+            qg, kg, vg = (seg[members[0]].unsqueeze(0).transpose(1, 2) for seg in (qs, ks, vs))
         else:
-            idx2d = plan.gather_index(length, members)
-            qs, ks, vs = (t[idx2d].transpose(1, 2) for t in (q, k, v))  # (G, H, L, d)
-            idx = idx2d.reshape(-1)
-        out = F.scaled_dot_product_attention(qs, ks, vs)  # (G, H, L, d)
-        parts.append(out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
-        index.append(idx)
-    stacked = torch.cat(parts)
-    return stacked.new_empty(stacked.shape).index_copy(0, torch.cat(index), stacked)
+            qg, kg, vg = (torch.stack([seg[i] for i in members]).transpose(1, 2) for seg in (qs, ks, vs))
+        out = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2)
+        for i, o in zip(members, out.unbind(0)):
+            outs[i] = o
+    return torch.cat(outs)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

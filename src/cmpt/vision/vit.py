@@ -245,9 +245,8 @@ class NativeViT(nn.Module):
             x = self.norm(x)
         if not P:
             return x, None
-        per_image = x.split([P + s for s in sizes])
-        prefix_out = torch.stack([t[:P] for t in per_image])
-        return torch.cat([t[P:] for t in per_image]), prefix_out
+        pieces = x.split([n for s in sizes for n in (P, s)])  # split: cheap backward, unlike slicing
+        return torch.cat(pieces[1::2]), torch.stack(pieces[0::2])
 
     def _rope(self, grids, merge: int, P: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = patch_positions(grids, merge)

@@ -1,0 +1,131 @@
+"""Packed NativeViT vs Hugging Face DINOv2 on a mixed-resolution batch (issue: native-resolution ViT).
+
+16 images, aspect ratios 1:3 to 3:1, sides up to 448 px, a ViT-S/14 (DINOv2-S shape, random weights).
+Forward + backward time of:
+  * cmpt packed   — all images in one sequence, block-diagonal attention (NativeViT.forward_images)
+  * HF padded     — each image zero-padded to the batch's largest height and width, one batch
+  * HF one-by-one — each image alone (gradients accumulated)
+Same weights (NativeViT.from_hf of the same checkpoint). Prints a table, then one JSON line of ratios.
+Achieved GFLOP/s is reported against a large fp32 matmul measured in the same run.
+
+Usage: python benchmarks/bench_vit.py [--repeats 3] [--images 16] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+
+import torch
+import transformers as tf
+
+from cmpt import NativeViT
+
+P = 14
+
+
+def mixed_sizes(n: int, seed: int, max_side: int = 448, step: int = 28) -> list[tuple[int, int]]:
+    """Long side uniform in [224, max_side], aspect ratio log-uniform in [1/3, 3], multiples of ``step``."""
+    rng = random.Random(seed)
+    sizes = []
+    for _ in range(n):
+        long_side = rng.randrange(224, max_side + 1, step)
+        ratio = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        short = max(step, round(long_side / max(ratio, 1 / ratio) / step) * step)
+        sizes.append((long_side, short) if ratio >= 1 else (short, long_side))
+    return sizes
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = best_time(lambda: a @ b, repeats)
+    return 2 * n**3 / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+
+    hf = tf.Dinov2Model(
+        tf.Dinov2Config(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=P
+        )
+    )
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        vit = NativeViT.from_hf(d, rope=False, keep_prefix_tokens=True)
+    hf.train()
+    vit.train()
+
+    sizes = mixed_sizes(args.images, args.seed)
+    imgs = [torch.randn(3, h, w) for h, w in sizes]
+    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+    padded = torch.zeros(len(imgs), 3, hmax, wmax)
+    for i, im in enumerate(imgs):
+        padded[i, :, : im.shape[1], : im.shape[2]] = im
+
+    def run_packed():
+        vit.zero_grad(set_to_none=True)
+        out = vit.forward_images(imgs)
+        torch.cat(out).square().mean().backward()
+
+    def run_padded():
+        hf.zero_grad(set_to_none=True)
+        hf(pixel_values=padded).last_hidden_state.square().mean().backward()
+
+    def run_single():
+        hf.zero_grad(set_to_none=True)
+        for im in imgs:
+            hf(pixel_values=im[None]).last_hidden_state.square().mean().backward()
+
+    peak = matmul_gflops()
+    t_packed = best_time(run_packed, args.repeats)
+    t_padded = best_time(run_padded, args.repeats)
+    t_single = best_time(run_single, args.repeats)
+
+    tokens = [1 + (h // P) * (w // P) for h, w in sizes]
+    fwd = sum(n * vit.num_flops_per_token(n) for n in tokens)
+    flops = 3 * fwd  # forward + backward ≈ 3 × forward
+    rows = [
+        ("cmpt packed", t_packed, sum(tokens)),
+        ("HF padded", t_padded, len(imgs) * (1 + (hmax // P) * (wmax // P))),
+        ("HF one-by-one", t_single, sum(tokens)),
+    ]
+    print(f"threads={torch.get_num_threads()}  images={len(imgs)}  sizes={sizes}")
+    print(f"padded batch: {hmax}x{wmax};  large-matmul peak: {peak:.1f} GFLOP/s")
+    print(f"{'method':<15}{'fwd+bwd s':>11}{'tokens':>9}{'useful GFLOP/s':>16}{'vs packed':>11}")
+    for name, t, ntok in rows:
+        print(f"{name:<15}{t:>11.3f}{ntok:>9}{flops / t / 1e9:>16.1f}{t / t_packed:>10.2f}x")
+    result = {
+        "speedup_vs_padded": round(t_padded / t_packed, 3),
+        "speed_vs_one_by_one": round(t_single / t_packed, 3),
+        "packed_gflops": round(flops / t_packed / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "packed_fraction_of_peak": round(flops / t_packed / 1e9 / peak, 3),
+        "t_packed_s": round(t_packed, 4),
+        "t_padded_s": round(t_padded, 4),
+        "t_one_by_one_s": round(t_single, 4),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

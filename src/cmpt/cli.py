@@ -1,0 +1,135 @@
+"""The `cmpt` command line (also `python -m cmpt`, so `torchrun -m cmpt train ...` works).
+
+Subcommands: demo · encode · train · export · data {synth, check, vocab-prior}.
+Each subcommand is a thin adapter over a library function; heavy imports happen inside handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _encode(a: argparse.Namespace) -> int:
+    from .encode import encode_images, expand_images, load_vit, processor_for
+
+    vit = load_vit(a.model, rope=a.rope, attn=a.attn)
+    proc = processor_for(vit, a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    res = encode_images(
+        vit,
+        proc,
+        expand_images(a.images),
+        a.out,
+        token_budget=a.token_budget,
+        pooled=a.features in ("pooled", "both"),
+        patches=a.features in ("patch", "both"),
+        skip_bad=a.skip_bad,
+        device=a.device,
+        progress=not a.quiet,
+    )
+    print(
+        f"encoded {len(res.images)} images ({res.num_patches} patches) with {vit.config.source} -> {res.out}"
+    )
+    for path, why in res.skipped.items():
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=a.out, quick=a.quick, cache=a.cache)
+    return 0
+
+
+def _synth(a: argparse.Namespace) -> int:
+    from .data.synthetic import synth_main
+
+    print(json.dumps(synth_main(a.kind, a.n, a.out, seed=a.seed, splits=a.splits), indent=2))
+    return 0
+
+
+def _check(a: argparse.Namespace) -> int:
+    from .data.validate import data_check_main
+
+    return data_check_main(
+        a.spec, a.out, image_root=a.image_root, tokenizer=a.tokenizer, max_text_tokens=a.max_text_tokens
+    )
+
+
+def _vocab(a: argparse.Namespace) -> int:
+    from .data.vocab_prior import vocab_prior_main
+
+    print(json.dumps(vocab_prior_main(a.data, a.tokenizer, a.out), indent=2))
+    return 0
+
+
+def _bool(p: argparse.ArgumentParser, name: str, help_: str) -> None:
+    p.add_argument(
+        f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help_
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cmpt", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on built-in synthetic data")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="one-minute smoke run")
+    p.add_argument(
+        "--cache", default=None, help="cache for generated data/models (default $CMPT_CACHE or ~/.cache/cmpt)"
+    )
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("encode", help="native-resolution features of images → safetensors")
+    p.add_argument("--model", required=True, help="NativeViT directory or Hugging Face vision checkpoint")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--features", choices=["pooled", "patch", "both"], default="both")
+    p.add_argument("--token-budget", type=int, default=16384, help="patches per forward pass (default 16384)")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    _bool(p, "rope", "2D RoPE on/off (default: the checkpoint's setting; off for HF checkpoints)")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) instead of failing"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_encode)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="generate built-in offline data (LLaVA JSON + PNG)")
+    p.add_argument("--kind", required=True, choices=["charts", "docs", "scenes"])
+    p.add_argument("--n", type=int, required=True, help="train samples (val/test get n//4 each)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="train,val,test")
+    p.set_defaults(fn=_synth)
+    p = data.add_parser("check", help="report bad samples of a LLaVA JSON/JSONL dataset")
+    p.add_argument("spec", help="dataset JSON/JSONL file")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir/name to check conversation lengths")
+    p.add_argument("--max-text-tokens", type=int, default=None)
+    p.add_argument("--out", default=None, help="write bad samples as JSONL here")
+    p.set_defaults(fn=_check)
+    p = data.add_parser(
+        "vocab-prior", help="token frequencies of a dataset's captions (alignment-loss prior)"
+    )
+    p.add_argument("data", help="LLaVA JSON/JSONL")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.set_defaults(fn=_vocab)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

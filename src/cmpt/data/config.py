@@ -1,0 +1,91 @@
+"""Typed configuration of the data path: sources, budgets, resolution policy (SPEC §1.4, §4).
+
+Plain module-level dataclasses, so :func:`cmpt.config.load_config` can read them from YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["DataConfig", "ResolutionConfig"]
+
+
+@dataclass
+class DataConfig:
+    """One LLaVA-format training source and how it is batched (SPEC §4).
+
+    ``path``: a LLaVA ``.json`` (one list) or ``.jsonl`` (one record per line) file.
+    ``image_root``: directory the ``image`` paths are relative to; ``""`` = the JSON file's directory.
+    ``max_text_tokens``: per-sample cap; longer conversations are truncated by the sample builder.
+    ``vision_budget`` / ``text_budget``: merged vision tokens / text tokens per micro-batch; a
+    micro-batch is filled until adding the next sample would exceed either one.
+    ``oversize``: a sample larger than a budget on its own is ``"skip"``-ped (counted) or let through
+    alone (``"truncate"``: its text is truncated to ``max_text_tokens``).
+    ``max_bad_fraction``: a run fails when more than this fraction of the samples seen are bad.
+    ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (SPEC §2).
+    """
+
+    path: str = ""
+    image_root: str = ""
+    max_text_tokens: int = 2048
+    vision_budget: int = 4096
+    text_budget: int = 8192
+    max_samples_per_batch: int = 64
+    oversize: Literal["skip", "truncate"] = "skip"
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01
+    caption_max_tokens: int = 256
+    shuffle_caption: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_tokens", "vision_budget", "text_budget", "max_samples_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.oversize not in ("skip", "truncate"):
+            raise ValueError(f"DataConfig.oversize must be 'skip' or 'truncate', got {self.oversize!r}")
+        if self.num_workers < 0 or self.caption_max_tokens < 0:
+            raise ValueError("DataConfig.num_workers and caption_max_tokens must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class ResolutionConfig:
+    """Resolution policy of a stage (SPEC §1.4).
+
+    ``"native"``: ``smart_resize`` within ``[min_pixels, max_pixels]`` (official cap: 3000 merged
+    tokens per image, ``max_pixels = 14·14·4·3000``). ``"fixed"``: the official ``force_resize`` to
+    ``fixed_size × fixed_size`` first (stage I: 384, stage II pass 1: 1024), then ``smart_resize``.
+    """
+
+    policy: Literal["native", "fixed"] = "native"
+    fixed_size: int = 384
+    min_pixels: int = 56 * 56
+    max_pixels: int = 14 * 14 * 4 * 3000
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("native", "fixed"):
+            raise ValueError(f"ResolutionConfig.policy must be 'native' or 'fixed', got {self.policy!r}")
+        if self.fixed_size < 1 or not 0 <= self.min_pixels <= self.max_pixels:
+            raise ValueError(
+                "ResolutionConfig needs fixed_size >= 1 and 0 <= min_pixels <= max_pixels, got "
+                f"{self.fixed_size}, {self.min_pixels}, {self.max_pixels}"
+            )
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`cmpt.vision.processor.ImageProcessor` for this policy."""
+        kw: dict[str, Any] = dict(policy=self.policy, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if self.policy == "fixed":
+            kw["fixed_size"] = self.fixed_size
+        return kw
+
+    def make_processor(self, patch_size: int = 14, merge_size: int = 2, **kwargs: Any):
+        """An ``ImageProcessor`` with this policy (``kwargs``: ``mean``, ``std``, ...)."""
+        from cmpt.vision.processor import ImageProcessor
+
+        return ImageProcessor(
+            patch_size=patch_size, merge_size=merge_size, **self.processor_kwargs(), **kwargs
+        )

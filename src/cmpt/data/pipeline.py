@@ -1,0 +1,319 @@
+"""From records to training micro-batches: sample building, collation, length index (SPEC §2, §4).
+
+``SampleBuilder.build(record, epoch)`` decodes and packs the images (``ImageProcessor.preprocess``,
+resized exactly once), renders the conversation with each ``<image>`` expanded to its merged token
+count (``h·w/merge²``) and tokenizes the caption of the alignment loss. Everything random (the
+caption's answer order) is seeded by a hash of ``(seed, epoch, id)``: a sample is the same whatever
+process builds it and whenever, so resuming is exact. Any problem raises :class:`BadSample`.
+
+``collate`` makes the batch dict the VLM consumes; ``LengthIndex`` gives the cheap per-record
+``(vision_tokens, text_tokens)`` estimates the token-budget batcher needs, without decoding images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cmpt.data.sources import BadSample, LlavaSource, Record
+from cmpt.data.validate import classify_render_error, conversation_problems
+from cmpt.vision.processor import ImageLoadError, ImageProcessor
+from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, caption_ids, render_conversation
+
+__all__ = ["BadSample", "LengthIndex", "ProcessedSample", "SampleBuilder", "collate", "sample_seed"]
+
+log = logging.getLogger("cmpt.data")
+
+
+def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
+    """A 64-bit seed from ``(seed, epoch, id)``, the same in every process (unlike ``hash()``)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{int(epoch)}\x00{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass
+class ProcessedSample:
+    """One built sample: packed image patches (merge-window order) and tokenized text (SPEC §2)."""
+
+    id: str
+    patches: torch.Tensor  # (n_i, 3·p·p) float32, all images of the sample concatenated
+    grids: list[tuple[int, int]]  # (h, w) in patches, per image
+    input_ids: torch.Tensor  # (T,) long
+    labels: torch.Tensor  # (T,) long, IGNORE_INDEX outside assistant tokens; not shifted
+    caption_ids: torch.Tensor  # (Tc,) long; empty when the sample has no image or no caption
+    num_image_tokens: list[int] = field(default_factory=list)  # merged tokens per image
+    truncated: bool = False
+
+
+class SampleBuilder:
+    """Record → :class:`ProcessedSample` (SPEC §2, §4); deterministic per ``(seed, epoch, id)``.
+
+    ``max_text_tokens``: longer conversations are truncated (never inside an image span: such a
+    sample is bad, ``too_long``). ``caption_max_tokens``: the caption (the answers joined by spaces,
+    shuffled when ``shuffle_caption``, as the official CoMP) is cut to this length; text-only samples
+    get an empty caption, so they take no part in the alignment loss.
+    """
+
+    def __init__(
+        self,
+        processor: ImageProcessor,
+        tokenizer: Any,
+        *,
+        max_text_tokens: int = 2048,
+        caption_max_tokens: int = 256,
+        merge_size: int | None = None,
+        shuffle_caption: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.merge_size = processor.merge_size if merge_size is None else int(merge_size)
+        if self.merge_size != processor.merge_size:
+            raise ValueError(f"merge_size={merge_size} differs from the processor's {processor.merge_size}")
+        missing = [t for t in VISION_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks {missing}: call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) "
+                "and resize the LLM's embeddings before building samples"
+            )
+        self.processor, self.tokenizer = processor, tokenizer
+        self.max_text_tokens, self.caption_max_tokens = int(max_text_tokens), int(caption_max_tokens)
+        self.shuffle_caption, self.seed = bool(shuffle_caption), int(seed)
+
+    def _image(self, record: Record, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        path = record.image_path(i)
+        if not os.path.isfile(path):
+            raise BadSample(record.id, "missing_image", f"{record.images[i]!r}: no such file ({path})")
+        try:
+            return self.processor.preprocess(path)
+        except ImageLoadError as e:
+            raise BadSample(
+                record.id, "zero_size_image" if "zero size" in str(e) else "unreadable_image", str(e)
+            ) from None
+        except ValueError as e:  # smart_resize: aspect ratio above 200
+            raise BadSample(record.id, "extreme_aspect_ratio", str(e)) from None
+        except OSError as e:
+            raise BadSample(record.id, "unreadable_image", f"{path}: {e}") from None
+
+    def build(self, record: Record, epoch: int = 0) -> ProcessedSample:
+        """Build one sample; raises :class:`BadSample` (with a reason of ``REASONS``) on any problem."""
+        problems = conversation_problems(record)  # cheap: before decoding any image
+        if problems:
+            raise BadSample(record.id, *problems[0])
+        patches, grids = [], []
+        for i in range(len(record.images)):
+            p, hw = self._image(record, i)
+            patches.append(p)
+            grids.append((int(hw[0]), int(hw[1])))
+        m2 = self.merge_size**2
+        n_tokens = [h * w // m2 for h, w in grids]
+        rng = random.Random(sample_seed(self.seed, epoch, record.id)) if self.shuffle_caption else None
+        try:
+            r = render_conversation(
+                record.conversations,
+                self.tokenizer,
+                n_tokens,
+                max_length=self.max_text_tokens,
+                sample_id=record.id,
+                caption_rng=rng,
+            )
+        except ValueError as e:
+            raise BadSample(record.id, classify_render_error(str(e)), str(e)) from None
+        if grids and self.caption_max_tokens > 0:
+            cap = caption_ids(r.caption, self.tokenizer, self.caption_max_tokens)
+        else:
+            cap = torch.zeros(0, dtype=torch.long)
+        if patches:
+            all_patches = torch.cat(patches) if len(patches) > 1 else patches[0]
+        else:
+            all_patches = torch.zeros((0, self.processor.patch_dim), dtype=torch.float32)
+        return ProcessedSample(
+            record.id, all_patches, grids, r.input_ids, r.labels, cap, n_tokens, r.truncated
+        )
+
+
+def collate(samples: list[ProcessedSample], pad_id: int, *, num_bad: int = 0) -> dict[str, Any]:
+    """Right-pad and pack built samples into the VLM's batch dict (SPEC §2, §4).
+
+    ``labels`` are not shifted; ``num_loss_tokens`` counts ``labels[:, 1:] != -100`` (the
+    supervised positions after the shift). ``caption_mask`` rows are all zero for samples without a
+    caption (text-only samples): ``num_align`` counts the others. ``num_bad``: bad samples dropped
+    from this micro-batch (and from skipped all-bad ones before it).
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    b, t = len(samples), max(len(s.input_ids) for s in samples)
+    tc = max([1, *(len(s.caption_ids) for s in samples)])
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    cap = torch.full((b, tc), pad_id, dtype=torch.long)
+    cap_mask = torch.zeros((b, tc), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n, nc = len(s.input_ids), len(s.caption_ids)
+        input_ids[i, :n], labels[i, :n], mask[i, :n] = s.input_ids, s.labels, 1
+        cap[i, :nc], cap_mask[i, :nc] = s.caption_ids, 1
+    grids = [g for s in samples for g in s.grids]
+    patches = torch.cat([s.patches for s in samples]).to(torch.float32)
+    if patches.shape[0] != sum(h * w for h, w in grids):
+        raise ValueError(f"{patches.shape[0]} patch rows for grids {grids}")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "patches": patches,
+        "grid_hw": torch.tensor(grids, dtype=torch.long).view(-1, 2),
+        "images_per_sample": torch.tensor([len(s.grids) for s in samples], dtype=torch.long),
+        "caption_ids": cap,
+        "caption_mask": cap_mask,
+        "num_loss_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "num_align": sum(1 for s in samples if s.grids and len(s.caption_ids) > 0),
+        "num_tokens": int(mask.sum()),
+        "num_vision_tokens": sum(sum(s.num_image_tokens) for s in samples),
+        "num_samples": b,
+        "num_bad": int(num_bad),
+        "sample_ids": [s.id for s in samples],
+    }
+
+
+def template_overhead(tokenizer: Any) -> tuple[int, int]:
+    """``(base, per_turn)`` tokens the chat template adds around the turn contents (measured once)."""
+    try:
+        c = len(tokenizer("a", add_special_tokens=False)["input_ids"]) + len(
+            tokenizer("b", add_special_tokens=False)["input_ids"]
+        )
+        one = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
+        n1 = len(render_conversation(one, tokenizer, []).input_ids)
+        n2 = len(render_conversation(one + one, tokenizer, []).input_ids)
+        per_turn = max(0, (n2 - n1 - c) // 2)
+        return max(0, n1 - c - 2 * per_turn), per_turn
+    except Exception:  # an unusual template: a generous guess
+        return 16, 8
+
+
+class LengthIndex:
+    """Per-record ``(vision_tokens, text_tokens)`` estimates for token-budget batching (SPEC §4).
+
+    Vision tokens are exact: image headers only (``PIL.Image.open(...).size``) through the
+    processor's resize policy, ``(H/factor)·(W/factor)`` merged tokens. Text tokens are estimated:
+    the turn contents tokenized without the template, plus the template's measured overhead, plus
+    ``N + 2`` per image. A record whose structure or image headers cannot be read gets ``(0, 0)``:
+    it is batched and then fails (and is counted) in :meth:`SampleBuilder.build`.
+    """
+
+    VERSION = 1
+
+    def __init__(self, lengths: list[tuple[int, int]]) -> None:
+        self.lengths = [(int(v), int(t)) for v, t in lengths]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return self.lengths[i]
+
+    @property
+    def num_failed(self) -> int:
+        """Records whose length could not be estimated (``(0, 0)``)."""
+        return sum(1 for v, t in self.lengths if v == 0 and t == 0)
+
+    @staticmethod
+    def _vision(record: Record, processor: ImageProcessor) -> int | None:
+        total = 0
+        for i in range(len(record.images)):
+            try:
+                path = record.image_path(i)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with Image.open(path) as im:
+                        width, height = im.size
+                h, w = processor.target_size(height, width)
+            except Exception:  # escape, missing, not an image, bomb, aspect ratio: fails at build
+                return None
+            total += (h // processor.factor) * (w // processor.factor)
+        return total
+
+    @classmethod
+    def build(
+        cls,
+        source: LlavaSource,
+        processor: ImageProcessor,
+        tokenizer: Any,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        num_threads: int = 0,
+        chunk: int = 1024,
+    ) -> LengthIndex:
+        """Estimate every record of ``source``; cached in ``cache_dir`` (keyed by the source file's
+        size and mtime, the processor settings and the tokenizer's vocabulary size)."""
+        base, per_turn = template_overhead(tokenizer)
+        key_src = {
+            "version": cls.VERSION,
+            "source": source.fingerprint(),
+            "processor": processor.to_dict(),
+            "vocab_size": len(tokenizer),
+            "overhead": [base, per_turn],
+        }
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+        cache = os.path.join(os.fspath(cache_dir), f"lengths-{key[:20]}.json") if cache_dir else None
+        if cache and os.path.isfile(cache):
+            try:
+                with open(cache, encoding="utf-8") as fh:
+                    data = json.load(fh)
+                if data.get("key") == key and len(data["lengths"]) == len(source):
+                    return cls([tuple(x) for x in data["lengths"]])
+            except (OSError, ValueError, KeyError):
+                log.warning("ignoring unreadable length cache %s", cache)
+        pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+        lengths: list[tuple[int, int]] = []
+        try:
+            for start in range(0, len(source), chunk):
+                recs: list[Record | None] = []
+                for i in range(start, min(start + chunk, len(source))):
+                    try:
+                        rec = source[i]
+                    except BadSample:
+                        rec = None
+                    ok = rec is not None and isinstance(rec.conversations, list)
+                    ok = ok and all(isinstance(t, dict) for t in rec.conversations)
+                    recs.append(rec if ok else None)
+                live = [r for r in recs if r is not None]
+                vis_fn = lambda r: cls._vision(r, processor)  # noqa: E731
+                vision = list(pool.map(vis_fn, live)) if pool else [vis_fn(r) for r in live]
+                texts = [
+                    str(t.get("value", t.get("content", ""))).replace(IMAGE_TOKEN, "")
+                    for r in live
+                    for t in r.conversations
+                ]
+                ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+                pos, it = 0, iter(zip(live, vision))
+                for r in recs:
+                    if r is None:
+                        lengths.append((0, 0))
+                        continue
+                    rec, v = next(it)
+                    nt = len(rec.conversations)
+                    content = sum(len(x) for x in ids[pos : pos + nt])
+                    pos += nt
+                    if v is None:
+                        lengths.append((0, 0))
+                    else:
+                        lengths.append((v, content + base + per_turn * nt + v + 2 * len(rec.images)))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        if cache:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump({"key": key, "key_source": key_src, "lengths": lengths}, fh)
+            os.replace(tmp, cache)
+        return cls(lengths)

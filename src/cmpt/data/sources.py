@@ -1,0 +1,272 @@
+"""LLaVA-format sources: records with stable ids and safely resolved image paths (SPEC §4).
+
+A LLaVA file is either one JSON list or JSON Lines (one object per line)::
+
+    {"id": "000001", "image": "coco/1.jpg" | ["a.jpg", "b.jpg"],
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Decisions:
+
+* **Random access, small memory.** A JSON list is parsed once and each record is kept as its
+  serialized bytes in one NumPy buffer (no per-record Python objects, so forked DataLoader workers
+  do not copy it page by page through reference counting). A JSONL file is scanned once, line by
+  line, keeping only byte offsets; records are read back with ``os.pread`` when accessed.
+* **Stable ids**: ``record["id"]`` (as a string) or ``"<file name>:<index>"``.
+* **Bad lines are never dropped silently.** A JSONL line that is not valid UTF-8, not valid JSON
+  or not an object keeps its index; accessing it raises :class:`BadSample` with reason
+  ``invalid_json`` and the line number, so it is counted like any bad sample (SPEC §4). With
+  ``strict=True`` the constructor raises ``ValueError`` naming the first bad line instead.
+* **Image paths** are resolved lexically against the image root: a path that leaves the root
+  (``../``, an absolute path elsewhere) is a bad sample (``path_escape``). Symbolic links *inside*
+  the root are trusted (datasets often link their image folders), so no ``realpath`` is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["REASONS", "BadSample", "LlavaSource", "Record", "resolve_image_path"]
+
+log = logging.getLogger("cmpt.data")
+_FD_LOCK = threading.Lock()
+
+#: Every reason a sample can be bad for, as reported by the checker and the loader (SPEC §4).
+REASONS = (
+    "invalid_json",  # a JSONL line that is not UTF-8 / JSON / an object
+    "missing_key",  # no "conversations"
+    "bad_value",  # wrong types: non-string turn values or image paths, unknown roles, ...
+    "empty_conversation",
+    "no_assistant_turn",
+    "placeholder_mismatch",  # number of <image> in user turns != number of images
+    "path_escape",  # image path outside the image root
+    "missing_image",
+    "unreadable_image",  # truncated, corrupt, not an image, decompression bomb
+    "zero_size_image",
+    "extreme_aspect_ratio",  # > 200
+    "too_long",  # conversation longer than max_text_tokens (checker only; the loader truncates)
+    "invalid_conversation",  # any other rendering error
+)
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; ``reason`` is one of :data:`REASONS` (SPEC §4)."""
+
+    def __init__(self, id: str, reason: str, detail: str = "") -> None:
+        self.id, self.reason, self.detail = str(id), reason, detail
+        super().__init__(f"bad sample {self.id!r}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (BadSample, (self.id, self.reason, self.detail))
+
+
+def resolve_image_path(image_root: str, path: Any, sample_id: str = "?") -> str:
+    """``path`` joined to ``image_root``, normalized; ``BadSample`` if it leaves the root or is not a path.
+
+    Absolute paths are accepted only inside the root. The check is lexical (``..`` components are
+    collapsed, symbolic links are not followed).
+    """
+    if not isinstance(path, str) or not path.strip() or "\x00" in path:
+        raise BadSample(sample_id, "bad_value", f"image path must be a non-empty string, got {path!r}")
+    root = os.path.normpath(os.path.abspath(image_root))
+    full = os.path.normpath(os.path.join(root, path))
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if full != root and not full.startswith(prefix):
+        raise BadSample(
+            sample_id, "path_escape", f"{path!r} resolves to {full!r}, outside the image root {root!r}"
+        )
+    return full
+
+
+@dataclass
+class Record:
+    """One LLaVA record (SPEC §4).
+
+    ``images``: the raw ``image`` entries (a single string becomes a one-element list; types are
+    checked by the validator). ``conversations``: the raw value, ``None`` when the key is missing.
+    ``meta``: every other key. ``index``: position in the source. ``image_root``: where paths resolve.
+    """
+
+    id: str
+    images: list[Any]
+    conversations: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+    index: int = -1
+    image_root: str = ""
+
+    def image_path(self, i: int) -> str:
+        """Absolute path of image ``i``; raises ``BadSample`` (``path_escape`` / ``bad_value``)."""
+        return resolve_image_path(self.image_root, self.images[i], self.id)
+
+
+def _record_from_obj(obj: dict[str, Any], default_id: str, index: int, image_root: str) -> Record:
+    rid = obj.get("id")
+    rid = default_id if rid is None or rid == "" else str(rid)
+    image_key = "image" if "image" in obj else "images"
+    raw = obj.get(image_key)
+    images = (
+        []
+        if raw is None
+        else [raw]
+        if isinstance(raw, str)
+        else list(raw)
+        if isinstance(raw, list)
+        else [raw]
+    )
+    meta = {k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations")}
+    return Record(rid, images, obj.get("conversations"), meta, index, image_root)
+
+
+class LlavaSource:
+    """Random-access LLaVA JSON / JSONL reader (SPEC §4); ``source[i] -> Record``.
+
+    ``image_root`` defaults to the directory of ``path``. ``bad_lines`` lists ``(index, line,
+    message)`` of the JSONL lines that could not be parsed (``source[index]`` raises ``BadSample``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, image_root: str | os.PathLike | None = None, *, strict: bool = False
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        self.name = os.path.basename(self.path)
+        self.image_root = os.path.abspath(os.fspath(image_root) if image_root else os.path.dirname(self.path))
+        self.bad_lines: list[tuple[int, int, str]] = []
+        self._fd: int | None = None
+        self._pid = -1
+        with open(self.path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        self.format = "json" if head.startswith(b"[") else "jsonl"
+        if self.format == "json":
+            self._load_json()
+        else:
+            self._scan_jsonl(strict)
+        if self.bad_lines:
+            shown = ", ".join(f"line {ln}" for _, ln, _ in self.bad_lines[:10])
+            more = f" and {len(self.bad_lines) - 10} more" if len(self.bad_lines) > 10 else ""
+            log.warning(
+                "%s: %d unparseable line(s) (%s%s) will be counted as bad samples (invalid_json)",
+                self.path, len(self.bad_lines), shown, more,
+            )  # fmt: skip
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_json(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8-sig") as fh:
+                data = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(
+                f"{self.path}: not a valid JSON list ({where}); fix the file or convert it to JSONL, "
+                "where a bad line is skipped and counted"
+            ) from None
+        if not isinstance(data, list):
+            raise ValueError(f"{self.path}: a LLaVA .json file must hold a list of records")
+        blobs = [json.dumps(rec, ensure_ascii=False).encode("utf-8") for rec in data]
+        del data
+        sizes = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self._lines = np.full(len(blobs), -1, dtype=np.int64)
+        self._bad = np.zeros(len(blobs), dtype=bool)
+
+    def _scan_jsonl(self, strict: bool) -> None:
+        offsets, sizes, lines, bad = [], [], [], []
+        pos = 0
+        with open(self.path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                start, pos = pos, pos + len(line)
+                if not line.strip():
+                    continue
+                msg = ""
+                try:
+                    obj = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                    if not isinstance(obj, dict):
+                        msg = f"a record must be a JSON object, got {type(obj).__name__}"
+                except UnicodeDecodeError as e:
+                    msg = f"invalid UTF-8 at byte {e.start} of the line"
+                except json.JSONDecodeError as e:
+                    msg = f"invalid JSON ({e.msg} at character {e.pos})"
+                if msg:
+                    if strict:
+                        raise ValueError(f"{self.path}:{lineno}: {msg}; fix or delete the line")
+                    self.bad_lines.append((len(offsets), lineno, msg))
+                offsets.append(start)
+                sizes.append(len(line))
+                lines.append(lineno)
+                bad.append(bool(msg))
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self._bad = np.asarray(bad, dtype=bool)
+
+    # -- access ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._bad)
+
+    def line_of(self, index: int) -> int | None:
+        """1-based line number of record ``index`` in a JSONL file (``None`` for a JSON list)."""
+        ln = int(self._lines[index])
+        return ln if ln > 0 else None
+
+    def _raw(self, i: int) -> bytes:
+        if self.format == "json":
+            return self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes()
+        if self._fd is None or self._pid != os.getpid():  # one descriptor per (worker) process
+            with _FD_LOCK:
+                if self._fd is None or self._pid != os.getpid():
+                    self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, int(self._sizes[i]), int(self._offsets[i]))
+
+    def __getitem__(self, i: int) -> Record:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} records in {self.path}")
+        i %= n
+        default_id = f"{self.name}:{i}"
+        if self._bad[i]:
+            _, lineno, msg = next(b for b in self.bad_lines if b[0] == i)
+            raise BadSample(default_id, "invalid_json", f"{self.path}:{lineno}: {msg}")
+        obj = json.loads(self._raw(i).decode("utf-8-sig"))
+        if not isinstance(obj, dict):
+            raise BadSample(
+                default_id, "invalid_json", f"record {i} is a {type(obj).__name__}, not an object"
+            )
+        return _record_from_obj(obj, default_id, i, self.image_root)
+
+    def __iter__(self) -> Iterator[Record]:
+        """All records; unparseable ones are skipped here (use indexing to see them as ``BadSample``)."""
+        for i in range(len(self)):
+            if not self._bad[i]:
+                yield self[i]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this source's content for caches: path, size, mtime, image root."""
+        st = os.stat(self.path)
+        return {
+            "path": self.path,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "image_root": self.image_root,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"], state["_pid"] = None, -1
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"LlavaSource({self.path!r}, image_root={self.image_root!r}, records={len(self)})"

@@ -1,0 +1,303 @@
+"""Data checker: find the samples training would skip, and say why (SPEC §4, ``cmpt data check``).
+
+Every record is checked for the bad-sample reasons of :data:`cmpt.data.sources.REASONS`: structure
+(missing ``conversations``, wrong types, empty conversation, no assistant turn), ``<image>``
+placeholders in user turns vs. the number of images, image paths escaping the image root, missing
+files, images that do not fully decode (truncated, not an image, decompression bombs), zero-size
+images, aspect ratios above 200 (``smart_resize`` rejects them, SPEC §1.4), and — with a tokenizer
+and ``max_text_tokens`` — conversations longer than the text limit. CMYK, 16-bit, palette and alpha
+images are valid: ``load_image`` converts them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmpt.data.sources import BadSample, LlavaSource, Record
+from cmpt.vision.processor import ImageLoadError, ImageProcessor, load_image, smart_resize
+from cmpt.vlm.chat import IMAGE_TOKEN, VISION_TOKENS, ensure_vision_tokens, render_conversation
+
+__all__ = [
+    "Problem",
+    "Report",
+    "check_dataset",
+    "check_record",
+    "classify_render_error",
+    "conversation_problems",
+    "data_check_main",
+]
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Problem:
+    """One reason why sample ``id`` (record ``index``) is bad; ``reason`` is one of ``REASONS``."""
+
+    id: str
+    reason: str
+    detail: str = ""
+    index: int = -1
+
+
+def classify_render_error(message: str) -> str:
+    """Map a ``render_conversation`` ``ValueError`` message to a reason of ``REASONS``."""
+    for needle, reason in (
+        ("empty conversation", "empty_conversation"),
+        ("no assistant turn", "no_assistant_turn"),
+        ("placeholder", "placeholder_mismatch"),
+        ("max_length", "too_long"),
+        ("string content", "bad_value"),
+        ("literal token", "bad_value"),
+    ):
+        if needle in message:
+            return reason
+    return "invalid_conversation"
+
+
+def conversation_problems(rec: Record) -> list[tuple[str, str]]:
+    """``(reason, detail)`` of the structure and placeholder problems of a record (no I/O)."""
+    convs = rec.conversations
+    if convs is None:
+        return [("missing_key", "no 'conversations' key")]
+    if not isinstance(convs, list):
+        return [("bad_value", f"'conversations' must be a list, got {type(convs).__name__}")]
+    if not convs:
+        return [("empty_conversation", "'conversations' is empty")]
+    out: list[tuple[str, str]] = []
+    roles: list[str] = []
+    n_placeholders = 0
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            out.append(("bad_value", f"turn {k} is a {type(turn).__name__}, not an object"))
+            continue
+        role, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if role is None or value is None:
+            out.append(("missing_key", f"turn {k} needs 'from' and 'value'"))
+            continue
+        if role not in _ROLES or not isinstance(value, str):
+            out.append(("bad_value", f"turn {k}: role {role!r} / value of type {type(value).__name__}"))
+            continue
+        roles.append(_ROLES[role])
+        if any(tok in value for tok in VISION_TOKENS):
+            out.append(("bad_value", f"turn {k} contains a literal vision token"))
+        if _ROLES[role] == "user":
+            n_placeholders += value.count(IMAGE_TOKEN)
+        elif IMAGE_TOKEN in value:
+            out.append(("placeholder_mismatch", f"{IMAGE_TOKEN} in turn {k} ({role}), not a user turn"))
+    if not out and "assistant" not in roles:
+        out.append(("no_assistant_turn", "nothing to supervise"))
+    if n_placeholders != len(rec.images):
+        out.append(
+            (
+                "placeholder_mismatch",
+                f"{n_placeholders} {IMAGE_TOKEN} in user turns, {len(rec.images)} image(s)",
+            )
+        )
+    return out
+
+
+def _image_problems(
+    rec: Record, processor: ImageProcessor | None, factor: int, min_pixels: int, max_pixels: int, decode: bool
+) -> tuple[list[tuple[str, str]], list[int]]:
+    """Problems of the record's images, and the merged token count of each usable image."""
+    out: list[tuple[str, str]] = []
+    tokens: list[int] = []
+    for i in range(len(rec.images)):
+        try:
+            path = rec.image_path(i)
+        except BadSample as e:
+            out.append((e.reason, e.detail))
+            continue
+        if not os.path.isfile(path):
+            out.append(("missing_image", f"{rec.images[i]!r}: no such file ({path})"))
+            continue
+        try:
+            if decode:
+                width, height = load_image(path).size
+            else:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    width, height = im.size
+        except ImageLoadError as e:
+            reason = "zero_size_image" if "zero size" in str(e) else "unreadable_image"
+            out.append((reason, str(e)))
+            continue
+        except Exception as e:  # header-only mode: whatever PIL raises
+            out.append(("unreadable_image", f"{path}: {type(e).__name__}: {e}"))
+            continue
+        if width <= 0 or height <= 0:
+            out.append(("zero_size_image", f"{path}: {width}x{height}"))
+            continue
+        try:
+            if processor is not None:
+                h, w = processor.target_size(height, width)
+            else:
+                h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
+        except ValueError as e:
+            out.append(("extreme_aspect_ratio", f"{path}: {e}"))
+            continue
+        tokens.append((h // factor) * (w // factor))
+    return out, tokens
+
+
+def check_record(
+    record: Record,
+    source: LlavaSource | None = None,
+    *,
+    processor_factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 3000,
+    processor: ImageProcessor | None = None,
+    max_text_tokens: int | None = None,
+    tokenizer: Any = None,
+    decode: bool = True,
+) -> list[Problem]:
+    """All problems of one record (empty list = usable) (SPEC §4).
+
+    Images are resized by ``smart_resize(factor=processor_factor, min_pixels, max_pixels)``, or by
+    ``processor.target_size`` when a processor is given (needed for the ``fixed`` policy, which
+    accepts any aspect ratio). ``decode=False`` reads image headers only (fast, misses truncation).
+    The length check runs only with both ``tokenizer`` (with the vision tokens) and ``max_text_tokens``.
+    """
+    if not record.image_root and source is not None:
+        record.image_root = source.image_root
+    factor = processor.factor if processor is not None else processor_factor
+    found = conversation_problems(record)
+    img_found, tokens = _image_problems(record, processor, factor, min_pixels, max_pixels, decode)
+    found += img_found
+    if not found and tokenizer is not None and max_text_tokens is not None:
+        try:
+            rendered = render_conversation(record.conversations, tokenizer, tokens, sample_id=record.id)
+            if len(rendered.input_ids) > max_text_tokens:
+                found.append(
+                    ("too_long", f"{len(rendered.input_ids)} tokens > max_text_tokens={max_text_tokens}")
+                )
+        except ValueError as e:
+            found.append((classify_render_error(str(e)), str(e)))
+    return [Problem(record.id, reason, detail, record.index) for reason, detail in found]
+
+
+@dataclass
+class Report:
+    """Result of :func:`check_dataset`: every problem found, in record order."""
+
+    num_records: int
+    problems: list[Problem] = field(default_factory=list)
+
+    def bad_samples(self) -> list[tuple[str, int, list[Problem]]]:
+        """``(id, index, problems)`` per bad record, in record order (ids may repeat in a dataset)."""
+        groups: dict[tuple[int, str], list[Problem]] = {}
+        for p in self.problems:
+            groups.setdefault((p.index, p.id), []).append(p)
+        return [(sid, idx, probs) for (idx, sid), probs in groups.items()]
+
+    @property
+    def bad_ids(self) -> list[str]:
+        return [sid for sid, _, _ in self.bad_samples()]
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad_samples())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of bad samples per reason (a sample counts once per reason)."""
+        seen = {(p.index, p.id, p.reason) for p in self.problems}
+        return dict(Counter(reason for _, _, reason in seen).most_common())
+
+    def summary(self) -> str:
+        frac = self.num_bad / self.num_records if self.num_records else 0.0
+        lines = [f"{self.num_records} records, {self.num_bad} bad ({100 * frac:.2f}%)"]
+        lines += [f"  {reason:<22} {n}" for reason, n in self.counts.items()]
+        return "\n".join(lines)
+
+
+def check_dataset(source: LlavaSource, *, num_threads: int = 0, **kwargs: Any) -> Report:
+    """Check every record of ``source`` (keyword arguments as :func:`check_record`) (SPEC §4).
+
+    ``num_threads > 1`` decodes images in a thread pool (PIL releases the GIL while decoding).
+    A tokenizer without the vision tokens is copied and given them (the caller's is not modified).
+    """
+    tok = kwargs.get("tokenizer")
+    if tok is not None:
+        probe = copy.deepcopy(tok)
+        if ensure_vision_tokens(probe):
+            kwargs["tokenizer"] = probe
+
+    def one(i: int) -> list[Problem]:
+        try:
+            rec = source[i]
+        except BadSample as e:
+            return [Problem(e.id, e.reason, e.detail, i)]
+        return check_record(rec, source, **kwargs)
+
+    idx = range(len(source))
+    if num_threads > 1:
+        with ThreadPoolExecutor(num_threads) as pool:
+            results = list(pool.map(one, idx, chunksize=16))
+    else:
+        results = [one(i) for i in idx]
+    return Report(len(source), [p for r in results for p in r])
+
+
+def data_check_main(
+    spec: str,
+    out_jsonl: str | None = None,
+    image_root: str | None = None,
+    tokenizer: Any = None,
+    *,
+    max_text_tokens: int | None = None,
+    processor: ImageProcessor | None = None,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 3000,
+    processor_factor: int = 28,
+    num_threads: int = 0,
+    decode: bool = True,
+    print_fn: Any = print,
+) -> int:
+    """``cmpt data check SPEC``: check a LLaVA JSON/JSONL file; 0 when clean, 1 when anything is bad.
+
+    Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
+    ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position).
+    ``tokenizer``: a tokenizer object or a name/directory for ``AutoTokenizer`` (enables the
+    ``too_long`` check together with ``max_text_tokens``).
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    source = LlavaSource(spec, image_root)
+    report = check_dataset(
+        source,
+        num_threads=num_threads,
+        processor_factor=processor_factor,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        processor=processor,
+        max_text_tokens=max_text_tokens,
+        tokenizer=tokenizer,
+        decode=decode,
+    )
+    print_fn(f"{source.path}: {report.summary()}")
+    if out_jsonl:
+        os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
+        with open(out_jsonl, "w", encoding="utf-8") as fh:
+            for sid, index, probs in report.bad_samples():
+                reasons = list(dict.fromkeys(p.reason for p in probs))
+                row = {
+                    "id": sid,
+                    "index": index,
+                    "reasons": reasons,
+                    "details": [p.detail for p in probs],
+                }
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print_fn(f"{report.num_bad} bad sample(s) written to {out_jsonl}")
+    return 1 if report.problems else 0

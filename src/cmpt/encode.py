@@ -1,0 +1,174 @@
+"""`cmpt encode`: native-resolution features of image files, batched by a token budget.
+
+Output: one safetensors file with
+  ``pooled``        (n, D)  one vector per image (CLS / MAP head / patch mean, per the model's family)
+  ``patch_tokens``  (N, D)  every image's patch features, raster order, concatenated
+  ``grid_hw``       (n, 2)  patch grid per image; ``offsets`` (n+1,) rows of each image in patch_tokens
+and the image paths (in row order) in the file's metadata under ``images`` (JSON list).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .vision.processor import ImageLoadError, ImageProcessor
+from .vision.rope import patch_positions
+from .vision.vit import NativeViT
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_vit(model: str | Path, *, rope: bool | None = None, attn: str = "auto") -> NativeViT:
+    """A cmpt NativeViT directory, or any Hugging Face vision checkpoint that ``NativeViT.from_hf`` reads."""
+    cfg = Path(model) / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("cmpt_model") == "NativeViT":
+        return NativeViT.from_pretrained(model, rope=rope, attn=attn)
+    return NativeViT.from_hf(model, rope=rope, attn=attn)
+
+
+def processor_for(vit: NativeViT, model: str | Path, **overrides) -> ImageProcessor:
+    """The checkpoint's preprocessing (mean/std) with the native-resolution policy unless overridden."""
+    c = vit.config
+    kwargs = {"policy": "native", **{k: v for k, v in overrides.items() if v is not None}}
+    if (Path(model) / "preprocessor_config.json").is_file():
+        return ImageProcessor.from_hf(model, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
+    return ImageProcessor(
+        patch_size=c.patch_size, merge_size=c.merge_size, mean=c.image_mean, std=c.image_std, **kwargs
+    )
+
+
+def expand_images(items: Iterable[str | Path]) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their image files."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image {p} does not exist")
+    if not out:
+        raise ValueError("no images to encode: pass image files or folders that contain images")
+    return out
+
+
+def budget_batches(costs: Sequence[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive index groups whose summed cost stays within ``budget`` (an oversize item goes alone)."""
+    batch, total = [], 0
+    for i, cost in enumerate(costs):
+        if batch and total + cost > budget:
+            yield batch
+            batch, total = [], 0
+        batch.append(i)
+        total += cost
+    if batch:
+        yield batch
+
+
+@dataclass
+class EncodeResult:
+    images: list[str]
+    skipped: dict[str, str]
+    num_patches: int
+    out: str
+
+
+def to_raster(tokens: torch.Tensor, grids: Sequence[Sequence[int]], merge: int) -> torch.Tensor:
+    """Merge-window ordered rows → raster order, per image."""
+    parts, start = [], 0
+    for h, w in grids:
+        n = h * w
+        rc = patch_positions([(h, w)], merge)
+        raster = torch.empty_like(tokens[start : start + n])
+        raster[rc[:, 0] * w + rc[:, 1]] = tokens[start : start + n]
+        parts.append(raster)
+        start += n
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def encode_images(
+    vit: NativeViT,
+    processor: ImageProcessor,
+    images: Sequence[Path],
+    out: str | Path,
+    *,
+    token_budget: int = 16384,
+    pooled: bool = True,
+    patches: bool = True,
+    skip_bad: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> EncodeResult:
+    """Encode ``images`` at native resolution and write one safetensors file (see module docstring)."""
+    if not (pooled or patches):
+        raise ValueError("nothing to save: enable pooled and/or patch features")
+    vit = vit.to(device).eval()
+    costs, sizes, skipped = [], {}, {}
+    from PIL import Image
+
+    for path in images:  # header-only pass: token counts for batching
+        try:
+            with Image.open(path) as im:
+                h, w = processor.grid_size(im.height, im.width)
+            costs.append(h * w)
+            sizes[path] = (h, w)
+        except Exception as e:  # reported with the path, then skipped or raised
+            if not skip_bad:
+                raise ImageLoadError(
+                    f"image {path}: cannot read it ({e}); fix or remove it, or pass --skip-bad"
+                ) from e
+            skipped[str(path)] = str(e)
+            costs.append(0)
+    pooled_rows, patch_rows, grids, kept = [], [], [], []
+    bar = tqdm(total=len(images), desc="encode", unit="img", disable=not progress)
+    for batch in budget_batches(costs, token_budget):
+        batch_paths = [images[i] for i in batch if images[i] in sizes]
+        good, tensors = [], []
+        for path in batch_paths:
+            try:
+                tensors.append(processor.preprocess(path))
+                good.append(path)
+            except (ImageLoadError, ValueError) as e:
+                if not skip_bad:
+                    raise
+                skipped[str(path)] = str(e)
+        bar.update(len(batch))
+        if not good:
+            continue
+        x = torch.cat([t for t, _ in tensors]).to(device)
+        grid = [g for _, g in tensors]
+        tokens, prefix = vit.encode(x, grid)
+        if pooled:
+            pooled_rows.append(vit.pool(tokens, prefix, grid).float().cpu())
+        if patches:
+            patch_rows.append(to_raster(tokens.float().cpu(), grid, vit.config.merge_size))
+        grids.extend(grid)
+        kept.extend(str(p) for p in good)
+    bar.close()
+    if not kept:
+        raise ValueError(f"no image could be encoded; problems: {skipped}")
+    counts = torch.tensor([h * w for h, w in grids])
+    tensors_out = {
+        "grid_hw": torch.tensor(grids, dtype=torch.long),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+    }
+    if pooled:
+        tensors_out["pooled"] = torch.cat(pooled_rows)
+    if patches:
+        tensors_out["patch_tokens"] = torch.cat(patch_rows)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors_out, str(tmp), metadata={"images": json.dumps(kept), "model": vit.config.source})
+    os.replace(tmp, out)
+    return EncodeResult(kept, skipped, int(counts.sum()), str(out))

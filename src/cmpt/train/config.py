@@ -1,0 +1,108 @@
+"""Typed configuration of the generic trainer: the ``run``, ``optim`` and ``train`` sections of a recipe.
+
+Every recipe (CoMP stages, MoCa stages; SPEC §2.1, §3) carries these three sections next to its
+task-specific ones; they are plain dataclasses read with :func:`cmpt.config.load_config`.
+Per-group learning rates (SPEC §2.1: ViT 1e-4, merger 5e-3, rest 2e-5, ...) come from the task's
+``param_groups()``; ``optim.lr`` is only the default of a group that names none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["OptimConfig", "RunConfig", "TrainConfig"]
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded.
+
+    ``dir`` holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final/``; rerunning
+    the same command on the same ``dir`` resumes. Rank ``r`` seeds torch / ``random`` / numpy
+    with ``seed + r`` (so that dropout differs between ranks).
+    """
+
+    dir: str = "runs/default"
+    seed: int = 0
+    name: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (SPEC §2.1: cosine with warmup; MoCa: linear, 10 % warmup).
+
+    The warmup length is ``warmup_steps`` when positive, else ``round(warmup_ratio · train.steps)``.
+    The schedule multiplies every group's base lr (formulas of Hugging Face ``transformers``,
+    which the official CoMP and MoCa code use): warmup ``s / warmup``, then cosine
+    ``min + (1 − min)·½(1 + cos(π·progress))`` or linear ``min + (1 − min)·(1 − progress)``, where
+    ``min = min_lr_ratio``. Norms, biases, gains and ``pos_embed``/``cls_token``/
+    ``register_tokens``/``probe`` parameters get no weight decay. ``clip_grad: null`` disables
+    clipping (the grad norm is still computed and logged).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("lr and weight_decay must be >= 0 and eps > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError("warmup_steps must be >= 0 and warmup_ratio in [0, 1]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError("clip_grad must be > 0 (or null to disable clipping)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (SPEC §6 for loss normalization and data-fault limits).
+
+    * ``steps``: optimizer steps in total (a resumed run continues up to it). Skipped
+      (non-finite) steps count: they consume data and advance the schedule.
+    * ``grad_accum``: micro-batches per rank per optimizer step.
+    * ``save_every``: checkpoint period in steps (0: only at the end and on a stop signal);
+      ``keep_last``: complete checkpoints kept (0: keep all).
+    * ``dist``: ``none`` | ``ddp`` | ``fsdp`` (FSDP2 ``fully_shard``). Under ``torchrun`` with more
+      than one process, ``none`` means ``ddp`` (training unsynchronised replicas is never
+      wanted); with a single process every mode runs unwrapped.
+    * ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` forces autocast.
+    * ``max_nonfinite``: non-finite steps tolerated in total (skipped, zero grads); one more
+      raises. ``max_bad_fraction``: the run fails once skipped bad samples exceed this fraction of
+      all samples seen (checked from 50 samples on).
+    """
+
+    steps: int = 100
+    grad_accum: int = 1
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    dist: Literal["none", "ddp", "fsdp"] = "none"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_nonfinite: int = 10
+    max_bad_fraction: float = 0.01
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError("steps and grad_accum must be >= 1")
+        if self.save_every < 0 or self.keep_last < 0 or self.log_every < 0:
+            raise ValueError("save_every, keep_last and log_every must be >= 0")
+        if self.max_nonfinite < 0:
+            raise ValueError("max_nonfinite must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")

@@ -1,0 +1,432 @@
+"""The generic training loop: it never knows which recipe it runs (DESIGN: ``train.loop``).
+
+A recipe is a :class:`Task` (model, parameter groups, FSDP units, loader, loss). The trainer
+owns distribution (``torchrun`` + DDP / FSDP2), precision, activation checkpointing,
+``torch.compile``, gradient accumulation, globally normalized losses (SPEC §6), clipping, AdamW
+with its schedule, non-finite and bad-data guards (SPEC §4), atomic resumable checkpoints, clean
+stops on SIGTERM / SIGINT and logging.
+
+**Loss normalization (SPEC §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
+any backward, the counts of a term are summed over the step's micro-batches and over ranks; each
+micro-batch then backpropagates ``Σ_term weight · sum · world_size / global_count`` (``world_size``
+undoes the gradient averaging of DDP/FSDP). So N ranks × B samples equal one rank × N·B. A term
+with global count 0 contributes ``0 · sum``. If the task has ``loss_counts(batch)``, the counts
+are known before the forward and every micro-batch streams forward → backward; otherwise all
+``grad_accum`` forwards run first (their graphs are kept until the backwards: memory grows with
+``grad_accum``), then the backwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..config import config_hash
+from . import distributed as D
+from .checkpoint import (
+    CheckpointManager,
+    get_rng_state,
+    plain_config,
+    save_final_weights,
+    set_rng_state,
+    write_run_config,
+)
+from .config import OptimConfig, RunConfig, TrainConfig
+from .logging import IntervalMeter, MetricsLogger, StepStats
+from .optim import (
+    build_optimizer,
+    build_scheduler,
+    group_names,
+    load_scheduler_state,
+    resolve_groups,
+    scheduler_state,
+)
+
+__all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
+
+logger = logging.getLogger("cmpt.train")
+_MIN_SAMPLES_FOR_BAD_CHECK = 50
+
+
+@dataclasses.dataclass
+class LossTerms:
+    """One micro-batch's loss: un-normalized ``sums`` (scalar tensors) and ``counts`` per term.
+
+    Every micro-batch on every rank must return the same term names (count 0 when a term has
+    nothing in this batch: keep its sum connected to the graph, e.g. ``0 · output.sum()``).
+    ``weights`` default to 1; ``metrics`` (floats or scalar tensors) are averaged over the
+    micro-batches of rank 0 and logged as ``metric/<name>``.
+    """
+
+    sums: dict[str, Tensor]
+    counts: dict[str, int]
+    weights: dict[str, float]
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Loader(Protocol):
+    """This rank's micro-batches, forever. A batch may carry ``num_samples``, ``num_bad`` and
+    ``num_tokens`` (ints) for throughput and the bad-sample guard. ``state_dict()`` must describe
+    the position after the last batch *yielded* and hold only tensors, numbers, strings, lists and
+    dicts (it is saved per rank and read back with ``torch.load(weights_only=True)``)."""
+
+    def __iter__(self) -> Iterator[dict]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+class Task(Protocol):
+    """What a recipe gives the trainer. ``compute_loss`` gets the model as trained (DDP wrapper or
+    FSDP2 root) and must run the forward through ``model(...)`` — calling submodules directly
+    bypasses DDP's and FSDP's hooks. ``param_groups`` is called once, before wrapping; its
+    parameters are matched by name. Optional methods: ``loss_counts(batch) -> dict[str, int]``
+    (the counts ``compute_loss`` will return, known without a forward: enables streaming
+    accumulation) and ``save_final(model, out_dir[, state_dict])`` (rank 0 only; ``state_dict`` is
+    the full gathered CPU state dict, passed when the method accepts it — under FSDP ``model``'s
+    parameters are still sharded)."""
+
+    model: nn.Module
+
+    def param_groups(self) -> list[dict]: ...
+    def fsdp_units(self) -> list[nn.Module]: ...
+    def build_loader(self, rank: int, world_size: int) -> Loader: ...
+    def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms: ...
+
+
+class NonFiniteError(RuntimeError):
+    """More than ``train.max_nonfinite`` optimizer steps had a non-finite loss or gradient norm."""
+
+
+class BadDataError(RuntimeError):
+    """Skipped bad samples exceeded ``train.max_bad_fraction`` of the samples seen (SPEC §4)."""
+
+
+@dataclasses.dataclass
+class _StepResult:
+    losses: dict[str, float | None]
+    loss: float
+    grad_norm: float
+    nonfinite: bool
+    stop: bool
+    bad: int
+    samples: int
+    tokens: int
+    metrics: dict[str, float]
+
+
+class Trainer:
+    """Train ``task`` with the generic ``run`` / ``optim`` / ``train`` sections; :meth:`fit` runs it."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        optim: OptimConfig,
+        train: TrainConfig,
+        task: Task,
+        full_config: dict | Any | None = None,
+    ) -> None:
+        self.run, self.optim_cfg, self.cfg, self.task = run, optim, train, task
+        self.full_config = full_config
+        self.run_dir = Path(run.dir)
+        self._stop = False
+        self._term_names: list[str] | None = None
+        self.metrics: MetricsLogger | None = None
+        self.model: nn.Module | None = None  # as trained (maybe DDP-wrapped)
+        self.module: nn.Module | None = None  # unwrapped (FSDP2 shards in place)
+
+    # ------------------------------------------------------------------ public
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return (what SIGTERM / SIGINT do)."""
+        self._stop = True
+
+    def fit(self) -> dict[str, Any]:
+        """Train up to ``train.steps`` (resuming from the newest complete checkpoint); returns a summary."""
+        world, started = D.init_distributed()
+        previous = self._install_signal_handlers()
+        ok = False
+        try:
+            summary = self._fit(world)
+            ok = True
+            return summary
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.metrics is not None:
+                self.metrics.close()
+            if started:
+                D.destroy(wait=ok)  # no barrier after an error: the other ranks may be gone
+
+    # ------------------------------------------------------------------ setup
+    def _fit(self, world: D.WorldInfo) -> dict[str, Any]:
+        self.world, cfg = world, self.cfg
+        # under torchrun with > 1 process, "none" means DDP; a single process is never wrapped
+        self.mode = "none" if world.world_size == 1 else ("fsdp" if cfg.dist == "fsdp" else "ddp")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
+        self._amp = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if bf16 else None
+        D.seed_all(self.run.seed + world.rank)
+
+        ckpt = CheckpointManager(self.run_dir / "checkpoints", world, keep_last=cfg.keep_last)
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_incomplete()
+        latest = ckpt.latest()
+        if world.is_main:
+            write_run_config(self.run_dir, self._config_dict(), resuming=latest is not None)
+
+        self._build_model()
+        if cfg.grad_accum > 1 and not hasattr(self.task, "loss_counts") and world.is_main:
+            logger.info(
+                "the task has no loss_counts(batch): the %d forwards of a step run before their "
+                "backwards, keeping %d graphs in memory",
+                cfg.grad_accum,
+                cfg.grad_accum,
+            )
+        self.loader = self.task.build_loader(world.rank, world.world_size)
+        self.counters = {"step": 0, "skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
+        self.counters["elapsed_s"] = 0.0
+        resumed_from = None
+        if latest is not None:
+            tstate, rstate = ckpt.load(latest, self.module, self.optimizer)
+            load_scheduler_state(self.scheduler, tstate["scheduler"])
+            self.counters.update(tstate["counters"])
+            set_rng_state(rstate["rng"])
+            self.loader.load_state_dict(rstate["loader"])
+            resumed_from = self.counters["step"]
+            if world.is_main:
+                logger.info("resumed from %s (step %d)", latest, resumed_from)
+
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            enabled=world.is_main,
+            total_steps=cfg.steps,
+            start_step=self.counters["step"],
+            tensorboard=cfg.tensorboard,
+            wandb=cfg.wandb,
+            progress=cfg.progress,
+            run_name=self.run.name,
+            config=self._config_dict(),
+        )
+        summary = self._loop(ckpt)
+        summary["resumed_from"] = resumed_from
+        return summary
+
+    def _build_model(self) -> None:
+        world, cfg = self.world, self.cfg
+        model = self.task.model
+        named = group_names(model, self.task.param_groups())
+        units = list(self.task.fsdp_units())
+        model.to(world.device)
+        if cfg.activation_checkpointing:
+            D.apply_activation_checkpointing(units)
+        if cfg.compile:
+            for unit in units:
+                unit.compile()
+        self.module = model
+        if self.mode == "fsdp":
+            D.broadcast_module(model)
+            self.model = D.shard_fsdp(model, units, world.device)
+        elif self.mode == "ddp":
+            self.model = D.wrap_ddp(model, world.device)
+        else:
+            self.model = model
+        self.optimizer = build_optimizer(resolve_groups(self.module, named, self.optim_cfg), self.optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.steps)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _config_dict(self) -> dict:
+        return plain_config(self.full_config, run=self.run, optim=self.optim_cfg, train=self.cfg)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second SIGINT: aborting without a checkpoint")
+        self._stop = True
+        name = signal.Signals(signum).name
+        logger.warning("%s received: finishing this step, then saving a checkpoint", name)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self, ckpt: CheckpointManager) -> dict[str, Any]:
+        cfg, c = self.cfg, self.counters
+        it = iter(self.loader)
+        start_step, t_start = c["step"], time.perf_counter()
+        meter, last, stopped = IntervalMeter(), None, False
+        while c["step"] < cfg.steps:
+            res = self._train_step([next(it) for _ in range(cfg.grad_accum)])
+            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            self.scheduler.step()
+            c["step"] += 1
+            step, last = c["step"], res
+            c["bad_samples"] += res.bad
+            c["samples"] += res.samples
+            c["tokens"] += res.tokens
+            meter.add(res)
+            elapsed_run = time.perf_counter() - t_start
+            eta = (cfg.steps - step) * elapsed_run / max(1, step - start_step)
+            self.metrics.step(step, res.loss, meter.tokens_per_s(), eta)
+            self._check_faults(step, res)
+            if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or res.stop:
+                extra = {k: c[k] for k in ("skipped_steps", "bad_samples")}
+                rec = meter.record(step, lrs, **extra, elapsed_s=c["elapsed_s"] + elapsed_run, eta_s=eta)
+                self.metrics.log(rec)
+                meter = IntervalMeter()
+            if res.stop or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                self._save(ckpt, elapsed_run)
+                if res.stop and step < cfg.steps:
+                    stopped = True
+                    break
+        run_time = time.perf_counter() - t_start
+        final = None if stopped else self._save_final()
+        latest = ckpt.latest()
+        return {
+            "step": c["step"],
+            "stopped": stopped,
+            "loss": last.loss if last else None,
+            "losses": last.losses if last else {},
+            "grad_norm": last.grad_norm if last else None,
+            "skipped_steps": c["skipped_steps"],
+            "bad_samples": c["bad_samples"],
+            "samples": c["samples"],
+            "tokens": c["tokens"],
+            "elapsed_s": c["elapsed_s"] + run_time,
+            "checkpoint": str(latest) if latest else None,
+            "final": str(final) if final else None,
+        }
+
+    def _check_faults(self, step: int, res: _StepResult) -> None:
+        """Count a skipped (non-finite) step; raise past ``max_nonfinite`` or ``max_bad_fraction``."""
+        cfg, c = self.cfg, self.counters
+        if res.nonfinite:
+            c["skipped_steps"] += 1
+            self.metrics.message(f"step {step}: non-finite loss or grad norm, update skipped")
+            if c["skipped_steps"] > cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"{c['skipped_steps']} steps had a non-finite loss or gradient norm "
+                    f"(train.max_nonfinite = {cfg.max_nonfinite}); the last at step {step}"
+                )
+        bad, seen = c["bad_samples"], c["bad_samples"] + c["samples"]
+        if seen >= _MIN_SAMPLES_FOR_BAD_CHECK and bad / seen > cfg.max_bad_fraction:
+            raise BadDataError(
+                f"{bad} of {seen} samples were bad and skipped ({bad / seen:.2%} > "
+                f"train.max_bad_fraction = {cfg.max_bad_fraction:.2%}); check the data "
+                "(the loader logs each bad sample with its id)"
+            )
+
+    def _save(self, ckpt: CheckpointManager, elapsed_run: float) -> None:
+        counters = {**self.counters, "elapsed_s": self.counters["elapsed_s"] + elapsed_run}
+        trainer_state = {"counters": counters, "scheduler": scheduler_state(self.scheduler)}
+        trainer_state["config_hash"] = config_hash(self._config_dict())
+        rank_state = {"rng": get_rng_state(), "loader": self.loader.state_dict()}
+        ckpt.save(self.counters["step"], self.module, self.optimizer, trainer_state, rank_state)
+
+    def _save_final(self) -> Path:
+        return save_final_weights(self.task, self.module, self.run_dir / "final", self.world.is_main)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _train_step(self, micro_batches: list[dict]) -> _StepResult:
+        a, ddp = len(micro_batches), self.mode == "ddp"
+        counts_fn = getattr(self.task, "loss_counts", None)
+        stats = StepStats()
+        if counts_fn is not None:  # streaming: counts first, then forward → backward per micro-batch
+            local = [{k: int(v) for k, v in counts_fn(mb).items()} for mb in micro_batches]
+            gcounts = self._global_counts(local)
+            for i, mb in enumerate(micro_batches):
+                last = i == a - 1
+                ctx = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
+                with ctx:
+                    terms = self._forward(mb)
+                    if {k: int(v) for k, v in terms.counts.items()} != local[i]:
+                        raise ValueError(
+                            f"compute_loss counts {terms.counts} differ from loss_counts {local[i]}"
+                        )
+                    self._set_fsdp_sync(last)
+                    self._backward(terms, gcounts, stats, mb)
+        else:  # deferred: all forwards, global counts, then the backwards
+            manual = ddp and a > 1  # DDP decides syncing at forward time: reduce by hand
+            outs = []
+            for mb in micro_batches:
+                with self.model.no_sync() if manual else contextlib.nullcontext():
+                    outs.append(self._forward(mb))
+            gcounts = self._global_counts([{k: int(v) for k, v in t.counts.items()} for t in outs])
+            for i, (terms, mb) in enumerate(zip(outs, micro_batches)):
+                self._set_fsdp_sync(i == a - 1)
+                self._backward(terms, gcounts, stats, mb)
+            del outs
+            if manual:
+                D.average_grads(self._params, self.world.world_size)
+        return self._finish_step(stats, gcounts)
+
+    def _forward(self, batch: dict) -> LossTerms:
+        batch = D.to_device(batch, self.world.device)
+        with self._amp() if self._amp else contextlib.nullcontext():
+            terms = self.task.compute_loss(self.model, batch)
+        return terms
+
+    def _set_fsdp_sync(self, sync: bool) -> None:
+        if self.mode == "fsdp" and self.cfg.grad_accum > 1:
+            self.model.set_requires_gradient_sync(sync)
+
+    def _global_counts(self, local: list[dict[str, int]]) -> dict[str, int]:
+        names = sorted(local[0])
+        if self._term_names is None:
+            everyone = D.all_gather_object(names)
+            if any(n != names for n in everyone):
+                raise ValueError(f"ranks return different loss terms: {everyone}")
+            self._term_names = names
+        for c in local:
+            if sorted(c) != self._term_names:
+                raise ValueError(f"loss terms {sorted(c)} differ from the first step's {self._term_names}")
+        totals = D.all_reduce_sum([sum(c[n] for c in local) for n in self._term_names])
+        return {n: round(v) for n, v in zip(self._term_names, totals)}
+
+    def _backward(self, terms: LossTerms, gcounts: dict[str, int], stats: StepStats, batch: dict) -> None:
+        world, loss = self.world.world_size, None
+        for name in self._term_names:
+            s, gc = terms.sums[name], gcounts[name]
+            scale = float(terms.weights.get(name, 1.0)) * world / gc if gc > 0 else 0.0
+            part = s.float() * scale
+            loss = part if loss is None else loss + part
+        if not loss.requires_grad:
+            raise ValueError("compute_loss returned no loss term connected to a trainable parameter")
+        stats.add(terms, loss, batch)
+        loss.backward()
+
+    def _finish_step(self, stats: StepStats, gcounts: dict[str, int]) -> _StepResult:
+        names = self._term_names
+        local = torch.stack([*stats.sums_for(names), stats.nonfinite]).double().cpu()
+        extra = [float(self._stop), stats.bad, stats.samples, stats.tokens]
+        g = D.all_reduce_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64)]))
+        sums, nonfinite = g[: len(names)], g[len(names)] > 0
+        stop, bad, samples, tokens = g[len(names) + 1 :]
+        losses = {n: (s / gcounts[n] if gcounts[n] else None) for n, s in zip(names, sums)}
+        w = stats.weights
+        loss = sum(w.get(n, 1.0) * v for n, v in losses.items() if v is not None)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        grad_norm = float(norm)
+        nonfinite = nonfinite or not math.isfinite(grad_norm) or not math.isfinite(loss)
+        if not nonfinite:
+            if self.optim_cfg.clip_grad is not None:
+                torch.nn.utils.clip_grads_with_norm_(self._params, self.optim_cfg.clip_grad, norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = stats.mean_metrics()
+        return _StepResult(
+            losses, loss, grad_norm, nonfinite, stop > 0, int(bad), int(samples), int(tokens), metrics
+        )

@@ -1,0 +1,110 @@
+"""Token-budget batching: budgets, coverage, determinism, resume, rank split (SPEC §4)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cmpt.data.batching import TokenBudgetBatcher
+
+
+def _lengths(n: int = 300, seed: int = 0) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    vision = rng.integers(0, 400, n) * (rng.random(n) < 0.8)  # 20% text-only
+    text = rng.integers(20, 900, n)
+    out = list(zip(vision.tolist(), text.tolist()))
+    out[3], out[7], out[11] = (5000, 100), (10, 9000), (0, 0)  # two oversize samples, one empty
+    return out
+
+
+def _batcher(**kw) -> TokenBudgetBatcher:
+    args = dict(lengths=_lengths(), vision_budget=1024, text_budget=2048, max_samples=8, seed=1)
+    args.update(kw)
+    return TokenBudgetBatcher(**args)
+
+
+@pytest.mark.parametrize("oversize", ["skip", "truncate"])
+def test_budgets_and_coverage(oversize):
+    b = _batcher(oversize=oversize)
+    lengths = _lengths()
+    for epoch in range(3):
+        batches = b.epoch_batches(epoch)
+        for mb in batches:
+            v = sum(lengths[i][0] for i in mb)
+            t = sum(lengths[i][1] for i in mb)
+            assert len(mb) <= 8
+            if v > 1024 or t > 2048:  # only an oversize sample alone, in truncate mode
+                assert oversize == "truncate" and len(mb) == 1 and mb[0] in (3, 7)
+        seen = sorted(itertools.chain.from_iterable(batches))
+        if oversize == "skip":
+            assert b.oversize_skipped == 2 and b.oversize_indices == [3, 7]
+            assert seen == [i for i in range(300) if i not in (3, 7)]
+        else:
+            assert b.oversize_skipped == 0 and seen == list(range(300))
+
+
+def test_greedy_fill_closes_only_when_the_next_sample_does_not_fit():
+    lengths = _lengths()
+    b = _batcher()
+    batches = b.epoch_batches(0)
+    for mb, nxt in itertools.pairwise(batches):
+        v = sum(lengths[i][0] for i in mb) + lengths[nxt[0]][0]
+        t = sum(lengths[i][1] for i in mb) + lengths[nxt[0]][1]
+        assert v > 1024 or t > 2048 or len(mb) == 8
+
+
+def test_deterministic_by_seed_and_epochs_differ():
+    a, b = _batcher(), _batcher()
+    assert a.epoch_batches(0) == b.epoch_batches(0) and a.epoch_batches(5) == b.epoch_batches(5)
+    assert a.epoch_batches(0) != a.epoch_batches(1)
+    assert _batcher(seed=2).epoch_batches(0) != a.epoch_batches(0)
+    plain = _batcher(shuffle=False).epoch_batches(0)
+    assert list(itertools.chain.from_iterable(plain)) == [i for i in range(300) if i not in (3, 7)]
+    assert plain == _batcher(shuffle=False).epoch_batches(1)
+
+
+def test_resume_from_state_dict_mid_epoch():
+    a = _batcher()
+    it = iter(a)
+    n0 = len(a.epoch_batches(0))
+    head = [next(it) for _ in range(n0 - 3)]
+    state = a.state_dict()
+    assert state["epoch"] == 0 and state["position"] == n0 - 3
+    tail = [next(it) for _ in range(10)]  # crosses into epoch 1
+    assert a.state_dict()["epoch"] == 1
+    b = _batcher()
+    b.load_state_dict(state)
+    assert [mb for mb, _ in zip(b, range(10))] == tail
+    assert head[0] == a.epoch_batches(0)[0]
+    with pytest.raises(ValueError, match="seed"):
+        _batcher(seed=9).load_state_dict(state)
+
+
+def test_rank_split():
+    b = _batcher()
+    for epoch in range(2):
+        single = b.micro_batches_for_rank(0, 1, epoch)
+        r0, r1 = b.micro_batches_for_rank(0, 2, epoch), b.micro_batches_for_rank(1, 2, epoch)
+        assert len(r0) == len(r1)  # trailing remainder dropped: ranks stay in step
+        ids0 = {i for mb in r0 for i in mb}
+        ids1 = {i for mb in r1 for i in mb}
+        assert not ids0 & ids1
+        # one rank with grad_accum 2 sees exactly ranks 0 and 1's micro-batches, interleaved
+        interleaved = [mb for pair in zip(r0, r1) for mb in pair]
+        assert interleaved == single[: len(interleaved)] and len(single) - len(interleaved) < 2
+        r = [b.micro_batches_for_rank(k, 3, epoch) for k in range(3)]
+        assert [mb for trio in zip(*r) for mb in trio] == single[: 3 * len(r[0])]
+
+
+def test_rank_iteration_and_too_little_data():
+    b = _batcher()
+    got = list(itertools.islice(b.iter_rank(1, 2, epoch=0, start=2), 3))
+    assert [(e, k) for e, k, _ in got] == [(0, 2), (0, 3), (0, 4)]
+    assert got[0][2] == b.micro_batches_for_rank(1, 2, 0)[2]
+    tiny = TokenBudgetBatcher([(1, 1)] * 3, 10, 10, 4)
+    with pytest.raises(ValueError, match="fewer micro-batches than world_size"):
+        next(tiny.iter_rank(0, 2, 0, 0))
+    with pytest.raises(ValueError):
+        TokenBudgetBatcher([(1, 1)], 0, 10, 4)

@@ -1,0 +1,116 @@
+"""`cmpt encode` and `cmpt demo --quick`: features on disk equal the model's, bad images are named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import hf_tiny
+from cmpt.cli import main
+from cmpt.encode import budget_batches, load_vit, processor_for
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    ckpt = hf_tiny.save("dinov2", root)
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i, (w, h) in enumerate([(120, 80), (64, 200), (150, 150), (90, 40)]):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        p = root / "imgs" / f"im{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return ckpt, paths, root
+
+
+def test_encode_cli_matches_model(setup, tmp_path):
+    ckpt, paths, root = setup
+    out = tmp_path / "f.safetensors"
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                str(ckpt),
+                str(root / "imgs"),
+                "--out",
+                str(out),
+                "--token-budget",
+                "40",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    feats = load_file(out)
+    with safe_open(out, "pt") as f:
+        names = json.loads(f.metadata()["images"])
+    assert [p.split("/")[-1] for p in names] == [p.name for p in paths]
+    vit = load_vit(ckpt).eval()
+    proc = processor_for(vit, ckpt)
+    for i, path in enumerate(paths):
+        img = proc.prepare(path)
+        x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1) / 255
+        x = (x - torch.tensor(proc.mean)[:, None, None]) / torch.tensor(proc.std)[:, None, None]
+        with torch.no_grad():
+            ref = vit.forward_images([x])[0]
+        start, end = feats["offsets"][i].item(), feats["offsets"][i + 1].item()
+        torch.testing.assert_close(feats["patch_tokens"][start:end], ref[1:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(feats["pooled"][i], ref[0], atol=1e-4, rtol=1e-4)  # DINOv2 pools the CLS
+
+
+def test_bad_image_is_named_and_skippable(setup, tmp_path):
+    ckpt, paths, _ = setup
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    args = [
+        "encode",
+        "--model",
+        str(ckpt),
+        str(paths[0]),
+        str(bad),
+        "--out",
+        str(tmp_path / "f.safetensors"),
+        "--quiet",
+    ]
+    with pytest.raises(ValueError, match=r"broken\.jpg"):
+        main(args)
+    assert main([*args, "--skip-bad"]) == 0
+    assert load_file(tmp_path / "f.safetensors")["grid_hw"].shape == (1, 2)
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        main(
+            [
+                "encode",
+                "--model",
+                str(ckpt),
+                str(tmp_path / "missing.png"),
+                "--out",
+                str(tmp_path / "g.safetensors"),
+            ]
+        )
+
+
+def test_budget_batches():
+    assert list(budget_batches([3, 3, 5, 20, 1], 6)) == [[0, 1], [2], [3], [4]]
+
+
+def test_python_dash_m_help():
+    res = subprocess.run([sys.executable, "-m", "cmpt", "--help"], capture_output=True, text=True, check=True)
+    assert "encode" in res.stdout and "demo" in res.stdout
+
+
+def test_demo_quick(tmp_path):
+    summary = __import__("cmpt.demo", fromlist=["run_demo"]).run_demo(
+        tmp_path / "out", quick=True, cache=tmp_path / "c"
+    )
+    assert summary["images"] == 8 and summary["patches"] > 0
+    assert (tmp_path / "out" / "summary.json").is_file()

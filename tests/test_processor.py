@@ -1,0 +1,479 @@
+"""Tests for cmpt.vision.processor (SPEC §1 input packing, §1.4 resolution policy)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from cmpt.vision.processor import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageLoadError,
+    ImageProcessor,
+    PackedImages,
+    load_image,
+    smart_resize,
+    unpatchify,
+)
+
+MAXP = 14 * 14 * 4 * 1280
+
+
+# ---------------------------------------------------------------- smart_resize (SPEC §1.4)
+
+
+def _round_half_even_multiple(n: int, f: int) -> int:
+    """Nearest multiple of f with ties to the even quotient, in exact integer arithmetic."""
+    q, r = divmod(n, f)
+    if 2 * r > f or (2 * r == f and q % 2 == 1):
+        q += 1
+    return q * f
+
+
+def _reference_smart_resize(h: int, w: int, f: int, lo: int, hi: int) -> tuple[int, int]:
+    hb, wb = max(f, _round_half_even_multiple(h, f)), max(f, _round_half_even_multiple(w, f))
+    if hb * wb > hi:
+        beta = math.sqrt(h * w / hi)
+        return max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    if hb * wb < lo:
+        beta = math.sqrt(lo / (h * w))
+        return math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    return hb, wb
+
+
+def _random_sizes(n: int, seed: int = 0) -> list[tuple[int, int, int, int, int]]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        f = rnd.choice([28, 28, 28, 14, 32, 16])
+        kind = i % 5
+        if kind == 0:  # tiny
+            h, w = rnd.randint(1, 60), rnd.randint(1, 60)
+        elif kind == 1:  # huge
+            h, w = rnd.randint(2000, 20000), rnd.randint(2000, 20000)
+        elif kind == 2:  # exact ties for round-half-to-even
+            h, w = f * rnd.randint(0, 60) + f // 2, f * rnd.randint(0, 60) + f // 2
+        elif kind == 3:  # extreme but legal aspect ratios
+            h = rnd.randint(5, 300)
+            w = min(h * 200, h * rnd.randint(20, 200))
+        else:
+            h, w = rnd.randint(50, 3000), rnd.randint(50, 3000)
+        if rnd.random() < 0.5:
+            h, w = w, h
+        lo = rnd.choice([56 * 56, 4 * 28 * 28, 128 * 28 * 28])
+        hi = rnd.choice([MAXP, 16384 * 28 * 28, 256 * 28 * 28, lo * 2])
+        out.append((h, w, f, lo, hi))
+    return out
+
+
+def test_smart_resize_matches_reference_formula():
+    for h, w, f, lo, hi in _random_sizes(500):
+        got = smart_resize(h, w, factor=f, min_pixels=lo, max_pixels=hi)
+        assert got == _reference_smart_resize(h, w, f, lo, hi), (h, w, f, lo, hi)
+        rh, rw = got
+        assert rh % f == 0 and rw % f == 0 and rh >= f and rw >= f
+        rounded = max(f, _round_half_even_multiple(h, f)) * max(f, _round_half_even_multiple(w, f))
+        if rounded > hi and rh > f and rw > f:  # scaled down: within max (unless a side is clamped)
+            assert rh * rw <= hi, (h, w, got)
+        elif rounded < lo:  # scaled up: at least min
+            assert rh * rw >= lo, (h, w, got)
+        elif lo <= rounded <= hi:
+            assert lo <= rh * rw <= hi
+
+
+def test_smart_resize_agrees_with_transformers_where_sides_cannot_round_to_zero():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    for h, w, f, lo, hi in _random_sizes(300, seed=1):
+        if min(h, w) > f // 2:  # transformers lacks the `max(factor, ...)` on the first rounding
+            assert smart_resize(h, w, f, lo, hi) == hf_smart_resize(h, w, f, lo, hi)
+
+
+def test_smart_resize_known_values_and_ties():
+    assert smart_resize(42, 70) == (56, 56)  # 1.5 -> 2, 2.5 -> 2 (half to even)
+    assert smart_resize(14 * 28 + 14, 20 * 28 + 14) == (14 * 28, 20 * 28)  # 14.5 -> 14, 20.5 -> 20
+    assert smart_resize(1, 1) == (56, 56)  # upscaled to min_pixels
+    assert smart_resize(10, 1900) == (28, 1904)  # a side rounding to 0 is clamped to one factor
+    h, w = smart_resize(20000, 30000)
+    assert h * w <= MAXP and h % 28 == 0 and w % 28 == 0
+
+
+def test_smart_resize_rejects_extreme_aspect_and_bad_sizes():
+    assert smart_resize(1, 200, min_pixels=0)  # exactly 200 is allowed
+    for h, w in [(1, 201), (100, 20100), (20100, 100), (1, 5000)]:
+        with pytest.raises(ValueError, match="aspect ratio"):
+            smart_resize(h, w)
+    for h, w in [(0, 10), (10, 0), (-5, 10)]:
+        with pytest.raises(ValueError, match="positive"):
+            smart_resize(h, w)
+
+
+# ---------------------------------------------------------------- patch order and parity (SPEC §1)
+
+
+def _coded_image(gh: int, gw: int, p: int) -> Image.Image:
+    """R = patch row, G = patch col, B = pixel index inside the patch."""
+    y, x = np.mgrid[0 : gh * p, 0 : gw * p]
+    arr = np.stack([y // p, x // p, (y % p) * p + (x % p)], axis=-1).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize(
+    ("p", "m", "gh", "gw"), [(14, 2, 12, 8), (14, 1, 5, 7), (16, 2, 6, 10), (8, 3, 9, 12)]
+)
+def test_patch_order_is_merge_window_order(p, m, gh, gw):
+    proc = ImageProcessor(patch_size=p, merge_size=m, mean=(0, 0, 0), std=(1, 1, 1), min_pixels=0)
+    batch = proc([_coded_image(gh, gw, p)])
+    assert batch.grid_hw.tolist() == [[gh, gw]]
+    vals = torch.round(batch.patches * 255).to(torch.int64).view(gh * gw, 3, p, p)
+    for k in range(gh * gw):
+        window, inside = divmod(k, m * m)
+        wr, wc = divmod(window, gw // m)
+        ir, ic = divmod(inside, m)
+        row, col = wr * m + ir, wc * m + ic
+        assert (vals[k, 0] == row).all() and (vals[k, 1] == col).all(), k
+        assert torch.equal(vals[k, 2].flatten(), torch.arange(p * p))
+
+
+def _textured(h: int, w: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    grad = np.stack([255 * y / max(h - 1, 1), 255 * x / max(w - 1, 1), 127 + 0 * x], axis=-1)
+    arr = np.clip(grad + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "sizes"),
+    [
+        ({}, [(300, 500), (57, 80), (224, 224), (31, 600), (640, 480)]),
+        ({"min_pixels": 100 * 100, "max_pixels": 200 * 200}, [(300, 500), (40, 50), (900, 250)]),
+        ({"merge_size": 1, "patch_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}, [(123, 321)]),
+    ],
+)
+def test_parity_with_transformers_qwen2vl_pil_processor(kwargs, sizes):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = ImageProcessor(**kwargs)
+    hf = Qwen2VLImageProcessorPil(
+        temporal_patch_size=1,
+        patch_size=proc.patch_size,
+        merge_size=proc.merge_size,
+        image_mean=list(proc.mean),
+        image_std=list(proc.std),
+        min_pixels=proc.min_pixels,
+        max_pixels=proc.max_pixels,
+    )
+    images = [_textured(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    ours = proc(images)
+    ref = hf(images, return_tensors="pt")
+    thw = ref["image_grid_thw"]
+    assert torch.equal(thw[:, 0], torch.ones(len(images), dtype=thw.dtype))
+    assert torch.equal(ours.grid_hw, thw[:, 1:].to(torch.int64))
+    assert ours.patches.dtype == torch.float32 and ours.patches.shape == ref["pixel_values"].shape
+    assert (ours.patches - ref["pixel_values"]).abs().max().item() <= 1e-5
+
+
+def test_unpatchify_inverts_patchify():
+    proc = ImageProcessor(min_pixels=0)
+    images = [_textured(h, w, seed=h) for h, w in [(112, 168), (56, 280), (84, 84)]]
+    batch = proc(images)
+    recon = unpatchify(batch.patches, batch.grid_hw, 14, 2)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    for img, rec in zip(images, recon):
+        want = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std
+        assert rec.shape == want.shape
+        assert (rec - want).abs().max().item() < 1e-5
+    again = unpatchify(batch.patches, batch.grid_hw.tolist(), 14, 2)
+    assert all(torch.equal(a, b) for a, b in zip(recon, again))
+    with pytest.raises(ValueError, match="patches"):
+        unpatchify(batch.patches[:-1], batch.grid_hw, 14, 2)
+
+
+def test_inputs_as_path_bytes_and_pil_agree(tmp_path):
+    img = _textured(90, 130, seed=3)
+    path = tmp_path / "a.png"
+    img.save(path)
+    proc = ImageProcessor()
+    a, b, c = proc([img]), proc([path]), proc([path.read_bytes()])
+    assert torch.equal(a.patches, b.patches) and torch.equal(a.patches, c.patches)
+    patches, grid = proc.preprocess(str(path))
+    assert torch.equal(patches, a.patches) and grid == tuple(a.grid_hw[0].tolist())
+
+
+def test_packed_images_helpers_and_empty_batch():
+    proc = ImageProcessor()
+    batch = proc([_textured(56, 84, 0), _textured(112, 56, 1)])
+    assert isinstance(batch, PackedImages)
+    assert batch.num_images == len(batch) == 2
+    assert batch.tokens_per_image == [4 * 6, 8 * 4]
+    assert batch.cu_seqlens.tolist() == [0, 24, 56] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.patches.shape == (56, 3 * 14 * 14) and batch.grid_hw.dtype == torch.int64
+    half = batch.to("cpu", dtype=torch.bfloat16)
+    assert half.patches.dtype == torch.bfloat16 and half.grid_hw.dtype == torch.int64
+    empty = proc([])
+    assert empty.patches.shape == (0, 588) and empty.grid_hw.shape == (0, 2) and len(empty) == 0
+    assert proc.grid_size(84, 56) == (6, 4)
+
+
+# ---------------------------------------------------------------- resolution policies
+
+
+def test_fixed_policy_gives_square():
+    proc = ImageProcessor(policy="fixed", fixed_size=448)
+    batch = proc([_textured(300, 700, 0), _textured(50, 90, 1)])
+    assert batch.grid_hw.tolist() == [[32, 32], [32, 32]]
+    assert proc.target_size(1, 5000) == (448, 448)
+    # 384 is not a multiple of 28: the official force_resize goes 384x384, then smart_resize -> 392
+    odd = ImageProcessor(policy="fixed", fixed_size=384)
+    img = _textured(200, 333, 2)
+    step = img.resize((384, 384), Image.Resampling.BICUBIC).resize((392, 392), Image.Resampling.BICUBIC)
+    assert torch.equal(odd([img]).patches, ImageProcessor()([step]).patches)
+
+
+def test_native_policy_resizes_once_and_skips_when_unchanged():
+    img = _textured(112, 168, 0)
+    assert ImageProcessor().prepare(img) is img  # already a valid size: no resize, no copy
+    assert ImageProcessor().prepare(_textured(100, 150, 0)).size == (140, 112)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"policy": "fixed"},
+        {"fixed_size": 224},
+        {"policy": "square"},
+        {"patch_size": 0},
+        {"merge_size": 1.5},
+        {"mean": (0.5, 0.5)},
+        {"std": (0.5, 0.0, 0.5)},
+        {"min_pixels": 10, "max_pixels": 5},
+    ],
+)
+def test_processor_argument_validation(kwargs):
+    with pytest.raises(ValueError, match="ImageProcessor"):
+        ImageProcessor(**kwargs)
+
+
+# ---------------------------------------------------------------- config I/O
+
+
+def _write(dir_, cfg, model_cfg=None):
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "preprocessor_config.json").write_text(json.dumps(cfg))
+    if model_cfg is not None:
+        (dir_ / "config.json").write_text(json.dumps(model_cfg))
+    return dir_
+
+
+def test_from_hf_reads_qwen_clip_siglip_dinov2_configs(tmp_path):
+    qwen = _write(
+        tmp_path / "qwen",
+        {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
+         "temporal_patch_size": 2, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+         "image_processor_type": "Qwen2VLImageProcessor"},
+    )  # fmt: skip
+    p = ImageProcessor.from_hf(qwen)
+    assert (p.policy, p.min_pixels, p.max_pixels, p.patch_size) == ("native", 3136, 12845056, 14)
+    p = ImageProcessor.from_hf(qwen / "preprocessor_config.json", max_pixels=1000 * 28 * 28)
+    assert p.max_pixels == 1000 * 28 * 28
+    new = _write(tmp_path / "new", {"size": {"shortest_edge": 1000, "longest_edge": 90000}, "patch_size": 16})
+    p = ImageProcessor.from_hf(new)
+    assert (p.min_pixels, p.max_pixels, p.patch_size, p.policy) == (1000, 90000, 16, "native")
+    clip = _write(
+        tmp_path / "clip",
+        {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)},
+        {"vision_config": {"patch_size": 32}},
+    )  # fmt: skip
+    p = ImageProcessor.from_hf(clip)
+    assert (p.policy, p.fixed_size, p.patch_size) == ("fixed", 224, 32)
+    siglip = _write(
+        tmp_path / "siglip",
+        {"size": {"height": 384, "width": 384}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        {"vision_config": {"patch_size": 14}},
+    )
+    p = ImageProcessor.from_hf(siglip)
+    assert (p.policy, p.fixed_size, p.mean, p.std) == ("fixed", 384, (0.5,) * 3, (0.5,) * 3)
+    dino = _write(
+        tmp_path / "dino",
+        {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+        {"patch_size": 14},
+    )  # fmt: skip
+    p = ImageProcessor.from_hf(dino, policy="native")
+    assert (p.policy, p.fixed_size, p.mean) == ("native", None, (0.485, 0.456, 0.406))
+    with pytest.raises(FileNotFoundError, match=r"preprocessor_config\.json"):
+        ImageProcessor.from_hf(tmp_path / "nowhere")
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    proc = ImageProcessor(
+        patch_size=16, merge_size=2, mean=(0.5,) * 3, std=(0.25,) * 3, policy="fixed", fixed_size=512
+    )
+    path = proc.save_pretrained(tmp_path / "out")
+    assert path.name == "preprocessor_config.json"
+    for other in (ImageProcessor.from_hf(tmp_path / "out"), ImageProcessor.from_dict(proc.to_dict())):
+        assert other.to_dict() == proc.to_dict()
+    assert "fixed_size=512" in repr(proc)
+
+
+# ---------------------------------------------------------------- load_image: bad inputs (SPEC §4)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _strict_truncation(monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
+@pytest.mark.parametrize(
+    ("fname", "data", "match"),
+    [
+        ("corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "corrupt"),
+        ("noise.jpg", np.random.default_rng(0).bytes(3000), "not a recognized image"),
+        ("trunc.png", _png_bytes(_textured(64, 64, 0))[:700], "truncated"),
+        ("trunc.jpg", _jpeg_bytes(_textured(64, 64, 0))[:900], "truncated"),
+        ("empty.jpg", b"", "empty"),
+        ("page.jpg", b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "HTML"),
+    ],
+)
+def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, fname, data, match):
+    path = tmp_path / fname
+    path.write_bytes(data)
+    with pytest.raises(ImageLoadError, match=match) as err:
+        load_image(path)
+    assert fname in str(err.value) and "drop the sample" in str(err.value)
+    assert isinstance(err.value, ValueError)
+    if data:
+        with pytest.raises(ImageLoadError, match=r"sample-42"):
+            load_image(data, name="sample-42")
+    with pytest.raises(ImageLoadError, match=fname):
+        ImageProcessor()([path])
+
+
+def test_missing_file_and_zero_size_image(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"missing\.jpg.*check the path"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageLoadError, match="zero size"):
+        load_image(Image.new("RGB", (0, 0)), name="zero")
+    with pytest.raises(ImageLoadError, match="zero size"):
+        load_image(Image.new("RGB", (0, 7)))
+    with pytest.raises(TypeError):
+        load_image(12345)
+
+
+def test_decompression_bomb_raises(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    _textured(40, 40, 0).save(path)  # 1600 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # warning zone (> limit)
+    with pytest.raises(ImageLoadError, match=r"bomb\.png.*decompression") as err:
+        load_image(path)
+    assert "MAX_IMAGE_PIXELS" in str(err.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # error zone (> 2x limit)
+    with pytest.raises(ImageLoadError, match="decompression"):
+        load_image(path.read_bytes(), name="bomb-bytes")
+
+
+def test_extreme_aspect_ratio_raises_value_error_naming_the_image(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (5000, 1), (10, 20, 30)).save(path)
+    assert load_image(path).size == (5000, 1)  # loading is fine; the resolution policy refuses it
+    with pytest.raises(ValueError, match=r"strip\.png.*aspect ratio"):
+        ImageProcessor()([path])
+
+
+# ---------------------------------------------------------------- load_image: modes
+
+
+def test_cmyk_jpeg_loads_to_rgb(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(path, quality=100)
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (32, 24)
+    r, g, b = np.asarray(img).reshape(-1, 3).mean(0)
+    assert r > 245 and g < 10 and b < 10
+
+
+def test_16bit_grayscale_png_is_scaled(tmp_path):
+    a = (np.arange(32 * 16, dtype=np.uint32).reshape(16, 32) * 128).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (32, 16)
+    want = np.floor(a / 257 + 0.5).astype(np.uint8)
+    got = np.asarray(img)
+    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+    as_i = load_image(Image.fromarray(a.astype(np.int32)))  # mode "I"
+    assert np.array_equal(np.asarray(as_i)[..., 1], want)
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    # palette PNG with a transparent index
+    pal = Image.new("P", (8, 4))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * (254 * 3))
+    pal.putdata([0, 1] * 16)
+    path = tmp_path / "pal.png"
+    pal.save(path, transparency=0)
+    got = np.asarray(load_image(path))
+    assert (got[:, 0::2] == 255).all() and (got[:, 1::2] == [0, 0, 255]).all()
+    # RGBA with partial alpha, LA, matching transformers' convert_to_rgb
+    rgba = Image.fromarray(np.array([[[255, 0, 0, 128], [0, 255, 0, 0], [0, 0, 255, 255]]], dtype=np.uint8))
+    la = Image.fromarray(np.array([[[100, 255], [100, 0], [50, 128]]], dtype=np.uint8), mode="LA")
+    for im in (rgba, la):
+        ours = np.asarray(load_image(_png_bytes(im), name="x"))
+        assert np.array_equal(ours, convert_to_rgb(im, return_numpy=True))
+    assert np.asarray(load_image(rgba))[0, 1].tolist() == [255, 255, 255]
+    assert np.abs(np.asarray(load_image(rgba))[0, 0].astype(int) - [255, 127, 127]).max() <= 1
+
+
+def test_gray_and_bilevel_images():
+    one = Image.new("1", (4, 2))
+    one.putpixel((1, 0), 1)
+    got = np.asarray(load_image(one))
+    assert got.shape == (2, 4, 3) and got[0, 1].tolist() == [255] * 3 and got[0, 0].tolist() == [0] * 3
+    assert np.asarray(load_image(Image.new("L", (3, 3), 77)))[1, 1].tolist() == [77] * 3
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)  # left half red
+    arr[:, 20:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored image rotated 90° clockwise
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(arr).save(path, quality=100, exif=exif.tobytes())
+    img = load_image(path)
+    assert img.size == (20, 40)  # (W, H) swapped
+    got = np.asarray(img).astype(int)
+    assert got[:15, :, 0].mean() > 240 and got[:15, :, 2].mean() < 15  # left -> top: red
+    assert got[25:, :, 2].mean() > 240 and got[25:, :, 0].mean() < 15  # right -> bottom: blue
+
+
+def test_load_image_does_not_mutate_or_copy_rgb_input():
+    img = _textured(30, 30, 0)
+    assert load_image(img) is img
+    rgba = img.convert("RGBA")
+    out = load_image(rgba)
+    assert out.mode == "RGB" and rgba.mode == "RGBA"
