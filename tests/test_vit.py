@@ -143,3 +143,12 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         NativeViT.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="pool"):
         NativeViTConfig(pool="max")
+
+
+@pytest.mark.parametrize("keep_prefix", [True, False])
+def test_unused_parameters_get_no_gradient_and_the_rest_do(keep_prefix):
+    vit = tiny(keep_prefix_tokens=keep_prefix, pool="map", pool_norm=True).train()
+    vit(torch.randn(16, 3 * P * P), torch.tensor([[4, 4]])).sum().backward()
+    unused = {id(p) for p in vit.unused_parameters()}
+    for name, p in vit.named_parameters():
+        assert (p.grad is None) == (id(p) in unused), name

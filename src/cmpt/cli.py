@@ -44,6 +44,25 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train(a: argparse.Namespace) -> int:
+    from .recipes import run_recipe
+    from .train.distributed import is_main
+
+    summary = run_recipe(a.config, a.set)
+    if is_main():
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from .vlm.model import VisionLanguageModel
+
+    vlm = VisionLanguageModel.from_pretrained(a.model)
+    out = vlm.export_vit(a.out) if a.vfm_only else vlm.save_pretrained(a.out)
+    print(f"exported {'the vision model (CoMP-VFM)' if a.vfm_only else 'the VLM'} of {a.model} -> {out}")
+    return 0
+
+
 def _synth(a: argparse.Namespace) -> int:
     from .data.synthetic import synth_main
 
@@ -100,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_encode)
+
+    p = sub.add_parser("train", help="run a recipe stage (single process, or under torchrun)")
+    p.add_argument("config", help="recipe YAML path or packaged name, e.g. tiny/comp_stage1")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4"
+    )
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("export", help="export a trained VLM directory (or only its vision model)")
+    p.add_argument("model", help="a VLM directory, e.g. runs/x/final")
+    p.add_argument("--vfm-only", action="store_true", help="write only the NativeViT (CoMP-VFM)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_export)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="generate built-in offline data (LLaVA JSON + PNG)")

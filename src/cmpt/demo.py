@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-
-def cache_root(cache: str | os.PathLike | None = None) -> Path:
-    """The cache directory: the argument, else ``$CMPT_CACHE``, else ``~/.cache/cmpt``."""
-    return Path(cache or os.environ.get("CMPT_CACHE") or Path.home() / ".cache" / "cmpt")
+from .recipes.paths import cache_root
 
 
 def tiny_hf_dinov2(root: Path, seed: int = 0) -> Path:

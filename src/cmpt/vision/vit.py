@@ -261,6 +261,15 @@ class NativeViT(nn.Module):
         head_dim = self.config.hidden_size // self.config.num_heads
         return rope_cos_sin(pos, head_dim, self.config.rope_theta, ident, device)
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters that :meth:`forward` never touches: the pooling head and norm, and the prefix
+        tokens when they are not kept. Training freezes them (DDP needs every trainable one used)."""
+        mods = [self.head, self.pool_norm]
+        params = [p for m in mods if m is not None for p in m.parameters()]
+        if not self.config.keep_prefix_tokens:
+            params += [p for p in (self.cls_token, self.cls_pos, self.register_tokens) if p is not None]
+        return params
+
     def forward(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (N, 3·p·p) in merge-window order + grids (n, 2) → patch features (N, D)."""
         return self.encode(patches, grid_hw)[0]

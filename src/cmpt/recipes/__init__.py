@@ -1,0 +1,48 @@
+"""Recipes: a typed config class and a :class:`cmpt.train.loop.Task` per method (SPEC §2 CoMP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipes() -> dict[str, tuple[type, type]]:
+    """Recipe name (the YAML's ``recipe:`` key) → (config class, task class)."""
+    from .comp import CompConfig, CompTask
+
+    return {"comp": (CompConfig, CompTask)}
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[Any, Any]:
+    """A recipe YAML (path, or packaged name like ``tiny/comp_stage1``) + ``--set`` overrides →
+    (typed config, task class)."""
+    from ..config import load_config, load_yaml, resolve_config_path
+
+    path = resolve_config_path(name_or_path, CONFIG_ROOT)
+    name = load_yaml(path).get("recipe", "comp")
+    for item in overrides:
+        if item.startswith("recipe="):
+            name = yaml.safe_load(item.split("=", 1)[1])
+    table = recipes()
+    if name not in table:
+        raise ValueError(f"{path}: unknown recipe {name!r}; known recipes: {sorted(table)}")
+    cfg_cls, task_cls = table[name]
+    return load_config(cfg_cls, path, overrides), task_cls
+
+
+def run_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
+    """`cmpt train`: load the recipe, seed, build its task, run the generic trainer; returns its summary."""
+    import torch
+
+    from ..train.loop import Trainer
+    from .paths import expand_path
+
+    cfg, task_cls = load_recipe(name_or_path, list(overrides))
+    cfg.run.dir = expand_path(cfg.run.dir)
+    torch.manual_seed(cfg.run.seed)  # fresh modules (e.g. the stage-I merger) start identically on every rank
+    task = task_cls(cfg)
+    return Trainer(cfg.run, cfg.optim, cfg.train, task, full_config=cfg).fit()

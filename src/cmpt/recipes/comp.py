@@ -1,0 +1,197 @@
+"""The CoMP recipe: one stage of continual multimodal pre-training as data (SPEC §2, §2.1).
+
+A stage says which parts train (``vision``, ``merger``, ``llm``, ``lm_head``), their learning
+rates, RoPE on/off, the resolution policy, the loss weights and the token budgets. It starts from
+the previous stage's output directory (``model.init``) or, for stage I, from a vision checkpoint
+and a language model (``model.vision`` + ``model.llm``). Loss: ``L = L_dec + λ·L_align``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..data.config import DataConfig, ResolutionConfig
+from ..train.config import OptimConfig, RunConfig, TrainConfig
+from ..train.loop import LossTerms
+from ..vision.processor import ImageProcessor
+from ..vlm.model import VisionLanguageModel
+from .paths import expand_path
+
+log = logging.getLogger("cmpt.recipes.comp")
+PARTS = ("vision", "merger", "llm", "lm_head")
+
+
+@dataclass
+class ModelConfig:
+    """Where the stage starts. ``init``: a VLM directory (previous stage's ``final/``); else
+    ``vision`` (NativeViT dir or HF vision checkpoint) + ``llm`` (HF causal LM) build a fresh VLM."""
+
+    init: str = ""
+    vision: str = ""
+    llm: str = ""
+    keep_prefix_tokens: bool = False  # official CoMP drops CLS/registers from the packed stream
+    pos_embed_order: Literal["window", "official"] = "window"
+    attn: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+
+
+@dataclass
+class StageConfig:
+    """SPEC §2.1 table: trainable parts, per-part LRs (missing parts use ``optim.lr``), RoPE, resolution."""
+
+    name: str = "stage1"
+    trainable: list[str] = field(default_factory=lambda: ["merger"])
+    lr: dict[str, float] = field(default_factory=dict)
+    rope: bool = False
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in [*self.trainable, *self.lr] if p not in PARTS]
+        if bad or not self.trainable:
+            raise ValueError(
+                f"stage parts must be a non-empty subset of {PARTS}, got {bad or self.trainable}"
+            )
+
+
+@dataclass
+class LossConfig:
+    """``L = L_dec + align_weight·L_align`` (λ = 0.05); alignment settings of SPEC §2."""
+
+    align: bool = True
+    align_weight: float = 0.05
+    vocab_prior: str = ""  # `cmpt data vocab-prior` output; "" = uniform prior
+    sinkhorn_variant: Literal["official", "balanced"] = "official"
+    vision_temp: float = 0.005
+    sinkhorn_eps: float = 0.005
+    prior_temp: float = 0.05
+    sinkhorn_iters: int = 3
+
+
+@dataclass
+class CompConfig:
+    """A whole CoMP stage recipe (``configs/comp/*/stage*.yaml``, ``configs/tiny/comp_stage*.yaml``)."""
+
+    recipe: Literal["comp"] = "comp"
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_model(cfg: CompConfig) -> VisionLanguageModel:
+    """The stage's starting VLM, with the stage's RoPE switch, processor and alignment settings."""
+    m, s, lc = cfg.model, cfg.stage, cfg.loss
+    align = dict(
+        sinkhorn_variant=lc.sinkhorn_variant,
+        vision_temp=lc.vision_temp,
+        sinkhorn_eps=lc.sinkhorn_eps,
+        prior_temp=lc.prior_temp,
+        sinkhorn_iters=lc.sinkhorn_iters,
+        caption_max_length=cfg.data.caption_max_tokens,
+    )
+    if m.init:
+        init = expand_path(m.init)
+        if not (Path(init) / "vlm_config.json").is_file():
+            raise FileNotFoundError(
+                f"model.init={init} is not a VLM directory; point it at the previous stage's run.dir/final "
+                "(run that stage first)"
+            )
+        vlm = VisionLanguageModel.from_pretrained(init, rope=s.rope, **align)
+    elif m.vision and m.llm:
+        vlm = VisionLanguageModel.build(
+            expand_path(m.vision),
+            expand_path(m.llm),
+            rope=s.rope,
+            keep_prefix_tokens=m.keep_prefix_tokens,
+            **align,
+        )
+    else:
+        raise ValueError("set model.init (a previous stage's final/) or both model.vision and model.llm")
+    vit_cfg = vlm.vit.config
+    vit_cfg.pos_embed_order, vit_cfg.attn = m.pos_embed_order, m.attn
+    vlm.processor = ImageProcessor(
+        patch_size=vit_cfg.patch_size,
+        merge_size=vit_cfg.merge_size,
+        mean=vit_cfg.image_mean,
+        std=vit_cfg.image_std,
+        **s.resolution.processor_kwargs(),
+    )
+    return vlm
+
+
+class CompTask:
+    """:class:`cmpt.train.loop.Task` for a CoMP stage; the trainer never sees anything CoMP-specific."""
+
+    def __init__(self, cfg: CompConfig) -> None:
+        self.cfg = cfg
+        self.model = load_model(cfg)
+        self.model.set_trainable(cfg.stage.trainable)
+        for p in self.model.vit.unused_parameters():  # e.g. CLS when prefix tokens are dropped
+            p.requires_grad_(False)
+        self.model.train()
+        self.vocab_counts = self._vocab_counts()
+        self.align = cfg.loss.align and cfg.loss.align_weight > 0
+
+    def _vocab_counts(self) -> torch.Tensor | None:
+        path = self.cfg.loss.vocab_prior
+        if not path:
+            return None
+        from ..data.vocab_prior import load_vocab_counts
+
+        return load_vocab_counts(expand_path(path), expected_vocab_size=self.model.lm_head.weight.shape[0])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        parts, lrs = self.model.parts(), self.cfg.stage.lr
+        return [
+            {"name": p, "params": parts[p], "lr": lrs.get(p, self.cfg.optim.lr)}
+            for p in self.cfg.stage.trainable
+            if parts[p]
+        ]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return self.model.fsdp_units()
+
+    def build_loader(self, rank: int, world_size: int):
+        from ..data.batching import build_loader
+
+        data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
+        cache = Path(expand_path(self.cfg.run.dir)) / "cache"
+        return build_loader(
+            data,
+            self.model.processor,
+            self.model.tokenizer,
+            rank=rank,
+            world_size=world_size,
+            cache_dir=cache,
+        )
+
+    def loss_counts(self, batch: dict) -> dict[str, int]:
+        return {"lm": int(batch["num_loss_tokens"]), "align": int(batch["num_align"]) if self.align else 0}
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms:
+        out = model(batch, align=self.align, vocab_counts=self.vocab_counts)
+        return LossTerms(
+            sums={"lm": out["lm_sum"], "align": out["align_sum"]},
+            counts={"lm": out["lm_count"], "align": out["align_count"] if self.align else 0},
+            weights={"lm": 1.0, "align": self.cfg.loss.align_weight},
+        )
+
+    def save_final(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        """The stage's output: a VLM directory (the next stage's ``model.init``) plus ``vit/`` (CoMP-VFM)."""
+        vlm = self.model
+        if state_dict is not None and any(type(p).__name__ == "DTensor" for p in vlm.parameters()):
+            vlm = load_model(
+                self.cfg
+            )  # FSDP2 shards in place: rebuild an unsharded copy for the full weights
+            vlm.load_state_dict(state_dict)
+        vlm.save_pretrained(out_dir)
+        vlm.export_vit(Path(out_dir) / "vit")
