@@ -8,7 +8,8 @@ Forward + backward time of:
 Same weights (NativeViT.from_hf of the same checkpoint). Prints a table, then one JSON line of ratios.
 Achieved GFLOP/s is reported against a large fp32 matmul measured in the same run.
 
-Usage: python benchmarks/bench_vit.py [--repeats 3] [--images 16] [--seed 0]
+Two size distributions by default (long side from 224 or from 112 px, up to 448), one table each.
+Usage: python benchmarks/bench_vit.py [--repeats 3] [--images 16] [--seed 0] [--min-long 224 112]
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from cmpt import NativeViT
 P = 14
 
 
-def mixed_sizes(n: int, seed: int, max_side: int = 448, step: int = 28) -> list[tuple[int, int]]:
-    """Long side uniform in [224, max_side], aspect ratio log-uniform in [1/3, 3], multiples of ``step``."""
+def mixed_sizes(
+    n: int, seed: int, min_long: int = 224, max_side: int = 448, step: int = 28
+) -> list[tuple[int, int]]:
+    """Long side uniform in [min_long, max_side], aspect log-uniform in [1/3, 3], multiples of ``step``."""
     rng = random.Random(seed)
     sizes = []
     for _ in range(n):
-        long_side = rng.randrange(224, max_side + 1, step)
+        long_side = rng.randrange(min_long, max_side + 1, step)
         ratio = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
         short = max(step, round(long_side / max(ratio, 1 / ratio) / step) * step)
         sizes.append((long_side, short) if ratio >= 1 else (short, long_side))
@@ -61,6 +64,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--min-long", type=int, nargs="+", default=[224, 112], help="smallest long side, one run per value"
+    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -75,7 +81,21 @@ def main() -> None:
     hf.train()
     vit.train()
 
-    sizes = mixed_sizes(args.images, args.seed)
+    peak = matmul_gflops()
+    results = [
+        measure(vit, hf, mixed_sizes(args.images, args.seed, m), args.repeats, peak, m) for m in args.min_long
+    ]
+    print(
+        json.dumps(
+            results[0]
+            if len(results) == 1
+            else {f"long_side_from_{m}": r for m, r in zip(args.min_long, results)}
+        )
+    )
+
+
+def measure(vit, hf, sizes, repeats: int, peak: float, min_long: int) -> dict:
+    """Time packed / padded / one-by-one forward+backward on one batch of ``sizes``; print a table."""
     imgs = [torch.randn(3, h, w) for h, w in sizes]
     hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
     padded = torch.zeros(len(imgs), 3, hmax, wmax)
@@ -96,25 +116,23 @@ def main() -> None:
         for im in imgs:
             hf(pixel_values=im[None]).last_hidden_state.square().mean().backward()
 
-    peak = matmul_gflops()
-    t_packed = best_time(run_packed, args.repeats)
-    t_padded = best_time(run_padded, args.repeats)
-    t_single = best_time(run_single, args.repeats)
+    t_packed = best_time(run_packed, repeats)
+    t_padded = best_time(run_padded, repeats)
+    t_single = best_time(run_single, repeats)
 
     tokens = [1 + (h // P) * (w // P) for h, w in sizes]
-    fwd = sum(n * vit.num_flops_per_token(n) for n in tokens)
-    flops = 3 * fwd  # forward + backward ≈ 3 × forward
+    flops = 3 * sum(n * vit.num_flops_per_token(n) for n in tokens)  # forward + backward ≈ 3 × forward
     rows = [
         ("cmpt packed", t_packed, sum(tokens)),
         ("HF padded", t_padded, len(imgs) * (1 + (hmax // P) * (wmax // P))),
         ("HF one-by-one", t_single, sum(tokens)),
     ]
-    print(f"threads={torch.get_num_threads()}  images={len(imgs)}  sizes={sizes}")
+    print(f"\nlong side in [{min_long}, 448], threads={torch.get_num_threads()}, images={len(imgs)}: {sizes}")
     print(f"padded batch: {hmax}x{wmax};  large-matmul peak: {peak:.1f} GFLOP/s")
     print(f"{'method':<15}{'fwd+bwd s':>11}{'tokens':>9}{'useful GFLOP/s':>16}{'vs packed':>11}")
     for name, t, ntok in rows:
         print(f"{name:<15}{t:>11.3f}{ntok:>9}{flops / t / 1e9:>16.1f}{t / t_packed:>10.2f}x")
-    result = {
+    return {
         "speedup_vs_padded": round(t_padded / t_packed, 3),
         "speed_vs_one_by_one": round(t_single / t_packed, 3),
         "packed_gflops": round(flops / t_packed / 1e9, 1),
@@ -124,7 +142,6 @@ def main() -> None:
         "t_padded_s": round(t_padded, 4),
         "t_one_by_one_s": round(t_single, 4),
     }
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

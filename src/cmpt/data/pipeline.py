@@ -13,6 +13,7 @@ process builds it and whenever, so resuming is exact. Any problem raises :class:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,12 +26,22 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cmpt.data.sources import BadSample, LlavaSource, Record
+from cmpt.data.sources import BadSample, Record
 from cmpt.data.validate import classify_render_error, conversation_problems
 from cmpt.vision.processor import ImageLoadError, ImageProcessor
 from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, caption_ids, render_conversation
 
-__all__ = ["BadSample", "LengthIndex", "ProcessedSample", "SampleBuilder", "collate", "sample_seed"]
+__all__ = [
+    "BadSample",
+    "LengthIndex",
+    "ProcessedSample",
+    "SampleBuilder",
+    "collate",
+    "estimate_lengths",
+    "sample_seed",
+    "template_overhead",
+    "vision_tokens",
+]
 
 log = logging.getLogger("cmpt.data")
 
@@ -89,11 +100,12 @@ class SampleBuilder:
         self.shuffle_caption, self.seed = bool(shuffle_caption), int(seed)
 
     def _image(self, record: Record, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        path = record.image_path(i)
-        if not os.path.isfile(path):
-            raise BadSample(record.id, "missing_image", f"{record.images[i]!r}: no such file ({path})")
+        src = record.image_source(i)  # bytes (tar / HF sources) or a resolved path
+        label = record.image_label(i)
+        if isinstance(src, str) and not os.path.isfile(src):
+            raise BadSample(record.id, "missing_image", f"{label}: no such file ({src})")
         try:
-            return self.processor.preprocess(path)
+            return self.processor.preprocess(src, name=None if isinstance(src, str) else label)
         except ImageLoadError as e:
             raise BadSample(
                 record.id, "zero_size_image" if "zero size" in str(e) else "unreadable_image", str(e)
@@ -101,7 +113,7 @@ class SampleBuilder:
         except ValueError as e:  # smart_resize: aspect ratio above 200
             raise BadSample(record.id, "extreme_aspect_ratio", str(e)) from None
         except OSError as e:
-            raise BadSample(record.id, "unreadable_image", f"{path}: {e}") from None
+            raise BadSample(record.id, "unreadable_image", f"{label}: {e}") from None
 
     def build(self, record: Record, epoch: int = 0) -> ProcessedSample:
         """Build one sample; raises :class:`BadSample` (with a reason of ``REASONS``) on any problem."""
@@ -199,6 +211,58 @@ def template_overhead(tokenizer: Any) -> tuple[int, int]:
         return 16, 8
 
 
+def vision_tokens(record: Record, processor: ImageProcessor) -> int | None:
+    """Merged vision tokens of ``record`` from its image headers only (paths or bytes), through the
+    processor's resize policy; ``None`` when a header cannot be read (the build will fail)."""
+    total = 0
+    for i in range(len(record.images)):
+        try:
+            src = record.image_source(i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                    width, height = im.size
+            h, w = processor.target_size(height, width)
+        except Exception:  # escape, missing, not an image, bomb, aspect ratio: fails at build
+            return None
+        total += (h // processor.factor) * (w // processor.factor)
+    return total
+
+
+def usable_structure(record: Record | None) -> bool:
+    """Whether ``record`` has a list of dict turns (else its length cannot be estimated)."""
+    return (
+        record is not None
+        and isinstance(record.conversations, list)
+        and all(isinstance(t, dict) for t in record.conversations)
+    )
+
+
+def turn_texts(record: Record) -> list[str]:
+    """The turn contents of ``record`` without the ``<image>`` placeholders (for the text estimate)."""
+    return [str(t.get("value", t.get("content", ""))).replace(IMAGE_TOKEN, "") for t in record.conversations]
+
+
+def text_estimate(record: Record, content_tokens: int, vision: int, overhead: tuple[int, int]) -> int:
+    """Estimated text tokens: contents + template overhead + ``N + 2`` per image (SPEC §4)."""
+    base, per_turn = overhead
+    return content_tokens + base + per_turn * len(record.conversations) + vision + 2 * len(record.images)
+
+
+def estimate_lengths(
+    record: Record | None, processor: ImageProcessor, tokenizer: Any, overhead: tuple[int, int]
+) -> tuple[int, int]:
+    """``(vision_tokens, text_tokens)`` of one record, as :class:`LengthIndex` (``(0, 0)`` if unusable)."""
+    if not usable_structure(record):
+        return 0, 0
+    v = vision_tokens(record, processor)
+    if v is None:
+        return 0, 0
+    texts = turn_texts(record)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return v, text_estimate(record, sum(len(x) for x in ids), v, overhead)
+
+
 class LengthIndex:
     """Per-record ``(vision_tokens, text_tokens)`` estimates for token-budget batching (SPEC §4).
 
@@ -227,24 +291,12 @@ class LengthIndex:
 
     @staticmethod
     def _vision(record: Record, processor: ImageProcessor) -> int | None:
-        total = 0
-        for i in range(len(record.images)):
-            try:
-                path = record.image_path(i)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with Image.open(path) as im:
-                        width, height = im.size
-                h, w = processor.target_size(height, width)
-            except Exception:  # escape, missing, not an image, bomb, aspect ratio: fails at build
-                return None
-            total += (h // processor.factor) * (w // processor.factor)
-        return total
+        return vision_tokens(record, processor)
 
     @classmethod
     def build(
         cls,
-        source: LlavaSource,
+        source: Any,
         processor: ImageProcessor,
         tokenizer: Any,
         *,
@@ -252,8 +304,9 @@ class LengthIndex:
         num_threads: int = 0,
         chunk: int = 1024,
     ) -> LengthIndex:
-        """Estimate every record of ``source``; cached in ``cache_dir`` (keyed by the source file's
-        size and mtime, the processor settings and the tokenizer's vocabulary size)."""
+        """Estimate every record of a map-style ``source``; cached in ``cache_dir`` (keyed by
+        ``source.fingerprint()`` — file sizes and mtimes —, the processor settings and the
+        tokenizer's vocabulary size)."""
         base, per_turn = template_overhead(tokenizer)
         key_src = {
             "version": cls.VERSION,
@@ -282,17 +335,11 @@ class LengthIndex:
                         rec = source[i]
                     except BadSample:
                         rec = None
-                    ok = rec is not None and isinstance(rec.conversations, list)
-                    ok = ok and all(isinstance(t, dict) for t in rec.conversations)
-                    recs.append(rec if ok else None)
+                    recs.append(rec if usable_structure(rec) else None)
                 live = [r for r in recs if r is not None]
-                vis_fn = lambda r: cls._vision(r, processor)  # noqa: E731
+                vis_fn = lambda r: vision_tokens(r, processor)  # noqa: E731
                 vision = list(pool.map(vis_fn, live)) if pool else [vis_fn(r) for r in live]
-                texts = [
-                    str(t.get("value", t.get("content", ""))).replace(IMAGE_TOKEN, "")
-                    for r in live
-                    for t in r.conversations
-                ]
+                texts = [x for r in live for x in turn_texts(r)]
                 ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
                 pos, it = 0, iter(zip(live, vision))
                 for r in recs:
@@ -306,7 +353,7 @@ class LengthIndex:
                     if v is None:
                         lengths.append((0, 0))
                     else:
-                        lengths.append((v, content + base + per_turn * nt + v + 2 * len(rec.images)))
+                        lengths.append((v, text_estimate(rec, content, v, (base, per_turn))))
         finally:
             if pool is not None:
                 pool.shutdown()

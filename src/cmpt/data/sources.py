@@ -17,6 +17,9 @@ Decisions:
   or not an object keeps its index; accessing it raises :class:`BadSample` with reason
   ``invalid_json`` and the line number, so it is counted like any bad sample (SPEC §4). With
   ``strict=True`` the constructor raises ``ValueError`` naming the first bad line instead.
+* **Image bytes.** Other sources (tar shards, Hugging Face datasets) put the encoded image bytes
+  themselves in ``Record.images``; :meth:`Record.image_source` gives what to decode (bytes or a
+  resolved path) for every kind of source, so the sample builder and the checkers treat them alike.
 * **Image paths** are resolved lexically against the image root: a path that leaves the root
   (``../``, an absolute path elsewhere) is a bad sample (``path_escape``). Symbolic links *inside*
   the root are trusted (datasets often link their image folders), so no ``realpath`` is applied.
@@ -35,7 +38,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REASONS", "BadSample", "LlavaSource", "Record", "resolve_image_path"]
+__all__ = [
+    "REASONS",
+    "BadSample",
+    "LlavaSource",
+    "Record",
+    "open_source",
+    "resolve_image_path",
+    "source_kind",
+]
 
 log = logging.getLogger("cmpt.data")
 _FD_LOCK = threading.Lock()
@@ -55,6 +66,7 @@ REASONS = (
     "extreme_aspect_ratio",  # > 200
     "too_long",  # conversation longer than max_text_tokens (checker only; the loader truncates)
     "invalid_conversation",  # any other rendering error
+    "corrupt_archive",  # a tar shard that cannot be read on (the rest of the shard is skipped)
 )
 
 
@@ -89,11 +101,14 @@ def resolve_image_path(image_root: str, path: Any, sample_id: str = "?") -> str:
 
 @dataclass
 class Record:
-    """One LLaVA record (SPEC §4).
+    """One LLaVA-form record, whatever the source (SPEC §4).
 
     ``images``: the raw ``image`` entries (a single string becomes a one-element list; types are
-    checked by the validator). ``conversations``: the raw value, ``None`` when the key is missing.
-    ``meta``: every other key. ``index``: position in the source. ``image_root``: where paths resolve.
+    checked by the validator): paths relative to ``image_root`` (JSON sources) or the encoded image
+    ``bytes`` (tar shards, Hugging Face datasets). ``conversations``: the raw value, ``None`` when
+    the key is missing. ``meta``: every other key. ``index``: position in the source.
+    ``image_root``: where paths resolve. ``origin``: where the record was read (a shard and member
+    key, a dataset row), for messages only.
     """
 
     id: str
@@ -102,10 +117,25 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     index: int = -1
     image_root: str = ""
+    origin: str = ""
 
     def image_path(self, i: int) -> str:
         """Absolute path of image ``i``; raises ``BadSample`` (``path_escape`` / ``bad_value``)."""
         return resolve_image_path(self.image_root, self.images[i], self.id)
+
+    def image_source(self, i: int) -> str | bytes:
+        """What to decode for image ``i``: its bytes when held in memory, else its resolved path."""
+        x = self.images[i]
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            return bytes(x)
+        return self.image_path(i)
+
+    def image_label(self, i: int) -> str:
+        """A short name of image ``i`` for messages (never the bytes themselves)."""
+        x = self.images[i]
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            return f"{self.origin or self.id} image {i} ({len(x)} bytes)"
+        return repr(x)
 
 
 def _record_from_obj(obj: dict[str, Any], default_id: str, index: int, image_root: str) -> Record:
@@ -270,3 +300,60 @@ class LlavaSource:
 
     def __repr__(self) -> str:
         return f"LlavaSource({self.path!r}, image_root={self.image_root!r}, records={len(self)})"
+
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def source_kind(path: str | os.PathLike | list) -> str:
+    """``"llava"`` (.json/.jsonl), ``"mixture"`` (.yaml/.yml), ``"tar"`` (a list, glob or brace pattern
+    of tar shards, or a directory of them) or ``"hf"`` (a ``save_to_disk`` directory, ``.parquet``
+    files, a glob of them or a directory of them) (SPEC §4)."""
+    if isinstance(path, (list, tuple)):
+        return "tar"
+    p = os.fspath(path)
+    low = p.lower().rstrip("/")
+    if low.endswith((".json", ".jsonl")):
+        return "llava"
+    if low.endswith((".yaml", ".yml")):
+        return "mixture"
+    if low.endswith(".parquet"):
+        return "hf"
+    if low.endswith(_TAR_SUFFIXES) or "{" in p:
+        return "tar"
+    if os.path.isdir(p):
+        names = os.listdir(p)
+        if {"dataset_info.json", "state.json", "dataset_dict.json"} & set(names):
+            return "hf"
+        if any(n.lower().endswith(".parquet") for n in names):
+            return "hf"
+        if any(n.lower().endswith(_TAR_SUFFIXES) for n in names):
+            return "tar"
+    raise ValueError(
+        f"cannot tell the kind of data source {p!r}: expected a LLaVA .json/.jsonl file, a mixture "
+        ".yaml, tar shards (.tar, a glob or {000..009} pattern, a directory of .tar) or a Hugging Face "
+        "dataset (a save_to_disk directory or .parquet files)"
+    )
+
+
+def open_source(path: str | os.PathLike | list, image_root: str | os.PathLike | None = None) -> Any:
+    """The source named by ``path``, by :func:`source_kind` (SPEC §4).
+
+    Map-style sources (``len`` / ``source[i] -> Record``): ``LlavaSource``, ``HFSource``,
+    ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so
+    does a mixture whose members are all tar shards.
+    """
+    kind = source_kind(path)
+    if kind == "llava":
+        return LlavaSource(path, image_root or None)
+    if kind == "hf":
+        from cmpt.data.hf_source import HFSource
+
+        return HFSource(path, image_root or None)
+    if kind == "mixture":
+        from cmpt.data.mixture import load_mixture
+
+        return load_mixture(path)
+    from cmpt.data.webdataset import ShardList
+
+    return ShardList(path)

@@ -12,6 +12,7 @@ images are valid: ``load_image`` converts them.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 from collections import Counter
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.sources import BadSample, LlavaSource, Record
+from cmpt.data.sources import BadSample, LlavaSource, Record, open_source
 from cmpt.vision.processor import ImageLoadError, ImageProcessor, load_image, smart_resize
 from cmpt.vlm.chat import IMAGE_TOKEN, VISION_TOKENS, ensure_vision_tokens, render_conversation
 
@@ -111,30 +112,31 @@ def _image_problems(
     tokens: list[int] = []
     for i in range(len(rec.images)):
         try:
-            path = rec.image_path(i)
+            path = rec.image_source(i)  # bytes (tar / HF sources) or a resolved path
         except BadSample as e:
             out.append((e.reason, e.detail))
             continue
-        if not os.path.isfile(path):
+        label = path if isinstance(path, str) else rec.image_label(i)
+        if isinstance(path, str) and not os.path.isfile(path):
             out.append(("missing_image", f"{rec.images[i]!r}: no such file ({path})"))
             continue
         try:
             if decode:
-                width, height = load_image(path).size
+                width, height = load_image(path, None if isinstance(path, str) else label).size
             else:
                 from PIL import Image
 
-                with Image.open(path) as im:
+                with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
                     width, height = im.size
         except ImageLoadError as e:
             reason = "zero_size_image" if "zero size" in str(e) else "unreadable_image"
             out.append((reason, str(e)))
             continue
         except Exception as e:  # header-only mode: whatever PIL raises
-            out.append(("unreadable_image", f"{path}: {type(e).__name__}: {e}"))
+            out.append(("unreadable_image", f"{label}: {type(e).__name__}: {e}"))
             continue
         if width <= 0 or height <= 0:
-            out.append(("zero_size_image", f"{path}: {width}x{height}"))
+            out.append(("zero_size_image", f"{label}: {width}x{height}"))
             continue
         try:
             if processor is not None:
@@ -142,7 +144,7 @@ def _image_problems(
             else:
                 h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
         except ValueError as e:
-            out.append(("extreme_aspect_ratio", f"{path}: {e}"))
+            out.append(("extreme_aspect_ratio", f"{label}: {e}"))
             continue
         tokens.append((h // factor) * (w // factor))
     return out, tokens
@@ -168,7 +170,7 @@ def check_record(
     The length check runs only with both ``tokenizer`` (with the vision tokens) and ``max_text_tokens``.
     """
     if not record.image_root and source is not None:
-        record.image_root = source.image_root
+        record.image_root = getattr(source, "image_root", "")
     factor = processor.factor if processor is not None else processor_factor
     found = conversation_problems(record)
     img_found, tokens = _image_problems(record, processor, factor, min_pixels, max_pixels, decode)
@@ -220,9 +222,11 @@ class Report:
         return "\n".join(lines)
 
 
-def check_dataset(source: LlavaSource, *, num_threads: int = 0, **kwargs: Any) -> Report:
+def check_dataset(source: Any, *, num_threads: int = 0, **kwargs: Any) -> Report:
     """Check every record of ``source`` (keyword arguments as :func:`check_record`) (SPEC §4).
 
+    ``source``: a map-style source (``LlavaSource``, ``HFSource``, ``MixtureSource``) or tar shards
+    (a ``ShardList``, read once in order; ``index`` is then the sample's position in that read).
     ``num_threads > 1`` decodes images in a thread pool (PIL releases the GIL while decoding).
     A tokenizer without the vision tokens is copied and given them (the caller's is not modified).
     """
@@ -232,20 +236,27 @@ def check_dataset(source: LlavaSource, *, num_threads: int = 0, **kwargs: Any) -
         if ensure_vision_tokens(probe):
             kwargs["tokenizer"] = probe
 
-    def one(i: int) -> list[Problem]:
-        try:
-            rec = source[i]
-        except BadSample as e:
-            return [Problem(e.id, e.reason, e.detail, i)]
+    def one(item: tuple[int, Any]) -> list[Problem]:
+        i, rec = item
+        if isinstance(rec, BadSample):
+            return [Problem(rec.id, rec.reason, rec.detail, i)]
+        if rec is None:
+            try:
+                rec = source[i]
+            except BadSample as e:
+                return [Problem(e.id, e.reason, e.detail, i)]
         return check_record(rec, source, **kwargs)
 
-    idx = range(len(source))
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        items: Any = ((i, None) for i in range(len(source)))
+    else:  # streaming: records (or BadSample) in shard order
+        items = enumerate(source.iter_records())
     if num_threads > 1:
         with ThreadPoolExecutor(num_threads) as pool:
-            results = list(pool.map(one, idx, chunksize=16))
+            results = list(pool.map(one, items))
     else:
-        results = [one(i) for i in idx]
-    return Report(len(source), [p for r in results for p in r])
+        results = [one(x) for x in items]
+    return Report(len(results), [p for r in results for p in r])
 
 
 def data_check_main(
@@ -263,7 +274,9 @@ def data_check_main(
     decode: bool = True,
     print_fn: Any = print,
 ) -> int:
-    """``cmpt data check SPEC``: check a LLaVA JSON/JSONL file; 0 when clean, 1 when anything is bad.
+    """``cmpt data check SPEC``: check a data source (LLaVA JSON/JSONL, tar shards, a Hugging Face
+    dataset or a mixture YAML, see :func:`cmpt.data.sources.open_source`); 0 when clean, 1 when
+    anything is bad.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
     ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position).
@@ -274,7 +287,7 @@ def data_check_main(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    source = LlavaSource(spec, image_root)
+    source = open_source(spec, image_root)
     report = check_dataset(
         source,
         num_threads=num_threads,
@@ -286,7 +299,7 @@ def data_check_main(
         tokenizer=tokenizer,
         decode=decode,
     )
-    print_fn(f"{source.path}: {report.summary()}")
+    print_fn(f"{getattr(source, 'path', spec)}: {report.summary()}")
     if out_jsonl:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
         with open(out_jsonl, "w", encoding="utf-8") as fh:

@@ -150,11 +150,12 @@ class CompTask:
         return load_vocab_counts(expand_path(path), expected_vocab_size=self.model.lm_head.weight.shape[0])
 
     def param_groups(self) -> list[dict[str, Any]]:
-        parts, lrs = self.model.parts(), self.cfg.stage.lr
+        lrs = self.cfg.stage.lr
+        parts = {name: [p for p in params if p.requires_grad] for name, params in self.model.parts().items()}
         return [
-            {"name": p, "params": parts[p], "lr": lrs.get(p, self.cfg.optim.lr)}
-            for p in self.cfg.stage.trainable
-            if parts[p]
+            {"name": part, "params": parts[part], "lr": lrs.get(part, self.cfg.optim.lr)}
+            for part in self.cfg.stage.trainable
+            if parts[part]
         ]
 
     def fsdp_units(self) -> list[nn.Module]:

@@ -1,0 +1,189 @@
+"""Hugging Face ``datasets`` sources: ``save_to_disk`` directories and parquet files (SPEC §4).
+
+:class:`HFSource` is map-style (``len``, ``source[i] -> Record``), so the length index, the
+token-budget batcher, the rank split and exact resume apply unchanged. Rows are read as raw Arrow
+values (no ``datasets`` formatting, no image decoding); the columns are:
+
+* ``id`` (optional): the record id; ``"<dataset name>:<row>"`` when absent or empty.
+* ``image`` or ``images``: one image or a list of them, each a ``datasets.Image`` value
+  (``{"bytes", "path"}``), raw ``bytes`` or a path string. Bytes are used when present; a path is
+  resolved against ``image_root`` (default: the dataset directory), with the same ``path_escape`` /
+  ``missing_image`` checks as a JSON source. ``None`` / an empty list: a text-only sample.
+* ``conversations``: a list of ``{from, value}`` (or ``{role, content}``), or the same as a JSON
+  string.
+* every other column goes to ``Record.meta``; a string column ``extra_json`` holding a JSON object
+  is merged into it (the record's other keys, as written by :func:`cmpt.data.convert.llava_to_hf`).
+
+Storage: a ``save_to_disk`` directory is memory-mapped (``datasets.load_from_disk``; a
+``DatasetDict`` gives its ``split``, default ``"train"`` or its only split). Parquet files are read
+with ``pyarrow`` into memory once per process (Arrow buffers are shared by forked DataLoader
+workers); for data larger than memory prefer ``save_to_disk``. The ``datasets`` package is optional
+and imported only here (:func:`cmpt.data.convert.require_datasets` explains how to install it).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+from typing import Any
+
+from cmpt.data.convert import require_datasets
+from cmpt.data.sources import BadSample, Record
+
+__all__ = ["HFSource", "hf_record"]
+
+_LOCK = threading.Lock()
+
+
+def _image_value(x: Any, rid: str) -> Any:
+    if isinstance(x, dict):
+        if x.get("bytes") is not None:
+            return bytes(x["bytes"])
+        if x.get("path"):
+            return str(x["path"])
+        raise BadSample(rid, "bad_value", "an image value with neither bytes nor a path")
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return bytes(x)
+    if isinstance(x, str):
+        return x
+    raise BadSample(rid, "bad_value", f"an image must be bytes, a path or {{bytes, path}}, got {type(x)}")
+
+
+def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Record:
+    """The :class:`Record` of one raw dataset row (see the module docstring for the columns)."""
+    rid = row.get("id")
+    rid = f"{name}:{index}" if rid is None or rid == "" else str(rid)
+    key = "images" if "images" in row else "image"
+    raw = row.get(key)
+    items = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    images = [_image_value(x, rid) for x in items]
+    convs = row.get("conversations")
+    if isinstance(convs, str):
+        try:
+            convs = json.loads(convs)
+        except json.JSONDecodeError as e:
+            raise BadSample(
+                rid, "invalid_json", f"row {index}: 'conversations' is not valid JSON ({e})"
+            ) from None
+    if isinstance(convs, list):  # Arrow structs give every field of the schema: drop the null ones
+        convs = [{k: v for k, v in t.items() if v is not None} if isinstance(t, dict) else t for t in convs]
+    meta = {k: v for k, v in row.items() if k not in ("id", "image", "images", "conversations")}
+    extra = meta.pop("extra_json", None)
+    if isinstance(extra, str) and extra:
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            raise BadSample(rid, "invalid_json", f"row {index}: 'extra_json' is not valid JSON") from None
+        if isinstance(extra, dict):
+            meta.update(extra)
+    return Record(rid, images, convs, meta, index, image_root, f"{name}[{index}]")
+
+
+class HFSource:
+    """Random-access reader of a Hugging Face dataset on disk or parquet file(s) (SPEC §4).
+
+    ``path``: a ``save_to_disk`` directory, a ``.parquet`` file, a glob of them or a directory of
+    them. ``image_root``: where image paths resolve (default: the dataset directory).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        *,
+        split: str | None = None,
+    ) -> None:
+        p = os.fspath(path)
+        self.path, self.split = os.path.abspath(p), split
+        if os.path.isdir(p) and not glob.glob(os.path.join(p, "*.parquet")):
+            self.kind, self.files = "disk", []
+            base = self.path
+        else:
+            self.kind = "parquet"
+            pattern = os.path.join(p, "*.parquet") if os.path.isdir(p) else p
+            self.files = (
+                sorted(os.path.abspath(f) for f in glob.glob(pattern))
+                if glob.has_magic(pattern)
+                else [self.path]
+            )
+            if not self.files or not all(os.path.isfile(f) for f in self.files):
+                raise FileNotFoundError(f"no parquet file at {p!r}")
+            base = os.path.dirname(self.files[0])
+        self.name = os.path.basename(self.path.rstrip(os.sep))
+        self.image_root = os.path.abspath(os.fspath(image_root) if image_root else base)
+        self._data: Any = None
+        self._pid = -1
+        self._len = self._table().num_rows if self.kind == "parquet" else len(self._dataset())
+
+    # -- storage -------------------------------------------------------------------------------
+    def _dataset(self) -> Any:
+        if self._data is None or self._pid != os.getpid():
+            with _LOCK:
+                datasets = require_datasets()
+                ds = datasets.load_from_disk(self.path)
+                if isinstance(ds, datasets.DatasetDict):
+                    split = self.split or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))
+                    if split not in ds:
+                        raise ValueError(f"{self.path}: no split {split!r} (has {list(ds)})")
+                    ds = ds[split]
+                self._data, self._pid = ds.with_format("arrow"), os.getpid()
+        return self._data
+
+    def _table(self) -> Any:
+        if self._data is None or self._pid != os.getpid():
+            with _LOCK:
+                require_datasets()  # pyarrow comes with it
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                tables = [pq.read_table(f, memory_map=True) for f in self.files]
+                self._data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                self._pid = os.getpid()
+        return self._data
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Raw row ``i`` as Python values (images undecoded)."""
+        if self.kind == "parquet":
+            return self._table().slice(i, 1).to_pylist()[0]
+        return self._dataset()[i].to_pylist()[0]
+
+    # -- access --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Record:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} records in {self.path}")
+        i %= n
+        return hf_record(self.row(i), i, self.name, self.image_root)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            try:
+                yield self[i]
+            except BadSample:
+                continue
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Files (with sizes and mtimes), split and image root: what identifies the content for caches."""
+        if self.kind == "disk":
+            files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(self.path) for f in fs)
+        else:
+            files = self.files
+        return {
+            "path": self.path,
+            "split": self.split,
+            "files": [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files],
+            "image_root": self.image_root,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_data"], state["_pid"] = None, -1  # reopened lazily in the new process
+        return state
+
+    def __repr__(self) -> str:
+        return f"HFSource({self.path!r}, kind={self.kind!r}, records={len(self)})"

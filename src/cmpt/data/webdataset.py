@@ -1,0 +1,271 @@
+"""WebDataset-style tar shards: naming, streaming reads and sample decoding (SPEC §4).
+
+A shard is a plain POSIX tar file. A *sample* is a run of consecutive members sharing a *key*:
+the member path up to the first ``.`` of its base name; the rest is the member's *extension*::
+
+    000123.json      the LLaVA record (id, conversations, ...) without image paths
+    000123.png       its single image                       (extension "png")
+    000124.json
+    000124.0.jpg     several images: "<n>.<ext>", in the order of n
+    000124.1.jpg
+
+Images: when the JSON has an ``image`` (or ``images``) field, it names the members' extensions in
+order (``"png"`` or ``["0.jpg", "1.jpg"]``; a leading ``"<key>."`` is accepted too), and a missing
+member is a bad sample (``missing_image``). Without the field, the images are the member with a
+plain image extension (``png``, ``jpg``, ...) followed by the numbered ones ``<n>.<ext>`` by ``n``.
+The record's id is the JSON ``id`` or ``"<shard file name>/<key>"``.
+
+Reading is streaming (``tarfile``, member by member, nothing extracted to disk) and seekable: every
+raw sample carries the byte offset of its first header, so a reader can restart at any sample
+(:func:`iter_tar` with ``offset``) and a single sample can be read back (:func:`read_sample_at`) —
+this is what makes the streaming loader's resume exact (:mod:`cmpt.data.streaming`). A shard that
+stops being readable mid-way (truncated, corrupt header) ends with a raw sample whose ``error`` is
+set; the rest of that shard is skipped and counted as one ``corrupt_archive`` bad sample.
+
+Shards are given as a list, a glob (``data/*.tar``), a brace pattern (``shards-{000000..000009}.tar``,
+``{a,b}``; ranges keep their zero padding) or a directory holding ``*.tar`` files.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmpt.data.sources import BadSample, Record
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RawSample",
+    "ShardList",
+    "decode_sample",
+    "expand_braces",
+    "expand_shards",
+    "iter_tar",
+    "read_sample_at",
+    "split_key",
+]
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+_NUMBERED = re.compile(r"(\d+)\.([A-Za-z0-9]+)")
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a..b}`` (zero padding kept when ``a`` is padded) and ``{x,y}`` groups, left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        width = len(rng.group(1)) if rng.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def expand_shards(spec: str | os.PathLike | list | tuple) -> list[str]:
+    """The shard paths of ``spec`` (a list, glob, brace pattern or directory), absolute, in order."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in expand_shards(s)]
+    s = os.fspath(spec)
+    if os.path.isdir(s):
+        paths = sorted(os.path.join(s, n) for n in os.listdir(s) if n.lower().endswith(_TAR_SUFFIXES))
+    else:
+        paths = []
+        for p in expand_braces(s):
+            hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+            if not hits:
+                raise FileNotFoundError(f"no tar shard matches {p!r} (from {s!r})")
+            paths += hits
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} tar shard(s) of {s!r} do not exist, e.g. {missing[0]!r}")
+    if not paths:
+        raise FileNotFoundError(f"no tar shard in {s!r}")
+    return [os.path.abspath(p) for p in paths]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``"dir/000123.0.png" -> ("dir/000123", "0.png")``: key up to the first dot of the base name."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    if dot < 0:
+        return name, ""
+    return name[: len(name) - len(base) + dot], base[dot + 1 :]
+
+
+@dataclass
+class RawSample:
+    """One sample as stored: ``members`` maps extensions to bytes; ``offset`` is the byte offset of its
+    first tar header, ``next_offset`` that of the next sample. ``error`` (the rest of the shard is
+    unreadable) comes alone, as the last item of a shard."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    offset: int = 0
+    next_offset: int = 0
+    error: str = ""
+
+
+def _open_file(path: str) -> Any:
+    """Gzipped shards are read through ``gzip`` (offsets are in the uncompressed stream; seeking
+    back to one decompresses from the start, so compressed shards resume slower)."""
+    return gzip.open(path, "rb") if path.lower().endswith((".gz", ".tgz")) else open(path, "rb")
+
+
+def _open_at(fh: Any, offset: int) -> tarfile.TarFile:
+    fh.seek(offset)
+    return tarfile.open(fileobj=fh, mode="r:")
+
+
+def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterator[RawSample]:
+    """Raw samples of shard ``path`` from the sample starting at byte ``offset`` (streaming, seekable).
+
+    ``limit``: stop after that many samples. Directories, links and other non-files are ignored.
+    """
+    with _open_file(path) as fh:
+        pos = offset
+        cur: RawSample | None = None
+        count = 0
+        try:
+            tf = _open_at(fh, offset)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield RawSample("", offset=offset, next_offset=offset, error=f"{type(e).__name__}: {e}")
+            return
+        try:
+            while True:
+                start = pos
+                member = tf.next()
+                pos = tf.offset
+                if member is None:
+                    break
+                tf.members.clear()  # do not keep every TarInfo of a large shard
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if cur is not None and key != cur.key:
+                    cur.next_offset = start
+                    yield cur
+                    count += 1
+                    cur = None
+                    if limit is not None and count >= limit:
+                        return
+                if cur is None:
+                    cur = RawSample(key, offset=start)
+                data = tf.extractfile(member)
+                cur.members[ext] = data.read() if data is not None else b""
+        except (tarfile.TarError, OSError, EOFError) as e:
+            where = cur.offset if cur is not None else pos
+            yield RawSample(cur.key if cur else "", offset=where, next_offset=where, error=f"{e}")
+            return
+        if cur is not None:
+            cur.next_offset = pos
+            yield cur
+
+
+def read_sample_at(path: str, offset: int) -> RawSample:
+    """The one raw sample of ``path`` whose first header is at byte ``offset``."""
+    for raw in iter_tar(path, offset, limit=1):
+        return raw
+    raise ValueError(f"{path}: no sample at byte offset {offset}")
+
+
+def _image_extensions(members: dict[str, bytes]) -> list[str]:
+    single = [e for e in members if e.lower() in IMAGE_EXTENSIONS]
+    numbered = [
+        (int(m.group(1)), e)
+        for e in members
+        if (m := _NUMBERED.fullmatch(e)) and m.group(2).lower() in IMAGE_EXTENSIONS
+    ]
+    return single + [e for _, e in sorted(numbered)]
+
+
+def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
+    """The :class:`Record` of a raw sample (images as bytes); ``BadSample`` for a missing or invalid
+    ``.json`` member, an unreadable shard or an image field naming a missing member."""
+    base = raw.key.rsplit("/", 1)[-1]
+    default_id = f"{shard_name}/{raw.key}" if raw.key else f"{shard_name}@{raw.offset}"
+    origin = f"{shard_name}:{raw.key}"
+    if raw.error:
+        raise BadSample(default_id, "corrupt_archive", f"{shard_name} unreadable from byte {raw.offset}: "
+                        f"{raw.error}; the rest of the shard is skipped")  # fmt: skip
+    if "json" not in raw.members:
+        raise BadSample(default_id, "missing_key", f"{origin}: no .json member (has {sorted(raw.members)})")
+    try:
+        obj = json.loads(raw.members["json"].decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample(default_id, "invalid_json", f"{origin}.json: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadSample(default_id, "invalid_json", f"{origin}.json is a {type(obj).__name__}, not an object")
+    rid = obj.get("id")
+    rid = default_id if rid is None or rid == "" else str(rid)
+    field_name = "image" if "image" in obj else "images" if "images" in obj else None
+    if field_name is None:
+        exts = _image_extensions(raw.members)
+    else:
+        spec = obj[field_name]
+        spec = [] if spec is None else [spec] if isinstance(spec, str) else spec
+        if not isinstance(spec, list) or not all(isinstance(e, str) and e for e in spec):
+            raise BadSample(rid, "bad_value", f"{origin}: '{field_name}' must name member extensions")
+        exts = [e[len(base) + 1 :] if e.startswith(base + ".") else e for e in spec]
+        missing = [e for e in exts if e not in raw.members]
+        if missing:
+            raise BadSample(
+                rid, "missing_image", f"{origin}: no member {missing} (has {sorted(raw.members)})"
+            )
+    meta = {k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations")}
+    images: list[Any] = [raw.members[e] for e in exts]
+    return Record(rid, images, obj.get("conversations"), meta, index, "", origin)
+
+
+class ShardList:
+    """A list of tar shards read as a stream (SPEC §4); see the module docstring for the format.
+
+    ``paths``: the expanded shard paths (a shard may be listed more than once: mixture weights).
+    """
+
+    def __init__(self, spec: str | os.PathLike | list | tuple) -> None:
+        self.spec = spec if isinstance(spec, (list, tuple)) else os.fspath(spec)
+        self.path = self.spec if isinstance(self.spec, str) else f"{len(self.spec)} shard spec(s)"
+        self.paths = expand_shards(spec)
+        self.names = [os.path.basename(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def iter_shard(self, shard: int, offset: int = 0) -> Iterator[RawSample]:
+        """Raw samples of shard number ``shard`` from byte ``offset``."""
+        return iter_tar(self.paths[shard], offset)
+
+    def read(self, shard: int, offset: int, index: int = -1) -> Record:
+        """Decode the sample of shard ``shard`` at ``offset`` (raises ``BadSample``)."""
+        return decode_sample(read_sample_at(self.paths[shard], offset), self.names[shard], index)
+
+    def iter_records(self) -> Iterator[Record | BadSample]:
+        """Every sample of every shard, in order: a ``Record`` or the ``BadSample`` it raised."""
+        n = 0
+        for shard in range(len(self)):
+            for raw in self.iter_shard(shard):
+                try:
+                    yield decode_sample(raw, self.names[shard], n)
+                except BadSample as e:
+                    yield e
+                n += 1
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Shard paths with their sizes and modification times."""
+        return {"shards": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.paths]}
+
+    def __repr__(self) -> str:
+        return f"ShardList({len(self)} shards, first={self.paths[0]!r})"

@@ -1,0 +1,365 @@
+"""Frozen-feature extraction for the probes, and the record / model plumbing every evaluation shares (SPEC §5).
+
+``extract_features`` returns one vector per image for the linear probe (DINOv2 protocol, scaled
+down); ``extract_patch_maps`` returns last-layer patch tokens in raster order for the segmentation
+probe. Images run at native resolution (the processor's ``smart_resize`` policy), packed into
+batches of at most ``batch_tokens`` patches, without gradients, in eval mode.
+
+Decisions:
+
+* **Feature settings.** ``features``: ``"cls"`` (the CLS token), ``"mean"`` (mean of the patch
+  tokens) or ``"cls+mean"`` (both, concatenated). ``layers``: ``"last"`` or ``"last4"``. As in
+  DINOv2's ``create_linear_input``, ``last4`` concatenates the CLS tokens of the last four blocks
+  and, with ``mean``, adds the patch mean of the *last* block only. Without a CLS token in the
+  stream (no CLS, or ``keep_prefix_tokens=False`` as in the CoMP recipes) the setting falls back
+  to ``"mean"`` and ``last4`` concatenates the patch means of the last four blocks; the returned
+  setting says so (``"features": "mean"``, ``"requested"`` and a ``"note"``). A model with fewer
+  than four blocks uses all of them for ``last4`` (``"n_blocks"`` and a note say so).
+* **Intermediate layers** come from forward hooks on ``vit.blocks[i]``; the model's final norm is
+  applied to them (DINOv2 ``get_intermediate_layers(norm=True)``), so the last block's hooked
+  output equals ``vit.encode``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cmpt.data.sources import LlavaSource
+from cmpt.encode import budget_batches, to_raster
+from cmpt.vision.processor import ImageProcessor, load_image
+from cmpt.vision.vit import NativeViT
+
+__all__ = [
+    "EvalRecord",
+    "extract_features",
+    "extract_patch_maps",
+    "feature_setting",
+    "head_threads",
+    "load_records",
+    "load_vision",
+    "model_device",
+    "processor_with",
+    "resolve_split_files",
+    "write_json",
+]
+
+log = logging.getLogger("cmpt.eval")
+
+FEATURES = ("cls", "mean", "cls+mean")
+LAYERS = {"last": 1, "last4": 4}
+ImageInput = str | os.PathLike | Image.Image
+
+
+# ----------------------------------------------------------------------------- records & models
+class EvalRecord(dict):
+    """A LLaVA record (``id``, ``conversations``, ``meta``) plus ``images``: absolute image paths."""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.get("meta") or {}
+
+
+def load_records(path: str | os.PathLike, limit: int | None = None) -> list[EvalRecord]:
+    """Records of a LLaVA JSON / JSONL file, image paths resolved against the file's directory.
+
+    Unreadable records raise (an evaluation must not silently drop samples); ``limit`` keeps the
+    first records.
+    """
+    src = LlavaSource(path)
+    n = len(src) if limit is None else min(len(src), int(limit))
+    out = []
+    for i in range(n):
+        rec = src[i]
+        images = [rec.image_path(k) for k in range(len(rec.images))]
+        body = dict(rec.meta)
+        out.append(EvalRecord(body, id=rec.id, images=images, conversations=rec.conversations))
+    return out
+
+
+def resolve_split_files(data: str | os.PathLike, val_json: str | os.PathLike | None) -> tuple[Path, Path]:
+    """``(train.json, val.json)`` from a data directory, or the two files given (SPEC §5 probes)."""
+    data = Path(data)
+    if data.is_dir():
+        train = data / "train.json"
+        val = Path(val_json) if val_json is not None else data / "val.json"
+    else:
+        train, val = data, Path(val_json) if val_json is not None else None
+    if val is None:
+        raise ValueError(f"{data} is a file: pass the validation JSON too (val_json=...)")
+    for p in (train, val):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist; generate it with `cmpt data synth scenes ...`")
+    return train, val
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the first parameter (CPU for a parameter-less module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def default_processor(vit: NativeViT, **overrides: Any) -> ImageProcessor:
+    """The native-resolution processor of ``vit`` (its patch/merge size, mean and std)."""
+    c = vit.config
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return ImageProcessor(c.patch_size, c.merge_size, mean=c.image_mean, std=c.image_std, **kw)
+
+
+def processor_with(
+    processor: ImageProcessor, max_pixels: int | None = None, min_pixels: int | None = None
+) -> ImageProcessor:
+    """A copy of ``processor`` with ``min_pixels`` / ``max_pixels`` replaced (None keeps them).
+
+    A ``max_pixels`` below the current ``min_pixels`` lowers ``min_pixels`` to it.
+    """
+    if max_pixels is None and min_pixels is None:
+        return processor
+    d = processor.to_dict()
+    if max_pixels is not None:
+        d["max_pixels"] = int(max_pixels)
+        d["min_pixels"] = min(d["min_pixels"], int(max_pixels))
+    if min_pixels is not None:
+        d["min_pixels"] = int(min_pixels)
+    if d["max_pixels"] < processor.factor**2:
+        raise ValueError(
+            f"max_pixels={d['max_pixels']} is below one merge window ({processor.factor}² pixels)"
+        )
+    return ImageProcessor.from_dict(d)
+
+
+def load_vision(
+    model: str | os.PathLike | torch.nn.Module, *, device: str | torch.device | None = None, **proc_kw: Any
+) -> tuple[NativeViT, ImageProcessor]:
+    """``(vit, processor)`` from a NativeViT / VLM instance, a NativeViT directory, an HF vision
+    checkpoint (``cmpt.encode.load_vit``) or a VLM directory (``vlm_config.json`` → its ``vision/``).
+
+    ``proc_kw`` (``max_pixels``, ``min_pixels``) override the processor's resolution bounds.
+    """
+    if isinstance(model, NativeViT):
+        vit, proc = model, default_processor(model)
+    elif isinstance(getattr(model, "vit", None), NativeViT):  # a VisionLanguageModel
+        vit = model.vit
+        proc = model.processor or default_processor(vit)
+    else:
+        d = Path(model)
+        if (d / "vlm_config.json").is_file():
+            vit = NativeViT.from_pretrained(d / "vision")
+            proc_dir = d / "processor"
+            proc = ImageProcessor.from_hf(proc_dir) if proc_dir.is_dir() else default_processor(vit)
+        else:
+            from cmpt.encode import load_vit, processor_for
+
+            vit = load_vit(d)
+            proc = processor_for(vit, d)
+    if device is not None:
+        vit = vit.to(device)
+    return vit, processor_with(proc, proc_kw.get("max_pixels"), proc_kw.get("min_pixels"))
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``None`` / ``"auto"`` → CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def head_threads(device: torch.device | str) -> Iterator[None]:
+    """Run the enclosed (small) probe-head training single-threaded on the CPU.
+
+    A probe head's steps are tiny matrix products: intra-op threads only add synchronisation
+    (on a busy 2-core host a 60×64 linear backward takes ~70 ms with 2 threads, 0.3 ms with one).
+    The previous thread count is restored on exit; GPU runs are unaffected.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON (atomic rename); NaN becomes ``null``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_nan_to_none(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- extraction
+def _has_cls(vit: NativeViT) -> bool:
+    return vit.cls_token is not None and vit.config.keep_prefix_tokens
+
+
+def feature_setting(vit: NativeViT, features: str = "cls+mean", layers: str = "last") -> dict[str, Any]:
+    """The setting actually used for ``(features, layers)`` on ``vit`` (see the module docstring)."""
+    if features not in FEATURES:
+        raise ValueError(f"features={features!r}: choose one of {FEATURES}")
+    if layers not in LAYERS:
+        raise ValueError(f"layers={layers!r}: choose one of {tuple(LAYERS)}")
+    n_blocks = min(LAYERS[layers], len(vit.blocks))
+    out: dict[str, Any] = {"features": features, "layers": layers, "n_blocks": n_blocks}
+    notes = []
+    if "cls" in features and not _has_cls(vit):
+        out.update(features="mean", requested=features)
+        notes.append("no CLS token in the stream (none, or keep_prefix_tokens=False): patch mean only")
+    if n_blocks < LAYERS[layers]:
+        notes.append(f"the model has only {len(vit.blocks)} blocks: {layers} uses {n_blocks}")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def _image_size(img: ImageInput) -> tuple[int, int]:
+    """(height, width) without decoding the pixels."""
+    if isinstance(img, Image.Image):
+        return img.height, img.width
+    with Image.open(img) as im:
+        return im.height, im.width
+
+
+def _packed_batches(
+    images: Sequence[ImageInput], processor: ImageProcessor, batch_tokens: int
+) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, int]]]]:
+    """``(indices, patches, grids)`` per packed batch of at most ``batch_tokens`` patches."""
+    grids = [processor.grid_size(*_image_size(im)) for im in images]
+    for idx in budget_batches([h * w for h, w in grids], batch_tokens):
+        packed = processor([load_image(images[i]) for i in idx])
+        yield idx, packed.patches, [tuple(g) for g in packed.grid_hw.tolist()]
+
+
+class _BlockTap:
+    """Forward hooks that keep the (normed) outputs of the last ``n`` blocks during one forward."""
+
+    def __init__(self, vit: NativeViT, n: int) -> None:
+        self.vit, self.outputs = vit, {}
+        self.ids = list(range(len(vit.blocks) - n, len(vit.blocks)))
+        self.handles = [vit.blocks[i].register_forward_hook(self._hook(i)) for i in self.ids]
+
+    def _hook(self, i: int):
+        def fn(_module, _inputs, output):
+            self.outputs[i] = self.vit.norm(output) if self.vit.norm is not None else output
+
+        return fn
+
+    def layers(self) -> list[torch.Tensor]:
+        return [self.outputs[i] for i in self.ids]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _pool(
+    vit: NativeViT, outs: list[torch.Tensor], grids: list[tuple[int, int]], setting: dict[str, Any]
+) -> torch.Tensor:
+    """(n, F) features of one packed batch from the hooked block outputs (last one last)."""
+    P = vit.config.num_prefix_tokens
+    sizes = [P + h * w for h, w in grids]
+    per_layer = [x.float().split(sizes) for x in outs]  # [layer][image] -> (P + hw, D)
+    k = setting["n_blocks"]
+    rows = []
+    for i in range(len(grids)):
+        parts = []
+        if "cls" in setting["features"]:
+            parts += [layer[i][0] for layer in per_layer[-k:]]
+            if "mean" in setting["features"]:
+                parts.append(per_layer[-1][i][P:].mean(0))
+        else:
+            parts += [layer[i][P:].mean(0) for layer in per_layer[-k:]]
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def _pooled_features(
+    vit: NativeViT,
+    images: Sequence[ImageInput],
+    processor: ImageProcessor,
+    settings: Sequence[dict[str, Any]],
+    batch_tokens: int = 8192,
+) -> list[torch.Tensor]:
+    """One pass over ``images`` for several resolved settings → one (n, F) CPU float tensor each."""
+    n_layers = max(s["n_blocks"] for s in settings)
+    dev, was_training = model_device(vit), vit.training
+    vit.eval()
+    tap = _BlockTap(vit, n_layers)
+    chunks: list[list[torch.Tensor]] = [[] for _ in settings]
+    try:
+        for _idx, patches, grids in _packed_batches(images, processor, batch_tokens):
+            vit.encode(patches.to(dev), grids, merge_size=processor.merge_size)
+            outs = tap.layers()
+            for j, s in enumerate(settings):
+                chunks[j].append(_pool(vit, outs, grids, s).cpu())
+            tap.outputs.clear()
+    finally:
+        tap.close()
+        vit.train(was_training)
+    if not chunks[0]:
+        raise ValueError("no images to extract features from")
+    return [torch.cat(c) for c in chunks]
+
+
+def extract_features(
+    vit: NativeViT,
+    images: Sequence[ImageInput],
+    *,
+    processor: ImageProcessor,
+    features: str = "cls",
+    layers: str = "last",
+    batch_tokens: int = 8192,
+    return_setting: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    """Frozen image features (n, F) at native resolution (SPEC §5 linear probe).
+
+    ``images``: paths or PIL images. ``features`` / ``layers``: see the module docstring. With
+    ``return_setting=True`` returns ``(features, setting)``, the setting telling what was used
+    (e.g. the mean-only fallback when the model has no CLS token).
+    """
+    setting = feature_setting(vit, features, layers)
+    feats = _pooled_features(vit, images, processor, [setting], batch_tokens)[0]
+    return (feats, setting) if return_setting else feats
+
+
+@torch.no_grad()
+def extract_patch_maps(
+    vit: NativeViT, images: Sequence[ImageInput], processor: ImageProcessor, *, batch_tokens: int = 8192
+) -> list[torch.Tensor]:
+    """Last-layer patch tokens per image as (h, w, D) float32 CPU tensors in raster order (SPEC §5 seg)."""
+    dev, was_training = model_device(vit), vit.training
+    vit.eval()
+    maps: list[torch.Tensor | None] = [None] * len(images)
+    try:
+        for idx, patches, grids in _packed_batches(images, processor, batch_tokens):
+            tokens, _ = vit.encode(patches.to(dev), grids, merge_size=processor.merge_size)
+            raster = to_raster(tokens.float().cpu(), grids, processor.merge_size)
+            for i, (h, w), chunk in zip(idx, grids, raster.split([h * w for h, w in grids])):
+                maps[i] = chunk.reshape(h, w, -1)
+    finally:
+        vit.train(was_training)
+    return maps  # type: ignore[return-value]

@@ -1,0 +1,64 @@
+"""CoMP stage II under `torchrun --nproc_per_node=2` (gloo, CPU) with DDP and with FSDP2 equals one
+process with the same global batch (grad_accum doubled): losses and weights within 1e-5 relative."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cmpt.recipes import run_recipe
+from comp_fixtures import make_tiny_setup, overrides
+from test_comp_recipe import weights
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comp_dist")
+    setup = make_tiny_setup(root / "tiny")
+    run_recipe("tiny/comp_stage1", overrides(setup, root / "s1", steps=2))
+    common = {"model.init": root / "s1" / "final", "train.log_every": 1, "data.shuffle": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(
+            "tiny/comp_stage2", overrides(setup, root / "single", STEPS, **common, **{"train.grad_accum": 2})
+        )
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for dist in ("ddp", "fsdp"):
+        sets = overrides(setup, root / dist, STEPS, **common, **{"train.grad_accum": 1, "train.dist": dist})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+        cmd += [f"--master_port={_free_port()}", "-m", "cmpt", "train", "tiny/comp_stage2"]
+        cmd += [arg for s in sets for arg in ("--set", s)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank(runs, dist):
+    def losses(d):
+        return [json.loads(line)["loss"] for line in (runs / d / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(dist) == pytest.approx(losses("single"), rel=1e-5)
+    ref, got = weights(runs / "single" / "final"), weights(runs / dist / "final")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        rel = (got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)
+        assert rel <= 1e-5, (k, float(rel))
