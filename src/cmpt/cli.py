@@ -63,6 +63,34 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(a: argparse.Namespace) -> int:
+    from . import eval as ev
+
+    common = {"device": a.device}
+    if a.eval_command == "probe":
+        res = ev.probe_main(a.model, a.data, a.val, max_pixels=a.max_pixels, out=a.out, **common)
+    elif a.eval_command == "seg":
+        res = ev.seg_main(a.model, a.data, a.val, max_pixels=a.max_pixels, out=a.out, **common)
+    elif a.eval_command == "vqa":
+        res = ev.vqa_main(
+            a.model,
+            a.data,
+            max_pixels=a.max_pixels,
+            limit=a.limit,
+            batch_size=a.batch_size,
+            metric=a.metric,
+            with_caption_loss=a.caption_loss,
+            out_dir=a.out,
+            **common,
+        )
+    elif a.eval_command == "resolution":
+        res = ev.resolution_main(a.model, a.data, a.max_pixels, out_dir=a.out, limit=a.limit, **common)
+    else:
+        res = ev.retrieval_main(a.model, a.data, limit=a.limit, max_pixels=a.max_pixels, out=a.out, **common)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def _synth(a: argparse.Namespace) -> int:
     from .data.synthetic import synth_main
 
@@ -132,6 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vfm-only", action="store_true", help="write only the NativeViT (CoMP-VFM)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_export)
+
+    ev = sub.add_parser("eval", help="evaluate a ViT or VLM").add_subparsers(
+        dest="eval_command", required=True
+    )
+    helps = {
+        "probe": "frozen linear classification probe (best val top-1 over an LR grid)",
+        "seg": "frozen segmentation probe (BatchNorm + 1×1 linear head, mIoU)",
+        "vqa": "VQA with the benchmark's scorer (relaxed accuracy, ANLS, VQA accuracy)",
+        "resolution": "the same VQA eval at several max_pixels (CoMP Fig. 3): table + PNG",
+        "retrieval": "image↔text Recall@1/5/10 in the alignment-loss feature spaces",
+    }
+    for name, text in helps.items():
+        p = ev.add_parser(name, help=text)
+        p.add_argument("--model", required=True, help="NativeViT dir, HF vision checkpoint, or VLM dir")
+        p.add_argument("--data", required=True, help="LLaVA JSON file or a directory of splits")
+        p.add_argument("--device", default=None)
+        if name in ("probe", "seg"):
+            p.add_argument("--val", default=None, help="validation JSON (default: DATA/val.json)")
+        if name == "resolution":
+            p.add_argument("--max-pixels", required=True, help='comma list, e.g. "224*224,448*448,3136*256"')
+            p.add_argument("--out", required=True, help="output directory (table, JSON, PNG)")
+        else:
+            p.add_argument("--max-pixels", type=int, default=None)
+            p.add_argument("--out", default=None, help="where to write results / predictions")
+        if name not in ("probe", "seg"):
+            p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
+        if name == "vqa":
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--metric", default="auto", help="auto | relaxed_accuracy | anls | vqa_accuracy")
+            p.add_argument("--caption-loss", action="store_true", help="also report the caption loss")
+        p.set_defaults(fn=_eval)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="generate built-in offline data (LLaVA JSON + PNG)")

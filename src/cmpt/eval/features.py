@@ -1,4 +1,4 @@
-"""Frozen-feature extraction for the probes, and the record / model plumbing every evaluation shares (SPEC §5).
+"""Frozen-feature extraction for the probes, and the record/model plumbing all evaluations share (SPEC §5).
 
 ``extract_features`` returns one vector per image for the linear probe (DINOv2 protocol, scaled
 down); ``extract_patch_maps`` returns last-layer patch tokens in raster order for the segmentation
@@ -43,6 +43,7 @@ __all__ = [
     "extract_features",
     "extract_patch_maps",
     "feature_setting",
+    "first_images",
     "head_threads",
     "load_records",
     "load_vision",
@@ -82,6 +83,16 @@ def load_records(path: str | os.PathLike, limit: int | None = None) -> list[Eval
         images = [rec.image_path(k) for k in range(len(rec.images))]
         body = dict(rec.meta)
         out.append(EvalRecord(body, id=rec.id, images=images, conversations=rec.conversations))
+    return out
+
+
+def first_images(records: Sequence[dict], path: str | os.PathLike) -> list[str]:
+    """The first image of every record; a record without one is an error naming it."""
+    out = []
+    for rec in records:
+        if not rec.get("images"):
+            raise ValueError(f"{path}: record {rec.get('id')!r} has no image; probes need one per record")
+        out.append(rec["images"][0])
     return out
 
 

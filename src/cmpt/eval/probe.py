@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cmpt.eval.features import (
     _pooled_features,
     feature_setting,
+    first_images,
     head_threads,
     load_records,
     load_vision,
@@ -83,7 +84,9 @@ def train_linear_head(
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     gen = torch.Generator().manual_seed(seed)
     with head_threads(x.device):
         for _ in range(epochs):
@@ -154,9 +157,8 @@ def linear_probe(
         s = feature_setting(model, features, layers)
         if all((s["features"], s["n_blocks"]) != (t["features"], t["n_blocks"]) for t in settings):
             settings.append(s)
-    first_image = [r["images"][0] for r in train_recs], [r["images"][0] for r in val_recs]
-    feats_tr = _pooled_features(model, first_image[0], proc, settings, batch_tokens)
-    feats_va = _pooled_features(model, first_image[1], proc, settings, batch_tokens)
+    feats_tr = _pooled_features(model, first_images(train_recs, train_json), proc, settings, batch_tokens)
+    feats_va = _pooled_features(model, first_images(val_recs, val_json), proc, settings, batch_tokens)
 
     grid, best = [], None
     for s, x_tr, x_va in zip(settings, feats_tr, feats_va):

@@ -8,7 +8,9 @@ Protocol (the DINOv2 "linear" segmentation head, scaled down):
   batch statistics are taken over all patch tokens of a mini-batch of images.
 * The (K, h, w) logits are upsampled **bilinearly** (``align_corners=False``) to the size of the
   label map, and trained with cross-entropy ignoring label 255 (mean over the valid pixels of the
-  mini-batch), AdamW with a cosine schedule, seeded.
+  mini-batch), AdamW with a cosine schedule, seeded. Training label maps are first resized
+  (nearest) to the image size the ViT saw (``h·p × w·p``), as training on the resized image's
+  labels in mmsegmentation; validation is at the original label-map size.
 * Validation: argmax of the upsampled logits against the label map, accumulated in one
   :class:`~cmpt.eval.metrics.SegMeter`; mIoU is the nanmean over classes (ignore index 255).
 
@@ -32,6 +34,7 @@ from torch import nn
 from cmpt.data.sources import resolve_image_path
 from cmpt.eval.features import (
     extract_patch_maps,
+    first_images,
     head_threads,
     load_records,
     load_vision,
@@ -85,6 +88,13 @@ def _masks(records: list[dict], mask_key: str, json_path: str | os.PathLike) -> 
             raise ValueError(f"{json_path}: record {rec.get('id')!r} has no meta[{mask_key!r}] label map")
         out.append(load_mask(resolve_image_path(root, rel, str(rec.get("id")))))
     return out
+
+
+def _resize_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a label map (labels, 255 included, are never mixed)."""
+    if tuple(mask.shape) == size:
+        return mask
+    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
 def _num_classes(records: list[dict], masks: list[torch.Tensor]) -> int:
@@ -141,8 +151,10 @@ def seg_probe(
                     f"{name} label map has values {sorted(set(m[bad].tolist()))[:5]} outside [0, {k}) "
                     f"and != {IGNORE_INDEX}; pass num_classes="
                 )
-    x_tr = extract_patch_maps(model, [r["images"][0] for r in train_recs], proc, batch_tokens=batch_tokens)
-    x_va = extract_patch_maps(model, [r["images"][0] for r in val_recs], proc, batch_tokens=batch_tokens)
+    x_tr = extract_patch_maps(model, first_images(train_recs, train_json), proc, batch_tokens=batch_tokens)
+    x_va = extract_patch_maps(model, first_images(val_recs, val_json), proc, batch_tokens=batch_tokens)
+    p = proc.patch_size  # train at the resolution the ViT saw: labels resized (nearest) to h·p × w·p
+    y_tr = [_resize_labels(y, (m.shape[0] * p, m.shape[1] * p)) for y, m in zip(y_tr, x_tr)]
     dev = model_device(model)
 
     with torch.random.fork_rng(devices=[]):
@@ -150,7 +162,9 @@ def seg_probe(
         head = SegHead(x_tr[0].shape[-1], k).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * math.ceil(len(x_tr) / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     gen = torch.Generator().manual_seed(seed)
     with head_threads(dev):
         head.train()

@@ -1,0 +1,169 @@
+"""Zero-shot image↔text retrieval in the alignment-loss spaces of a VLM (SPEC §5 retrieval, §2 ``L_align``).
+
+* **Image feature**: the mean of the record's merged vision tokens (PatchMerger output, the LLM
+  input space): ``F_v`` of the alignment loss.
+* **Caption feature**: ``model.caption_features`` of the caption alone (LLM body, last hidden
+  state mean-pooled): ``F_t`` of the alignment loss. Both are L2-normalized; similarity = cosine.
+* **Caption** of a record = its first gpt answer (the dense caption of the synthetic data).
+* Recall@1/5/10 in both directions with :func:`~cmpt.eval.metrics.recall_at_k` (ties optimistic).
+  Records with identical captions are all positives of each other, so duplicates do not count
+  as misses.
+
+A bare NativeViT has no text side: :func:`retrieval_eval` raises a ``TypeError`` saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cmpt.eval.features import load_records, pick_device, processor_with, write_json
+from cmpt.eval.metrics import recall_at_k
+from cmpt.eval.vqa import resolve_data
+from cmpt.vision.processor import load_image
+from cmpt.vision.vit import NativeViT
+
+__all__ = ["KS", "retrieval_eval", "retrieval_main", "retrieval_scores"]
+
+KS = (1, 5, 10)
+
+
+def _caption(rec: dict) -> str | None:
+    for turn in rec.get("conversations") or []:
+        if turn.get("from", turn.get("role")) in ("gpt", "assistant"):
+            text = str(turn.get("value", turn.get("content", ""))).strip()
+            return text or None
+    return None
+
+
+def retrieval_scores(sim: torch.Tensor, captions: list[str]) -> dict[str, Any]:
+    """Recall@k both ways of an (images × captions) similarity; equal captions are joint positives."""
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    i2t = {f"R@{k}": recall_at_k(sim, same, k) for k in KS}
+    t2i = {f"R@{k}": recall_at_k(sim.T, same.T, k) for k in KS}
+    mean = sum([*i2t.values(), *t2i.values()]) / (2 * len(KS))
+    return {"i2t": i2t, "t2i": t2i, "mean_recall": mean}
+
+
+@torch.no_grad()
+def _vision_features(model: Any, records: list[dict], proc, batch_size: int) -> torch.Tensor:
+    m2 = proc.merge_size**2
+    feats = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = [load_image(p) for r in chunk for p in r["images"]]
+        packed = proc(images)
+        tokens = model.encode_images(packed.patches, packed.grid_hw).float()
+        per_image = [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
+        per_record, i = [], 0
+        for r in chunk:
+            k = len(r["images"])
+            per_record.append(sum(per_image[i : i + k]))
+            i += k
+        feats.extend(t.mean(0) for t in tokens.split(per_record))
+    return torch.stack(feats).cpu()
+
+
+@torch.no_grad()
+def _caption_features(model: Any, captions: list[str], batch_size: int) -> torch.Tensor:
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    max_len = int(getattr(model.config, "caption_max_length", 256))
+    feats = []
+    for start in range(0, len(captions), batch_size):
+        ids = [
+            tok(c, add_special_tokens=False)["input_ids"][:max_len]
+            for c in captions[start : start + batch_size]
+        ]
+        width = max(1, *(len(x) for x in ids))
+        batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            batch[i, : len(x)], mask[i, : len(x)] = torch.tensor(x, dtype=torch.long), 1
+        feats.append(model.caption_features(batch, mask).float().cpu())
+    return torch.cat(feats)
+
+
+def retrieval_eval(
+    model: Any,
+    data: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    max_pixels: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Image↔text Recall@1/5/10 from pooled features (SPEC §5; see the module docstring).
+
+    ``model``: a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``encode_images``,
+    ``caption_features``, ``tokenizer`` and ``processor``). ``data``: LLaVA JSON(L) or a directory
+    (``test.json``, else ``val.json``); records without an image or a caption are skipped.
+
+    Returns ``{"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "mean_recall", "n", "skipped"}``.
+    """
+    if isinstance(model, NativeViT) or not hasattr(model, "caption_features"):
+        raise TypeError(
+            f"retrieval needs a text side: {type(model).__name__} has no caption_features. Pass a "
+            "VisionLanguageModel (its merged vision tokens and caption features are compared); a bare "
+            "NativeViT can only be evaluated with the linear / segmentation probes"
+        )
+    path = resolve_data(data)
+    records, captions, skipped = [], [], 0
+    for rec in load_records(path, limit):
+        cap = _caption(rec)
+        if rec.get("images") and cap:
+            records.append(rec)
+            captions.append(cap)
+        else:
+            skipped += 1
+    if len(records) < 2:
+        raise ValueError(f"{path}: retrieval needs at least 2 records with an image and a caption")
+    proc = getattr(model, "processor", None)
+    if proc is None:
+        from cmpt.eval.features import default_processor
+
+        proc = default_processor(model.vit)
+    proc = processor_with(proc, max_pixels)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        v = F.normalize(_vision_features(model, records, proc, batch_size), dim=-1)
+        t = F.normalize(_caption_features(model, captions, batch_size), dim=-1)
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    if v.shape[1] != t.shape[1]:
+        raise ValueError(f"vision features have dim {v.shape[1]} but caption features {t.shape[1]}")
+    return {**retrieval_scores(v @ t.T, captions), "n": len(records), "skipped": skipped}
+
+
+def retrieval_main(
+    model: Any,
+    data: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    max_pixels: int | None = None,
+    device: str | None = None,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``cmpt eval retrieval`` (SPEC §5): ``model`` is a VLM directory (or a loaded model); a
+    NativeViT directory is refused with a clear error. Writes JSON to ``out`` when given."""
+    if isinstance(model, (str, os.PathLike)):
+        d = Path(model)
+        if not (d / "vlm_config.json").is_file():
+            raise TypeError(
+                f"{d} is not a VisionLanguageModel directory (no vlm_config.json): retrieval needs the "
+                "text side of a VLM; evaluate a bare vision model with `cmpt eval probe` / `cmpt eval seg`"
+            )
+        from cmpt.vlm.model import VisionLanguageModel
+
+        model = VisionLanguageModel.from_pretrained(d, device=pick_device(device))
+    result = retrieval_eval(model, data, limit=limit, max_pixels=max_pixels)
+    result["data"] = str(resolve_data(data))
+    if out is not None:
+        write_json(result, Path(out))
+    return result
