@@ -82,29 +82,29 @@ def test_resume_from_state_dict_mid_epoch():
         _batcher(seed=9).load_state_dict(state)
 
 
-def test_rank_split():
+def test_rank_split_is_one_global_stream():
+    """Rank r takes the r-th of each group of W consecutive micro-batches of the global stream (epochs
+    concatenated): 1 rank × accumulation W sees exactly the W ranks' micro-batches, across epochs."""
     b = _batcher()
-    for epoch in range(2):
-        single = b.micro_batches_for_rank(0, 1, epoch)
-        r0, r1 = b.micro_batches_for_rank(0, 2, epoch), b.micro_batches_for_rank(1, 2, epoch)
-        assert len(r0) == len(r1)  # trailing remainder dropped: ranks stay in step
-        ids0 = {i for mb in r0 for i in mb}
-        ids1 = {i for mb in r1 for i in mb}
-        assert not ids0 & ids1
-        # one rank with grad_accum 2 sees exactly ranks 0 and 1's micro-batches, interleaved
-        interleaved = [mb for pair in zip(r0, r1) for mb in pair]
-        assert interleaved == single[: len(interleaved)] and len(single) - len(interleaved) < 2
-        r = [b.micro_batches_for_rank(k, 3, epoch) for k in range(3)]
-        assert [mb for trio in zip(*r) for mb in trio] == single[: 3 * len(r[0])]
+    per_epoch = len(b.epoch_batches(0))
+    n = per_epoch + 3  # cross an epoch boundary
+    for world in (2, 3):
+        single = [mb for _, _, mb in itertools.islice(b.global_stream(0, 0), world * n)]
+        ranks = [
+            [mb for _, _, mb, _ in itertools.islice(b.iter_rank(r, world, 0, 0), n)] for r in range(world)
+        ]
+        assert [mb for group in zip(*ranks) for mb in group] == single
+        ids = [{i for mb in r[: per_epoch // world] for i in mb} for r in ranks]
+        assert not set.intersection(*ids)
 
 
-def test_rank_iteration_and_too_little_data():
+def test_rank_iteration_positions_and_empty_epoch():
     b = _batcher()
     got = list(itertools.islice(b.iter_rank(1, 2, epoch=0, start=2), 3))
-    assert [(e, k) for e, k, _ in got] == [(0, 2), (0, 3), (0, 4)]
-    assert got[0][2] == b.micro_batches_for_rank(1, 2, 0)[2]
-    tiny = TokenBudgetBatcher([(1, 1)] * 3, 10, 10, 4)
-    with pytest.raises(ValueError, match="fewer micro-batches than world_size"):
-        next(tiny.iter_rank(0, 2, 0, 0))
+    assert [(e, k, nxt) for e, k, _, nxt in got] == [(0, 3, (0, 4)), (0, 5, (0, 6)), (0, 7, (0, 8))]
+    assert got[0][2] == b.epoch_batches(0)[3]
+    oversize = TokenBudgetBatcher([(100, 1)] * 3, 10, 10, 4)
+    with pytest.raises(ValueError, match="no micro-batch"):
+        next(oversize.iter_rank(0, 2, 0, 0))
     with pytest.raises(ValueError):
         TokenBudgetBatcher([(1, 1)], 0, 10, 4)

@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("comp_dist")
     setup = make_tiny_setup(root / "tiny")
     run_recipe("tiny/comp_stage1", overrides(setup, root / "s1", steps=2))
-    common = {"model.init": root / "s1" / "final", "train.log_every": 1, "data.shuffle": False}
+    common = {"model.init": root / "s1" / "final", "train.log_every": 1}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -173,7 +173,7 @@ def test_resume_mid_stream(parts):
 
 def test_ranks_are_disjoint_and_in_step(parts):
     loaders = [_loader(parts, rank=r, world_size=2) for r in range(2)]
-    n = len(loaders[0].batcher.micro_batches_for_rank(0, 2, epoch=0))
+    n = len(loaders[0].batcher.epoch_batches(0)) // 2
     assert n >= 2
     per_rank = [list(itertools.islice(ld, n)) for ld in loaders]  # one epoch
     ids = [{i for b in batches for i in b["sample_ids"]} for batches in per_rank]

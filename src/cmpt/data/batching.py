@@ -7,13 +7,15 @@ own is skipped (counted in ``oversize_skipped``) or, with ``oversize="truncate"`
 micro-batch (the sample builder truncates its text). The sequence depends only on
 ``(lengths, budgets, seed, epoch)``, never on the number of ranks.
 
-Rank split: a global step consumes ``world_size · grad_accum`` consecutive micro-batches; rank ``r``
-takes micro-batches ``r, r + world_size, ...``. One process with ``grad_accum · world_size`` sees the
-same micro-batches in the same order. A trailing remainder (fewer than ``world_size``) is dropped so
-every rank has the same number per epoch.
+Rank split: the micro-batches of epoch 0, 1, 2, ... form one global stream; each group of
+``world_size`` consecutive micro-batches goes to the ranks in order (rank ``r`` takes the ``r``-th).
+So a global step of ``world_size · grad_accum`` consecutive micro-batches is the same for any split
+of that product into ranks and accumulation steps, across epoch boundaries too, and nothing is
+dropped. Positions (``epoch``, ``k``) index this global stream and do not depend on the world size.
 
 ``BatchLoader``: this rank's collated micro-batches, forever (epochs roll over). Its state counts
 micro-batches *consumed by the caller* (not prefetched by workers), so resuming is exact.
+``build_loader`` picks it for map-style sources, and :mod:`cmpt.data.streaming` for tar shards.
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.config import DataConfig
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate
-from cmpt.data.sources import BadSample, LlavaSource
+from cmpt.data.sources import BadSample, open_source
 
-__all__ = ["BatchLoader", "TokenBudgetBatcher", "TooManyBadSamples", "build_loader"]
+__all__ = [
+    "BatchLoader",
+    "LoaderBase",
+    "TokenBudgetBatcher",
+    "TooManyBadSamples",
+    "build_loader",
+    "identity_collate",
+    "worker_init",
+]
 
 log = logging.getLogger("cmpt.data")
 
@@ -113,35 +123,39 @@ class TokenBudgetBatcher:
         self._cache = (int(epoch), batches)
         return batches
 
-    def micro_batches_for_rank(self, rank: int, world_size: int, epoch: int | None = None) -> list[list[int]]:
-        """Rank ``rank``'s micro-batches of ``epoch`` (default: the current one): ``r, r + world, ...``;
-        the trailing ``len % world_size`` micro-batches are dropped."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        batches = self.epoch_batches(self.epoch if epoch is None else epoch)
-        usable = len(batches) // world_size * world_size
-        return batches[rank:usable:world_size]
+    def global_stream(self, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
+        """``(epoch, k, micro_batch)`` of the global stream from micro-batch ``start`` of ``epoch`` on."""
+        while True:
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise ValueError(
+                    f"epoch {epoch} has no micro-batch ({self.num_samples} records, "
+                    f"{self.oversize_skipped} over a budget on their own): use more data or larger budgets"
+                )
+            for k in range(start, len(batches)):
+                yield epoch, k, batches[k]
+            epoch, start = epoch + 1, 0
 
     def iter_rank(
         self, rank: int, world_size: int, epoch: int, start: int
-    ) -> Iterator[tuple[int, int, list[int]]]:
-        """``(epoch, k, micro_batch)`` for this rank from its ``k = start`` of ``epoch`` on, forever."""
-        while True:
-            mine = self.micro_batches_for_rank(rank, world_size, epoch)
-            if not mine:
-                raise ValueError(
-                    f"epoch {epoch} has fewer micro-batches than world_size={world_size} "
-                    f"({self.num_samples} records, {self.oversize_skipped} oversize): "
-                    "use more data or smaller budgets"
-                )
-            for k in range(start, len(mine)):
-                yield epoch, k, mine[k]
-            epoch, start = epoch + 1, 0
+    ) -> Iterator[tuple[int, int, list[int], tuple[int, int]]]:
+        """This rank's ``(epoch, k, micro_batch, next_position)`` from the global position
+        ``(epoch, start)`` on, forever. ``next_position`` is where every rank stands after the group of
+        ``world_size`` micro-batches this one belongs to: the position to resume from."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        group: list[tuple[int, int, list[int]]] = []
+        for item in self.global_stream(epoch, start):
+            group.append(item)
+            if len(group) == world_size:
+                e, k, batch = group[rank]
+                yield e, k, batch, (group[-1][0], group[-1][1] + 1)
+                group = []
 
     def __iter__(self) -> Iterator[list[int]]:
         """Single-process iteration from the current state, forever; the state follows what is yielded."""
-        for epoch, k, batch in self.iter_rank(0, 1, self.epoch, self.position):
-            self.epoch, self.position = epoch, k + 1
+        for _, _, batch, (epoch, position) in self.iter_rank(0, 1, self.epoch, self.position):
+            self.epoch, self.position = epoch, position
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -172,15 +186,16 @@ class _MicroBatchDataset(Dataset):
     def __init__(self, source: Any, builder: SampleBuilder, pad_id: int) -> None:
         self.source, self.builder, self.pad_id = source, builder, pad_id
 
-    def __getitem__(self, item: tuple[int, int, list[int]]) -> tuple[int, int, dict | None, list]:
-        epoch, k, indices = item
+    def __getitem__(self, item: tuple) -> tuple[int, int, dict | None, list, tuple[int, int]]:
+        epoch, k, indices, next_position = item
         samples, bad = [], []
         for i in indices:
             try:
                 samples.append(self.builder.build(self.source[i], epoch))
             except BadSample as e:
                 bad.append((e.id, e.reason, e.detail))
-        return epoch, k, (collate(samples, self.pad_id, num_bad=len(bad)) if samples else None), bad
+        batch = collate(samples, self.pad_id, num_bad=len(bad)) if samples else None
+        return epoch, k, batch, bad, next_position
 
 
 class _RankSampler(Sampler):
@@ -188,80 +203,35 @@ class _RankSampler(Sampler):
         self.batcher, self.rank, self.world_size = batcher, rank, world_size
         self.start = (0, 0)
 
-    def __iter__(self) -> Iterator[tuple[int, int, list[int]]]:
+    def __iter__(self) -> Iterator[tuple]:
         return self.batcher.iter_rank(self.rank, self.world_size, *self.start)
 
 
-def _identity(x: Any) -> Any:
+def identity_collate(x: Any) -> Any:
+    """DataLoader ``collate_fn`` for items that are already whole micro-batches."""
     return x
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """Seed Python's and NumPy's RNGs from the DataLoader's per-worker seed; one torch thread."""
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, set by the DataLoader
     random.seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(1)
 
 
-class BatchLoader:
-    """This rank's collated micro-batches, forever, resumable exactly (SPEC §4, §6).
+class LoaderBase:
+    """Bad-sample accounting shared by the loaders (SPEC §4): counts, rate-limited logging with the
+    ids and reasons (at most ``log_limit`` warnings a minute), and the ``max_bad_fraction`` check
+    (``TooManyBadSamples`` once 200 samples were seen, and at every epoch end; ``None`` disables it)."""
 
-    Bad samples are dropped from their micro-batch and counted in its ``num_bad``; an all-bad
-    micro-batch is skipped and its count carried into the next batch yielded. Ids and reasons are
-    logged (at most ``log_limit`` warnings a minute). Above ``max_bad_fraction`` of bad samples
-    among those seen (checked once 200 samples were seen, and at every epoch end)
-    ``TooManyBadSamples`` is raised; ``None`` disables the check. With ``num_workers > 0`` whole
-    micro-batches are built in a persistent ``DataLoader`` (one iterator at a time).
-    """
-
-    def __init__(
-        self,
-        source: Any,
-        builder: SampleBuilder,
-        batcher: TokenBudgetBatcher,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        pad_id: int = 0,
-        max_bad_fraction: float | None = 0.01,
-        prefetch_factor: int = 2,
-        pin_memory: bool = False,
-        log_limit: int = 20,
-    ) -> None:
+    def __init__(self, rank: int, world_size: int, max_bad_fraction: float | None, log_limit: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
-        self.source, self.builder, self.batcher = source, builder, batcher
-        self.rank, self.world_size, self.num_workers, self.pad_id = rank, world_size, num_workers, pad_id
+        self.rank, self.world_size = rank, world_size
         self.max_bad_fraction, self.log_limit = max_bad_fraction, log_limit
-        self.epoch, self.position = 0, 0  # position: this rank's micro-batches of `epoch` consumed
         self.samples_seen = self.bad_seen = 0
-        self._dataset = _MicroBatchDataset(source, builder, pad_id)
-        self._sampler = _RankSampler(batcher, rank, world_size)
         self._log_window, self._log_count, self._suppressed = 0.0, 0, 0
-        self._loader: DataLoader | None = None
-        if num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
-            self._loader = DataLoader(
-                self._dataset,
-                batch_size=None,
-                sampler=self._sampler,
-                num_workers=num_workers,
-                collate_fn=_identity,
-                persistent_workers=True,
-                prefetch_factor=prefetch_factor,
-                pin_memory=pin_memory,
-                worker_init_fn=_worker_init,
-                generator=torch.Generator().manual_seed(builder.seed),
-            )
-
-    def _raw(self) -> Iterator[tuple[int, int, dict | None, list]]:
-        self._sampler.start = (self.epoch, self.position)
-        if self._loader is not None:
-            yield from self._loader
-        else:
-            for item in self._sampler:
-                yield self._dataset[item]
 
     def _log_bad(self, bad: list[tuple[str, str, str]]) -> None:
         now = time.monotonic()
@@ -286,30 +256,92 @@ class BatchLoader:
                 f"(> max_bad_fraction={self.max_bad_fraction}); run `cmpt data check` on the data"
             )
 
+    def _account(self, batch: dict[str, Any], bad: list[tuple[str, str, str]]) -> dict[str, Any]:
+        """Count a micro-batch about to be yielded and the bad samples reported with it."""
+        self.bad_seen += len(bad)
+        if bad:
+            self._log_bad(bad)
+        self.samples_seen += batch["num_samples"]
+        self._check_bad_fraction(final=False)
+        return batch
+
+
+class BatchLoader(LoaderBase):
+    """This rank's collated micro-batches of a map-style source, forever, resumable exactly (SPEC §4, §6).
+
+    Bad samples are dropped from their micro-batch and counted in its ``num_bad``; an all-bad
+    micro-batch is skipped and its count carried into the next batch yielded (logging and the
+    ``max_bad_fraction`` check: :class:`LoaderBase`). With ``num_workers > 0`` whole micro-batches
+    are built in a persistent ``DataLoader`` (one iterator at a time).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        builder: SampleBuilder,
+        batcher: TokenBudgetBatcher,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pad_id: int = 0,
+        max_bad_fraction: float | None = 0.01,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        log_limit: int = 20,
+    ) -> None:
+        super().__init__(rank, world_size, max_bad_fraction, log_limit)
+        self.source, self.builder, self.batcher = source, builder, batcher
+        self.num_workers, self.pad_id = num_workers, pad_id
+        self.epoch, self.position = 0, 0  # global stream position after what the caller consumed
+        self._dataset = _MicroBatchDataset(source, builder, pad_id)
+        self._sampler = _RankSampler(batcher, rank, world_size)
+        self._loader: DataLoader | None = None
+        if num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
+            self._loader = DataLoader(
+                self._dataset,
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=num_workers,
+                collate_fn=identity_collate,
+                persistent_workers=True,
+                prefetch_factor=prefetch_factor,
+                pin_memory=pin_memory,
+                worker_init_fn=worker_init,
+                generator=torch.Generator().manual_seed(builder.seed),
+            )
+
+    def _raw(self) -> Iterator[tuple]:
+        self._sampler.start = (self.epoch, self.position)
+        if self._loader is not None:
+            yield from self._loader
+        else:
+            for item in self._sampler:
+                yield self._dataset[item]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         carried = 0
-        for epoch, k, batch, bad in self._raw():
+        for epoch, _, batch, bad, (next_epoch, next_position) in self._raw():
             if epoch != self.epoch:
                 self._check_bad_fraction(final=True)
-            self.epoch, self.position = epoch, k + 1
-            self.bad_seen += len(bad)
-            if bad:
-                self._log_bad(bad)
+            self.epoch, self.position = next_epoch, next_position
             if batch is None:
+                self.bad_seen += len(bad)
+                if bad:
+                    self._log_bad(bad)
                 carried += len(bad)
                 continue
             batch["num_bad"] += carried
             carried = 0
-            self.samples_seen += batch["num_samples"]
-            self._check_bad_fraction(final=False)
-            yield batch
+            yield self._account(batch, bad)
 
     def state_dict(self) -> dict[str, Any]:
-        """``position`` is global (micro-batches consumed over all ranks), so it survives a change of
-        world size when divisible by the new one."""
+        """The global stream position (micro-batches consumed over all ranks): it survives a change
+        of world size when the new one divides the micro-batches consumed per step."""
         return {
             "epoch": self.epoch,
-            "position": self.position * self.world_size,
+            "position": self.position,
             "world_size": self.world_size,
             "samples_seen": self.samples_seen,
             "bad_seen": self.bad_seen,
@@ -319,12 +351,8 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue with the next unseen micro-batch (call before iterating)."""
-        self.batcher.load_state_dict({**state, "position": 0})
-        pos = int(state["position"])
-        if pos % self.world_size:
-            log.warning("resume position %d is not a multiple of world_size=%d", pos, self.world_size)
-        self.epoch, self.position = int(state["epoch"]), pos // self.world_size
-        self.batcher.epoch, self.batcher.position = self.epoch, self.position * self.world_size
+        self.batcher.load_state_dict(state)
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.samples_seen, self.bad_seen = int(state.get("samples_seen", 0)), int(state.get("bad_seen", 0))
 
 
@@ -336,31 +364,18 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     cache_dir: str | os.PathLike | None = None,
-) -> BatchLoader:
+) -> Any:
     """Source → length index → batcher → builder → loader, as configured (SPEC §4).
 
-    ``tokenizer`` must already have the vision tokens (``ensure_vision_tokens``, then resize the
-    LLM's embeddings). With ``oversize="truncate"`` the text estimates are capped at
-    ``max_text_tokens`` (the builder truncates to it), so long samples still pack with others;
-    with ``"skip"`` a sample over a budget on its own is skipped (``loader.batcher.oversize_skipped``).
+    ``cfg.path`` is dispatched by :func:`cmpt.data.sources.open_source`: a map-style source (LLaVA
+    JSON/JSONL, Hugging Face dataset, mixture) gives a :class:`BatchLoader`; tar shards (or a mixture
+    of them) a :class:`cmpt.data.streaming.StreamingLoader`. ``tokenizer`` must already have the
+    vision tokens (``ensure_vision_tokens``, then resize the LLM's embeddings). With
+    ``oversize="truncate"`` the text estimates are capped at ``max_text_tokens`` (the builder
+    truncates to it), so long samples still pack with others; with ``"skip"`` a sample over a budget
+    on its own is skipped (``loader.batcher.oversize_skipped`` / ``loader.oversize_skipped``).
     """
-    source = LlavaSource(cfg.path, cfg.image_root or None)
-    lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir).lengths
-    if cfg.oversize == "truncate":
-        lengths = [(v, min(t, cfg.max_text_tokens)) for v, t in lengths]
-    batcher = TokenBudgetBatcher(
-        lengths,
-        cfg.vision_budget,
-        cfg.text_budget,
-        cfg.max_samples_per_batch,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        oversize=cfg.oversize,
-    )
-    if batcher.oversize_skipped:
-        log.warning(
-            "%s: %d sample(s) over a budget on their own are skipped", cfg.path, batcher.oversize_skipped
-        )
+    source = open_source(cfg.path, cfg.image_root or None)
     builder = SampleBuilder(
         processor,
         tokenizer,
@@ -370,13 +385,30 @@ def build_loader(
         seed=cfg.seed,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cap = cfg.max_text_tokens if cfg.oversize == "truncate" else None
+    if not hasattr(source, "__getitem__"):  # tar shards: streaming
+        from cmpt.data.streaming import StreamConfig, StreamingLoader
+
+        scfg = StreamConfig(
+            cfg.vision_budget, cfg.text_budget, cfg.max_samples_per_batch, cfg.oversize, cap,
+            cfg.shuffle, cfg.shuffle_buffer, cfg.seed,
+        )  # fmt: skip
+        return StreamingLoader(
+            source, builder, scfg, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+            num_streams=cfg.num_streams, pad_id=pad_id, max_bad_fraction=cfg.max_bad_fraction,
+        )  # fmt: skip
+    lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir).lengths
+    if cap is not None:
+        lengths = [(v, min(t, cap)) for v, t in lengths]
+    batcher = TokenBudgetBatcher(
+        lengths, cfg.vision_budget, cfg.text_budget, cfg.max_samples_per_batch,
+        shuffle=cfg.shuffle, seed=cfg.seed, oversize=cfg.oversize,
+    )  # fmt: skip
+    if batcher.oversize_skipped:
+        log.warning(
+            "%s: %d sample(s) over a budget on their own are skipped", cfg.path, batcher.oversize_skipped
+        )
     return BatchLoader(
-        source,
-        builder,
-        batcher,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.num_workers,
-        pad_id=pad_id,
-        max_bad_fraction=cfg.max_bad_fraction,
-    )
+        source, builder, batcher, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+        pad_id=pad_id, max_bad_fraction=cfg.max_bad_fraction,
+    )  # fmt: skip

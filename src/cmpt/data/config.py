@@ -13,10 +13,16 @@ __all__ = ["DataConfig", "ResolutionConfig"]
 
 @dataclass
 class DataConfig:
-    """One LLaVA-format training source and how it is batched (SPEC §4).
+    """One training source and how it is batched (SPEC §4).
 
-    ``path``: a LLaVA ``.json`` (one list) or ``.jsonl`` (one record per line) file.
-    ``image_root``: directory the ``image`` paths are relative to; ``""`` = the JSON file's directory.
+    ``path`` (the kind is told by :func:`cmpt.data.sources.source_kind`): a LLaVA ``.json`` (one list)
+    or ``.jsonl`` (one record per line) file; a mixture ``.yaml`` (:mod:`cmpt.data.mixture`); tar
+    shards — a ``.tar``, a glob, a brace pattern ``shards-{000000..000009}.tar`` or a directory of
+    ``.tar`` files (:mod:`cmpt.data.webdataset`, streamed by :mod:`cmpt.data.streaming`); a Hugging
+    Face dataset — a ``save_to_disk`` directory, ``.parquet`` file(s) or a directory of them
+    (:mod:`cmpt.data.hf_source`, needs the optional ``datasets`` package).
+    ``image_root``: directory the image paths are relative to; ``""`` = the source's directory
+    (a mixture sets it per member).
     ``max_text_tokens``: per-sample cap; longer conversations are truncated by the sample builder.
     ``vision_budget`` / ``text_budget``: merged vision tokens / text tokens per micro-batch; a
     micro-batch is filled until adding the next sample would exceed either one.
@@ -24,6 +30,9 @@ class DataConfig:
     alone (``"truncate"``: its text is truncated to ``max_text_tokens``).
     ``max_bad_fraction``: a run fails when more than this fraction of the samples seen are bad.
     ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (SPEC §2).
+    Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
+    ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of
+    ``num_workers``) split the shards; the resume state is tied to it and to the world size.
     """
 
     path: str = ""
@@ -39,6 +48,8 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     caption_max_tokens: int = 256
     shuffle_caption: bool = True
+    shuffle_buffer: int = 256
+    num_streams: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_text_tokens", "vision_budget", "text_budget", "max_samples_per_batch"):
@@ -46,8 +57,15 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.oversize not in ("skip", "truncate"):
             raise ValueError(f"DataConfig.oversize must be 'skip' or 'truncate', got {self.oversize!r}")
-        if self.num_workers < 0 or self.caption_max_tokens < 0:
-            raise ValueError("DataConfig.num_workers and caption_max_tokens must be >= 0")
+        if self.num_workers < 0 or self.caption_max_tokens < 0 or self.num_streams < 0:
+            raise ValueError("DataConfig.num_workers, num_streams and caption_max_tokens must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.num_workers and self.num_streams and self.num_streams % self.num_workers:
+            raise ValueError(
+                f"DataConfig.num_streams={self.num_streams} must be a multiple of "
+                f"num_workers={self.num_workers}"
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

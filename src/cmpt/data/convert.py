@@ -38,8 +38,7 @@ def require_datasets() -> Any:
         import datasets
     except ImportError as e:
         raise ImportError(
-            "Hugging Face datasets support needs the optional `datasets` package: "
-            "pip install 'datasets>=3.0' (or install cmpt with the `hf` extra)"
+            "Hugging Face datasets support needs the optional `datasets` package: pip install 'datasets>=4.0'"
         ) from e
     return datasets
 

@@ -114,12 +114,11 @@ class HFSource:
         self.name = os.path.basename(self.path.rstrip(os.sep))
         self.image_root = os.path.abspath(os.fspath(image_root) if image_root else base)
         self._data: Any = None
-        self._pid = -1
         self._len = self._table().num_rows if self.kind == "parquet" else len(self._dataset())
 
     # -- storage -------------------------------------------------------------------------------
     def _dataset(self) -> Any:
-        if self._data is None or self._pid != os.getpid():
+        if self._data is None:  # memory-mapped: shared with forked workers, reopened when unpickled
             with _LOCK:
                 datasets = require_datasets()
                 ds = datasets.load_from_disk(self.path)
@@ -128,11 +127,11 @@ class HFSource:
                     if split not in ds:
                         raise ValueError(f"{self.path}: no split {split!r} (has {list(ds)})")
                     ds = ds[split]
-                self._data, self._pid = ds.with_format("arrow"), os.getpid()
+                self._data = ds.with_format("arrow")
         return self._data
 
     def _table(self) -> Any:
-        if self._data is None or self._pid != os.getpid():
+        if self._data is None:  # immutable Arrow buffers: shared with forked workers
             with _LOCK:
                 require_datasets()  # pyarrow comes with it
                 import pyarrow as pa
@@ -140,7 +139,6 @@ class HFSource:
 
                 tables = [pq.read_table(f, memory_map=True) for f in self.files]
                 self._data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-                self._pid = os.getpid()
         return self._data
 
     def row(self, i: int) -> dict[str, Any]:
@@ -182,7 +180,7 @@ class HFSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_data"], state["_pid"] = None, -1  # reopened lazily in the new process
+        state["_data"] = None  # reopened lazily in the new process
         return state
 
     def __repr__(self) -> str:

@@ -129,6 +129,15 @@ def _open_at(fh: Any, offset: int) -> tarfile.TarFile:
     return tarfile.open(fileobj=fh, mode="r:")
 
 
+def _nonzero_after(fh: Any, pos: int) -> bool:
+    """Whether anything but zero padding follows ``pos`` (tarfile stops silently at a bad header)."""
+    fh.seek(pos)
+    while chunk := fh.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return True
+    return False
+
+
 def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterator[RawSample]:
     """Raw samples of shard ``path`` from the sample starting at byte ``offset`` (streaming, seekable).
 
@@ -136,6 +145,7 @@ def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterato
     """
     with _open_file(path) as fh:
         pos = offset
+        tail_error = in_header = False
         cur: RawSample | None = None
         count = 0
         try:
@@ -145,10 +155,11 @@ def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterato
             return
         try:
             while True:
-                start = pos
+                start, in_header = pos, True
                 member = tf.next()
-                pos = tf.offset
-                if member is None:
+                pos, in_header = tf.offset, False
+                if member is None:  # end of archive, or a header tarfile cannot parse
+                    tail_error = _nonzero_after(fh, start)
                     break
                 tf.members.clear()  # do not keep every TarInfo of a large shard
                 if not member.isfile():
@@ -166,12 +177,18 @@ def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterato
                 data = tf.extractfile(member)
                 cur.members[ext] = data.read() if data is not None else b""
         except (tarfile.TarError, OSError, EOFError) as e:
-            where = cur.offset if cur is not None else pos
+            if in_header and cur is not None:  # the sample before the bad header is complete
+                cur.next_offset = start
+                yield cur
+                cur = None
+            where = cur.offset if cur is not None else start
             yield RawSample(cur.key if cur else "", offset=where, next_offset=where, error=f"{e}")
             return
         if cur is not None:
-            cur.next_offset = pos
+            cur.next_offset = start
             yield cur
+        if tail_error:
+            yield RawSample("", offset=start, next_offset=start, error=f"bad tar header at byte {start}")
 
 
 def read_sample_at(path: str, offset: int) -> RawSample:

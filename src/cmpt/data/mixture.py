@@ -1,0 +1,244 @@
+"""Mixtures of data sources from a YAML file, reproducible by seed (SPEC §4).
+
+::
+
+    seed: 0                        # selection seed (optional, default 0)
+    datasets:
+      - path: coco/llava.jsonl     # any source kind; relative to this file's directory
+        sampling: all              # all | first:N | random:N | random:P%
+        weight: 2                  # how many times the selected records appear per epoch
+      - path: ocr/hf_dataset
+        image_root: ocr/images     # optional (default: the source's own)
+        sampling: random:25%
+        weight: 0.5
+        id_prefix: "ocr/"          # optional: prepended to the member's ids
+
+**Sampling** chooses which records of a member are used, once, when the mixture is opened:
+``all``; ``first:N`` (the first ``N``, or all when fewer); ``random:N`` / ``random:P%`` (``N`` or
+``round(P/100 · n)`` records drawn without replacement by a generator seeded with
+``(seed, member position)``, kept in file order). The same file and seed select the same records.
+
+**Weight** ``w > 0`` is the member's rate relative to its selection: the selected records appear
+``floor(w)`` times per epoch, plus a seeded subset of ``round(frac(w) · n_selected)`` of them (drawn
+without replacement; ``w = 0.5``: half the selection). Member ``i`` is therefore
+``w_i · n_i / Σ_j w_j n_j`` of every epoch, exactly up to rounding, and its records repeat rather
+than being drawn with replacement (the token-budget batcher shuffles each epoch). A repeated record
+keeps its id, with ``"#k"`` appended for its ``k``-th extra copy, so ids stay unique and stable.
+
+**Result.** A mixture of map-style members (LLaVA JSON/JSONL, Hugging Face datasets, nested
+mixtures) is one map-style :class:`MixtureSource`: the length index, batcher, rank split and exact
+resume apply unchanged. A mixture whose members are *all* tar shards is one streaming
+:class:`~cmpt.data.webdataset.ShardList`, mixed at shard granularity: only ``sampling: all`` is
+accepted, and the weight repeats the member's shard list ``floor(w)`` times plus a seeded subset of
+``round(frac(w) · shards)`` shards. Mixing tar shards with map-style members is refused: convert one
+side (:mod:`cmpt.data.convert`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cmpt.data.sources import BadSample, Record, open_source, source_kind
+
+__all__ = ["MixtureMember", "MixtureSource", "load_mixture", "parse_sampling", "select_indices", "weighted"]
+
+_SAMPLING = re.compile(r"\s*(all|first:(\d+)|random:(\d+)|random:(\d+(?:\.\d*)?)\s*%)\s*")
+
+
+@dataclass
+class MixtureMember:
+    """One entry of ``datasets:`` (see the module docstring)."""
+
+    path: str
+    sampling: str = "all"
+    weight: float = 1.0
+    image_root: str = ""
+    id_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        parse_sampling(self.sampling)
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight <= 0:
+            raise ValueError(
+                f"mixture member {self.path!r}: weight must be a number > 0, got {self.weight!r}"
+            )
+
+
+def parse_sampling(spec: str) -> tuple[str, float]:
+    """``"all" -> ("all", 0)``, ``"first:N" -> ("first", N)``, ``"random:N" -> ("random", N)``,
+    ``"random:P%" -> ("percent", P)``; ``ValueError`` otherwise."""
+    m = _SAMPLING.fullmatch(str(spec))
+    if m is None:
+        raise ValueError(f"sampling must be all, first:N, random:N or random:P%, got {spec!r}")
+    if m.group(2) is not None:
+        return "first", int(m.group(2))
+    if m.group(3) is not None:
+        return "random", int(m.group(3))
+    if m.group(4) is not None:
+        p = float(m.group(4))
+        if not 0 < p <= 100:
+            raise ValueError(f"sampling percentage must be in (0, 100], got {spec!r}")
+        return "percent", p
+    return "all", 0
+
+
+def select_indices(n: int, spec: str, rng: np.random.Generator) -> np.ndarray:
+    """The record indices of a source of ``n`` records chosen by sampling ``spec``, in file order."""
+    kind, value = parse_sampling(spec)
+    if kind == "all":
+        return np.arange(n, dtype=np.int64)
+    if kind == "first":
+        return np.arange(min(n, int(value)), dtype=np.int64)
+    k = min(n, int(value)) if kind == "random" else min(n, round(value / 100 * n))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
+def weighted(selected: np.ndarray, weight: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, copy numbers)`` of ``selected`` repeated ``floor(weight)`` times plus a seeded
+    subset of ``round(frac(weight) · len)`` of them (copy number ``floor(weight)``)."""
+    whole = math.floor(weight)
+    frac = round((weight - whole) * len(selected))
+    idx = [selected] * whole
+    copies = [np.full(len(selected), k, dtype=np.int64) for k in range(whole)]
+    if frac:
+        idx.append(np.sort(rng.choice(selected, size=frac, replace=False)))
+        copies.append(np.full(frac, whole, dtype=np.int64))
+    if not idx:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(idx).astype(np.int64), np.concatenate(copies)
+
+
+class MixtureSource:
+    """Map-style mixture of map-style sources (SPEC §4); ``source[i] -> Record`` with a stable id.
+
+    ``members``: the entries; ``sources``: already opened sources in the same order (optional).
+    ``member[i]`` / ``record_index[i]`` / ``copy[i]``: where entry ``i`` comes from.
+    """
+
+    def __init__(
+        self,
+        members: list[MixtureMember],
+        *,
+        seed: int = 0,
+        base_dir: str | os.PathLike = "",
+        sources: list[Any] | None = None,
+        path: str = "",
+    ) -> None:
+        if not members:
+            raise ValueError("a mixture needs at least one member in 'datasets'")
+        self.members, self.seed, self.path = list(members), int(seed), path or "<mixture>"
+        base = os.fspath(base_dir)
+        if sources is None:
+            sources = [
+                open_source(_resolve(base, m.path), _resolve(base, m.image_root) or None) for m in members
+            ]
+        for m, src in zip(members, sources):
+            if not (hasattr(src, "__getitem__") and hasattr(src, "__len__")):
+                raise ValueError(f"mixture member {m.path!r} is not map-style (tar shards): {_NO_MIX}")
+        self.sources = sources
+        member, index, copy = [], [], []
+        for k, (m, src) in enumerate(zip(members, sources)):
+            sel = select_indices(len(src), m.sampling, np.random.default_rng([self.seed, k]))
+            idx, cp = weighted(sel, float(m.weight), np.random.default_rng([self.seed, k, 1]))
+            member.append(np.full(len(idx), k, dtype=np.int32))
+            index.append(idx)
+            copy.append(cp)
+        self.member = np.concatenate(member)
+        self.record_index = np.concatenate(index)
+        self.copy = np.concatenate(copy)
+
+    def __len__(self) -> int:
+        return len(self.member)
+
+    def member_counts(self) -> list[int]:
+        """Entries per member in one epoch of the mixture."""
+        return np.bincount(self.member, minlength=len(self.members)).tolist()
+
+    def _id(self, k: int, rid: str, copy: int) -> str:
+        return f"{self.members[k].id_prefix}{rid}" + (f"#{copy}" if copy else "")
+
+    def __getitem__(self, i: int) -> Record:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} records in {self.path}")
+        i %= n
+        k, j, c = int(self.member[i]), int(self.record_index[i]), int(self.copy[i])
+        try:
+            rec = self.sources[k][j]
+        except BadSample as e:
+            raise BadSample(self._id(k, e.id, c), e.reason, e.detail) from None
+        rec.id, rec.index = self._id(k, rec.id, c), i
+        return rec
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The members' fingerprints, their settings and the seed."""
+        return {
+            "seed": self.seed,
+            "members": [{**asdict(m), "source": s.fingerprint()} for m, s in zip(self.members, self.sources)],
+        }
+
+    def __repr__(self) -> str:
+        return f"MixtureSource({self.path!r}, members={len(self.members)}, records={len(self)})"
+
+
+_NO_MIX = (
+    "a mixture is either all map-style sources (JSON/JSONL, Hugging Face datasets) or all tar shards; "
+    "convert one side with cmpt.data.convert (llava_to_wds / llava_to_hf)"
+)
+_KEYS = {"path", "sampling", "weight", "image_root", "id_prefix"}
+
+
+def _resolve(base: str, p: str) -> str:
+    if not p:
+        return ""
+    p = os.path.expandvars(os.path.expanduser(str(p)))
+    return p if os.path.isabs(p) or not base else os.path.join(base, p)
+
+
+def _tar_mixture(members: list[MixtureMember], seed: int, base: str) -> Any:
+    from cmpt.data.webdataset import ShardList, expand_shards
+
+    paths: list[str] = []
+    for k, m in enumerate(members):
+        if parse_sampling(m.sampling)[0] != "all":
+            raise ValueError(
+                f"mixture member {m.path!r}: tar shards support only 'sampling: all' (use the weight, "
+                "applied per shard, or convert the member to JSON / a Hugging Face dataset)"
+            )
+        shards = np.asarray(expand_shards(_resolve(base, m.path)), dtype=object)
+        idx, _ = weighted(np.arange(len(shards)), float(m.weight), np.random.default_rng([seed, k, 1]))
+        paths += shards[idx].tolist()
+    return ShardList(paths)
+
+
+def load_mixture(path: str | os.PathLike) -> Any:
+    """Open a mixture YAML: a :class:`MixtureSource`, or a ``ShardList`` when every member is tar shards."""
+    p = os.fspath(path)
+    with open(p, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
+        raise ValueError(f"{p}: a mixture YAML needs a 'datasets:' list (and optionally 'seed:')")
+    unknown = set(doc) - {"datasets", "seed"}
+    if unknown:
+        raise ValueError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected 'datasets' and 'seed'")
+    members = []
+    for n, entry in enumerate(doc["datasets"]):
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ValueError(f"{p}: datasets[{n}] must be a mapping with a 'path'")
+        bad = set(entry) - _KEYS
+        if bad:
+            raise ValueError(f"{p}: datasets[{n}] has unknown key(s) {sorted(bad)}; expected {sorted(_KEYS)}")
+        members.append(MixtureMember(**{k: entry[k] for k in entry if entry[k] is not None}))
+    seed, base = int(doc.get("seed") or 0), os.path.dirname(os.path.abspath(p))
+    kinds = [source_kind(_resolve(base, m.path)) for m in members]
+    if all(k == "tar" for k in kinds):
+        return _tar_mixture(members, seed, base)
+    if "tar" in kinds:
+        raise ValueError(f"{p}: {_NO_MIX}")
+    return MixtureSource(members, seed=seed, base_dir=base, path=os.path.abspath(p))
