@@ -202,6 +202,14 @@ def head_threads(device: torch.device | str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def finish_result(result: dict[str, Any], out: str | os.PathLike | None, **provenance: Any) -> dict[str, Any]:
+    """Add where the numbers came from (model, data) to ``result``; write it as JSON to ``out`` if given."""
+    result.update(provenance)
+    if out is not None:
+        write_json(result, Path(out))
+    return result
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON (atomic rename); NaN becomes ``null``."""
     path = Path(path)

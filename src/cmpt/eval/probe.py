@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from cmpt.eval.features import (
     _pooled_features,
     feature_setting,
+    finish_result,
     first_images,
     head_threads,
     load_records,
@@ -37,7 +37,6 @@ from cmpt.eval.features import (
     pick_device,
     processor_with,
     resolve_split_files,
-    write_json,
 )
 from cmpt.vision.processor import ImageProcessor
 
@@ -230,7 +229,4 @@ def probe_main(
         seed=seed,
         processor=proc,
     )
-    result.update(model=str(model), train_json=str(train), val_json=str(val))
-    if out is not None:
-        write_json(result, Path(out))
-    return result
+    return finish_result(result, out, model=str(model), train_json=str(train), val_json=str(val))

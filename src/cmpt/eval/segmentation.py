@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from torch import nn
 from cmpt.data.sources import resolve_image_path
 from cmpt.eval.features import (
     extract_patch_maps,
+    finish_result,
     first_images,
     head_threads,
     load_records,
@@ -42,7 +42,6 @@ from cmpt.eval.features import (
     pick_device,
     processor_with,
     resolve_split_files,
-    write_json,
 )
 from cmpt.eval.metrics import SegMeter
 from cmpt.vision.processor import ImageProcessor
@@ -235,7 +234,4 @@ def seg_main(
         seed=seed,
         processor=proc,
     )
-    result.update(model=str(model), train_json=str(train), val_json=str(val))
-    if out is not None:
-        write_json(result, Path(out))
-    return result
+    return finish_result(result, out, model=str(model), train_json=str(train), val_json=str(val))

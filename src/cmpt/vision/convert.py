@@ -43,6 +43,18 @@ def _grid(num_positions: int, family: str) -> int:
     return g
 
 
+def _config(c, family: str, **fields) -> NativeViTConfig:
+    """A NativeViTConfig with the fields every HF vision config names alike, plus ``fields``."""
+    shared = dict(
+        patch_size=c.patch_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        source=f"hf:{family}",
+    )
+    return NativeViTConfig(**{**shared, **fields})
+
+
 def _qkv(sd: dict, prefix: str, q: str, k: str, v: str) -> dict:
     out = {f"{prefix}.weight": torch.cat([sd[f"{q}.weight"], sd[f"{k}.weight"], sd[f"{v}.weight"]])}
     if f"{q}.bias" in sd:
@@ -69,11 +81,9 @@ def _dinov2(hf) -> tuple[NativeViTConfig, dict]:
     if swiglu:
         hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     regs = getattr(c, "num_register_tokens", 0)
-    cfg = NativeViTConfig(
-        patch_size=c.patch_size,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+    cfg = _config(
+        c,
+        c.model_type,
         intermediate_size=hidden,
         norm="layernorm",
         norm_eps=c.layer_norm_eps,
@@ -88,7 +98,6 @@ def _dinov2(hf) -> tuple[NativeViTConfig, dict]:
         pool="cls",
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
-        source=f"hf:{c.model_type}",
     )
     pos = sd["embeddings.position_embeddings"][0]
     out = {"cls_token": sd["embeddings.cls_token"].reshape(1, -1), "cls_pos": pos[:1], "pos_embed": pos[1:]}
@@ -135,11 +144,9 @@ def _siglip(hf) -> tuple[NativeViTConfig, dict]:
     vm = getattr(hf, "vision_model", hf)
     c, sd = vm.config, vm.state_dict()
     use_head = "head.probe" in sd
-    cfg = NativeViTConfig(
-        patch_size=c.patch_size,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+    cfg = _config(
+        c,
+        "siglip",
         intermediate_size=c.intermediate_size,
         norm_eps=c.layer_norm_eps,
         mlp=_act(c.hidden_act, "siglip"),
@@ -147,7 +154,6 @@ def _siglip(hf) -> tuple[NativeViTConfig, dict]:
         pool="map" if use_head else "mean",
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
-        source="hf:siglip",
     )
     out = _patch(sd, "embeddings.patch_embedding") | {"pos_embed": sd["embeddings.position_embedding.weight"]}
     out |= _clip_like_layers(sd, c.num_hidden_layers) | _copy(sd, "norm", "post_layernorm")
@@ -171,11 +177,9 @@ def _siglip(hf) -> tuple[NativeViTConfig, dict]:
 def _clip(hf) -> tuple[NativeViTConfig, dict]:
     vm = getattr(hf, "vision_model", hf)
     c, sd = vm.config, vm.state_dict()
-    cfg = NativeViTConfig(
-        patch_size=c.patch_size,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+    cfg = _config(
+        c,
+        "clip",
         intermediate_size=c.intermediate_size,
         norm_eps=c.layer_norm_eps,
         mlp=_act(c.hidden_act, "clip"),
@@ -189,7 +193,6 @@ def _clip(hf) -> tuple[NativeViTConfig, dict]:
         pool_norm=True,  # post_layernorm applies to the pooled CLS only
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
-        source="hf:clip",
     )
     pos = sd["embeddings.position_embedding.weight"]
     out = _patch(sd, "embeddings.patch_embedding")
@@ -207,11 +210,9 @@ def _aimv2(hf) -> tuple[NativeViTConfig, dict]:
     vm = getattr(hf, "vision_model", hf)
     c, sd = vm.config, vm.state_dict()
     native = bool(getattr(c, "is_native", False))
-    cfg = NativeViTConfig(
-        patch_size=c.patch_size,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+    cfg = _config(
+        c,
+        "aimv2" + ("-native" if native else ""),
         intermediate_size=c.intermediate_size,
         norm="rmsnorm",
         norm_eps=c.rms_norm_eps,
@@ -225,7 +226,6 @@ def _aimv2(hf) -> tuple[NativeViTConfig, dict]:
         pool="mean",  # AIMv2's attention-pooling head is not converted; pooled output = patch mean
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
-        source="hf:aimv2" + ("-native" if native else ""),
     )
     out = _patch(sd, "embeddings.patch_embed") | _copy(sd, "patch_norm", "embeddings.rms_norm")
     if not native:
