@@ -53,6 +53,20 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def best_times_interleaved(fns: list, repeats: int) -> list[float]:
+    """Best time of each function, measured round-robin so that a burst of load on this shared
+    machine hits every method alike instead of one of them."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     t = best_time(lambda: a @ b, repeats)
@@ -116,9 +130,7 @@ def measure(vit, hf, sizes, repeats: int, peak: float, min_long: int) -> dict:
         for im in imgs:
             hf(pixel_values=im[None]).last_hidden_state.square().mean().backward()
 
-    t_packed = best_time(run_packed, repeats)
-    t_padded = best_time(run_padded, repeats)
-    t_single = best_time(run_single, repeats)
+    t_packed, t_padded, t_single = best_times_interleaved([run_packed, run_padded, run_single], repeats)
 
     tokens = [1 + (h // P) * (w // P) for h, w in sizes]
     flops = 3 * sum(n * vit.num_flops_per_token(n) for n in tokens)  # forward + backward ≈ 3 × forward
