@@ -106,11 +106,3 @@ def test_budget_batches():
 def test_python_dash_m_help():
     res = subprocess.run([sys.executable, "-m", "cmpt", "--help"], capture_output=True, text=True, check=True)
     assert "encode" in res.stdout and "demo" in res.stdout
-
-
-def test_demo_quick(tmp_path):
-    summary = __import__("cmpt.demo", fromlist=["run_demo"]).run_demo(
-        tmp_path / "out", quick=True, cache=tmp_path / "c"
-    )
-    assert summary["images"] == 8 and summary["patches"] > 0
-    assert (tmp_path / "out" / "summary.json").is_file()

@@ -44,6 +44,7 @@ from .recipes.paths import cache_root
 __all__ = ["FULL", "MARKER", "QUICK", "TinySizes", "prepare_tiny", "tiny_root"]
 
 MARKER = ".cmpt-complete.json"
+DATA_FORMAT = 2  # bump when the layout or content of data/ changes: cached data is rebuilt
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -55,45 +56,32 @@ class TinySizes:
     docs: tuple[int, int] = (300, 48)
     scenes: tuple[int, int, int] = (1200, 240, 48)  # train, val, test
     scenes_in_mix: int = 300  # scene samples in the VLM training mixture
+    seg_train: int = 300  # scene train samples of the segmentation probe (it trains on full label maps)
     vit_size: int = 112  # the fixed pretraining resolution (square, pixels)
     vit_hidden: int = 96
     vit_layers: int = 4
     vit_heads: int = 4
-    vit_steps: int = 500
+    vit_steps: int = 400
     vit_batch: int = 64
-    vit_lr: float = 1e-3
+    vit_lr: float = 2e-3
     lm_vocab: int = 1024
     lm_hidden: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
     lm_kv_heads: int = 2
     lm_intermediate: int = 384
-    lm_steps: int = 400
+    lm_steps: int = 250
     lm_batch: int = 16
     lm_lr: float = 2e-3
     lm_max_len: int = 320
 
 
 FULL = TinySizes()
-QUICK = TinySizes(
-    charts=(16, 8),
-    docs=(16, 8),
-    scenes=(96, 48, 8),
-    scenes_in_mix=16,
-    vit_size=56,
-    vit_hidden=32,
-    vit_layers=2,
-    vit_steps=60,
-    vit_batch=32,
-    vit_lr=2e-3,
-    lm_vocab=384,
-    lm_hidden=32,
-    lm_layers=2,
-    lm_intermediate=64,
-    lm_steps=30,
-    lm_batch=8,
-    lm_max_len=256,
-)
+QUICK = TinySizes(  # --quick / tests: seconds, not minutes
+    charts=(16, 8), docs=(16, 8), scenes=(96, 48, 8), scenes_in_mix=16, seg_train=32,
+    vit_size=56, vit_hidden=48, vit_layers=2, vit_steps=150, vit_batch=32, vit_lr=3e-3,
+    lm_vocab=384, lm_hidden=32, lm_layers=2, lm_intermediate=64, lm_steps=30, lm_batch=8, lm_max_len=256,
+)  # fmt: skip
 
 
 def tiny_root(cache: str | os.PathLike | None = None, quick: bool = False) -> Path:
@@ -138,15 +126,42 @@ def _generate_job(kind: str, n: int, out: str, seed: int, split: str) -> str:
     return str(generate(kind, n, out, seed=split_seed(seed, split), split=split))
 
 
-def _mixture(data: Path, parts: list[tuple[str, str, int | None]], out_name: str) -> Path:
-    """Concatenate ``(kind, split, limit)`` JSON lists into ``data/<out_name>`` (paths re-rooted)."""
-    records = []
+def _vqa_style(rec: dict) -> dict:
+    """The same sample as a VQA-style conversation (LLaVA-1.5 mix style): the image with the first
+    question, every question with the benchmark's answer-format suffix (as evaluated by
+    :func:`cmpt.eval.vqa.evaluate_vqa`), the caption request last. The answers are unchanged."""
+    from .eval.vqa import CHARTQA_SUFFIX, SHORT_ANSWER_SUFFIX
+
+    conv = rec["conversations"]
+    if len(conv) < 4:
+        return rec
+    suffix = CHARTQA_SUFFIX if rec["meta"]["kind"] == "charts" else SHORT_ANSWER_SUFFIX
+    turns = []
+    for i in range(2, len(conv) - 1, 2):
+        turns += [
+            {"from": "human", "value": ("<image>\n" if i == 2 else "") + conv[i]["value"] + suffix},
+            conv[i + 1],
+        ]
+    turns += [{"from": "human", "value": conv[0]["value"].replace("<image>\n", "")}, conv[1]]
+    return dict(rec, conversations=turns)
+
+
+def _mixture(
+    data: Path, parts: list[tuple[str, str, int | None]], out_name: str, vqa_style: bool = False
+) -> Path:
+    """Interleave ``(kind, split, limit)`` JSON lists into ``data/<out_name>`` (image paths re-rooted),
+    round-robin, so that the first ``k`` records (an evaluation ``limit``) mix all kinds. With
+    ``vqa_style`` every other record of a kind becomes a VQA-style conversation (:func:`_vqa_style`)."""
+    lists = []
     for kind, split, limit in parts:
-        for rec in json.loads((data / kind / f"{split}.json").read_text())[:limit]:
+        recs = []
+        for i, rec in enumerate(json.loads((data / kind / f"{split}.json").read_text())[:limit]):
             rec = dict(rec, image=f"{kind}/{rec['image']}", meta=dict(rec["meta"]))
             if "mask" in rec["meta"]:
                 rec["meta"]["mask"] = f"{kind}/{rec['meta']['mask']}"
-            records.append(rec)
+            recs.append(_vqa_style(rec) if vqa_style and i % 2 == 0 else rec)
+        lists.append(recs)
+    records = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
     path = data / out_name
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
@@ -164,7 +179,16 @@ def _build_data(out: Path, s: TinySizes, seed: int, workers: int = 1) -> dict:
     else:
         for a in args:
             _generate_job(*a)
-    _mixture(out, [("charts", "train", None), ("docs", "train", None), ("scenes", "train", s.scenes_in_mix)], "train.json")
+    for split in ("train", "val", "test"):  # a second probe label: the number of shapes
+        path = out / "scenes" / f"{split}.json"
+        scenes = json.loads(path.read_text())
+        for rec in scenes:
+            rec["meta"]["num_shapes"] = len(rec["meta"]["shapes"])
+        path.write_text(json.dumps(scenes, indent=1, ensure_ascii=False) + "\n")
+        if split == "train":
+            (out / "scenes" / "seg_train.json").write_text(json.dumps(scenes[: s.seg_train], indent=1) + "\n")
+    mix = [("charts", "train", None), ("docs", "train", None), ("scenes", "train", s.scenes_in_mix)]
+    _mixture(out, mix, "train.json", vqa_style=True)
     _mixture(out, [("charts", "test", None), ("docs", "test", None)], "test.json")
     return {"counts": {f"{k}/{sp}": n for k, n, sp in jobs}}
 
@@ -179,8 +203,7 @@ def _scene_arrays(json_path: Path, size: int) -> tuple[torch.Tensor, torch.Tenso
     images, targets = [], []
     for rec in json.loads(json_path.read_text()):
         img = Image.open(json_path.parent / rec["image"]).convert("RGB")
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-        images.append(np.asarray(img).transpose(2, 0, 1))
+        images.append(np.asarray(img.resize((size, size), Image.Resampling.BICUBIC)).transpose(2, 0, 1))
         shapes = rec["meta"]["shapes"]
         targets.append([rec["meta"]["label"], colours.index(shapes[0]["color"]), len(shapes) - 2])
     return torch.from_numpy(np.stack(images)), torch.tensor(targets)
@@ -209,23 +232,57 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def _fit(
+    model: torch.nn.Module,
+    batch_loss: Callable[[int, torch.Generator], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    desc: str,
+    seed: int,
+) -> float:
+    """AdamW, linear warmup (10 %) then cosine, gradient clipping at 1, a progress bar; returns the
+    last loss. ``batch_loss(step, generator)`` draws a batch and returns its loss."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen, warmup = torch.Generator().manual_seed(seed), max(1, steps // 10)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    for step in bar:
+        scale = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        loss = batch_loss(step, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return loss.item()
 
 
 @torch.no_grad()
 def _accuracy(model: _Classifier, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Top-1 of every head."""
     model.eval()
-    logits = [torch.cat(parts) for parts in zip(*(model(_normalize(b)) for b in x.split(128)))]
-    return {name: float((lg.argmax(1) == y[:, i]).float().mean()) for i, ((name, _), lg) in enumerate(zip(HEADS, logits))}
+    outs = [model(_normalize(b)) for b in x.split(128)]
+    return {
+        name: float((torch.cat([o[i] for o in outs]).argmax(1) == y[:, i]).float().mean())
+        for i, (name, _) in enumerate(HEADS)
+    }
 
 
 def _build_vit(out: Path, data: Path, s: TinySizes, seed: int) -> dict:
     """Train a Dinov2Model at ``s.vit_size²`` on scenes; save it in HF format + preprocessor config."""
     import transformers as tf
-    from tqdm.auto import tqdm
 
     x_tr, y_tr = _scene_arrays(data / "scenes" / "train.json", s.vit_size)
     x_va, y_va = _scene_arrays(data / "scenes" / "val.json", s.vit_size)
@@ -241,53 +298,43 @@ def _build_vit(out: Path, data: Path, s: TinySizes, seed: int) -> dict:
         drop_path_rate=0.0,
     )
     model = _Classifier(tf.Dinov2Model(cfg), s.vit_hidden)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.vit_lr, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    chance = {name: 1.0 / n for name, n in HEADS}
-    model.train()
-    bar = tqdm(range(s.vit_steps), desc="ViT pretraining", unit="step", leave=False)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = s.vit_lr * _cosine(step, s.vit_steps, max(1, s.vit_steps // 10))
+
+    def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(x_tr), (s.vit_batch,), generator=gen)
-        xb = x_tr[idx]
-        flip = torch.rand(len(idx), generator=gen) < 0.5  # every target is invariant to flips
-        xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
+        xb = x_tr[idx].flip(-1) if step % 2 else x_tr[idx]  # flips change no target
         logits = model(_normalize(xb))
-        loss = sum(torch.nn.functional.cross_entropy(lg, y_tr[idx, i]) for i, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+        return sum(torch.nn.functional.cross_entropy(lg, y_tr[idx, i]) for i, lg in enumerate(logits))
+
+    last = _fit(
+        model,
+        batch_loss,
+        steps=s.vit_steps,
+        lr=s.vit_lr,
+        weight_decay=0.05,
+        desc="ViT pretraining",
+        seed=seed,
+    )
+    chance = {name: 1.0 / n for name, n in HEADS}
     val, train = _accuracy(model, x_va, y_va), _accuracy(model, x_tr[:512], y_tr[:512])
     model.vit.save_pretrained(str(out))
-    pre = {
-        "image_processor_type": "BitImageProcessor",
-        "do_resize": True,
-        "size": {"height": s.vit_size, "width": s.vit_size},
-        "resample": 3,
-        "do_center_crop": False,
-        "crop_size": {"height": s.vit_size, "width": s.vit_size},
-        "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-    }
+    side = {"height": s.vit_size, "width": s.vit_size}  # a fixed-resolution checkpoint (DINOv2-style)
+    pre = dict(image_processor_type="BitImageProcessor", size=side, crop_size=side, do_center_crop=False)
+    pre |= dict(resample=3, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1) + "\n")
     stats = {
         "resolution": s.vit_size,
-        "val_accuracy": val["shape"],
+        "val_accuracy": sum(val.values()) / len(val),  # mean over the tasks
+        "chance_accuracy": sum(chance.values()) / len(chance),
         "val": val,
         "train": train,
         "chance": chance,
         "n_train": len(x_tr),
         "n_val": len(x_va),
-        "final_loss": float(loss),
+        "final_loss": last,
     }
     (out / "pretrain.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(
-        f"  ViT @ {s.vit_size}px: val accuracy shape {val['shape']:.3f} (chance 0.333), "
+        f"  ViT @ {s.vit_size}px, val accuracy: shape {val['shape']:.3f} (chance 0.333), "
         f"colour {val['colour']:.3f} (0.125), count {val['count']:.3f} (0.25)"
     )
     return stats
@@ -299,7 +346,10 @@ def _chat_texts(json_path: Path, tokenizer: Any = None) -> list[str]:
     texts = []
     for rec in json.loads(json_path.read_text()):
         msgs = [
-            {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace("<image>\n", "")}
+            {
+                "role": "user" if t["from"] == "human" else "assistant",
+                "content": t["value"].replace("<image>\n", ""),
+            }
             for t in rec["conversations"]
         ]
         if tokenizer is None:
@@ -322,57 +372,38 @@ def _lm_loss(model: Any, seqs: list[torch.Tensor], pad_id: int) -> torch.Tensor:
 
 def _build_lm(out: Path, data: Path, s: TinySizes, seed: int) -> dict:
     """BPE tokenizer + Qwen2 causal LM pretrained on the training conversations (text only)."""
-    from tqdm.auto import tqdm
-
     from .tiny_lm import build_tiny_causal_lm, save_tiny_lm, train_tokenizer
 
     tok = train_tokenizer(_chat_texts(data / "train.json"), vocab_size=s.lm_vocab)
     train = _lm_batches(tok, _chat_texts(data / "train.json", tok), s.lm_max_len)
     test = _lm_batches(tok, _chat_texts(data / "test.json", tok), s.lm_max_len)
-    model = build_tiny_causal_lm(
-        tok,
-        hidden_size=s.lm_hidden,
-        num_layers=s.lm_layers,
-        num_heads=s.lm_heads,
-        num_kv_heads=s.lm_kv_heads,
-        intermediate_size=s.lm_intermediate,
-        seed=seed,
-    )
+    sizes = dict(hidden_size=s.lm_hidden, num_layers=s.lm_layers, num_heads=s.lm_heads)
+    sizes |= dict(num_kv_heads=s.lm_kv_heads, intermediate_size=s.lm_intermediate)
+    model = build_tiny_causal_lm(tok, seed=seed, **sizes)
     pad = tok.pad_token_id
 
     @torch.no_grad()
     def held_out() -> float:
         model.eval()
         losses = [float(_lm_loss(model, test[i : i + 16], pad)) for i in range(0, len(test), 16)]
-        model.train()
         return sum(losses) / len(losses)
 
-    before = held_out()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lm_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(s.lm_steps), desc="LM pretraining", unit="step", leave=False)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = s.lm_lr * _cosine(step, s.lm_steps, max(1, s.lm_steps // 10))
+    def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(train), (s.lm_batch,), generator=gen).tolist()
-        loss = _lm_loss(model, [train[i] for i in idx], pad)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+        return _lm_loss(model, [train[i] for i in idx], pad)
+
+    before = held_out()
+    last = _fit(
+        model, batch_loss, steps=s.lm_steps, lr=s.lm_lr, weight_decay=0.01, desc="LM pretraining", seed=seed
+    )
     after = held_out()
-    model.eval()
     save_tiny_lm(model, tok, out)
-    n_tokens = sum(len(t) for t in train)
     stats = {
         "vocab_size": len(tok),
         "held_out_loss_before": before,
         "held_out_loss": after,
-        "final_train_loss": float(loss),
-        "train_tokens": n_tokens,
+        "final_train_loss": last,
+        "train_tokens": sum(len(t) for t in train),
         "params": sum(p.numel() for p in model.parameters()),
     }
     (out / "pretrain.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -387,13 +418,15 @@ def prepare_tiny(cache: Path | str | None = None, *, quick: bool = False, seed: 
     Returns paths: ``root``, ``vision`` (HF Dinov2 dir), ``llm`` (HF causal-LM dir), ``data``
     (``data/train.json``, the VLM mixture), ``data_test`` (``data/test.json``, held-out charts +
     docs), ``scenes_train`` / ``scenes_val`` / ``scenes_test`` (probe and scene-QA splits),
+    ``scenes_seg_train`` (the first scenes of ``scenes_train``, for the segmentation probe),
     ``vision_stats`` / ``lm_stats`` (the ``pretrain.json`` records, e.g. the ViT's val accuracy).
     """
     s = QUICK if quick else FULL
     root = tiny_root(cache, quick)
     root.mkdir(parents=True, exist_ok=True)
     key = {"seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
-    data_key = {k: key[k] for k in ("seed", "charts", "docs", "scenes", "scenes_in_mix")}
+    data_key = {k: key[k] for k in ("seed", "charts", "docs", "scenes", "scenes_in_mix", "seg_train")}
+    data_key["format"] = DATA_FORMAT
     vit_key = {k: v for k, v in key.items() if k.startswith("vit_")} | data_key
     lm_key = {k: v for k, v in key.items() if k.startswith("lm_")} | data_key
     data = root / "data"
@@ -409,6 +442,7 @@ def prepare_tiny(cache: Path | str | None = None, *, quick: bool = False, seed: 
         "scenes_train": data / "scenes" / "train.json",
         "scenes_val": data / "scenes" / "val.json",
         "scenes_test": data / "scenes" / "test.json",
+        "scenes_seg_train": data / "scenes" / "seg_train.json",
         "vision_stats": root / "vit-hf" / "pretrain.json",
         "lm_stats": root / "lm" / "pretrain.json",
     }
