@@ -9,12 +9,16 @@ Same weights (NativeViT.from_hf of the same checkpoint). Prints a table, then on
 Achieved GFLOP/s is reported against a large fp32 matmul measured in the same run.
 
 Two size distributions by default (long side from 224 or from 112 px, up to 448), one table each.
+On a GPU (``--device cuda --precision bf16``) the packed path uses the ``auto`` attention backend
+(flash-attn, else torch's varlen flash kernel) and the peak is a large bf16 matmul.
 Usage: python benchmarks/bench_vit.py [--repeats 3] [--images 16] [--seed 0] [--min-long 224 112]
+       [--model S|B|L] [--device cpu|cuda] [--precision fp32|bf16] [--attn auto|sdpa|flex|varlen|flash]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -27,6 +31,7 @@ import transformers as tf
 from cmpt import NativeViT
 
 P = 14
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}  # width, depth, heads
 
 
 def mixed_sizes(
@@ -43,14 +48,9 @@ def mixed_sizes(
     return sizes
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def best_times_interleaved(fns: list, repeats: int) -> list[float]:
@@ -61,15 +61,18 @@ def best_times_interleaved(fns: list, repeats: int) -> list[float]:
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = best_time(lambda: a @ b, repeats)
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    (t,) = best_times_interleaved([lambda: a @ b], repeats)
     return 2 * n**3 / t / 1e9
 
 
@@ -81,24 +84,35 @@ def main() -> None:
     ap.add_argument(
         "--min-long", type=int, nargs="+", default=[224, 112], help="smallest long side, one run per value"
     )
+    ap.add_argument("--model", choices=sorted(SIZES), default="S", help="ViT-S/B/L/14 (DINOv2 shapes)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    ap.add_argument("--attn", default="auto", help="attention backend of the packed model")
+    ap.add_argument("--profile", action="store_true", help="also print the top ops of packed and padded")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
-    hf = tf.Dinov2Model(
-        tf.Dinov2Config(
-            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=P
-        )
-    )
+    width, depth, heads = SIZES[args.model]
+    shape = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads)
+    hf = tf.Dinov2Model(tf.Dinov2Config(**shape, image_size=518, patch_size=P))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        vit = NativeViT.from_hf(d, rope=False, keep_prefix_tokens=True)
-    hf.train()
-    vit.train()
+        vit = NativeViT.from_hf(d, rope=False, keep_prefix_tokens=True, attn=args.attn)
+    hf.to(device).train()
+    vit.to(device).train()
 
-    peak = matmul_gflops()
-    results = [
-        measure(vit, hf, mixed_sizes(args.images, args.seed, m), args.repeats, peak, m) for m in args.min_long
-    ]
+    peak = matmul_gflops(device, dtype)
+    amp = (
+        (lambda: torch.autocast(device.type, dtype=dtype))
+        if args.precision == "bf16"
+        else contextlib.nullcontext
+    )
+    results = []
+    for m in args.min_long:
+        sizes = mixed_sizes(args.images, args.seed, m)
+        results.append(measure(vit, hf, sizes, args.repeats, peak, m, device, amp, args.profile))
     print(
         json.dumps(
             results[0]
@@ -108,45 +122,78 @@ def main() -> None:
     )
 
 
-def measure(vit, hf, sizes, repeats: int, peak: float, min_long: int) -> dict:
+def profile(fn, name: str, device: torch.device, rows: int = 15) -> None:
+    """Print ``fn``'s most expensive ops (device time on a GPU, own CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        fn()
+        _sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {name} ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def measure(
+    vit, hf, sizes, repeats: int, peak: float, min_long: int, device, amp, show_profile: bool = False
+) -> dict:
     """Time packed / padded / one-by-one forward+backward on one batch of ``sizes``; print a table."""
-    imgs = [torch.randn(3, h, w) for h, w in sizes]
+    imgs = [torch.randn(3, h, w, device=device) for h, w in sizes]
     hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-    padded = torch.zeros(len(imgs), 3, hmax, wmax)
+    padded = torch.zeros(len(imgs), 3, hmax, wmax, device=device)
     for i, im in enumerate(imgs):
         padded[i, :, : im.shape[1], : im.shape[2]] = im
 
     def run_packed():
         vit.zero_grad(set_to_none=True)
-        out = vit.forward_images(imgs)
-        torch.cat(out).square().mean().backward()
+        with amp():
+            out = torch.cat(vit.forward_images(imgs))
+        out.float().square().mean().backward()
 
     def run_padded():
         hf.zero_grad(set_to_none=True)
-        hf(pixel_values=padded).last_hidden_state.square().mean().backward()
+        with amp():
+            out = hf(pixel_values=padded).last_hidden_state
+        out.float().square().mean().backward()
 
     def run_single():
         hf.zero_grad(set_to_none=True)
         for im in imgs:
-            hf(pixel_values=im[None]).last_hidden_state.square().mean().backward()
+            with amp():
+                out = hf(pixel_values=im[None]).last_hidden_state
+            out.float().square().mean().backward()
 
     t_packed, t_padded, t_single = best_times_interleaved([run_packed, run_padded, run_single], repeats)
+    if show_profile:
+        profile(run_packed, "cmpt packed", device)
+        profile(run_padded, "HF padded", device)
 
     tokens = [1 + (h // P) * (w // P) for h, w in sizes]
     flops = 3 * sum(n * vit.num_flops_per_token(n) for n in tokens)  # forward + backward ≈ 3 × forward
+    n_pad = 1 + (hmax // P) * (wmax // P)
+    padded_flops = 3 * len(imgs) * n_pad * vit.num_flops_per_token(n_pad)
     rows = [
         ("cmpt packed", t_packed, sum(tokens)),
-        ("HF padded", t_padded, len(imgs) * (1 + (hmax // P) * (wmax // P))),
+        ("HF padded", t_padded, len(imgs) * n_pad),
         ("HF one-by-one", t_single, sum(tokens)),
     ]
-    print(f"\nlong side in [{min_long}, 448], threads={torch.get_num_threads()}, images={len(imgs)}: {sizes}")
+    threads = f"cpu, threads={torch.get_num_threads()}"
+    where = torch.cuda.get_device_name() if device.type == "cuda" else threads
+    print(f"\nlong side in [{min_long}, 448], {where}, images={len(imgs)}: {sizes}")
     print(f"padded batch: {hmax}x{wmax};  large-matmul peak: {peak:.1f} GFLOP/s")
+    print(
+        f"padded/packed FLOPs: {padded_flops / flops:.2f} (the padded speedup if both ran at one efficiency)"
+    )
     print(f"{'method':<15}{'fwd+bwd s':>11}{'tokens':>9}{'useful GFLOP/s':>16}{'vs packed':>11}")
     for name, t, ntok in rows:
         print(f"{name:<15}{t:>11.3f}{ntok:>9}{flops / t / 1e9:>16.1f}{t / t_packed:>10.2f}x")
     return {
         "speedup_vs_padded": round(t_padded / t_packed, 3),
         "speed_vs_one_by_one": round(t_single / t_packed, 3),
+        "padded_flop_ratio": round(padded_flops / flops, 3),
+        "padded_fraction_of_peak": round(padded_flops / t_padded / 1e9 / peak, 3),
         "packed_gflops": round(flops / t_packed / 1e9, 1),
         "matmul_peak_gflops": round(peak, 1),
         "packed_fraction_of_peak": round(flops / t_packed / 1e9 / peak, 3),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmpt.vision.attention import build_plan, flash_available, varlen_attention
+from cmpt.vision.attention import build_plan, flash_available, torch_varlen_available, varlen_attention
 
 
 def dense_reference(q, k, v, lengths):
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(q.device)
     mask = doc[:, None] == doc[None, :]
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -51,6 +51,8 @@ def test_auto_is_sdpa_on_cpu_and_bad_names_fail():
     if not flash_available():
         with pytest.raises(RuntimeError, match="flash-attn"):
             build_plan([4], "flash", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="'varlen' needs"):
+        build_plan([4], "varlen", torch.device("cpu"), torch.bfloat16)
 
 
 @pytest.mark.slow
@@ -63,10 +65,32 @@ def test_flex_matches_reference(lengths):
     )
 
 
-@pytest.mark.skipif(not (flash_available() and torch.cuda.is_available()), reason="needs flash-attn and CUDA")
-def test_flash_matches_sdpa():
+GPU_BACKENDS = [
+    pytest.param("flash", marks=pytest.mark.skipif(not flash_available(), reason="needs flash-attn")),
+    pytest.param("varlen", marks=pytest.mark.skipif(not torch_varlen_available(), reason="torch<2.10")),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_match_reference_with_gradients(backend):
     lengths = CASES[1]
-    q, k, v = (t.cuda().half() for t in _inputs(lengths))
-    ref = varlen_attention(q, k, v, build_plan(lengths, "sdpa", q.device, q.dtype))
-    out = varlen_attention(q, k, v, build_plan(lengths, "flash", q.device, q.dtype))
-    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in _inputs(lengths))
+    plan = build_plan(lengths, backend, q.device, q.dtype)
+    assert plan.backend == backend
+    out = varlen_attention(q, k, v, plan)
+    ref = dense_reference(q.float(), k.float(), v.float(), lengths)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    refs = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, refs):
+        assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_follows_autocast_on_cuda():
+    dev = torch.device("cuda")
+    assert build_plan([4], "auto", dev, torch.float32).backend == "sdpa"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        chosen = build_plan([4], "auto", dev, torch.float32).backend
+    assert chosen == ("flash" if flash_available() else "varlen" if torch_varlen_available() else "sdpa")

@@ -249,8 +249,9 @@ def test_config_sections_load_and_validate() -> None:
 
 @pytest.mark.slow
 def test_compile_and_checkpointing_match(tmp_path: Path) -> None:
-    fit(tmp_path / "plain", steps=3)
-    fit(tmp_path / "compiled", steps=3, compile=True, activation_checkpointing=True)
+    # fp32 on every device: under bf16 autocast (the CUDA default) fusion legitimately moves roundings
+    fit(tmp_path / "plain", steps=3, precision="fp32")
+    fit(tmp_path / "compiled", steps=3, precision="fp32", compile=True, activation_checkpointing=True)
     a, b = weights(tmp_path / "compiled"), weights(tmp_path / "plain")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cmpt import NativeViT, NativeViTConfig
 from cmpt.vision.rope import patch_positions
@@ -152,3 +153,37 @@ def test_unused_parameters_get_no_gradient_and_the_rest_do(keep_prefix):
     unused = {id(p) for p in vit.unused_parameters()}
     for name, p in vit.named_parameters():
         assert (p.grad is None) == (id(p) in unused), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rope", [False, True])
+def test_cuda_bf16_autocast_matches_cpu_fp32(rope):
+    """On a GPU under bf16 autocast the ``auto`` backend (flash kernel when present) gives the CPU
+    fp32 features within bf16 rounding, packed images included."""
+    vit = tiny(rope=rope, hidden_size=64, num_heads=2)  # head_dim 32: flash kernels need >= 8, even
+    imgs = [torch.randn(3, h, w) for h, w in IMAGES]
+    with torch.no_grad():
+        ref = torch.cat(vit.forward_images(imgs))
+        gpu = vit.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = torch.cat(gpu.forward_images([im.cuda() for im in imgs])).float().cpu()
+    assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_table_interpolation_equals_torch_bicubic(antialias):
+    """The matrix-product resize is F.interpolate's bicubic, up and down, odd and 1-wide grids."""
+    from cmpt.vision.vit import interpolate_table
+
+    g = torch.Generator().manual_seed(int(antialias))
+    for grid, h, w in [(4, 6, 9), (7, 3, 1), (16, 37, 5), (37, 16, 16), (5, 1, 40), (6, 6, 7)]:
+        table = torch.randn(grid * grid, 12, generator=g)
+        ref = F.interpolate(
+            table.reshape(1, grid, grid, 12).permute(0, 3, 1, 2),
+            size=(h, w),
+            mode="bicubic",
+            align_corners=False,
+            antialias=antialias,
+        )
+        ref = ref.permute(0, 2, 3, 1).reshape(h * w, 12)
+        torch.testing.assert_close(interpolate_table(table, grid, h, w, antialias), ref, atol=1e-5, rtol=1e-5)

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
     _bool(p, "rope", "2D RoPE on/off (default: the checkpoint's setting; off for HF checkpoints)")
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash"])
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash", "varlen"])
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) instead of failing"

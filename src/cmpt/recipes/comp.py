@@ -38,7 +38,7 @@ class ModelConfig:
     llm: str = ""
     keep_prefix_tokens: bool = False  # official CoMP drops CLS/registers from the packed stream
     pos_embed_order: Literal["window", "official"] = "window"
-    attn: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    attn: Literal["auto", "sdpa", "flex", "flash", "varlen"] = "auto"
 
 
 @dataclass

@@ -6,8 +6,11 @@ Backends, all giving the same numbers within floating-point tolerance:
   batched together, so a batch of same-size images costs one call. CPU default.
 * ``flex``  — FlexAttention with a document mask (opt-in; compiled once per process).
 * ``flash`` — ``flash_attn_varlen_func`` from the flash-attn package (CUDA, fp16/bf16).
+* ``varlen`` — PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (the same flash kernel,
+  shipped with torch >= 2.10; CUDA, fp16/bf16), for GPUs without the flash-attn package.
 
-``auto`` picks ``flash`` when importable and usable for the inputs, else ``sdpa``.
+``auto`` picks ``flash``, then ``varlen``, when usable for the inputs (CUDA and a half-precision
+compute dtype, autocast included), else ``sdpa``.
 The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the host by
 :func:`build_plan` and shared by every layer (SPEC §6: no per-layer host syncs).
 """
@@ -21,13 +24,23 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "flex", "flash")
+BACKENDS = ("auto", "sdpa", "flex", "flash", "varlen")
 
 
 @cache
 def flash_available() -> bool:
     """True when the flash-attn package is importable."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@cache
+def torch_varlen_available() -> bool:
+    """True when this torch ships ``torch.nn.attention.varlen.varlen_attn``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
@@ -75,14 +88,24 @@ class AttentionPlan:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn ``auto`` into a concrete backend and validate explicit choices."""
+    """Turn ``auto`` into a concrete backend and validate explicit choices. Under autocast the
+    compute dtype is autocast's, not the (float32) residual stream's."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    half_on_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
-        usable = flash_available() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-        return "flash" if usable else "sdpa"
+        if half_on_cuda and flash_available():
+            return "flash"
+        return "varlen" if half_on_cuda and torch_varlen_available() else "sdpa"
     if backend == "flash" and not flash_available():
         raise RuntimeError("attention backend 'flash' needs the flash-attn package: pip install flash-attn")
+    if backend == "varlen" and not (torch_varlen_available() and half_on_cuda):
+        raise RuntimeError(
+            f"attention backend 'varlen' needs torch >= 2.10 on CUDA in float16/bfloat16 (got {device.type}, "
+            f"{dtype}); use attn='sdpa' or 'flex' here"
+        )
     return backend
 
 
@@ -136,4 +159,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
         return flash_attn_varlen_func(
             q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen
         )
+    if plan.backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen)
     raise ValueError(f"unresolved attention backend {plan.backend!r}")

@@ -74,8 +74,33 @@ def _patch(sd: dict, key: str) -> dict:
     return out
 
 
+# transformers < 5.23 names DINOv2's submodules as the original release did; map them to the current
+# names so that one converter serves every transformers 5.x (a timm-style key filter).
+_DINOV2_LEGACY = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+    ".mlp.weights_out.": ".mlp.down_proj.",
+}
+
+
+def _dinov2_current_names(sd: dict) -> dict:
+    out = {}
+    for key, t in sd.items():
+        if ".mlp.weights_in." in key:  # fused [gate; up] rows: silu(first half) * second half
+            gate, up = t.chunk(2, dim=0)
+            out[key.replace(".weights_in.", ".gate_proj.")] = gate
+            out[key.replace(".weights_in.", ".up_proj.")] = up
+            continue
+        for old, new in _DINOV2_LEGACY.items():
+            key = key.replace(old, new)
+        out[key] = t
+    return out
+
+
 def _dinov2(hf) -> tuple[NativeViTConfig, dict]:
-    c, sd = hf.config, hf.state_dict()
+    c, sd = hf.config, _dinov2_current_names(hf.state_dict())
     swiglu = getattr(c, "use_swiglu_ffn", False)
     hidden = int(c.hidden_size * c.mlp_ratio)
     if swiglu:
