@@ -28,80 +28,21 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cmpt.losses import alignment_loss, masked_mean, next_token_loss, segment_mean
 from cmpt.vision.vit import NativeViT
-from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
+from cmpt.vlm.chat import IMAGE_PAD
+from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, save_vlm
 from cmpt.vlm.merger import PatchMerger
 
 __all__ = ["VLMConfig", "VisionLanguageModel"]
-
-VLM_CONFIG_NAME = "vlm_config.json"
-MERGER_WEIGHTS = "merger.safetensors"
-
-
-@dataclass
-class VLMConfig:
-    """Settings of a :class:`VisionLanguageModel` (SPEC §2), stored as ``vlm_config.json``."""
-
-    vision: str = ""  # where the ViT came from (NativeViT dir or HF id/dir), informational
-    llm: str = ""  # where the LLM came from (HF id/dir), informational
-    merge_size: int = 2
-    image_pad_id: int = -1
-    vision_start_id: int = -1
-    vision_end_id: int = -1
-    dummy_image: bool = True  # SPEC §6: text-only batches still use the ViT and merger in training
-    # L_align (SPEC §2; official defaults)
-    vision_temp: float = 0.005
-    sinkhorn_eps: float = 0.005
-    prior_temp: float = 0.05
-    sinkhorn_iters: int = 3
-    sinkhorn_variant: str = "official"
-    caption_max_length: int = 256
-    lm_chunk_size: int = 4096  # rows of LM-head logits built at once (SPEC §6 "LM-head memory")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"cmpt_model", "merger"}
-        if unknown:
-            raise ValueError(f"unknown VLMConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _load_vit(
-    vit: NativeViT | str | Path, vit_from_hf: bool | None, rope: bool | None, keep_prefix_tokens: bool
-) -> NativeViT:
-    """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (SPEC §1)."""
-    if isinstance(vit, NativeViT):
-        updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
-        if rope is not None:
-            updates["rope"] = rope
-        vit.config = replace(vit.config, **updates)  # re-validates (RoPE needs head dim % 4 == 0)
-        return vit
-    if vit_from_hf is None:
-        cfg_file = Path(vit) / "config.json"
-        vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in json.loads(cfg_file.read_text()))
-    if vit_from_hf:
-        return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
-    return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
-
-
-def _single_token_id(tokenizer, token: str) -> int:
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{token} is not a single token of the tokenizer (got ids {ids})")
-    return int(ids[0])
 
 
 class VisionLanguageModel(nn.Module):
@@ -167,45 +108,19 @@ class VisionLanguageModel(nn.Module):
         The vision tokens are added to the tokenizer where missing and the embeddings resized when
         the tokenizer then outgrows them; a tokenizer without a pad token gets ``pad = eos``.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        vit_src = "" if isinstance(vit, NativeViT) else str(vit)
-        vit = _load_vit(vit, vit_from_hf, rope, keep_prefix_tokens)
-        llm_src = str(llm) if isinstance(llm, (str, Path)) else getattr(llm, "name_or_path", "")
-        if isinstance(llm, (str, Path)):
-            kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
-            llm = AutoModelForCausalLM.from_pretrained(str(llm), **kwargs)
-        if tokenizer is None:
-            if not llm_src:
-                raise ValueError("pass tokenizer= when llm is a model object without a name_or_path")
-            tokenizer = AutoTokenizer.from_pretrained(llm_src)
-        ensure_vision_tokens(tokenizer)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-            llm.resize_token_embeddings(len(tokenizer))
-        merge = int(cfg.pop("merge_size", vit.config.merge_size))
-        if merge != vit.config.merge_size:
-            raise ValueError(f"merge_size={merge} differs from the ViT's merge_size={vit.config.merge_size}")
-        config = VLMConfig(
-            vision=vit_src or vit.config.source,
-            llm=llm_src,
-            merge_size=merge,
-            image_pad_id=_single_token_id(tokenizer, IMAGE_PAD),
-            vision_start_id=_single_token_id(tokenizer, VISION_START),
-            vision_end_id=_single_token_id(tokenizer, VISION_END),
+        return build_vlm(
+            cls,
+            vit,
+            llm,
+            tokenizer,
+            vit_from_hf=vit_from_hf,
+            rope=rope,
+            keep_prefix_tokens=keep_prefix_tokens,
+            processor=processor,
+            dtype=dtype,
+            llm_kwargs=llm_kwargs,
             **cfg,
         )
-        hidden = llm.get_input_embeddings().embedding_dim
-        merger = PatchMerger(vit.config.hidden_size, hidden, merge).to(
-            device=llm.get_input_embeddings().weight.device
-        )
-        if processor is None:
-            from cmpt.vision.processor import ImageProcessor
-
-            c = vit.config
-            processor = ImageProcessor(c.patch_size, merge, mean=c.image_mean, std=c.image_std)
-        return cls(vit, merger, llm, tokenizer, config, processor).eval()
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -484,26 +399,11 @@ class VisionLanguageModel(nn.Module):
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ------------------------------------------------------------------ I/O
+    # ------------------------------------------------------------------ I/O (cmpt.vlm.io)
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``vision/`` (NativeViT), ``merger.safetensors``, ``llm/`` (HF model + tokenizer),
         ``processor/preprocessor_config.json`` (if a processor is attached) and ``vlm_config.json``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.vit.save_pretrained(out / "vision")
-        merger_state = {k: v.detach().contiguous().cpu() for k, v in self.merger.state_dict().items()}
-        save_file(merger_state, str(out / MERGER_WEIGHTS), metadata={"format": "pt"})
-        self.llm.save_pretrained(str(out / "llm"))
-        self.tokenizer.save_pretrained(str(out / "llm"))
-        if self.processor is not None:
-            self.processor.save_pretrained(out / "processor")
-        meta = {
-            "cmpt_model": "VisionLanguageModel",
-            **asdict(self.config),
-            "merger": {"vision_dim": self.vit.config.hidden_size, "out_dim": self.merger.fc2.out_features},
-        }
-        (out / VLM_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
+        return save_vlm(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -518,26 +418,7 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """Load a directory written by :meth:`save_pretrained` (eval mode); ``overrides`` replace
         :class:`VLMConfig` fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (float32)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        d = Path(directory)
-        if not (d / VLM_CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
-        raw = json.loads((d / VLM_CONFIG_NAME).read_text())
-        config = VLMConfig.from_dict({**raw, **overrides})
-        vit = NativeViT.from_pretrained(d / "vision", rope=rope)
-        kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
-        llm = AutoModelForCausalLM.from_pretrained(str(d / "llm"), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(d / "llm"))
-        merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
-        merger.load_state_dict(load_file(str(d / MERGER_WEIGHTS), device="cpu"))
-        processor = None
-        if (d / "processor").is_dir():
-            from cmpt.vision.processor import ImageProcessor
-
-            processor = ImageProcessor.from_hf(d / "processor")
-        model = cls(vit, merger, llm, tokenizer, config, processor).eval()
-        return model.to(device) if device is not None else model
+        return load_vlm(cls, directory, device, rope=rope, dtype=dtype, llm_kwargs=llm_kwargs, **overrides)
 
     def export_vit(self, directory: str | Path) -> Path:
         """Write the ViT alone as a NativeViT directory (CoMP-VFM, ``NativeViT.from_pretrained``)."""

@@ -1,0 +1,190 @@
+"""Assembly and persistence of a :class:`~cmpt.vlm.model.VisionLanguageModel` (SPEC §2 "Assembly").
+
+A VLM directory holds ``vision/`` (a NativeViT directory), ``merger.safetensors``, ``llm/`` (the HF
+causal LM and its tokenizer), ``processor/`` (optional) and ``vlm_config.json`` (:class:`VLMConfig`
+plus the merger's shape). The functions here take the model class as an argument, so this module
+does not import the model (the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call
+them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cmpt.vision.vit import NativeViT
+from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
+from cmpt.vlm.merger import PatchMerger
+
+VLM_CONFIG_NAME = "vlm_config.json"
+MERGER_WEIGHTS = "merger.safetensors"
+
+
+@dataclass
+class VLMConfig:
+    """Settings of a :class:`VisionLanguageModel` (SPEC §2), stored as ``vlm_config.json``."""
+
+    vision: str = ""  # where the ViT came from (NativeViT dir or HF id/dir), informational
+    llm: str = ""  # where the LLM came from (HF id/dir), informational
+    merge_size: int = 2
+    image_pad_id: int = -1
+    vision_start_id: int = -1
+    vision_end_id: int = -1
+    dummy_image: bool = True  # SPEC §6: text-only batches still use the ViT and merger in training
+    # L_align (SPEC §2; official defaults)
+    vision_temp: float = 0.005
+    sinkhorn_eps: float = 0.005
+    prior_temp: float = 0.05
+    sinkhorn_iters: int = 3
+    sinkhorn_variant: str = "official"
+    caption_max_length: int = 256
+    lm_chunk_size: int = 4096  # rows of LM-head logits built at once (SPEC §6 "LM-head memory")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"cmpt_model", "merger"}
+        if unknown:
+            raise ValueError(f"unknown VLMConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def load_vit(
+    vit: NativeViT | str | Path, vit_from_hf: bool | None, rope: bool | None, keep_prefix_tokens: bool
+) -> NativeViT:
+    """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (SPEC §1)."""
+    if isinstance(vit, NativeViT):
+        updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
+        if rope is not None:
+            updates["rope"] = rope
+        vit.config = replace(vit.config, **updates)  # re-validates (RoPE needs head dim % 4 == 0)
+        return vit
+    if vit_from_hf is None:
+        cfg_file = Path(vit) / "config.json"
+        vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in json.loads(cfg_file.read_text()))
+    if vit_from_hf:
+        return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
+    return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
+
+
+def _single_token_id(tokenizer, token: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{token} is not a single token of the tokenizer (got ids {ids})")
+    return int(ids[0])
+
+
+def build_vlm(
+    cls: type,
+    vit: NativeViT | str | Path,
+    llm: str | Path | nn.Module,
+    tokenizer=None,
+    *,
+    vit_from_hf: bool | None = None,
+    rope: bool | None = None,
+    keep_prefix_tokens: bool = False,
+    processor=None,
+    dtype: torch.dtype | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
+    **cfg: Any,
+):
+    """``cls(vit, fresh PatchMerger, llm, tokenizer, VLMConfig, processor)`` in eval mode; the
+    arguments are documented at :meth:`VisionLanguageModel.build`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vit_src = "" if isinstance(vit, NativeViT) else str(vit)
+    vit = load_vit(vit, vit_from_hf, rope, keep_prefix_tokens)
+    llm_src = str(llm) if isinstance(llm, (str, Path)) else getattr(llm, "name_or_path", "")
+    if isinstance(llm, (str, Path)):
+        kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
+        llm = AutoModelForCausalLM.from_pretrained(str(llm), **kwargs)
+    if tokenizer is None:
+        if not llm_src:
+            raise ValueError("pass tokenizer= when llm is a model object without a name_or_path")
+        tokenizer = AutoTokenizer.from_pretrained(llm_src)
+    ensure_vision_tokens(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    merge = int(cfg.pop("merge_size", vit.config.merge_size))
+    if merge != vit.config.merge_size:
+        raise ValueError(f"merge_size={merge} differs from the ViT's merge_size={vit.config.merge_size}")
+    config = VLMConfig(
+        vision=vit_src or vit.config.source,
+        llm=llm_src,
+        merge_size=merge,
+        image_pad_id=_single_token_id(tokenizer, IMAGE_PAD),
+        vision_start_id=_single_token_id(tokenizer, VISION_START),
+        vision_end_id=_single_token_id(tokenizer, VISION_END),
+        **cfg,
+    )
+    hidden = llm.get_input_embeddings().embedding_dim
+    merger = PatchMerger(vit.config.hidden_size, hidden, merge).to(
+        device=llm.get_input_embeddings().weight.device
+    )
+    if processor is None:
+        from cmpt.vision.processor import ImageProcessor
+
+        c = vit.config
+        processor = ImageProcessor(c.patch_size, merge, mean=c.image_mean, std=c.image_std)
+    return cls(vit, merger, llm, tokenizer, config, processor).eval()
+
+
+def save_vlm(model, directory: str | Path) -> Path:
+    """Write ``model`` as a VLM directory (see the module docstring)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.vit.save_pretrained(out / "vision")
+    merger_state = {k: v.detach().contiguous().cpu() for k, v in model.merger.state_dict().items()}
+    save_file(merger_state, str(out / MERGER_WEIGHTS), metadata={"format": "pt"})
+    model.llm.save_pretrained(str(out / "llm"))
+    model.tokenizer.save_pretrained(str(out / "llm"))
+    if model.processor is not None:
+        model.processor.save_pretrained(out / "processor")
+    meta = {
+        "cmpt_model": "VisionLanguageModel",
+        **asdict(model.config),
+        "merger": {"vision_dim": model.vit.config.hidden_size, "out_dim": model.merger.fc2.out_features},
+    }
+    (out / VLM_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_vlm(
+    cls: type,
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    rope: bool | None = None,
+    dtype: torch.dtype | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+):
+    """Read a VLM directory into ``cls`` (eval mode); see :meth:`VisionLanguageModel.from_pretrained`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(directory)
+    if not (d / VLM_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
+    raw = json.loads((d / VLM_CONFIG_NAME).read_text())
+    config = VLMConfig.from_dict({**raw, **overrides})
+    vit = NativeViT.from_pretrained(d / "vision", rope=rope)
+    kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
+    llm = AutoModelForCausalLM.from_pretrained(str(d / "llm"), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(d / "llm"))
+    merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
+    merger.load_state_dict(load_file(str(d / MERGER_WEIGHTS), device="cpu"))
+    processor = None
+    if (d / "processor").is_dir():
+        from cmpt.vision.processor import ImageProcessor
+
+        processor = ImageProcessor.from_hf(d / "processor")
+    model = cls(vit, merger, llm, tokenizer, config, processor).eval()
+    return model.to(device) if device is not None else model
