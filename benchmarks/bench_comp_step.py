@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -68,23 +69,45 @@ def saved_bytes(task, batch) -> int:
     return total[0]
 
 
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_during(fn, every_s: float = 0.002) -> int:
+    """Highest resident bytes sampled while ``fn`` runs (``ru_maxrss`` is the lifetime peak, which
+    model loading already sets, so it cannot show a training step's peak)."""
+    peak, done = [current_rss()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0]
+
+
 def child(args) -> None:
     """One setting in a fresh process: peak RSS increase over `steps` training steps."""
     task, batches = build(args.quick, args.act_ckpt)
     opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-5)
     step = step_fn(task, opt)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model, data and batches loaded
-    for i in range(args.steps):
-        step(batches[i % len(batches)])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {
-                "rss_increase_mb": round((peak - base) / 1024, 1),
-                "saved_mb": saved_bytes(task, batches[0]) / 2**20,
-            }
-        )
-    )
+    base = current_rss()  # model, data and batches loaded
+    peak = peak_rss_during(lambda: [step(batches[i % len(batches)]) for i in range(args.steps)])
+    adam_state = sum(2 * p.numel() * p.element_size() for p in task.model.parameters() if p.requires_grad)
+    stats = {
+        "rss_increase_mb": round((peak - base - adam_state) / 2**20, 1),
+        "saved_mb": saved_bytes(task, batches[0]) / 2**20,
+    }
+    print(json.dumps(stats))
 
 
 def main() -> None:
