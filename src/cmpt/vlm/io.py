@@ -94,8 +94,28 @@ def build_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     **cfg: Any,
 ):
-    """``cls(vit, fresh PatchMerger, llm, tokenizer, VLMConfig, processor)`` in eval mode; the
-    arguments are documented at :meth:`VisionLanguageModel.build`."""
+    """``VisionLanguageModel.build``: assemble a VLM (eval mode) with a fresh PatchMerger (ViT width →
+    LLM hidden size) (SPEC §2 "Assembly").
+
+    Args:
+        vit: a :class:`NativeViT`, a NativeViT directory (``config.json`` with ``cmpt_model``)
+            or a Hugging Face vision checkpoint (converted with ``NativeViT.from_hf``).
+        llm: HF causal-LM id/directory (``AutoModelForCausalLM``, no ``trust_remote_code``) or a
+            loaded model. tokenizer: defaults to ``AutoTokenizer`` of ``llm`` (or of the loaded
+            model's ``name_or_path``).
+        vit_from_hf: force (True) or forbid (False) the HF conversion; None = detect.
+        rope: 2D RoPE on/off in the ViT (SPEC §2.1: off in stage I, on in II/III); None keeps
+            the ViT's setting. keep_prefix_tokens: CLS/registers in the packed stream
+            (CoMP recipes: False); applied to a given instance too.
+        processor: an ``ImageProcessor`` to attach (default: native policy with the ViT's
+            patch size, merge size, mean and std).
+        dtype: dtype of a loaded LLM (default float32). llm_kwargs: extra
+            ``from_pretrained`` arguments (e.g. ``attn_implementation``).
+        **cfg: :class:`VLMConfig` fields (``dummy_image``, alignment settings, ...).
+
+    The vision tokens are added to the tokenizer where missing and the embeddings resized when
+    the tokenizer then outgrows them; a tokenizer without a pad token gets ``pad = eos``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     vit_src = "" if isinstance(vit, NativeViT) else str(vit)
@@ -138,7 +158,8 @@ def build_vlm(
 
 
 def save_vlm(model, directory: str | Path) -> Path:
-    """Write ``model`` as a VLM directory (see the module docstring)."""
+    """``VisionLanguageModel.save_pretrained``: write ``vision/`` (NativeViT), ``merger.safetensors``,
+    ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.vit.save_pretrained(out / "vision")
@@ -167,7 +188,9 @@ def load_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ):
-    """Read a VLM directory into ``cls`` (eval mode); see :meth:`VisionLanguageModel.from_pretrained`."""
+    """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (eval
+    mode); ``overrides`` replace :class:`VLMConfig` fields, ``rope`` the ViT's RoPE switch, ``dtype``
+    the LLM dtype (default float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(directory)

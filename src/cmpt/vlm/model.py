@@ -71,56 +71,8 @@ class VisionLanguageModel(nn.Module):
                 f"NativeViT {vit.config.merge_size}"
             )
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def build(
-        cls,
-        vit: NativeViT | str | Path,
-        llm: str | Path | nn.Module,
-        tokenizer=None,
-        *,
-        vit_from_hf: bool | None = None,
-        rope: bool | None = None,
-        keep_prefix_tokens: bool = False,
-        processor=None,
-        dtype: torch.dtype | None = None,
-        llm_kwargs: dict[str, Any] | None = None,
-        **cfg: Any,
-    ) -> VisionLanguageModel:
-        """Assemble a VLM with a fresh PatchMerger (vit dim → LLM hidden size) (SPEC §2 "Assembly").
-
-        Args:
-            vit: a :class:`NativeViT`, a NativeViT directory (``config.json`` with ``cmpt_model``)
-                or a Hugging Face vision checkpoint (converted with ``NativeViT.from_hf``).
-            llm: HF causal-LM id/directory (``AutoModelForCausalLM``, no ``trust_remote_code``) or a
-                loaded model. tokenizer: defaults to ``AutoTokenizer`` of ``llm`` (or of the loaded
-                model's ``name_or_path``).
-            vit_from_hf: force (True) or forbid (False) the HF conversion; None = detect.
-            rope: 2D RoPE on/off in the ViT (SPEC §2.1: off in stage I, on in II/III); None keeps
-                the ViT's setting. keep_prefix_tokens: CLS/registers in the packed stream
-                (CoMP recipes: False); applied to a given instance too.
-            processor: an ``ImageProcessor`` to attach (default: native policy with the ViT's
-                patch size, merge size, mean and std).
-            dtype: dtype of a loaded LLM (default float32). llm_kwargs: extra
-                ``from_pretrained`` arguments (e.g. ``attn_implementation``).
-            **cfg: :class:`VLMConfig` fields (``dummy_image``, alignment settings, ...).
-
-        The vision tokens are added to the tokenizer where missing and the embeddings resized when
-        the tokenizer then outgrows them; a tokenizer without a pad token gets ``pad = eos``.
-        """
-        return build_vlm(
-            cls,
-            vit,
-            llm,
-            tokenizer,
-            vit_from_hf=vit_from_hf,
-            rope=rope,
-            keep_prefix_tokens=keep_prefix_tokens,
-            processor=processor,
-            dtype=dtype,
-            llm_kwargs=llm_kwargs,
-            **cfg,
-        )
+    # ------------------------------------------------------------------ construction (cmpt.vlm.io)
+    build = classmethod(build_vlm)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -400,25 +352,8 @@ class VisionLanguageModel(nn.Module):
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------ I/O (cmpt.vlm.io)
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``vision/`` (NativeViT), ``merger.safetensors``, ``llm/`` (HF model + tokenizer),
-        ``processor/preprocessor_config.json`` (if a processor is attached) and ``vlm_config.json``."""
-        return save_vlm(self, directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        device: str | torch.device | None = None,
-        *,
-        rope: bool | None = None,
-        dtype: torch.dtype | None = None,
-        llm_kwargs: dict[str, Any] | None = None,
-        **overrides: Any,
-    ) -> VisionLanguageModel:
-        """Load a directory written by :meth:`save_pretrained` (eval mode); ``overrides`` replace
-        :class:`VLMConfig` fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (float32)."""
-        return load_vlm(cls, directory, device, rope=rope, dtype=dtype, llm_kwargs=llm_kwargs, **overrides)
+    save_pretrained = save_vlm
+    from_pretrained = classmethod(load_vlm)
 
     def export_vit(self, directory: str | Path) -> Path:
         """Write the ViT alone as a NativeViT directory (CoMP-VFM, ``NativeViT.from_pretrained``)."""
