@@ -114,6 +114,14 @@ def resize_matrix(g: int, n: int, antialias: bool, device: torch.device) -> torc
     return rows[:, 0, :, 0].T.contiguous().to(device)
 
 
+@cache
+def window_index(h: int, w: int, merge: int, device: torch.device) -> torch.Tensor:
+    """Raster row of each patch in merge-window order, on ``device`` (cached: no host-to-device copy,
+    which on a GPU would wait for all queued work, per image and step)."""
+    rc = patch_positions([(h, w)], merge)
+    return (rc[:, 0] * w + rc[:, 1]).to(device)
+
+
 def interpolate_table(table: torch.Tensor, g: int, h: int, w: int, antialias: bool = False) -> torch.Tensor:
     """Bicubic resize (align_corners=False, float32) of a g×g table (g·g, D) to (h·w, D), raster order.
 
@@ -202,8 +210,7 @@ class NativeViT(nn.Module):
                 else:
                     table = sincos_2d(h, w, c.hidden_size).to(self.patch_embed.weight)
                 if merge > 1 and c.pos_embed_order == "window":
-                    rc = patch_positions([(h, w)], merge).to(table.device)
-                    table = table[rc[:, 0] * w + rc[:, 1]]
+                    table = table[window_index(h, w, merge, table.device)]
                 cache[(h, w)] = table
             parts.append(cache[(h, w)])
         return torch.cat(parts)
