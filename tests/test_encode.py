@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import hf_tiny
 from cmpt.cli import main
-from cmpt.encode import budget_batches, load_vit, processor_for
+from cmpt.encode import budget_batches, encode_images, load_vit, processor_for
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_encode_cli_matches_model(setup, tmp_path):
         start, end = feats["offsets"][i].item(), feats["offsets"][i + 1].item()
         torch.testing.assert_close(feats["patch_tokens"][start:end], ref[1:], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(feats["pooled"][i], ref[0], atol=1e-4, rtol=1e-4)  # DINOv2 pools the CLS
+
+
+def test_bf16_precision_saves_float32_close_to_fp32(setup, tmp_path):
+    ckpt, _, root = setup
+    outs = {}
+    for prec in ("fp32", "bf16"):
+        outs[prec] = tmp_path / f"{prec}.safetensors"
+        args = ["encode", "--model", str(ckpt), str(root / "imgs"), "--out", str(outs[prec]), "--quiet"]
+        assert main([*args, "--precision", prec]) == 0
+    a, b = load_file(outs["fp32"]), load_file(outs["bf16"])
+    for key in ("pooled", "patch_tokens"):
+        assert b[key].dtype == torch.float32 and not torch.equal(a[key], b[key])  # autocast did run
+        assert (a[key] - b[key]).norm() / a[key].norm() < 3e-2
+    vit = load_vit(ckpt)
+    with pytest.raises(ValueError, match="precision"):
+        encode_images(vit, processor_for(vit, ckpt), [], tmp_path / "x", precision="fp8")
 
 
 def test_bad_image_is_named_and_skippable(setup, tmp_path):

@@ -27,6 +27,7 @@ def _encode(a: argparse.Namespace) -> int:
         patches=a.features in ("patch", "both"),
         skip_bad=a.skip_bad,
         device=a.device,
+        precision=a.precision,
         progress=not a.quiet,
     )
     print(
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bool(p, "rope", "2D RoPE on/off (default: the checkpoint's setting; off for HF checkpoints)")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash", "varlen"])
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA"
+    )
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) instead of failing"
     )

@@ -107,12 +107,21 @@ def encode_images(
     patches: bool = True,
     skip_bad: bool = False,
     device: str = "cpu",
+    precision: str = "auto",
     progress: bool = True,
 ) -> EncodeResult:
-    """Encode ``images`` at native resolution and write one safetensors file (see module docstring)."""
+    """Encode ``images`` at native resolution and write one safetensors file (see module docstring).
+
+    ``precision``: ``fp32``, ``bf16`` (autocast; on a GPU the ViT then uses a flash varlen kernel)
+    or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way.
+    """
     if not (pooled or patches):
         raise ValueError("nothing to save: enable pooled and/or patch features")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     vit = vit.to(device).eval()
+    dev_type = torch.device(device).type
+    bf16 = precision == "bf16" or (precision == "auto" and dev_type == "cuda")
     costs, sizes, skipped = [], {}, {}
     from PIL import Image
 
@@ -147,9 +156,11 @@ def encode_images(
             continue
         x = torch.cat([t for t, _ in tensors]).to(device)
         grid = [g for _, g in tensors]
-        tokens, prefix = vit.encode(x, grid)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+            tokens, prefix = vit.encode(x, grid)
+            pooled_out = vit.pool(tokens, prefix, grid) if pooled else None
         if pooled:
-            pooled_rows.append(vit.pool(tokens, prefix, grid).float().cpu())
+            pooled_rows.append(pooled_out.float().cpu())
         if patches:
             patch_rows.append(to_raster(tokens.float().cpu(), grid, vit.config.merge_size))
         grids.extend(grid)
