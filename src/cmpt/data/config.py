@@ -33,6 +33,8 @@ class DataConfig:
     Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
     ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of
     ``num_workers``) split the shards; the resume state is tied to it and to the world size.
+    ``packing``: run a micro-batch's text as one row (padding-free, block-diagonal attention);
+    ``None`` = on where the language model supports it, ``false`` = right-padded rows.
     """
 
     path: str = ""
@@ -50,6 +52,7 @@ class DataConfig:
     shuffle_caption: bool = True
     shuffle_buffer: int = 256
     num_streams: int = 0
+    packing: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_text_tokens", "vision_budget", "text_budget", "max_samples_per_batch"):
