@@ -58,7 +58,7 @@ LM = {  # Qwen2.5-0.5B and a tiny stand-in
 
 def build_inputs(root: Path, shapes: str, n_images: int) -> dict[str, Path]:
     """Random-weight HF checkpoints of the two towers, a tokenizer, and synthetic chart data."""
-    from cmpt.tiny_lm import train_tokenizer
+    from cmpt.demo.tiny_lm import train_tokenizer
 
     vision = tf.SiglipVisionModel(tf.SiglipVisionConfig(**VISION[shapes], patch_size=14, image_size=384))
     vision.save_pretrained(root / "vision")

@@ -7,7 +7,7 @@ Reports, on the same pre-collated micro-batches of the tiny recipe (`configs/tin
   * memory with and without activation checkpointing: bytes of tensors saved for backward (exact,
     via saved-tensor hooks) and the process's peak RSS increase over a run of steps (a fresh
     subprocess per setting).
-The starting points are the demo's tiny models (`cmpt.tiny_models.prepare_tiny`, cached).
+The starting points are the demo's tiny models (`cmpt.demo.tiny_models.prepare_tiny`, cached).
 Prints a table, then one JSON line.
 
 Usage: python benchmarks/bench_comp_step.py [--steps 10] [--quick]
@@ -27,9 +27,9 @@ import torch
 
 
 def build(quick: bool, act_ckpt: bool):
+    from cmpt.demo.tiny_models import prepare_tiny
     from cmpt.recipes import load_recipe
     from cmpt.recipes.comp import CompTask
-    from cmpt.tiny_models import prepare_tiny
     from cmpt.train.distributed import apply_activation_checkpointing
 
     paths = prepare_tiny(quick=quick)

@@ -29,8 +29,8 @@ from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds
 from cmpt.data.sources import open_source
-from cmpt.data.synthetic import generate
-from cmpt.tiny_lm import default_corpus, train_tokenizer
+from cmpt.demo.synthetic import generate
+from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 from cmpt.vision.processor import ImageProcessor
 from cmpt.vlm.chat import ensure_vision_tokens
 

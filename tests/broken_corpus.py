@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cmpt.tiny_lm import default_corpus, train_tokenizer
+from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 from cmpt.vlm.chat import ensure_vision_tokens
 
 

@@ -10,8 +10,8 @@ import hf_tiny
 
 def make_tiny_setup(root: Path, n: int = 16) -> dict[str, Path]:
     """``root/{vit-hf, lm, data/train.json}``: what ``configs/tiny/*`` expect under ``{cache}/tiny``."""
-    from cmpt.data.synthetic import generate
-    from cmpt.tiny_lm import build_tiny_causal_lm, default_corpus, save_tiny_lm, train_tokenizer
+    from cmpt.demo.synthetic import generate
+    from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, save_tiny_lm, train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     vit = hf_tiny.save("dinov2", root / "hf", image_size=56)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cmpt.tiny_lm import train_tokenizer
+from cmpt.demo.tiny_lm import train_tokenizer
 from cmpt.vlm.chat import (
     IGNORE_INDEX,
     IMAGE_PAD,

@@ -8,8 +8,8 @@ import pytest
 
 from cmpt import NativeViT, NativeViTConfig, VisionLanguageModel
 from cmpt.cli import main
-from cmpt.data.synthetic import generate_splits
-from cmpt.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
+from cmpt.demo.synthetic import generate_splits
+from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
 
 pytestmark = pytest.mark.slow
 

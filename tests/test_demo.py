@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from cmpt.report import format_results_table, read_metrics, write_report
+from cmpt.demo.report import format_results_table, read_metrics, write_report
 
 pytestmark = pytest.mark.slow  # trains the tiny starting points and runs the demo
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmpt.data.synthetic import generate
+from cmpt.demo.synthetic import generate
 from cmpt.eval.resolution import parse_pixels, resolution_sweep
 from cmpt.eval.vqa import (
     CHARTQA_SUFFIX,
@@ -153,7 +153,7 @@ def test_resolution_sweep_writes_outputs(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
-    from cmpt.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
+    from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
     from cmpt.vision.vit import NativeViT, NativeViTConfig
     from cmpt.vlm.model import VisionLanguageModel
 

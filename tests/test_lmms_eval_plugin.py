@@ -18,7 +18,7 @@ TASK, SPLIT = "chartqa", "test"
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    from cmpt.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
+    from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
     from cmpt.vision.processor import ImageProcessor
     from cmpt.vision.vit import NativeViT, NativeViTConfig
     from cmpt.vlm.model import VisionLanguageModel

@@ -17,8 +17,8 @@ from cmpt.data.convert import llava_to_wds
 from cmpt.data.mixture import MixtureSource, load_mixture, parse_sampling, select_indices, weighted
 from cmpt.data.pipeline import LengthIndex
 from cmpt.data.sources import LlavaSource, source_kind
-from cmpt.data.synthetic import generate
 from cmpt.data.webdataset import ShardList
+from cmpt.demo.synthetic import generate
 
 
 @pytest.fixture(scope="module")

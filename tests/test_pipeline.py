@@ -234,7 +234,7 @@ def test_build_loader_from_config(corpus, tmp_path):
     assert len(pickle.loads(pickle.dumps(loader.source))) == 14  # workers may be spawned
     with pytest.raises(ValueError, match="oversize"):
         DataConfig(oversize="drop")
-    from cmpt.tiny_lm import default_corpus, train_tokenizer
+    from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 
     with pytest.raises(ValueError, match="ensure_vision_tokens"):
         SampleBuilder(proc, train_tokenizer(default_corpus(50), vocab_size=300))

@@ -19,9 +19,9 @@ from cmpt.data.convert import llava_to_hf, llava_to_wds, write_tar_samples
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, estimate_lengths, template_overhead
 from cmpt.data.sources import BadSample, LlavaSource, open_source, source_kind
 from cmpt.data.streaming import SampleStream, StreamConfig, StreamingLoader, assign_shards
-from cmpt.data.synthetic import generate
 from cmpt.data.validate import check_dataset, data_check_main
 from cmpt.data.webdataset import RawSample, ShardList, decode_sample, expand_braces, expand_shards, split_key
+from cmpt.demo.synthetic import generate
 
 HAS_HF = importlib.util.find_spec("datasets") is not None
 needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs the optional `datasets` package")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmpt.data.synthetic import (
+from cmpt.demo.synthetic import (
     KINDS,
     generate,
     generate_splits,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cmpt.tiny_lm import (
+from cmpt.demo.tiny_lm import (
     DEFAULT_SYSTEM_PROMPT,
     build_tiny_causal_lm,
     default_corpus,

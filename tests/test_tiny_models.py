@@ -1,4 +1,4 @@
-"""Tiny "pretrained" starting points (cmpt.tiny_models.prepare_tiny), built with the quick sizes."""
+"""Tiny "pretrained" starting points (cmpt.demo.tiny_models.prepare_tiny), built with the quick sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cmpt.tiny_models import MARKER, QUICK, _build_cached, prepare_tiny
+from cmpt.demo.tiny_models import MARKER, QUICK, _build_cached, prepare_tiny
 
 pytestmark = pytest.mark.slow  # trains the tiny starting points and runs the demo
 

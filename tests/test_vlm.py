@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import cmpt.vlm.model as vlm_model
+from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, save_tiny_lm, train_tokenizer
 from cmpt.losses import alignment_loss, masked_mean, segment_mean
-from cmpt.tiny_lm import build_tiny_causal_lm, default_corpus, save_tiny_lm, train_tokenizer
 from cmpt.vision.processor import ImageProcessor
 from cmpt.vision.vit import NativeViT, NativeViTConfig
 from cmpt.vlm.chat import IMAGE_PAD, caption_ids, collate_rendered, render_conversation

@@ -93,7 +93,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _synth(a: argparse.Namespace) -> int:
-    from .data.synthetic import synth_main
+    from .demo.synthetic import synth_main
 
     print(json.dumps(synth_main(a.kind, a.n, a.out, seed=a.seed, splits=a.splits), indent=2))
     return 0

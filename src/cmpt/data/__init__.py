@@ -1,1 +1,1 @@
-"""Data sources, synthetic offline data, validation and batching (SPEC §4)."""
+"""Data sources, validation and batching (SPEC §4); the synthetic offline data is in :mod:`cmpt.demo`."""

@@ -12,7 +12,7 @@ Protocol:
 4. The best val top-1 of the grid is reported with its setting (as DINOv2 selects on val).
 
 Labels come from ``record["meta"][label_key]`` of LLaVA JSON records as written by
-:mod:`cmpt.data.synthetic` (``scenes``: the shape of the largest object); images resolve against
+:mod:`cmpt.demo.synthetic` (``scenes``: the shape of the largest object); images resolve against
 the JSON's directory. Classes are the sorted union of train and val labels.
 """
 

@@ -15,7 +15,7 @@ Protocol (the DINOv2 "linear" segmentation head, scaled down):
   :class:`~cmpt.eval.metrics.SegMeter`; mIoU is the nanmean over classes (ignore index 255).
 
 Label maps come from ``record["meta"][mask_key]``: a PNG path relative to the JSON's directory
-(``cmpt.data.synthetic`` scenes: mode ``L``, value = class index, 255 = ignore).
+(``cmpt.demo.synthetic`` scenes: mode ``L``, value = class index, 255 = ignore).
 """
 
 from __future__ import annotations

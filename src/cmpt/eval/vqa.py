@@ -4,7 +4,7 @@ Decisions:
 
 * **Questions.** Every QA pair of every record is one question: ``meta["qa"]`` (``{"q", "a",
   "type"}``, ``"answers"`` when several gold answers exist) when present, as written by
-  :mod:`cmpt.data.synthetic`. Otherwise the (human, gpt) turn pairs of the conversation; when a
+  :mod:`cmpt.demo.synthetic`. Otherwise the (human, gpt) turn pairs of the conversation; when a
   record has more than one pair the first is its dense-caption turn and is skipped, a single pair
   is a plain VQA question. ``<image>`` placeholders are removed from the question text; the
   record's images are given to the model (``render_prompt`` puts them first, the LLaVA layout).

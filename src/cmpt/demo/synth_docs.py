@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from cmpt.data.synthetic import SynthSample, sample_image_size
+from cmpt.demo.synthetic import SynthSample, sample_image_size
 
 __all__ = ["DOC_TYPES", "make_document", "render_document"]
 

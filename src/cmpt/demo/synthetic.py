@@ -119,15 +119,15 @@ def sample_rng(kind: str, seed: int, index: int) -> random.Random:
 def _generator(kind: str) -> Callable[[random.Random], SynthSample]:
     """The sample function of ``kind`` (imported lazily: charts need matplotlib)."""
     if kind == "charts":
-        from cmpt.data.synth_charts import make_chart
+        from cmpt.demo.synth_charts import make_chart
 
         return make_chart
     if kind == "docs":
-        from cmpt.data.synth_docs import make_document
+        from cmpt.demo.synth_docs import make_document
 
         return make_document
     if kind == "scenes":
-        from cmpt.data.synth_scenes import make_scene
+        from cmpt.demo.synth_scenes import make_scene
 
         return make_scene
     raise ValueError(f"unknown synthetic data kind {kind!r}; expected one of {KINDS}")

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from cmpt.data.synthetic import SynthSample, sample_image_size
+from cmpt.demo.synthetic import SynthSample, sample_image_size
 
 __all__ = ["CHART_TYPES", "make_chart", "render_chart"]
 

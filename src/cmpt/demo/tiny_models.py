@@ -5,14 +5,15 @@ learned position table, next to a pretrained LLM. :func:`prepare_tiny` builds th
 in a few CPU minutes, under ``{cache}/tiny`` (``{cache}/tiny-quick`` for ``quick=True``), exactly
 where ``configs/tiny/comp_stage*.yaml`` look:
 
-* ``data/``: synthetic charts, documents and shape scenes (:mod:`cmpt.data.synthetic`), each with
+* ``data/``: synthetic charts, documents and shape scenes (:mod:`cmpt.demo.synthetic`), each with
   its own seed stream per split; ``data/train.json`` is the VLM mixture (charts + docs + scene
   captions/QA), ``data/test.json`` the held-out charts + docs questions.
 * ``vit-hf/``: a Hugging Face ``Dinov2Model`` trained from scratch by supervised multi-task
   classification of scenes (largest shape = the probe label, its colour, the number of shapes) at
   a fixed square resolution, saved with ``preprocessor_config.json``; ``NativeViT.from_hf`` loads
   it. ``vit-hf/pretrain.json`` records its validation accuracies.
-* ``lm/``: a byte-level BPE tokenizer trained on the synthetic text (:func:`cmpt.tiny_lm.train_tokenizer`)
+* ``lm/``: a byte-level BPE tokenizer trained on the synthetic text
+  (:func:`cmpt.demo.tiny_lm.train_tokenizer`)
   and a small Qwen2 causal LM pretrained on the training conversations (rendered as text chats), so
   it already "speaks" the domain. ``lm/pretrain.json`` records its losses.
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .recipes.paths import cache_root
+from ..recipes.paths import cache_root
 
 __all__ = ["FULL", "MARKER", "QUICK", "TinySizes", "prepare_tiny", "tiny_root"]
 
@@ -121,7 +122,7 @@ def _build_cached(path: Path, key: dict, build: Callable[[Path], dict], label: s
 
 # ----------------------------------------------------------------------------- data
 def _generate_job(kind: str, n: int, out: str, seed: int, split: str) -> str:
-    from .data.synthetic import generate, split_seed
+    from .synthetic import generate, split_seed
 
     return str(generate(kind, n, out, seed=split_seed(seed, split), split=split))
 
@@ -130,7 +131,7 @@ def _vqa_style(rec: dict) -> dict:
     """The same sample as a VQA-style conversation (LLaVA-1.5 mix style): the image with the first
     question, every question with the benchmark's answer-format suffix (as evaluated by
     :func:`cmpt.eval.vqa.evaluate_vqa`), the caption request last. The answers are unchanged."""
-    from .eval.vqa import CHARTQA_SUFFIX, SHORT_ANSWER_SUFFIX
+    from ..eval.vqa import CHARTQA_SUFFIX, SHORT_ANSWER_SUFFIX
 
     conv = rec["conversations"]
     if len(conv) < 4:
@@ -197,7 +198,7 @@ def _build_data(out: Path, s: TinySizes, seed: int, workers: int = 1) -> dict:
 def _scene_arrays(json_path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes resized to ``size²`` (PIL bicubic, as the fixed-resolution processor) as uint8
     (n, 3, size, size) and targets (n, 3): largest shape, its colour, number of shapes − 2."""
-    from .data.synth_scenes import COLORS
+    from .synth_scenes import COLORS
 
     colours = sorted(COLORS)
     images, targets = [], []

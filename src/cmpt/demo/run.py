@@ -1,6 +1,6 @@
 """`cmpt demo`: CoMP end to end, offline, on CPU (what `make demo` runs).
 
-1. Tiny starting points (:func:`cmpt.tiny_models.prepare_tiny`, cached): synthetic charts, documents
+1. Tiny starting points (:func:`cmpt.demo.tiny_models.prepare_tiny`, cached): synthetic charts, documents
    and scenes; a ViT pretrained at ONE fixed resolution (HF Dinov2 format); a tiny LM + tokenizer.
 2. CoMP stage I (merger only, RoPE off, fixed resolution, ``L_align`` on) → stage II (everything,
    C-RoPE, native resolution, ``L_align`` on) → stage III (everything, ``L_align`` off), each with
@@ -94,13 +94,13 @@ def _safe(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
 
 def _evaluate(tiny: dict[str, Path], out: Path, quick: bool) -> dict[str, Any]:
     """Before/after comparison on held-out data (see the module docstring)."""
-    from .eval.probe import linear_probe
-    from .eval.resolution import resolution_sweep
-    from .eval.segmentation import seg_probe
-    from .eval.vqa import caption_loss, evaluate_vqa
-    from .vision.processor import ImageProcessor
-    from .vision.vit import NativeViT
-    from .vlm.model import VisionLanguageModel
+    from ..eval.probe import linear_probe
+    from ..eval.resolution import resolution_sweep
+    from ..eval.segmentation import seg_probe
+    from ..eval.vqa import caption_loss, evaluate_vqa
+    from ..vision.processor import ImageProcessor
+    from ..vision.vit import NativeViT
+    from ..vlm.model import VisionLanguageModel
 
     q = int(quick)
     cfg = {k: v[q] for k, v in EVAL.items()}
@@ -264,7 +264,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, cache: s
     Returns ``{"out", "report", "wall_s": {"prepare", "stage1", "stage2", "stage3", "eval",
     "total"}, "stages": {name: {...}}, "results": {"rows", ...}, "starting_points", "errors"}``.
     """
-    from .recipes import run_recipe
+    from ..recipes import run_recipe
     from .tiny_models import prepare_tiny
 
     out = Path(out)

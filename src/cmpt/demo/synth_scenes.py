@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cmpt.data.synthetic import SynthSample, sample_image_size
+from cmpt.demo.synthetic import SynthSample, sample_image_size
 
 __all__ = ["CLASSES", "COLORS", "IGNORE_INDEX", "SEG_CLASSES", "make_scene"]
 
