@@ -32,8 +32,10 @@ def _inputs(seed: int = 0, b: int = B, d: int = D, v: int = V):
 
 # ----------------------------------------------------------------------------- references
 def _np_prior(counts, temp: float) -> np.ndarray:
-    n = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
-    e = np.exp((n / n.sum()) / temp)
+    """Official prior: clamped counts over the sum of the *unclamped* counts, then softmax(p / T)."""
+    raw = np.asarray(counts, dtype=np.float64)
+    p = np.maximum(raw, 1.0) / raw.sum()
+    e = np.exp(p / temp)
     return e / e.sum()
 
 
@@ -191,6 +193,27 @@ def test_prior_matches_formula_and_handles_sharp_temperatures() -> None:
     fv, ft, w, _ = _inputs(8)
     loss = alignment_loss(fv, ft, w, counts, prior_temp=1e-5)  # π would underflow outside log space
     assert torch.isfinite(loss)
+
+
+def test_prior_divides_by_unclamped_sum() -> None:
+    # 3 unseen tokens and counts 2, 6: p = [1, 1, 1, 2, 6] / 8 (not / 11), π = softmax(p / 0.05)
+    counts = torch.tensor([0, 0, 0, 2, 6])
+    p = [1 / 8, 1 / 8, 1 / 8, 2 / 8, 6 / 8]
+    z = sum(math.exp(x / 0.05) for x in p)
+    expected = torch.tensor([math.exp(x / 0.05) / z for x in p])
+    torch.testing.assert_close(prior_from_counts(counts, 0.05), expected, rtol=1e-6, atol=0)
+    wrong = torch.softmax(torch.tensor([1, 1, 1, 2, 6]) / 11 / 0.5, 0)  # Σ of the clamped counts
+    assert not torch.allclose(prior_from_counts(counts, 0.5), wrong, atol=1e-3)
+
+
+def test_all_zero_counts_give_uniform_prior_with_warning() -> None:
+    fv, ft, w, _ = _inputs(13)
+    with pytest.warns(UserWarning, match="all zero"):
+        pi = prior_from_counts(torch.zeros(V, dtype=torch.long))
+    torch.testing.assert_close(pi, torch.full((V,), 1.0 / V))
+    with pytest.warns(UserWarning, match="all zero"):
+        loss = alignment_loss(fv, ft, w, torch.zeros(V, dtype=torch.long))
+    torch.testing.assert_close(loss, alignment_loss(fv, ft, w, None))
 
 
 def test_loss_decreases_under_sgd() -> None:

@@ -260,6 +260,7 @@ def test_native_policy_resizes_once_and_skips_when_unchanged():
         {"mean": (0.5, 0.5)},
         {"std": (0.5, 0.0, 0.5)},
         {"min_pixels": 10, "max_pixels": 5},
+        {"resize": "twice"},
     ],
 )
 def test_processor_argument_validation(kwargs):
@@ -323,6 +324,8 @@ def test_save_pretrained_round_trip(tmp_path):
     proc = ImageProcessor(
         patch_size=16, merge_size=2, mean=(0.5,) * 3, std=(0.25,) * 3, policy="fixed", fixed_size=512
     )
+    native = ImageProcessor(resize="official")
+    assert ImageProcessor.from_dict(native.to_dict()).to_dict() == native.to_dict()
     path = proc.save_pretrained(tmp_path / "out")
     assert path.name == "preprocessor_config.json"
     for other in (ImageProcessor.from_hf(tmp_path / "out"), ImageProcessor.from_dict(proc.to_dict())):

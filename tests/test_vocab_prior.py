@@ -120,3 +120,11 @@ def test_bad_jsonl_line_is_reported(tmp_path) -> None:
     jl.write_text(json.dumps(RECORDS[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         vocab_prior_main(str(jl), _bpe(), str(tmp_path / "o.safetensors"))
+
+
+def test_main_refuses_data_without_caption_tokens(tmp_path) -> None:
+    jl = tmp_path / "empty.jsonl"
+    jl.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="no caption tokens"):
+        vocab_prior_main(str(jl), _bpe(), str(tmp_path / "o.safetensors"))
+    assert not (tmp_path / "o.safetensors").exists()

@@ -80,16 +80,22 @@ class ResolutionConfig:
     ``"native"``: ``smart_resize`` within ``[min_pixels, max_pixels]`` (official cap: 3000 merged
     tokens per image, ``max_pixels = 14·14·4·3000``). ``"fixed"``: the official ``force_resize`` to
     ``fixed_size × fixed_size`` first (stage I: 384, stage II pass 1: 1024), then ``smart_resize``.
+    ``resize`` (native policy): ``"single"`` resizes once (default, better quality); ``"official"``
+    resizes twice as the release does — qwen-vl-utils' ``fetch_image`` cap first, then
+    ``smart_resize`` (docs/method.md §1.4).
     """
 
     policy: Literal["native", "fixed"] = "native"
     fixed_size: int = 384
     min_pixels: int = 56 * 56
     max_pixels: int = 14 * 14 * 4 * 3000
+    resize: Literal["single", "official"] = "single"
 
     def __post_init__(self) -> None:
         if self.policy not in ("native", "fixed"):
             raise ValueError(f"ResolutionConfig.policy must be 'native' or 'fixed', got {self.policy!r}")
+        if self.resize not in ("single", "official"):
+            raise ValueError(f"ResolutionConfig.resize must be 'single' or 'official', got {self.resize!r}")
         if self.fixed_size < 1 or not 0 <= self.min_pixels <= self.max_pixels:
             raise ValueError(
                 "ResolutionConfig needs fixed_size >= 1 and 0 <= min_pixels <= max_pixels, got "
@@ -98,7 +104,9 @@ class ResolutionConfig:
 
     def processor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`cmpt.vision.processor.ImageProcessor` for this policy."""
-        kw: dict[str, Any] = dict(policy=self.policy, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        kw: dict[str, Any] = dict(
+            policy=self.policy, min_pixels=self.min_pixels, max_pixels=self.max_pixels, resize=self.resize
+        )
         if self.policy == "fixed":
             kw["fixed_size"] = self.fixed_size
         return kw

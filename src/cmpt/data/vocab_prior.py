@@ -1,7 +1,8 @@
 """Token counts for the alignment-loss prior (SPEC §2, ``cmpt data vocab-prior``).
 
 The official CoMP prior ``π`` is built from the counts ``n ∈ N^V`` of every vocabulary token in
-the caption texts of the training data (see :func:`cmpt.losses.prior_from_counts`). This module
+the caption texts of the training data: ``p = clamp(n, min=1) / Σ n``, ``π = softmax(p / T)``
+(docs/method.md §2; see :func:`cmpt.losses.prior_from_counts`). This module
 counts them, and stores them as a safetensors file with one int64 tensor ``counts`` and string
 metadata (tokenizer name, number of texts, vocabulary size, a vocabulary fingerprint).
 
@@ -216,6 +217,11 @@ def vocab_prior_main(data_json: str, tokenizer: Any, out: str, batch_size: int =
                 yield text
 
     counts = count_tokens(texts(), tok, batch_size=batch_size)
+    if int(counts.sum()) == 0:  # the prior divides by Σ n (docs/method.md §2): undefined for no tokens
+        raise ValueError(
+            f"{data_json}: no caption tokens counted ({n_records} records, {n_texts} texts with an "
+            f"assistant answer from {sorted(ASSISTANT_ROLES)}); the prior needs captioned records"
+        )
     size = counts.numel()
     meta = {
         "tokenizer": tok_name,

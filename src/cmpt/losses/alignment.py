@@ -17,6 +17,7 @@ functions here return its transpose, a ``(B, V)`` tensor whose *rows* (one per s
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -47,16 +48,26 @@ def _log_prior_from_counts(vocab_counts: torch.Tensor, prior_temp: float) -> tor
     n = vocab_counts.detach().to(torch.float64)
     if bool((n < 0).any()) or not bool(torch.isfinite(n).all()):
         raise ValueError("vocab_counts must be finite and non-negative")
-    n = n.clamp(min=1.0)
-    return torch.log_softmax((n / n.sum()) / prior_temp, dim=0)
+    total = n.sum()  # the release divides by the sum of the *unclamped* counts
+    if total <= 0:  # no counts at all: p would be 1/0; no information, so the uniform prior
+        warnings.warn(
+            "vocab_counts are all zero: using the uniform prior (as with vocab_counts=None); "
+            "recount them with `cmpt data vocab-prior` using the model's tokenizer",
+            stacklevel=3,
+        )
+        return torch.full_like(n, -math.log(n.numel()))
+    return torch.log_softmax((n.clamp(min=1.0) / total) / prior_temp, dim=0)
 
 
 def prior_from_counts(vocab_counts: torch.Tensor, prior_temp: float = 0.05) -> torch.Tensor:
-    """Token-frequency prior ``π`` of SPEC §2 (official ``alignment_loss``).
+    """Token-frequency prior ``π`` of docs/method.md §2 (official ``alignment_loss``).
 
-    ``p = clamp(n, min=1) / Σ clamp(n, min=1)`` and ``π = softmax(p / prior_temp)``.
-    Computed in float64 and returned as float32, shape ``(V,)``, on the device of
-    ``vocab_counts``. Constant counts (or ``None`` in :func:`alignment_loss`) give ``π_k = 1/V``.
+    ``p = clamp(n, min=1) / Σ n`` and ``π = softmax(p / prior_temp)``: as in the release, the
+    clamped counts are divided by the sum of the *unclamped* counts (so ``Σ p`` exceeds 1 when some
+    tokens were never seen). All-zero counts (``Σ n = 0``, where ``p`` is undefined) give the
+    uniform prior with a warning. Computed in float64 and returned as float32, shape ``(V,)``, on
+    the device of ``vocab_counts``. Constant counts (or ``None`` in :func:`alignment_loss`) give
+    ``π_k = 1/V``.
     """
     return _log_prior_from_counts(vocab_counts, prior_temp).exp().to(torch.float32)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -311,6 +312,24 @@ def _image_stats(name_or_path: str | Path) -> dict:
     }
 
 
+#: What a CoMP VLM's tower changes in a converted checkpoint, per HF model type (docs/method.md §1
+#: "Final norm before the merger"): the official SigLIP tower has no ``post_layernorm`` (the
+#: merger's own LayerNorm follows); DINOv2 keeps its final ``layernorm``; the rest keep HF's output.
+COMP_TOWER_OVERRIDES: dict[str, dict[str, Any]] = {
+    "siglip": {"final_norm": False},
+    "siglip_vision_model": {"final_norm": False},
+}
+
+
+def comp_tower_overrides(name_or_path: str | Path) -> dict[str, Any]:
+    """``load_hf_vit`` overrides that turn an HF vision checkpoint into the official CoMP VLM tower.
+
+    Empty for families whose tower is HF's model as is. Feature extraction (``NativeViT.from_hf``
+    alone) does not use them and reproduces HF's ``last_hidden_state``.
+    """
+    return dict(COMP_TOWER_OVERRIDES.get(_read_model_type(name_or_path), {}))
+
+
 def load_hf_vit(
     name_or_path: str | Path,
     rope: bool = False,
@@ -318,7 +337,11 @@ def load_hf_vit(
     attn: str = "auto",
     **overrides,
 ) -> NativeViT:
-    """Load an HF vision checkpoint (vision tower of a full CLIP/SigLIP/AIMv2 model too) as a NativeViT."""
+    """Load an HF vision checkpoint (vision tower of a full CLIP/SigLIP/AIMv2 model too) as a NativeViT.
+
+    ``overrides`` replace converted config fields; ``final_norm=False`` drops the last norm (and its
+    weights), as :data:`COMP_TOWER_OVERRIDES` does for SigLIP in a CoMP VLM.
+    """
     model_type = _read_model_type(name_or_path)
     families = _families()
     if model_type not in families:
@@ -342,6 +365,8 @@ def load_hf_vit(
         **_image_stats(name_or_path),
     }
     config = NativeViTConfig.from_dict({**cfg.__dict__, **settings, **overrides})
+    if not config.final_norm:  # final norm switched off (CoMP SigLIP tower): its weights are unused
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     model = NativeViT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

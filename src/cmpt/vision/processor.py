@@ -1,8 +1,9 @@
 """Image loading, resolution policy and patch packing (SPEC §1 "Input packing", §1.4).
 
-Every image goes: ``load_image`` (decode fully, EXIF orientation, RGB on white) → resize exactly
-once (``smart_resize`` or the official fixed-size "force_resize") → normalize → ``p×p`` patches in
-merge-window order, packed over the batch into ``PackedImages(patches (N, 3·p·p), grid_hw (n, 2))``.
+Every image goes: ``load_image`` (decode fully, EXIF orientation, RGB on white) → resize
+(``smart_resize`` once, or the official fixed-size "force_resize"; ``resize="official"`` adds the
+release's first resize, docs/method.md §1.4) → normalize → ``p×p`` patches in merge-window order,
+packed over the batch into ``PackedImages(patches (N, 3·p·p), grid_hw (n, 2))``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 CONFIG_NAME = "preprocessor_config.json"
+#: Defaults of qwen-vl-utils' ``fetch_image``, the first of the release's two resizes (docs/method.md
+#: §1.4): its own ``smart_resize`` with factor 28 and [4·28², 16384·28²] pixels, then PIL's default
+#: filter for RGB (bicubic).
+FETCH_FACTOR, FETCH_MIN_PIXELS, FETCH_MAX_PIXELS = 28, 4 * 28 * 28, 16384 * 28 * 28
+#: ``single``: one ``smart_resize`` (cmpt default); ``official``: ``fetch_image`` first, then it.
+RESIZE_MODES = ("single", "official")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
@@ -220,6 +227,13 @@ class ImageProcessor:
     then one PIL bicubic resize. ``policy="fixed"`` (official CoMP ``force_resize``): resize to
     ``fixed_size×fixed_size`` first, then ``smart_resize`` (a no-op when ``fixed_size`` is a multiple
     of the factor; otherwise a second resize, as the official code does).
+
+    ``resize="official"`` (native policy only; docs/method.md §1.4): the release's two resizes —
+    qwen-vl-utils' ``fetch_image`` (``smart_resize`` with factor 28 within [4·28², 16384·28²]
+    pixels, PIL bicubic) and then the ``smart_resize`` above on its output. It changes the grid of
+    roughly 20–30 % of the images above ``max_pixels`` (measured over uniform size grids; none whose
+    single resize stays within the cap); ``"single"`` (default) resizes once. :meth:`target_size`
+    follows the same steps, so length indexes agree with the built samples.
     """
 
     def __init__(
@@ -232,6 +246,7 @@ class ImageProcessor:
         max_pixels: int = 14 * 14 * 4 * 1280,
         policy: str = "native",
         fixed_size: int | None = None,
+        resize: str = "single",
     ) -> None:
         factor = patch_size * merge_size if _is_pos_int(patch_size) and _is_pos_int(merge_size) else 0
         for ok, msg in (
@@ -254,6 +269,7 @@ class ImageProcessor:
                 f"policy='fixed' needs fixed_size > 0 (pixels), got {fixed_size!r}",
             ),
             (policy != "native" or fixed_size is None, "fixed_size needs policy='fixed'; set it or drop it"),
+            (resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}, got {resize!r}"),
         ):
             if not ok:
                 raise ValueError(f"ImageProcessor: {msg}")
@@ -261,6 +277,7 @@ class ImageProcessor:
         self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.policy, self.fixed_size = policy, None if fixed_size is None else int(fixed_size)
+        self.resize = resize
         # (x / 255 - mean) / std == x * scale + bias, fused into one op per image
         std32, mean32 = np.asarray(self.std, np.float32), np.asarray(self.mean, np.float32)
         self._scale = (1.0 / (255.0 * std32)).reshape(3, 1, 1)
@@ -274,11 +291,20 @@ class ImageProcessor:
     def patch_dim(self) -> int:
         return 3 * self.patch_size * self.patch_size
 
+    def _first_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size after the step before ``smart_resize``: force_resize, ``fetch_image`` or none."""
+        if self.policy == "fixed":
+            return self.fixed_size, self.fixed_size
+        if self.resize == "official":
+            return smart_resize(height, width, FETCH_FACTOR, FETCH_MIN_PIXELS, FETCH_MAX_PIXELS)
+        return height, width
+
+    def _last_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Final ``(height, width)`` in pixels for an image of the given size (no decoding needed)."""
-        if self.policy == "fixed":
-            height = width = self.fixed_size
-        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return self._last_size(*self._first_size(height, width))
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(rows, cols)`` of an image of the given size; ``rows·cols`` is its token count."""
@@ -288,14 +314,13 @@ class ImageProcessor:
     def prepare(self, image: ImageSource, name: str | None = None) -> Image.Image:
         """``load_image`` + the resize policy: the RGB image whose pixels get patchified."""
         img = load_image(image, name)
-        if self.policy == "fixed" and img.size != (self.fixed_size, self.fixed_size):
-            img = img.resize((self.fixed_size, self.fixed_size), Image.Resampling.BICUBIC)
         try:
-            h, w = smart_resize(img.height, img.width, self.factor, self.min_pixels, self.max_pixels)
+            for step in (self._first_size, self._last_size):
+                h, w = step(img.height, img.width)
+                if (w, h) != img.size:
+                    img = img.resize((w, h), Image.Resampling.BICUBIC)
         except ValueError as e:
             raise ValueError(f"image {_label(image, name)!r}: {e}") from None
-        if (w, h) != img.size:
-            img = img.resize((w, h), Image.Resampling.BICUBIC)
         return img
 
     def _patchify_into(self, img: Image.Image, out: torch.Tensor) -> None:
@@ -344,12 +369,13 @@ class ImageProcessor:
             max_pixels=self.max_pixels,
             policy=self.policy,
             fixed_size=self.fixed_size,
+            resize=self.resize,
             resample=3,
         )  # resample 3 = PIL bicubic
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> ImageProcessor:
-        keys = ("patch_size", "merge_size", "min_pixels", "max_pixels", "policy", "fixed_size")
+        keys = ("patch_size", "merge_size", "min_pixels", "max_pixels", "policy", "fixed_size", "resize")
         kw: dict[str, Any] = {k: d[k] for k in keys if k in d}
         for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
             if ours in d or theirs in d:

@@ -52,7 +52,7 @@ class NativeViTConfig:
     pos_embed_order: str = "window"  # window (correct) | official (released CoMP's raster order)
     patch_norm: bool = False  # norm right after the patch embedding (AIMv2)
     pre_norm: bool = False  # norm before the first block (CLIP's pre_layrnorm)
-    final_norm: bool = True
+    final_norm: bool = True  # norm after the last block (off: official CoMP SigLIP tower, §1)
     pool: str = "mean"  # cls | mean | map
     pool_norm: bool = False  # norm on the pooled CLS (CLIP's post_layernorm)
     head_intermediate_size: int | None = None  # MLP width of the MAP head (pool == "map")
@@ -352,7 +352,8 @@ class NativeViT(nn.Module):
         cls, directory: str | Path, device: str | torch.device | None = None, **overrides
     ) -> NativeViT:
         """Load a directory written by :meth:`save_pretrained`; ``overrides`` replace config fields
-        (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``)."""
+        (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
+        drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1)."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
@@ -366,7 +367,10 @@ class NativeViT(nn.Module):
             )
         config = NativeViTConfig.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
         model = cls(config)
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME), device="cpu"))
+        state = load_file(str(d / WEIGHTS_NAME), device="cpu")
+        if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        model.load_state_dict(state)
         return model.to(device) if device is not None else model
 
     @classmethod

@@ -58,7 +58,12 @@ class VLMConfig:
 def load_vit(
     vit: NativeViT | str | Path, vit_from_hf: bool | None, rope: bool | None, keep_prefix_tokens: bool
 ) -> NativeViT:
-    """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (SPEC §1)."""
+    """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (docs/method.md §1).
+
+    An HF checkpoint becomes the official CoMP tower (``comp_tower_overrides``: SigLIP loses its
+    ``post_layernorm``, stored as ``final_norm: false`` in the ViT config so the saved VLM reloads
+    alike); an instance or a NativeViT directory keeps its own ``final_norm``.
+    """
     if isinstance(vit, NativeViT):
         updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
         if rope is not None:
@@ -69,7 +74,10 @@ def load_vit(
         cfg_file = Path(vit) / "config.json"
         vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in json.loads(cfg_file.read_text()))
     if vit_from_hf:
-        return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
+        from cmpt.vision.convert import comp_tower_overrides
+
+        tower = comp_tower_overrides(vit)
+        return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, **tower)
     return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
 
 
