@@ -36,7 +36,7 @@ class FakeRetrievalModel:
         self.perm = perm or list(range(N))
         self.processor = ImageProcessor(14, 2, mean=(0, 0, 0), std=(1, 1, 1), min_pixels=28 * 28)
         self.tokenizer = FakeTokenizer()
-        self.config = SimpleNamespace(caption_max_length=8, merge_size=2)
+        self.config = SimpleNamespace(merge_size=2)
         self.training = False
 
     def encode_images(self, patches, grid_hw):
@@ -44,9 +44,10 @@ class FakeRetrievalModel:
         k = ((windows.mean(1) * 255 - 10) / 20).round().long()
         return self.emb[k] + 0.01 * torch.randn(len(k), 16)
 
-    def caption_features(self, ids, mask):
-        assert mask.sum(1).eq(2).all()
-        return self.emb[torch.tensor([self.perm[int(i)] for i in ids[:, 0]])]
+    def text_features(self, ids, cu_seqlens):
+        cu = torch.as_tensor(cu_seqlens)
+        assert cu.diff().eq(2).all()  # packed captions of two tokens each
+        return self.emb[torch.tensor([self.perm[int(ids[i])] for i in cu[:-1]])]
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def _loader(parts, num_workers=0, rank=0, world_size=1, **kw) -> BatchLoader:
     batcher = TokenBudgetBatcher(index.lengths, 40, 400, 3, seed=5, **kw)
     return BatchLoader(
         src, _builder(proc, tok), batcher, rank=rank, world_size=world_size, num_workers=num_workers,
-        pad_id=tok.pad_token_id, max_bad_fraction=None,
+        pad_id=tok.pad_token_id,
     )  # fmt: skip
 
 
@@ -67,14 +67,17 @@ def _equal(a: dict, b: dict) -> bool:
     )
 
 
-def test_collate_shapes_and_counts(parts):
+def test_collate_packs_samples_back_to_back(parts):
     src, proc, tok, _ = parts
     builder = _builder(proc, tok)
     samples = [builder.build(src[i], epoch=0) for i in (0, 3, 4, 1)]  # single, multi, text-only, single
-    batch = collate(samples, tok.pad_token_id)
-    b, t = batch["input_ids"].shape
-    assert b == 4 and t == max(len(s.input_ids) for s in samples)
-    assert batch["labels"].shape == batch["attention_mask"].shape == (b, t)
+    batch = collate(samples)
+    lengths = [len(s.input_ids) for s in samples]
+    assert batch["cu_seqlens"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch["cu_seqlens"].dtype == torch.int32
+    assert torch.equal(batch["input_ids"], torch.cat([s.input_ids for s in samples]))
+    assert torch.equal(batch["labels"], torch.cat([s.labels for s in samples]))  # not shifted
+    assert batch["num_tokens"] == sum(lengths) == batch["input_ids"].numel()  # no padding at all
     assert batch["patches"].dtype == torch.float32 and batch["patches"].shape[1] == 3 * 14 * 14
     grid = batch["grid_hw"]
     assert grid.shape == (4, 2) and batch["images_per_sample"].tolist() == [1, 2, 0, 1]
@@ -82,23 +85,22 @@ def test_collate_shapes_and_counts(parts):
     assert batch["patches"].shape[0] == n
     pad_id = tok.convert_tokens_to_ids(IMAGE_PAD)
     assert int((batch["input_ids"] == pad_id).sum()) == n // 4 == batch["num_vision_tokens"]
-    assert batch["num_loss_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 0
-    assert batch["num_tokens"] == int(batch["attention_mask"].sum()) == sum(len(s.input_ids) for s in samples)
-    mask = batch["attention_mask"].bool()
-    assert (batch["input_ids"][~mask] == tok.pad_token_id).all() and (batch["labels"][~mask] == -100).all()
-    assert batch["caption_mask"][2].sum() == 0 and (batch["caption_mask"].sum(1) > 0).sum() == 3
+    # supervised positions after a shift inside each sequence (a sequence's first label predicts nothing)
+    assert batch["num_loss_tokens"] == sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples) > 0
+    cap_lens = batch["caption_cu_seqlens"].diff().tolist()
+    assert cap_lens == [len(s.caption_ids) for s in samples] and cap_lens[2] == 0
+    assert torch.equal(batch["caption_ids"], torch.cat([s.caption_ids for s in samples]))
     assert batch["num_align"] == 3 and batch["num_samples"] == 4 and batch["num_bad"] == 0
     assert batch["sample_ids"] == ["s0", "m3", "t4", "s1"]
-    assert batch["caption_ids"].shape[0] == 4
-    for k in ("input_ids", "attention_mask", "labels", "grid_hw", "images_per_sample", "caption_ids"):
+    for k in ("input_ids", "labels", "grid_hw", "images_per_sample", "caption_ids"):
         assert batch[k].dtype == torch.long, k
 
 
 def test_text_only_batch_has_empty_patches(parts):
     src, proc, tok, _ = parts
-    batch = collate([_builder(proc, tok).build(src[4])], tok.pad_token_id)
+    batch = collate([_builder(proc, tok).build(src[4])])
     assert batch["patches"].shape == (0, 3 * 14 * 14) and batch["grid_hw"].shape == (0, 2)
-    assert batch["num_align"] == 0 and batch["caption_mask"].shape == (1, 1)
+    assert batch["num_align"] == 0 and batch["caption_cu_seqlens"].tolist() == [0, 0]
 
 
 def test_caption_shuffle_is_deterministic_per_seed_epoch_id(parts):
@@ -191,9 +193,7 @@ def test_bad_samples_are_skipped_and_carried(parts, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bad_src = LlavaSource(path)
     batcher = TokenBudgetBatcher(LengthIndex.build(bad_src, proc, tok).lengths, 64, 512, 1, shuffle=False)
-    loader = BatchLoader(
-        bad_src, _builder(proc, tok), batcher, pad_id=tok.pad_token_id, max_bad_fraction=None
-    )
+    loader = BatchLoader(bad_src, _builder(proc, tok), batcher, pad_id=tok.pad_token_id)
     first, second = itertools.islice(loader, 2)
     assert (first["sample_ids"], first["num_bad"]) == (["ok1"], 0)
     assert (second["sample_ids"], second["num_bad"]) == (["ok2"], 2)  # two all-bad micro-batches skipped

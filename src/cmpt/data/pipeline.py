@@ -152,45 +152,45 @@ class SampleBuilder:
         )
 
 
-def collate(samples: list[ProcessedSample], pad_id: int, *, num_bad: int = 0) -> dict[str, Any]:
-    """Right-pad and pack built samples into the VLM's batch dict (SPEC §2, §4).
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
-    ``labels`` are not shifted; ``num_loss_tokens`` counts ``labels[:, 1:] != -100`` (the
-    supervised positions after the shift). ``caption_mask`` rows are all zero for samples without a
-    caption (text-only samples): ``num_align`` counts the others. ``num_bad``: bad samples dropped
-    from this micro-batch (and from skipped all-bad ones before it).
+
+def collate(samples: list[ProcessedSample], *, num_bad: int = 0) -> dict[str, Any]:
+    """Concatenate built samples into the VLM's padding-free batch dict (docs/method.md §4, §7).
+
+    Text is packed: ``input_ids`` / ``labels`` ``(N,)`` hold the samples back to back, cut by
+    ``cu_seqlens`` ``(B + 1,)``; ``labels`` are not shifted (the objective shifts them inside each
+    sequence) and ``num_loss_tokens`` counts the supervised positions after that shift. Captions
+    likewise: ``caption_ids`` cut by ``caption_cu_seqlens`` (empty for samples without a caption,
+    e.g. text-only ones; ``num_align`` counts the others). Images: ``patches`` / ``grid_hw`` of all
+    samples and ``images_per_sample``. ``num_bad``: bad samples dropped from this micro-batch (and
+    from skipped all-bad ones before it). The model decides whether the text then runs packed or
+    padded (``data.packing``).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
-    b, t = len(samples), max(len(s.input_ids) for s in samples)
-    tc = max([1, *(len(s.caption_ids) for s in samples)])
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, t), dtype=torch.long)
-    cap = torch.full((b, tc), pad_id, dtype=torch.long)
-    cap_mask = torch.zeros((b, tc), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n, nc = len(s.input_ids), len(s.caption_ids)
-        input_ids[i, :n], labels[i, :n], mask[i, :n] = s.input_ids, s.labels, 1
-        cap[i, :nc], cap_mask[i, :nc] = s.caption_ids, 1
+    lengths = [len(s.input_ids) for s in samples]
+    labels = torch.cat([s.labels for s in samples])
+    supervised = sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples)
     grids = [g for s in samples for g in s.grids]
     patches = torch.cat([s.patches for s in samples]).to(torch.float32)
     if patches.shape[0] != sum(h * w for h, w in grids):
         raise ValueError(f"{patches.shape[0]} patch rows for grids {grids}")
     return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
+        "input_ids": torch.cat([s.input_ids for s in samples]).long(),
+        "cu_seqlens": _cu(lengths),
+        "labels": labels.long(),
         "patches": patches,
         "grid_hw": torch.tensor(grids, dtype=torch.long).view(-1, 2),
         "images_per_sample": torch.tensor([len(s.grids) for s in samples], dtype=torch.long),
-        "caption_ids": cap,
-        "caption_mask": cap_mask,
-        "num_loss_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "caption_ids": torch.cat([s.caption_ids for s in samples]).long(),
+        "caption_cu_seqlens": _cu([len(s.caption_ids) for s in samples]),
+        "num_loss_tokens": supervised,
         "num_align": sum(1 for s in samples if s.grids and len(s.caption_ids) > 0),
-        "num_tokens": int(mask.sum()),
+        "num_tokens": sum(lengths),
         "num_vision_tokens": sum(sum(s.num_image_tokens) for s in samples),
-        "num_samples": b,
+        "num_samples": len(samples),
         "num_bad": int(num_bad),
         "sample_ids": [s.id for s in samples],
     }

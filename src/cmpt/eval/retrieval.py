@@ -2,7 +2,7 @@
 
 * **Image feature**: the mean of the record's merged vision tokens (PatchMerger output, the LLM
   input space): ``F_v`` of the alignment loss.
-* **Caption feature**: ``model.caption_features`` of the caption alone (LLM body, last hidden
+* **Caption feature**: ``model.text_features`` of the caption alone (LLM body, last hidden
   state mean-pooled): ``F_t`` of the alignment loss. Both are L2-normalized; similarity = cosine.
 * **Caption** of a record = its first gpt answer (the dense caption of the synthetic data).
 * Recall@1/5/10 in both directions with :func:`~cmpt.eval.metrics.recall_at_k` (ties optimistic).
@@ -69,22 +69,17 @@ def _vision_features(model: Any, records: list[dict], proc, batch_size: int) -> 
 
 
 @torch.no_grad()
-def _caption_features(model: Any, captions: list[str], batch_size: int) -> torch.Tensor:
+def _text_features(model: Any, captions: list[str], batch_size: int, max_len: int = 256) -> torch.Tensor:
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    max_len = int(getattr(model.config, "caption_max_length", 256))
     feats = []
     for start in range(0, len(captions), batch_size):
         ids = [
             tok(c, add_special_tokens=False)["input_ids"][:max_len]
             for c in captions[start : start + batch_size]
         ]
-        width = max(1, *(len(x) for x in ids))
-        batch = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            batch[i, : len(x)], mask[i, : len(x)] = torch.tensor(x, dtype=torch.long), 1
-        feats.append(model.caption_features(batch, mask).float().cpu())
+        cu = torch.tensor([0, *(len(x) for x in ids)]).cumsum(0)
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+        feats.append(model.text_features(flat, cu).float().cpu())
     return torch.cat(feats)
 
 
@@ -99,14 +94,14 @@ def retrieval_eval(
     """Image↔text Recall@1/5/10 from pooled features (SPEC §5; see the module docstring).
 
     ``model``: a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``encode_images``,
-    ``caption_features``, ``tokenizer`` and ``processor``). ``data``: LLaVA JSON(L) or a directory
+    ``text_features``, ``tokenizer`` and ``processor``). ``data``: LLaVA JSON(L) or a directory
     (``test.json``, else ``val.json``); records without an image or a caption are skipped.
 
     Returns ``{"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "mean_recall", "n", "skipped"}``.
     """
-    if isinstance(model, NativeViT) or not hasattr(model, "caption_features"):
+    if isinstance(model, NativeViT) or not hasattr(model, "text_features"):
         raise TypeError(
-            f"retrieval needs a text side: {type(model).__name__} has no caption_features. Pass a "
+            f"retrieval needs a text side: {type(model).__name__} has no text_features. Pass a "
             "VisionLanguageModel (its merged vision tokens and caption features are compared); a bare "
             "NativeViT can only be evaluated with the linear / segmentation probes"
         )
@@ -132,7 +127,7 @@ def retrieval_eval(
         model.eval()
     try:
         v = F.normalize(_vision_features(model, records, proc, batch_size), dim=-1)
-        t = F.normalize(_caption_features(model, captions, batch_size), dim=-1)
+        t = F.normalize(_text_features(model, captions, batch_size), dim=-1)
     finally:
         if hasattr(model, "train"):
             model.train(was_training)

@@ -268,12 +268,14 @@ def caption_loss(
 ) -> float:
     """Mean next-token loss per supervised token over held-out records (SPEC §5, §2 ``L_dec``).
 
-    Records are built exactly as in training (:class:`~cmpt.data.pipeline.SampleBuilder`, captions
-    not shuffled), collated and run through ``model.forward`` in eval mode;
+    Records are built exactly as in training (:class:`~cmpt.data.pipeline.SampleBuilder`), collated
+    and scored by CoMP's objective without the alignment term, in eval mode;
     ``Σ lm_sum / Σ lm_count`` over all batches. Bad samples are skipped with a warning.
     """
     from cmpt.data.pipeline import SampleBuilder, collate
     from cmpt.data.sources import BadSample, LlavaSource
+    from cmpt.recipes.comp import LossConfig
+    from cmpt.recipes.comp_objective import CompObjective
 
     src = LlavaSource(resolve_data(data))
     n = len(src) if limit is None else min(len(src), int(limit))
@@ -281,12 +283,11 @@ def caption_loss(
     builder = SampleBuilder(
         proc,
         model.tokenizer,
-        caption_max_tokens=model.config.caption_max_length,
+        caption_max_tokens=0,
         merge_size=model.config.merge_size,
         shuffle_caption=False,
     )
-    pad = model.tokenizer.pad_token_id
-    pad = model.tokenizer.eos_token_id if pad is None else pad
+    objective = CompObjective(model, LossConfig(align=False))
     was_training = model.training
     model.eval()
     total, count, bad = 0.0, 0, 0
@@ -301,7 +302,7 @@ def caption_loss(
                     log.warning("caption_loss: skipping %s", e)
             if not samples:
                 continue
-            out = model(collate(samples, pad))
+            out = objective(collate(samples))
             total += float(out["lm_sum"])
             count += int(out["lm_count"])
     finally:

@@ -3,7 +3,8 @@
 - :func:`alignment_loss` — CoMP ``L_align`` (vision features vs. a Sinkhorn target over the
   vocabulary prototypes), with :func:`sinkhorn_targets`, :func:`prior_from_counts` and the
   pooling helpers :func:`masked_mean` / :func:`segment_mean`.
-- :func:`next_token_loss` — ``L_dec`` on supervised positions only (no full-vocab logits).
+- :func:`next_token_loss` — ``L_dec`` on supervised positions only (no full-vocab logits), with
+  :func:`shift_labels` for packed sequences.
 """
 
 from cmpt.losses.alignment import (
@@ -14,7 +15,7 @@ from cmpt.losses.alignment import (
     segment_mean,
     sinkhorn_targets,
 )
-from cmpt.losses.lm import next_token_loss
+from cmpt.losses.lm import next_token_loss, shift_labels
 
 __all__ = [
     "SINKHORN_VARIANTS",
@@ -23,5 +24,6 @@ __all__ = [
     "next_token_loss",
     "prior_from_counts",
     "segment_mean",
+    "shift_labels",
     "sinkhorn_targets",
 ]

@@ -12,11 +12,13 @@ normalize by the global number of supervised tokens across ranks (SPEC §6 "Loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["next_token_loss"]
+__all__ = ["next_token_loss", "shift_labels"]
 
 
 def _chunk_ce_sum(
@@ -26,6 +28,28 @@ def _chunk_ce_sum(
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def shift_labels(labels: torch.Tensor, lengths: Sequence[int], ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets of packed sequences: ``out[t] = labels[t + 1]`` inside each sequence and
+    ``ignore_index`` at each sequence's last token (docs/method.md §7), so a packed row gives the
+    same (position, target) pairs as one padded row per sequence.
+
+    ``labels`` ``(N,)`` holds the sequences of ``lengths`` (summing to ``N``) back to back.
+    """
+    if labels.dim() != 1 or labels.numel() != sum(lengths):
+        raise ValueError(
+            f"labels must be (N,) with N = sum(lengths) = {sum(lengths)}, got {tuple(labels.shape)}"
+        )
+    out = labels.new_full(labels.shape, ignore_index)
+    out[:-1] = labels[1:]
+    ends, pos = [], 0
+    for n in lengths:
+        pos += int(n)
+        if n > 0:
+            ends.append(pos - 1)
+    out[torch.tensor(ends, dtype=torch.long, device=labels.device)] = ignore_index
+    return out
 
 
 def next_token_loss(

@@ -22,6 +22,7 @@ from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.loop import LossTerms
 from ..vision.processor import ImageProcessor
 from ..vlm.model import VisionLanguageModel
+from .comp_objective import CompObjective
 from .paths import expand_path
 
 log = logging.getLogger("cmpt.recipes.comp")
@@ -71,6 +72,7 @@ class LossConfig:
     sinkhorn_eps: float = 0.005
     prior_temp: float = 0.05
     sinkhorn_iters: int = 3
+    lm_chunk_size: int = 4096  # rows of LM-head logits built at once (docs/method.md §6 "LM-head memory")
 
 
 @dataclass
@@ -88,16 +90,8 @@ class CompConfig:
 
 
 def load_model(cfg: CompConfig) -> VisionLanguageModel:
-    """The stage's starting VLM, with the stage's RoPE switch, processor and alignment settings."""
-    m, s, lc = cfg.model, cfg.stage, cfg.loss
-    align = dict(
-        sinkhorn_variant=lc.sinkhorn_variant,
-        vision_temp=lc.vision_temp,
-        sinkhorn_eps=lc.sinkhorn_eps,
-        prior_temp=lc.prior_temp,
-        sinkhorn_iters=lc.sinkhorn_iters,
-        caption_max_length=cfg.data.caption_max_tokens,
-    )
+    """The stage's starting VLM, with the stage's RoPE switch, processor and text packing."""
+    m, s = cfg.model, cfg.stage
     if m.init:
         init = expand_path(m.init)
         if not (Path(init) / "vlm_config.json").is_file():
@@ -105,14 +99,13 @@ def load_model(cfg: CompConfig) -> VisionLanguageModel:
                 f"model.init={init} is not a VLM directory; point it at the previous stage's run.dir/final "
                 "(run that stage first)"
             )
-        vlm = VisionLanguageModel.from_pretrained(init, rope=s.rope, **align)
+        vlm = VisionLanguageModel.from_pretrained(init, rope=s.rope)
     elif m.vision and m.llm:
         vlm = VisionLanguageModel.build(
             expand_path(m.vision),
             expand_path(m.llm),
             rope=s.rope,
             keep_prefix_tokens=m.keep_prefix_tokens,
-            **align,
         )
     else:
         raise ValueError("set model.init (a previous stage's final/) or both model.vision and model.llm")
@@ -125,6 +118,7 @@ def load_model(cfg: CompConfig) -> VisionLanguageModel:
         std=vit_cfg.image_std,
         **s.resolution.processor_kwargs(),
     )
+    vlm.configure_packing(cfg.data.packing)
     return vlm
 
 
@@ -133,13 +127,12 @@ class CompTask:
 
     def __init__(self, cfg: CompConfig) -> None:
         self.cfg = cfg
-        self.model = load_model(cfg)
-        self.model.set_trainable(cfg.stage.trainable)
-        for p in self.model.vit.unused_parameters():  # e.g. CLS when prefix tokens are dropped
+        self.vlm = load_model(cfg)
+        self.vlm.set_trainable(cfg.stage.trainable)
+        for p in self.vlm.vit.unused_parameters():  # e.g. CLS when prefix tokens are dropped
             p.requires_grad_(False)
-        self.model.train()
-        self.vocab_counts = self._vocab_counts()
-        self.align = cfg.loss.align and cfg.loss.align_weight > 0
+        self.model = CompObjective(self.vlm, cfg.loss, self._vocab_counts()).train()
+        self.align = self.model.align
 
     def _vocab_counts(self) -> torch.Tensor | None:
         path = self.cfg.loss.vocab_prior
@@ -147,11 +140,11 @@ class CompTask:
             return None
         from ..data.vocab_prior import load_vocab_counts
 
-        return load_vocab_counts(expand_path(path), expected_vocab_size=self.model.lm_head.weight.shape[0])
+        return load_vocab_counts(expand_path(path), expected_vocab_size=self.vlm.lm_head.weight.shape[0])
 
     def param_groups(self) -> list[dict[str, Any]]:
         lrs = self.cfg.stage.lr
-        parts = {name: [p for p in params if p.requires_grad] for name, params in self.model.parts().items()}
+        parts = {name: [p for p in params if p.requires_grad] for name, params in self.vlm.parts().items()}
         return [
             {"name": part, "params": parts[part], "lr": lrs.get(part, self.cfg.optim.lr)}
             for part in self.cfg.stage.trainable
@@ -159,7 +152,7 @@ class CompTask:
         ]
 
     def fsdp_units(self) -> list[nn.Module]:
-        return self.model.fsdp_units()
+        return self.vlm.fsdp_units()
 
     def build_loader(self, rank: int, world_size: int):
         from ..data.batching import build_loader
@@ -168,8 +161,8 @@ class CompTask:
         cache = Path(expand_path(self.cfg.run.dir)) / "cache"
         return build_loader(
             data,
-            self.model.processor,
-            self.model.tokenizer,
+            self.vlm.processor,
+            self.vlm.tokenizer,
             rank=rank,
             world_size=world_size,
             cache_dir=cache,
@@ -179,7 +172,7 @@ class CompTask:
         return {"lm": int(batch["num_loss_tokens"]), "align": int(batch["num_align"]) if self.align else 0}
 
     def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms:
-        out = model(batch, align=self.align, vocab_counts=self.vocab_counts)
+        out = model(batch)
         return LossTerms(
             sums={"lm": out["lm_sum"], "align": out["align_sum"]},
             counts={"lm": out["lm_count"], "align": out["align_count"] if self.align else 0},
@@ -188,11 +181,12 @@ class CompTask:
 
     def save_final(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         """The stage's output: a VLM directory (the next stage's ``model.init``) plus ``vit/`` (CoMP-VFM)."""
-        vlm = self.model
+        vlm = self.vlm
         if state_dict is not None and any(type(p).__name__ == "DTensor" for p in vlm.parameters()):
             vlm = load_model(
                 self.cfg
             )  # FSDP2 shards in place: rebuild an unsharded copy for the full weights
-            vlm.load_state_dict(state_dict)
+            prefix = "vlm."
+            vlm.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
         vlm.save_pretrained(out_dir)
         vlm.export_vit(Path(out_dir) / "vit")

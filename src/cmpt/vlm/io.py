@@ -10,6 +10,7 @@ them).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ MERGER_WEIGHTS = "merger.safetensors"
 
 @dataclass
 class VLMConfig:
-    """Settings of a :class:`VisionLanguageModel` (SPEC §2), stored as ``vlm_config.json``."""
+    """Facts of a :class:`VisionLanguageModel` (docs/method.md §2 "Assembly"), stored as
+    ``vlm_config.json``: where its parts came from and its vision-token ids. Training settings
+    (losses, chunk sizes) belong to the recipes, not here."""
 
     vision: str = ""  # where the ViT came from (NativeViT dir or HF id/dir), informational
     llm: str = ""  # where the LLM came from (HF id/dir), informational
@@ -36,22 +39,19 @@ class VLMConfig:
     image_pad_id: int = -1
     vision_start_id: int = -1
     vision_end_id: int = -1
-    dummy_image: bool = True  # SPEC §6: text-only batches still use the ViT and merger in training
-    # L_align (SPEC §2; official defaults)
-    vision_temp: float = 0.005
-    sinkhorn_eps: float = 0.005
-    prior_temp: float = 0.05
-    sinkhorn_iters: int = 3
-    sinkhorn_variant: str = "official"
-    caption_max_length: int = 256
-    lm_chunk_size: int = 4096  # rows of LM-head logits built at once (SPEC §6 "LM-head memory")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "vlm_config.json") -> VLMConfig:
+        """Read the known fields; others (training settings written by cmpt ≤ 0.1) are ignored with
+        one warning naming them."""
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"cmpt_model", "merger"}
+        unknown = sorted(set(d) - known - {"cmpt_model", "merger"})
         if unknown:
-            raise ValueError(f"unknown VLMConfig keys {sorted(unknown)}; known: {sorted(known)}")
+            warnings.warn(
+                f"{source}: ignoring fields that are no longer part of a VLM's config: {unknown} "
+                "(training settings now live in the recipe, e.g. loss.*)",
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -119,7 +119,7 @@ def build_vlm(
             patch size, merge size, mean and std).
         dtype: dtype of a loaded LLM (default float32). llm_kwargs: extra
             ``from_pretrained`` arguments (e.g. ``attn_implementation``).
-        **cfg: :class:`VLMConfig` fields (``dummy_image``, alignment settings, ...).
+        **cfg: :class:`VLMConfig` fields.
 
     The vision tokens are added to the tokenizer where missing and the embeddings resized when
     the tokenizer then outgrows them; a tokenizer without a pad token gets ``pad = eos``.
@@ -204,8 +204,11 @@ def load_vlm(
     d = Path(directory)
     if not (d / VLM_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
+    bad = sorted(set(overrides) - {f.name for f in fields(VLMConfig)})
+    if bad:
+        raise TypeError(f"from_pretrained got unknown VLMConfig overrides {bad}")
     raw = json.loads((d / VLM_CONFIG_NAME).read_text())
-    config = VLMConfig.from_dict({**raw, **overrides})
+    config = VLMConfig.from_dict({**raw, **overrides}, source=str(d / VLM_CONFIG_NAME))
     vit = NativeViT.from_pretrained(d / "vision", rope=rope)
     kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
     llm = AutoModelForCausalLM.from_pretrained(str(d / "llm"), **kwargs)

@@ -1,14 +1,14 @@
-"""The CoMP vision-language model: NativeViT → PatchMerger → any Hugging Face causal LM (SPEC §2).
+"""The vision-language model: NativeViT → PatchMerger → any Hugging Face decoder (docs/method.md §2, §7).
 
-Data flow of :meth:`VisionLanguageModel.forward`::
+A pure model — it computes no loss. :meth:`VisionLanguageModel.forward`::
 
-    patches (N, 3·p·p), grid_hw (n, 2) ──NativeViT──▶ (N, D_vit) ──PatchMerger──▶ (N / m², H)
-    input_ids (B, T) ──LLM input embeddings──▶ (B, T, H) ◀── merged tokens scattered, in order,
-                                                            into the <|image_pad|> positions
-    ──LLM body (no LM head)──▶ last hidden states ──▶ next_token_loss (logits at supervised rows only)
+    patches (P, 3·p·p), grid_hw (n, 2) ──NativeViT──▶ (P, D_vit) ──PatchMerger──▶ (P / m², H)
+    input_ids (N,) cut by cu_seqlens ──LLM input embeddings──▶ (N, H) ◀── merged tokens scattered,
+                                                         in order, into the <|image_pad|> positions
+    ──LLM body, attention "causal" | "bidirectional", packed or padded──▶ last hidden states (N, H)
 
-The model returns *un-normalized* loss sums and their counts, so that a trainer can normalize by
-global counts across ranks (SPEC §6 "Loss normalization"): ``L = Σlm / N_lm + λ · Σalign / N_align``.
+Objectives (CoMP's next-token and alignment losses, MoCa's masked reconstruction) live in the
+recipes and read the LM head through :attr:`VisionLanguageModel.lm_head`.
 
 Decisions:
 
@@ -16,11 +16,10 @@ Decisions:
   otherwise use the checkpoint's dtype); mixed precision is the trainer's business (autocast or
   ``.to(bf16)``). Merged tokens are cast to the embedding dtype before the scatter.
 * **Mode.** :meth:`build` / :meth:`from_pretrained` return the model in eval mode (like
-  ``transformers``); the trainer calls ``.train()``. The dummy image (SPEC §6) is used only in
-  train mode with gradients enabled.
-* **Alignment text path.** The caption runs through the LLM body under ``torch.no_grad()`` in
-  whatever mode the model is in (train mode during training, as the official code does: the text
-  feature is the same network the LM loss trains; the Qwen2/Llama bodies have no active dropout).
+  ``transformers``); the trainer calls ``.train()``. The dummy image (docs/method.md §6) is used
+  only in train mode with gradients enabled.
+* **Text layout.** Sequences run packed in one row where the body supports it (``packing``,
+  :meth:`configure_packing`), else right-padded; outputs are one row per real token either way.
 * **Tied LM head.** When the LM head shares its weight with the input embeddings (Qwen2.5), the
   shared tensor belongs to the ``llm`` part only; the ``lm_head`` part is then empty (or holds
   just a bias). See :meth:`parts`.
@@ -28,29 +27,54 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cmpt.losses import alignment_loss, masked_mean, next_token_loss, segment_mean
+from cmpt.losses import segment_mean
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, save_vlm
 from cmpt.vlm.merger import PatchMerger
+from cmpt.vlm.text_attention import (
+    AttentionMode,
+    TextLayout,
+    attn_implementation,
+    body_inputs,
+    packing_unsupported_reason,
+    pad_rows,
+    set_attention_mode,
+    unpad_rows,
+)
 
-__all__ = ["VLMConfig", "VisionLanguageModel"]
+__all__ = ["VLMConfig", "VLMOutput", "VisionLanguageModel"]
+
+log = logging.getLogger("cmpt.vlm")
+
+
+@dataclass
+class VLMOutput:
+    """What :meth:`VisionLanguageModel.forward` returns."""
+
+    hidden: torch.Tensor  # (N, H) last hidden states (after the final norm), one row per real token
+    vision: torch.Tensor | None  # (P / m², H) merged vision tokens in LLM space, or None
+    vision_per_sample: list[int] | None  # merged tokens of each sequence (with images_per_sample)
+    layout: TextLayout  # the sequences' lengths and whether they ran packed
 
 
 class VisionLanguageModel(nn.Module):
-    """NativeViT → PatchMerger → Hugging Face causal LM, with CoMP's ``L_dec`` and ``L_align`` (SPEC §2).
+    """NativeViT → PatchMerger → Hugging Face decoder; hidden states, no loss (docs/method.md §2, §7).
 
     Attributes: ``vit`` (:class:`NativeViT`), ``merger`` (:class:`PatchMerger`), ``llm`` (the
     ``*ForCausalLM``), ``tokenizer``, ``processor`` (an optional ``ImageProcessor`` used by
-    :meth:`generate` and saved with the model), ``config`` (:class:`VLMConfig`).
+    :meth:`generate` and saved with the model), ``config`` (:class:`VLMConfig`), ``packing``
+    (text runs packed in one row; :meth:`configure_packing`).
     """
 
     def __init__(
@@ -70,6 +94,7 @@ class VisionLanguageModel(nn.Module):
                 f"merge sizes disagree: VLMConfig {config.merge_size}, PatchMerger {merger.merge_size}, "
                 f"NativeViT {vit.config.merge_size}"
             )
+        self.packing = packing_unsupported_reason(llm, self.body) is None
 
     # ------------------------------------------------------------------ construction (cmpt.vlm.io)
     build = classmethod(build_vlm)
@@ -97,55 +122,52 @@ class VisionLanguageModel(nn.Module):
         return self.merger(feats)
 
     def _dummy_vision(self) -> torch.Tensor:
-        """Merged tokens of an all-zero 2m×2m-patch image (4×4 for m = 2), SPEC §6."""
+        """Merged tokens of an all-zero 2m×2m-patch image (4×4 for m = 2), docs/method.md §6."""
         m, p = self.config.merge_size, self.vit.config.patch_size
         patches = torch.zeros(4 * m * m, 3 * p * p, device=self.device)
         return self.encode_images(patches, torch.tensor([[2 * m, 2 * m]]))
 
-    def embed_inputs(
-        self,
-        input_ids: torch.Tensor,
-        vision_tokens: torch.Tensor | None,
-        tokens_per_sample: Sequence[int] | None = None,
-        sample_ids: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        """Input embeddings (B, T, H) with the merged vision tokens put, in order, at ``<|image_pad|>``.
-
-        The number of ``<|image_pad|>`` placeholders must equal the number of merged tokens, per
-        sample when ``tokens_per_sample`` is given, else in total; otherwise a ``ValueError`` names
-        the samples and both counts.
-        """
+    def embed_inputs(self, input_ids: torch.Tensor, vision_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings (``input_ids.shape + (H,)``) with the merged vision tokens put, in order,
+        at the ``<|image_pad|>`` positions; their counts must agree (``ValueError`` otherwise)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_pad = input_ids == self.config.image_pad_id
         n_vision = 0 if vision_tokens is None else int(vision_tokens.shape[0])
-        per_sample = is_pad.sum(dim=1).tolist()
-        expected = list(tokens_per_sample) if tokens_per_sample is not None else None
-        if sum(per_sample) != n_vision or (expected is not None and per_sample != expected):
-            ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(per_sample))]
-            if expected is not None and len(expected) == len(per_sample):
-                bad = [
-                    f"sample {ids[i]!r}: {n} {IMAGE_PAD} vs {e} merged vision tokens"
-                    for i, (n, e) in enumerate(zip(per_sample, expected))
-                    if n != e
-                ]
-            else:
-                bad = [f"samples {ids}"]
+        n_pad = int(is_pad.sum())
+        if n_pad != n_vision:
             raise ValueError(
-                f"image placeholder / vision token mismatch ({'; '.join(bad)}; total {sum(per_sample)} "
-                f"{IMAGE_PAD} vs {n_vision} merged tokens = patches / merge_size²): render each image "
-                "with num_image_tokens = h·w / merge_size² of its grid"
+                f"{n_pad} {IMAGE_PAD} placeholders but {n_vision} merged vision tokens "
+                "(patches / merge_size²): render each image with num_image_tokens = h·w / merge_size² "
+                "of its grid"
             )
         if n_vision:
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), vision_tokens.to(embeds.dtype))
         return embeds
 
-    def _tokens_per_sample(
-        self, grid_hw: torch.Tensor, images_per_sample: torch.Tensor | None
-    ) -> list[int] | None:
-        """Merged-token count of every sample from the image grids (host side), None without
-        ``images_per_sample``."""
-        if images_per_sample is None:
-            return None
+    def _check_placeholders(
+        self,
+        input_ids: torch.Tensor,
+        layout: TextLayout,
+        expected: list[int],
+        sample_ids: Sequence[str] | None,
+    ) -> None:
+        """Every sequence has as many ``<|image_pad|>`` as merged tokens of its own images."""
+        is_pad = (input_ids.reshape(-1) == self.config.image_pad_id).long()
+        found = [int(x) for x in torch.stack([c.sum() for c in is_pad.split(layout.lengths)]).tolist()]
+        if found != expected:
+            ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(found))]
+            bad = [
+                f"sample {ids[i]!r}: {n} {IMAGE_PAD} vs {e} merged vision tokens"
+                for i, (n, e) in enumerate(zip(found, expected))
+                if n != e
+            ]
+            raise ValueError(
+                f"image placeholder / vision token mismatch ({'; '.join(bad)}): render each image with "
+                "num_image_tokens = h·w / merge_size² of its grid"
+            )
+
+    def _tokens_per_sample(self, grid_hw: torch.Tensor, images_per_sample: torch.Tensor) -> list[int]:
+        """Merged-token count of every sample from the image grids (host side)."""
         m2 = self.config.merge_size**2
         per_image = [int(h) * int(w) // m2 for h, w in grid_hw.tolist()]
         out, start = [], 0
@@ -156,105 +178,85 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"images_per_sample sums to {start} but grid_hw has {len(per_image)} images")
         return out
 
-    @torch.no_grad()
-    def caption_features(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
-        """``F_t`` before normalization (SPEC §2): the caption alone (no image, no template) through the
-        LLM body without gradient, last hidden state (after the final norm) mean-pooled over non-pad
-        tokens. Positions count valid tokens only, so left- or right-padded captions give the same."""
-        mask = caption_mask.to(self.device)
-        pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        out = self.body(
-            input_ids=caption_ids.to(self.device), attention_mask=mask, position_ids=pos, use_cache=False
-        )
-        return masked_mean(out.last_hidden_state, mask)
+    # ------------------------------------------------------------------ attention and packing
+    def configure_packing(self, requested: bool | None = None) -> bool:
+        """Choose packed (one row, block-diagonal attention) or padded text (docs/method.md §7).
 
-    # ------------------------------------------------------------------ training forward
-    def forward(
-        self, batch: dict[str, Any], *, align: bool = False, vocab_counts: torch.Tensor | None = None
-    ) -> dict[str, Any]:
-        """Loss sums of one batch (SPEC §2): ``{"lm_sum", "lm_count", "align_sum", "align_count"}``.
-
-        ``batch`` follows the collate contract (``input_ids``, ``attention_mask``, ``labels`` not
-        shifted, ``patches``, ``grid_hw``, ``images_per_sample``, and for ``align=True``
-        ``caption_ids`` / ``caption_mask``; ``sample_ids`` for error messages). ``vocab_counts``
-        (V_tok,) are the prior counts of ``L_align`` (zero-padded to the LM-head rows; None =
-        uniform prior). ``align_count`` = samples with ≥ 1 image and a non-empty caption.
+        ``None``: packed where the body supports it, else padded with one log line saying why;
+        ``True`` on a body that cannot pack raises ``ValueError`` naming the reason.
         """
-        dev = self.device
-        input_ids = batch["input_ids"].to(dev)
-        patches, grid_hw = batch.get("patches"), batch.get("grid_hw")
-        has_images = patches is not None and grid_hw is not None and grid_hw.shape[0] > 0
-        images_per_sample = batch.get("images_per_sample")
-        vision = per_sample = None
-        if has_images:
+        reason = packing_unsupported_reason(self.llm, self.body)
+        if requested and reason:
+            raise ValueError(f"data.packing=true, but {type(self.llm).__name__} cannot pack: {reason}")
+        self.packing = bool(requested if requested is not None else reason is None)
+        if requested is None and reason:
+            log.info("text runs right-padded (no packing): %s", reason)
+        return self.packing
+
+    def text_hidden(
+        self, embeds: torch.Tensor, layout: TextLayout, attention: AttentionMode = "causal"
+    ) -> torch.Tensor:
+        """Last hidden states (after the final norm), ``(N, H)``, of packed input embeddings
+        ``(N, H)`` whose sequences are ``layout`` (docs/method.md §7)."""
+        if embeds.shape[0] != layout.total:
+            raise ValueError(
+                f"{embeds.shape[0]} token embeddings for sequences of total length {layout.total}"
+            )
+        set_attention_mode(self.body, attention)
+        kwargs = body_inputs(layout, attn_implementation(self.llm), attention, embeds.dtype, embeds.device)
+        rows = embeds.unsqueeze(0) if layout.packed else pad_rows(embeds, layout)
+        hidden = self.body(inputs_embeds=rows, use_cache=False, **kwargs).last_hidden_state
+        return hidden[0] if layout.packed else unpad_rows(hidden, layout)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | Sequence[int],
+        *,
+        patches: torch.Tensor | None = None,
+        grid_hw: torch.Tensor | None = None,
+        images_per_sample: torch.Tensor | None = None,
+        attention: AttentionMode = "causal",
+        sample_ids: Sequence[str] | None = None,
+    ) -> VLMOutput:
+        """Hidden states of a micro-batch (docs/method.md §2 "Assembly", §7); computes no loss.
+
+        ``input_ids`` ``(N,)``: the batch's sequences concatenated, cut by ``cu_seqlens`` ``(B + 1,)``
+        (the collate contract of :func:`cmpt.data.pipeline.collate`); ``patches`` / ``grid_hw``: the
+        images of all sequences, packed; ``images_per_sample`` ``(B,)``: how many belong to each
+        sequence (checked against its placeholders). In training with gradients, a batch without
+        images still runs the dummy image through the ViT and merger (docs/method.md §6).
+        """
+        input_ids = input_ids.to(self.device).reshape(-1)
+        layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
+        vision, per_sample = None, None
+        if patches is not None and grid_hw is not None and grid_hw.shape[0] > 0:
             vision = self.encode_images(patches, grid_hw)
-            per_sample = self._tokens_per_sample(grid_hw, images_per_sample)
+            if images_per_sample is not None:
+                per_sample = self._tokens_per_sample(grid_hw, images_per_sample)
         elif images_per_sample is not None and int(images_per_sample.sum()) > 0:
             raise ValueError("images_per_sample counts images but the batch has no patches / grid_hw")
-        embeds = self.embed_inputs(input_ids, vision, per_sample, batch.get("sample_ids"))
-        hidden = self.body(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(dev), use_cache=False
-        ).last_hidden_state
-        head = self.lm_head
-        lm_sum, lm_count = next_token_loss(
-            hidden, batch["labels"].to(dev), head.weight, head.bias, chunk_size=self.config.lm_chunk_size
-        )
-        if vision is None and self.config.dummy_image and self.training and torch.is_grad_enabled():
-            lm_sum = lm_sum + 0.0 * self._dummy_vision().sum()  # every ViT/merger parameter used (§6)
+        if per_sample is not None or images_per_sample is not None:
+            self._check_placeholders(input_ids, layout, per_sample or [0] * len(layout.lengths), sample_ids)
+        embeds = self.embed_inputs(input_ids, vision)
+        if vision is None and self.training and torch.is_grad_enabled():
+            embeds = embeds + 0.0 * self._dummy_vision().sum()  # every ViT/merger parameter used (§6)
+        return VLMOutput(self.text_hidden(embeds, layout, attention), vision, per_sample, layout)
 
-        align_sum, align_count = None, 0
-        if align:
-            align_sum, align_count = self._align(batch, vision, per_sample, vocab_counts)
-        if align_sum is None:  # a zero connected to the graph (DDP/FSDP see the same parameters)
-            align_sum = (vision.sum() if vision is not None else lm_sum) * 0.0
-        return {"lm_sum": lm_sum, "lm_count": lm_count, "align_sum": align_sum, "align_count": align_count}
-
-    def _align(
+    @torch.no_grad()
+    def text_features(
         self,
-        batch: dict[str, Any],
-        vision: torch.Tensor | None,
-        per_sample: list[int] | None,
-        vocab_counts: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, int]:
-        """``L_align · count`` over the samples with an image and a caption (SPEC §2), or (None, 0)."""
-        if "caption_ids" not in batch or "caption_mask" not in batch:
-            raise ValueError("align=True needs caption_ids and caption_mask in the batch")
-        if vision is None:
-            return None, 0
-        if per_sample is None:
-            raise ValueError("align=True needs images_per_sample in the batch (images of each sample)")
-        cap_mask = batch["caption_mask"]
-        keep = [i for i, (n, c) in enumerate(zip(per_sample, (cap_mask != 0).any(1).tolist())) if n > 0 and c]
-        if not keep:
-            return None, 0
-        vision_feats = segment_mean(vision, per_sample)[keep]
-        idx = torch.tensor(keep, device=cap_mask.device)
-        text_feats = self.caption_features(batch["caption_ids"][idx], cap_mask[idx])
-        prototypes = self.lm_head.weight
-        if vocab_counts is not None:
-            vocab_counts = self._pad_counts(vocab_counts, prototypes.shape[0])
-        c = self.config
-        loss = alignment_loss(
-            vision_feats,
-            text_feats,
-            prototypes,
-            vocab_counts,
-            vision_temp=c.vision_temp,
-            sinkhorn_eps=c.sinkhorn_eps,
-            prior_temp=c.prior_temp,
-            iters=c.sinkhorn_iters,
-            variant=c.sinkhorn_variant,
-        )
-        return loss * len(keep), len(keep)
-
-    @staticmethod
-    def _pad_counts(counts: torch.Tensor, vocab: int) -> torch.Tensor:
-        """Zero-pad token counts to the LM-head rows (tokens appended after counting, padded heads)."""
-        if counts.shape[0] > vocab:
-            raise ValueError(f"vocab_counts has {counts.shape[0]} entries but the LM head only {vocab} rows")
-        if counts.shape[0] < vocab:
-            counts = torch.cat([counts, counts.new_zeros(vocab - counts.shape[0])])
-        return counts
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | Sequence[int],
+        attention: AttentionMode = "causal",
+    ) -> torch.Tensor:
+        """Mean of the last hidden states (after the final norm) over each text sequence, ``(B, H)``,
+        without gradient: CoMP's caption feature ``F_t`` before normalization (docs/method.md §2)."""
+        layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
+        ids = input_ids.to(self.device).reshape(-1)
+        hidden = self.text_hidden(self.llm.get_input_embeddings()(ids), layout, attention)
+        return segment_mean(hidden, list(layout.lengths))
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -331,7 +333,7 @@ class VisionLanguageModel(nn.Module):
         """Modules to wrap one by one with FSDP2 ``fully_shard``: ViT blocks, then LLM decoder layers.
 
         Everything else (embeddings, LM head, norms, merger, ViT stem) must stay in the root unit:
-        :meth:`forward` reads ``lm_head.weight`` directly, without calling the head module.
+        objectives read ``lm_head.weight`` directly, without calling the head module.
         """
         layers = getattr(self.body, "layers", None)
         if not isinstance(layers, nn.ModuleList):
