@@ -48,7 +48,7 @@ def run_once(path: str, processor, tokenizer, n: int, workers: int) -> tuple[flo
     """``(setup seconds, epoch seconds, samples)`` of one fresh loader."""
     cfg = DataConfig(
         path=path, vision_budget=2048, text_budget=16384, max_samples_per_batch=16, max_text_tokens=4096,
-        num_workers=workers, shuffle_buffer=64, max_bad_fraction=0.0,
+        num_workers=workers, shuffle_buffer=64,
     )  # fmt: skip
     t0 = time.perf_counter()
     loader = build_loader(cfg, processor, tokenizer)
@@ -58,6 +58,7 @@ def run_once(path: str, processor, tokenizer, n: int, workers: int) -> tuple[flo
     while seen < n:
         seen += next(it)["num_samples"]
     t2 = time.perf_counter()
+    assert loader.bad_seen == 0, f"{path}: {loader.bad_seen} bad samples in synthetic data"
     del it, loader
     return t1 - t0, t2 - t1, seen
 

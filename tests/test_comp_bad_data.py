@@ -21,7 +21,7 @@ def test_training_over_broken_corpus_counts_skips(tmp_path):
     setup = make_tiny_setup(tmp_path / "tiny", n=4)
     corpus = build_broken_corpus(tmp_path)
     sets = overrides(setup, tmp_path / "run", STEPS)
-    sets += [f"data.path={corpus.path}", "data.max_bad_fraction=0.95", "train.max_bad_fraction=0.95"]
+    sets += [f"data.path={corpus.path}", "train.max_bad_fraction=0.95"]
     cfg, _ = load_recipe("tiny/comp_stage1", sets)
     summary = Trainer(cfg.run, cfg.optim, cfg.train, CompTask(cfg), full_config=cfg).fit()
     assert summary["step"] == STEPS and not summary["stopped"]

@@ -138,8 +138,7 @@ def test_two_ranks_two_workers_read_disjoint_samples_covering_the_set(forms, bui
     assert len(flat) == len(set(flat)) == 12 and all(read)
     # the real loaders (2 workers each) run exactly these streams, round-robin
     for rank in range(2):
-        loader = StreamingLoader(shards, builder, cfg, rank=rank, world_size=2, num_workers=2,
-                                 max_bad_fraction=None)  # fmt: skip
+        loader = StreamingLoader(shards, builder, cfg, rank=rank, world_size=2, num_workers=2)
         direct = [SampleStream(shards, rank * 2 + s, 4, builder, cfg, 0) for s in range(2)]
         for k, batch in enumerate(itertools.islice(loader, 6)):
             assert loader.next_stream == (k + 1) % 2
@@ -206,13 +205,12 @@ def test_bad_tar_members_are_skipped_and_counted(tmp_path, builder):
         "a-0.tar/004": {"missing_key"}, "a-1.tar/101": {"corrupt_archive"},
     }  # fmt: skip
     cfg = StreamConfig(100, 4000, 1, shuffle=False)
-    loader = StreamingLoader(shards, builder, cfg, max_bad_fraction=None)
+    loader = StreamingLoader(shards, builder, cfg)
     batches = list(itertools.islice(loader, 4))  # the corrupt tail is read when refilling for s0
     assert [b["sample_ids"] for b in batches] == [["s0"], ["s5"], ["s100"], ["s0"]]
     assert [b["num_bad"] for b in batches] == [0, 4, 0, 1] and loader.bad_seen == 5
-    strict = StreamingLoader(shards, builder, cfg, max_bad_fraction=0.1)
-    with pytest.raises(Exception, match="bad"):
-        list(itertools.islice(strict, 6))
+    # the loader never aborts on the fraction (the trainer decides over all ranks): 5 of every 8 read are bad
+    assert sum(b["num_samples"] for b in itertools.islice(StreamingLoader(shards, builder, cfg), 6)) == 6
 
 
 def test_records_hold_bytes_and_paths_and_every_kind_is_checked(forms, builder):

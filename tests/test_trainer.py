@@ -152,10 +152,13 @@ def test_second_sigint_aborts(tmp_path: Path) -> None:
 
 
 def test_bad_sample_fraction(tmp_path: Path) -> None:
-    with pytest.raises(BadDataError, match="max_bad_fraction"):
-        fit(tmp_path / "strict", ToyTask(bad_every=3), steps=40, max_bad_fraction=0.05)
+    strict = {"max_bad_fraction": 0.05, "bad_check_min_samples": 50}
+    with pytest.raises(BadDataError, match=r"> train\.max_bad_fraction = 5\.00%.*cmpt data check"):
+        fit(tmp_path / "strict", ToyTask(bad_every=3), steps=40, **strict)
     s = fit(tmp_path / "lenient", ToyTask(bad_every=3), steps=12, max_bad_fraction=0.5)
     assert s["bad_samples"] == 4  # micro-batches 0, 3, 6, 9
+    s = fit(tmp_path / "early", ToyTask(bad_every=3), steps=12, max_bad_fraction=0.05)
+    assert s["bad_samples"] == 4  # 13% bad, but fewer than train.bad_check_min_samples read
 
 
 def test_weight_decay_groups() -> None:

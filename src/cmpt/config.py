@@ -16,6 +16,11 @@ Conversions (everything else is a :class:`ConfigError`):
 A YAML file may start with ``base: other.yaml`` (or a list of files), relative to the file
 itself; bases are merged first, in order, then the file on top (dicts merge deep, lists and
 scalars replace). ``base`` is therefore a reserved top-level key.
+
+Moved keys: a dataclass may list ``_moved_keys = (("old", "section.new"), ...)``, an old field name
+and its new dotted path from the root of the schema. A file or ``--set`` that still uses the old
+key is read as the new one, with a one-time ``FutureWarning``; a file setting both to different
+values, or a schema without the new key, is a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import os
 import types
 import typing
+import warnings
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -110,6 +116,24 @@ def _suggestion(key: str, names: cabc.Iterable[str], parent: _KeyPath) -> str:
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _moved_keys(cls: type) -> dict[str, str]:
+    """``old field name -> new dotted path from the root`` declared by ``cls._moved_keys``."""
+    return dict(getattr(cls, "_moved_keys", ()))
+
+
+_WARNED_MOVES: set[tuple[str, str]] = set()
+
+
+def _warn_moved(old: str, new: str, where: str) -> None:
+    if (old, new) not in _WARNED_MOVES:
+        _WARNED_MOVES.add((old, new))
+        warnings.warn(
+            f"config key '{old}' (from {where}) is deprecated and read as '{new}'; set '{new}' instead",
+            FutureWarning,
+            stacklevel=4,
+        )
 
 
 # ----------------------------------------------------------------------------- value conversion
@@ -219,6 +243,8 @@ def _build(cls: type[T], value: Any, path: _KeyPath, ctx: _Ctx) -> T:
     fields, hints = _init_fields(cls), _hints(cls)
     kwargs = {}
     for key, v in value.items():
+        if key not in fields and key in _moved_keys(cls):
+            raise ctx.error((*path, key), f"this key moved to '{_moved_keys(cls)[key]}'; set that instead")
         if key not in fields:
             raise ConfigError(
                 f"unknown config key '{_fmt((*path, key))}' in {ctx.where((*path, key))}"
@@ -298,6 +324,55 @@ def load_yaml(path: str | Path) -> dict:
     return _read_yaml(Path(path), ())[0]
 
 
+# ----------------------------------------------------------------------------- moved keys
+def _schema_type(cls: type, parts: list[str]) -> Any:
+    """The type of the dotted field path ``parts`` from dataclass ``cls``, or None if not a field."""
+    tp: Any = cls
+    for part in parts:
+        tp = _unwrap_optional(tp)
+        if not _is_dataclass_type(tp) or part not in _init_fields(tp):
+            return None
+        tp = _hints(tp)[part]
+    return tp
+
+
+def _migrate_moved(root: dict, cls: type, ctx: _Ctx) -> None:
+    """Move old keys (``_moved_keys`` of the nested dataclass sections) of the plain dict ``root``
+    of schema ``cls`` to their new paths, in place (see the module docstring)."""
+    todo: list[tuple[dict, type, _KeyPath]] = [(root, cls, ())]
+    while todo:
+        node, tp, path = todo.pop()
+        for old, new in _moved_keys(tp).items():
+            parts = new.split(".")
+            if old not in node or _schema_type(cls, parts) is None:
+                continue  # absent, or no new key in this schema: _build reports it
+            value, old_path = node.pop(old), (*path, old)
+            target = root
+            for part in parts[:-1]:
+                if target.get(part) is None:
+                    target[part] = {}
+                target = target[part]
+                if not isinstance(target, dict):
+                    raise ctx.error(tuple(parts[:-1]), f"expected a mapping, got {target!r}")
+            new_path = tuple(parts)
+            if parts[-1] in target:
+                hint = _schema_type(cls, parts)
+                if _convert(target[parts[-1]], hint, new_path, ctx) != _convert(value, hint, old_path, ctx):
+                    raise ConfigError(
+                        f"config key '{_fmt(old_path)}' (from {ctx.where(old_path)}) moved to "
+                        f"'{new}', which is also set (from {ctx.where(new_path)}) to a different "
+                        f"value; remove '{_fmt(old_path)}'"
+                    )
+            else:
+                target[parts[-1]] = value
+                ctx.origins[new_path] = ctx.where(old_path)
+            _warn_moved(_fmt(old_path), new, ctx.where(old_path))
+        for name, hint in _hints(tp).items() if _is_dataclass_type(tp) else ():
+            sub = _unwrap_optional(hint)
+            if name in _init_fields(tp) and _is_dataclass_type(sub) and isinstance(node.get(name), dict):
+                todo.append((node[name], sub, (*path, name)))
+
+
 # ----------------------------------------------------------------------------- overrides
 def _unwrap_optional(tp: Any) -> Any:
     if get_origin(tp) in (Union, types.UnionType):
@@ -327,6 +402,13 @@ def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
         k: Any = part
         if _is_dataclass_type(tp):
             fields = _init_fields(tp)
+            moved = _moved_keys(tp)
+            if part not in fields and part in moved and i == len(parts) - 1:
+                if _schema_type(cls, moved[part].split(".")) is not None:
+                    _warn_moved(_fmt((*path, part)), moved[part], where)
+                    _apply_override(data, cls, f"{moved[part]}={raw}", ctx)
+                    return
+                raise ConfigError(f"{where}: config key '{_fmt((*path, part))}' moved to '{moved[part]}'")
             if part not in fields:
                 raise ConfigError(
                     f"{where}: unknown config key '{_fmt((*path, part))}'" + _suggestion(part, fields, path)
@@ -374,6 +456,8 @@ def load_config(
     else:
         data, origins = _read_yaml(Path(source), ())
         ctx = _Ctx(str(source), origins)
+    if _is_dataclass_type(cls) and isinstance(data, dict):
+        _migrate_moved(data, cls, ctx)
     obj = _convert(data, cls, (), ctx)
     if overrides:
         plain = to_dict(obj)

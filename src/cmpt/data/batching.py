@@ -14,7 +14,9 @@ of that product into ranks and accumulation steps, across epoch boundaries too, 
 dropped. Positions (``epoch``, ``k``) index this global stream and do not depend on the world size.
 
 ``BatchLoader``: this rank's collated micro-batches, forever (epochs roll over). Its state counts
-micro-batches *consumed by the caller* (not prefetched by workers), so resuming is exact.
+micro-batches *consumed by the caller* (not prefetched by workers), so resuming is exact. Bad
+samples are skipped, counted and logged; the loaders never decide to abort: the trainer applies the
+one limit, ``train.max_bad_fraction``, to counts summed over ranks (docs/method.md §4).
 ``build_loader`` picks it for map-style sources, and :mod:`cmpt.data.streaming` for tar shards.
 """
 
@@ -36,16 +38,18 @@ from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate
 from cmpt.data.sources import BadSample, open_source
 
 __all__ = [
+    "MAX_CARRIED_BAD",
     "BatchLoader",
     "LoaderBase",
     "TokenBudgetBatcher",
-    "TooManyBadSamples",
     "build_loader",
+    "empty_batch",
     "identity_collate",
     "worker_init",
 ]
 
 log = logging.getLogger("cmpt.data")
+MAX_CARRIED_BAD = 64  # bad samples in a row (nothing usable) reported as one empty micro-batch
 
 
 class TokenBudgetBatcher:
@@ -176,10 +180,6 @@ class TokenBudgetBatcher:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-class TooManyBadSamples(RuntimeError):
-    """More than ``max_bad_fraction`` of the samples seen were bad (SPEC §4)."""
-
-
 class _MicroBatchDataset(Dataset):
     """Map-style dataset whose index is a whole micro-batch ``(epoch, k, record indices)``."""
 
@@ -194,7 +194,7 @@ class _MicroBatchDataset(Dataset):
                 samples.append(self.builder.build(self.source[i], epoch))
             except BadSample as e:
                 bad.append((e.id, e.reason, e.detail))
-        batch = collate(samples, self.pad_id, num_bad=len(bad)) if samples else None
+        batch = collate(samples, num_bad=len(bad)) if samples else None
         return epoch, k, batch, bad, next_position
 
 
@@ -220,16 +220,23 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-class LoaderBase:
-    """Bad-sample accounting shared by the loaders (SPEC §4): counts, rate-limited logging with the
-    ids and reasons (at most ``log_limit`` warnings a minute), and the ``max_bad_fraction`` check
-    (``TooManyBadSamples`` once 200 samples were seen, and at every epoch end; ``None`` disables it)."""
+def empty_batch(num_bad: int) -> dict[str, Any]:
+    """A micro-batch with no usable sample that reports ``num_bad`` skipped ones (docs/method.md §4)."""
+    return {"num_samples": 0, "num_bad": int(num_bad), "num_tokens": 0, "sample_ids": []}
 
-    def __init__(self, rank: int, world_size: int, max_bad_fraction: float | None, log_limit: int) -> None:
+
+class LoaderBase:
+    """Bad-sample accounting shared by the loaders (docs/method.md §4): ``samples_seen`` /
+    ``bad_seen`` counts and rate-limited logging of the ids and reasons (at most ``log_limit``
+    warnings a minute). A loader never aborts on the bad fraction: the trainer decides on counts
+    summed over ranks (``train.max_bad_fraction``). So that a rank whose data are (nearly) all bad
+    still reports them, ``MAX_CARRIED_BAD`` bad samples in a row without a usable one are yielded
+    as an :func:`empty_batch` (``num_samples == 0``); fewer ride with the next micro-batch."""
+
+    def __init__(self, rank: int, world_size: int, log_limit: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
-        self.rank, self.world_size = rank, world_size
-        self.max_bad_fraction, self.log_limit = max_bad_fraction, log_limit
+        self.rank, self.world_size, self.log_limit = rank, world_size, log_limit
         self.samples_seen = self.bad_seen = 0
         self._log_window, self._log_count, self._suppressed = 0.0, 0, 0
 
@@ -237,24 +244,16 @@ class LoaderBase:
         now = time.monotonic()
         if now - self._log_window > 60.0:
             if self._suppressed:
-                log.warning("%d more bad samples were skipped without a message", self._suppressed)
+                log.warning(
+                    "rank %d: %d more bad samples were skipped without a message", self.rank, self._suppressed
+                )
             self._log_window, self._log_count, self._suppressed = now, 0, 0
         for sid, reason, detail in bad:
             if self._log_count < self.log_limit:
-                log.warning("skipping bad sample %s: %s (%s)", sid, reason, detail)
+                log.warning("rank %d: skipping bad sample %s: %s (%s)", self.rank, sid, reason, detail)
                 self._log_count += 1
             else:
                 self._suppressed += 1
-
-    def _check_bad_fraction(self, final: bool) -> None:
-        total = self.samples_seen + self.bad_seen
-        if self.max_bad_fraction is None or total == 0 or (total < 200 and not final):
-            return
-        if self.bad_seen / total > self.max_bad_fraction:
-            raise TooManyBadSamples(
-                f"{self.bad_seen} of {total} samples seen on rank {self.rank} were bad "
-                f"(> max_bad_fraction={self.max_bad_fraction}); run `cmpt data check` on the data"
-            )
 
     def _account(self, batch: dict[str, Any], bad: list[tuple[str, str, str]]) -> dict[str, Any]:
         """Count a micro-batch about to be yielded and the bad samples reported with it."""
@@ -262,7 +261,6 @@ class LoaderBase:
         if bad:
             self._log_bad(bad)
         self.samples_seen += batch["num_samples"]
-        self._check_bad_fraction(final=False)
         return batch
 
 
@@ -270,9 +268,10 @@ class BatchLoader(LoaderBase):
     """This rank's collated micro-batches of a map-style source, forever, resumable exactly (SPEC §4, §6).
 
     Bad samples are dropped from their micro-batch and counted in its ``num_bad``; an all-bad
-    micro-batch is skipped and its count carried into the next batch yielded (logging and the
-    ``max_bad_fraction`` check: :class:`LoaderBase`). With ``num_workers > 0`` whole micro-batches
-    are built in a persistent ``DataLoader`` (one iterator at a time).
+    micro-batch is skipped and its count carried into the next batch yielded, or yielded as an
+    empty batch once ``MAX_CARRIED_BAD`` are carried (:class:`LoaderBase`). With
+    ``num_workers > 0`` whole micro-batches are built in a persistent ``DataLoader`` (one iterator
+    at a time).
     """
 
     def __init__(
@@ -285,12 +284,11 @@ class BatchLoader(LoaderBase):
         world_size: int = 1,
         num_workers: int = 0,
         pad_id: int = 0,
-        max_bad_fraction: float | None = 0.01,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         log_limit: int = 20,
     ) -> None:
-        super().__init__(rank, world_size, max_bad_fraction, log_limit)
+        super().__init__(rank, world_size, log_limit)
         self.source, self.builder, self.batcher = source, builder, batcher
         self.num_workers, self.pad_id = num_workers, pad_id
         self.epoch, self.position = 0, 0  # global stream position after what the caller consumed
@@ -322,15 +320,16 @@ class BatchLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         carried = 0
-        for epoch, _, batch, bad, (next_epoch, next_position) in self._raw():
-            if epoch != self.epoch:
-                self._check_bad_fraction(final=True)
+        for _, _, batch, bad, (next_epoch, next_position) in self._raw():
             self.epoch, self.position = next_epoch, next_position
             if batch is None:
                 self.bad_seen += len(bad)
                 if bad:
                     self._log_bad(bad)
                 carried += len(bad)
+                if carried >= MAX_CARRIED_BAD:  # report them: the trainer decides (docs/method.md §4)
+                    yield empty_batch(carried)
+                    carried = 0
                 continue
             batch["num_bad"] += carried
             carried = 0
@@ -395,7 +394,7 @@ def build_loader(
         )  # fmt: skip
         return StreamingLoader(
             source, builder, scfg, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-            num_streams=cfg.num_streams, pad_id=pad_id, max_bad_fraction=cfg.max_bad_fraction,
+            num_streams=cfg.num_streams, pad_id=pad_id,
         )  # fmt: skip
     lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir).lengths
     if cap is not None:
@@ -410,5 +409,5 @@ def build_loader(
         )
     return BatchLoader(
         source, builder, batcher, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-        pad_id=pad_id, max_bad_fraction=cfg.max_bad_fraction,
+        pad_id=pad_id,
     )  # fmt: skip

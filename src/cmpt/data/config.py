@@ -28,7 +28,8 @@ class DataConfig:
     micro-batch is filled until adding the next sample would exceed either one.
     ``oversize``: a sample larger than a budget on its own is ``"skip"``-ped (counted) or let through
     alone (``"truncate"``: its text is truncated to ``max_text_tokens``).
-    ``max_bad_fraction``: a run fails when more than this fraction of the samples seen are bad.
+    The bad-sample limit is ``train.max_bad_fraction``, decided over all ranks (docs/method.md §4);
+    a config that still sets ``data.max_bad_fraction`` is read as that key, with a warning.
     ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (SPEC §2).
     Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
     ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of
@@ -47,7 +48,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0
-    max_bad_fraction: float = 0.01
+    _moved_keys = (("max_bad_fraction", "train.max_bad_fraction"),)  # (old key, new): cmpt.config
     caption_max_tokens: int = 256
     shuffle_caption: bool = True
     shuffle_buffer: int = 256
@@ -69,8 +70,6 @@ class DataConfig:
                 f"DataConfig.num_streams={self.num_streams} must be a multiple of "
                 f"num_workers={self.num_workers}"
             )
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass

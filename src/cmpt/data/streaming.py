@@ -30,7 +30,9 @@ themselves are read back from the shards on resume. The loader keeps the states 
 the caller *consumed* (not those workers prefetched), so a loader given that state yields exactly the
 next unseen micro-batches, with any number of workers dividing ``S``. Bad samples (unreadable JSON,
 missing image members, undecodable images, a corrupt shard tail) are skipped and counted exactly like
-the map-style loader's.
+the map-style loader's: ``MAX_CARRIED_BAD`` of them in a row without a usable sample come out as an
+empty micro-batch (``num_samples == 0``), so a stream whose data are all bad still reports them and
+the trainer's one limit, ``train.max_bad_fraction`` over all ranks, decides (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cmpt.data.batching import LoaderBase, identity_collate, worker_init
+from cmpt.data.batching import MAX_CARRIED_BAD, LoaderBase, empty_batch, identity_collate, worker_init
 from cmpt.data.pipeline import SampleBuilder, collate, estimate_lengths, template_overhead
 from cmpt.data.sources import BadSample
 from cmpt.data.webdataset import ShardList, decode_sample
@@ -82,6 +84,10 @@ def assign_shards(
     return [(int(order[m]), len(range(m, num_streams, num_shards)), stream // num_shards)]
 
 
+class _BadStretch(Exception):
+    """Internal: ``MAX_CARRIED_BAD`` bad samples are waiting to be reported (docs/method.md §4)."""
+
+
 class _Item:
     __slots__ = ("lengths", "loc", "record")
 
@@ -110,7 +116,7 @@ class SampleStream:
         self._reader: Iterator[Any] | None = None
         self._bad: list[tuple[str, str, str]] = []
         self.epoch = self.shard_pos = self.sample_idx = self.offset = self.draws = 0
-        self.oversize_skipped = self.good_in_epoch = 0
+        self.oversize_skipped = self.good_in_epoch = self.bad_in_epoch = 0
         self.buffer: list[_Item] = []
         self.pending: _Item | None = None
         if state:
@@ -132,19 +138,19 @@ class SampleStream:
     def _next_shard(self) -> None:
         self.shard_pos, self.sample_idx, self.offset, self._reader = self.shard_pos + 1, 0, 0, None
 
-    def _read(self) -> _Item:
-        """The next sample of this stream (bad ones are counted and skipped)."""
+    def _read(self, report: bool = True) -> _Item:
+        """The next sample of this stream (bad ones are counted and skipped; with ``report``,
+        :class:`_BadStretch` once ``MAX_CARRIED_BAD`` of them wait to be reported)."""
         while True:
             plan = self._epoch_plan()
             if self.shard_pos >= len(plan):
-                if self.good_in_epoch == 0:
+                if self.good_in_epoch == 0 and self.bad_in_epoch == 0:
                     raise ValueError(
-                        f"stream {self.stream} of {self.num_streams} read no usable sample in epoch "
-                        f"{self.epoch} ({len(self.shards)} shards): fewer samples than ranks × streams, "
-                        "or every sample is bad"
+                        f"stream {self.stream} of {self.num_streams} read no sample in epoch "
+                        f"{self.epoch} ({len(self.shards)} shards): fewer samples than ranks × streams"
                     )
                 self.epoch, self.shard_pos, self.sample_idx, self.offset = self.epoch + 1, 0, 0, 0
-                self.good_in_epoch, self._reader = 0, None
+                self.good_in_epoch, self.bad_in_epoch, self._reader = 0, 0, None
                 continue
             shard, modulus, residue = plan[self.shard_pos]
             if self._reader is None:
@@ -163,15 +169,18 @@ class SampleStream:
                 record = decode_sample(raw, self.shards.names[shard], index)
             except BadSample as e:
                 self._bad.append((e.id, e.reason, e.detail))
+                self.bad_in_epoch += 1
                 if raw.error:
                     self._next_shard()
+                if report and len(self._bad) >= MAX_CARRIED_BAD:
+                    raise _BadStretch() from None
                 continue
             self.good_in_epoch += 1
             return self._item((self.epoch, shard, raw.offset), record)
 
     def read(self) -> tuple[tuple[int, int, int], Any]:
         """The next sample this stream reads, unbatched: ``((epoch, shard, byte offset), Record)``."""
-        item = self._read()
+        item = self._read(report=False)
         return item.loc, item.record
 
     def _reread(self, loc: list[int] | tuple[int, int, int]) -> _Item:
@@ -199,7 +208,15 @@ class SampleStream:
         cv = ct = 0
         first_epoch = self.epoch
         while True:
-            item, self.pending = (self.pending, None) if self.pending is not None else (self._draw(), None)
+            if self.pending is not None:
+                item, self.pending = self.pending, None
+            else:
+                try:
+                    item = self._draw()
+                except _BadStretch:
+                    if cur:  # batch what was read; the bad samples are reported with it
+                        return cur
+                    raise
             v, t = item.lengths
             if v > c.vision_budget or t > c.text_budget:
                 if c.oversize == "skip":
@@ -219,19 +236,25 @@ class SampleStream:
                 return cur
 
     def next_batch(self) -> tuple[dict[str, Any], list[tuple[str, str, str]], dict[str, Any]]:
-        """``(collated micro-batch, bad samples since the last one, state after it)``."""
-        first_epoch = self.epoch
+        """``(collated micro-batch, bad samples since the last one, state after it)``; an
+        :func:`~cmpt.data.batching.empty_batch` once ``MAX_CARRIED_BAD`` bad samples in a row wait."""
         while True:
-            self._stuck(first_epoch, "no sample could be built in two epochs; run `cmpt data check`")
             samples = []
-            for item in self._fill():
+            try:
+                items = self._fill()
+            except _BadStretch:
+                items = []
+            for item in items:
                 try:
                     samples.append(self.builder.build(item.record, item.loc[0]))
                 except BadSample as e:
                     self._bad.append((e.id, e.reason, e.detail))
+            if not samples and len(self._bad) >= MAX_CARRIED_BAD:
+                bad, self._bad = self._bad, []
+                return empty_batch(len(bad)), bad, self.state_dict()
             if samples:
                 bad, self._bad = self._bad, []
-                return collate(samples, self.pad_id, num_bad=len(bad)), bad, self.state_dict()
+                return collate(samples, num_bad=len(bad)), bad, self.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +265,7 @@ class SampleStream:
             "offset": self.offset,
             "draws": self.draws,
             "good_in_epoch": self.good_in_epoch,
+            "bad_in_epoch": self.bad_in_epoch,
             "oversize_skipped": self.oversize_skipped,
             "buffer": [list(it.loc) for it in self.buffer],
             "pending": list(self.pending.loc) if self.pending is not None else None,
@@ -252,6 +276,7 @@ class SampleStream:
             raise ValueError(f"state of stream {state['stream']} given to stream {self.stream}")
         for k in ("epoch", "shard_pos", "sample_idx", "offset", "draws", "good_in_epoch", "oversize_skipped"):
             setattr(self, k, int(state[k]))
+        self.bad_in_epoch = int(state.get("bad_in_epoch", 0))
         self.buffer = [self._reread(loc) for loc in state["buffer"]]
         self.pending = self._reread(state["pending"]) if state.get("pending") is not None else None
 
@@ -282,9 +307,9 @@ class StreamingLoader(LoaderBase):
 
     Same interface as :class:`~cmpt.data.batching.BatchLoader`: iterate for collated micro-batches
     (a new iterator continues where the caller stopped), ``state_dict()`` / ``load_state_dict()``,
-    ``samples_seen`` / ``bad_seen`` and the ``max_bad_fraction`` check (after 200 samples, and
-    whenever a stream starts a new epoch). Workers are started per iterator (not persistent), from
-    the state of what was consumed.
+    ``samples_seen`` / ``bad_seen`` and the bad-sample logging (no abort: the trainer decides on
+    counts over all ranks, docs/method.md §4). Workers are started per iterator (not persistent),
+    from the state of what was consumed.
     """
 
     def __init__(
@@ -298,11 +323,10 @@ class StreamingLoader(LoaderBase):
         num_workers: int = 0,
         num_streams: int = 0,
         pad_id: int = 0,
-        max_bad_fraction: float | None = 0.01,
         prefetch_factor: int = 2,
         log_limit: int = 20,
     ) -> None:
-        super().__init__(rank, world_size, max_bad_fraction, log_limit)
+        super().__init__(rank, world_size, log_limit)
         self.num_streams = num_streams or max(1, num_workers)
         if num_workers and self.num_streams % num_workers:
             raise ValueError(
@@ -334,12 +358,8 @@ class StreamingLoader(LoaderBase):
                 generator=torch.Generator().manual_seed(self.cfg.seed),
             )  # fmt: skip
         for s, batch, bad, state in it:
-            new_epoch = int(state["epoch"]) > (int(self.states[s]["epoch"]) if self.states[s] else 0)
             self.states[s], self.next_stream = state, (s + 1) % self.num_streams
-            batch = self._account(batch, bad)
-            if new_epoch:  # a stream's epoch ended: check the bad fraction however few were seen
-                self._check_bad_fraction(final=True)
-            yield batch
+            yield self._account(batch, bad)
 
     def state_dict(self) -> dict[str, Any]:
         return {

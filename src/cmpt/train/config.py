@@ -78,8 +78,12 @@ class TrainConfig:
       wanted); with a single process every mode runs unwrapped.
     * ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` forces autocast.
     * ``max_nonfinite``: non-finite steps tolerated in total (skipped, zero grads); one more
-      raises. ``max_bad_fraction``: the run fails once skipped bad samples exceed this fraction of
-      all samples seen (checked from 50 samples on).
+      raises.
+    * ``max_bad_fraction``: the one bad-sample limit (docs/method.md §4): every rank stops with the
+      same error once the skipped bad samples exceed this fraction of all samples read, both
+      summed over ranks, checked before each step from ``bad_check_min_samples`` samples on
+      (``1.0`` never fails on the fraction). It replaces ``data.max_bad_fraction`` (still read,
+      with a warning, as this key).
     """
 
     steps: int = 100
@@ -93,6 +97,7 @@ class TrainConfig:
     compile: bool = False
     max_nonfinite: int = 10
     max_bad_fraction: float = 0.01
+    bad_check_min_samples: int = 200
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
@@ -106,3 +111,5 @@ class TrainConfig:
             raise ValueError("max_nonfinite must be >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.bad_check_min_samples < 0:
+            raise ValueError(f"bad_check_min_samples must be >= 0, got {self.bad_check_min_samples}")

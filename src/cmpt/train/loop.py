@@ -3,8 +3,9 @@
 A recipe is a :class:`Task` (model, parameter groups, FSDP units, loader, loss). The trainer
 owns distribution (``torchrun`` + DDP / FSDP2), precision, activation checkpointing,
 ``torch.compile``, gradient accumulation, globally normalized losses (SPEC §6), clipping, AdamW
-with its schedule, non-finite and bad-data guards (SPEC §4), atomic resumable checkpoints, clean
-stops on SIGTERM / SIGINT and logging.
+with its schedule, non-finite and bad-data guards (the bad-sample limit is decided on counts summed
+over ranks, before each step, by :mod:`cmpt.train.bad_data`: docs/method.md §4), atomic resumable
+checkpoints, clean stops on SIGTERM / SIGINT and logging.
 
 **Loss normalization (SPEC §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
 any backward, the counts of a term are summed over the step's micro-batches and over ranks; each
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import config_hash
 from . import distributed as D
+from .bad_data import BadDataError, BadDataGuard, BadDataPolicy
 from .checkpoint import (
     CheckpointManager,
     get_rng_state,
@@ -56,7 +58,6 @@ from .optim import (
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
 
 logger = logging.getLogger("cmpt.train")
-_MIN_SAMPLES_FOR_BAD_CHECK = 50
 
 
 @dataclasses.dataclass
@@ -77,7 +78,9 @@ class LossTerms:
 
 class Loader(Protocol):
     """This rank's micro-batches, forever. A batch may carry ``num_samples``, ``num_bad`` and
-    ``num_tokens`` (ints) for throughput and the bad-sample guard. ``state_dict()`` must describe
+    ``num_tokens`` (ints) for throughput and the bad-sample guard; a batch with ``num_samples == 0``
+    only reports skipped samples (a stretch with nothing usable): the trainer counts it and takes
+    the next one instead, never calling the task on it (docs/method.md §4). ``state_dict()`` must describe
     the position after the last batch *yielded* and hold only tensors, numbers, strings, lists and
     dicts (it is saved per rank and read back with ``torch.load(weights_only=True)``)."""
 
@@ -106,10 +109,6 @@ class Task(Protocol):
 
 class NonFiniteError(RuntimeError):
     """More than ``train.max_nonfinite`` optimizer steps had a non-finite loss or gradient norm."""
-
-
-class BadDataError(RuntimeError):
-    """Skipped bad samples exceeded ``train.max_bad_fraction`` of the samples seen (SPEC §4)."""
 
 
 @dataclasses.dataclass
@@ -193,6 +192,7 @@ class Trainer:
                 cfg.grad_accum,
             )
         self.loader = self.task.build_loader(world.rank, world.world_size)
+        self.bad_data = BadDataGuard(BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples))
         self.counters = {"step": 0, "skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.counters["elapsed_s"] = 0.0
         resumed_from = None
@@ -202,6 +202,7 @@ class Trainer:
             self.counters.update(tstate["counters"])
             set_rng_state(rstate["rng"])
             self.loader.load_state_dict(rstate["loader"])
+            self.bad_data.load_state_dict(rstate.get("bad_data", {}))
             resumed_from = self.counters["step"]
             if world.is_main:
                 logger.info("resumed from %s (step %d)", latest, resumed_from)
@@ -266,7 +267,9 @@ class Trainer:
         start_step, t_start = c["step"], time.perf_counter()
         meter, last, stopped = IntervalMeter(), None, False
         while c["step"] < cfg.steps:
-            res = self._train_step([next(it) for _ in range(cfg.grad_accum)])
+            seen = c["bad_samples"] + c["samples"]
+            batches, bad, good = self.bad_data.take(it, cfg.grad_accum, c["step"] + 1, c["bad_samples"], seen)
+            res = self._train_step(batches, bad, good)
             lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
             self.scheduler.step()
             c["step"] += 1
@@ -308,7 +311,8 @@ class Trainer:
         }
 
     def _check_faults(self, step: int, res: _StepResult) -> None:
-        """Count a skipped (non-finite) step; raise past ``max_nonfinite`` or ``max_bad_fraction``."""
+        """Count a skipped (non-finite) step; raise past ``max_nonfinite`` (the bad-sample limit is
+        applied before the step, by :class:`~cmpt.train.bad_data.BadDataGuard`)."""
         cfg, c = self.cfg, self.counters
         if res.nonfinite:
             c["skipped_steps"] += 1
@@ -318,26 +322,22 @@ class Trainer:
                     f"{c['skipped_steps']} steps had a non-finite loss or gradient norm "
                     f"(train.max_nonfinite = {cfg.max_nonfinite}); the last at step {step}"
                 )
-        bad, seen = c["bad_samples"], c["bad_samples"] + c["samples"]
-        if seen >= _MIN_SAMPLES_FOR_BAD_CHECK and bad / seen > cfg.max_bad_fraction:
-            raise BadDataError(
-                f"{bad} of {seen} samples were bad and skipped ({bad / seen:.2%} > "
-                f"train.max_bad_fraction = {cfg.max_bad_fraction:.2%}); check the data "
-                "(the loader logs each bad sample with its id)"
-            )
 
     def _save(self, ckpt: CheckpointManager, elapsed_run: float) -> None:
         counters = {**self.counters, "elapsed_s": self.counters["elapsed_s"] + elapsed_run}
         trainer_state = {"counters": counters, "scheduler": scheduler_state(self.scheduler)}
         trainer_state["config_hash"] = config_hash(self._config_dict())
         rank_state = {"rng": get_rng_state(), "loader": self.loader.state_dict()}
+        rank_state["bad_data"] = self.bad_data.state_dict()
         ckpt.save(self.counters["step"], self.module, self.optimizer, trainer_state, rank_state)
 
     def _save_final(self) -> Path:
         return save_final_weights(self.task, self.module, self.run_dir / "final", self.world.is_main)
 
     # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, micro_batches: list[dict]) -> _StepResult:
+    def _train_step(self, micro_batches: list[dict], bad: int, good: int) -> _StepResult:
+        """One optimizer step on this rank's ``micro_batches``; ``bad`` / ``good``: the step's
+        sample counts, already summed over ranks."""
         a, ddp = len(micro_batches), self.mode == "ddp"
         counts_fn = getattr(self.task, "loss_counts", None)
         stats = StepStats()
@@ -368,7 +368,7 @@ class Trainer:
             del outs
             if manual:
                 D.average_grads(self._params, self.world.world_size)
-        return self._finish_step(stats, gcounts)
+        return self._finish_step(stats, gcounts, bad, good)
 
     def _forward(self, batch: dict) -> LossTerms:
         batch = D.to_device(batch, self.world.device)
@@ -405,13 +405,13 @@ class Trainer:
         stats.add(terms, loss, batch)
         loss.backward()
 
-    def _finish_step(self, stats: StepStats, gcounts: dict[str, int]) -> _StepResult:
+    def _finish_step(self, stats: StepStats, gcounts: dict[str, int], bad: int, samples: int) -> _StepResult:
         names = self._term_names
         local = torch.stack([*stats.sums_for(names), stats.nonfinite]).double().cpu()
-        extra = [float(self._stop), stats.bad, stats.samples, stats.tokens]
+        extra = [float(self._stop), stats.tokens]
         g = D.all_reduce_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64)]))
         sums, nonfinite = g[: len(names)], g[len(names)] > 0
-        stop, bad, samples, tokens = g[len(names) + 1 :]
+        stop, tokens = g[len(names) + 1 :]
         losses = {n: (s / gcounts[n] if gcounts[n] else None) for n, s in zip(names, sums)}
         w = stats.weights
         loss = sum(w.get(n, 1.0) * v for n, v in losses.items() if v is not None)

@@ -1,0 +1,126 @@
+"""One bad-sample policy per run, decided on counts summed over all ranks (docs/method.md §4).
+
+Loaders skip bad samples and report them with the micro-batches they yield: ``num_bad`` skipped
+samples next to ``num_samples`` usable ones. A stretch of a rank's data with no usable sample
+arrives as an *empty* micro-batch (``num_samples == 0``, only ``num_bad``), so that rank keeps
+reaching the collectives however broken its share is.
+
+Before each optimizer step, :meth:`BadDataGuard.take` gathers ``grad_accum`` non-empty
+micro-batches on every rank. Each round all-reduces the bad and usable counts and the number of
+micro-batches each rank still misses; empty ones are dropped and replaced. Every rank therefore
+sees the same totals and applies the one limit, ``train.max_bad_fraction`` (from
+``train.bad_check_min_samples`` samples on), at the same step: when it is exceeded all ranks raise
+the same :class:`BadDataError`, and no rank aborts alone while the others wait in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import distributed as D
+
+__all__ = ["BadDataError", "BadDataGuard", "BadDataPolicy", "is_empty"]
+
+LIMIT_KEY = "train.max_bad_fraction"
+MIN_SAMPLES_KEY = "train.bad_check_min_samples"
+_WORST_RANKS = 4  # ranks named in the error message
+
+
+class BadDataError(RuntimeError):
+    """Skipped bad samples exceeded ``train.max_bad_fraction`` of the samples read by all ranks, or
+    some rank read nothing usable for too long (docs/method.md §4)."""
+
+
+def is_empty(batch: dict) -> bool:
+    """A micro-batch that only reports skipped samples (``num_samples == 0``): never trained on."""
+    return "num_samples" in batch and int(batch["num_samples"]) == 0
+
+
+@dataclass(frozen=True)
+class BadDataPolicy:
+    """``max_fraction`` of bad samples tolerated, checked once ``min_samples`` (bad + usable) were
+    read; ``max_rounds``: refill rounds one step may take before the run fails anyway (it cannot
+    fill a step, e.g. a rank's data are all bad while ``max_fraction = 1``)."""
+
+    max_fraction: float
+    min_samples: int
+    max_rounds: int = 1000
+
+    def exceeded(self, bad: int, seen: int) -> bool:
+        """Whether ``bad`` of ``seen`` samples (summed over ranks) break the limit."""
+        return seen > 0 and seen >= self.min_samples and bad / seen > self.max_fraction
+
+    def fraction_error(self, bad: int, seen: int, step: int, per_rank: list[tuple[int, int]]) -> BadDataError:
+        """The message every rank raises: the fraction, the limit, the keys, where to look."""
+        frac = bad / seen
+        return BadDataError(
+            f"too many bad samples: {bad} of the {seen} samples read so far were bad and skipped "
+            f"({frac:.2%} > {LIMIT_KEY} = {self.max_fraction:.2%}; summed over {len(per_rank)} "
+            f"rank(s), checked from {MIN_SAMPLES_KEY} = {self.min_samples} samples on), at step "
+            f"{step}.{_by_rank(per_rank)} Each skipped sample is logged by the loader with its id and "
+            "reason ('rank R: skipping bad sample ID: REASON'); `cmpt data check DATA --out bad.jsonl` lists "
+            f"them all. Fix or drop them, or raise {LIMIT_KEY}."
+        )
+
+    def stuck_error(self, rounds: int, step: int, missing: list[int]) -> BadDataError:
+        ranks = [r for r, m in enumerate(missing) if m]
+        return BadDataError(
+            f"rank(s) {ranks} read only bad samples for {rounds} rounds while forming step {step}: "
+            "no usable micro-batch; see the loader's 'skipping bad sample' lines (ids and reasons) "
+            f"or run `cmpt data check DATA` ({LIMIT_KEY} = {self.max_fraction:.2%})."
+        )
+
+
+def _by_rank(per_rank: list[tuple[int, int]]) -> str:
+    if len(per_rank) < 2:
+        return ""
+    order = sorted(range(len(per_rank)), key=lambda r: -per_rank[r][0] / max(1, per_rank[r][1]))
+    parts = [f"rank {r}: {per_rank[r][0]}/{per_rank[r][1]}" for r in order[:_WORST_RANKS]]
+    more = f", {len(order) - _WORST_RANKS} more" if len(order) > _WORST_RANKS else ""
+    return f" Bad/read by rank: {', '.join(parts)}{more}."
+
+
+class BadDataGuard:
+    """Forms each step's micro-batches in lockstep over the ranks and applies a
+    :class:`BadDataPolicy` to the global counts (see the module docstring). ``local_bad`` /
+    ``local_seen``: this rank's own counts (for the per-rank part of the message; saved with the
+    rank's checkpoint state)."""
+
+    def __init__(self, policy: BadDataPolicy) -> None:
+        self.policy = policy
+        self.local_bad = self.local_seen = 0
+
+    def take(
+        self, it: Iterator[dict], n: int, step: int, bad_before: int, seen_before: int
+    ) -> tuple[list[dict], int, int]:
+        """``n`` non-empty micro-batches of this rank for ``step``, and the step's global counts
+        ``(bad, usable)``; ``bad_before`` / ``seen_before``: the global counts of earlier steps.
+        Raises :class:`BadDataError` on every rank at once."""
+        batches: list[dict] = []
+        bad = good = rounds = 0
+        while True:
+            rounds += 1
+            new = [next(it) for _ in range(n - len(batches))]
+            lbad = sum(int(b.get("num_bad", 0)) for b in new)
+            lgood = sum(int(b.get("num_samples", 0)) for b in new)
+            self.local_bad, self.local_seen = self.local_bad + lbad, self.local_seen + lbad + lgood
+            batches += [b for b in new if not is_empty(b)]
+            gbad, ggood, gmissing = (round(v) for v in D.all_reduce_sum([lbad, lgood, n - len(batches)]))
+            bad, good = bad + gbad, good + ggood
+            total_bad, total_seen = bad_before + bad, seen_before + bad + good
+            if self.policy.exceeded(total_bad, total_seen):
+                per_rank = D.all_gather_object((self.local_bad, self.local_seen))
+                raise self.policy.fraction_error(total_bad, total_seen, step, per_rank)
+            if gmissing == 0:
+                return batches, bad, good
+            if rounds >= self.policy.max_rounds:
+                missing = D.all_gather_object(n - len(batches))
+                raise self.policy.stuck_error(rounds, step, missing)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"local_bad": self.local_bad, "local_seen": self.local_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local_bad = int(state.get("local_bad", 0))
+        self.local_seen = int(state.get("local_seen", 0))
