@@ -57,7 +57,6 @@ def _loader(parts, num_workers=0, rank=0, world_size=1, **kw) -> BatchLoader:
     batcher = TokenBudgetBatcher(index.lengths, 40, 400, 3, seed=5, **kw)
     return BatchLoader(
         src, _builder(proc, tok), batcher, rank=rank, world_size=world_size, num_workers=num_workers,
-        pad_id=tok.pad_token_id,
     )  # fmt: skip
 
 
@@ -193,7 +192,7 @@ def test_bad_samples_are_skipped_and_carried(parts, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bad_src = LlavaSource(path)
     batcher = TokenBudgetBatcher(LengthIndex.build(bad_src, proc, tok).lengths, 64, 512, 1, shuffle=False)
-    loader = BatchLoader(bad_src, _builder(proc, tok), batcher, pad_id=tok.pad_token_id)
+    loader = BatchLoader(bad_src, _builder(proc, tok), batcher)
     first, second = itertools.islice(loader, 2)
     assert (first["sample_ids"], first["num_bad"]) == (["ok1"], 0)
     assert (second["sample_ids"], second["num_bad"]) == (["ok2"], 2)  # two all-bad micro-batches skipped

@@ -130,7 +130,7 @@ def test_two_ranks_two_workers_read_disjoint_samples_covering_the_set(forms, bui
     cfg = StreamConfig(40, 4000, 3, buffer_size=2, seed=3)
     read = []
     for j in range(4):  # global stream j = rank · 2 + worker stream
-        stream, ids = SampleStream(shards, j, 4, builder, cfg, 0), []
+        stream, ids = SampleStream(shards, j, 4, builder, cfg), []
         while (item := stream.read())[0][0] == 0:  # epoch 0
             ids.append(item[1].id)
         read.append(ids)
@@ -139,7 +139,7 @@ def test_two_ranks_two_workers_read_disjoint_samples_covering_the_set(forms, bui
     # the real loaders (2 workers each) run exactly these streams, round-robin
     for rank in range(2):
         loader = StreamingLoader(shards, builder, cfg, rank=rank, world_size=2, num_workers=2)
-        direct = [SampleStream(shards, rank * 2 + s, 4, builder, cfg, 0) for s in range(2)]
+        direct = [SampleStream(shards, rank * 2 + s, 4, builder, cfg) for s in range(2)]
         for k, batch in enumerate(itertools.islice(loader, 6)):
             assert loader.next_stream == (k + 1) % 2
             assert _equal(batch, direct[k % 2].next_batch()[0])

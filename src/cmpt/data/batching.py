@@ -183,8 +183,8 @@ class TokenBudgetBatcher:
 class _MicroBatchDataset(Dataset):
     """Map-style dataset whose index is a whole micro-batch ``(epoch, k, record indices)``."""
 
-    def __init__(self, source: Any, builder: SampleBuilder, pad_id: int) -> None:
-        self.source, self.builder, self.pad_id = source, builder, pad_id
+    def __init__(self, source: Any, builder: SampleBuilder) -> None:
+        self.source, self.builder = source, builder
 
     def __getitem__(self, item: tuple) -> tuple[int, int, dict | None, list, tuple[int, int]]:
         epoch, k, indices, next_position = item
@@ -283,16 +283,15 @@ class BatchLoader(LoaderBase):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
-        pad_id: int = 0,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         log_limit: int = 20,
     ) -> None:
         super().__init__(rank, world_size, log_limit)
         self.source, self.builder, self.batcher = source, builder, batcher
-        self.num_workers, self.pad_id = num_workers, pad_id
+        self.num_workers = num_workers
         self.epoch, self.position = 0, 0  # global stream position after what the caller consumed
-        self._dataset = _MicroBatchDataset(source, builder, pad_id)
+        self._dataset = _MicroBatchDataset(source, builder)
         self._sampler = _RankSampler(batcher, rank, world_size)
         self._loader: DataLoader | None = None
         if num_workers > 0:
@@ -383,7 +382,6 @@ def build_loader(
         shuffle_caption=cfg.shuffle_caption,
         seed=cfg.seed,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cap = cfg.max_text_tokens if cfg.oversize == "truncate" else None
     if not hasattr(source, "__getitem__"):  # tar shards: streaming
         from cmpt.data.streaming import StreamConfig, StreamingLoader
@@ -394,7 +392,7 @@ def build_loader(
         )  # fmt: skip
         return StreamingLoader(
             source, builder, scfg, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-            num_streams=cfg.num_streams, pad_id=pad_id,
+            num_streams=cfg.num_streams,
         )  # fmt: skip
     lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir).lengths
     if cap is not None:
@@ -409,5 +407,4 @@ def build_loader(
         )
     return BatchLoader(
         source, builder, batcher, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-        pad_id=pad_id,
     )  # fmt: skip

@@ -105,11 +105,10 @@ class SampleStream:
         num_streams: int,
         builder: SampleBuilder,
         cfg: StreamConfig,
-        pad_id: int,
         state: dict[str, Any] | None = None,
     ) -> None:
         self.shards, self.stream, self.num_streams = shards, stream, num_streams
-        self.builder, self.cfg, self.pad_id = builder, cfg, pad_id
+        self.builder, self.cfg = builder, cfg
         self.buffer_size = max(1, cfg.buffer_size) if cfg.shuffle else 1
         self._overhead = template_overhead(builder.tokenizer)
         self._plan: tuple[int, list[tuple[int, int, int]]] | None = None
@@ -286,7 +285,7 @@ class _StreamDataset(IterableDataset):
 
     def __init__(self, loader: StreamingLoader, states: list[dict | None], start: int) -> None:
         self.shards, self.builder, self.cfg = loader.shards, loader.builder, loader.cfg
-        self.pad_id, self.rank, self.num_streams = loader.pad_id, loader.rank, loader.num_streams
+        self.rank, self.num_streams = loader.rank, loader.num_streams
         self.total, self.states, self.start = loader.total_streams, states, start
 
     def __iter__(self) -> Iterator[tuple[int, dict, list, dict]]:
@@ -294,7 +293,7 @@ class _StreamDataset(IterableDataset):
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         local = [(self.start + w + k * nw) % self.num_streams for k in range(self.num_streams // nw)]
         first = self.rank * self.num_streams
-        args = (self.builder, self.cfg, self.pad_id)
+        args = (self.builder, self.cfg)
         streams = {s: SampleStream(self.shards, first + s, self.total, *args, self.states[s]) for s in local}
         while True:
             for s in local:
@@ -322,7 +321,6 @@ class StreamingLoader(LoaderBase):
         world_size: int = 1,
         num_workers: int = 0,
         num_streams: int = 0,
-        pad_id: int = 0,
         prefetch_factor: int = 2,
         log_limit: int = 20,
     ) -> None:
@@ -332,7 +330,7 @@ class StreamingLoader(LoaderBase):
             raise ValueError(
                 f"num_streams={self.num_streams} must be a multiple of num_workers={num_workers}"
             )
-        self.shards, self.builder, self.cfg, self.pad_id = shards, builder, cfg, pad_id
+        self.shards, self.builder, self.cfg = shards, builder, cfg
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.total_streams = world_size * self.num_streams
         self.states: list[dict[str, Any] | None] = [None] * self.num_streams
