@@ -1,1 +1,1 @@
-"""Data sources, validation and batching (SPEC §4); the synthetic offline data is in :mod:`cmpt.demo`."""
+"""Data sources, validation and batching (method.md §4); the synthetic offline data is in :mod:`cmpt.demo`."""

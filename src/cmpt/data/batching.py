@@ -1,4 +1,4 @@
-"""Token-budget micro-batches, rank split and a resumable loader (SPEC §4, §6).
+"""Token-budget micro-batches, rank split and a resumable loader (docs/method.md §4, §6).
 
 ``TokenBudgetBatcher``: each epoch a seeded permutation of the records (a different one per epoch)
 is cut greedily into micro-batches: a micro-batch takes the next sample unless that would exceed
@@ -53,7 +53,7 @@ MAX_CARRIED_BAD = 64  # bad samples in a row (nothing usable) reported as one em
 
 
 class TokenBudgetBatcher:
-    """Deterministic, stateful token-budget micro-batcher (SPEC §4); see the module docstring.
+    """Deterministic, stateful token-budget micro-batcher (docs/method.md §4); see the module docstring.
 
     ``lengths[i] = (vision_tokens, text_tokens)`` of record ``i`` (e.g. a ``LengthIndex``).
     ``state_dict() = {"epoch", "position"}``: ``position`` = micro-batches of the epoch consumed
@@ -265,7 +265,7 @@ class LoaderBase:
 
 
 class BatchLoader(LoaderBase):
-    """This rank's collated micro-batches of a map-style source, forever, resumable exactly (SPEC §4, §6).
+    """This rank's collated micro-batches of a map-style source, forever, resumable (method.md §4, §6).
 
     Bad samples are dropped from their micro-batch and counted in its ``num_bad``; an all-bad
     micro-batch is skipped and its count carried into the next batch yielded, or yielded as an
@@ -363,7 +363,7 @@ def build_loader(
     world_size: int = 1,
     cache_dir: str | os.PathLike | None = None,
 ) -> Any:
-    """Source → length index → batcher → builder → loader, as configured (SPEC §4).
+    """Source → length index → batcher → builder → loader, as configured (docs/method.md §4).
 
     ``cfg.path`` is dispatched by :func:`cmpt.data.sources.open_source`: a map-style source (LLaVA
     JSON/JSONL, Hugging Face dataset, mixture) gives a :class:`BatchLoader`; tar shards (or a mixture

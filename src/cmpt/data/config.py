@@ -1,4 +1,4 @@
-"""Typed configuration of the data path: sources, budgets, resolution policy (SPEC §1.4, §4).
+"""Typed configuration of the data path: sources, budgets, resolution policy (docs/method.md §1.4, §4).
 
 Plain module-level dataclasses, so :func:`cmpt.config.load_config` can read them from YAML.
 """
@@ -13,7 +13,7 @@ __all__ = ["DataConfig", "ResolutionConfig"]
 
 @dataclass
 class DataConfig:
-    """One training source and how it is batched (SPEC §4).
+    """One training source and how it is batched (docs/method.md §4).
 
     ``path`` (the kind is told by :func:`cmpt.data.sources.source_kind`): a LLaVA ``.json`` (one list)
     or ``.jsonl`` (one record per line) file; a mixture ``.yaml`` (:mod:`cmpt.data.mixture`); tar
@@ -30,7 +30,7 @@ class DataConfig:
     alone (``"truncate"``: its text is truncated to ``max_text_tokens``).
     The bad-sample limit is ``train.max_bad_fraction``, decided over all ranks (docs/method.md §4);
     a config that still sets ``data.max_bad_fraction`` is read as that key, with a warning.
-    ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (SPEC §2).
+    ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (docs/method.md §2).
     Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
     ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of
     ``num_workers``) split the shards; the resume state is tied to it and to the world size.
@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class ResolutionConfig:
-    """Resolution policy of a stage (SPEC §1.4).
+    """Resolution policy of a stage (docs/method.md §1.4).
 
     ``"native"``: ``smart_resize`` within ``[min_pixels, max_pixels]`` (official cap: 3000 merged
     tokens per image, ``max_pixels = 14·14·4·3000``). ``"fixed"``: the official ``force_resize`` to

@@ -1,4 +1,4 @@
-"""Converters from a LLaVA JSON/JSONL dataset to tar shards and Hugging Face datasets (SPEC §4).
+"""Converters from a LLaVA JSON/JSONL dataset to tar shards and Hugging Face datasets (docs/method.md §4).
 
 * :func:`llava_to_wds` writes WebDataset-style tar shards (format: :mod:`cmpt.data.webdataset`):
   sample ``n`` is ``<n:06d>.json`` (the record without its image paths; ``image`` names the image

@@ -1,4 +1,4 @@
-"""Hugging Face ``datasets`` sources: ``save_to_disk`` directories and parquet files (SPEC §4).
+"""Hugging Face ``datasets`` sources: ``save_to_disk`` directories and parquet files (docs/method.md §4).
 
 :class:`HFSource` is map-style (``len``, ``source[i] -> Record``), so the length index, the
 token-budget batcher, the rank split and exact resume apply unchanged. Rows are read as raw Arrow
@@ -82,7 +82,7 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
 
 
 class HFSource:
-    """Random-access reader of a Hugging Face dataset on disk or parquet file(s) (SPEC §4).
+    """Random-access reader of a Hugging Face dataset on disk or parquet file(s) (docs/method.md §4).
 
     ``path``: a ``save_to_disk`` directory, a ``.parquet`` file, a glob of them or a directory of
     them. ``image_root``: where image paths resolve (default: the dataset directory).

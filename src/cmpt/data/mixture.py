@@ -1,4 +1,4 @@
-"""Mixtures of data sources from a YAML file, reproducible by seed (SPEC §4).
+"""Mixtures of data sources from a YAML file, reproducible by seed (docs/method.md §4).
 
 ::
 
@@ -115,7 +115,7 @@ def weighted(selected: np.ndarray, weight: float, rng: np.random.Generator) -> t
 
 
 class MixtureSource:
-    """Map-style mixture of map-style sources (SPEC §4); ``source[i] -> Record`` with a stable id.
+    """Map-style mixture of map-style sources (docs/method.md §4); ``source[i] -> Record`` with a stable id.
 
     ``members``: the entries; ``sources``: already opened sources in the same order (optional).
     ``member[i]`` / ``record_index[i]`` / ``copy[i]``: where entry ``i`` comes from.

@@ -1,4 +1,4 @@
-"""From records to training micro-batches: sample building, collation, length index (SPEC §2, §4).
+"""From records to training micro-batches: sample building, collation, length index (docs/method.md §2, §4).
 
 ``SampleBuilder.build(record, epoch)`` decodes and packs the images (``ImageProcessor.preprocess``,
 resized exactly once), renders the conversation with each ``<image>`` expanded to its merged token
@@ -54,7 +54,7 @@ def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
 
 @dataclass
 class ProcessedSample:
-    """One built sample: packed image patches (merge-window order) and tokenized text (SPEC §2)."""
+    """One built sample: packed image patches (merge-window order) and tokenized text (docs/method.md §2)."""
 
     id: str
     patches: torch.Tensor  # (n_i, 3·p·p) float32, all images of the sample concatenated
@@ -67,7 +67,7 @@ class ProcessedSample:
 
 
 class SampleBuilder:
-    """Record → :class:`ProcessedSample` (SPEC §2, §4); deterministic per ``(seed, epoch, id)``.
+    """Record → :class:`ProcessedSample` (docs/method.md §2, §4); deterministic per ``(seed, epoch, id)``.
 
     ``max_text_tokens``: longer conversations are truncated (never inside an image span: such a
     sample is bad, ``too_long``). ``caption_max_tokens``: the caption (the answers joined by spaces,
@@ -244,7 +244,7 @@ def turn_texts(record: Record) -> list[str]:
 
 
 def text_estimate(record: Record, content_tokens: int, vision: int, overhead: tuple[int, int]) -> int:
-    """Estimated text tokens: contents + template overhead + ``N + 2`` per image (SPEC §4)."""
+    """Estimated text tokens: contents + template overhead + ``N + 2`` per image (docs/method.md §4)."""
     base, per_turn = overhead
     return content_tokens + base + per_turn * len(record.conversations) + vision + 2 * len(record.images)
 
@@ -264,7 +264,7 @@ def estimate_lengths(
 
 
 class LengthIndex:
-    """Per-record ``(vision_tokens, text_tokens)`` estimates for token-budget batching (SPEC §4).
+    """Per-record ``(vision_tokens, text_tokens)`` estimates for token-budget batching (docs/method.md §4).
 
     Vision tokens are exact: image headers only (``PIL.Image.open(...).size``) through the
     processor's resize policy, ``(H/factor)·(W/factor)`` merged tokens. Text tokens are estimated:

@@ -1,4 +1,4 @@
-"""LLaVA-format sources: records with stable ids and safely resolved image paths (SPEC §4).
+"""LLaVA-format sources: records with stable ids and safely resolved image paths (docs/method.md §4).
 
 A LLaVA file is either one JSON list or JSON Lines (one object per line)::
 
@@ -15,7 +15,7 @@ Decisions:
 * **Stable ids**: ``record["id"]`` (as a string) or ``"<file name>:<index>"``.
 * **Bad lines are never dropped silently.** A JSONL line that is not valid UTF-8, not valid JSON
   or not an object keeps its index; accessing it raises :class:`BadSample` with reason
-  ``invalid_json`` and the line number, so it is counted like any bad sample (SPEC §4). With
+  ``invalid_json`` and the line number, so it is counted like any bad sample (docs/method.md §4). With
   ``strict=True`` the constructor raises ``ValueError`` naming the first bad line instead.
 * **Image bytes.** Other sources (tar shards, Hugging Face datasets) put the encoded image bytes
   themselves in ``Record.images``; :meth:`Record.image_source` gives what to decode (bytes or a
@@ -51,7 +51,7 @@ __all__ = [
 log = logging.getLogger("cmpt.data")
 _FD_LOCK = threading.Lock()
 
-#: Every reason a sample can be bad for, as reported by the checker and the loader (SPEC §4).
+#: Every reason a sample can be bad for, as reported by the checker and the loader (docs/method.md §4).
 REASONS = (
     "invalid_json",  # a JSONL line that is not UTF-8 / JSON / an object
     "missing_key",  # no "conversations"
@@ -71,7 +71,7 @@ REASONS = (
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used; ``reason`` is one of :data:`REASONS` (SPEC §4)."""
+    """A sample that cannot be used; ``reason`` is one of :data:`REASONS` (docs/method.md §4)."""
 
     def __init__(self, id: str, reason: str, detail: str = "") -> None:
         self.id, self.reason, self.detail = str(id), reason, detail
@@ -101,7 +101,7 @@ def resolve_image_path(image_root: str, path: Any, sample_id: str = "?") -> str:
 
 @dataclass
 class Record:
-    """One LLaVA-form record, whatever the source (SPEC §4).
+    """One LLaVA-form record, whatever the source (docs/method.md §4).
 
     ``images``: the raw ``image`` entries (a single string becomes a one-element list; types are
     checked by the validator): paths relative to ``image_root`` (JSON sources) or the encoded image
@@ -157,7 +157,7 @@ def _record_from_obj(obj: dict[str, Any], default_id: str, index: int, image_roo
 
 
 class LlavaSource:
-    """Random-access LLaVA JSON / JSONL reader (SPEC §4); ``source[i] -> Record``.
+    """Random-access LLaVA JSON / JSONL reader (docs/method.md §4); ``source[i] -> Record``.
 
     ``image_root`` defaults to the directory of ``path``. ``bad_lines`` lists ``(index, line,
     message)`` of the JSONL lines that could not be parsed (``source[index]`` raises ``BadSample``).
@@ -308,7 +308,7 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def source_kind(path: str | os.PathLike | list) -> str:
     """``"llava"`` (.json/.jsonl), ``"mixture"`` (.yaml/.yml), ``"tar"`` (a list, glob or brace pattern
     of tar shards, or a directory of them) or ``"hf"`` (a ``save_to_disk`` directory, ``.parquet``
-    files, a glob of them or a directory of them) (SPEC §4)."""
+    files, a glob of them or a directory of them) (docs/method.md §4)."""
     if isinstance(path, (list, tuple)):
         return "tar"
     p = os.fspath(path)
@@ -337,7 +337,7 @@ def source_kind(path: str | os.PathLike | list) -> str:
 
 
 def open_source(path: str | os.PathLike | list, image_root: str | os.PathLike | None = None) -> Any:
-    """The source named by ``path``, by :func:`source_kind` (SPEC §4).
+    """The source named by ``path``, by :func:`source_kind` (docs/method.md §4).
 
     Map-style sources (``len`` / ``source[i] -> Record``): ``LlavaSource``, ``HFSource``,
     ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so

@@ -1,4 +1,4 @@
-"""Streaming loader over tar shards: disjoint streams, shuffle buffer, token budgets, exact resume (SPEC §4).
+"""Streaming loader over tar shards: disjoint streams, shuffle buffer, budgets, exact resume (method.md §4).
 
 **Streams.** Each rank runs ``S`` streams (``DataConfig.num_streams``; default one per DataLoader
 worker, at least one); worker ``w`` of ``W`` runs the streams ``≡ w (mod W)`` (``S`` must be a multiple
@@ -96,7 +96,7 @@ class _Item:
 
 
 class SampleStream:
-    """Micro-batches of global stream ``stream`` of ``num_streams`` over ``shards`` (SPEC §4)."""
+    """Micro-batches of global stream ``stream`` of ``num_streams`` over ``shards`` (docs/method.md §4)."""
 
     def __init__(
         self,
@@ -302,7 +302,7 @@ class _StreamDataset(IterableDataset):
 
 
 class StreamingLoader(LoaderBase):
-    """This rank's micro-batches from tar shards, forever, resumable exactly (SPEC §4).
+    """This rank's micro-batches from tar shards, forever, resumable exactly (docs/method.md §4).
 
     Same interface as :class:`~cmpt.data.batching.BatchLoader`: iterate for collated micro-batches
     (a new iterator continues where the caller stopped), ``state_dict()`` / ``load_state_dict()``,

@@ -1,10 +1,10 @@
-"""Data checker: find the samples training would skip, and say why (SPEC §4, ``cmpt data check``).
+"""Data checker: find the samples training would skip, and say why (docs/method.md §4, ``cmpt data check``).
 
 Every record is checked for the bad-sample reasons of :data:`cmpt.data.sources.REASONS`: structure
 (missing ``conversations``, wrong types, empty conversation, no assistant turn), ``<image>``
 placeholders in user turns vs. the number of images, image paths escaping the image root, missing
 files, images that do not fully decode (truncated, not an image, decompression bombs), zero-size
-images, aspect ratios above 200 (``smart_resize`` rejects them, SPEC §1.4), and — with a tokenizer
+images, aspect ratios above 200 (``smart_resize`` rejects them, docs/method.md §1.4), and — with a tokenizer
 and ``max_text_tokens`` — conversations longer than the text limit. CMYK, 16-bit, palette and alpha
 images are valid: ``load_image`` converts them.
 """
@@ -162,7 +162,7 @@ def check_record(
     tokenizer: Any = None,
     decode: bool = True,
 ) -> list[Problem]:
-    """All problems of one record (empty list = usable) (SPEC §4).
+    """All problems of one record (empty list = usable) (docs/method.md §4).
 
     Images are resized by ``smart_resize(factor=processor_factor, min_pixels, max_pixels)``, or by
     ``processor.target_size`` when a processor is given (needed for the ``fixed`` policy, which
@@ -223,7 +223,7 @@ class Report:
 
 
 def check_dataset(source: Any, *, num_threads: int = 0, **kwargs: Any) -> Report:
-    """Check every record of ``source`` (keyword arguments as :func:`check_record`) (SPEC §4).
+    """Check every record of ``source`` (keyword arguments as :func:`check_record`) (docs/method.md §4).
 
     ``source``: a map-style source (``LlavaSource``, ``HFSource``, ``MixtureSource``) or tar shards
     (a ``ShardList``, read once in order; ``index`` is then the sample's position in that read).

@@ -1,4 +1,4 @@
-"""Token counts for the alignment-loss prior (SPEC §2, ``cmpt data vocab-prior``).
+"""Token counts for the alignment-loss prior (docs/method.md §2, ``cmpt data vocab-prior``).
 
 The official CoMP prior ``π`` is built from the counts ``n ∈ N^V`` of every vocabulary token in
 the caption texts of the training data: ``p = clamp(n, min=1) / Σ n``, ``π = softmax(p / T)``
@@ -7,7 +7,7 @@ counts them, and stores them as a safetensors file with one int64 tensor ``count
 metadata (tokenizer name, number of texts, vocabulary size, a vocabulary fingerprint).
 
 Vocabulary-size rule on load (:func:`load_vocab_counts`): the model's tokenizer usually gains
-tokens after counting (``<|image_pad|>`` & co. are *appended*, SPEC §2). When the expected size
+tokens after counting (``<|image_pad|>`` & co. are *appended*, docs/method.md §2). When the expected size
 is larger than the stored one, the stored ids are taken to be a prefix of the new vocabulary
 and the counts are zero-padded; when a tokenizer is passed, that prefix property is verified
 against the stored fingerprint. A smaller expected size, or a fingerprint mismatch, is an error.
@@ -153,7 +153,7 @@ def load_vocab_counts(
 
 
 def caption_texts_from_llava(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """The caption text of each LLaVA record (SPEC §2): its assistant answers joined by spaces.
+    """The caption text of each LLaVA record (docs/method.md §2): its assistant answers joined by spaces.
 
     A record is ``{"conversations": [{"from": "human"|"gpt", "value": str}, ...]}``; answers come
     from turns whose ``from`` is one of :data:`ASSISTANT_ROLES`. Records without an answer are

@@ -1,4 +1,4 @@
-"""WebDataset-style tar shards: naming, streaming reads and sample decoding (SPEC §4).
+"""WebDataset-style tar shards: naming, streaming reads and sample decoding (docs/method.md §4).
 
 A shard is a plain POSIX tar file. A *sample* is a run of consecutive members sharing a *key*:
 the member path up to the first ``.`` of its base name; the rest is the member's *extension*::
@@ -247,7 +247,7 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
 
 
 class ShardList:
-    """A list of tar shards read as a stream (SPEC §4); see the module docstring for the format.
+    """A list of tar shards read as a stream (docs/method.md §4); see the module docstring for the format.
 
     ``paths``: the expanded shard paths (a shard may be listed more than once: mixture weights).
     """

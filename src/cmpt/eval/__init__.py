@@ -1,4 +1,4 @@
-"""cmpt.eval: benchmark scorers, frozen-feature probes, VQA, resolution sweep, retrieval (SPEC §5).
+"""cmpt.eval: benchmark scorers, frozen-feature probes, VQA, resolution sweep, retrieval (docs/method.md §5).
 
 Submodules are imported lazily (``cmpt.eval.linear_probe`` imports :mod:`cmpt.eval.probe` on first
 use), so importing :mod:`cmpt.eval.metrics` alone stays cheap.

@@ -1,4 +1,4 @@
-"""Frozen-feature extraction for the probes, and the record/model plumbing all evaluations share (SPEC §5).
+"""Frozen-feature extraction for the probes and the record/model plumbing evaluations share (method.md §5).
 
 ``extract_features`` returns one vector per image for the linear probe (DINOv2 protocol, scaled
 down); ``extract_patch_maps`` returns last-layer patch tokens in raster order for the segmentation
@@ -97,7 +97,7 @@ def first_images(records: Sequence[dict], path: str | os.PathLike) -> list[str]:
 
 
 def resolve_split_files(data: str | os.PathLike, val_json: str | os.PathLike | None) -> tuple[Path, Path]:
-    """``(train.json, val.json)`` from a data directory, or the two files given (SPEC §5 probes)."""
+    """``(train.json, val.json)`` from a data directory, or the two files given (docs/method.md §5 probes)."""
     data = Path(data)
     if data.is_dir():
         train = data / "train.json"
@@ -354,7 +354,7 @@ def extract_features(
     batch_tokens: int = 8192,
     return_setting: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
-    """Frozen image features (n, F) at native resolution (SPEC §5 linear probe).
+    """Frozen image features (n, F) at native resolution (docs/method.md §5 linear probe).
 
     ``images``: paths or PIL images. ``features`` / ``layers``: see the module docstring. With
     ``return_setting=True`` returns ``(features, setting)``, the setting telling what was used
@@ -369,7 +369,7 @@ def extract_features(
 def extract_patch_maps(
     vit: NativeViT, images: Sequence[ImageInput], processor: ImageProcessor, *, batch_tokens: int = 8192
 ) -> list[torch.Tensor]:
-    """Last-layer patch tokens per image as (h, w, D) float32 CPU tensors in raster order (SPEC §5 seg)."""
+    """Last-layer patch tokens per image as (h, w, D) float32 CPU tensors in raster order (method.md §5)."""
     dev, was_training = model_device(vit), vit.training
     vit.eval()
     maps: list[torch.Tensor | None] = [None] * len(images)

@@ -1,4 +1,4 @@
-"""lmms-eval model class for cmpt VLMs: ``lmms_eval --model cmpt --model_args pretrained=DIR`` (SPEC §5).
+"""lmms-eval model class for cmpt VLMs: ``lmms_eval --model cmpt --model_args pretrained=DIR`` (method.md §5).
 
 Registration. Current lmms-eval (checked against 0.7.3) resolves ``--model NAME`` through its model
 registry (``lmms_eval.models.MODEL_REGISTRY_V2``), which at import loads every entry point of the

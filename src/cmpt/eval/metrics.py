@@ -1,4 +1,4 @@
-"""Benchmark scorers, reproduced exactly (SPEC §5). Every score is a fraction in [0, 1].
+"""Benchmark scorers, reproduced exactly (docs/method.md §5). Every score is a fraction in [0, 1].
 
 Decisions on points the benchmark definitions leave open (each mirrors the reference scorer
 unless stated otherwise):

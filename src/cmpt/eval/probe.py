@@ -1,4 +1,4 @@
-"""Linear probe on frozen features: the DINOv2 protocol, scaled down (SPEC §5 "Linear probe").
+"""Linear probe on frozen features: the DINOv2 protocol, scaled down (docs/method.md §5 "Linear probe").
 
 Protocol:
 
@@ -121,7 +121,7 @@ def linear_probe(
     batch_tokens: int = 8192,
     processor: ImageProcessor | None = None,
 ) -> dict[str, Any]:
-    """Linear-probe top-1 of frozen ``vit`` features (SPEC §5; protocol in the module docstring).
+    """Linear-probe top-1 of frozen ``vit`` features (docs/method.md §5; protocol in the module docstring).
 
     Args:
         vit: a NativeViT (or a VLM, whose ViT is used, or a model path for
@@ -211,7 +211,7 @@ def probe_main(
     device: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``cmpt eval probe`` (SPEC §5): ``model`` is a NativeViT directory, an HF vision checkpoint or
+    """``cmpt eval probe`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or
     a VLM directory; the data is a directory with ``train.json`` / ``val.json`` or a train JSON plus
     ``val_json``. Writes the result as JSON to ``out`` when given; returns it."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)

@@ -1,4 +1,4 @@
-"""Resolution sweep: the same VQA evaluation at a series of ``max_pixels`` (SPEC §5; CoMP paper Fig. 3).
+"""Resolution sweep: the same VQA evaluation at a series of ``max_pixels`` (method.md §5; CoMP paper Fig. 3).
 
 For every ``max_pixels`` the model's processor is re-capped (``min_pixels`` lowered when needed)
 and :func:`cmpt.eval.vqa.evaluate_vqa` runs on the same records. Outputs in ``out_dir``:
@@ -80,7 +80,7 @@ def plot_sweep(
         )  # fmt: skip
     ax.set_xlabel("max pixels per image")
     ax.set_ylabel(metric)
-    ax.set_ylim(0.0, 1.05)  # every SPEC §5 score is a fraction
+    ax.set_ylim(0.0, 1.05)  # every docs/method.md §5 score is a fraction
     ax.set_title(title or "VQA score vs. input resolution")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -99,7 +99,7 @@ def resolution_sweep(
     limit: int | None = None,
     **vqa_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run :func:`~cmpt.eval.vqa.evaluate_vqa` at each ``max_pixels`` (SPEC §5, paper Fig. 3).
+    """Run :func:`~cmpt.eval.vqa.evaluate_vqa` at each ``max_pixels`` (docs/method.md §5, paper Fig. 3).
 
     ``vqa_kwargs`` go to ``evaluate_vqa`` (``batch_size``, ``max_new_tokens``, ``metric``,
     ``prompt_suffix``, ``min_pixels``). Returns ``{"data", "metric", "points", "json", "markdown",
@@ -143,7 +143,7 @@ def resolution_main(
     device: str | None = None,
     **vqa_kwargs: Any,
 ) -> dict[str, Any]:
-    """``cmpt eval resolution`` (SPEC §5): ``model`` is a VLM directory (or a loaded model);
+    """``cmpt eval resolution`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model);
     ``max_pixels`` a list or a comma-separated string (``"224*224,448*448"`` works)."""
     if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel

@@ -1,4 +1,4 @@
-"""Zero-shot image↔text retrieval in the alignment-loss spaces of a VLM (SPEC §5 retrieval, §2 ``L_align``).
+"""Zero-shot image↔text retrieval in the alignment-loss spaces of a VLM (method.md §5, §2 ``L_align``).
 
 * **Image feature**: the mean of the record's merged vision tokens (PatchMerger output, the LLM
   input space): ``F_v`` of the alignment loss.
@@ -91,7 +91,7 @@ def retrieval_eval(
     max_pixels: int | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Image↔text Recall@1/5/10 from pooled features (SPEC §5; see the module docstring).
+    """Image↔text Recall@1/5/10 from pooled features (docs/method.md §5; see the module docstring).
 
     ``model``: a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``encode_images``,
     ``text_features``, ``tokenizer`` and ``processor``). ``data``: LLaVA JSON(L) or a directory
@@ -145,7 +145,7 @@ def retrieval_main(
     device: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``cmpt eval retrieval`` (SPEC §5): ``model`` is a VLM directory (or a loaded model); a
+    """``cmpt eval retrieval`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model); a
     NativeViT directory is refused with a clear error. Writes JSON to ``out`` when given."""
     if isinstance(model, (str, os.PathLike)):
         d = Path(model)

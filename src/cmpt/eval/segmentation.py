@@ -1,4 +1,4 @@
-"""Segmentation probe: frozen last-layer patch tokens → BatchNorm + 1×1 linear head (SPEC §5).
+"""Segmentation probe: frozen last-layer patch tokens → BatchNorm + 1×1 linear head (docs/method.md §5).
 
 Protocol (the DINOv2 "linear" segmentation head, scaled down):
 
@@ -121,7 +121,7 @@ def seg_probe(
     batch_tokens: int = 8192,
     processor: ImageProcessor | None = None,
 ) -> dict[str, Any]:
-    """mIoU of a BN + 1×1 linear head on frozen patch tokens (SPEC §5; protocol in the module docstring).
+    """mIoU of a BN + 1×1 linear head on frozen patch tokens (method.md §5; protocol in the module docstring).
 
     Args:
         vit: a NativeViT (or a VLM, or a model path for :func:`~cmpt.eval.features.load_vision`).
@@ -217,7 +217,7 @@ def seg_main(
     device: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``cmpt eval seg`` (SPEC §5): ``model`` is a NativeViT directory, an HF vision checkpoint or a
+    """``cmpt eval seg`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or a
     VLM directory; the data is a directory with ``train.json`` / ``val.json`` (e.g. synthetic
     scenes) or a train JSON plus ``val_json``. Writes the result as JSON to ``out`` when given."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)

@@ -1,4 +1,4 @@
-"""VQA evaluation of a VisionLanguageModel on LLaVA-format records, and held-out caption loss (SPEC §5).
+"""VQA evaluation of a VisionLanguageModel on LLaVA-format records, and held-out caption loss (method.md §5).
 
 Decisions:
 
@@ -106,7 +106,7 @@ def route_metric(kind: str | None, dataset_name: str, metric: str = "auto") -> s
 
 
 def score_answer(prediction: str, answers: Sequence[str], metric: str) -> float:
-    """Score of one prediction against its gold answers with the named SPEC §5 scorer."""
+    """Score of one prediction against its gold answers with the named docs/method.md §5 scorer."""
     if metric == "relaxed_accuracy":
         return max((float(relaxed_accuracy(prediction, a)) for a in answers), default=0.0)
     if metric == "anls":
@@ -199,7 +199,7 @@ def evaluate_vqa(
     prompt_suffix: str | None = None,
     out_jsonl: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Batched greedy VQA evaluation (SPEC §5; decisions in the module docstring).
+    """Batched greedy VQA evaluation (docs/method.md §5; decisions in the module docstring).
 
     ``model`` is a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``generate_batch``
     and ``processor``). The image processor is the model's with ``min_pixels`` / ``max_pixels``
@@ -266,7 +266,7 @@ def caption_loss(
     max_pixels: int | None = None,
     batch_size: int = 8,
 ) -> float:
-    """Mean next-token loss per supervised token over held-out records (SPEC §5, §2 ``L_dec``).
+    """Mean next-token loss per supervised token over held-out records (docs/method.md §5, §2 ``L_dec``).
 
     Records are built exactly as in training (:class:`~cmpt.data.pipeline.SampleBuilder`), collated
     and scored by CoMP's objective without the alignment term, in eval mode;
@@ -327,7 +327,7 @@ def vqa_main(
     device: str | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``cmpt eval vqa`` (SPEC §5): ``model`` is a VLM directory (or a loaded model). With
+    """``cmpt eval vqa`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model). With
     ``out_dir``, writes ``predictions.jsonl`` and ``vqa_results.json`` there; returns the result."""
     if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel

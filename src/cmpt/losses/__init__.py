@@ -1,4 +1,4 @@
-"""Loss functions of cmpt, as pure functions (SPEC §2, §3).
+"""Loss functions of cmpt, as pure functions (docs/method.md §2, §3).
 
 - :func:`alignment_loss` — CoMP ``L_align`` (vision features vs. a Sinkhorn target over the
   vocabulary prototypes), with :func:`sinkhorn_targets`, :func:`prior_from_counts` and the

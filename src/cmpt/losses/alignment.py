@@ -1,4 +1,4 @@
-"""CoMP alignment loss ``L_align`` (SPEC §2, CoMP paper §3.2).
+"""CoMP alignment loss ``L_align`` (docs/method.md §2, CoMP paper §3.2).
 
 The loss pulls the pooled vision feature of a sample towards a *distribution over the
 vocabulary* computed from the sample's caption: both features are scored against the word
@@ -10,7 +10,7 @@ Everything on the target side is computed in log space (``logsumexp``), so score
 tiny ``ε`` (hundreds or thousands) never overflow; wherever the plain ``exp`` formula is finite
 the two agree.
 
-Layout convention: SPEC §2 writes ``Q`` as a ``V×B`` matrix whose columns are samples; the
+Layout convention: docs/method.md §2 writes ``Q`` as a ``V×B`` matrix whose columns are samples; the
 functions here return its transpose, a ``(B, V)`` tensor whose *rows* (one per sample) sum to 1.
 """
 
@@ -107,7 +107,7 @@ def sinkhorn_targets(
     *,
     log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Soft targets ``Q_t`` from text-to-prototype scores (SPEC §2), computed in log space.
+    """Soft targets ``Q_t`` from text-to-prototype scores (docs/method.md §2), computed in log space.
 
     Args:
         text_logits: ``(B, V)`` scores ``c_t = F_t Wᵀ``.
@@ -178,7 +178,7 @@ def alignment_loss(
     iters: int = 3,
     variant: str = "official",
 ) -> torch.Tensor:
-    """``L_align = −mean_b Σ_k Q_t[b,k] log softmax(c_v/τ)[b,k]`` (SPEC §2, paper §3.2).
+    """``L_align = −mean_b Σ_k Q_t[b,k] log softmax(c_v/τ)[b,k]`` (docs/method.md §2, paper §3.2).
 
     Args:
         vision_feats: ``(B, D)`` raw pooled vision features ``F_v`` (normalized here); the only
@@ -233,7 +233,7 @@ def alignment_loss(
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden (B, T, D)`` over the positions where ``mask (B, T)`` is nonzero.
 
-    Used for the caption feature ``F_t`` (SPEC §2: mean over non-pad tokens). Accumulated in
+    Used for the caption feature ``F_t`` (docs/method.md §2: mean over non-pad tokens). Accumulated in
     float32 (or wider); the result has dtype ``promote(hidden.dtype, float32)``. A row without
     any valid position gives a zero vector.
     """
@@ -250,7 +250,7 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def segment_mean(tokens: torch.Tensor, lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Per-segment mean of a packed stream ``tokens (N, D)`` cut into consecutive ``lengths``.
 
-    Used for the vision feature ``F_v`` (SPEC §2: mean of a sample's merged vision tokens).
+    Used for the vision feature ``F_v`` (docs/method.md §2: mean of a sample's merged vision tokens).
     ``sum(lengths)`` must equal ``N``; a zero-length segment gives a zero vector. Accumulated and
     returned in ``promote(tokens.dtype, float32)``; differentiable w.r.t. ``tokens``.
     """

@@ -1,4 +1,4 @@
-"""Next-token loss ``L_dec`` without full-vocabulary logits (SPEC §2, §6 "LM-head memory").
+"""Next-token loss ``L_dec`` without full-vocabulary logits (docs/method.md §2, §6 "LM-head memory").
 
 Logits are only ever computed for *supervised* positions: labels are shifted, the hidden
 states at supervised positions are gathered first, and the LM head is applied to them in chunks
@@ -7,7 +7,7 @@ the backward pass instead of being kept alive, so peak memory is one chunk of ``
 float32 logits whatever the number of supervised tokens.
 
 The function returns the *sum* of the token losses and the token count, so that a trainer can
-normalize by the global number of supervised tokens across ranks (SPEC §6 "Loss normalization").
+normalize by the global number of supervised tokens across ranks (docs/method.md §6 "Loss normalization").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def next_token_loss(
     reduction: str = "sum",
     checkpoint: bool = True,
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of the LM head on supervised positions only (SPEC §2 ``L_dec``).
+    """Cross-entropy of the LM head on supervised positions only (docs/method.md §2 ``L_dec``).
 
     Args:
         hidden: ``(B, T, H)`` or ``(T, H)`` final hidden states of the language model.

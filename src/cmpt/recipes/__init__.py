@@ -1,4 +1,4 @@
-"""Recipes: a typed config class and a :class:`cmpt.train.loop.Task` per method (SPEC §2 CoMP)."""
+"""Recipes: a typed config class and a :class:`cmpt.train.loop.Task` per method (docs/method.md §2 CoMP)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CoMP recipe: one stage of continual multimodal pre-training as data (SPEC §2, §2.1).
+"""The CoMP recipe: one stage of continual multimodal pre-training as data (docs/method.md §2, §2.1).
 
 A stage says which parts train (``vision``, ``merger``, ``llm``, ``lm_head``), their learning
 rates, RoPE on/off, the resolution policy, the loss weights and the token budgets. It starts from
@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    """SPEC §2.1 table: trainable parts, per-part LRs (missing parts use ``optim.lr``), RoPE, resolution."""
+    """method.md §2.1: trainable parts, per-part LRs (others use ``optim.lr``), RoPE, resolution."""
 
     name: str = "stage1"
     trainable: list[str] = field(default_factory=lambda: ["merger"])
@@ -62,7 +62,7 @@ class StageConfig:
 
 @dataclass
 class LossConfig:
-    """``L = L_dec + align_weight·L_align`` (λ = 0.05); alignment settings of SPEC §2."""
+    """``L = L_dec + align_weight·L_align`` (λ = 0.05); alignment settings of docs/method.md §2."""
 
     align: bool = True
     align_weight: float = 0.05

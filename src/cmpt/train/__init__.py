@@ -1,7 +1,7 @@
 """The generic trainer (DESIGN ``train/``): a recipe is a :class:`Task`; the loop knows nothing of CoMP.
 
 ``Trainer(run, optim, train, task, full_config).fit()`` trains single-process or under
-``torchrun`` (DDP / FSDP2), with globally normalized losses (SPEC §6), resumable checkpoints and
+``torchrun`` (DDP / FSDP2), with globally normalized losses (docs/method.md §6), resumable checkpoints and
 metrics. See :mod:`cmpt.train.loop` for the contract.
 """
 

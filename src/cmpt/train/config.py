@@ -1,8 +1,8 @@
 """Typed configuration of the generic trainer: the ``run``, ``optim`` and ``train`` sections of a recipe.
 
-Every recipe (CoMP stages, MoCa stages; SPEC §2.1, §3) carries these three sections next to its
+Every recipe (CoMP stages, MoCa stages; docs/method.md §2.1, §3) carries these three sections next to its
 task-specific ones; they are plain dataclasses read with :func:`cmpt.config.load_config`.
-Per-group learning rates (SPEC §2.1: ViT 1e-4, merger 5e-3, rest 2e-5, ...) come from the task's
+Per-group learning rates (docs/method.md §2.1: ViT 1e-4, merger 5e-3, rest 2e-5, ...) come from the task's
 ``param_groups()``; ``optim.lr`` is only the default of a group that names none.
 """
 
@@ -30,7 +30,7 @@ class RunConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (SPEC §2.1: cosine with warmup; MoCa: linear, 10 % warmup).
+    """AdamW and the learning-rate schedule (method.md §2.1: cosine with warmup; MoCa: linear, 10 % warmup).
 
     The warmup length is ``warmup_steps`` when positive, else ``round(warmup_ratio · train.steps)``.
     The schedule multiplies every group's base lr (formulas of Hugging Face ``transformers``,
@@ -66,7 +66,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop (SPEC §6 for loss normalization and data-fault limits).
+    """The optimisation loop (docs/method.md §6 for loss normalization and data-fault limits).
 
     * ``steps``: optimizer steps in total (a resumed run continues up to it). Skipped
       (non-finite) steps count: they consume data and advance the schedule.

@@ -2,12 +2,12 @@
 
 A recipe is a :class:`Task` (model, parameter groups, FSDP units, loader, loss). The trainer
 owns distribution (``torchrun`` + DDP / FSDP2), precision, activation checkpointing,
-``torch.compile``, gradient accumulation, globally normalized losses (SPEC §6), clipping, AdamW
+``torch.compile``, gradient accumulation, globally normalized losses (docs/method.md §6), clipping, AdamW
 with its schedule, non-finite and bad-data guards (the bad-sample limit is decided on counts summed
 over ranks, before each step, by :mod:`cmpt.train.bad_data`: docs/method.md §4), atomic resumable
 checkpoints, clean stops on SIGTERM / SIGINT and logging.
 
-**Loss normalization (SPEC §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
+**Loss normalization (docs/method.md §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
 any backward, the counts of a term are summed over the step's micro-batches and over ranks; each
 micro-batch then backpropagates ``Σ_term weight · sum · world_size / global_count`` (``world_size``
 undoes the gradient averaging of DDP/FSDP). So N ranks × B samples equal one rank × N·B. A term

@@ -1,4 +1,4 @@
-"""Parameter groups, AdamW and the learning-rate schedule (SPEC §2.1: AdamW, cosine with warmup).
+"""Parameter groups, AdamW and the learning-rate schedule (docs/method.md §2.1: AdamW, cosine with warmup).
 
 The task names its groups with their own learning rates (``Task.param_groups``); here each
 group is split in a decayed and a non-decayed half, resolved by parameter *name* so that the

@@ -1,4 +1,4 @@
-"""Native-resolution vision: processor, 2D RoPE, varlen attention, NativeViT, HF conversion (SPEC §1)."""
+"""Native-resolution vision: processor, 2D RoPE, varlen attention, NativeViT, HF conversion (method.md §1)."""
 
 from .processor import ImageLoadError, ImageProcessor, PackedImages, load_image, smart_resize, unpatchify
 from .vit import NativeViT, NativeViTConfig

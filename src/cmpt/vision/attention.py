@@ -12,7 +12,7 @@ Backends, all giving the same numbers within floating-point tolerance:
 ``auto`` picks ``flash``, then ``varlen``, when usable for the inputs (CUDA and a half-precision
 compute dtype, autocast included), else ``sdpa``.
 The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the host by
-:func:`build_plan` and shared by every layer (SPEC §6: no per-layer host syncs).
+:func:`build_plan` and shared by every layer (docs/method.md §6: no per-layer host syncs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hugging Face vision checkpoints → :class:`NativeViT` (SPEC §1 "Families to load").
+"""Hugging Face vision checkpoints → :class:`NativeViT` (docs/method.md §1 "Families to load").
 
 One converter per family: a config translation plus a state-dict key filter, in the spirit of timm's
 ``checkpoint_filter_fn``. The HF model class does the reading (safetensors or legacy ``.bin``, sharding,

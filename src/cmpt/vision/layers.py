@@ -68,7 +68,7 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on a packed stream, with optional 2D RoPE on q and k (SPEC §1)."""
+    """Multi-head self-attention on a packed stream, with optional 2D RoPE on q and k (docs/method.md §1)."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Image loading, resolution policy and patch packing (SPEC §1 "Input packing", §1.4).
+"""Image loading, resolution policy and patch packing (docs/method.md §1 "Input packing", §1.4).
 
 Every image goes: ``load_image`` (decode fully, EXIF orientation, RGB on white) → resize
 (``smart_resize`` once, or the official fixed-size "force_resize"; ``resize="official"`` adds the
@@ -39,7 +39,7 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 def smart_resize(
     height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 1280
 ) -> tuple[int, int]:
-    """Target ``(height, width)`` of the Qwen2-VL resolution policy (SPEC §1.4).
+    """Target ``(height, width)`` of the Qwen2-VL resolution policy (docs/method.md §1.4).
 
     Both sides become multiples of ``factor`` (at least ``factor``; Python ``round``, i.e. half to
     even), the area is kept within ``[min_pixels, max_pixels]`` and the aspect ratio is kept as
@@ -144,7 +144,7 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
 
 
 def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode ``src`` (path, bytes or PIL image) into a fully loaded RGB ``PIL.Image`` (SPEC §1, §4).
+    """Decode ``src`` (path, bytes or PIL image) into a fully loaded RGB ``PIL.Image`` (method.md §1, §4).
 
     EXIF orientation is applied; palette/alpha images are composited on white; 16-bit grayscale is
     scaled to 8 bits; CMYK and other modes are converted. Any unusable input raises
@@ -188,7 +188,7 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
 
 @dataclass
 class PackedImages:
-    """A batch of images as one patch sequence (SPEC §1 "Input packing").
+    """A batch of images as one patch sequence (docs/method.md §1 "Input packing").
 
     ``patches``: (N, 3·p·p) float32, each image's patches in merge-window order, images concatenated.
     ``grid_hw``: (n, 2) int64, rows and columns in patches of each image.
@@ -221,7 +221,7 @@ class PackedImages:
 
 
 class ImageProcessor:
-    """Resize, normalize and patchify images into ``PackedImages`` (SPEC §1, §1.4).
+    """Resize, normalize and patchify images into ``PackedImages`` (docs/method.md §1, §1.4).
 
     ``policy="native"``: ``smart_resize(h, w, factor=patch_size·merge_size, min_pixels, max_pixels)``
     then one PIL bicubic resize. ``policy="fixed"`` (official CoMP ``force_resize``): resize to
@@ -446,7 +446,7 @@ class ImageProcessor:
 def unpatchify(
     patches: torch.Tensor, grid_hw: torch.Tensor | Sequence[Sequence[int]], patch_size: int, merge_size: int
 ) -> list[torch.Tensor]:
-    """Inverse of the packing (SPEC §1): packed (N, 3·p·p) patches → one (3, H, W) tensor per image."""
+    """Inverse of the packing (method.md §1): packed (N, 3·p·p) patches → one (3, H, W) tensor per image."""
     p, m = patch_size, merge_size
     grids = grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else [list(g) for g in grid_hw]
     if sum(gh * gw for gh, gw in grids) != patches.shape[0]:

@@ -1,4 +1,4 @@
-"""2D rotary position embedding for packed patch streams (SPEC §1, "2D RoPE").
+"""2D rotary position embedding for packed patch streams (docs/method.md §1, "2D RoPE").
 
 Layout = Qwen2-VL's vision RoPE. For head dim ``d``::
 
@@ -40,7 +40,7 @@ def _grid_positions(h: int, w: int, merge: int) -> torch.Tensor:
 def patch_positions(grid_hw: Sequence[Sequence[int]], merge_size: int = 1) -> torch.Tensor:
     """(row, col) of every patch of a packed stream, in token order (N, 2) int64.
 
-    ``merge_size > 1`` gives merge-window order (SPEC §1 "Input packing"); 1 gives raster order.
+    ``merge_size > 1`` gives merge-window order (docs/method.md §1 "Input packing"); 1 gives raster order.
     """
     parts = [_grid_positions(int(h), int(w), merge_size) for h, w in grid_hw]
     return torch.cat(parts) if parts else torch.zeros(0, 2, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""NativeViT: one configurable ViT that reads packed images at native resolution with C-RoPE (SPEC §1).
+"""NativeViT: one configurable ViT that reads packed images at native resolution with C-RoPE (method.md §1).
 
 C-RoPE = the checkpoint's learned absolute position table, bicubically interpolated to each image's
 patch grid and put in the patches' (merge-window) order, plus 2D RoPE on q/k in every layer.
@@ -128,7 +128,7 @@ def interpolate_table(table: torch.Tensor, g: int, h: int, w: int, antialias: bo
     Computed as two matrix products with :func:`resize_matrix` (same numbers as ``F.interpolate``
     up to summation order): GPU bicubic kernels loop over channels per pixel and their backward
     scatters with atomics, which made them the slowest part of a packed step. Returns the table
-    unchanged when (h, w) == (g, g), as Hugging Face does (SPEC §1, §6 precision).
+    unchanged when (h, w) == (g, g), as Hugging Face does (docs/method.md §1, §6 precision).
     """
     if (h, w) == (g, g):
         return table
@@ -382,7 +382,7 @@ class NativeViT(nn.Module):
         attn: str = "auto",
         **overrides,
     ) -> NativeViT:
-        """Convert a Hugging Face DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (SPEC §1 "Families")."""
+        """Convert an HF DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (method.md §1 "Families")."""
         from .convert import load_hf_vit
 
         return load_hf_vit(

@@ -1,1 +1,1 @@
-"""The CoMP vision-language model: patch merger, chat rendering, assembly (SPEC §2)."""
+"""The CoMP vision-language model: patch merger, chat rendering, assembly (docs/method.md §2)."""

@@ -1,4 +1,4 @@
-"""Conversation rendering for the VLM: image placeholders, chat template, labels (SPEC §2).
+"""Conversation rendering for the VLM: image placeholders, chat template, labels (docs/method.md §2).
 
 A LLaVA conversation (``[{"from": "human"|"gpt"|"system", "value": ...}]``, or the
 ``{"role", "content"}`` style) is rendered with the tokenizer's chat template. Each ``<image>`` in a
@@ -48,7 +48,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 @dataclass
 class RenderedSample:
-    """One tokenized training sample (SPEC §2)."""
+    """One tokenized training sample (docs/method.md §2)."""
 
     input_ids: torch.LongTensor  # (T,)
     labels: torch.LongTensor  # (T,), IGNORE_INDEX outside assistant tokens
@@ -69,7 +69,7 @@ def ensure_vision_tokens(tokenizer) -> list[str]:
     """Add ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>`` as special tokens where missing.
 
     Returns the tokens added (empty when all were there: idempotent). The caller resizes the
-    LLM's embeddings, e.g. ``model.resize_token_embeddings(len(tokenizer))`` (SPEC §2).
+    LLM's embeddings, e.g. ``model.resize_token_embeddings(len(tokenizer))`` (docs/method.md §2).
     """
     missing = [t for t in VISION_TOKENS if _single_id(tokenizer, t) is None]
     if missing:
@@ -198,7 +198,7 @@ def render_conversation(
     sample_id: str = "?",
     caption_rng: random.Random | None = None,
 ) -> RenderedSample:
-    """Render a LLaVA conversation to ``input_ids``/``labels`` with expanded images (SPEC §2).
+    """Render a LLaVA conversation to ``input_ids``/``labels`` with expanded images (docs/method.md §2).
 
     ``num_image_tokens[i]`` is the number of merged vision tokens of the i-th image (the i-th
     ``<image>`` of the user turns). ``caption`` is the assistant answers joined by single spaces,
@@ -278,7 +278,7 @@ def render_conversation(
 def render_prompt(
     prompt: str, tokenizer, num_image_tokens: list[int], system: str | None = None
 ) -> torch.LongTensor:
-    """Token ids of a generation prompt: one user turn + the assistant header (SPEC §2).
+    """Token ids of a generation prompt: one user turn + the assistant header (docs/method.md §2).
 
     When ``prompt`` has fewer ``<image>`` placeholders than images, the missing ones are put at the
     start of the user turn (``"<image>\\n"`` each, the LLaVA layout); more placeholders than images
@@ -300,7 +300,7 @@ def render_prompt(
 
 
 def caption_ids(caption: str, tokenizer, max_length: int) -> torch.LongTensor:
-    """The caption tokenized alone — no chat template, no special tokens — for ``L_align`` (SPEC §2).
+    """The caption tokenized alone — no chat template, no special tokens — for ``L_align`` (method.md §2).
 
     At most ``max_length`` tokens; empty for an empty caption (callers skip such samples).
     """

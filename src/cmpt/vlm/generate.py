@@ -1,4 +1,4 @@
-"""Greedy generation for :class:`~cmpt.vlm.model.VisionLanguageModel` (SPEC §2, §5 VQA evaluation).
+"""Greedy generation for :class:`~cmpt.vlm.model.VisionLanguageModel` (docs/method.md §2, §5 VQA evaluation).
 
 Each item ``(images, prompt)`` is rendered with :func:`~cmpt.vlm.chat.render_prompt` (one user turn
 + the assistant header), its images are processed with the model's ``ImageProcessor``, and the

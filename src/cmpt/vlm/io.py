@@ -1,4 +1,4 @@
-"""Assembly and persistence of a :class:`~cmpt.vlm.model.VisionLanguageModel` (SPEC §2 "Assembly").
+"""Assembly and persistence of a :class:`~cmpt.vlm.model.VisionLanguageModel` (docs/method.md §2 "Assembly").
 
 A VLM directory holds ``vision/`` (a NativeViT directory), ``merger.safetensors``, ``llm/`` (the HF
 causal LM and its tokenizer), ``processor/`` (optional) and ``vlm_config.json`` (:class:`VLMConfig`
@@ -103,7 +103,7 @@ def build_vlm(
     **cfg: Any,
 ):
     """``VisionLanguageModel.build``: assemble a VLM (eval mode) with a fresh PatchMerger (ViT width →
-    LLM hidden size) (SPEC §2 "Assembly").
+    LLM hidden size) (docs/method.md §2 "Assembly").
 
     Args:
         vit: a :class:`NativeViT`, a NativeViT directory (``config.json`` with ``cmpt_model``)
@@ -112,7 +112,7 @@ def build_vlm(
             loaded model. tokenizer: defaults to ``AutoTokenizer`` of ``llm`` (or of the loaded
             model's ``name_or_path``).
         vit_from_hf: force (True) or forbid (False) the HF conversion; None = detect.
-        rope: 2D RoPE on/off in the ViT (SPEC §2.1: off in stage I, on in II/III); None keeps
+        rope: 2D RoPE on/off in the ViT (docs/method.md §2.1: off in stage I, on in II/III); None keeps
             the ViT's setting. keep_prefix_tokens: CLS/registers in the packed stream
             (CoMP recipes: False); applied to a given instance too.
         processor: an ``ImageProcessor`` to attach (default: native policy with the ViT's

@@ -1,4 +1,4 @@
-"""The VLM adapter: 2×2 patch merger (SPEC §1 "Patch merger", official name ``PatchMerger``)."""
+"""The VLM adapter: 2×2 patch merger (docs/method.md §1 "Patch merger", official name ``PatchMerger``)."""
 
 from __future__ import annotations
 

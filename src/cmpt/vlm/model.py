@@ -293,7 +293,7 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ recipes
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part for recipes (SPEC §2.1): ``vision``, ``merger``, ``llm``, ``lm_head``.
+        """Parameters by part for recipes (docs/method.md §2.1): ``vision``, ``merger``, ``llm``, ``lm_head``.
 
         ``llm`` = the LLM body including the input embeddings. A weight tied between the LM head and
         the input embeddings is listed in ``llm`` only (``lm_head`` is then empty, or just a bias);
