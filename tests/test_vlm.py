@@ -215,3 +215,11 @@ def test_build_options(dirs, tmp_path):
     assert vlm.vit.blocks[0].attn.qkv.weight.grad is not None
     with pytest.warns(UserWarning, match="nope"):
         assert VLMConfig.from_dict({"nope": 1}) == VLMConfig()
+
+
+def test_generate_is_causal_after_a_bidirectional_forward(llama):
+    items = [(None, "Describe the image.")]  # one row: no padding, so no mask from transformers
+    ref = llama.generate_batch(items, max_new_tokens=5)
+    with torch.no_grad():
+        _forward(llama, make_batch(llama, TWO), attention="bidirectional")
+    assert llama.generate_batch(items, max_new_tokens=5) == ref

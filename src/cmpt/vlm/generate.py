@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cmpt.vlm.chat import render_prompt
+from cmpt.vlm.text_attention import set_attention_mode
 
 if TYPE_CHECKING:
     from cmpt.vlm.model import VisionLanguageModel
@@ -80,6 +81,7 @@ def generate_batch(
 
     was_training = model.training
     model.eval()
+    set_attention_mode(model.body, "causal")  # decoding is causal whatever the last forward used
     try:
         vision = model.encode_images(torch.cat(patches), torch.cat(grids)) if patches else None
         embeds = model.embed_inputs(input_ids, vision)
