@@ -223,3 +223,29 @@ def test_generate_is_causal_after_a_bidirectional_forward(llama):
     with torch.no_grad():
         _forward(llama, make_batch(llama, TWO), attention="bidirectional")
     assert llama.generate_batch(items, max_new_tokens=5) == ref
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_run_layer_reproduces_a_body_layer(qwen, packed, attention):
+    """An extra layer sees the forward's mask, attention mode and positions: re-running layer 1 on
+    layer 0's output gives layer 1's output."""
+    seen = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, layer in enumerate(qwen.body.layers)
+    ]
+    qwen.configure_packing(packed)
+    try:
+        with torch.no_grad():
+            out = _forward(qwen, make_batch(qwen, THREE), attention=attention)
+            h0 = seen[0][0] if packed else seen[0][out.layout.padding_mask().bool()]
+            h1 = seen[1][0] if packed else seen[1][out.layout.padding_mask().bool()]
+            again = qwen.run_layer(qwen.body.layers[1], h0, out)
+    finally:
+        for h in hooks:
+            h.remove()
+        qwen.configure_packing(True)
+    torch.testing.assert_close(again, h1, rtol=1e-5, atol=1e-5)

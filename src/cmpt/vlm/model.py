@@ -49,6 +49,7 @@ from cmpt.vlm.text_attention import (
     body_inputs,
     packing_unsupported_reason,
     pad_rows,
+    run_decoder_layer,
     set_attention_mode,
     unpad_rows,
 )
@@ -66,6 +67,7 @@ class VLMOutput:
     vision: torch.Tensor | None  # (P / m², H) merged vision tokens in LLM space, or None
     vision_per_sample: list[int] | None  # merged tokens of each sequence (with images_per_sample)
     layout: TextLayout  # the sequences' lengths and whether they ran packed
+    body_kwargs: dict[str, Any]  # mask and positions the body ran with (see VisionLanguageModel.run_layer)
 
 
 class VisionLanguageModel(nn.Module):
@@ -195,9 +197,10 @@ class VisionLanguageModel(nn.Module):
 
     def text_hidden(
         self, embeds: torch.Tensor, layout: TextLayout, attention: AttentionMode = "causal"
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Last hidden states (after the final norm), ``(N, H)``, of packed input embeddings
-        ``(N, H)`` whose sequences are ``layout`` (docs/method.md §7)."""
+        ``(N, H)`` whose sequences are ``layout``, and the mask / position arguments the body ran
+        with (for :meth:`run_layer`) (docs/method.md §7)."""
         if embeds.shape[0] != layout.total:
             raise ValueError(
                 f"{embeds.shape[0]} token embeddings for sequences of total length {layout.total}"
@@ -206,7 +209,12 @@ class VisionLanguageModel(nn.Module):
         kwargs = body_inputs(layout, attn_implementation(self.llm), attention, embeds.dtype, embeds.device)
         rows = embeds.unsqueeze(0) if layout.packed else pad_rows(embeds, layout)
         hidden = self.body(inputs_embeds=rows, use_cache=False, **kwargs).last_hidden_state
-        return hidden[0] if layout.packed else unpad_rows(hidden, layout)
+        return (hidden[0] if layout.packed else unpad_rows(hidden, layout)), kwargs
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, out: VLMOutput) -> torch.Tensor:
+        """One extra decoder ``layer`` (e.g. MoCa's MAE decoder, a copy of a body layer) over
+        ``hidden`` ``(N, H)`` with the mask, attention mode and positions of ``out``'s forward."""
+        return run_decoder_layer(self.body, layer, hidden, out.layout, out.body_kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -242,7 +250,8 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed_inputs(input_ids, vision)
         if vision is None and self.training and torch.is_grad_enabled():
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every ViT/merger parameter used (§6)
-        return VLMOutput(self.text_hidden(embeds, layout, attention), vision, per_sample, layout)
+        hidden, kwargs = self.text_hidden(embeds, layout, attention)
+        return VLMOutput(hidden, vision, per_sample, layout, kwargs)
 
     @torch.no_grad()
     def text_features(
@@ -255,7 +264,7 @@ class VisionLanguageModel(nn.Module):
         without gradient: CoMP's caption feature ``F_t`` before normalization (docs/method.md §2)."""
         layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
         ids = input_ids.to(self.device).reshape(-1)
-        hidden = self.text_hidden(self.llm.get_input_embeddings()(ids), layout, attention)
+        hidden, _ = self.text_hidden(self.llm.get_input_embeddings()(ids), layout, attention)
         return segment_mean(hidden, list(layout.lengths))
 
     # ------------------------------------------------------------------ generation

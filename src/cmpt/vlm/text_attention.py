@@ -37,6 +37,7 @@ __all__ = [
     "body_inputs",
     "packing_unsupported_reason",
     "pad_rows",
+    "run_decoder_layer",
     "set_attention_mode",
     "unpad_rows",
 ]
@@ -225,3 +226,27 @@ def body_inputs(
             "'flex_attention'"
         )
     return kwargs
+
+
+def run_decoder_layer(
+    body: nn.Module, layer: nn.Module, hidden: torch.Tensor, layout: TextLayout, body_kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """Run one decoder ``layer`` of the body's kind over ``hidden`` ``(N, H)`` with the mask and
+    positions the body ran with (``body_kwargs`` from :func:`body_inputs`); returns ``(N, H)``.
+
+    The rotary embedding is the body's own (``body.rotary_emb``, M-RoPE for Qwen2-VL), so the
+    layer sees the positions of the forward it extends (MoCa's MAE decoder, docs/method.md §3).
+    """
+    rows = hidden.unsqueeze(0) if layout.packed else pad_rows(hidden, layout)
+    pos = body_kwargs["position_ids"]
+    extra = {k: v for k, v in body_kwargs.items() if k not in ("position_ids", "attention_mask")}
+    out = layer(
+        rows,
+        attention_mask=body_kwargs.get("attention_mask"),
+        position_ids=pos,
+        position_embeddings=body.rotary_emb(rows, pos),
+        use_cache=False,
+        **extra,
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    return out[0] if layout.packed else unpad_rows(out, layout)
