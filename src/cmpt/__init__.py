@@ -1,10 +1,12 @@
 """cmpt — continual multimodal pre-training (CoMP, MoCa) for vision foundation models.
 
 Public API (DESIGN.md): :class:`NativeViT`, :class:`ImageProcessor` → :class:`PackedImages`,
-:class:`PatchMerger`, :class:`VisionLanguageModel`, ``cmpt.vision.smart_resize``, ``cmpt.losses``.
+:class:`PatchMerger`, :class:`VisionLanguageModel`, :class:`Embedder`, ``cmpt.vision.smart_resize``,
+``cmpt.losses``.
 """
 
 from . import losses, vision
+from .embed.embedder import Embedder
 from .vision import ImageProcessor, NativeViT, NativeViTConfig, PackedImages
 from .vlm.merger import PatchMerger
 from .vlm.model import VisionLanguageModel, VLMConfig
@@ -12,6 +14,7 @@ from .vlm.model import VisionLanguageModel, VLMConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "Embedder",
     "ImageProcessor",
     "NativeViT",
     "NativeViTConfig",

@@ -4,7 +4,8 @@
   vocabulary prototypes), with :func:`sinkhorn_targets`, :func:`prior_from_counts` and the
   pooling helpers :func:`masked_mean` / :func:`segment_mean`.
 - :func:`next_token_loss` — ``L_dec`` on supervised positions only (no full-vocab logits), with
-  :func:`shift_labels` for packed sequences.
+  :func:`shift_labels` for packed sequences; with ``shift=False`` MoCa's masked-token loss.
+- :func:`mae_loss` / :func:`window_targets` — MoCa's masked-window reconstruction ``L_MAE``.
 """
 
 from cmpt.losses.alignment import (
@@ -16,14 +17,17 @@ from cmpt.losses.alignment import (
     sinkhorn_targets,
 )
 from cmpt.losses.lm import next_token_loss, shift_labels
+from cmpt.losses.mae import mae_loss, window_targets
 
 __all__ = [
     "SINKHORN_VARIANTS",
     "alignment_loss",
+    "mae_loss",
     "masked_mean",
     "next_token_loss",
     "prior_from_counts",
     "segment_mean",
     "shift_labels",
     "sinkhorn_targets",
+    "window_targets",
 ]

@@ -1,4 +1,4 @@
-"""Recipes: a typed config class and a :class:`cmpt.train.loop.Task` per method (docs/method.md §2 CoMP)."""
+"""Recipes: a typed config and a :class:`cmpt.train.loop.Task` per method (method.md §2 CoMP, §3 MoCa)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 def recipes() -> dict[str, tuple[type, type]]:
     """Recipe name (the YAML's ``recipe:`` key) → (config class, task class)."""
     from .comp import CompConfig, CompTask
+    from .moca import MocaConfig, MocaTask
 
-    return {"comp": (CompConfig, CompTask)}
+    return {"comp": (CompConfig, CompTask), "moca": (MocaConfig, MocaTask)}
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[Any, Any]:

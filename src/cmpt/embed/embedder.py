@@ -1,0 +1,167 @@
+"""``cmpt.Embedder``: a VLM used as a bidirectional multimodal embedding model (docs/method.md §3).
+
+An input is an optional instruction, optional images and optional text. It is rendered as plain
+text — no chat template — ``instruction \\n <image> … \\n text`` (or the text's own ``<image>``
+placeholders, for interleaved inputs), each image expanded to its merged vision tokens. The backbone
+runs with **bidirectional** attention; the embedding is the mean of the last hidden states (after
+the final norm) over the input's tokens, L2-normalized. Inputs are packed into micro-batches by a
+token budget (padding-free, so an embedding never depends on the other inputs of its batch).
+
+An Embedder directory is the backbone's own directory (a cmpt VLM, or a Hugging Face Qwen2-VL /
+Qwen2.5-VL checkpoint that transformers still loads) plus ``embedder_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cmpt.embed.backbones import load_backbone
+from cmpt.losses import segment_mean
+from cmpt.vlm.chat import IMAGE_TOKEN, encode_text_with_images
+
+__all__ = ["EMBEDDER_CONFIG", "Embedder", "EmbedderConfig"]
+
+EMBEDDER_CONFIG = "embedder_config.json"
+
+
+@dataclass
+class EmbedderConfig:
+    """How inputs become embeddings (stored as ``embedder_config.json``)."""
+
+    max_length: int = 1280  # tokens per input (text is cut after its last image; images never are)
+    batch_tokens: int = 8192  # tokens per forward
+    pooling: str = "mean"
+    normalize: bool = True
+
+
+def _as_list(x: Any, n: int, name: str) -> list[Any]:
+    if x is None or isinstance(x, str):
+        return [x] * n
+    x = list(x)
+    if len(x) != n:
+        raise ValueError(f"{name} has {len(x)} entries for {n} inputs")
+    return x
+
+
+class Embedder:
+    """``Embedder(backbone)`` or :meth:`from_pretrained`; :meth:`encode` gives ``(B, D)`` embeddings."""
+
+    def __init__(self, backbone: nn.Module, config: EmbedderConfig | None = None, **overrides: Any) -> None:
+        self.backbone = backbone
+        self.config = EmbedderConfig(**{**asdict(config or EmbedderConfig()), **overrides})
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device | None = None, **load_kwargs: Any
+    ) -> Embedder:
+        """An Embedder directory, a cmpt VLM directory or a Hugging Face Qwen2-VL / Qwen2.5-VL
+        checkpoint (``load_kwargs``: ``dtype``, ``attn_implementation``)."""
+        backbone = load_backbone(path, **load_kwargs)
+        if device is not None:
+            backbone.to(device)
+        cfg_file = Path(path) / EMBEDDER_CONFIG
+        config = EmbedderConfig(**json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+        return cls(backbone, config)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        self.backbone.save_pretrained(out)
+        (out / EMBEDDER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return out
+
+    # ------------------------------------------------------------------ rendering
+    def _render(self, text: str | None, images: list[Any], instruction: str | None, i: int) -> tuple:
+        """``(ids, patches, grid_hw)`` of one input."""
+        bb = self.backbone
+        packed = bb.processor(images) if images else None
+        m2 = bb.config.merge_size**2
+        n_tokens = [] if packed is None else [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
+        body = text or ""
+        if IMAGE_TOKEN not in body:
+            body = "\n".join([IMAGE_TOKEN] * len(images) + ([body] if body else []))
+        full = f"{instruction}\n{body}" if instruction else body
+        if not full:
+            raise ValueError(f"input {i} is empty: give a text, an image or an instruction")
+        ids = encode_text_with_images(full, bb.tokenizer, n_tokens, sample_id=str(i))
+        if len(ids) > self.config.max_length:
+            ends = (ids == bb.config.vision_end_id).nonzero()
+            keep = max(self.config.max_length, int(ends[-1]) + 1 if len(ends) else 0)
+            ids = ids[:keep]
+        return ids, packed
+
+    # ------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str | None] | str | None = None,
+        images: Sequence[Any] | None = None,
+        instructions: Sequence[str | None] | str | None = None,
+        *,
+        batch_tokens: int | None = None,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Embeddings ``(B, D)`` (float32, CPU, L2-normalized) of B inputs.
+
+        ``texts``: B strings (or None entries); ``images``: B entries, each None, one image (PIL,
+        path or bytes) or a list of images; ``instructions``: one string for all inputs or B
+        entries. ``progress``: a progress bar (default: for more than 256 inputs).
+        """
+        n = len(texts) if texts is not None and not isinstance(texts, str) else None
+        if n is None:
+            n = len(images) if images is not None else (1 if isinstance(texts, str) else 0)
+        if n == 0:
+            raise ValueError("encode needs texts or images")
+        texts_l = [texts] * n if isinstance(texts, str) else _as_list(texts, n, "texts")
+        images_l = [
+            [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+            for x in _as_list(images, n, "images")
+        ]
+        instr_l = _as_list(instructions, n, "instructions")
+        rendered = [self._render(texts_l[i], images_l[i], instr_l[i], i) for i in range(n)]
+        order = sorted(range(n), key=lambda i: -len(rendered[i][0]))
+        budget = batch_tokens or self.config.batch_tokens
+        batches, cur, used = [], [], 0
+        for i in order:
+            t = len(rendered[i][0])
+            if cur and used + t > budget:
+                batches.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += t
+        batches.append(cur)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        out = torch.empty(n, self.backbone.lm_head.weight.shape[1])
+        show = progress if progress is not None else n > 256
+        try:
+            for idx in tqdm(batches, desc="embedding", unit="batch", disable=not show):
+                out[idx] = self._forward([rendered[i] for i in idx]).float().cpu()
+        finally:
+            self.backbone.train(was_training)
+        return out
+
+    def _forward(self, items: list[tuple]) -> torch.Tensor:
+        bb = self.backbone
+        ids = torch.cat([x[0] for x in items])
+        lengths = [len(x[0]) for x in items]
+        cu = torch.tensor([0, *lengths]).cumsum(0)
+        imgs = [x[1] for x in items if x[1] is not None]
+        kwargs: dict[str, Any] = {}
+        if imgs:
+            kwargs = dict(
+                patches=bb.prepare_patches(torch.cat([p.patches for p in imgs]).to(bb.device)),
+                grid_hw=torch.cat([p.grid_hw for p in imgs]),
+                images_per_sample=torch.tensor([0 if x[1] is None else len(x[1].grid_hw) for x in items]),
+            )
+        hidden = bb(ids, cu, attention="bidirectional", **kwargs).hidden
+        pooled = segment_mean(hidden, lengths)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled

@@ -1,0 +1,220 @@
+"""The MoCa recipe, stage ``cpt``: modality-aware continual pre-training as data (docs/method.md §3).
+
+A stage starts from a backbone directory (``model.init``: a cmpt VLM — e.g. the CoMP stage-III
+output — or a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint), switches its LLM to bidirectional
+attention and trains ``L = L_MLM + λ·L_MAE`` (:class:`~cmpt.recipes.moca_objective.MocaObjective`)
+on text-only, image–caption and interleaved documents. Its output (``final/``) is an Embedder
+directory: the backbone's own files plus ``embedder_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..data.config import DataConfig, ResolutionConfig
+from ..train.config import OptimConfig, RunConfig, TrainConfig
+from ..train.loop import LossTerms
+from ..vision.processor import ImageProcessor
+from .moca_objective import MocaObjective
+from .paths import expand_path
+
+log = logging.getLogger("cmpt.recipes.moca")
+PARTS = ("vision", "merger", "llm", "lm_head", "mae")
+
+
+@dataclass
+class MocaModelConfig:
+    """``init``: the backbone directory. ``llm_attn``: the LLM's ``attn_implementation`` (``""`` =
+    transformers' default, sdpa). ``vit_attn``: the packed-attention backend of a cmpt ViT."""
+
+    init: str = ""
+    llm_attn: str = ""
+    vit_attn: Literal["auto", "sdpa", "flex", "flash", "varlen"] = "auto"
+
+
+@dataclass
+class MocaStageConfig:
+    """Trainable parts (MoCa trains everything; ``mae`` = the MAE decoder and head), per-part LRs
+    (missing parts use ``optim.lr``) and the resolution policy (official: 256·28² … 1024·28²)."""
+
+    name: str = "cpt"
+    trainable: list[str] = field(default_factory=lambda: list(PARTS))
+    lr: dict[str, float] = field(default_factory=dict)
+    resolution: ResolutionConfig = field(
+        default_factory=lambda: ResolutionConfig(min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28)
+    )
+
+    def __post_init__(self) -> None:
+        bad = [p for p in [*self.trainable, *self.lr] if p not in PARTS]
+        if bad or not self.trainable:
+            raise ValueError(
+                f"stage parts must be a non-empty subset of {PARTS}, got {bad or self.trainable}"
+            )
+
+
+@dataclass
+class MocaLossConfig:
+    """``L = L_MLM + mae_weight·L_MAE`` (docs/method.md §3): masking rates, fill of masked windows
+    (``gaussian``: one vector per micro-batch, official; ``learned``), LM-head chunk rows."""
+
+    mlm_prob: float = 0.4
+    mae_prob: float = 0.5
+    mae_weight: float = 0.1
+    mask_fill: Literal["gaussian", "learned"] = "gaussian"
+    lm_chunk_size: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.mlm_prob <= 1.0 and 0.0 <= self.mae_prob <= 1.0):
+            raise ValueError(
+                f"mlm_prob and mae_prob must lie in [0, 1], got {self.mlm_prob}, {self.mae_prob}"
+            )
+
+
+@dataclass
+class MocaConfig:
+    """A MoCa stage recipe (``configs/tiny/moca_cpt.yaml``, ``configs/moca/*/cpt.yaml``)."""
+
+    recipe: Literal["moca"] = "moca"
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: MocaModelConfig = field(default_factory=MocaModelConfig)
+    stage: MocaStageConfig = field(default_factory=MocaStageConfig)
+    loss: MocaLossConfig = field(default_factory=MocaLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """The local snapshot of a Hugging Face hub model (downloaded when online)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id)
+    except Exception as e:  # offline, unknown repo, no access: the message says which
+        raise FileNotFoundError(
+            f"model.init={repo_id}: not a local directory and the hub snapshot is unavailable "
+            f"({type(e).__name__}: {e}); download it first (`hf download {repo_id} --local-dir DIR`) "
+            "and set model.init=DIR"
+        ) from None
+
+
+def load_backbone_for(cfg: MocaConfig) -> nn.Module:
+    """The stage's backbone with ``<|mask|>`` in its vocabulary, the stage's processor and packing."""
+    from ..embed.backbones import load_backbone
+    from ..vlm.chat import ensure_mask_token
+
+    init = expand_path(cfg.model.init) if cfg.model.init else ""
+    if init and not Path(init).exists() and init.count("/") == 1:  # a hub id: the local snapshot
+        init = _hub_snapshot(init)
+    if not init or not Path(init).is_dir():
+        raise FileNotFoundError(
+            f"model.init={init or '(unset)'} is not a directory: point it at a cmpt VLM (e.g. the CoMP "
+            "stage-III output: `cmpt demo` or `cmpt train tiny/comp_stage1`, then tiny/comp_stage2 and "
+            "tiny/comp_stage3) or at a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint"
+        )
+    backbone = load_backbone(init, attn_implementation=cfg.model.llm_attn or None)
+    ensure_mask_token(backbone.tokenizer)
+    backbone.resize_token_embeddings(len(backbone.tokenizer))
+    if hasattr(backbone, "vit"):
+        backbone.vit.config.attn = cfg.model.vit_attn
+    p = backbone.processor
+    backbone.processor = ImageProcessor(
+        patch_size=p.patch_size,
+        merge_size=p.merge_size,
+        mean=p.mean,
+        std=p.std,
+        **cfg.stage.resolution.processor_kwargs(),
+    )
+    backbone.configure_packing(cfg.data.packing)
+    return backbone
+
+
+class MocaTask:
+    """:class:`cmpt.train.loop.Task` for MoCa's CPT stage; the trainer sees nothing MoCa-specific."""
+
+    def __init__(self, cfg: MocaConfig) -> None:
+        self.cfg = cfg
+        self.backbone = load_backbone_for(cfg)
+        self.backbone.set_trainable([p for p in cfg.stage.trainable if p != "mae"])
+        for p in getattr(getattr(self.backbone, "vit", None), "unused_parameters", list)():
+            p.requires_grad_(False)  # e.g. a CLS token the packed stream drops
+        self.model = MocaObjective(self.backbone, cfg.loss).train()
+        for p in self.model.parts()["mae"]:
+            p.requires_grad_("mae" in cfg.stage.trainable)
+        m2 = self.backbone.config.merge_size**2
+        self._window_elements = m2 * self.backbone.patch_dim
+
+    def _parts(self) -> dict[str, list[nn.Parameter]]:
+        return {**self.backbone.parts(), **self.model.parts()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        lrs, parts = self.cfg.stage.lr, self._parts()
+        groups = []
+        for part in self.cfg.stage.trainable:
+            params = [p for p in parts[part] if p.requires_grad]
+            if params:
+                groups.append({"name": part, "params": params, "lr": lrs.get(part, self.cfg.optim.lr)})
+        return groups
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [*self.backbone.fsdp_units(), self.model.mae_decoder]
+
+    def build_loader(self, rank: int, world_size: int):
+        from ..data.batching import build_loader
+        from ..data.documents import DocumentBuilder
+
+        data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
+        builder = DocumentBuilder(
+            self.backbone.processor,
+            self.backbone.tokenizer,
+            max_text_tokens=data.max_text_tokens,
+            mlm_prob=self.cfg.loss.mlm_prob,
+            mae_prob=self.cfg.loss.mae_prob,
+            seed=data.seed,
+        )
+        cache = Path(expand_path(self.cfg.run.dir)) / "cache"
+        return build_loader(
+            data,
+            self.backbone.processor,
+            self.backbone.tokenizer,
+            rank=rank,
+            world_size=world_size,
+            cache_dir=cache,
+            builder=builder,
+        )
+
+    def loss_counts(self, batch: dict) -> dict[str, int]:
+        return {
+            "mlm": int(batch["num_mlm_tokens"]),
+            "mae": int(batch["num_mae_windows"]) * self._window_elements,
+        }
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms:
+        out = model(batch)
+        return LossTerms(
+            sums={"mlm": out["mlm_sum"], "mae": out["mae_sum"]},
+            counts={"mlm": out["mlm_count"], "mae": out["mae_count"]},
+            weights={"mlm": 1.0, "mae": self.cfg.loss.mae_weight},
+        )
+
+    def save_final(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        """The stage's output: an Embedder directory (the backbone + ``embedder_config.json``)."""
+        from ..embed.embedder import Embedder
+
+        backbone = self.backbone
+        if state_dict is not None and any(type(p).__name__ == "DTensor" for p in backbone.parameters()):
+            backbone = load_backbone_for(self.cfg)  # FSDP2 shards in place: an unsharded copy
+            prefix = "backbone."
+            backbone.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            )
+        with torch.no_grad():
+            Embedder(backbone, max_length=self.cfg.data.max_text_tokens).save_pretrained(out_dir)
