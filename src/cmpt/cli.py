@@ -56,8 +56,15 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _export(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .embed.embedder import EMBEDDER_CONFIG, Embedder
     from .vlm.model import VisionLanguageModel
 
+    if (Path(a.model) / EMBEDDER_CONFIG).is_file() and not a.vfm_only:  # a MoCa run's output
+        out = Embedder.from_pretrained(a.model).save_pretrained(a.out)
+        print(f"exported the Embedder of {a.model} -> {out}")
+        return 0
     vlm = VisionLanguageModel.from_pretrained(a.model)
     out = vlm.export_vit(a.out) if a.vfm_only else vlm.save_pretrained(a.out)
     print(f"exported {'the vision model (CoMP-VFM)' if a.vfm_only else 'the VLM'} of {a.model} -> {out}")
@@ -159,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_train)
 
-    p = sub.add_parser("export", help="export a trained VLM directory (or only its vision model)")
-    p.add_argument("model", help="a VLM directory, e.g. runs/x/final")
+    p = sub.add_parser("export", help="export a trained VLM or Embedder directory (or only its vision model)")
+    p.add_argument("model", help="a VLM or Embedder (MoCa) directory, e.g. runs/x/final")
     p.add_argument("--vfm-only", action="store_true", help="write only the NativeViT (CoMP-VFM)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_export)
