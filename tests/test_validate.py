@@ -131,7 +131,7 @@ def test_loader_skips_and_counts_bad_samples_over_an_epoch(broken, num_workers):
     batcher = TokenBudgetBatcher(index.lengths, 48, 4096, 4, shuffle=False)
     assert batcher.oversize_skipped == 0
     builder = SampleBuilder(proc, tok, max_text_tokens=512, caption_max_tokens=32)
-    loader = BatchLoader(src, builder, batcher, num_workers=num_workers, pad_id=tok.pad_token_id)
+    loader = BatchLoader(src, builder, batcher, num_workers=num_workers)
     ids, num_bad = [], 0
     for batch in loader:
         if loader.epoch > 0:
@@ -148,7 +148,7 @@ def test_loader_counts_but_never_aborts(broken):
     src, proc, tok = LlavaSource(broken.path), tiny_processor(), tiny_tokenizer()
     batcher = TokenBudgetBatcher(LengthIndex.build(src, proc, tok).lengths, 48, 4096, 4)
     builder = SampleBuilder(proc, tok, max_text_tokens=512)
-    loader = BatchLoader(src, builder, batcher, pad_id=tok.pad_token_id)
+    loader = BatchLoader(src, builder, batcher)
     for _ in loader:
         if loader.epoch >= 3:
             break

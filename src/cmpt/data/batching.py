@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.config import DataConfig
-from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate
+from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, length_overhead
 from cmpt.data.sources import BadSample, open_source
 
 __all__ = [
@@ -362,6 +362,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    builder: Any = None,
 ) -> Any:
     """Source → length index → batcher → builder → loader, as configured (docs/method.md §4).
 
@@ -372,16 +373,23 @@ def build_loader(
     ``oversize="truncate"`` the text estimates are capped at ``max_text_tokens`` (the builder
     truncates to it), so long samples still pack with others; with ``"skip"`` a sample over a budget
     on its own is skipped (``loader.batcher.oversize_skipped`` / ``loader.oversize_skipped``).
+
+    ``builder``: the sample builder (``build(record, epoch)``, ``processor``, ``tokenizer``,
+    ``seed``); default a CoMP :class:`~cmpt.data.pipeline.SampleBuilder` from ``cfg``. MoCa passes a
+    :class:`cmpt.data.documents.DocumentBuilder` (docs/method.md §3); its ``length_overhead`` (plain
+    text) then replaces the chat template's in the length estimates. ``processor`` and
+    ``tokenizer`` should be the builder's.
     """
     source = open_source(cfg.path, cfg.image_root or None)
-    builder = SampleBuilder(
-        processor,
-        tokenizer,
-        max_text_tokens=cfg.max_text_tokens,
-        caption_max_tokens=cfg.caption_max_tokens,
-        shuffle_caption=cfg.shuffle_caption,
-        seed=cfg.seed,
-    )
+    if builder is None:
+        builder = SampleBuilder(
+            processor,
+            tokenizer,
+            max_text_tokens=cfg.max_text_tokens,
+            caption_max_tokens=cfg.caption_max_tokens,
+            shuffle_caption=cfg.shuffle_caption,
+            seed=cfg.seed,
+        )
     cap = cfg.max_text_tokens if cfg.oversize == "truncate" else None
     if not hasattr(source, "__getitem__"):  # tar shards: streaming
         from cmpt.data.streaming import StreamConfig, StreamingLoader
@@ -394,7 +402,8 @@ def build_loader(
             source, builder, scfg, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
             num_streams=cfg.num_streams,
         )  # fmt: skip
-    lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir).lengths
+    overhead = length_overhead(builder)
+    lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir, overhead=overhead).lengths
     if cap is not None:
         lengths = [(v, min(t, cap)) for v, t in lengths]
     batcher = TokenBudgetBatcher(

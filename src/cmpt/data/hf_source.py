@@ -11,6 +11,8 @@ values (no ``datasets`` formatting, no image decoding); the columns are:
   ``missing_image`` checks as a JSON source. ``None`` / an empty list: a text-only sample.
 * ``conversations``: a list of ``{from, value}`` (or ``{role, content}``), or the same as a JSON
   string.
+* ``text`` (documents, docs/method.md §3): the text with its ``<image>`` placeholders, for rows
+  without ``conversations`` (a null / absent ``conversations`` value).
 * every other column goes to ``Record.meta``; a string column ``extra_json`` holding a JSON object
   is merged into it (the record's other keys, as written by :func:`cmpt.data.convert.llava_to_hf`).
 
@@ -30,7 +32,7 @@ import threading
 from typing import Any
 
 from cmpt.data.convert import require_datasets
-from cmpt.data.sources import BadSample, Record
+from cmpt.data.sources import RECORD_KEYS, BadSample, Record
 
 __all__ = ["HFSource", "hf_record"]
 
@@ -69,7 +71,7 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
             ) from None
     if isinstance(convs, list):  # Arrow structs give every field of the schema: drop the null ones
         convs = [{k: v for k, v in t.items() if v is not None} if isinstance(t, dict) else t for t in convs]
-    meta = {k: v for k, v in row.items() if k not in ("id", "image", "images", "conversations")}
+    meta = {k: v for k, v in row.items() if k not in RECORD_KEYS}
     extra = meta.pop("extra_json", None)
     if isinstance(extra, str) and extra:
         try:
@@ -78,7 +80,7 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
             raise BadSample(rid, "invalid_json", f"row {index}: 'extra_json' is not valid JSON") from None
         if isinstance(extra, dict):
             meta.update(extra)
-    return Record(rid, images, convs, meta, index, image_root, f"{name}[{index}]")
+    return Record(rid, images, convs, meta, index, image_root, f"{name}[{index}]", row.get("text"))
 
 
 class HFSource:

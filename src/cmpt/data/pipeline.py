@@ -8,6 +8,8 @@ process builds it and whenever, so resuming is exact. Any problem raises :class:
 
 ``collate`` makes the batch dict the VLM consumes; ``LengthIndex`` gives the cheap per-record
 ``(vision_tokens, text_tokens)`` estimates the token-budget batcher needs, without decoding images.
+MoCa's documents are built by :class:`cmpt.data.documents.DocumentBuilder` into the same
+:class:`ProcessedSample` (plus ``window_mask``), collated and estimated here too (docs/method.md §3).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ __all__ = [
     "ProcessedSample",
     "SampleBuilder",
     "collate",
+    "decode_image",
     "estimate_lengths",
+    "length_overhead",
     "sample_seed",
     "template_overhead",
     "vision_tokens",
@@ -64,6 +68,29 @@ class ProcessedSample:
     caption_ids: torch.Tensor  # (Tc,) long; empty when the sample has no image or no caption
     num_image_tokens: list[int] = field(default_factory=list)  # merged tokens per image
     truncated: bool = False
+    # MoCa documents only (docs/method.md §3): (Σ num_image_tokens,) bool, one MAE draw per merged
+    # window in <|image_pad|> order; None for CoMP samples
+    window_mask: torch.Tensor | None = None
+
+
+def decode_image(processor: ImageProcessor, record: Record, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patches (merge-window order) and ``(h, w)`` grid of image ``i`` of ``record``; any problem
+    raises :class:`BadSample` (``missing_image``, ``unreadable_image``, ``zero_size_image``,
+    ``extreme_aspect_ratio``, ``path_escape``, ``bad_value``) (docs/method.md §4)."""
+    src = record.image_source(i)  # bytes (tar / HF sources) or a resolved path
+    label = record.image_label(i)
+    if isinstance(src, str) and not os.path.isfile(src):
+        raise BadSample(record.id, "missing_image", f"{label}: no such file ({src})")
+    try:
+        return processor.preprocess(src, name=None if isinstance(src, str) else label)
+    except ImageLoadError as e:
+        raise BadSample(
+            record.id, "zero_size_image" if "zero size" in str(e) else "unreadable_image", str(e)
+        ) from None
+    except ValueError as e:  # smart_resize: aspect ratio above 200
+        raise BadSample(record.id, "extreme_aspect_ratio", str(e)) from None
+    except OSError as e:
+        raise BadSample(record.id, "unreadable_image", f"{label}: {e}") from None
 
 
 class SampleBuilder:
@@ -100,20 +127,7 @@ class SampleBuilder:
         self.shuffle_caption, self.seed = bool(shuffle_caption), int(seed)
 
     def _image(self, record: Record, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        src = record.image_source(i)  # bytes (tar / HF sources) or a resolved path
-        label = record.image_label(i)
-        if isinstance(src, str) and not os.path.isfile(src):
-            raise BadSample(record.id, "missing_image", f"{label}: no such file ({src})")
-        try:
-            return self.processor.preprocess(src, name=None if isinstance(src, str) else label)
-        except ImageLoadError as e:
-            raise BadSample(
-                record.id, "zero_size_image" if "zero size" in str(e) else "unreadable_image", str(e)
-            ) from None
-        except ValueError as e:  # smart_resize: aspect ratio above 200
-            raise BadSample(record.id, "extreme_aspect_ratio", str(e)) from None
-        except OSError as e:
-            raise BadSample(record.id, "unreadable_image", f"{label}: {e}") from None
+        return decode_image(self.processor, record, i)
 
     def build(self, record: Record, epoch: int = 0) -> ProcessedSample:
         """Build one sample; raises :class:`BadSample` (with a reason of ``REASONS``) on any problem."""
@@ -167,6 +181,11 @@ def collate(samples: list[ProcessedSample], *, num_bad: int = 0) -> dict[str, An
     samples and ``images_per_sample``. ``num_bad``: bad samples dropped from this micro-batch (and
     from skipped all-bad ones before it). The model decides whether the text then runs packed or
     padded (``data.packing``).
+
+    MoCa documents (samples with a ``window_mask``, docs/method.md §3) add ``mae_mask`` (bool, the
+    samples' window masks back to back: entry ``j`` is the ``j``-th ``<|image_pad|>`` of
+    ``input_ids`` and patch rows ``[j·m², (j+1)·m²)`` of ``patches``), ``num_mlm_tokens`` (labels
+    ``!= -100``; MLM labels are not shifted) and ``num_mae_windows`` (``mae_mask.sum()``).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -177,7 +196,7 @@ def collate(samples: list[ProcessedSample], *, num_bad: int = 0) -> dict[str, An
     patches = torch.cat([s.patches for s in samples]).to(torch.float32)
     if patches.shape[0] != sum(h * w for h, w in grids):
         raise ValueError(f"{patches.shape[0]} patch rows for grids {grids}")
-    return {
+    out = {
         "input_ids": torch.cat([s.input_ids for s in samples]).long(),
         "cu_seqlens": _cu(lengths),
         "labels": labels.long(),
@@ -194,6 +213,22 @@ def collate(samples: list[ProcessedSample], *, num_bad: int = 0) -> dict[str, An
         "num_bad": int(num_bad),
         "sample_ids": [s.id for s in samples],
     }
+    if any(s.window_mask is not None for s in samples):
+        masks = [
+            s.window_mask
+            if s.window_mask is not None
+            else torch.zeros(sum(s.num_image_tokens), dtype=torch.bool)
+            for s in samples
+        ]
+        mae = torch.cat(masks).bool()
+        if mae.numel() != out["num_vision_tokens"]:
+            raise ValueError(
+                f"{mae.numel()} window-mask entries for {out['num_vision_tokens']} vision tokens"
+            )
+        out["mae_mask"] = mae
+        out["num_mlm_tokens"] = int((labels != IGNORE_INDEX).sum())
+        out["num_mae_windows"] = int(mae.sum())
+    return out
 
 
 def template_overhead(tokenizer: Any) -> tuple[int, int]:
@@ -209,6 +244,14 @@ def template_overhead(tokenizer: Any) -> tuple[int, int]:
         return max(0, n1 - c - 2 * per_turn), per_turn
     except Exception:  # an unusual template: a generous guess
         return 16, 8
+
+
+def length_overhead(builder: Any) -> tuple[int, int]:
+    """The ``(base, per_turn)`` text overhead of a builder's rendering of conversation records: its
+    ``length_overhead`` attribute when it has one (a plain-text builder such as MoCa's), else the
+    chat template's (:func:`template_overhead`)."""
+    own = getattr(builder, "length_overhead", None)
+    return tuple(own) if own is not None else template_overhead(builder.tokenizer)  # type: ignore[return-value]
 
 
 def vision_tokens(record: Record, processor: ImageProcessor) -> int | None:
@@ -230,23 +273,30 @@ def vision_tokens(record: Record, processor: ImageProcessor) -> int | None:
 
 
 def usable_structure(record: Record | None) -> bool:
-    """Whether ``record`` has a list of dict turns (else its length cannot be estimated)."""
-    return (
-        record is not None
-        and isinstance(record.conversations, list)
-        and all(isinstance(t, dict) for t in record.conversations)
-    )
+    """Whether ``record`` has a list of dict turns or is a document with a string text (else its
+    length cannot be estimated)."""
+    if record is None:
+        return False
+    if record.is_document:
+        return isinstance(record.text, str)
+    return isinstance(record.conversations, list) and all(isinstance(t, dict) for t in record.conversations)
 
 
 def turn_texts(record: Record) -> list[str]:
-    """The turn contents of ``record`` without the ``<image>`` placeholders (for the text estimate)."""
+    """The turn contents of ``record`` (a document: its text) without the ``<image>`` placeholders."""
+    if record.is_document:
+        return [record.text.replace(IMAGE_TOKEN, "")]
     return [str(t.get("value", t.get("content", ""))).replace(IMAGE_TOKEN, "") for t in record.conversations]
 
 
 def text_estimate(record: Record, content_tokens: int, vision: int, overhead: tuple[int, int]) -> int:
-    """Estimated text tokens: contents + template overhead + ``N + 2`` per image (docs/method.md §4)."""
+    """Estimated text tokens: contents + template overhead + ``N + 2`` per image (docs/method.md §4);
+    documents are plain text, without overhead (docs/method.md §3)."""
+    extra = vision + 2 * len(record.images)
+    if record.is_document:
+        return content_tokens + extra
     base, per_turn = overhead
-    return content_tokens + base + per_turn * len(record.conversations) + vision + 2 * len(record.images)
+    return content_tokens + base + per_turn * len(record.conversations) + extra
 
 
 def estimate_lengths(
@@ -268,12 +318,14 @@ class LengthIndex:
 
     Vision tokens are exact: image headers only (``PIL.Image.open(...).size``) through the
     processor's resize policy, ``(H/factor)·(W/factor)`` merged tokens. Text tokens are estimated:
-    the turn contents tokenized without the template, plus the template's measured overhead, plus
+    the turn contents tokenized without the template, plus the template's measured overhead
+    (``overhead``, default :func:`template_overhead`; :func:`length_overhead` of the builder), plus
+    ``N + 2`` per image; a document record (docs/method.md §3): its text without placeholders plus
     ``N + 2`` per image. A record whose structure or image headers cannot be read gets ``(0, 0)``:
-    it is batched and then fails (and is counted) in :meth:`SampleBuilder.build`.
+    it is batched and then fails (and is counted) in the builder.
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, lengths: list[tuple[int, int]]) -> None:
         self.lengths = [(int(v), int(t)) for v, t in lengths]
@@ -303,11 +355,12 @@ class LengthIndex:
         cache_dir: str | os.PathLike | None = None,
         num_threads: int = 0,
         chunk: int = 1024,
+        overhead: tuple[int, int] | None = None,
     ) -> LengthIndex:
         """Estimate every record of a map-style ``source``; cached in ``cache_dir`` (keyed by
         ``source.fingerprint()`` — file sizes and mtimes —, the processor settings and the
         tokenizer's vocabulary size)."""
-        base, per_turn = template_overhead(tokenizer)
+        base, per_turn = template_overhead(tokenizer) if overhead is None else overhead
         key_src = {
             "version": cls.VERSION,
             "source": source.fingerprint(),
@@ -347,7 +400,7 @@ class LengthIndex:
                         lengths.append((0, 0))
                         continue
                     rec, v = next(it)
-                    nt = len(rec.conversations)
+                    nt = 1 if rec.is_document else len(rec.conversations)
                     content = sum(len(x) for x in ids[pos : pos + nt])
                     pos += nt
                     if v is None:

@@ -6,6 +6,12 @@ A LLaVA file is either one JSON list or JSON Lines (one object per line)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                        {"from": "gpt", "value": "A cat."}]}
 
+The same files may hold **documents** (MoCa's text-only passages and interleaved documents,
+docs/method.md §3): ``{"id"?, "text": "Intro <image> more <image> ...", "images"|"image": [...]}``,
+the i-th ``<image>`` of the text being the i-th image. A record with ``conversations`` is a
+conversation record (its ``text``, if any, is ignored); one with ``text`` and no ``conversations``
+is a document record (:attr:`Record.is_document`).
+
 Decisions:
 
 * **Random access, small memory.** A JSON list is parsed once and each record is kept as its
@@ -40,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "REASONS",
+    "RECORD_KEYS",
     "BadSample",
     "LlavaSource",
     "Record",
@@ -51,12 +58,16 @@ __all__ = [
 log = logging.getLogger("cmpt.data")
 _FD_LOCK = threading.Lock()
 
+#: The keys a record's fields are read from; every other key goes to ``Record.meta``.
+RECORD_KEYS = ("id", "image", "images", "conversations", "text")
+
 #: Every reason a sample can be bad for, as reported by the checker and the loader (docs/method.md §4).
 REASONS = (
     "invalid_json",  # a JSONL line that is not UTF-8 / JSON / an object
-    "missing_key",  # no "conversations"
+    "missing_key",  # no "conversations" (nor "text" for a document)
     "bad_value",  # wrong types: non-string turn values or image paths, unknown roles, ...
     "empty_conversation",
+    "empty_text",  # a document record whose text is empty or blank
     "no_assistant_turn",
     "placeholder_mismatch",  # number of <image> in user turns != number of images
     "path_escape",  # image path outside the image root
@@ -101,14 +112,16 @@ def resolve_image_path(image_root: str, path: Any, sample_id: str = "?") -> str:
 
 @dataclass
 class Record:
-    """One LLaVA-form record, whatever the source (docs/method.md §4).
+    """One LLaVA-form record or document, whatever the source (docs/method.md §3, §4).
 
     ``images``: the raw ``image`` entries (a single string becomes a one-element list; types are
     checked by the validator): paths relative to ``image_root`` (JSON sources) or the encoded image
     ``bytes`` (tar shards, Hugging Face datasets). ``conversations``: the raw value, ``None`` when
     the key is missing. ``meta``: every other key. ``index``: position in the source.
     ``image_root``: where paths resolve. ``origin``: where the record was read (a shard and member
-    key, a dataset row), for messages only.
+    key, a dataset row), for messages only. ``text``: a document's text with its ``<image>``
+    placeholders (``None`` when the key is missing; a non-string value is kept as read and reported
+    as ``bad_value`` by the checker and the builder).
     """
 
     id: str
@@ -118,6 +131,12 @@ class Record:
     index: int = -1
     image_root: str = ""
     origin: str = ""
+    text: Any = None  # str for document records
+
+    @property
+    def is_document(self) -> bool:
+        """A document record: ``text`` and no ``conversations`` (docs/method.md §3)."""
+        return self.conversations is None and self.text is not None
 
     def image_path(self, i: int) -> str:
         """Absolute path of image ``i``; raises ``BadSample`` (``path_escape`` / ``bad_value``)."""
@@ -152,8 +171,8 @@ def _record_from_obj(obj: dict[str, Any], default_id: str, index: int, image_roo
         if isinstance(raw, list)
         else [raw]
     )
-    meta = {k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations")}
-    return Record(rid, images, obj.get("conversations"), meta, index, image_root)
+    meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
+    return Record(rid, images, obj.get("conversations"), meta, index, image_root, text=obj.get("text"))
 
 
 class LlavaSource:

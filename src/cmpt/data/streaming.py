@@ -20,8 +20,10 @@ micro-batches with the :class:`~cmpt.data.batching.TokenBudgetBatcher` rules: a 
 next sample unless that would exceed the vision or text budget or ``max_samples``; a sample over a
 budget on its own is skipped (counted in ``oversize_skipped``) or, with ``oversize="truncate"``,
 batched alone. Lengths are the :class:`~cmpt.data.pipeline.LengthIndex` estimates, computed as
-samples are read. Epochs are per stream and soft: the buffer carries samples across the boundary,
-and each sample is built with the epoch in which it was read.
+samples are read (documents included, with the builder's text overhead, docs/method.md §3). The
+builder is any object with ``build(record, epoch)``, ``processor``, ``tokenizer`` (a CoMP
+``SampleBuilder`` or MoCa's ``DocumentBuilder``). Epochs are per stream and soft: the buffer
+carries samples across the boundary, and each sample is built with the epoch in which it was read.
 
 **Exact resume.** Every micro-batch carries its stream's state after it: the epoch, the shard being
 read and the byte offset of its next sample, the draw counter and the buffer (and the sample that did
@@ -48,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cmpt.data.batching import MAX_CARRIED_BAD, LoaderBase, empty_batch, identity_collate, worker_init
-from cmpt.data.pipeline import SampleBuilder, collate, estimate_lengths, template_overhead
+from cmpt.data.pipeline import SampleBuilder, collate, estimate_lengths, length_overhead
 from cmpt.data.sources import BadSample
 from cmpt.data.webdataset import ShardList, decode_sample
 
@@ -110,7 +112,7 @@ class SampleStream:
         self.shards, self.stream, self.num_streams = shards, stream, num_streams
         self.builder, self.cfg = builder, cfg
         self.buffer_size = max(1, cfg.buffer_size) if cfg.shuffle else 1
-        self._overhead = template_overhead(builder.tokenizer)
+        self._overhead = length_overhead(builder)
         self._plan: tuple[int, list[tuple[int, int, int]]] | None = None
         self._reader: Iterator[Any] | None = None
         self._bad: list[tuple[str, str, str]] = []

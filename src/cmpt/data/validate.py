@@ -7,6 +7,12 @@ files, images that do not fully decode (truncated, not an image, decompression b
 images, aspect ratios above 200 (``smart_resize`` rejects them, docs/method.md §1.4), and — with a tokenizer
 and ``max_text_tokens`` — conversations longer than the text limit. CMYK, 16-bit, palette and alpha
 images are valid: ``load_image`` converts them.
+
+Document records (``text`` without ``conversations``, docs/method.md §3) are checked by
+:func:`document_problems` instead: a non-string (``bad_value``) or blank (``empty_text``) text,
+literal vision or mask tokens (``bad_value``), ``<image>`` count ≠ image count
+(``placeholder_mismatch``); their images as above. With ``max_text_tokens`` a longer document is
+reported ``too_long`` (the MoCa builder drops its trailing images and text instead).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from typing import Any
 
 from cmpt.data.sources import BadSample, LlavaSource, Record, open_source
 from cmpt.vision.processor import ImageLoadError, ImageProcessor, load_image, smart_resize
-from cmpt.vlm.chat import IMAGE_TOKEN, VISION_TOKENS, ensure_vision_tokens, render_conversation
+from cmpt.vlm.chat import (
+    IMAGE_TOKEN,
+    MASK_TOKEN,
+    VISION_TOKENS,
+    encode_text_with_images,
+    ensure_vision_tokens,
+    render_conversation,
+)
 
 __all__ = [
     "Problem",
@@ -32,6 +45,9 @@ __all__ = [
     "classify_render_error",
     "conversation_problems",
     "data_check_main",
+    "document_problems",
+    "document_text",
+    "record_problems",
 ]
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -66,6 +82,8 @@ def conversation_problems(rec: Record) -> list[tuple[str, str]]:
     """``(reason, detail)`` of the structure and placeholder problems of a record (no I/O)."""
     convs = rec.conversations
     if convs is None:
+        if rec.is_document:
+            return [("missing_key", "a document record (no 'conversations'): build it with DocumentBuilder")]
         return [("missing_key", "no 'conversations' key")]
     if not isinstance(convs, list):
         return [("bad_value", f"'conversations' must be a list, got {type(convs).__name__}")]
@@ -102,6 +120,61 @@ def conversation_problems(rec: Record) -> list[tuple[str, str]]:
             )
         )
     return out
+
+
+def _turn_values(convs: list) -> list[str] | None:
+    """The string contents of every turn, or ``None`` when a turn is not ``{..., value: str}``."""
+    values = [t.get("value", t.get("content")) if isinstance(t, dict) else None for t in convs]
+    return values if all(isinstance(v, str) for v in values) else None
+
+
+def document_text(rec: Record) -> str:
+    """The plain text MoCa trains on (docs/method.md §3): a document's ``text``, or a conversation
+    record's turn contents joined by newlines (placeholders kept). Assumes
+    :func:`document_problems` found nothing."""
+    if rec.is_document:
+        return rec.text
+    return "\n".join(_turn_values(rec.conversations) or [])
+
+
+def document_problems(rec: Record, forbidden: tuple[str, ...] = (MASK_TOKEN,)) -> list[tuple[str, str]]:
+    """``(reason, detail)`` of the problems of ``rec`` read as a MoCa document (no I/O).
+
+    A document record needs a non-blank string ``text``; a conversation record a non-empty list of
+    turns with string contents (no assistant turn needed). Either way the text must not hold literal
+    vision tokens or any of ``forbidden`` (the mask token), and its ``<image>`` count must equal the
+    number of images (docs/method.md §3, §4).
+    """
+    if rec.is_document:
+        if not isinstance(rec.text, str):
+            return [("bad_value", f"'text' must be a string, got {type(rec.text).__name__}")]
+        text = rec.text
+    elif rec.conversations is None:
+        return [("missing_key", "no 'text' (document) or 'conversations' key")]
+    elif not isinstance(rec.conversations, list):
+        return [("bad_value", f"'conversations' must be a list, got {type(rec.conversations).__name__}")]
+    elif not rec.conversations:
+        return [("empty_conversation", "'conversations' is empty")]
+    else:
+        values = _turn_values(rec.conversations)
+        if values is None:
+            return [("bad_value", "every turn must be an object with a string 'value' / 'content'")]
+        text = "\n".join(values)
+    if not text.strip():
+        return [("empty_text", "the text is empty or blank")]
+    out: list[tuple[str, str]] = []
+    literal = [tok for tok in (*VISION_TOKENS, *forbidden) if tok in text]
+    if literal:
+        out.append(("bad_value", f"the text contains the literal token(s) {literal}"))
+    n = text.count(IMAGE_TOKEN)
+    if n != len(rec.images):
+        out.append(("placeholder_mismatch", f"{n} {IMAGE_TOKEN} in the text, {len(rec.images)} image(s)"))
+    return out
+
+
+def record_problems(rec: Record) -> list[tuple[str, str]]:
+    """:func:`document_problems` for a document record, else :func:`conversation_problems`."""
+    return document_problems(rec) if rec.is_document else conversation_problems(rec)
 
 
 def _image_problems(
@@ -150,6 +223,26 @@ def _image_problems(
     return out, tokens
 
 
+def _rendered_length(
+    record: Record, tokenizer: Any, tokens: list[int], found: list[tuple[str, str]]
+) -> int | None:
+    """Rendered text length of a record without structure problems (``None``, and the problem
+    appended to ``found``, when rendering fails)."""
+    if record.is_document:  # structure already checked: a failure here is unexpected
+        try:
+            return len(encode_text_with_images(record.text, tokenizer, tokens, sample_id=record.id))
+        except ValueError as e:
+            found.append(("invalid_conversation", str(e)))
+            return None
+    try:
+        return len(
+            render_conversation(record.conversations, tokenizer, tokens, sample_id=record.id).input_ids
+        )
+    except ValueError as e:
+        found.append((classify_render_error(str(e)), str(e)))
+        return None
+
+
 def check_record(
     record: Record,
     source: LlavaSource | None = None,
@@ -172,18 +265,13 @@ def check_record(
     if not record.image_root and source is not None:
         record.image_root = getattr(source, "image_root", "")
     factor = processor.factor if processor is not None else processor_factor
-    found = conversation_problems(record)
+    found = record_problems(record)
     img_found, tokens = _image_problems(record, processor, factor, min_pixels, max_pixels, decode)
     found += img_found
     if not found and tokenizer is not None and max_text_tokens is not None:
-        try:
-            rendered = render_conversation(record.conversations, tokenizer, tokens, sample_id=record.id)
-            if len(rendered.input_ids) > max_text_tokens:
-                found.append(
-                    ("too_long", f"{len(rendered.input_ids)} tokens > max_text_tokens={max_text_tokens}")
-                )
-        except ValueError as e:
-            found.append((classify_render_error(str(e)), str(e)))
+        n = _rendered_length(record, tokenizer, tokens, found)
+        if n is not None and n > max_text_tokens:
+            found.append(("too_long", f"{n} tokens > max_text_tokens={max_text_tokens}"))
     return [Problem(record.id, reason, detail, record.index) for reason, detail in found]
 
 

@@ -15,6 +15,13 @@ member is a bad sample (``missing_image``). Without the field, the images are th
 plain image extension (``png``, ``jpg``, ...) followed by the numbered ones ``<n>.<ext>`` by ``n``.
 The record's id is the JSON ``id`` or ``"<shard file name>/<key>"``.
 
+Documents (docs/method.md §3): the ``.json`` member may carry ``text`` (with ``<image>``
+placeholders) instead of ``conversations``; its images are found as above. A sample without a
+``.json`` member but with a ``.txt`` one (UTF-8) is a document too — an image–caption pair when it
+has one image member (the caption gets a leading ``"<image>\\n"`` unless it already holds the
+placeholder), a text-only passage when it has none — and so is a sample whose ``.json`` has neither
+``text`` nor ``conversations`` (metadata only, as caption shards often store) next to a ``.txt``.
+
 Reading is streaming (``tarfile``, member by member, nothing extracted to disk) and seekable: every
 raw sample carries the byte offset of its first header, so a reader can restart at any sample
 (:func:`iter_tar` with ``offset``) and a single sample can be read back (:func:`read_sample_at`) —
@@ -38,7 +45,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.sources import BadSample, Record
+from cmpt.data.sources import RECORD_KEYS, BadSample, Record
+from cmpt.vlm.chat import IMAGE_TOKEN
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -208,23 +216,42 @@ def _image_extensions(members: dict[str, bytes]) -> list[str]:
     return single + [e for _, e in sorted(numbered)]
 
 
+def _txt_document(raw: RawSample, rid: str, origin: str, n_images: int) -> str:
+    """The text of a ``.txt`` document member; one image and no placeholder: a caption."""
+    try:
+        text = raw.members["txt"].decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadSample(rid, "bad_value", f"{origin}.txt is not UTF-8 ({e})") from None
+    if n_images == 1 and IMAGE_TOKEN not in text:
+        text = IMAGE_TOKEN + "\n" + text
+    return text
+
+
 def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
     """The :class:`Record` of a raw sample (images as bytes); ``BadSample`` for a missing or invalid
-    ``.json`` member, an unreadable shard or an image field naming a missing member."""
+    ``.json`` member (without a ``.txt`` one), an unreadable shard or an image field naming a
+    missing member."""
     base = raw.key.rsplit("/", 1)[-1]
     default_id = f"{shard_name}/{raw.key}" if raw.key else f"{shard_name}@{raw.offset}"
     origin = f"{shard_name}:{raw.key}"
     if raw.error:
         raise BadSample(default_id, "corrupt_archive", f"{shard_name} unreadable from byte {raw.offset}: "
                         f"{raw.error}; the rest of the shard is skipped")  # fmt: skip
-    if "json" not in raw.members:
-        raise BadSample(default_id, "missing_key", f"{origin}: no .json member (has {sorted(raw.members)})")
-    try:
-        obj = json.loads(raw.members["json"].decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadSample(default_id, "invalid_json", f"{origin}.json: {e}") from None
-    if not isinstance(obj, dict):
-        raise BadSample(default_id, "invalid_json", f"{origin}.json is a {type(obj).__name__}, not an object")
+    if "json" in raw.members:
+        try:
+            obj = json.loads(raw.members["json"].decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadSample(default_id, "invalid_json", f"{origin}.json: {e}") from None
+        if not isinstance(obj, dict):
+            raise BadSample(
+                default_id, "invalid_json", f"{origin}.json is a {type(obj).__name__}, not an object"
+            )
+    elif "txt" in raw.members:
+        obj = {}
+    else:
+        raise BadSample(
+            default_id, "missing_key", f"{origin}: no .json or .txt member (has {sorted(raw.members)})"
+        )
     rid = obj.get("id")
     rid = default_id if rid is None or rid == "" else str(rid)
     field_name = "image" if "image" in obj else "images" if "images" in obj else None
@@ -241,9 +268,12 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
             raise BadSample(
                 rid, "missing_image", f"{origin}: no member {missing} (has {sorted(raw.members)})"
             )
-    meta = {k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations")}
+    text = obj.get("text")
+    if text is None and obj.get("conversations") is None and "txt" in raw.members:
+        text = _txt_document(raw, rid, origin, len(exts))
+    meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
     images: list[Any] = [raw.members[e] for e in exts]
-    return Record(rid, images, obj.get("conversations"), meta, index, "", origin)
+    return Record(rid, images, obj.get("conversations"), meta, index, "", origin, text)
 
 
 class ShardList:

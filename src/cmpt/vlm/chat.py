@@ -42,6 +42,7 @@ IMAGE_PAD = "<|image_pad|>"
 VISION_END = "<|vision_end|>"
 IGNORE_INDEX = -100
 VISION_TOKENS = (VISION_START, IMAGE_PAD, VISION_END)
+MASK_TOKEN = "<|mask|>"  # MoCa's MLM corruption token (docs/method.md §3)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -65,6 +66,11 @@ def _single_id(tokenizer, token: str) -> int | None:
     return ids[0]
 
 
+def single_token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` when the tokenizer encodes it as exactly one (known) id, else ``None``."""
+    return _single_id(tokenizer, token)
+
+
 def ensure_vision_tokens(tokenizer) -> list[str]:
     """Add ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>`` as special tokens where missing.
 
@@ -75,6 +81,21 @@ def ensure_vision_tokens(tokenizer) -> list[str]:
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return missing
+
+
+def ensure_mask_token(tokenizer, token: str = MASK_TOKEN) -> int:
+    """Add ``token`` (default ``<|mask|>``) as a special token when absent; return its id.
+
+    Idempotent. The caller resizes the LLM's embeddings only when the id falls outside the table
+    (docs/method.md §3, MLM).
+    """
+    tid = _single_id(tokenizer, token)
+    if tid is None:
+        tokenizer.add_tokens([token], special_tokens=True)
+        tid = _single_id(tokenizer, token)
+        if tid is None:
+            raise ValueError(f"the tokenizer still splits {token!r} after adding it as a special token")
+    return tid
 
 
 def _vision_ids(tokenizer) -> tuple[int, int, int]:
@@ -144,9 +165,12 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+def _single_pads(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, VISION_START + IMAGE_PAD + VISION_END)
+
+
 def _with_single_pads(messages: list[dict]) -> list[dict]:
-    one = VISION_START + IMAGE_PAD + VISION_END
-    return [{**m, "content": m["content"].replace(IMAGE_TOKEN, one)} for m in messages]
+    return [{**m, "content": _single_pads(m["content"])} for m in messages]
 
 
 def _expand_images(
@@ -299,6 +323,24 @@ def render_prompt(
     return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, "prompt")[0]
 
 
+def encode_text_with_images(
+    text: str, tokenizer, num_image_tokens: list[int], *, sample_id: str = "?"
+) -> torch.LongTensor:
+    """Token ids of plain ``text`` (no chat template, no special tokens added) with its ``<image>``
+    placeholders expanded as in :func:`render_conversation` (docs/method.md §3, MoCa documents).
+
+    The i-th ``<image>`` becomes ``<|vision_start|> + num_image_tokens[i] × <|image_pad|> +
+    <|vision_end|>``. ``ValueError`` (naming the sample) for a placeholder count different from the
+    number of images or literal vision tokens in the text.
+    """
+    for tok in VISION_TOKENS:
+        if tok in text:
+            raise ValueError(f"sample {sample_id}: the text contains the literal token {tok}")
+    _check_placeholders(text.count(IMAGE_TOKEN), num_image_tokens, sample_id)
+    ids = torch.tensor(tokenizer(_single_pads(text), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, sample_id)[0]
+
+
 def caption_ids(caption: str, tokenizer, max_length: int) -> torch.LongTensor:
     """The caption tokenized alone — no chat template, no special tokens — for ``L_align`` (method.md §2).
 
@@ -327,13 +369,17 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PAD",
     "IMAGE_TOKEN",
+    "MASK_TOKEN",
     "VISION_END",
     "VISION_START",
     "VISION_TOKENS",
     "RenderedSample",
     "caption_ids",
     "collate_rendered",
+    "encode_text_with_images",
+    "ensure_mask_token",
     "ensure_vision_tokens",
     "render_conversation",
     "render_prompt",
+    "single_token_id",
 ]
