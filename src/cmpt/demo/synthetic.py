@@ -23,6 +23,9 @@ Kinds:
 * ``docs`` (DocVQA analogue, ANLS): invoices, receipts and forms rendered by Pillow.
 * ``scenes`` (classification + segmentation probes): 2–5 non-overlapping shapes; the class label is
   the shape of the largest object and the mask is exact (drawn without anti-aliasing).
+
+MoCa's ``documents`` (interleaved text and images) and ``passages`` (text only) are JSONL kinds
+built from these generators by :mod:`cmpt.demo.synth_documents`; :func:`synth_main` dispatches to it.
 """
 
 from __future__ import annotations
@@ -251,6 +254,10 @@ def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = 
     Returns a JSON-serialisable dict ``{"kind", "out", "seed", "seconds", "splits": {name:
     {"json": path, "n": count, "seed": stream_seed}}}``.
     """
+    if kind in ("documents", "passages"):  # MoCa data (docs/method.md §3)
+        from cmpt.demo.synth_documents import synth_documents_main
+
+        return synth_documents_main(kind, n, out, seed=seed, splits=splits)
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic data kind {kind!r}; expected one of {KINDS}")
     start = time.perf_counter()
