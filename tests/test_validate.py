@@ -153,3 +153,29 @@ def test_loader_counts_but_never_aborts(broken):
         if loader.epoch >= 3:
             break
     assert loader.bad_seen >= 3 * len(broken.bad) and loader.samples_seen >= 2 * len(broken.good)
+
+
+def test_document_records_are_checked(tmp_path):
+    """MoCa documents (docs/method.md §3): text records, counted with the same reasons."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
+    rows = [
+        {"id": "ok", "text": "Intro <image> and text.", "images": ["img/a.png"]},
+        {"id": "passage", "text": "Only words here."},
+        {"id": "caption", "conversations": conv("<image>\nWhat?", "Red."), "image": "img/a.png"},
+        {"id": "blank", "text": " "},
+        {"id": "count", "text": "<image> <image>", "image": "img/a.png"},
+        {"id": "missing", "text": "<image>", "images": ["img/none.png"]},
+        {"id": "unreadable", "text": "<image>", "images": ["img/bad.png"]},
+        {"id": "literal", "text": "a <|vision_start|> b"},
+        {"id": "typed", "text": ["not", "a", "string"]},
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = check_dataset(LlavaSource(tmp_path / "docs.jsonl"), processor=tiny_processor())
+    assert _reasons(report) == {
+        "blank": {"empty_text"}, "count": {"placeholder_mismatch"}, "missing": {"missing_image"},
+        "unreadable": {"unreadable_image"}, "literal": {"bad_value"}, "typed": {"bad_value"},
+    }  # fmt: skip
+    long = check_dataset(LlavaSource(tmp_path / "docs.jsonl"), tokenizer=tiny_tokenizer(), max_text_tokens=4)
+    assert {"ok", "passage"} <= {sid for sid, reasons in _reasons(long).items() if reasons == {"too_long"}}
