@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from cmpt.demo.tiny_models import MARKER, QUICK, _build_cached, prepare_tiny
 
@@ -67,6 +68,21 @@ def test_lm_is_an_hf_causal_lm_that_speaks_the_domain(tiny):
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     stats = json.loads(paths["lm_stats"].read_text())
     assert stats["held_out_loss"] < stats["held_out_loss_before"] - 0.3, stats
+
+
+def test_pretraining_ran_through_the_trainer(tiny):
+    """Both models come out of cmpt.train.Trainer runs (its schedule, its logs), not a loop of their own."""
+    _, paths = tiny
+    parts = (("vision", QUICK.vit_steps, "final_loss"), ("llm", QUICK.lm_steps, "final_train_loss"))
+    for part, steps, final_key in parts:
+        run = paths[part] / "pretrain"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["train"]["steps"] == steps and cfg["optim"]["schedule"] == "cosine", part
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert recs[-1]["step"] == steps and recs[-1]["loss"] < recs[0]["loss"], part
+        stats = json.loads(paths["vision_stats" if part == "vision" else "lm_stats"].read_text())
+        assert stats[final_key] < recs[0]["loss"], part  # the trainer's last step
+        assert not (run / "checkpoints").exists() and not (paths[part] / "final").exists(), part
 
 
 def test_data_mixture_and_held_out_splits(tiny):

@@ -13,9 +13,13 @@ where ``configs/tiny/comp_stage*.yaml`` look:
   a fixed square resolution, saved with ``preprocessor_config.json``; ``NativeViT.from_hf`` loads
   it. ``vit-hf/pretrain.json`` records its validation accuracies.
 * ``lm/``: a byte-level BPE tokenizer trained on the synthetic text
-  (:func:`cmpt.demo.tiny_lm.train_tokenizer`)
-  and a small Qwen2 causal LM pretrained on the training conversations (rendered as text chats), so
-  it already "speaks" the domain. ``lm/pretrain.json`` records its losses.
+  (:func:`cmpt.demo.tiny_lm.train_tokenizer`) and a small Qwen2 causal LM pretrained on the
+  training conversations (rendered as text chats), so it already "speaks" the domain.
+  ``lm/pretrain.json`` records its losses.
+
+Both models are trained by :mod:`cmpt.demo.pretrain` with the project's
+:class:`~cmpt.train.Trainer`; the run's ``config.yaml`` and ``metrics.jsonl`` stay in
+``vit-hf/pretrain/`` and ``lm/pretrain/``.
 
 Each part is written to a temporary directory and renamed into place with a completion marker
 (``.cmpt-complete.json``) holding the settings it was built with; a later call with the same
@@ -25,7 +29,6 @@ settings skips it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -34,19 +37,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
 
 from ..recipes.paths import cache_root
+from .pretrain import pretrain_lm, pretrain_vit
 
 __all__ = ["FULL", "MARKER", "QUICK", "TinySizes", "prepare_tiny", "tiny_root"]
 
 MARKER = ".cmpt-complete.json"
 DATA_FORMAT = 2  # bump when the layout or content of data/ changes: cached data is rebuilt
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRETRAIN_FORMAT = 2  # bump when the pretraining of vit-hf/ or lm/ changes (2: through cmpt.train.Trainer)
 
 
 @dataclass(frozen=True)
@@ -194,224 +193,6 @@ def _build_data(out: Path, s: TinySizes, seed: int, workers: int = 1) -> dict:
     return {"counts": {f"{k}/{sp}": n for k, n, sp in jobs}}
 
 
-# ----------------------------------------------------------------------------- vision
-def _scene_arrays(json_path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scenes resized to ``size²`` (PIL bicubic, as the fixed-resolution processor) as uint8
-    (n, 3, size, size) and targets (n, 3): largest shape, its colour, number of shapes − 2."""
-    from .synth_scenes import COLORS
-
-    colours = sorted(COLORS)
-    images, targets = [], []
-    for rec in json.loads(json_path.read_text()):
-        img = Image.open(json_path.parent / rec["image"]).convert("RGB")
-        images.append(np.asarray(img.resize((size, size), Image.Resampling.BICUBIC)).transpose(2, 0, 1))
-        shapes = rec["meta"]["shapes"]
-        targets.append([rec["meta"]["label"], colours.index(shapes[0]["color"]), len(shapes) - 2])
-    return torch.from_numpy(np.stack(images)), torch.tensor(targets)
-
-
-HEADS = (("shape", 3), ("colour", 8), ("count", 4))
-
-
-class _Classifier(torch.nn.Module):
-    """HF Dinov2Model + one linear head per task on [CLS, mean of patch tokens]."""
-
-    def __init__(self, vit: torch.nn.Module, dim: int) -> None:
-        super().__init__()
-        self.vit = vit
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(2 * dim, n) for _, n in HEADS)
-
-    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        h = self.vit(pixel_values=pixels).last_hidden_state
-        feats = torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1)
-        return [head(feats) for head in self.heads]
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
-
-
-def _fit(
-    model: torch.nn.Module,
-    batch_loss: Callable[[int, torch.Generator], torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-    weight_decay: float,
-    desc: str,
-    seed: int,
-) -> float:
-    """AdamW, linear warmup (10 %) then cosine, gradient clipping at 1, a progress bar; returns the
-    last loss. ``batch_loss(step, generator)`` draws a batch and returns its loss."""
-    from tqdm.auto import tqdm
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen, warmup = torch.Generator().manual_seed(seed), max(1, steps // 10)
-    model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
-    for step in bar:
-        scale = (
-            (step + 1) / warmup
-            if step < warmup
-            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        )
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        loss = batch_loss(step, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
-    return loss.item()
-
-
-@torch.no_grad()
-def _accuracy(model: _Classifier, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Top-1 of every head."""
-    model.eval()
-    outs = [model(_normalize(b)) for b in x.split(128)]
-    return {
-        name: float((torch.cat([o[i] for o in outs]).argmax(1) == y[:, i]).float().mean())
-        for i, (name, _) in enumerate(HEADS)
-    }
-
-
-def _build_vit(out: Path, data: Path, s: TinySizes, seed: int) -> dict:
-    """Train a Dinov2Model at ``s.vit_size²`` on scenes; save it in HF format + preprocessor config."""
-    import transformers as tf
-
-    x_tr, y_tr = _scene_arrays(data / "scenes" / "train.json", s.vit_size)
-    x_va, y_va = _scene_arrays(data / "scenes" / "val.json", s.vit_size)
-    torch.manual_seed(seed)
-    cfg = tf.Dinov2Config(
-        hidden_size=s.vit_hidden,
-        num_hidden_layers=s.vit_layers,
-        num_attention_heads=s.vit_heads,
-        mlp_ratio=4,
-        image_size=s.vit_size,
-        patch_size=14,
-        layerscale_value=0.1,
-        drop_path_rate=0.0,
-    )
-    model = _Classifier(tf.Dinov2Model(cfg), s.vit_hidden)
-
-    def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(x_tr), (s.vit_batch,), generator=gen)
-        xb = x_tr[idx].flip(-1) if step % 2 else x_tr[idx]  # flips change no target
-        logits = model(_normalize(xb))
-        return sum(torch.nn.functional.cross_entropy(lg, y_tr[idx, i]) for i, lg in enumerate(logits))
-
-    last = _fit(
-        model,
-        batch_loss,
-        steps=s.vit_steps,
-        lr=s.vit_lr,
-        weight_decay=0.05,
-        desc="ViT pretraining",
-        seed=seed,
-    )
-    chance = {name: 1.0 / n for name, n in HEADS}
-    val, train = _accuracy(model, x_va, y_va), _accuracy(model, x_tr[:512], y_tr[:512])
-    model.vit.save_pretrained(str(out))
-    side = {"height": s.vit_size, "width": s.vit_size}  # a fixed-resolution checkpoint (DINOv2-style)
-    pre = dict(image_processor_type="BitImageProcessor", size=side, crop_size=side, do_center_crop=False)
-    pre |= dict(resample=3, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1) + "\n")
-    stats = {
-        "resolution": s.vit_size,
-        "val_accuracy": sum(val.values()) / len(val),  # mean over the tasks
-        "chance_accuracy": sum(chance.values()) / len(chance),
-        "val": val,
-        "train": train,
-        "chance": chance,
-        "n_train": len(x_tr),
-        "n_val": len(x_va),
-        "final_loss": last,
-    }
-    (out / "pretrain.json").write_text(json.dumps(stats, indent=1) + "\n")
-    print(
-        f"  ViT @ {s.vit_size}px, val accuracy: shape {val['shape']:.3f} (chance 0.333), "
-        f"colour {val['colour']:.3f} (0.125), count {val['count']:.3f} (0.25)"
-    )
-    return stats
-
-
-# ----------------------------------------------------------------------------- language model
-def _chat_texts(json_path: Path, tokenizer: Any = None) -> list[str]:
-    """The conversations of a LLaVA JSON as text: raw turns, or chat-templated with ``tokenizer``."""
-    texts = []
-    for rec in json.loads(json_path.read_text()):
-        msgs = [
-            {
-                "role": "user" if t["from"] == "human" else "assistant",
-                "content": t["value"].replace("<image>\n", ""),
-            }
-            for t in rec["conversations"]
-        ]
-        if tokenizer is None:
-            texts.extend(m["content"] for m in msgs)
-        else:
-            texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
-    return texts
-
-
-def _lm_batches(tok: Any, texts: list[str], max_len: int) -> list[torch.Tensor]:
-    return [torch.tensor(tok(t, add_special_tokens=False)["input_ids"][:max_len]) for t in texts]
-
-
-def _lm_loss(model: Any, seqs: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)
-    labels = ids.masked_fill(mask == 0, -100)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-
-def _build_lm(out: Path, data: Path, s: TinySizes, seed: int) -> dict:
-    """BPE tokenizer + Qwen2 causal LM pretrained on the training conversations (text only)."""
-    from .tiny_lm import build_tiny_causal_lm, save_tiny_lm, train_tokenizer
-
-    tok = train_tokenizer(_chat_texts(data / "train.json"), vocab_size=s.lm_vocab)
-    train = _lm_batches(tok, _chat_texts(data / "train.json", tok), s.lm_max_len)
-    test = _lm_batches(tok, _chat_texts(data / "test.json", tok), s.lm_max_len)
-    sizes = dict(hidden_size=s.lm_hidden, num_layers=s.lm_layers, num_heads=s.lm_heads)
-    sizes |= dict(num_kv_heads=s.lm_kv_heads, intermediate_size=s.lm_intermediate)
-    model = build_tiny_causal_lm(tok, seed=seed, **sizes)
-    pad = tok.pad_token_id
-
-    @torch.no_grad()
-    def held_out() -> float:
-        model.eval()
-        losses = [float(_lm_loss(model, test[i : i + 16], pad)) for i in range(0, len(test), 16)]
-        return sum(losses) / len(losses)
-
-    def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(train), (s.lm_batch,), generator=gen).tolist()
-        return _lm_loss(model, [train[i] for i in idx], pad)
-
-    before = held_out()
-    last = _fit(
-        model, batch_loss, steps=s.lm_steps, lr=s.lm_lr, weight_decay=0.01, desc="LM pretraining", seed=seed
-    )
-    after = held_out()
-    save_tiny_lm(model, tok, out)
-    stats = {
-        "vocab_size": len(tok),
-        "held_out_loss_before": before,
-        "held_out_loss": after,
-        "final_train_loss": last,
-        "train_tokens": sum(len(t) for t in train),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    (out / "pretrain.json").write_text(json.dumps(stats, indent=1) + "\n")
-    print(f"  LM: held-out loss {before:.2f} -> {after:.2f} ({len(tok)} tokens vocabulary)")
-    return stats
-
-
 # ----------------------------------------------------------------------------- entry point
 def prepare_tiny(cache: Path | str | None = None, *, quick: bool = False, seed: int = 0) -> dict[str, Path]:
     """Build (or reuse) the tiny data, "pretrained" ViT and LM under ``{cache}/tiny[-quick]``.
@@ -428,12 +209,16 @@ def prepare_tiny(cache: Path | str | None = None, *, quick: bool = False, seed: 
     key = {"seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
     data_key = {k: key[k] for k in ("seed", "charts", "docs", "scenes", "scenes_in_mix", "seg_train")}
     data_key["format"] = DATA_FORMAT
-    vit_key = {k: v for k, v in key.items() if k.startswith("vit_")} | data_key
-    lm_key = {k: v for k, v in key.items() if k.startswith("lm_")} | data_key
+    vit_key = (
+        {k: v for k, v in key.items() if k.startswith("vit_")} | data_key | {"pretrain": PRETRAIN_FORMAT}
+    )
+    lm_key = {k: v for k, v in key.items() if k.startswith("lm_")} | data_key | {"pretrain": PRETRAIN_FORMAT}
     data = root / "data"
     _build_cached(data, data_key, lambda d: _build_data(d, s, seed, workers=1 if quick else 2), "data")
-    _build_cached(root / "vit-hf", vit_key, lambda d: _build_vit(d, data, s, seed), "ViT (fixed resolution)")
-    _build_cached(root / "lm", lm_key, lambda d: _build_lm(d, data, s, seed), "language model")
+    _build_cached(
+        root / "vit-hf", vit_key, lambda d: pretrain_vit(d, data, s, seed), "ViT (fixed resolution)"
+    )
+    _build_cached(root / "lm", lm_key, lambda d: pretrain_lm(d, data, s, seed), "language model")
     return {
         "root": root,
         "vision": root / "vit-hf",
