@@ -27,8 +27,6 @@ Decisions:
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmpt.losses import segment_mean
 from cmpt.vision.vit import NativeViT
-from cmpt.vlm.chat import IMAGE_PAD
+from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, save_vlm
 from cmpt.vlm.merger import PatchMerger
-from cmpt.vlm.text_attention import (
-    AttentionMode,
-    TextLayout,
-    attn_implementation,
-    body_inputs,
-    packing_unsupported_reason,
-    pad_rows,
-    run_decoder_layer,
-    set_attention_mode,
-    unpad_rows,
-)
+from cmpt.vlm.text_attention import AttentionMode, TextLayout, packing_unsupported_reason
 
 __all__ = ["VLMConfig", "VLMOutput", "VisionLanguageModel"]
-
-log = logging.getLogger("cmpt.vlm")
 
 
 @dataclass
@@ -70,13 +55,16 @@ class VLMOutput:
     body_kwargs: dict[str, Any]  # mask and positions the body ran with (see VisionLanguageModel.run_layer)
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(BackboneMixin, nn.Module):
     """NativeViT → PatchMerger → Hugging Face decoder; hidden states, no loss (docs/method.md §2, §7).
 
     Attributes: ``vit`` (:class:`NativeViT`), ``merger`` (:class:`PatchMerger`), ``llm`` (the
     ``*ForCausalLM``), ``tokenizer``, ``processor`` (an optional ``ImageProcessor`` used by
     :meth:`generate` and saved with the model), ``config`` (:class:`VLMConfig`), ``packing``
-    (text runs packed in one row; :meth:`configure_packing`).
+    (text runs packed in one row; :meth:`configure_packing`). :meth:`embed_inputs`, placeholder
+    checks, packing, the text pass, :meth:`run_layer`, :meth:`text_features` and
+    :meth:`set_trainable` come from :class:`~cmpt.vlm.backbone.BackboneMixin`, shared with
+    ``QwenVLBackbone``.
     """
 
     def __init__(
@@ -115,8 +103,14 @@ class VisionLanguageModel(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
-    def _tied(self) -> bool:
-        return self.lm_head.weight is self.llm.get_input_embeddings().weight
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def attention_owner(self) -> nn.Module:
+        """The module whose config names the attention implementation (the ``*ForCausalLM``)."""
+        return self.llm
 
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (N, 3·p·p) + grids (n, 2) → merged vision tokens (N / m², H) in LLM space."""
@@ -128,93 +122,6 @@ class VisionLanguageModel(nn.Module):
         m, p = self.config.merge_size, self.vit.config.patch_size
         patches = torch.zeros(4 * m * m, 3 * p * p, device=self.device)
         return self.encode_images(patches, torch.tensor([[2 * m, 2 * m]]))
-
-    def embed_inputs(self, input_ids: torch.Tensor, vision_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Input embeddings (``input_ids.shape + (H,)``) with the merged vision tokens put, in order,
-        at the ``<|image_pad|>`` positions; their counts must agree (``ValueError`` otherwise)."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        is_pad = input_ids == self.config.image_pad_id
-        n_vision = 0 if vision_tokens is None else int(vision_tokens.shape[0])
-        n_pad = int(is_pad.sum())
-        if n_pad != n_vision:
-            raise ValueError(
-                f"{n_pad} {IMAGE_PAD} placeholders but {n_vision} merged vision tokens "
-                "(patches / merge_size²): render each image with num_image_tokens = h·w / merge_size² "
-                "of its grid"
-            )
-        if n_vision:
-            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), vision_tokens.to(embeds.dtype))
-        return embeds
-
-    def _check_placeholders(
-        self,
-        input_ids: torch.Tensor,
-        layout: TextLayout,
-        expected: list[int],
-        sample_ids: Sequence[str] | None,
-    ) -> None:
-        """Every sequence has as many ``<|image_pad|>`` as merged tokens of its own images."""
-        is_pad = (input_ids.reshape(-1) == self.config.image_pad_id).long()
-        found = [int(x) for x in torch.stack([c.sum() for c in is_pad.split(layout.lengths)]).tolist()]
-        if found != expected:
-            ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(found))]
-            bad = [
-                f"sample {ids[i]!r}: {n} {IMAGE_PAD} vs {e} merged vision tokens"
-                for i, (n, e) in enumerate(zip(found, expected))
-                if n != e
-            ]
-            raise ValueError(
-                f"image placeholder / vision token mismatch ({'; '.join(bad)}): render each image with "
-                "num_image_tokens = h·w / merge_size² of its grid"
-            )
-
-    def _tokens_per_sample(self, grid_hw: torch.Tensor, images_per_sample: torch.Tensor) -> list[int]:
-        """Merged-token count of every sample from the image grids (host side)."""
-        m2 = self.config.merge_size**2
-        per_image = [int(h) * int(w) // m2 for h, w in grid_hw.tolist()]
-        out, start = [], 0
-        for k in images_per_sample.tolist():
-            out.append(sum(per_image[start : start + int(k)]))
-            start += int(k)
-        if start != len(per_image):
-            raise ValueError(f"images_per_sample sums to {start} but grid_hw has {len(per_image)} images")
-        return out
-
-    # ------------------------------------------------------------------ attention and packing
-    def configure_packing(self, requested: bool | None = None) -> bool:
-        """Choose packed (one row, block-diagonal attention) or padded text (docs/method.md §7).
-
-        ``None``: packed where the body supports it, else padded with one log line saying why;
-        ``True`` on a body that cannot pack raises ``ValueError`` naming the reason.
-        """
-        reason = packing_unsupported_reason(self.llm, self.body)
-        if requested and reason:
-            raise ValueError(f"data.packing=true, but {type(self.llm).__name__} cannot pack: {reason}")
-        self.packing = bool(requested if requested is not None else reason is None)
-        if requested is None and reason:
-            log.info("text runs right-padded (no packing): %s", reason)
-        return self.packing
-
-    def text_hidden(
-        self, embeds: torch.Tensor, layout: TextLayout, attention: AttentionMode = "causal"
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Last hidden states (after the final norm), ``(N, H)``, of packed input embeddings
-        ``(N, H)`` whose sequences are ``layout``, and the mask / position arguments the body ran
-        with (for :meth:`run_layer`) (docs/method.md §7)."""
-        if embeds.shape[0] != layout.total:
-            raise ValueError(
-                f"{embeds.shape[0]} token embeddings for sequences of total length {layout.total}"
-            )
-        set_attention_mode(self.body, attention)
-        kwargs = body_inputs(layout, attn_implementation(self.llm), attention, embeds.dtype, embeds.device)
-        rows = embeds.unsqueeze(0) if layout.packed else pad_rows(embeds, layout)
-        hidden = self.body(inputs_embeds=rows, use_cache=False, **kwargs).last_hidden_state
-        return (hidden[0] if layout.packed else unpad_rows(hidden, layout)), kwargs
-
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, out: VLMOutput) -> torch.Tensor:
-        """One extra decoder ``layer`` (e.g. MoCa's MAE decoder, a copy of a body layer) over
-        ``hidden`` ``(N, H)`` with the mask, attention mode and positions of ``out``'s forward."""
-        return run_decoder_layer(self.body, layer, hidden, out.layout, out.body_kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -252,20 +159,6 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every ViT/merger parameter used (§6)
         hidden, kwargs = self.text_hidden(embeds, layout, attention)
         return VLMOutput(hidden, vision, per_sample, layout, kwargs)
-
-    @torch.no_grad()
-    def text_features(
-        self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | Sequence[int],
-        attention: AttentionMode = "causal",
-    ) -> torch.Tensor:
-        """Mean of the last hidden states (after the final norm) over each text sequence, ``(B, H)``,
-        without gradient: CoMP's caption feature ``F_t`` before normalization (docs/method.md §2)."""
-        layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
-        ids = input_ids.to(self.device).reshape(-1)
-        hidden, _ = self.text_hidden(self.llm.get_input_embeddings()(ids), layout, attention)
-        return segment_mean(hidden, list(layout.lengths))
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -308,35 +201,13 @@ class VisionLanguageModel(nn.Module):
         the input embeddings is listed in ``llm`` only (``lm_head`` is then empty, or just a bias);
         every parameter is in exactly one part.
         """
-        head_ids = {id(p) for p in self.lm_head.parameters()}
-        embed_ids = {id(p) for p in self.llm.get_input_embeddings().parameters()}
-        head_only = head_ids - embed_ids
+        head_only = self._head_only_ids()
         return {
             "vision": list(self.vit.parameters()),
             "merger": list(self.merger.parameters()),
             "llm": [p for p in self.llm.parameters() if id(p) not in head_only],
             "lm_head": [p for p in self.lm_head.parameters() if id(p) in head_only],
         }
-
-    def set_trainable(self, parts: Sequence[str]) -> None:
-        """``requires_grad = True`` for the parameters of ``parts``, False for all others.
-
-        With a tied head, asking for ``lm_head`` without ``llm`` trains nothing of the head (its
-        weight belongs to ``llm``); a warning says so.
-        """
-        groups = self.parts()
-        unknown = set(parts) - set(groups)
-        if unknown:
-            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(groups)}")
-        if "lm_head" in parts and "llm" not in parts and self._tied():
-            warnings.warn(
-                "the LM head is tied to the input embeddings, which belong to the 'llm' part; "
-                "set_trainable(['lm_head']) without 'llm' leaves the tied weight frozen",
-                stacklevel=2,
-            )
-        for name, params in groups.items():
-            for p in params:
-                p.requires_grad_(name in parts)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Modules to wrap one by one with FSDP2 ``fully_shard``: ViT blocks, then LLM decoder layers.

@@ -236,6 +236,8 @@ def run_decoder_layer(
 
     The rotary embedding is the body's own (``body.rotary_emb``, M-RoPE for Qwen2-VL), so the
     layer sees the positions of the forward it extends (MoCa's MAE decoder, docs/method.md §3).
+    M-RoPE ids ``(3, rows, T)`` reach the layer only through the rotary embedding, as in the
+    Qwen2-VL text model, which gives its layers no ``position_ids`` for them.
     """
     rows = hidden.unsqueeze(0) if layout.packed else pad_rows(hidden, layout)
     pos = body_kwargs["position_ids"]
@@ -243,7 +245,7 @@ def run_decoder_layer(
     out = layer(
         rows,
         attention_mask=body_kwargs.get("attention_mask"),
-        position_ids=pos,
+        position_ids=None if pos.ndim == 3 else pos,
         position_embeddings=body.rotary_emb(rows, pos),
         use_cache=False,
         **extra,

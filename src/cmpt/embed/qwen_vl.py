@@ -1,0 +1,417 @@
+"""Hugging Face Qwen2-VL / Qwen2.5-VL as a cmpt backbone (docs/method.md §3 "Backbones", §7).
+
+:class:`QwenVLBackbone` wraps ``Qwen2VLForConditionalGeneration`` /
+``Qwen2_5_VLForConditionalGeneration`` (transformers' own classes, never ``trust_remote_code``) behind
+the interface of :class:`~cmpt.vlm.model.VisionLanguageModel`, so that MoCa's objective and the
+embedder use either backbone unchanged::
+
+    patches (P, 3·T·p·p), grid_hw (n, 2) ──model.visual (grid_thw = (1, h, w))──▶ (P / m², H)
+    input_ids (N,) cut by cu_seqlens ──input embeddings──▶ (N, H) ◀── merged tokens at <|image_pad|>
+    M-RoPE ids (3, rows, T) from the model's own ``get_rope_index``, one call per sequence
+    ──text decoder, "causal" | "bidirectional", packed or padded (text_attention)──▶ hidden (N, H)
+
+Decisions:
+
+* **Images.** transformers' ``Qwen2VLProcessor`` needs torchvision for its video part, so images are
+  preprocessed by cmpt's :class:`~cmpt.vision.processor.ImageProcessor` configured from the
+  checkpoint's ``preprocessor_config.json``; its ``(P, 3·p·p)`` rows (merge-window order, channel
+  then ``p×p``) become the model's rows with :meth:`QwenVLBackbone.prepare_patches`: each still
+  image is ``temporal_patch_size`` identical frames, laid out ``(channel, frame, p, p)`` as in
+  ``Qwen2VLImageProcessor``. :meth:`forward` accepts either width.
+* **Positions.** Each sequence gets the model's own M-RoPE ids (``get_rope_index``; its signature
+  differs between transformers versions: from 5.x it also takes ``mm_token_type_ids``, which is
+  passed where the signature has it); a packed row concatenates them, so every sequence is computed
+  as if alone. Each image must be rendered as ``<|vision_start|>`` followed by its
+  ``<|image_pad|>`` tokens (the Qwen chat format; transformers 5.0 finds images that way).
+* **Dtypes and mode** as for ``VisionLanguageModel``: float32 unless ``dtype`` is given, returned
+  in eval mode; the dummy image (docs/method.md §6) runs only in training with gradients.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
+from cmpt.vlm.backbone import BackboneMixin
+from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
+from cmpt.vlm.model import VLMOutput
+from cmpt.vlm.text_attention import AttentionMode, TextLayout, packing_unsupported_reason
+
+__all__ = ["MODEL_CLASSES", "QwenVLBackbone", "QwenVLConfig"]
+
+#: ``model_type`` → transformers class.
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+@dataclass(frozen=True)
+class QwenVLConfig:
+    """Facts of the wrapped checkpoint that cmpt code reads (same names as ``VLMConfig``)."""
+
+    model_type: str
+    merge_size: int
+    patch_size: int
+    temporal_patch_size: int
+    image_pad_id: int
+    vision_start_id: int
+    vision_end_id: int
+
+
+def _config_of(hf: nn.Module) -> QwenVLConfig:
+    c, v = hf.config, hf.config.vision_config
+    return QwenVLConfig(
+        model_type=str(c.model_type),
+        merge_size=int(v.spatial_merge_size),
+        patch_size=int(v.patch_size),
+        temporal_patch_size=int(v.temporal_patch_size),
+        image_pad_id=int(c.image_token_id),
+        vision_start_id=int(c.vision_start_token_id),
+        vision_end_id=int(c.vision_end_token_id),
+    )
+
+
+class QwenVLBackbone(BackboneMixin, nn.Module):
+    """A Hugging Face Qwen2-VL / Qwen2.5-VL with the interface of ``VisionLanguageModel`` (docs/method.md §3).
+
+    Attributes: ``hf`` (the ``*ForConditionalGeneration``), ``tokenizer``, ``processor`` (a cmpt
+    ``ImageProcessor``), ``config`` (:class:`QwenVLConfig`), ``packing``. Placeholder checks,
+    packing, :meth:`run_layer`, :meth:`text_features` and :meth:`set_trainable` come from
+    :class:`~cmpt.vlm.backbone.BackboneMixin`, as for ``VisionLanguageModel``.
+    """
+
+    def __init__(
+        self,
+        hf: nn.Module,
+        tokenizer,
+        processor: ImageProcessor | None = None,
+        preprocessor_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.hf, self.tokenizer = hf, tokenizer
+        self.config = _config_of(hf)
+        c = self.config
+        self.processor = processor or ImageProcessor(c.patch_size, c.merge_size)
+        self._preprocessor_config = dict(preprocessor_config or {})
+        if (self.processor.patch_size, self.processor.merge_size) != (c.patch_size, c.merge_size):
+            raise ValueError(
+                f"image processor patch/merge size {self.processor.patch_size}/{self.processor.merge_size} "
+                f"disagree with the model's vision config {c.patch_size}/{c.merge_size}"
+            )
+        for token, want in (
+            (IMAGE_PAD, c.image_pad_id),
+            (VISION_START, c.vision_start_id),
+            (VISION_END, c.vision_end_id),
+        ):
+            got = tokenizer.convert_tokens_to_ids(token)
+            if got != want:
+                raise ValueError(
+                    f"the tokenizer maps {token} to {got} but the {c.model_type} config says {want}: "
+                    "use the checkpoint's own tokenizer (with its vision tokens)"
+                )
+        self._rope_takes_types = "mm_token_type_ids" in inspect.signature(hf.model.get_rope_index).parameters
+        self.packing = packing_unsupported_reason(self.attention_owner, self.body) is None
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+    ) -> QwenVLBackbone:
+        """Load a Hugging Face Qwen2-VL / Qwen2.5-VL directory (eval mode): the model through its
+        transformers class, the tokenizer through ``AutoTokenizer``, the image processor from its
+        ``preprocessor_config.json`` (``ImageProcessor.from_hf``; defaults when absent)."""
+        import transformers
+
+        d = Path(path)
+        cfg_file = d / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{d}: no config.json; pass a local Qwen2-VL / Qwen2.5-VL checkpoint directory"
+            )
+        raw = json.loads(cfg_file.read_text())
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_CLASSES:
+            raise ValueError(
+                f"{d}: architecture {raw.get('architectures')} (model_type {model_type!r}) is not "
+                f"supported by QwenVLBackbone, which loads model types {sorted(MODEL_CLASSES)}; a cmpt "
+                "VLM directory loads with VisionLanguageModel.from_pretrained"
+            )
+        kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        hf = getattr(transformers, MODEL_CLASSES[model_type]).from_pretrained(str(d), **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
+        pre = d / CONFIG_NAME
+        pre_cfg = json.loads(pre.read_text()) if pre.is_file() else None
+        processor = ImageProcessor.from_hf(d) if pre_cfg is not None else None
+        return cls(hf, tokenizer, processor, pre_cfg).eval()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a Hugging Face directory (model, tokenizer, ``preprocessor_config.json``) that
+        :meth:`from_pretrained` (and transformers) reload."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        p, c = self.processor, self.config
+        pre = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            **self._preprocessor_config,
+            "do_resize": True,
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "image_mean": list(p.mean),
+            "image_std": list(p.std),
+            "patch_size": c.patch_size,
+            "temporal_patch_size": c.temporal_patch_size,
+            "merge_size": c.merge_size,
+            "min_pixels": p.min_pixels,
+            "max_pixels": p.max_pixels,
+            "size": {"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels},
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(pre, indent=2) + "\n")
+        return out
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def device(self) -> torch.device:
+        return self.input_embeddings.weight.device
+
+    @property
+    def visual(self) -> nn.Module:
+        """The vision tower, patch merger included (``model.visual``)."""
+        return self.hf.model.visual
+
+    @property
+    def body(self) -> nn.Module:
+        """The text decoder (``model.language_model``): returns last hidden states after the norm."""
+        return self.hf.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.hf.get_input_embeddings()
+
+    @property
+    def attention_owner(self) -> nn.Module:
+        """The text decoder: its config names the attention implementation of the text side."""
+        return self.body
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one model patch row, ``3·T·p·p`` (what MoCa's MAE reconstructs, docs/method.md §3)."""
+        c = self.config
+        return 3 * c.temporal_patch_size * c.patch_size**2
+
+    def prepare_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """``ImageProcessor`` rows ``(P, 3·p·p)`` → the model's rows ``(P, 3·T·p·p)``: each channel's
+        ``p×p`` patch repeated for the ``T`` identical frames of a still image, laid out
+        ``(channel, frame, p, p)`` as ``Qwen2VLImageProcessor`` does. Rows already ``patch_dim`` wide
+        are returned unchanged."""
+        p2, t = self.config.patch_size**2, self.config.temporal_patch_size
+        if patches.shape[-1] == self.patch_dim:
+            return patches
+        if patches.dim() != 2 or patches.shape[-1] != 3 * p2:
+            raise ValueError(
+                f"patches of shape {tuple(patches.shape)}: expected (P, {3 * p2}) processor rows or "
+                f"(P, {self.patch_dim}) model rows"
+            )
+        return patches.reshape(-1, 3, 1, p2).expand(-1, 3, t, p2).reshape(-1, self.patch_dim)
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the input embeddings (and an untied head) to ``vocab_size`` rows (added tokens)."""
+        if vocab_size > self.input_embeddings.num_embeddings:
+            self.hf.resize_token_embeddings(vocab_size)
+
+    def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """Packed patches (``(P, 3·T·p·p)`` or processor rows) + grids ``(n, 2)`` → merged vision
+        tokens ``(P / m², H)`` from the model's own vision tower."""
+        grid_hw = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2)
+        m = self.config.merge_size
+        if bool(((grid_hw % m) != 0).any()):
+            raise ValueError(f"image grids {grid_hw.tolist()} must be multiples of merge_size {m}")
+        rows = self.prepare_patches(patches)
+        if rows.shape[0] != int(grid_hw.prod(-1).sum()):
+            raise ValueError(
+                f"{rows.shape[0]} patch rows but grids {grid_hw.tolist()} cover {int(grid_hw.prod(-1).sum())}"
+            )
+        thw = torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1).to(self.device)
+        dtype = next(self.visual.parameters()).dtype
+        out = self.visual(rows.to(self.device, dtype), grid_thw=thw)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def _dummy_vision(self) -> torch.Tensor:
+        """Merged tokens of an all-zero 2m×2m-patch image (docs/method.md §6)."""
+        m = self.config.merge_size
+        zeros = torch.zeros(4 * m * m, self.patch_dim, device=self.device)
+        return self.encode_images(zeros, torch.tensor([[2 * m, 2 * m]]))
+
+    # ------------------------------------------------------------------ positions
+    def _images_per_sequence(
+        self,
+        input_ids: torch.Tensor,
+        layout: TextLayout,
+        n_images: int,
+        images_per_sample: torch.Tensor | None,
+        sample_ids: Sequence[str] | None,
+    ) -> list[int]:
+        """Images of every sequence: ``<|vision_start|><|image_pad|>`` pairs, checked against
+        ``images_per_sample`` (or, without it, against the batch's image count)."""
+        c = self.config
+        starts = torch.zeros_like(input_ids, dtype=torch.long)
+        starts[1:] = ((input_ids[:-1] == c.vision_start_id) & (input_ids[1:] == c.image_pad_id)).long()
+        first = layout.cu_seqlens(input_ids.device)[:-1].long()
+        starts[first[first < starts.numel()]] = 0  # a pair never spans two sequences
+        found = [int(x) for x in torch.stack([s.sum() for s in starts.split(layout.lengths)]).tolist()]
+        ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(found))]
+        if images_per_sample is not None:
+            want = [int(k) for k in images_per_sample.tolist()]
+            if len(want) != len(found):
+                raise ValueError(f"images_per_sample has {len(want)} entries for {len(found)} sequences")
+            bad = [f"sample {ids[i]!r}: {f} vs {w}" for i, (f, w) in enumerate(zip(found, want)) if f != w]
+            if bad:
+                raise ValueError(
+                    f"images rendered in the text ({VISION_START}{IMAGE_PAD}…) vs images_per_sample: "
+                    f"{'; '.join(bad)}"
+                )
+            return want
+        if sum(found) != n_images:
+            raise ValueError(
+                f"the text renders {sum(found)} images ({VISION_START}{IMAGE_PAD}…, per sequence {found}) "
+                f"but the batch has {n_images}; pass images_per_sample"
+            )
+        return found
+
+    def _rope_index(self, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``(3, L)`` M-RoPE ids of one sequence from the model's ``get_rope_index``."""
+        kwargs: dict[str, Any] = {"image_grid_thw": grid_thw}
+        if self._rope_takes_types:  # newer transformers 5.x: token types 0 text, 1 image
+            kwargs["mm_token_type_ids"] = (ids == self.config.image_pad_id).int()
+        pos, _ = self.hf.model.get_rope_index(input_ids=ids, **kwargs)
+        return pos[:, 0]
+
+    def position_ids(
+        self,
+        input_ids: torch.Tensor,
+        layout: TextLayout,
+        grid_hw: torch.Tensor | None = None,
+        images_per_sequence: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """M-RoPE ids ``(3, rows, T)`` of the layout's rows: per sequence, restarting at every
+        sequence of a packed row; ``images_per_sequence`` assigns the grids, in order."""
+        dev = input_ids.device
+        counts = list(images_per_sequence or [0] * len(layout.lengths))
+        thw = None
+        if grid_hw is not None and grid_hw.shape[0] > 0:
+            g = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2).to(dev)
+            thw = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
+        per_seq, start = [], 0
+        for seq, k in zip(input_ids.split(layout.lengths), counts):
+            if k:
+                per_seq.append(self._rope_index(seq[None], thw[start : start + k]))
+            else:
+                per_seq.append(torch.arange(seq.numel(), device=dev).expand(3, -1))
+            start += k
+        if layout.packed:
+            return (
+                torch.cat(per_seq, dim=1)[:, None]
+                if per_seq
+                else torch.zeros(3, 1, 0, dtype=torch.long, device=dev)
+            )
+        out = torch.zeros(3, len(per_seq), layout.width, dtype=torch.long, device=dev)
+        for i, pos in enumerate(per_seq):
+            out[:, i, : pos.shape[1]] = pos
+        return out
+
+    def text_hidden(
+        self,
+        embeds: torch.Tensor,
+        layout: TextLayout,
+        attention: AttentionMode = "causal",
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """As ``BackboneMixin.text_hidden``; positions default to text-only M-RoPE ids ``(3, rows, T)``."""
+        if position_ids is None:
+            position_ids = layout.position_ids(embeds.device)[None].expand(3, -1, -1)
+        return super().text_hidden(embeds, layout, attention, position_ids)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | Sequence[int],
+        *,
+        patches: torch.Tensor | None = None,
+        grid_hw: torch.Tensor | None = None,
+        images_per_sample: torch.Tensor | None = None,
+        attention: AttentionMode = "causal",
+        sample_ids: Sequence[str] | None = None,
+    ) -> VLMOutput:
+        """Hidden states of a micro-batch (docs/method.md §3, §7), as ``VisionLanguageModel.forward``.
+
+        ``patches``: ``(P, 3·T·p·p)`` model rows or ``(P, 3·p·p)`` processor rows; ``grid_hw``
+        ``(n, 2)`` in patches; ``images_per_sample`` ``(B,)`` (inferred from the text when absent).
+        ``VLMOutput.body_kwargs["position_ids"]`` holds the M-RoPE ids ``(3, rows, T)``.
+        """
+        input_ids = input_ids.to(self.device).reshape(-1)
+        layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
+        has_images = patches is not None and grid_hw is not None and grid_hw.shape[0] > 0
+        if not has_images and images_per_sample is not None and int(images_per_sample.sum()) > 0:
+            raise ValueError("images_per_sample counts images but the batch has no patches / grid_hw")
+        n_images = int(grid_hw.shape[0]) if has_images else 0
+        counts = self._images_per_sequence(input_ids, layout, n_images, images_per_sample, sample_ids)
+        vision, per_sample = None, None
+        if has_images:
+            per_sample = self._tokens_per_sample(grid_hw, torch.tensor(counts))
+        self._check_placeholders(input_ids, layout, per_sample or [0] * len(layout.lengths), sample_ids)
+        if has_images:
+            vision = self.encode_images(patches, grid_hw)
+        embeds = self.embed_inputs(input_ids, vision)
+        if vision is None and self.training and torch.is_grad_enabled():
+            embeds = embeds + 0.0 * self._dummy_vision().sum()  # every vision parameter used (§6)
+        positions = self.position_ids(input_ids, layout, grid_hw if has_images else None, counts)
+        hidden, kwargs = self.text_hidden(embeds, layout, attention, positions)
+        return VLMOutput(hidden, vision, per_sample, layout, kwargs)
+
+    # ------------------------------------------------------------------ recipes
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part (docs/method.md §2.1): ``vision`` (the tower without its merger),
+        ``merger`` (``visual.merger``), ``llm`` (text decoder with the input embeddings) and
+        ``lm_head``; a tied head's weight is in ``llm`` only. Every parameter is in exactly one part."""
+        merger = list(self.visual.merger.parameters())
+        merger_ids = {id(p) for p in merger}
+        vision = [p for p in self.visual.parameters() if id(p) not in merger_ids]
+        vision_ids = merger_ids | {id(p) for p in vision}
+        head_only = self._head_only_ids()
+        return {
+            "vision": vision,
+            "merger": merger,
+            "llm": [p for p in self.hf.parameters() if id(p) not in vision_ids and id(p) not in head_only],
+            "lm_head": [p for p in self.lm_head.parameters() if id(p) in head_only],
+        }
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules for FSDP2 ``fully_shard``: the vision blocks, then the text decoder layers."""
+        return [*self.visual.blocks, *self.body.layers]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing in the vision blocks and the text decoder layers."""
+        if hasattr(self.hf, "activation_checkpointing_enable"):  # newer transformers 5.x
+            self.hf.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
