@@ -177,6 +177,18 @@ def test_plain_text_rendering_without_masking(forms, tok):
     assert torch.equal(joined.input_ids, encode_text_with_images(text, tok, joined.num_image_tokens))
 
 
+def test_mask_token_is_added_once_and_required_for_masking():
+    t = copy.deepcopy(tiny_tokenizer())
+    n = len(t)
+    with pytest.raises(ValueError, match="ensure_mask_token"):
+        DocumentBuilder(tiny_processor(), t, max_text_tokens=64)
+    DocumentBuilder(tiny_processor(), t, max_text_tokens=64, masking=False)  # embedding: no mask token needed
+    mid = ensure_mask_token(t)
+    assert ensure_mask_token(t) == mid == n and len(t) == n + 1
+    assert t.encode(f"a{MASK_TOKEN}b", add_special_tokens=False).count(mid) == 1
+    assert DocumentBuilder(tiny_processor(), t, max_text_tokens=64).mask_id == mid
+
+
 def test_mlm_never_masks_special_chat_or_vision_tokens(forms, tok):
     text = "<|im_start|>user\nLook <image> here<|im_end|>\n<|endoftext|> and more words after it."
     rec = Record("sp", ["img/a.png"], None, {}, 0, str(forms["root"]), text=text)

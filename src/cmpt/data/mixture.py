@@ -32,6 +32,10 @@ resume apply unchanged. A mixture whose members are *all* tar shards is one stre
 accepted, and the weight repeats the member's shard list ``floor(w)`` times plus a seeded subset of
 ``round(frac(w) · shards)`` shards. Mixing tar shards with map-style members is refused: convert one
 side (:mod:`cmpt.data.convert`).
+
+Members may hold MoCa documents and passages as well as LLaVA conversations (docs/method.md §3):
+records pass through unchanged (``Record.text`` included), only their ids get the prefix / copy
+suffix.
 """
 
 from __future__ import annotations

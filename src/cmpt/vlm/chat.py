@@ -27,6 +27,10 @@ How it is done, and the decisions taken:
 * **Truncation.** ``max_length`` drops tokens from the end, but a sample always keeps *all* its
   images: if the cut would fall inside or before an image's span, ``ValueError`` (raise the text
   length or lower ``max_pixels``). A truncated sample may end up with no supervised token.
+
+Plain documents (MoCa, docs/method.md §3) skip the template: :func:`encode_text_with_images`
+tokenizes the text as is, with the same image expansion; :func:`ensure_mask_token` adds MoCa's
+``<|mask|>``.
 """
 
 from __future__ import annotations
