@@ -76,9 +76,7 @@ class CorpusTask:
         lengths = LengthIndex.build(src, proc, self.tok).lengths
         batcher = TokenBudgetBatcher(lengths, 64, 512, 1, shuffle=False)
         builder = SampleBuilder(proc, self.tok, max_text_tokens=64, caption_max_tokens=16)
-        return BatchLoader(
-            src, builder, batcher, rank=rank, world_size=world_size, pad_id=self.tok.pad_token_id
-        )
+        return BatchLoader(src, builder, batcher, rank=rank, world_size=world_size)
 
     def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms:
         n = int(batch["num_samples"])

@@ -123,7 +123,7 @@ def _all_bad_loader(tmp_path: Path, n: int) -> BatchLoader:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src, proc, tok = LlavaSource(path), tiny_processor(), tiny_tokenizer()
     batcher = TokenBudgetBatcher(LengthIndex.build(src, proc, tok).lengths, 64, 512, 1, shuffle=False)
-    return BatchLoader(src, SampleBuilder(proc, tok, max_text_tokens=64), batcher, pad_id=tok.pad_token_id)
+    return BatchLoader(src, SampleBuilder(proc, tok, max_text_tokens=64), batcher)
 
 
 def test_batch_loader_reports_an_all_bad_stretch_as_an_empty_batch(tmp_path: Path) -> None:

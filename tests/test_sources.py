@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import build_loader
@@ -256,3 +257,17 @@ def test_hf_columns_image_feature_paths_and_json_conversations(tmp_path, builder
     assert recs[0].meta == {"source": "x"} and isinstance(recs[0].images[0], bytes)
     assert recs[1].images == ["p.png"] and recs[2].images == []  # a path, resolved against the root
     assert [len(builder.build(r).grids) for r in recs] == [1, 1, 0]
+
+
+def test_documents_survive_conversion_to_tar_shards(tmp_path):
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "a.png")
+    docs = [
+        {"id": "d1", "text": "Before <image> after.", "image": "a.png"},
+        {"id": "p1", "text": "A text-only passage."},
+    ]
+    js = tmp_path / "docs.jsonl"
+    js.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    wds = llava_to_wds(js, tmp_path / "wds", samples_per_shard=10)
+    recs = list(open_source(wds["pattern"]).iter_records())
+    assert [(r.id, r.text, r.conversations) for r in recs] == [(d["id"], d["text"], None) for d in docs]
+    assert len(recs[0].images) == 1 and recs[1].images == []

@@ -81,7 +81,10 @@ def _record_json(rec: Record, images: Any) -> dict[str, Any]:
     obj: dict[str, Any] = {"id": rec.id}
     if images is not None:
         obj["image"] = images
-    obj["conversations"] = rec.conversations
+    if rec.conversations is not None or rec.text is None:
+        obj["conversations"] = rec.conversations
+    if rec.text is not None:  # a MoCa document (docs/method.md §3)
+        obj["text"] = rec.text
     obj.update(rec.meta)
     return obj
 

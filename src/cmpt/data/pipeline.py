@@ -84,9 +84,7 @@ def decode_image(processor: ImageProcessor, record: Record, i: int) -> tuple[tor
     try:
         return processor.preprocess(src, name=None if isinstance(src, str) else label)
     except ImageLoadError as e:
-        raise BadSample(
-            record.id, "zero_size_image" if "zero size" in str(e) else "unreadable_image", str(e)
-        ) from None
+        raise BadSample(record.id, e.reason, str(e)) from None
     except ValueError as e:  # smart_resize: aspect ratio above 200
         raise BadSample(record.id, "extreme_aspect_ratio", str(e)) from None
     except OSError as e:

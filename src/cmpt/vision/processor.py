@@ -71,7 +71,18 @@ def smart_resize(
 
 
 class ImageLoadError(ValueError):
-    """An image that cannot be used (missing, empty, corrupt, truncated, not an image, too large)."""
+    """An image that cannot be used (missing, empty, corrupt, truncated, not an image, too large).
+
+    ``reason``: ``"zero_size_image"`` for a decoded image of zero width or height, else
+    ``"unreadable_image"`` (the bad-sample reasons of docs/method.md §4).
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (type(self), (str(self), self.reason))
 
 
 def _is_pos_int(x: Any) -> bool:
@@ -91,9 +102,12 @@ def _label(src: Any, name: str | None) -> str:
 
 
 def _fail(
-    label: str, reason: str, fix: str = "re-download or re-encode it, or drop the sample"
+    label: str,
+    reason: str,
+    fix: str = "re-download or re-encode it, or drop the sample",
+    kind: str = "unreadable_image",
 ) -> ImageLoadError:
-    return ImageLoadError(f"cannot load image {label!r}: {reason}; {fix}")
+    return ImageLoadError(f"cannot load image {label!r}: {reason}; {fix}", kind)
 
 
 def _decode(fp: Any, label: str, head: bytes) -> Image.Image:
@@ -176,7 +190,9 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
     else:
         raise TypeError(f"load_image expects a path, bytes or a PIL image, got {type(src).__name__}")
     if img.width <= 0 or img.height <= 0:
-        raise _fail(label, f"it has zero size ({img.width}x{img.height})", "drop the sample")
+        raise _fail(
+            label, f"it has zero size ({img.width}x{img.height})", "drop the sample", "zero_size_image"
+        )
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # unreadable EXIF: keep the pixels as stored
