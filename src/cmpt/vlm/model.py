@@ -112,6 +112,20 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         """The module whose config names the attention implementation (the ``*ForCausalLM``)."""
         return self.llm
 
+    @property
+    def patch_dim(self) -> int:
+        """Length of one patch row the ViT reads (``3·p·p``): what MoCa's MAE reconstructs."""
+        return 3 * self.vit.config.patch_size**2
+
+    def prepare_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The processor's rows in this model's own patch format (for cmpt's ViT: unchanged)."""
+        return patches
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the LLM's input embeddings (and untied head) to ``vocab_size`` rows (added tokens)."""
+        if vocab_size > self.llm.get_input_embeddings().num_embeddings:
+            self.llm.resize_token_embeddings(vocab_size)
+
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (N, 3·p·p) + grids (n, 2) → merged vision tokens (N / m², H) in LLM space."""
         feats = self.vit(patches.to(self.device), grid_hw)
