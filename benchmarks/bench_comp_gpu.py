@@ -8,8 +8,10 @@ tokens each). bf16 autocast, AdamW (fused on CUDA).
 
 FLOPs of one step are counted with ``torch.utils.flop_counter``'s formulas (matmuls and attention,
 forward and backward, the alignment loss's caption forward included; the ViT's attention is
-counted on per-image SDPA, whose kernels the formulas know); MFU is against a large bf16 matmul
-measured in the same run (not the datasheet). With ``--act-ckpt`` the recomputed forward is
+counted on per-image SDPA, whose kernels the formulas know; the LLM's text runs in the model's
+default layout, packed on SDPA, whose dense block-diagonal mask makes the counted attention the
+whole N × N packed row, masked cells included: see ``bench_packing.py``); MFU is against a large
+bf16 matmul measured in the same run (not the datasheet). With ``--act-ckpt`` the recomputed forward is
 counted too, so the figure is then hardware FLOP utilisation.
 ``--shapes tiny`` runs the same code on tiny shapes (a CPU smoke test).
 Prints a table, then one JSON line.
@@ -154,7 +156,8 @@ def main() -> None:
     cfg, _ = load_recipe("comp/siglip-so400m_qwen2.5-0.5b/stage2_pass1", sets)
     torch.manual_seed(0)
     task = CompTask(cfg)
-    model = task.model.to(device)
+    model = task.model.to(device)  # the CompObjective (its forward runs the VLM, then the losses)
+    vlm = task.vlm
     if args.act_ckpt:
         apply_activation_checkpointing(task.fsdp_units())
     loader = iter(task.build_loader(0, 1))
@@ -175,11 +178,11 @@ def main() -> None:
 
     # FLOPs: one step on each batch the timed loop cycles, with per-image SDPA in the ViT (the
     # counter does not see the varlen flash kernel's attention), then back to the configured backend
-    attn, model.vit.config.attn = model.vit.config.attn, "sdpa"
+    attn, vlm.vit.config.attn = vlm.vit.config.attn, "sdpa"
     with FlopCount() as counter:
         for _ in batches:
             step()
-    model.vit.config.attn = attn
+    vlm.vit.config.attn = attn
     flops = counter.total / len(batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -192,7 +195,7 @@ def main() -> None:
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     # analytic ViT forward of batches[0], a cross-check of the counter
-    vit_fwd = sum(n * model.vit.num_flops_per_token(n) for n in b0["grid_hw"].prod(-1).tolist())
+    vit_fwd = sum(n * vlm.vit.num_flops_per_token(n) for n in b0["grid_hw"].prod(-1).tolist())
     print(f"CoMP stage II pass 1 step, {args.shapes} shapes, {where}, bf16={amp is not None}")
     print(f"  micro-batch: {len(b0['grid_hw'])} images, {patches:.0f} patches, {text:.0f} text tokens (mean)")
     print(
@@ -203,6 +206,7 @@ def main() -> None:
         f"  {tflops:.1f} TFLOP/s = {100 * tflops / peak:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s"
     )
     print(f"  peak GPU memory {mem:.1f} GiB; activation checkpointing {'on' if args.act_ckpt else 'off'}")
+    print(f"  text {'packed (one row, block-diagonal mask)' if vlm.packing else 'right-padded rows'}")
     print(
         json.dumps(
             {
@@ -216,6 +220,7 @@ def main() -> None:
                 "vit_fwd_bwd_tflop_analytic": round(3 * vit_fwd / 1e12, 3),
                 "peak_mem_gib": round(mem, 1),
                 "act_ckpt": args.act_ckpt,
+                "text_packed": vlm.packing,
             }
         )
     )

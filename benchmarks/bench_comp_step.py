@@ -54,6 +54,18 @@ def step_fn(task, opt):
     return step
 
 
+def caption_inputs(batch) -> tuple[torch.Tensor, list[int]]:
+    """The caption pass's packed input as the objective builds it: the non-empty captions (samples
+    with an image; in the tiny stage-II data every sample has one) and their boundaries."""
+    cu = batch["caption_cu_seqlens"].tolist()
+    keep = [i for i in range(len(cu) - 1) if cu[i + 1] > cu[i]]
+    ids = torch.cat([batch["caption_ids"][cu[i] : cu[i + 1]] for i in keep])
+    bounds = [0]
+    for i in keep:
+        bounds.append(bounds[-1] + cu[i + 1] - cu[i])
+    return ids, bounds
+
+
 def saved_bytes(task, batch) -> int:
     """Bytes of all tensors autograd saves for backward during one forward (activations)."""
     total = [0]
@@ -121,8 +133,7 @@ def main() -> None:
         return child(args)
 
     task, batches = build(args.quick, act_ckpt=False)
-    model = task.model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-5)
     step = step_fn(task, opt)
     step(batches[0])  # warm-up
     t0 = time.perf_counter()
@@ -132,11 +143,10 @@ def main() -> None:
     text = sum(b["num_tokens"] for b in batches) / len(batches)
     vision = sum(int(b["patches"].shape[0]) for b in batches) / len(batches)
 
+    captions = [caption_inputs(b) for b in batches]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.steps):
-            b = batches[i % len(batches)]
-            model.caption_features(b["caption_ids"], b["caption_mask"])
+    for i in range(args.steps):
+        task.vlm.text_features(*captions[i % len(captions)])
     t_text = (time.perf_counter() - t0) / args.steps
 
     mem = {}

@@ -1,0 +1,492 @@
+"""What padding-free packed text buys (docs/method.md §7): padding, throughput and memory.
+
+Three parts, all in one run:
+
+1. **Padding fraction** = (positions the LLM body computes − real tokens) / real tokens, summed
+   over micro-batches, for the LM pass and the alignment loss's caption pass. *Before*: one
+   right-padded row per sequence (what collate produced before packing: rows × longest row);
+   *after*: the layout the model runs, ``TextLayout.positions_computed``.
+   (a) The demo's tiny data (``cmpt.demo.tiny_models.prepare_tiny(quick=True)``) through the
+       ``tiny/comp_stage2`` and ``tiny/comp_stage3`` recipes: real collated micro-batches of
+       ``CompTask.build_loader``, each run through the objective's forward (no gradient) with the
+       layouts of the model's text passes recorded. Also the attention score entries of each layout
+       (SDPA with a dense mask computes rows × width², block-diagonal or not; a varlen / block-
+       sparse kernel would compute Σ lᵢ²).
+   (b) Synthetic samples shaped like ``configs/comp/siglip-so400m_qwen2.5-0.5b/stage2_pass1.yaml``
+       (one image per sample at the stage's forced resolution; its budgets, its sample cap, its
+       ``max_text_tokens`` and ``caption_max_tokens``), batched by the real
+       ``cmpt.data.batching.TokenBudgetBatcher``. Conversation lengths are drawn from a lognormal
+       (printed with the results; two other spreads as a sensitivity check).
+2. **Tiny stage-II training step** (objective forward with L_dec + L_align, backward, AdamW with
+   lr = 0 so both settings see the same weights), padded vs packed text on the same micro-batches,
+   interleaved over ``--reps`` repetitions: each micro-batch is stepped in both settings back to
+   back (order alternating), wall and CPU time, best of the repetitions (the host is shared: a
+   disturbed step can take 10× longer). Throughput counts the real text tokens of the LM pass.
+   Memory: bytes autograd saves for backward (saved-tensor hooks, exact) and the peak RSS increase
+   over the steps in a fresh subprocess per setting. One torch thread by default (``--threads``):
+   on the shared 2-core host, two OpenMP threads that wait on each other made steps 4× slower and
+   the timings erratic.
+3. Loss check: the packed and padded losses of each timed micro-batch agree.
+
+Prints a table, then one JSON line of the ratios.
+Usage: python benchmarks/bench_packing.py [--batches 50] [--reps 5] [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_comp_step import current_rss, peak_rss_during
+
+FULL_RECIPE = "comp/siglip-so400m_qwen2.5-0.5b/stage2_pass1"
+TEMPLATE_TOKENS = 30  # Qwen2.5 chat template around one turn (system prompt, role markers), assumed
+PROMPT = (math.log(15), 0.5)  # question tokens: lognormal (log median, sigma)
+QUICK = {"batches": 12, "samples": 4000, "reps": 2, "steps": 4}
+ANSWERS = {"main": (math.log(180), 0.8), "narrow": (math.log(180), 0.5), "wide": (math.log(180), 1.2)}
+
+
+# --------------------------------------------------------------------------- tiny recipes
+def tiny_task(recipe: str, packing: bool | None = None):
+    """A ``CompTask`` of a ``tiny/comp_stage*`` recipe on the demo's quick tiny models and data."""
+    from cmpt.demo.tiny_models import prepare_tiny
+    from cmpt.recipes import load_recipe
+    from cmpt.recipes.comp import CompTask
+
+    paths = prepare_tiny(quick=True)
+    sets = [
+        f"model.vision={paths['vision']}",
+        f"model.llm={paths['llm']}",
+        f"data.path={paths['data']}",
+        "model.init=''",
+        f"run.dir=/tmp/cmpt-bench-packing/{recipe.replace('/', '_')}",
+    ]
+    if packing is not None:
+        sets.append(f"data.packing={str(packing).lower()}")
+    cfg, _ = load_recipe(recipe, sets)
+    torch.manual_seed(0)
+    return CompTask(cfg)
+
+
+def tiny_batches(task, n: int) -> list[dict]:
+    loader = iter(task.build_loader(0, 1))
+    return [next(loader) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def recorded_layouts(vlm):
+    """Record ``(pass, TextLayout)`` of every text pass the VLM runs (``lm``, or ``caption`` inside
+    ``text_features``), by wrapping the instance's methods for the duration."""
+    calls: list[tuple[str, object]] = []
+    phase = ["lm"]
+    hidden, features = vlm.text_hidden, vlm.text_features
+
+    def text_hidden(embeds, layout, attention="causal"):
+        calls.append((phase[0], layout))
+        return hidden(embeds, layout, attention)
+
+    def text_features(*args, **kwargs):
+        phase[0] = "caption"
+        try:
+            return features(*args, **kwargs)
+        finally:
+            phase[0] = "lm"
+
+    vlm.text_hidden, vlm.text_features = text_hidden, text_features
+    try:
+        yield calls
+    finally:
+        del vlm.text_hidden, vlm.text_features  # back to the class's methods
+
+
+@dataclass
+class Tally:
+    """Token positions of one text pass, summed over micro-batches."""
+
+    real: int = 0
+    padded: int = 0  # rows × longest row
+    computed: int = 0  # TextLayout.positions_computed of the layout the model ran
+    attn_padded: int = 0  # attention score entries, rows × width², padded
+    attn_run: int = 0  # ... of the layout the model ran (dense mask: rows × width²)
+    attn_blocks: int = 0  # Σ lᵢ² (what a varlen / block-sparse kernel computes)
+    batches: int = 0
+    rows: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)  # width of the row(s) run
+
+    def add(self, lengths: list[int], computed: int | None = None, run_width: tuple[int, int] | None = None):
+        rows, width = len(lengths), max(lengths, default=0)
+        self.real += sum(lengths)
+        self.padded += rows * width
+        self.computed += sum(lengths) if computed is None else computed
+        self.attn_padded += rows * width * width
+        r, w = run_width if run_width is not None else (1, sum(lengths))
+        self.attn_run += r * w * w
+        self.attn_blocks += sum(n * n for n in lengths)
+        self.batches += 1
+        self.rows.append(rows)
+        self.widths.append(w)
+
+    @property
+    def before(self) -> float:
+        return (self.padded - self.real) / max(self.real, 1)
+
+    @property
+    def after(self) -> float:
+        return (self.computed - self.real) / max(self.real, 1)
+
+
+def measure_tiny_padding(recipe: str, n: int) -> tuple[dict[str, Tally], bool]:
+    """Padding of the LM and caption passes over ``n`` real micro-batches of a tiny recipe, from the
+    layouts the model runs (objective forward without gradient)."""
+    task = tiny_task(recipe)
+    vlm = task.vlm
+    tallies = {"lm": Tally(), "caption": Tally()}
+    with torch.no_grad(), recorded_layouts(vlm) as calls:
+        for batch in tiny_batches(task, n):
+            calls.clear()
+            task.model(batch)
+            for name, layout in calls:
+                rows = 1 if layout.packed else len(layout.lengths)
+                width = layout.total if layout.packed else layout.width
+                tallies[name].add(list(layout.lengths), layout.positions_computed, (rows, width))
+    return tallies, vlm.packing
+
+
+# --------------------------------------------------------------------------- stage II pass 1, synthetic
+def synthetic_stage2_pass1(
+    n: int, answers: tuple[float, float], seed: int = 0
+) -> tuple[dict[str, Tally], dict]:
+    """Padding of ``n`` synthetic stage2_pass1 samples batched by the recipe's budgets."""
+    from cmpt.data.batching import TokenBudgetBatcher
+    from cmpt.recipes import load_recipe
+    from cmpt.vlm.text_attention import TextLayout
+
+    cfg, _ = load_recipe(FULL_RECIPE, [])
+    d = cfg.data
+    proc = cfg.stage.resolution.make_processor(patch_size=14, merge_size=2)  # SigLIP-so400m/14, 2×2 merge
+    side = cfg.stage.resolution.fixed_size
+    h, w = proc.target_size(side, side)
+    image_tokens = (h // proc.factor) * (w // proc.factor)
+    rng = np.random.default_rng(seed)
+    prompt = np.rint(rng.lognormal(*PROMPT, n)).astype(int).clip(1)
+    answer = np.rint(rng.lognormal(*answers, n)).astype(int).clip(1)
+    fixed = image_tokens + 2 + TEMPLATE_TOKENS  # merged tokens + vision start/end, template
+    text = np.minimum(fixed + prompt + answer, d.max_text_tokens)
+    caption = np.minimum(answer, d.caption_max_tokens)
+    batcher = TokenBudgetBatcher(
+        [(image_tokens, int(t)) for t in text],
+        d.vision_budget,
+        d.text_budget,
+        d.max_samples_per_batch,
+        seed=seed,
+        oversize=d.oversize,
+    )
+    tallies = {"lm": Tally(), "caption": Tally()}
+    for batch in batcher.epoch_batches(0):
+        for name, lens in (("lm", text), ("caption", caption)):
+            lengths = [int(lens[i]) for i in batch]
+            cu = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+            layout = TextLayout.from_cu_seqlens(cu, packed=True)
+            tallies[name].add(lengths, layout.positions_computed)
+    info = {
+        "image": f"{side}² → {h}×{w}, {image_tokens} merged tokens",
+        "budgets": f"vision {d.vision_budget}, text {d.text_budget}, ≤ {d.max_samples_per_batch} samples",
+        "clipped": int((fixed + prompt + answer > d.max_text_tokens).sum()),
+        "text_mean": float(text.mean()),
+        "text_p50": float(np.median(text)),
+        "text_p99": float(np.quantile(text, 0.99)),
+        "caption_mean": float(caption.mean()),
+        "caption_capped": float((answer > d.caption_max_tokens).mean()),
+        "packed_n_mean": tallies["lm"].real / max(tallies["lm"].batches, 1),
+        "packed_n_max": max(tallies["lm"].widths, default=0),
+    }
+    return tallies, info
+
+
+# --------------------------------------------------------------------------- training step
+def make_step(task):
+    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=0.0)
+
+    def step(batch):
+        terms = task.compute_loss(task.model, batch)
+        loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return terms
+
+    return step, opt
+
+
+def saved_bytes(task, batch) -> tuple[int, dict[str, float]]:
+    """Bytes autograd saves for backward in one objective forward, and the loss sums."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        terms = task.compute_loss(task.model, batch)
+    sum(terms.sums.values()).backward()
+    task.model.zero_grad(set_to_none=True)
+    return total[0], {k: float(v.detach()) for k, v in terms.sums.items()}
+
+
+def mask_build_s(vlm, cu_seqlens, packed: bool, repeats: int = 3) -> float:
+    """Seconds to build the body's attention inputs (``body_inputs``) of one LM pass, best of ``repeats``."""
+    from cmpt.vlm.text_attention import TextLayout, attn_implementation, body_inputs
+
+    layout = TextLayout.from_cu_seqlens(cu_seqlens, packed)
+    impl, best = attn_implementation(vlm.llm), math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        body_inputs(layout, impl, "causal", torch.float32, vlm.device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def compare_steps(task, batches: list[dict], reps: int) -> dict:
+    """Padded vs packed training steps on the same batches, interleaved step by step.
+
+    Every micro-batch is stepped once per setting per repetition, the two settings back to back
+    (their order alternating), so a change of load on the shared host hits both alike. Per
+    setting: wall and CPU (``time.process_time``, all threads of this process) seconds of each
+    step; a setting's time for the batch set is the sum over batches of the best repetition; the
+    ratio packed / padded is also taken per adjacent pair of steps (median over pairs).
+    """
+    step, _ = make_step(task)
+    vlm = task.vlm
+    settings = (False, True)
+    wall = {s: [[] for _ in batches] for s in settings}
+    cpu = {s: [[] for _ in batches] for s in settings}
+    pair_ratio: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for s in settings:  # warm-up
+        vlm.configure_packing(s)
+        step(batches[0])
+    for r in range(reps):
+        for i, b in enumerate(batches):
+            got = {}
+            for s in settings if (r + i) % 2 == 0 else settings[::-1]:
+                vlm.configure_packing(s)
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(b)
+                got[s] = (time.perf_counter() - t0, time.process_time() - c0)
+                wall[s][i].append(got[s][0])
+                cpu[s][i].append(got[s][1])
+            pair_ratio["wall"].append(got[True][0] / got[False][0])
+            pair_ratio["cpu"].append(got[True][1] / got[False][1])
+    saved: dict[bool, list[int]] = {s: [] for s in settings}
+    sums: dict[bool, list[dict[str, float]]] = {s: [] for s in settings}
+    for s in settings:
+        vlm.configure_packing(s)
+        for b in batches:
+            nbytes, loss = saved_bytes(task, b)
+            saved[s].append(nbytes)
+            sums[s].append(loss)
+    mask_ms = {s: sum(mask_build_s(vlm, b["cu_seqlens"], s) for b in batches) * 1e3 for s in settings}
+    diff = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(sums[False], sums[True]) for k in a)
+    tokens = sum(int(b["num_tokens"]) for b in batches)
+    best = {s: sum(min(t) for t in wall[s]) for s in settings}
+    best_cpu = {s: sum(min(t) for t in cpu[s]) for s in settings}
+    median = {s: sum(statistics.median(t) for t in wall[s]) for s in settings}
+    return {
+        "tokens": tokens,
+        "best_s": best,
+        "median_s": median,
+        "best_cpu_s": best_cpu,
+        "tokens_per_s": {s: tokens / best[s] for s in settings},
+        "tokens_per_cpu_s": {s: tokens / best_cpu[s] for s in settings},
+        "pair_ratio": {k: statistics.median(v) for k, v in pair_ratio.items()},
+        "saved_mb": {s: sum(saved[s]) / len(saved[s]) / 2**20 for s in settings},
+        "loss_rel_diff": diff,
+        "mask_ms": mask_ms,
+    }
+
+
+def child(args) -> None:
+    """One setting in a fresh process: peak RSS increase over ``--steps`` steps (less AdamW state)."""
+    task = tiny_task("tiny/comp_stage2", packing=args.packed)
+    batches = tiny_batches(task, args.step_batches)
+    step, _ = make_step(task)
+    base = current_rss()
+    peak = peak_rss_during(lambda: [step(batches[i % len(batches)]) for i in range(args.steps)])
+    adam = sum(2 * p.numel() * p.element_size() for p in task.model.parameters() if p.requires_grad)
+    print(json.dumps({"rss_increase_mb": round((peak - base - adam) / 2**20, 1), "packed": task.vlm.packing}))
+
+
+def rss_compare(args) -> dict[bool, list[float]]:
+    out: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.rss_reps):
+        for packed in (False, True) if r % 2 == 0 else (True, False):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ]
+            cmd += ["--step-batches", str(args.step_batches), "--packed", str(int(packed))]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            got = json.loads(res.strip().splitlines()[-1])
+            assert got["packed"] == packed, got
+            out[packed].append(got["rss_increase_mb"])
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=50, help="tiny micro-batches for the padding figures")
+    ap.add_argument("--samples", type=int, default=16000, help="synthetic stage2_pass1 samples")
+    ap.add_argument("--step-batches", type=int, default=4, help="micro-batches of the timed step")
+    ap.add_argument("--reps", type=int, default=5, help="round-robin repetitions of the timed steps")
+    ap.add_argument("--steps", type=int, default=8, help="steps per RSS subprocess")
+    ap.add_argument("--rss-reps", type=int, default=1, help="RSS subprocesses per setting")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="fewer batches, samples and repetitions")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--packed", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        args.packed = bool(args.packed)
+        return child(args)
+    if args.quick:  # smaller values for the options left at their defaults
+        for name, value in QUICK.items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+
+    tiny = {}
+    for recipe in ("tiny/comp_stage2", "tiny/comp_stage3"):
+        tiny[recipe] = measure_tiny_padding(recipe, args.batches)
+    synth = {k: synthetic_stage2_pass1(args.samples, v) for k, v in ANSWERS.items()}
+    task = tiny_task("tiny/comp_stage2")
+    batches = tiny_batches(task, args.step_batches)
+    steps = compare_steps(task, batches, args.reps)
+    rss = rss_compare(args)
+
+    print(f"Packed vs padded text (CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__})")
+    print()
+    print("1. Padding fraction = (positions computed − real tokens) / real tokens")
+    head = f"  {'data':<37}{'pass':<9}{'micro-b.':>9}{'seq/mb':>8}{'real tok':>10}{'before':>9}{'after':>8}"
+    print(head + f"{'attn cells: padded':>20}{'run':>8}{'blocks':>8}")
+    rows = []
+    for recipe, (tallies, _) in tiny.items():
+        for name, t in tallies.items():
+            rows.append((f"{recipe} (quick tiny data)", name, t))
+    for key, (tallies, _) in synth.items():
+        for name, t in tallies.items():
+            rows.append((f"stage2_pass1 synthetic, {key}", name, t))
+    for label, name, t in rows:
+        if not t.batches:
+            print(f"  {label:<37}{name:<9}{'— (no caption pass: align off)':>44}")
+            continue
+        seq = sum(t.rows) / len(t.rows)
+        cells = f"{t.attn_padded / t.attn_blocks:>19.2f}×{t.attn_run / t.attn_blocks:>7.2f}×{1:>7.2f}×"
+        line = f"  {label:<37}{name:<9}{t.batches:>9}{seq:>8.1f}{t.real:>10}"
+        print(line + f"{pct(t.before):>9}{pct(t.after):>8}" + cells)
+    print("  attention cells: score entries relative to Σ lᵢ² (block-diagonal); 'run' = the layout the")
+    print("  model ran with its dense SDPA mask (rows × width²); synthetic rows assume a dense mask too.")
+    info = synth["main"][1]
+    print(f"  synthetic: {info['image']}; budgets {info['budgets']}; per sample text = merged tokens + 2")
+    print(f"  + {TEMPLATE_TOKENS} template + question ~ round(LogNormal(ln 15, 0.5)) + answer ~")
+    print("  round(LogNormal(ln 180, σ)), σ = 0.8 (main), 0.5 (narrow), 1.2 (wide), clipped to")
+    print("  max_text_tokens; caption = answer cut to caption_max_tokens.")
+    for key, (_, i) in synth.items():
+        print(
+            f"    {key}: text mean {i['text_mean']:.0f}, median {i['text_p50']:.0f}, "
+            f"p99 {i['text_p99']:.0f}, {i['clipped']} clipped; caption mean {i['caption_mean']:.0f}, "
+            f"{pct(i['caption_capped'])} capped"
+        )
+    n_mean, n_max = info["packed_n_mean"], info["packed_n_max"]
+    print(
+        f"  main: a packed LM row holds {n_mean:.0f} tokens on average (max {n_max}); a dense boolean "
+        f"(1, 1, N, N) mask of that row is {n_mean**2 / 2**20:.0f} MiB (max {n_max**2 / 2**20:.0f} MiB)"
+    )
+    print()
+    tp, sv = steps["tokens_per_s"], steps["saved_mb"]
+    n_b, n_tok = len(batches), steps["tokens"]
+    print(f"2. Tiny stage-II training step, {n_b} micro-batches ({n_tok} real text tokens), {args.reps} reps")
+    tc, pr = steps["tokens_per_cpu_s"], steps["pair_ratio"]
+    head = f"  {'text':<8}{'tokens/s':>10}{'per CPU-s':>11}{'s (best)':>10}{'s (median)':>12}"
+    print(head + f"{'saved for bwd':>15}{'peak RSS +':>12}")
+    for s in (False, True):
+        line = f"  {'packed' if s else 'padded':<8}{tp[s]:>10.0f}{tc[s]:>11.0f}"
+        line += f"{steps['best_s'][s]:>10.2f}{steps['median_s'][s]:>12.2f}"
+        print(line + f"{sv[s]:>12.1f} MB{statistics.median(rss[s]):>9.1f} MB")
+    print(
+        f"  packed / padded: tokens/s {tp[True] / tp[False]:.3f} (best wall), "
+        f"{tc[True] / tc[False]:.3f} (CPU); step time packed / padded, median over adjacent pairs: "
+        f"{pr['wall']:.3f} (wall), {pr['cpu']:.3f} (CPU)"
+    )
+    print(
+        f"  saved for backward {sv[True] / sv[False]:.3f}×, peak RSS increase "
+        f"{statistics.median(rss[True]) / statistics.median(rss[False]):.3f}×"
+    )
+    mm = steps["mask_ms"]
+    print(
+        f"  attention inputs (mask, positions) of the {n_b} LM passes: {mm[False]:.1f} ms padded, "
+        f"{mm[True]:.1f} ms packed (SDPA, dense mask; once per pass, the caption pass again)"
+    )
+    print(f"  loss sums packed vs padded: max relative difference {steps['loss_rel_diff']:.1e}")
+    print(f"  (wall {time.perf_counter() - t_start:.0f} s)")
+
+    s2 = tiny["tiny/comp_stage2"][0]
+    s3 = tiny["tiny/comp_stage3"][0]
+    main_synth = synth["main"][0]
+    print(
+        json.dumps(
+            {
+                "lm_padding_before": round(s2["lm"].before, 4),
+                "lm_padding_after": round(s2["lm"].after, 4),
+                "caption_padding_before": round(s2["caption"].before, 4),
+                "caption_padding_after": round(s2["caption"].after, 4),
+                "stage3_lm_padding_before": round(s3["lm"].before, 4),
+                "stage3_lm_padding_after": round(s3["lm"].after, 4),
+                "stage2_pass1_padding_before": round(main_synth["lm"].before, 4),
+                "stage2_pass1_padding_after": round(main_synth["lm"].after, 4),
+                "stage2_pass1_caption_padding_before": round(main_synth["caption"].before, 4),
+                "tiny_attn_cells_packed_dense_vs_padded": round(s2["lm"].attn_run / s2["lm"].attn_padded, 3),
+                "stage2_pass1_attn_cells_packed_dense_vs_padded": round(
+                    main_synth["lm"].attn_run / main_synth["lm"].attn_padded, 3
+                ),
+                "stage2_pass1_attn_cells_blocks_vs_padded": round(
+                    main_synth["lm"].attn_blocks / main_synth["lm"].attn_padded, 3
+                ),
+                "packed_vs_padded_tokens_per_s": round(tp[True] / tp[False], 3),
+                "packed_vs_padded_tokens_per_cpu_s": round(tc[True] / tc[False], 3),
+                "packed_vs_padded_step_time_pair_median": round(pr["wall"], 3),
+                "packed_vs_padded_saved_mb": round(sv[True] / sv[False], 3),
+                "packed_vs_padded_rss_increase": round(
+                    statistics.median(rss[True]) / max(statistics.median(rss[False]), 1e-9), 3
+                ),
+                "loss_rel_diff": float(f"{steps['loss_rel_diff']:.2e}"),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
