@@ -15,6 +15,7 @@ import torch
 from cmpt.losses import next_token_loss
 from cmpt.recipes.comp import LossConfig
 from cmpt.recipes.comp_objective import CompObjective
+from cmpt.vlm.packed_sdpa import PACKED_SDPA, implementation_for
 from cmpt.vlm.text_attention import TextLayout, body_inputs, pad_rows, unpad_rows
 from vlm_fixtures import UNEVEN, build_dirs, build_vlm, make_batch, zero_grads
 
@@ -28,7 +29,7 @@ def dirs(tmp_path_factory):
 
 def _vlm(dirs, arch: str, impl: str):
     vlm = build_vlm(dirs, arch, llm_kwargs={"attn_implementation": impl})
-    assert vlm.llm.config._attn_implementation == impl
+    assert vlm.llm.config._attn_implementation == implementation_for(impl, packed=True)
     return vlm.train()
 
 
@@ -132,3 +133,22 @@ def test_unsupported_attention_falls_back_or_refuses(dirs, caplog):
         vlm.configure_packing(True)
     with pytest.raises(ValueError, match="cannot build a bidirectional mask"):
         body_inputs(TextLayout((2, 3), False), "some_custom_kernel", "bidirectional", torch.float32, "cpu")
+
+
+def test_packed_sdpa_runs_without_a_mask_and_switches_back(dirs):
+    """Packed sdpa runs each sequence's slice (no N×N mask); padded rows go back to plain sdpa."""
+    vlm = build_vlm(dirs, "qwen2", llm_kwargs={"attn_implementation": "sdpa"})
+    assert vlm.packing and vlm.llm.config._attn_implementation == PACKED_SDPA
+    batch = make_batch(vlm, UNEVEN)
+    images = {"patches": batch["patches"], "grid_hw": batch["grid_hw"]}
+    with torch.no_grad():
+        out = vlm(batch["input_ids"], batch["cu_seqlens"], **images)
+    assert out.body_kwargs["attention_mask"] is None
+    assert out.body_kwargs["packed_lengths"] == tuple(batch["cu_seqlens"].diff().tolist())
+    vlm.configure_packing(False)
+    assert vlm.llm.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        padded = vlm(
+            batch["input_ids"], batch["cu_seqlens"], patches=batch["patches"], grid_hw=batch["grid_hw"]
+        )
+    torch.testing.assert_close(padded.hidden, out.hidden, rtol=1e-5, atol=1e-5)

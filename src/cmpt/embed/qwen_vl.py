@@ -43,7 +43,7 @@ from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
 from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
 from cmpt.vlm.model import VLMOutput
-from cmpt.vlm.text_attention import AttentionMode, TextLayout, packing_unsupported_reason
+from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
 __all__ = ["MODEL_CLASSES", "QwenVLBackbone", "QwenVLConfig"]
 
@@ -119,7 +119,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
                     "use the checkpoint's own tokenizer (with its vision tokens)"
                 )
         self._rope_takes_types = "mm_token_type_ids" in inspect.signature(hf.model.get_rope_index).parameters
-        self.packing = packing_unsupported_reason(self.attention_owner, self.body) is None
+        self.configure_packing(None)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

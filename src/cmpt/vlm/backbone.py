@@ -24,6 +24,7 @@ from torch import nn
 
 from cmpt.losses import segment_mean
 from cmpt.vlm.chat import IMAGE_PAD
+from cmpt.vlm.packed_sdpa import implementation_for
 from cmpt.vlm.text_attention import (
     AttentionMode,
     TextLayout,
@@ -131,6 +132,10 @@ class BackboneMixin:
         self.packing = bool(requested if requested is not None else reason is None)
         if requested is None and reason:
             log.info("text runs right-padded (no packing): %s", reason)
+        impl = attn_implementation(self.attention_owner)
+        wanted = implementation_for(impl, self.packing)
+        if wanted != impl:  # sdpa runs packed rows per sequence, without an N×N mask
+            self.body.set_attn_implementation(wanted)
         return self.packing
 
     def text_hidden(

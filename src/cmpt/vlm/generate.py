@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cmpt.vlm.chat import render_prompt
+from cmpt.vlm.packed_sdpa import standard_attention
 from cmpt.vlm.text_attention import set_attention_mode
 
 if TYPE_CHECKING:
@@ -83,18 +84,19 @@ def generate_batch(
     model.eval()
     set_attention_mode(model.body, "causal")  # decoding is causal whatever the last forward used
     try:
-        vision = model.encode_images(torch.cat(patches), torch.cat(grids)) if patches else None
-        embeds = model.embed_inputs(input_ids, vision)
-        eos = end_of_turn_ids(model)
-        out = model.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos,
-            pad_token_id=pad_id,
-        )
+        with standard_attention(model.body):
+            vision = model.encode_images(torch.cat(patches), torch.cat(grids)) if patches else None
+            embeds = model.embed_inputs(input_ids, vision)
+            eos = end_of_turn_ids(model)
+            out = model.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos,
+                pad_token_id=pad_id,
+            )
     finally:
         model.train(was_training)
     # With inputs_embeds only, HF returns just the new tokens; cut each row at its first stop token.

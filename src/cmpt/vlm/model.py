@@ -39,7 +39,7 @@ from cmpt.vision.vit import NativeViT
 from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, save_vlm
 from cmpt.vlm.merger import PatchMerger
-from cmpt.vlm.text_attention import AttentionMode, TextLayout, packing_unsupported_reason
+from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
 __all__ = ["VLMConfig", "VLMOutput", "VisionLanguageModel"]
 
@@ -84,7 +84,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
                 f"merge sizes disagree: VLMConfig {config.merge_size}, PatchMerger {merger.merge_size}, "
                 f"NativeViT {vit.config.merge_size}"
             )
-        self.packing = packing_unsupported_reason(llm, self.body) is None
+        self.configure_packing(None)
 
     # ------------------------------------------------------------------ construction (cmpt.vlm.io)
     build = classmethod(build_vlm)

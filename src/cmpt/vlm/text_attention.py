@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cmpt.vlm.packed_sdpa import PACKED_SDPA
+
 __all__ = [
     "ATTENTION_MODES",
     "AttentionMode",
@@ -64,7 +66,7 @@ def packing_unsupported_reason(llm: nn.Module, body: nn.Module) -> str | None:
     express a block-diagonal mask (sdpa, eager, flex_attention, flash-attention).
     """
     impl = attn_implementation(llm)
-    if impl not in (*_DENSE, "flex_attention") and not _is_flash(impl):
+    if impl not in (*_DENSE, PACKED_SDPA, "flex_attention") and not _is_flash(impl):
         return f"its attention implementation {impl!r} takes no block-diagonal mask"
     if "position_ids" not in inspect.signature(body.forward).parameters:
         return f"{type(body).__name__}.forward takes no position_ids"
@@ -200,10 +202,13 @@ def body_inputs(
     layout: TextLayout, impl: str, mode: AttentionMode, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     """Keyword arguments for the body's ``forward``: ``attention_mask``, ``position_ids`` and, for
-    flash-attention on packed rows, ``cu_seq_lens_q/k`` and ``max_length_q/k`` (docs/method.md §7)."""
+    packed rows, ``packed_lengths`` (:data:`~cmpt.vlm.packed_sdpa.PACKED_SDPA`: no mask at all) or
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attention) (docs/method.md §7)."""
     causal = mode == "causal"
     kwargs: dict[str, Any] = {"position_ids": layout.position_ids(device)}
-    if impl in _DENSE:
+    if impl == PACKED_SDPA and layout.packed:
+        kwargs.update(attention_mask=None, packed_lengths=layout.lengths)
+    elif impl in (*_DENSE, PACKED_SDPA):
         allowed = _allowed(layout, causal, device)
         if impl == "eager":
             zero = torch.zeros((), dtype=dtype, device=device)
