@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -229,8 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. Errors about the user's input, data, files or run (not bugs in cmpt) are
+    printed as one line without a traceback (``CMPT_TRACEBACK=1`` shows it); exit status 2."""
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, OSError, RuntimeError) as e:
+        from .train.bad_data import BadDataError
+        from .train.loop import NonFiniteError
+
+        if isinstance(e, RuntimeError) and not isinstance(e, (BadDataError, NonFiniteError)):
+            raise
+
+        if os.environ.get("CMPT_TRACEBACK"):
+            raise
+        print(f"cmpt {args.command}: error: {e}", file=sys.stderr)
+        print("(set CMPT_TRACEBACK=1 to see where it happened)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,7 +113,7 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     from ..vlm.chat import ensure_mask_token
 
     init = expand_path(cfg.model.init) if cfg.model.init else ""
-    if init and not Path(init).exists() and init.count("/") == 1:  # a hub id: the local snapshot
+    if init and not Path(init).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", init):  # a hub id
         init = _hub_snapshot(init)
     if not init or not Path(init).is_dir():
         raise FileNotFoundError(
