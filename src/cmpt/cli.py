@@ -206,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="generate built-in offline data (LLaVA JSON / documents JSONL + PNG)")
-    p.add_argument("--kind", required=True, choices=["charts", "docs", "scenes", "documents", "passages"])
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=["charts", "docs", "scenes", "documents", "passages", "moca"],
+        help="moca: documents + passages (train n, val n//5 each) and train.yaml / val.yaml mixtures",
+    )
     p.add_argument("--n", type=int, required=True, help="train samples (val/test get n//4 each)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -254,6 +254,19 @@ def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = 
     Returns a JSON-serialisable dict ``{"kind", "out", "seed", "seconds", "splits": {name:
     {"json": path, "n": count, "seed": stream_seed}}}``.
     """
+    if kind == "moca":  # the MoCa CPT corpus: documents + passages + mixtures (docs/method.md §3)
+        from cmpt.demo.moca_data import write_moca_corpus
+
+        sizes = {k: (n, max(1, n // 5)) for k in ("documents", "passages")}
+        start = time.perf_counter()
+        info = write_moca_corpus(out, sizes, seed)
+        return {
+            "kind": kind,
+            "out": str(out),
+            "seed": seed,
+            **info,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
     if kind in ("documents", "passages"):  # MoCa data (docs/method.md §3)
         from cmpt.demo.synth_documents import synth_documents_main
 
