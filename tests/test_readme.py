@@ -23,3 +23,16 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert scope["feats"].shape[0] == scope["batch"].patches.shape[0]
     assert scope["pooled"].shape == (2, 32)
     assert (tmp_path / "my-vit" / "model.safetensors").is_file()
+
+
+def test_readme_embedder_example_runs(tmp_path, monkeypatch):
+    import cmpt
+    from vlm_fixtures import build_dirs, build_vlm
+
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[1]
+    cmpt.Embedder(build_vlm(build_dirs(tmp_path / "m"))).save_pretrained(tmp_path / "my-embedder")
+    Image.new("RGB", (120, 80), "green").save(tmp_path / "chart.png")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"cmpt": cmpt, "Image": Image}
+    exec(code, scope)
+    assert scope["vecs"].shape[0] == 2
