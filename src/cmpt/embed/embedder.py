@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cmpt.embed.backbones import load_backbone
 from cmpt.losses import segment_mean
-from cmpt.vlm.chat import IMAGE_TOKEN, encode_text_with_images
+from cmpt.vlm.chat import encode_text_with_images, plain_input
 
 __all__ = ["EMBEDDER_CONFIG", "Embedder", "EmbedderConfig"]
 
@@ -85,10 +85,7 @@ class Embedder:
         packed = bb.processor(images) if images else None
         m2 = bb.config.merge_size**2
         n_tokens = [] if packed is None else [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
-        body = text or ""
-        if IMAGE_TOKEN not in body:
-            body = "\n".join([IMAGE_TOKEN] * len(images) + ([body] if body else []))
-        full = f"{instruction}\n{body}" if instruction else body
+        full = plain_input(text, len(images), instruction)
         if not full:
             raise ValueError(f"input {i} is empty: give a text, an image or an instruction")
         ids = encode_text_with_images(full, bb.tokenizer, n_tokens, sample_id=str(i))

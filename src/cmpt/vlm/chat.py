@@ -345,6 +345,16 @@ def encode_text_with_images(
     return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, sample_id)[0]
 
 
+def plain_input(text: str | None, num_images: int, instruction: str | None = None) -> str:
+    """The plain text of an embedding input (docs/method.md §3 ``cmpt.Embedder``): ``instruction``,
+    a newline, one ``<image>`` line per image, then ``text`` — or, when ``text`` carries its own
+    ``<image>`` placeholders (an interleaved input), the text as written after the instruction."""
+    body = text or ""
+    if IMAGE_TOKEN not in body:
+        body = "\n".join([IMAGE_TOKEN] * num_images + ([body] if body else []))
+    return f"{instruction}\n{body}" if instruction else body
+
+
 def caption_ids(caption: str, tokenizer, max_length: int) -> torch.LongTensor:
     """The caption tokenized alone — no chat template, no special tokens — for ``L_align`` (method.md §2).
 
@@ -383,6 +393,7 @@ __all__ = [
     "encode_text_with_images",
     "ensure_mask_token",
     "ensure_vision_tokens",
+    "plain_input",
     "render_conversation",
     "render_prompt",
     "single_token_id",
