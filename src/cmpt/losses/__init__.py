@@ -6,6 +6,7 @@
 - :func:`next_token_loss` — ``L_dec`` on supervised positions only (no full-vocab logits), with
   :func:`shift_labels` for packed sequences; with ``shift=False`` MoCa's masked-token loss.
 - :func:`mae_loss` / :func:`window_targets` — MoCa's masked-window reconstruction ``L_MAE``.
+- :func:`info_nce` — MoCa's contrastive loss (in-batch and hard negatives, fixed temperature).
 """
 
 from cmpt.losses.alignment import (
@@ -16,12 +17,14 @@ from cmpt.losses.alignment import (
     segment_mean,
     sinkhorn_targets,
 )
+from cmpt.losses.contrastive import info_nce
 from cmpt.losses.lm import next_token_loss, shift_labels
 from cmpt.losses.mae import mae_loss, window_targets
 
 __all__ = [
     "SINKHORN_VARIANTS",
     "alignment_loss",
+    "info_nce",
     "mae_loss",
     "masked_mean",
     "next_token_loss",

@@ -1,10 +1,14 @@
-"""The MoCa recipe, stage ``cpt``: modality-aware continual pre-training as data (docs/method.md §3).
+"""The MoCa recipe as data (docs/method.md §3): stage ``cpt`` (modality-aware continual
+pre-training, :class:`~cmpt.recipes.moca_objective.MocaObjective`) and stage ``cl``
+(heterogeneous contrastive learning on task-homogeneous batches of pairs,
+:class:`~cmpt.recipes.moca_cl_objective.ContrastiveObjective`).
 
 A stage starts from a backbone directory (``model.init``: a cmpt VLM — e.g. the CoMP stage-III
-output — or a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint), switches its LLM to bidirectional
-attention and trains ``L = L_MLM + λ·L_MAE`` (:class:`~cmpt.recipes.moca_objective.MocaObjective`)
-on text-only, image–caption and interleaved documents. Its output (``final/``) is an Embedder
-directory: the backbone's own files plus ``embedder_config.json``.
+output —, a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint, or the previous MoCa stage's output) and
+runs its LLM with bidirectional attention: ``cpt`` trains ``L = L_MLM + λ·L_MAE`` on text-only,
+image–caption and interleaved documents, ``cl`` trains InfoNCE with in-batch and hard negatives.
+A stage's output (``final/``) is an Embedder directory: the backbone's own files plus
+``embedder_config.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.loop import LossTerms
 from ..vision.processor import ImageProcessor
+from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
 from .paths import expand_path
 
@@ -45,8 +50,9 @@ class MocaStageConfig:
     """Trainable parts (MoCa trains everything; ``mae`` = the MAE decoder and head), per-part LRs
     (missing parts use ``optim.lr``) and the resolution policy (official: 256·28² … 1024·28²)."""
 
-    name: str = "cpt"
+    name: Literal["cpt", "cl"] = "cpt"
     trainable: list[str] = field(default_factory=lambda: list(PARTS))
+    batch_size: int = 24  # cl: pairs per device per micro-batch (official: 24)
     lr: dict[str, float] = field(default_factory=dict)
     resolution: ResolutionConfig = field(
         default_factory=lambda: ResolutionConfig(min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28)
@@ -71,6 +77,9 @@ class MocaLossConfig:
     mask_fill: Literal["gaussian", "learned"] = "gaussian"
     lm_chunk_size: int = 4096
     seed: int = 0
+    temperature: float = 0.03  # cl: fixed InfoNCE temperature
+    num_hard_negatives: int = 2  # cl: k per query (first k; the last repeated when fewer)
+    grad_cache_chunk: int = 0  # cl: > 0 embeds that many inputs at a time (GradCache)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.mlm_prob <= 1.0 and 0.0 <= self.mae_prob <= 1.0):
@@ -147,8 +156,10 @@ class MocaTask:
         self.backbone.set_trainable([p for p in cfg.stage.trainable if p != "mae"])
         for p in getattr(getattr(self.backbone, "vit", None), "unused_parameters", list)():
             p.requires_grad_(False)  # e.g. a CLS token the packed stream drops
-        self.model = MocaObjective(self.backbone, cfg.loss).train()
-        for p in self.model.parts()["mae"]:
+        self.cl = cfg.stage.name == "cl"
+        objective = ContrastiveObjective if self.cl else MocaObjective
+        self.model = objective(self.backbone, cfg.loss).train()
+        for p in self.model.parts().get("mae", []):
             p.requires_grad_("mae" in cfg.stage.trainable)
         m2 = self.backbone.config.merge_size**2
         self._window_elements = m2 * self.backbone.patch_dim
@@ -160,19 +171,31 @@ class MocaTask:
         lrs, parts = self.cfg.stage.lr, self._parts()
         groups = []
         for part in self.cfg.stage.trainable:
-            params = [p for p in parts[part] if p.requires_grad]
+            params = [p for p in parts.get(part, []) if p.requires_grad]
             if params:
                 groups.append({"name": part, "params": params, "lr": lrs.get(part, self.cfg.optim.lr)})
         return groups
 
     def fsdp_units(self) -> list[nn.Module]:
-        return [*self.backbone.fsdp_units(), self.model.mae_decoder]
+        return [*self.backbone.fsdp_units(), *([] if self.cl else [self.model.mae_decoder])]
 
     def build_loader(self, rank: int, world_size: int):
         from ..data.batching import build_loader
         from ..data.documents import DocumentBuilder
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
+        if self.cl:
+            from ..data.pairs import build_pair_loader
+
+            return build_pair_loader(
+                data,
+                self.backbone.processor,
+                self.backbone.tokenizer,
+                rank=rank,
+                world_size=world_size,
+                batch_size=self.cfg.stage.batch_size,
+                num_hard_negatives=self.cfg.loss.num_hard_negatives,
+            )
         builder = DocumentBuilder(
             self.backbone.processor,
             self.backbone.tokenizer,
@@ -193,6 +216,8 @@ class MocaTask:
         )
 
     def loss_counts(self, batch: dict) -> dict[str, int]:
+        if self.cl:
+            return {"cl": int(batch["num_pairs"])}
         return {
             "mlm": int(batch["num_mlm_tokens"]),
             "mae": int(batch["num_mae_windows"]) * self._window_elements,
@@ -200,6 +225,8 @@ class MocaTask:
 
     def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms:
         out = model(batch)
+        if self.cl:
+            return LossTerms(sums={"cl": out["cl_sum"]}, counts={"cl": out["cl_count"]}, weights={"cl": 1.0})
         return LossTerms(
             sums={"mlm": out["mlm_sum"], "mae": out["mae_sum"]},
             counts={"mlm": out["mlm_count"], "mae": out["mae_count"]},

@@ -112,6 +112,17 @@ def all_gather_object(obj: object) -> list[object]:
     return out
 
 
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (same shape on every rank) over ranks, gradients flowing back to every
+    rank's own rows (autograd-aware all-gather); returns ``(gathered, offset of this rank's rows)``.
+    A single process returns ``(x, 0)``."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank (FSDP2 shards whatever each rank holds)."""
     if not is_dist():
