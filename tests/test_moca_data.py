@@ -29,3 +29,27 @@ def test_synth_moca_kind_passes_the_checker(tmp_path, capsys):
     assert summary["sizes"] == {"documents": [6, 1], "passages": [6, 1]}
     assert main(["data", "check", str(tmp_path / "c" / "train.yaml")]) == 0
     assert "12 records, 0 bad" in capsys.readouterr().out
+
+
+def test_packaged_moca_recipes_carry_the_official_hyperparameters():
+    from cmpt.recipes import load_recipe
+
+    cpt, _ = load_recipe("moca/qwen2.5-vl-3b/cpt")
+    assert (cpt.optim.lr, cpt.optim.warmup_ratio, cpt.optim.clip_grad, cpt.train.grad_accum) == (
+        2e-6,
+        0.1,
+        5.0,
+        4,
+    )
+    assert cpt.data.max_text_tokens == 1280 and cpt.train.precision == "bf16"
+    assert (cpt.stage.resolution.min_pixels, cpt.stage.resolution.max_pixels) == (
+        256 * 28 * 28,
+        1024 * 28 * 28,
+    )
+    assert (cpt.loss.mlm_prob, cpt.loss.mae_prob, cpt.loss.mae_weight) == (0.4, 0.5, 0.1)
+    cl, _ = load_recipe("moca/qwen2.5-vl-3b/cl")
+    assert (cl.stage.name, cl.optim.lr, cl.stage.batch_size, cl.optim.warmup_ratio) == ("cl", 2e-5, 24, 0.05)
+    assert (cl.loss.temperature, cl.loss.num_hard_negatives, cl.data.max_text_tokens) == (0.03, 2, 1280)
+    for name in ("tiny/moca_cpt", "tiny/moca_cl"):
+        cfg, _ = load_recipe(name)
+        assert cfg.recipe == "moca"
