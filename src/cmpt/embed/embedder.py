@@ -4,8 +4,10 @@ An input is an optional instruction, optional images and optional text. It is re
 text — no chat template — ``instruction \\n <image> … \\n text`` (or the text's own ``<image>``
 placeholders, for interleaved inputs), each image expanded to its merged vision tokens. The backbone
 runs with **bidirectional** attention; the embedding is the mean of the last hidden states (after
-the final norm) over the input's tokens, L2-normalized. Inputs are packed into micro-batches by a
-token budget (padding-free, so an embedding never depends on the other inputs of its batch).
+the final norm) over the input's tokens, L2-normalized (``attention="causal"`` in the config gives
+the same pooling over the VLM as it was: the baseline of the MoCa tables). Inputs are packed into
+micro-batches by a token budget (padding-free, so an embedding never depends on the other inputs
+of its batch).
 
 An Embedder directory is the backbone's own directory (a cmpt VLM, or a Hugging Face Qwen2-VL /
 Qwen2.5-VL checkpoint that transformers still loads) plus ``embedder_config.json``.
@@ -41,6 +43,7 @@ class EmbedderConfig:
     batch_tokens: int = 8192  # tokens per forward
     pooling: str = "mean"
     normalize: bool = True
+    attention: str = "bidirectional"  # "causal": the VLM as it was (a baseline; MoCa is bidirectional)
 
 
 def _as_list(x: Any, n: int, name: str) -> list[Any]:
@@ -159,6 +162,6 @@ class Embedder:
                 grid_hw=torch.cat([p.grid_hw for p in imgs]),
                 images_per_sample=torch.tensor([0 if x[1] is None else len(x[1].grid_hw) for x in items]),
             )
-        hidden = bb(ids, cu, attention="bidirectional", **kwargs).hidden
+        hidden = bb(ids, cu, attention=self.config.attention, **kwargs).hidden
         pooled = segment_mean(hidden, lengths)
         return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
