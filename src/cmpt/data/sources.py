@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "PAIR_KEYS",
     "REASONS",
     "RECORD_KEYS",
     "BadSample",
@@ -78,7 +79,14 @@ REASONS = (
     "too_long",  # conversation longer than max_text_tokens (checker only; the loader truncates)
     "invalid_conversation",  # any other rendering error
     "corrupt_archive",  # a tar shard that cannot be read on (the rest of the shard is skipped)
+    "empty_query",  # a contrastive pair whose query has no text and no image (docs/method.md §3)
+    "empty_positive",  # a contrastive pair whose positive has no text and no image
+    "negative_is_positive",  # a hard negative identical to the positive (same text and image)
 )
+
+#: The keys of a contrastive pair record (MMEB-train / MoCa-CL-Pairs layout, docs/method.md §3); a
+#: record with any of the first four and neither ``conversations`` nor ``text`` is a pair record.
+PAIR_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path", "task")
 
 
 class BadSample(ValueError):
@@ -121,7 +129,9 @@ class Record:
     ``image_root``: where paths resolve. ``origin``: where the record was read (a shard and member
     key, a dataset row), for messages only. ``text``: a document's text with its ``<image>``
     placeholders (``None`` when the key is missing; a non-string value is kept as read and reported
-    as ``bad_value`` by the checker and the builder).
+    as ``bad_value`` by the checker and the builder). ``members``: tar shards only, the sample's
+    members other than ``.json`` by extension and by full name (``"qry.png"``, ``"000001.qry.png"``),
+    through which pair records reference their images (:mod:`cmpt.data.pairs`); ``None`` elsewhere.
     """
 
     id: str
@@ -132,11 +142,18 @@ class Record:
     image_root: str = ""
     origin: str = ""
     text: Any = None  # str for document records
+    members: dict[str, bytes] | None = None  # tar shards: named members (pair records' images)
 
     @property
     def is_document(self) -> bool:
         """A document record: ``text`` and no ``conversations`` (docs/method.md §3)."""
         return self.conversations is None and self.text is not None
+
+    @property
+    def is_pair(self) -> bool:
+        """A contrastive pair record (:data:`PAIR_KEYS` in ``meta``, neither ``conversations`` nor
+        ``text``; docs/method.md §3)."""
+        return self.conversations is None and self.text is None and any(k in self.meta for k in PAIR_KEYS[:4])
 
     def image_path(self, i: int) -> str:
         """Absolute path of image ``i``; raises ``BadSample`` (``path_escape`` / ``bad_value``)."""

@@ -13,6 +13,12 @@ Document records (``text`` without ``conversations``, docs/method.md §3) are ch
 literal vision or mask tokens (``bad_value``), ``<image>`` count ≠ image count
 (``placeholder_mismatch``); their images as above. With ``max_text_tokens`` a longer document is
 reported ``too_long`` (the MoCa builder drops its trailing images and text instead).
+
+Contrastive pair records (docs/method.md §3, :mod:`cmpt.data.pairs`) are checked by
+:func:`cmpt.data.pairs.pair_problems` (``missing_key``, ``bad_value``, ``placeholder_mismatch``,
+``empty_query``, ``empty_positive``, ``negative_is_positive``), then the images of their query,
+positive and negatives as above; their length is not checked (the builder cuts each input as the
+Embedder does).
 """
 
 from __future__ import annotations
@@ -173,7 +179,12 @@ def document_problems(rec: Record, forbidden: tuple[str, ...] = (MASK_TOKEN,)) -
 
 
 def record_problems(rec: Record) -> list[tuple[str, str]]:
-    """:func:`document_problems` for a document record, else :func:`conversation_problems`."""
+    """:func:`document_problems` for a document record, :func:`cmpt.data.pairs.pair_problems` for a
+    contrastive pair, else :func:`conversation_problems`."""
+    if rec.is_pair:
+        from cmpt.data.pairs import pair_problems  # pairs imports the pipeline, which imports this
+
+        return pair_problems(rec)
     return document_problems(rec) if rec.is_document else conversation_problems(rec)
 
 
@@ -266,9 +277,15 @@ def check_record(
         record.image_root = getattr(source, "image_root", "")
     factor = processor.factor if processor is not None else processor_factor
     found = record_problems(record)
-    img_found, tokens = _image_problems(record, processor, factor, min_pixels, max_pixels, decode)
-    found += img_found
-    if not found and tokenizer is not None and max_text_tokens is not None:
+    images = record
+    if record.is_pair:  # its images are those of the query, positive and negatives; no length check
+        from cmpt.data.pairs import pair_fields, pair_image_record
+
+        images = pair_image_record(record, pair_fields(record)) if not found else None
+    if images is not None:
+        img_found, tokens = _image_problems(images, processor, factor, min_pixels, max_pixels, decode)
+        found += img_found
+    if not found and not record.is_pair and tokenizer is not None and max_text_tokens is not None:
         n = _rendered_length(record, tokenizer, tokens, found)
         if n is not None and n > max_text_tokens:
             found.append(("too_long", f"{n} tokens > max_text_tokens={max_text_tokens}"))

@@ -22,6 +22,11 @@ has one image member (the caption gets a leading ``"<image>\\n"`` unless it alre
 placeholder), a text-only passage when it has none — and so is a sample whose ``.json`` has neither
 ``text`` nor ``conversations`` (metadata only, as caption shards often store) next to a ``.txt``.
 
+Contrastive pairs (docs/method.md §3, :mod:`cmpt.data.pairs`): a ``.json`` member with the pair keys
+(``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``,
+``task``) and no ``text`` / ``conversations``; its image fields name members of the sample
+(``"qry.png"`` or ``"000123.qry.png"``), kept in ``Record.members``.
+
 Reading is streaming (``tarfile``, member by member, nothing extracted to disk) and seekable: every
 raw sample carries the byte offset of its first header, so a reader can restart at any sample
 (:func:`iter_tar` with ``offset``) and a single sample can be read back (:func:`read_sample_at`) —
@@ -45,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.sources import RECORD_KEYS, BadSample, Record
+from cmpt.data.sources import PAIR_KEYS, RECORD_KEYS, BadSample, Record
 from cmpt.vlm.chat import IMAGE_TOKEN
 
 __all__ = [
@@ -254,6 +259,12 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
         )
     rid = obj.get("id")
     rid = default_id if rid is None or rid == "" else str(rid)
+    if obj.get("conversations") is None and obj.get("text") is None and any(k in obj for k in PAIR_KEYS[:4]):
+        # a contrastive pair (docs/method.md §3): its image fields name members, resolved by the builder
+        named = {e: v for e, v in raw.members.items() if e != "json"}
+        named.update({f"{base}.{e}": v for e, v in list(named.items())})
+        meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
+        return Record(rid, [], None, meta, index, "", origin, None, named)
     field_name = "image" if "image" in obj else "images" if "images" in obj else None
     if field_name is None:
         exts = _image_extensions(raw.members)

@@ -1,0 +1,270 @@
+"""Pair sources and the resumable, task-homogeneous pair loader of MoCa stage 2 (docs/method.md §3, §4).
+
+**Sources.** Pair records (:mod:`cmpt.data.pairs`) come from any source of
+:func:`cmpt.data.sources.open_source`: LLaVA-style JSON/JSONL files, Hugging Face datasets,
+mixtures, and tar shards — read here through :class:`TarPairSource`, a map-style view built by one
+scan of the shards (sample offsets and tasks), since the task sampler needs every record's task up
+front. A record without a ``task`` (or whose JSON cannot be read) belongs to its source's default
+task: the file or dataset name without extension (``caption2image.jsonl`` → ``caption2image``), for
+tar shards the name of their directory; in a mixture, each member's own.
+
+**Loader.** :class:`PairLoader` yields this rank's collated batches (:func:`~cmpt.data.pairs.collate_pairs`)
+of the :class:`~cmpt.data.task_sampler.TaskBatchSampler`'s global batches, forever, one per global
+batch on every rank (lockstep: every batch carries ``epoch`` and ``batch_index``). **Bad pairs** are
+skipped, counted in ``num_bad`` and logged with their id and reason (:class:`cmpt.data.batching.LoaderBase`);
+to keep the batch at ``B`` pairs each one is replaced by the next good *spare* of the same task
+(:meth:`~cmpt.data.task_sampler.TaskBatchSampler.spares`: records outside the global batch, disjoint
+across ranks, up to ``max_spares`` tried; bad spares are counted too). **When a batch loses pairs**
+— the spares run out or are bad (a task with at most one global batch of records, or a broken
+task) — it is yielded with fewer pairs (``num_pairs < B``; ranks may then differ in size, so the
+objective must gather variable-size batches); when nothing of it is usable, an empty batch
+(``num_samples == num_pairs == 0``, only ``num_bad``) is yielded in its place so the ranks stay on
+the same global batch. The state counts global batches consumed by the caller (not prefetched by
+workers), so resuming continues with the next unseen one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cmpt.data.batching import LoaderBase, identity_collate, worker_init
+from cmpt.data.config import DataConfig
+from cmpt.data.pairs import PairBuilder, collate_pairs
+from cmpt.data.sources import BadSample, open_source
+from cmpt.data.task_sampler import TaskBatchSampler
+from cmpt.data.webdataset import ShardList
+
+__all__ = ["PairLoader", "TarPairSource", "build_pair_loader", "open_pair_source", "record_tasks"]
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
+    for ext in (".jsonl", ".json", ".parquet", ".tar.gz", ".tgz", ".tar"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+class TarPairSource:
+    """Map-style view of tar shards holding pair records (one scan at construction: the shard, byte
+    offset and task of every sample; ``source[i]`` reads sample ``i`` back by its offset)."""
+
+    def __init__(self, shards: ShardList) -> None:
+        self.shards, self.path = shards, shards.path
+        self.locations: list[tuple[int, int]] = []
+        self.tasks: list[str] = []
+        self._errors: dict[int, BadSample] = {}
+        for s in range(len(shards)):
+            default = os.path.basename(os.path.dirname(shards.paths[s])) or _stem(shards.paths[s])
+            for raw in shards.iter_shard(s):
+                i = len(self.locations)
+                self.locations.append((s, raw.offset))
+                task = None
+                if raw.error:
+                    try:
+                        shards.read(s, raw.offset, i)
+                    except BadSample as e:
+                        self._errors[i] = e
+                elif "json" in raw.members:
+                    try:
+                        obj = json.loads(raw.members["json"].decode("utf-8-sig"))
+                        task = obj.get("task") if isinstance(obj, dict) else None
+                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        pass
+                self.tasks.append(task if isinstance(task, str) and task.strip() else default)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> Any:
+        if i in self._errors:
+            raise self._errors[i]
+        shard, offset = self.locations[i]
+        return self.shards.read(shard, offset, i)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.shards.fingerprint()
+
+
+def open_pair_source(path: str | os.PathLike | list, image_root: str | os.PathLike | None = None) -> Any:
+    """A map-style source of pair records: :func:`~cmpt.data.sources.open_source`, with tar shards
+    (or an all-tar mixture) wrapped in a :class:`TarPairSource`."""
+    source = open_source(path, image_root)
+    return TarPairSource(source) if isinstance(source, ShardList) else source
+
+
+def _default_task(source: Any) -> str:
+    return _stem(getattr(source, "path", "") or getattr(source, "name", "") or "pairs")
+
+
+def record_tasks(source: Any) -> list[str]:
+    """The task of every record of a map-style source (see the module docstring for the default)."""
+    from cmpt.data.hf_source import HFSource
+    from cmpt.data.mixture import MixtureSource
+
+    if isinstance(source, TarPairSource):
+        return list(source.tasks)
+    if isinstance(source, MixtureSource):
+        per_member = [record_tasks(s) for s in source.sources]
+        return [per_member[k][j] for k, j in zip(source.member.tolist(), source.record_index.tolist())]
+    default = _default_task(source)
+    if isinstance(source, HFSource):
+        data = source._table() if source.kind == "parquet" else source._dataset()
+        names = data.column_names
+        if "task" not in names:
+            return [default] * len(source)
+        col = data.column("task") if source.kind == "parquet" else data["task"]
+        values = col.to_pylist() if hasattr(col, "to_pylist") else list(col)
+        return [t if isinstance(t, str) and t.strip() else default for t in values]
+    out = []
+    for i in range(len(source)):
+        try:
+            task = source[i].meta.get("task")
+        except BadSample:
+            task = None
+        out.append(task if isinstance(task, str) and task.strip() else default)
+    return out
+
+
+class _PairBatches(Dataset):
+    """Map-style dataset whose index is one global batch ``(epoch, k, task, indices, next)``."""
+
+    def __init__(self, source: Any, builder: PairBuilder, sampler: TaskBatchSampler, max_spares: int) -> None:
+        self.source, self.builder, self.sampler, self.max_spares = source, builder, sampler, max_spares
+
+    def _build(self, i: int, epoch: int, task: str, bad: list) -> Any:
+        try:
+            sample = self.builder.build(self.source[i], epoch)
+        except BadSample as e:
+            bad.append((e.id, e.reason, e.detail))
+            return None
+        sample.task = task
+        return sample
+
+    def __getitem__(self, item: tuple) -> tuple:
+        epoch, k, task, indices, nxt = item
+        bad: list[tuple[str, str, str]] = []
+        good = [s for i in indices if (s := self._build(i, epoch, task, bad)) is not None]
+        if len(good) < len(indices):
+            for i in self.sampler.spares(epoch, k, limit=self.max_spares):
+                s = self._build(i, epoch, task, bad)
+                if s is not None:
+                    good.append(s)
+                    if len(good) == len(indices):
+                        break
+        batch = collate_pairs(good, num_bad=len(bad)) if good else None
+        return epoch, k, task, batch, bad, nxt
+
+
+class _Stream(Sampler):
+    def __init__(self, sampler: TaskBatchSampler) -> None:
+        self.sampler, self.start = sampler, (0, 0)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.sampler.iter_from(*self.start)
+
+
+class PairLoader(LoaderBase):
+    """This rank's collated pair batches, forever, resumable (docs/method.md §3, §4); see the module
+    docstring for bad pairs. ``num_workers > 0`` builds whole batches in a persistent ``DataLoader``."""
+
+    def __init__(
+        self,
+        source: Any,
+        builder: PairBuilder,
+        sampler: TaskBatchSampler,
+        *,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        log_limit: int = 20,
+        max_spares: int = 64,
+    ) -> None:
+        super().__init__(sampler.rank, sampler.world_size, log_limit)
+        self.source, self.builder, self.sampler = source, builder, sampler
+        self.epoch, self.position = sampler.epoch, sampler.position
+        self._dataset = _PairBatches(source, builder, sampler, max_spares)
+        self._stream = _Stream(sampler)
+        self._loader: DataLoader | None = None
+        if num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self._loader = DataLoader(
+                self._dataset,
+                batch_size=None,
+                sampler=self._stream,
+                num_workers=num_workers,
+                collate_fn=identity_collate,
+                persistent_workers=True,
+                prefetch_factor=prefetch_factor,
+                pin_memory=pin_memory,
+                worker_init_fn=worker_init,
+                generator=torch.Generator().manual_seed(sampler.seed),
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._stream.start = (self.epoch, self.position)
+        items = self._loader if self._loader is not None else map(self._dataset.__getitem__, self._stream)
+        for epoch, k, task, batch, bad, (next_epoch, next_position) in items:
+            self.epoch, self.position = next_epoch, next_position
+            self.sampler.epoch, self.sampler.position = next_epoch, next_position
+            if batch is None:  # nothing usable: an empty batch keeps the ranks in step
+                batch = {"num_samples": 0, "num_pairs": 0, "num_bad": len(bad), "num_tokens": 0}
+                batch.update(sample_ids=[], task=task)
+            batch["epoch"], batch["batch_index"] = epoch, k
+            yield self._account(batch, bad)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.sampler.fingerprint(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.world_size,
+            "samples_seen": self.samples_seen,
+            "bad_seen": self.bad_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with the next unseen global batch (call before iterating)."""
+        self.sampler.load_state_dict(state)
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.samples_seen, self.bad_seen = int(state.get("samples_seen", 0)), int(state.get("bad_seen", 0))
+
+
+def build_pair_loader(
+    cfg: DataConfig,
+    processor: Any,
+    tokenizer: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int,
+    num_hard_negatives: int = 2,
+    task_weights: dict[str, float] | None = None,
+    max_text_tokens: int | None = None,
+) -> PairLoader:
+    """Source → tasks → :class:`~cmpt.data.task_sampler.TaskBatchSampler` →
+    :class:`~cmpt.data.pairs.PairBuilder` → :class:`PairLoader` (docs/method.md §3, §4).
+
+    ``cfg.path``: pair records from JSON/JSONL, tar shards, a Hugging Face dataset or a mixture;
+    ``cfg.image_root``, ``cfg.seed`` and ``cfg.num_workers`` as for the other loaders.
+    ``batch_size``: pairs per rank (``B``); the global batch is ``world_size · B``, all of one task.
+    ``max_text_tokens``: per input (default ``cfg.max_text_tokens``; the release uses 1280).
+    ``tokenizer`` must already hold the vision tokens.
+    """
+    source = open_pair_source(cfg.path, cfg.image_root or None)
+    sampler = TaskBatchSampler(
+        record_tasks(source), batch_size, world_size, weights=task_weights, seed=cfg.seed, rank=rank
+    )
+    builder = PairBuilder(
+        processor,
+        tokenizer,
+        max_text_tokens=cfg.max_text_tokens if max_text_tokens is None else max_text_tokens,
+        num_hard_negatives=num_hard_negatives,
+    )
+    return PairLoader(source, builder, sampler, num_workers=cfg.num_workers)
