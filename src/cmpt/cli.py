@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind",
         required=True,
-        choices=["charts", "docs", "scenes", "documents", "passages", "moca"],
-        help="moca: documents + passages (train n, val n//5 each) and train.yaml / val.yaml mixtures",
+        choices=["charts", "docs", "scenes", "documents", "passages", "moca", "retrieval"],
+        help="moca: documents + passages (train n, val n//5 each) and train.yaml / val.yaml mixtures; "
+        "retrieval: n contrastive pairs with hard negatives (train.jsonl) + held-out eval/",
     )
     p.add_argument("--n", type=int, required=True, help="train samples (val/test get n//4 each)")
     p.add_argument("--out", required=True)

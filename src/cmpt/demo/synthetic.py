@@ -25,7 +25,9 @@ Kinds:
   the shape of the largest object and the mask is exact (drawn without anti-aliasing).
 
 MoCa's ``documents`` (interleaved text and images) and ``passages`` (text only) are JSONL kinds
-built from these generators by :mod:`cmpt.demo.synth_documents`; :func:`synth_main` dispatches to it.
+built from these generators by :mod:`cmpt.demo.synth_documents`, MoCa's contrastive ``retrieval``
+pairs (hard negatives, held-out MMEB / ViDoRe-style evaluation) by :mod:`cmpt.demo.synth_retrieval`;
+:func:`synth_main` dispatches to them.
 """
 
 from __future__ import annotations
@@ -267,6 +269,10 @@ def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = 
             **info,
             "seconds": round(time.perf_counter() - start, 3),
         }
+    if kind == "retrieval":  # MoCa stage 2 pairs with hard negatives + held-out eval (docs/method.md §3)
+        from cmpt.demo.synth_retrieval import synth_retrieval_main
+
+        return synth_retrieval_main(n, out, seed=seed)
     if kind in ("documents", "passages"):  # MoCa data (docs/method.md §3)
         from cmpt.demo.synth_documents import synth_documents_main
 
