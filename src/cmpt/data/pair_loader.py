@@ -16,11 +16,13 @@ to keep the batch at ``B`` pairs each one is replaced by the next good *spare* o
 (:meth:`~cmpt.data.task_sampler.TaskBatchSampler.spares`: records outside the global batch, disjoint
 across ranks, up to ``max_spares`` tried; bad spares are counted too). **When a batch loses pairs**
 — the spares run out or are bad (a task with at most one global batch of records, or a broken
-task) — it is yielded with fewer pairs (``num_pairs < B``; ranks may then differ in size, so the
-objective must gather variable-size batches); when nothing of it is usable, an empty batch
-(``num_samples == num_pairs == 0``, only ``num_bad``) is yielded in its place so the ranks stay on
-the same global batch. The state counts global batches consumed by the caller (not prefetched by
-workers), so resuming continues with the next unseen one.
+task) — its good pairs are repeated up to ``B`` (every rank keeps the shape the cross-rank gather
+needs): ``num_pairs == B``, ``num_samples`` = the real pairs, ``pair_mask`` False on the copies
+(an objective that honours it drops their rows and columns; one that does not sees a duplicate).
+When nothing of it is usable, an empty batch (``num_samples == num_pairs == 0``, only ``num_bad``)
+is yielded in its place so the ranks stay on the same global batch. The state counts global
+batches consumed by the caller (not prefetched by workers), so resuming continues with the next
+unseen one.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class _PairBatches(Dataset):
                     good.append(s)
                     if len(good) == len(indices):
                         break
-        batch = collate_pairs(good, num_bad=len(bad)) if good else None
+        batch = collate_pairs(good, num_bad=len(bad), pad_to=len(indices)) if good else None
         return epoch, k, task, batch, bad, nxt
 
 

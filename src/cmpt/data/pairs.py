@@ -36,6 +36,9 @@ last one repeated; when none, ``k`` one-token placeholder slots flagged invalid 
 
 **Collation** (:func:`collate_pairs`): the ``S = B + B + B·k`` sequences of ``B`` pairs packed in one
 text row, ``[q_0..q_{B-1}, p_0..p_{B-1}, n_{0,0..k-1}, n_{1,0..k-1}, ...]``.
+
+The loader (:class:`cmpt.data.pair_loader.PairLoader`, :func:`cmpt.data.pair_loader.build_pair_loader`;
+both importable from here too) serves them in task-homogeneous batches (:mod:`cmpt.data.task_sampler`).
 """
 
 from __future__ import annotations
@@ -327,7 +330,9 @@ class PairBuilder:
         return PairSample(rid, f.task, q, p, negatives, valid)
 
 
-def collate_pairs(samples: list[PairSample], *, num_bad: int = 0) -> dict[str, Any]:
+def collate_pairs(
+    samples: list[PairSample], *, num_bad: int = 0, pad_to: int | None = None
+) -> dict[str, Any]:
     """``B`` built pairs → one packed batch (docs/method.md §3, §7); ``num_bad``: bad pairs skipped.
 
     Keys: ``input_ids`` ``(N,)``, ``cu_seqlens`` ``(S+1,)`` int32, ``labels`` ``(N,)`` all ``-100``,
@@ -335,7 +340,11 @@ def collate_pairs(samples: list[PairSample], *, num_bad: int = 0) -> dict[str, A
     the ``S = B + B + B·k`` sequences ordered ``[q_0..q_{B-1}, p_0..p_{B-1}, n_{0,0..k-1}, ...]``;
     ``num_pairs`` (B), ``num_hard_negatives`` (k), ``neg_mask`` ``(B, k)`` bool (False = placeholder
     slot), ``task`` (one per batch), ``sample_ids`` (the B pair ids), ``num_samples`` (B),
-    ``num_bad``, ``num_tokens``, ``num_vision_tokens``.
+    ``num_bad``, ``num_tokens``, ``num_vision_tokens``, ``pair_mask`` ``(B,)`` bool.
+
+    ``pad_to``: when fewer pairs are given, they are repeated cyclically up to ``pad_to`` pairs (a
+    loader that lost bad pairs keeps the batch shape every rank must share); the copies have
+    ``pair_mask`` False, ``num_samples`` counts only the real pairs.
     """
     if not samples:
         raise ValueError("collate_pairs needs at least one pair")
@@ -345,7 +354,10 @@ def collate_pairs(samples: list[PairSample], *, num_bad: int = 0) -> dict[str, A
         raise ValueError(f"pairs with different numbers of negatives {sorted(ks)} in one batch")
     if len(tasks) != 1:
         raise ValueError(f"pairs of several tasks {sorted(map(str, tasks))} in one batch: one task per batch")
-    k, b = ks.pop(), len(samples)
+    k, real = ks.pop(), len(samples)
+    if pad_to is not None and pad_to > real:
+        samples = [samples[i % real] for i in range(pad_to)]
+    b = len(samples)
     seqs = [s.query for s in samples] + [s.positive for s in samples]
     seqs += [n for s in samples for n in s.negatives]
     out = collate(seqs)
@@ -357,7 +369,16 @@ def collate_pairs(samples: list[PairSample], *, num_bad: int = 0) -> dict[str, A
         neg_mask=torch.tensor([s.neg_valid for s in samples], dtype=torch.bool).view(b, k),
         task=tasks.pop(),
         sample_ids=[s.id for s in samples],
-        num_samples=b,
+        num_samples=real,
         num_bad=int(num_bad),
+        pair_mask=torch.arange(b) < real,
     )
     return out
+
+
+def __getattr__(name: str) -> Any:  # the loader lives in cmpt.data.pair_loader (it imports this module)
+    if name in ("PairLoader", "build_pair_loader"):
+        from cmpt.data import pair_loader
+
+        return getattr(pair_loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
