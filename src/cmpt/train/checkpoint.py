@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DESIGN: sharded DCP checkpoints).
+"""Atomic, verified, resumable checkpoints with ``torch.distributed.checkpoint`` (DESIGN: sharded
+DCP checkpoints; docs/method.md §4 "Verified checkpoints").
 
 Layout of ``<run.dir>/checkpoints/step_000123/``:
 
@@ -8,22 +9,30 @@ Layout of ``<run.dir>/checkpoints/step_000123/``:
 * ``trainer_state.json`` (rank 0): step, scheduler counters, run counters, world size.
 * ``rank_00000.pt`` … (one per rank): RNG states (torch, CUDA, ``random``, numpy) and the
   rank's loader state; read back with ``torch.load(weights_only=True)``.
-* ``COMPLETE``: written last. Everything is first written to ``step_000123.tmp/`` and renamed
-  by rank 0 after a barrier, so a crash never leaves a directory that looks complete.
+* ``COMPLETE``: written last, the manifest (size and CRC-32 of every file, :mod:`cmpt.train.verify`).
+  Everything is first written to ``step_000123.tmp/`` and renamed by rank 0 after all ranks
+  reported success, so a crash never leaves a directory that looks complete.
+
+Resuming takes the newest checkpoint that verifies (:meth:`CheckpointManager.latest`); damaged
+ones are quarantined as ``step_000123.damaged``. Loading never unpickles anything but checkpoint
+data (:mod:`cmpt.train.safe_load`); full disks are handled by :mod:`cmpt.train.disk`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,14 +51,27 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..config import config_hash, to_dict
+from . import distributed as D
+from .disk import SpaceGuard, describe_failure
 from .distributed import WorldInfo, barrier, is_dist
+from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
+from .verify import (
+    DAMAGED_SUFFIX,
+    MARKER,
+    CheckpointError,
+    CheckpointSaveError,
+    Verdict,
+    checksum_files,
+    step_dirs,
+    verify_checkpoint,
+    write_manifest,
+)
 
-__all__ = ["MARKER", "CheckpointManager", "full_state_dict", "get_rng_state", "set_rng_state"]
+__all__ = ["MARKER", "CheckpointError", "CheckpointManager", "CheckpointSaveError", "full_state_dict"]
+__all__ += ["get_rng_state", "set_rng_state"]
 __all__ += ["plain_config", "save_final_weights", "write_run_config", "write_safetensors"]
 
 logger = logging.getLogger("cmpt.train")
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
@@ -92,35 +115,46 @@ def _quiet_dcp():
 
 
 class CheckpointManager:
-    """Save, find, load and prune the checkpoints of one run (all ranks call every method)."""
+    """Save, find, verify, load and prune the checkpoints of one run (all ranks call every method;
+    docs/method.md §4 "Verified checkpoints").
+
+    Decisions that touch the file system (which checkpoint to resume, whether there is room, what
+    to do after a failed write) are taken by rank 0 and shared with every rank, so all ranks act
+    alike and an error is raised on every rank (none is left waiting in a collective).
+    """
 
     def __init__(self, root: str | Path, world: WorldInfo, keep_last: int = 2) -> None:
         self.root, self.world, self.keep_last = Path(root), world, keep_last
+        self.space = SpaceGuard(self.root, keep_last, self.complete)
+        self._trusted: set[Path] = set()  # written or verified by this manager (rank 0)
 
     @staticmethod
     def step_dir_name(step: int) -> str:
         return f"step_{step:06d}"
 
     def complete(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        out = []
-        for p in self.root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir() and (p / MARKER).is_file():
-                out.append((int(m.group(1)), p))
-        return sorted(out)
+        """Checkpoints with a marker (not yet verified), oldest first."""
+        return [(s, p) for s, p in step_dirs(self.root) if (p / MARKER).is_file()]
 
     def latest(self) -> Path | None:
-        found = self.complete()
-        return found[-1][1] if found else None
+        """The newest checkpoint that passes :func:`~cmpt.train.verify.verify_checkpoint` (collective).
+
+        A damaged one is logged as an error with its path and reason, renamed to
+        ``step_NNNNNN.damaged`` (kept for inspection, never loaded) and the next newest is tried.
+        A legacy checkpoint (no manifest) is accepted with a warning. ``None`` when the run has no
+        checkpoint; :class:`CheckpointError` on every rank when it has some but none is usable.
+        """
+        path = self._on_main(self._choose)
+        return None if path is None else Path(path)
 
     def clean_incomplete(self) -> None:
-        """Rank 0 removes leftover ``.tmp`` directories and directories without the marker."""
+        """Rank 0 removes leftover ``.tmp`` directories and directories without the marker
+        (quarantined ``.damaged`` ones are kept)."""
         if self.world.is_main and self.root.is_dir():
             for p in sorted(self.root.iterdir()):
-                if p.is_dir() and (p.name.endswith(".tmp") or not (p / MARKER).is_file()):
+                if not p.is_dir() or p.name.endswith(DAMAGED_SUFFIX):
+                    continue
+                if p.name.endswith(".tmp") or not (p / MARKER).is_file():
                     logger.warning("removing incomplete checkpoint %s (interrupted while saving)", p)
                     shutil.rmtree(p, ignore_errors=True)
         barrier()
@@ -133,48 +167,71 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         rank_state: dict[str, Any],
     ) -> Path:
-        """Write checkpoint ``step`` atomically (collective) and prune old ones; returns its path."""
+        """Write checkpoint ``step`` atomically with its manifest (collective), prune old ones.
+
+        Every rank checksums the files it wrote itself (still in the page cache), rank 0 writes
+        the manifest into the marker. Free space is checked first (:class:`~cmpt.train.disk.SpaceGuard`:
+        the checkpoints this save would prune may be deleted early to make room). A write that
+        fails on any rank (``OSError``, PyTorch's ``inline_container`` ``RuntimeError``, DCP's
+        ``CheckpointException``) removes ``step_N.tmp/``; out of space with checkpoints left to
+        prune, they are deleted and the save is retried once; otherwise
+        :class:`~cmpt.train.verify.CheckpointSaveError` (path, bytes needed and free) is raised on
+        every rank. The previous checkpoint is never touched.
+        """
         final = self.root / self.step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        if self.world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
         msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
-        with _quiet_dcp():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        torch.save(rank_state, tmp / f"rank_{self.world.rank:05d}.pt")
-        if self.world.is_main:
-            state = {**trainer_state, "world_size": self.world.world_size}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        barrier()
-        if self.world.is_main:
-            (tmp / MARKER).write_text(f"{step}\n", encoding="utf-8")
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        barrier()
+        state = {"model": msd, "optim": osd}
+        needed = self._on_main(lambda: self.space.needed(state))
+        self._forget(self._on_main(lambda: self.space.make_room(final, needed)))
+        for attempt in (1, 2):
+            self._on_main(lambda: self.space.fresh_tmp(final, tmp, needed))
+            failure, files = self._write(tmp, state, trainer_state, rank_state)
+            if failure is None:
+                break
+            recover = functools.partial(self.space.recover, final, tmp, needed, failure, attempt)
+            self._forget(self._on_main(recover))
+        self._on_main(lambda: self._publish(step, final, tmp, files, needed))
         return final
 
     def load(
         self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore model + optimizer in place; returns (trainer state, this rank's state)."""
-        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        """Restore model + optimizer in place; returns (trainer state, this rank's state). A
+        checkpoint this manager has not verified yet is verified first (collective; damage raises
+        :class:`CheckpointError` naming it). Nothing but checkpoint data is unpickled
+        (:mod:`cmpt.train.safe_load`)."""
+        path = Path(path)
+        self._on_main(lambda: self._check(path))
+        state_file = path / "trainer_state.json"
+        try:
+            trainer_state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path}: {state_file.name} is unreadable ({e})") from None
+        if not isinstance(trainer_state, dict):
+            raise CheckpointError(f"checkpoint {path}: {state_file.name} does not hold a JSON object")
         saved_world = trainer_state.get("world_size", 1)
         rank_file = path / f"rank_{self.world.rank:05d}.pt"
-        if saved_world != self.world.world_size or not rank_file.is_file():
+        if saved_world != self.world.world_size:
             raise RuntimeError(
                 f"checkpoint {path} was written by {saved_world} ranks, this job has "
                 f"{self.world.world_size}: the per-rank loader and RNG states cannot be mapped; "
                 "resume with the same number of processes (or start a new run.dir)"
             )
+        if not rank_file.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {rank_file.name} is missing (written by {saved_world} ranks)"
+            )
         msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
         state = {"model": msd, "optim": osd}
-        with _quiet_dcp():
-            dcp.load(state, checkpoint_id=str(path))
+        try:
+            with _quiet_dcp():
+                dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        except CheckpointException as e:
+            inner = next(iter(e.failures.values()))[0] if e.failures else e
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {inner!r}") from None
         result = set_state_dict(
             model,
             optimizer,
@@ -189,14 +246,149 @@ class CheckpointManager:
             raise RuntimeError(
                 f"checkpoint {path} does not fit the model: missing {missing}, extra {unexpected}"
             )
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        try:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise CheckpointError(f"checkpoint {path}: {rank_file.name} is unreadable ({e})") from None
         return trainer_state, rank_state
+
+    # ------------------------------------------------------------------ internals
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, its result on every rank. Its exception is raised on every rank
+        (rank 0: the original; the others: the same checkpoint error class and message)."""
+        result, error = None, None
+        if self.world.is_main:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        desc = None if error is None else (type(error).__name__, str(error))
+        result, desc = D.all_gather_object((result, desc))[0]
+        if error is not None:
+            raise error
+        if desc is not None:
+            kind = _ERRORS.get(desc[0])
+            raise kind(desc[1]) if kind else RuntimeError(f"rank 0 failed: {desc[0]}: {desc[1]}")
+        return result
+
+    def _forget(self, deleted: list[Path]) -> None:
+        self._trusted.difference_update(deleted)
+
+    def _verify(self, path: Path) -> Verdict:
+        """Rank 0: verify ``path`` unless this manager wrote or verified it already."""
+        if path in self._trusted:
+            return Verdict(path, True, "verified before")
+        verdict = verify_checkpoint(path)
+        if verdict.ok:
+            if verdict.legacy:
+                logger.warning(
+                    "checkpoint %s has no manifest (written before cmpt verified checkpoints): its "
+                    "files cannot be checked, only its structure; accepting it",
+                    path,
+                )
+            self._trusted.add(path)
+            self.space.last_nbytes = verdict.nbytes or self.space.last_nbytes
+        return verdict
+
+    def _check(self, path: Path) -> None:
+        verdict = self._verify(path)
+        if not verdict.ok:
+            raise CheckpointError(f"checkpoint {path} is damaged and will not be loaded: {verdict.reason}")
+
+    def _choose(self) -> str | None:
+        damaged: list[str] = []
+        for _, path in reversed(self.complete()):
+            verdict = self._verify(path)
+            if verdict.ok:
+                if damaged:
+                    logger.warning("falling back to checkpoint %s (older than the damaged one)", path)
+                return str(path)
+            moved = _quarantine(path)
+            logger.error(
+                "checkpoint %s is DAMAGED and will not be loaded: %s; moved to %s for inspection",
+                path,
+                verdict.reason,
+                moved.name if moved else "(could not be moved; left in place)",
+            )
+            damaged.append(f"{path.name}: {verdict.reason}")
+        earlier = sorted(p.name for p in self.root.glob("*" + DAMAGED_SUFFIX)) if self.root.is_dir() else []
+        if damaged or earlier:
+            what = "; ".join(damaged) if damaged else "only quarantined ones: " + ", ".join(earlier)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.root} ({what}); nothing was loaded. Check them with "
+                f"`cmpt ckpt verify {self.root.parent}`; to train from scratch, move them (or run.dir) away"
+            )
+        return None
+
+    def _write(
+        self, tmp: Path, state: dict, trainer_state: dict[str, Any], rank_state: dict[str, Any]
+    ) -> tuple[dict | None, dict[str, list]]:
+        """Every rank writes and checksums its own files; returns (the first failure of any rank or
+        None, the merged manifest entries), the same on every rank."""
+        failure, files = None, {}
+        try:
+            with _quiet_dcp():
+                dcp.save(state, checkpoint_id=str(tmp))
+            torch.save(rank_state, tmp / f"rank_{self.world.rank:05d}.pt")
+            if self.world.is_main:
+                state_json = {**trainer_state, "world_size": self.world.world_size}
+                (tmp / "trainer_state.json").write_text(json.dumps(state_json, indent=1), encoding="utf-8")
+            files = checksum_files(tmp, self._own_files(tmp))
+        except (OSError, RuntimeError, CheckpointException) as e:
+            failure = describe_failure(e, self.world.rank)
+        everyone = D.all_gather_object((failure, files))
+        failures = [f for f, _ in everyone if f is not None]
+        return (failures[0] if failures else None), {k: v for _, f in everyone for k, v in f.items()}
+
+    def _own_files(self, tmp: Path) -> list[str]:
+        """This rank's DCP data files and rank file (rank 0: also the shared ones); files no rank
+        claims are checksummed by rank 0 in :meth:`_publish`."""
+        r = self.world.rank
+        mine = re.compile(rf"^__{r}_\d+\.distcp$|^rank_{r:05d}\.pt$")
+        shared = {".metadata", "trainer_state.json"} if self.world.is_main else set()
+        return [n for n in os.listdir(tmp) if mine.match(n) or n in shared]
+
+    def _publish(self, step: int, final: Path, tmp: Path, files: dict[str, list], needed: int) -> None:
+        """Rank 0: checksum unclaimed files, write the manifest marker, rename, prune."""
+        try:
+            rest = set(os.listdir(tmp)) - set(files) - {MARKER}
+            files = {**files, **checksum_files(tmp, rest)}
+            nbytes = write_manifest(tmp, step, self.world.world_size, files)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except OSError as e:
+            raise self.space.failed_publish(final, tmp, needed, e) from None
+        self._trusted.add(final)
+        self.space.last_nbytes = nbytes
+        self._prune()
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
         for _, p in self.complete()[: -self.keep_last]:
+            self._trusted.discard(p)
             shutil.rmtree(p, ignore_errors=True)
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    c.__name__: c for c in (CheckpointError, CheckpointSaveError, UnsafeCheckpointError)
+}
+
+
+def _quarantine(path: Path) -> Path | None:
+    """Rename a damaged checkpoint to ``<name>.damaged`` (``.damaged2``, ... when taken)."""
+    for i in range(1, 100):
+        target = path.with_name(path.name + DAMAGED_SUFFIX + ("" if i == 1 else str(i)))
+        if not target.exists():
+            try:
+                os.replace(path, target)
+            except OSError:
+                return None
+            return target
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
