@@ -76,6 +76,15 @@ def _eval(a: argparse.Namespace) -> int:
     from . import eval as ev
 
     common = {"device": a.device}
+    if a.eval_command == "embed":
+        from .eval.embed import embed_main
+
+        opts = {"batch_tokens": a.batch_tokens, "limit": a.limit, "skip_bad": a.skip_bad}
+        res = embed_main(a.model, a.data, out=a.out, **opts, **common)
+        print(res["table"], end="")
+        if res["skipped"]:
+            print(f"skipped {res['skipped']} bad records (listed in the log above)", file=sys.stderr)
+        return 0
     if a.eval_command == "probe":
         res = ev.probe_main(a.model, a.data, a.val, max_pixels=a.max_pixels, out=a.out, **common)
     elif a.eval_command == "seg":
@@ -203,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metric", default="auto", help="auto | relaxed_accuracy | anls | vqa_accuracy")
             p.add_argument("--caption-loss", action="store_true", help="also report the caption loss")
         p.set_defaults(fn=_eval)
+    p = ev.add_parser("embed", help="embedding model (MoCa): MMEB Precision@1 and ViDoRe-style nDCG@5")
+    p.add_argument(
+        "--model", required=True, help="Embedder dir, cmpt VLM dir or Hugging Face Qwen2-VL / Qwen2.5-VL dir"
+    )
+    p.add_argument("--data", required=True, help="folder of *.jsonl MMEB tasks and/or page-retrieval folders")
+    p.add_argument("--out", default=None, help="output directory (embed_results.json / .md / .png)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many queries per task")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted, logged), not fail")
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=_eval)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="generate built-in offline data (LLaVA JSON / documents JSONL + PNG)")

@@ -1,0 +1,280 @@
+"""``cmpt eval embed`` data: MMEB- and ViDoRe-style tasks, read and checked (docs/method.md §3, §5).
+
+* ``D/*.jsonl``: one MMEB task per file (name = stem), one query per line: ``{"task", "qry_text",
+  "qry_img_path" | null, "tgt_text": [...], "tgt_img_path": [...]}``. Candidate ``i`` is
+  ``tgt_text[i]`` and/or ``tgt_img_path[i]`` (``""`` / null = absent; either list may be
+  omitted), the positive at index 0; image paths relative to ``D``; MMEB's ``<|image_1|>``
+  placeholder is read as cmpt's ``<image>``.
+* ``D/<task>/{queries,corpus,qrels}.jsonl``: one page-retrieval task per folder; ``{"id",
+  "text"}``, ``{"id", "image_path"}`` (relative to the folder), ``{"query_id", "corpus_id",
+  "score"}``. A query is its raw text (no instruction); a page is :data:`PAGE_PROMPT` with the
+  image at its placeholder.
+
+Every distinct input ``(text, absolute image path)`` gets one index in :class:`EmbedData` ``keys``
+(embedded once whatever its tasks or roles). ``limit`` keeps the first N usable queries per task.
+A bad record (invalid JSON, missing / mistyped key, image missing, unreadable or outside the task's
+root, duplicate id, qrels naming an unknown id) raises ``ValueError`` naming the file and line, or
+with ``skip_bad`` is skipped, logged and listed in ``EmbedData.bad`` (reasons from
+:data:`cmpt.data.sources.REASONS`). Images are fully decoded once here, so a bad one never
+surfaces in the middle of the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmpt.data.sources import BadSample, resolve_image_path
+from cmpt.vision.processor import load_image
+from cmpt.vlm.chat import IMAGE_TOKEN
+
+__all__ = ["PAGE_PROMPT", "EmbedData", "MMEBTask", "PageTask", "load_embed_data"]
+
+log = logging.getLogger("cmpt.eval")
+
+PAGE_PROMPT = "<image>\nRepresent the given document image."
+Key = tuple[str | None, str | None]  # (text, absolute image path)
+
+
+@dataclass
+class MMEBTask:
+    name: str
+    path: Path
+    queries: list[int] = field(default_factory=list)  # pool index per query
+    candidates: list[list[int]] = field(default_factory=list)  # pool indices, positive first
+    skipped: int = 0
+
+
+@dataclass
+class PageTask:
+    name: str
+    path: Path
+    query_ids: list[str] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    qrels: list[dict[int, float]] = field(default_factory=list)  # per query: page position → score
+    skipped: int = 0
+
+
+@dataclass
+class EmbedData:
+    """The tasks of a data directory and the distinct inputs they need (``keys``)."""
+
+    root: Path
+    mmeb: list[MMEBTask] = field(default_factory=list)
+    pages: list[PageTask] = field(default_factory=list)
+    keys: list[Key] = field(default_factory=list)
+    bad: list[dict[str, Any]] = field(default_factory=list)
+    index: dict[Key, int] = field(default_factory=dict, repr=False)
+
+    def add(self, text: str | None, image: str | None) -> int:
+        key = (text, image)
+        if key not in self.index:
+            self.index[key] = len(self.keys)
+            self.keys.append(key)
+        return self.index[key]
+
+
+class _Checker:
+    """Raises on a bad record (naming file and line) or, with ``skip_bad``, records it."""
+
+    def __init__(self, data: EmbedData, skip_bad: bool) -> None:
+        self.data, self.skip_bad = data, skip_bad
+        self.images: dict[str, str | None] = {}  # path → reason it is unusable (None: fine)
+
+    def bad(self, path: Path, line: int, reason: str, detail: str) -> None:
+        where = f"{path}:{line}"
+        if not self.skip_bad:
+            raise ValueError(f"{where}: {reason}: {detail}; fix the record or pass --skip-bad to skip it")
+        log.warning("skipping %s: %s: %s", where, reason, detail)
+        self.data.bad.append({"file": str(path), "line": line, "reason": reason, "detail": detail})
+
+    def image(self, root: Path, value: Any, what: str) -> str:
+        """Absolute path of a usable image; ``BadSample`` otherwise (checked once per path)."""
+        full = resolve_image_path(str(root), value, what)
+        if full not in self.images:
+            if not os.path.isfile(full):
+                self.images[full] = "missing_image"
+            else:
+                try:
+                    load_image(full)
+                    self.images[full] = None
+                except ValueError:
+                    self.images[full] = "unreadable_image"
+        if self.images[full] is not None:
+            raise BadSample(what, self.images[full], f"{value!r} ({full})")
+        return full
+
+
+def _jsonl(path: Path, check: _Checker):
+    """``(line number, object)`` of every non-blank line; invalid ones go to ``check.bad``."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                check.bad(path, n, "invalid_json", str(e))
+                continue
+            if not isinstance(obj, dict):
+                check.bad(path, n, "invalid_json", f"a line must be a JSON object, got {type(obj).__name__}")
+                continue
+            yield n, obj
+
+
+def _text(value: Any, key: str) -> str | None:
+    """A stored string (``None`` / ``""`` = absent); MMEB's ``<|image_1|>`` becomes ``<image>``."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadSample(key, "bad_value", f"{key} must be a string, got {type(value).__name__}")
+    return value.replace("<|image_1|>", "<image>")
+
+
+def _placeholders(text: str | None, n_images: int, what: str) -> None:
+    """A text either has no ``<image>`` (the image goes first) or one per image."""
+    found = (text or "").count(IMAGE_TOKEN)
+    if found not in (0, n_images):
+        raise BadSample(what, "placeholder_mismatch", f"{found} {IMAGE_TOKEN} in the text, {n_images} images")
+
+
+def _mmeb_record(obj: dict, root: Path, check: _Checker) -> tuple[Key, list[Key]]:
+    text = _text(obj.get("qry_text"), "qry_text")
+    image = None if obj.get("qry_img_path") in (None, "") else check.image(root, obj["qry_img_path"], "query")
+    if text is None and image is None:
+        raise BadSample("query", "missing_key", "the query has neither qry_text nor qry_img_path")
+    _placeholders(text, int(image is not None), "query")
+    lists = {k: obj.get(k) for k in ("tgt_text", "tgt_img_path")}
+    if all(v is None for v in lists.values()):
+        raise BadSample("targets", "missing_key", "no tgt_text nor tgt_img_path")
+    for k, v in lists.items():
+        if v is not None and not isinstance(v, list):
+            raise BadSample(k, "bad_value", f"{k} must be a list, got {type(v).__name__}")
+    sizes = {len(v) for v in lists.values() if v is not None}
+    if len(sizes) != 1 or 0 in sizes:
+        raise BadSample("targets", "bad_value", f"tgt_text / tgt_img_path lengths {sorted(sizes)}")
+    cands = []
+    for i in range(sizes.pop()):
+        t = None if lists["tgt_text"] is None else _text(lists["tgt_text"][i], f"tgt_text[{i}]")
+        p = None if lists["tgt_img_path"] is None else lists["tgt_img_path"][i]
+        p = None if p in (None, "") else check.image(root, p, f"candidate {i}")
+        if t is None and p is None:
+            raise BadSample(f"candidate {i}", "missing_key", f"candidate {i} has neither text nor image")
+        _placeholders(t, int(p is not None), f"candidate {i}")
+        cands.append((t, p))
+    return (text, image), cands
+
+
+def _load_mmeb(path: Path, data: EmbedData, check: _Checker, limit: int | None) -> MMEBTask:
+    task = MMEBTask(path.stem, path)
+    for n, obj in _jsonl(path, check):
+        if limit is not None and len(task.queries) >= limit:
+            break
+        try:
+            query, cands = _mmeb_record(obj, data.root, check)
+        except BadSample as e:
+            check.bad(path, n, e.reason, f"{e.id}: {e.detail}")
+            continue
+        task.queries.append(data.add(*query))
+        task.candidates.append([data.add(*c) for c in cands])
+    return task
+
+
+def _id(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise BadSample(key, "missing_key" if value is None else "bad_value", f"{key} = {value!r}")
+    return str(value)
+
+
+def _load_pages(task_dir: Path, data: EmbedData, check: _Checker, limit: int | None) -> PageTask:
+    task = PageTask(task_dir.name, task_dir)
+    pages: dict[str, int] = {}  # corpus id → position in task.pages
+    unusable: set[str] = set()  # ids of skipped records / queries beyond the limit
+    corpus = task_dir / "corpus.jsonl"
+    for n, obj in _jsonl(corpus, check):
+        try:
+            cid = _id(obj, "id")
+            if cid in pages:
+                raise BadSample(cid, "bad_value", f"duplicate corpus id {cid!r}")
+            image = check.image(task_dir, obj.get("image_path"), f"page {cid}")
+        except BadSample as e:
+            check.bad(corpus, n, e.reason, f"{e.id}: {e.detail}")
+            if str(obj.get("id")) not in pages:  # not a duplicate of a usable page
+                unusable.add(str(obj.get("id")))
+            continue
+        pages[cid] = len(task.pages)
+        task.pages.append(data.add(PAGE_PROMPT, image))
+    queries: dict[str, int] = {}
+    qfile = task_dir / "queries.jsonl"
+    for n, obj in _jsonl(qfile, check):
+        try:
+            qid, text = _id(obj, "id"), _text(obj.get("text"), "text")
+            if qid in queries:
+                raise BadSample(qid, "bad_value", f"duplicate query id {qid!r}")
+            if text is None:
+                raise BadSample(qid, "missing_key", "the query has no text")
+            _placeholders(text, 0, qid)
+        except BadSample as e:
+            check.bad(qfile, n, e.reason, f"{e.id}: {e.detail}")
+            if str(obj.get("id")) not in queries:
+                unusable.add(str(obj.get("id")))
+            continue
+        if limit is not None and len(queries) >= limit:
+            unusable.add(qid)
+            continue
+        queries[qid] = len(task.queries)
+        task.query_ids.append(qid)
+        task.queries.append(data.add(text, None))  # raw text, no instruction
+        task.qrels.append({})
+    qrels = task_dir / "qrels.jsonl"
+    for n, obj in _jsonl(qrels, check):
+        try:
+            qid, cid, score = _id(obj, "query_id"), _id(obj, "corpus_id"), obj.get("score")
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise BadSample(qid, "bad_value", f"score must be a number, got {score!r}")
+            if qid in unusable or cid in unusable:
+                continue
+            for known, name, value in ((queries, "query_id", qid), (pages, "corpus_id", cid)):
+                if value not in known:
+                    raise BadSample(qid, "bad_value", f"unknown {name} {value!r}")
+        except BadSample as e:
+            check.bad(qrels, n, e.reason, f"{e.id}: {e.detail}")
+            continue
+        task.qrels[queries[qid]][pages[cid]] = float(score)
+    return task
+
+
+def load_embed_data(
+    data: str | os.PathLike, *, limit: int | None = None, skip_bad: bool = False
+) -> EmbedData:
+    """Read every task of ``data`` (see the module docstring; docs/method.md §3 "Evaluation")."""
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory of *.jsonl MMEB tasks / page-retrieval folders")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    out = EmbedData(root)
+    check = _Checker(out, skip_bad)
+    for path in sorted(root.glob("*.jsonl")):
+        out.mmeb.append(_load_mmeb(path, out, check, limit))
+    files = ("queries.jsonl", "corpus.jsonl", "qrels.jsonl")
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        present = [f for f in files if (sub / f).is_file()]
+        if present and len(present) < 3:
+            raise FileNotFoundError(f"{sub} has {', '.join(present)} but not all of {', '.join(files)}")
+        if present:
+            out.pages.append(_load_pages(sub, out, check, limit))
+    if not out.mmeb and not out.pages:
+        raise FileNotFoundError(
+            f"{root} holds no task: expected *.jsonl MMEB files and/or folders with {', '.join(files)}"
+        )
+    for t in [*out.mmeb, *out.pages]:
+        t.skipped = sum(1 for b in out.bad if Path(b["file"]).is_relative_to(t.path))
+    return out
