@@ -382,16 +382,35 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _is_text_type(tp: Any) -> bool:
+    """``str`` or a path type, optionally ``| None``."""
+    tp = _unwrap_optional(tp)
+    return tp is str or (isinstance(tp, type) and issubclass(tp, PurePath))
+
+
+def _override_value(raw: str, tp: Any, override: str) -> Any:
+    """The value of ``--set key=raw``, parsed as YAML; a text-typed key (``str``, ``Path``) takes
+    ``raw`` verbatim when YAML would not give a string (``{cache}/x`` is a YAML flow mapping,
+    ``2024`` a number) — ``null`` / ``~`` / empty still mean None for an optional key, and quoted
+    YAML strings are unquoted."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        if _is_text_type(tp):
+            return raw.strip()
+        hint = " (quote it: '\"...\"')" if "{" in raw else ""
+        raise ConfigError(f"override {override!r}: the value is not valid YAML{hint}: {e}") from e
+    if _is_text_type(tp) and value is not None and not isinstance(value, str):
+        return raw.strip()
+    return value
+
+
 def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
     """Set ``a.b.c=value`` (value parsed as YAML) in the plain dict ``data`` of schema ``cls``."""
     key, sep, raw = override.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise ConfigError(f"override {override!r} must look like a.b.c=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML: {e}") from e
     where = f"--set {override}"
     node: Any = data
     tp: Any = cls
@@ -426,6 +445,7 @@ def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
             raise ConfigError(f"{where}: '{_fmt(path)}' has type {_type_name(tp)}; it has no key '{part}'")
         path = (*path, k)
         if i == len(parts) - 1:
+            value = _override_value(raw, child_tp, override)
             _convert(value, child_tp, path, _Ctx(where))  # fail now, naming the override
             node[k] = value
             ctx.origins[path] = where
@@ -444,7 +464,8 @@ def load_config(
 
     Overrides look like ``"optim.lr=1e-4"``, ``"data.sizes=[224, 448]"`` or
     ``"data.sources.0.weight=2"`` (list index); values are parsed with ``yaml.safe_load`` and
-    type-checked. Errors are :class:`ConfigError` naming the dotted key and where it came from.
+    type-checked. A text key (``str`` / ``Path``) takes the value as written when YAML would not
+    give a string, so ``data.path={cache}/x.json`` and ``run.name=2024`` need no quotes. Errors are :class:`ConfigError` naming the dotted key and where it came from.
     """
     if isinstance(overrides, str):
         overrides = [overrides]

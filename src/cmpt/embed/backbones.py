@@ -43,7 +43,11 @@ def load_backbone(
     path: str | Path, *, dtype: Any = None, attn_implementation: str | None = None
 ) -> nn.Module:
     """The backbone in ``path`` (eval mode); ``dtype`` of the LLM (default float32) and its
-    ``attn_implementation`` (default: transformers' choice)."""
+    ``attn_implementation`` (default: transformers' choice). A directory being written, or left
+    half-written, by cmpt is refused (:func:`cmpt.io_atomic.check_loadable`)."""
+    from cmpt.io_atomic import check_loadable
+
+    check_loadable(path)
     if backbone_kind(path) == "cmpt":
         from cmpt.vlm.model import VisionLanguageModel
 

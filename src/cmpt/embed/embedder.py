@@ -76,10 +76,13 @@ class Embedder:
         return cls(backbone, config)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        self.backbone.save_pretrained(out)
-        (out / EMBEDDER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        return out
+        """The backbone's directory plus ``embedder_config.json``, atomically (:mod:`cmpt.io_atomic`)."""
+        from cmpt.io_atomic import atomic_directory
+
+        with atomic_directory(directory, writer="Embedder.save_pretrained") as out:
+            self.backbone.save_pretrained(out)
+            (out / EMBEDDER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return Path(directory)
 
     # ------------------------------------------------------------------ rendering
     def _render(self, text: str | None, images: list[Any], instruction: str | None, i: int) -> tuple:

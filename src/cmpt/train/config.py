@@ -8,7 +8,7 @@ Per-group learning rates (docs/method.md §2.1: ViT 1e-4, merger 5e-3, rest 2e-5
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["OptimConfig", "RunConfig", "TrainConfig"]
@@ -84,6 +84,14 @@ class TrainConfig:
       summed over ranks, checked before each step from ``bad_check_min_samples`` samples on
       (``1.0`` never fails on the fraction). It replaces ``data.max_bad_fraction`` (still read,
       with a warning, as this key).
+    * ``resume`` (``cmpt train --resume``): ``auto`` continues from the newest complete checkpoint
+      of ``run.dir`` (or starts fresh without one); ``never`` refuses to start when ``run.dir``
+      has checkpoints; anything else is a checkpoint directory (``.../checkpoints/step_000040``,
+      possibly of another run) or a run directory (its newest checkpoint) to continue from.
+    * ``allow_change`` (``cmpt train --allow-change``): config keys (dotted; a prefix covers its
+      sub-keys: ``stage.lr`` covers ``stage.lr.vision``, ``data`` covers the data fingerprint) that
+      may differ from the checkpoint's config on resume; any other difference outside
+      :data:`cmpt.train.resume.IGNORED_KEYS` is refused, listing old → new (:mod:`cmpt.train.resume`).
     """
 
     steps: int = 100
@@ -101,8 +109,12 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
+    resume: str = "auto"
+    allow_change: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not str(self.resume).strip():
+            raise ValueError("resume must be 'auto', 'never' or a checkpoint / run directory")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1")
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 0:

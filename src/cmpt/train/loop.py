@@ -7,6 +7,11 @@ with its schedule, non-finite and bad-data guards (the bad-sample limit is decid
 over ranks, before each step, by :mod:`cmpt.train.bad_data`: docs/method.md §4), atomic resumable
 checkpoints, clean stops on SIGTERM / SIGINT and logging.
 
+**Starts and ends.** ``train.resume`` / ``train.allow_change`` decide where a run continues from
+and which config changes it accepts (:mod:`cmpt.train.resume`); ``final/`` is swapped in complete
+(:mod:`cmpt.io_atomic`); ``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` |
+``failed``) and ``exit_code`` (:mod:`cmpt.launch`).
+
 **Loss normalization (docs/method.md §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
 any backward, the counts of a term are summed over the step's micro-batches and over ranks; each
 micro-batch then backpropagates ``Σ_term weight · sum · world_size / global_count`` (``world_size``
@@ -34,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import config_hash
+from ..io_atomic import atomic_directory
+from ..launch import EXIT_OK, EXIT_RESUMABLE, exit_code_for
 from . import distributed as D
 from .bad_data import BadDataError, BadDataGuard, BadDataPolicy
 from .checkpoint import (
@@ -42,7 +49,6 @@ from .checkpoint import (
     plain_config,
     save_final_weights,
     set_rng_state,
-    write_run_config,
 )
 from .config import OptimConfig, RunConfig, TrainConfig
 from .logging import IntervalMeter, MetricsLogger, StepStats
@@ -54,6 +60,7 @@ from .optim import (
     resolve_groups,
     scheduler_state,
 )
+from .resume import IGNORED_KEYS, ResumePlan, restore_schedule, snapshot_groups, start_run, write_summary
 
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
 
@@ -95,9 +102,11 @@ class Task(Protocol):
     bypasses DDP's and FSDP's hooks. ``param_groups`` is called once, before wrapping; its
     parameters are matched by name. Optional methods: ``loss_counts(batch) -> dict[str, int]``
     (the counts ``compute_loss`` will return, known without a forward: enables streaming
-    accumulation) and ``save_final(model, out_dir[, state_dict])`` (rank 0 only; ``state_dict`` is
+    accumulation), ``save_final(model, out_dir[, state_dict])`` (rank 0 only; ``state_dict`` is
     the full gathered CPU state dict, passed when the method accepts it — under FSDP ``model``'s
-    parameters are still sharded)."""
+    parameters are still sharded; ``out_dir`` is a temporary sibling of ``run.dir/final`` that
+    replaces it once complete) and ``resume_ignored_keys`` (config keys, besides
+    :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume)."""
 
     model: nn.Module
 
@@ -139,6 +148,10 @@ class Trainer:
         self.full_config = full_config
         self.run_dir = Path(run.dir)
         self._stop = False
+        self._started = False  # past the resume checks: summary.json describes this launch
+        self._fingerprint: dict[str, str] | None = None
+        self.plan: ResumePlan | None = None
+        self.counters: dict[str, Any] = {"step": 0}
         self._term_names: list[str] | None = None
         self.metrics: MetricsLogger | None = None
         self.model: nn.Module | None = None  # as trained (maybe DDP-wrapped)
@@ -150,7 +163,8 @@ class Trainer:
         self._stop = True
 
     def fit(self) -> dict[str, Any]:
-        """Train up to ``train.steps`` (resuming from the newest complete checkpoint); returns a summary."""
+        """Train up to ``train.steps`` (resuming as ``train.resume`` says); returns the summary, which
+        ``run.dir/summary.json`` also holds (with ``status`` and ``exit_code``, also on failure)."""
         world, started = D.init_distributed()
         previous = self._install_signal_handlers()
         ok = False
@@ -158,6 +172,9 @@ class Trainer:
             summary = self._fit(world)
             ok = True
             return summary
+        except BaseException as e:
+            self._write_summary({"status": "failed", "exit_code": exit_code_for(e), "error": f"{e!r}"})
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -179,10 +196,9 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_incomplete()
-        latest = ckpt.latest()
-        if world.is_main:
-            write_run_config(self.run_dir, self._config_dict(), resuming=latest is not None)
-
+        ignored = (*IGNORED_KEYS, *getattr(self.task, "resume_ignored_keys", ()))
+        plan, self._fingerprint = start_run(ckpt, self.run_dir, cfg, self._config_dict(), ignored)
+        self.plan, self._started = plan, True
         self._build_model()
         if cfg.grad_accum > 1 and not hasattr(self.task, "loss_counts") and world.is_main:
             logger.info(
@@ -196,16 +212,15 @@ class Trainer:
         self.counters = {"step": 0, "skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.counters["elapsed_s"] = 0.0
         resumed_from = None
-        if latest is not None:
-            tstate, rstate = ckpt.load(latest, self.module, self.optimizer)
-            load_scheduler_state(self.scheduler, tstate["scheduler"])
+        if plan.checkpoint is not None:
+            fresh = snapshot_groups(self.optimizer)  # the config's hyper-parameters, before the load
+            tstate, rstate = ckpt.load(Path(plan.checkpoint), self.module, self.optimizer)
+            restore_schedule(self.optimizer, self.scheduler, tstate["scheduler"], fresh, load_scheduler_state)
             self.counters.update(tstate["counters"])
             set_rng_state(rstate["rng"])
             self.loader.load_state_dict(rstate["loader"])
             self.bad_data.load_state_dict(rstate.get("bad_data", {}))
             resumed_from = self.counters["step"]
-            if world.is_main:
-                logger.info("resumed from %s (step %d)", latest, resumed_from)
 
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -219,7 +234,13 @@ class Trainer:
             config=self._config_dict(),
         )
         summary = self._loop(ckpt)
-        summary["resumed_from"] = resumed_from
+        return self._write_summary({**summary, "resumed_from": resumed_from})
+
+    def _write_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """``run.dir/summary.json`` (rank 0, atomic), once the run has started; returns ``summary``."""
+        if self._started and self.world.is_main:
+            data = {"step": self.counters.get("step"), "steps": self.cfg.steps, **summary}
+            write_summary(self.run_dir, {**data, "resume": dataclasses.asdict(self.plan)})
         return summary
 
     def _build_model(self) -> None:
@@ -298,6 +319,8 @@ class Trainer:
         return {
             "step": c["step"],
             "stopped": stopped,
+            "status": "stopped" if stopped else "finished",
+            "exit_code": EXIT_RESUMABLE if stopped else EXIT_OK,
             "loss": last.loss if last else None,
             "losses": last.losses if last else {},
             "grad_norm": last.grad_norm if last else None,
@@ -327,12 +350,23 @@ class Trainer:
         counters = {**self.counters, "elapsed_s": self.counters["elapsed_s"] + elapsed_run}
         trainer_state = {"counters": counters, "scheduler": scheduler_state(self.scheduler)}
         trainer_state["config_hash"] = config_hash(self._config_dict())
+        trainer_state["config"] = self._config_dict()  # compared on resume (cmpt.train.resume)
+        trainer_state["data_fingerprint"] = self._fingerprint
         rank_state = {"rng": get_rng_state(), "loader": self.loader.state_dict()}
         rank_state["bad_data"] = self.bad_data.state_dict()
         ckpt.save(self.counters["step"], self.module, self.optimizer, trainer_state, rank_state)
 
     def _save_final(self) -> Path:
-        return save_final_weights(self.task, self.module, self.run_dir / "final", self.world.is_main)
+        """``run.dir/final``, swapped into place complete (:func:`cmpt.io_atomic.atomic_directory`)."""
+        out = self.run_dir / "final"
+        if self.world.is_main:
+            info = {"step": self.counters["step"], "task": type(self.task).__name__}
+            with atomic_directory(out, writer="cmpt.train.Trainer", **info) as tmp:
+                save_final_weights(self.task, self.module, tmp, True)
+        else:
+            save_final_weights(self.task, self.module, out, False)
+        D.barrier()
+        return out
 
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self, micro_batches: list[dict], bad: int, good: int) -> _StepResult:

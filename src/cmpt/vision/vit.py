@@ -339,13 +339,14 @@ class NativeViT(nn.Module):
 
     # ------------------------------------------------------------------ I/O
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = {"cmpt_model": "NativeViT", **asdict(self.config)}
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        """Write ``config.json`` + ``model.safetensors`` (atomically: :mod:`cmpt.io_atomic`)."""
+        from cmpt.io_atomic import atomic_directory
+
+        with atomic_directory(directory, writer="NativeViT.save_pretrained") as out:
+            cfg = {"cmpt_model": "NativeViT", **asdict(self.config)}
+            (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(
@@ -354,7 +355,10 @@ class NativeViT(nn.Module):
         """Load a directory written by :meth:`save_pretrained`; ``overrides`` replace config fields
         (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
         drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1)."""
+        from cmpt.io_atomic import check_loadable
+
         d = Path(directory)
+        check_loadable(d)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cmpt.io_atomic import atomic_directory, check_loadable
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
 from cmpt.vlm.merger import PatchMerger
@@ -167,9 +168,14 @@ def build_vlm(
 
 def save_vlm(model, directory: str | Path) -> Path:
     """``VisionLanguageModel.save_pretrained``: write ``vision/`` (NativeViT), ``merger.safetensors``,
-    ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``;
+    atomically (:mod:`cmpt.io_atomic`: a complete directory replaces ``directory`` as a whole)."""
+    with atomic_directory(directory, writer="VisionLanguageModel.save_pretrained") as out:
+        _write_vlm(model, out)
+    return Path(directory)
+
+
+def _write_vlm(model, out: Path) -> None:
     model.vit.save_pretrained(out / "vision")
     merger_state = {k: v.detach().contiguous().cpu() for k, v in model.merger.state_dict().items()}
     save_file(merger_state, str(out / MERGER_WEIGHTS), metadata={"format": "pt"})
@@ -183,7 +189,6 @@ def save_vlm(model, directory: str | Path) -> Path:
         "merger": {"vision_dim": model.vit.config.hidden_size, "out_dim": model.merger.fc2.out_features},
     }
     (out / VLM_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def load_vlm(
@@ -202,6 +207,7 @@ def load_vlm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(directory)
+    check_loadable(d)
     if not (d / VLM_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
     bad = sorted(set(overrides) - {f.name for f in fields(VLMConfig)})

@@ -1,0 +1,371 @@
+"""Explicit resume rules: which checkpoint a run continues from, which config changes it accepts,
+and the run's config history (DESIGN ``train/``; docs/method.md §6 for what a step consumes).
+
+**Which checkpoint** (``train.resume`` / ``cmpt train --resume``): ``auto`` = the newest complete
+checkpoint of ``run.dir`` (none: start fresh); ``never`` = refuse when ``run.dir`` has checkpoints;
+otherwise a checkpoint directory (possibly of another run) or a run directory (its newest
+checkpoint). Continuing from a checkpoint that is older than checkpoints already in ``run.dir``
+is refused (the next ``auto`` resume would jump to those).
+
+**Which changes.** Every checkpoint stores the run's config and a fingerprint of its data
+(``trainer_state.json``: ``config``, ``data_fingerprint``). On resume, both are compared with the
+current ones key by key (dotted keys; ``name[content]`` / ``name[member]`` for data content). A key
+that differs — present on one side only counts — is refused, listed old → new, unless it is in
+:data:`IGNORED_KEYS` (keys that do not change the model, the data stream or the optimization) or
+covered by ``train.allow_change`` (a prefix covers its sub-keys: ``stage.lr`` covers
+``stage.lr.vision``; ``data.path`` covers ``data.path[content]``). Allowed changes take effect: the
+optimizer's hyper-parameters and the learning-rate schedule are rebuilt from the current config
+(:func:`restore_schedule`), not taken from the checkpoint.
+
+**Data** is compared by content (:mod:`cmpt.train.fingerprint`): a reordered or edited data file is
+refused like a changed key, a moved ``run.dir`` or a touched file is not.
+
+**History**: every start appends ``run.dir/history/NNNN-<UTC time>.yaml`` (the config, what was
+resumed from where, the allowed changes); ``run.dir/config.yaml`` is the current run's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+__all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
+__all__ += [
+    "plan_resume",
+    "record_start",
+    "restore_schedule",
+    "snapshot_groups",
+    "start_run",
+    "write_summary",
+]
+
+logger = logging.getLogger("cmpt.train")
+
+#: config keys (and prefixes) that never block a resume: where the run lives, logging, checkpoint
+#: cadence, the resume controls themselves, fault tolerances, and implementation choices with the
+#: same mathematics (distribution wrapper, activation checkpointing, compile, attention kernels,
+#: loss chunking, GradCache chunking)
+IGNORED_KEYS: tuple[str, ...] = (
+    "run.dir",
+    "run.name",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+    "train.wandb",
+    "train.save_every",
+    "train.keep_last",
+    "train.resume",
+    "train.allow_change",
+    "train.max_nonfinite",
+    "train.max_bad_fraction",
+    "train.bad_check_min_samples",
+    "train.dist",
+    "train.activation_checkpointing",
+    "train.compile",
+    "model.attn",
+    "model.llm_attn",
+    "model.vit_attn",
+    "loss.lm_chunk_size",
+    "loss.grad_cache_chunk",
+)
+_ABSENT = "(absent)"
+
+
+class ResumeError(ValueError):
+    """The run cannot start as asked (a user error: ``cmpt train`` exits 2, naming the fix)."""
+
+
+@dataclass
+class ResumePlan:
+    """What :func:`plan_resume` decided: continue from ``checkpoint`` (at ``step``) or start fresh."""
+
+    mode: str
+    checkpoint: str | None = None
+    step: int | None = None
+    changes: dict[str, list[Any]] = field(default_factory=dict)  # allowed: key -> [old, new]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            return f"starting fresh (--resume {self.mode}: no checkpoint to continue from)"
+        what = f"resuming from step {self.step} of {self.checkpoint} (--resume {self.mode})"
+        return what + (f"; allowed changes: {', '.join(self.changes)}" if self.changes else "")
+
+
+# ----------------------------------------------------------------------------- comparison
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists and scalars are leaves."""
+    if not isinstance(cfg, dict):
+        return {prefix: cfg} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def covered(key: str, prefixes: Iterable[str]) -> bool:
+    """True when ``key`` is one of ``prefixes`` or below one (``a.b`` covers ``a.b.c`` and ``a.b[x]``)."""
+    for p in prefixes:
+        p = p.strip()
+        if p and (key == p or key.startswith(p + ".") or key.startswith(p + "[")):
+            return True
+    return False
+
+
+def diff_configs(old: dict, new: dict, ignored: Iterable[str] = IGNORED_KEYS) -> dict[str, list[Any]]:
+    """Keys of the flattened configs whose values differ (one side absent counts), minus ``ignored``:
+    ``{key: [old, new]}``, sorted by key."""
+    a, b, ignored = flatten(old), flatten(new), tuple(ignored)
+    keys = sorted(k for k in set(a) | set(b) if not covered(k, ignored))
+    return {k: [a.get(k, _ABSENT), b.get(k, _ABSENT)] for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+# ----------------------------------------------------------------------------- the decision
+def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path]]]) -> tuple[int, Path]:
+    from ..recipes.paths import expand_path
+
+    path = Path(expand_path(spec))
+    if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+        found = complete_in(path / "checkpoints")
+        if not found:
+            raise ResumeError(f"--resume {spec}: the run directory {path} has no complete checkpoint")
+        return found[-1]
+    for step, p in complete_in(path.parent):
+        if p.resolve() == path.resolve():
+            return step, p
+    raise ResumeError(
+        f"--resume {spec}: {path} is not a complete checkpoint (expected a checkpoints/step_NNNNNN "
+        "directory with its completion marker, or a run directory)"
+    )
+
+
+def _step_of(path: Path) -> int:
+    digits = "".join(c for c in path.name if c.isdigit())
+    return int(digits) if digits else -1
+
+
+def _saved_config(ckpt: Path, run_dir: Path) -> tuple[dict | None, dict | None, list[str]]:
+    """(config, data fingerprint, notes) stored with checkpoint ``ckpt``; older checkpoints have no
+    config: ``run.dir/config.yaml`` stands in for those of this run."""
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    if "config" in state:
+        return state["config"], state.get("data_fingerprint"), []
+    legacy = run_dir / "config.yaml"
+    if ckpt.resolve().parent.parent == run_dir.resolve() and legacy.is_file():
+        note = f"{ckpt} stores no config (written by an older cmpt): compared with {legacy}, data not checked"
+        return yaml.safe_load(legacy.read_text(encoding="utf-8")) or {}, None, [note]
+    return None, None, [f"{ckpt} stores no config (written by an older cmpt): changes cannot be checked"]
+
+
+def _refusal(run_dir: Path, ckpt: Path, step: int, refused: dict[str, list[Any]]) -> ResumeError:
+    lines = [
+        f"  {k}: {json.dumps(o, default=str)} → {json.dumps(n, default=str)}" for k, (o, n) in refused.items()
+    ]
+    keys = ",".join(refused)
+    return ResumeError(
+        f"cannot resume {run_dir} from {ckpt} (step {step}): the config differs from the checkpoint's in "
+        f"{len(refused)} key(s) that change the model, the data stream or the optimization:\n"
+        + "\n".join(lines)
+        + f"\nto continue with these changes, add --allow-change {keys} (or --set "
+        f"train.allow_change=[...]); to start over, choose a new run.dir"
+    )
+
+
+def plan_resume(
+    spec: str,
+    run_dir: Path,
+    complete_in: Callable[[Path], list[tuple[int, Path]]],
+    config: dict,
+    fingerprint: dict[str, str],
+    allow: Iterable[str] = (),
+    ignored: Iterable[str] = IGNORED_KEYS,
+    latest: Path | None = None,
+) -> ResumePlan:
+    """Decide where the run starts (see the module docstring); :class:`ResumeError` when it may not.
+    ``complete_in(root)`` lists the complete checkpoints ``(step, path)`` under ``root``, oldest first;
+    ``latest``: the checkpoint ``auto`` continues from (the newest one that verifies, found by the
+    caller: :meth:`cmpt.train.checkpoint.CheckpointManager.latest`)."""
+    mode, allow = spec.strip(), [a.strip() for a in allow if a.strip()]
+    own = complete_in(run_dir / "checkpoints")
+    names = ", ".join(p.name for _, p in own)
+    if mode == "never":
+        if own:
+            raise ResumeError(
+                f"{run_dir} already has checkpoints ({names}) and --resume never was given: continue "
+                f"them with --resume auto, or choose a new run.dir (--set run.dir=...), or remove "
+                f"{run_dir / 'checkpoints'}"
+            )
+        return ResumePlan(mode)
+    if mode == "auto":
+        if latest is None:
+            return ResumePlan(mode)
+        step, ckpt = next(
+            ((s, p) for s, p in own if p == Path(latest)), (_step_of(Path(latest)), Path(latest))
+        )
+    else:
+        step, ckpt = _checkpoint_of(mode, complete_in)
+        newer = [p.name for s, p in own if s > step]
+        if newer:
+            raise ResumeError(
+                f"--resume {mode} continues from step {step}, but {run_dir} has newer checkpoints "
+                f"({', '.join(newer)}) that a later --resume auto would pick up: move them away or "
+                "choose a new run.dir"
+            )
+    old, old_fp, notes = _saved_config(ckpt, run_dir)
+    changes: dict[str, list[Any]] = {}
+    if old is not None:
+        changes = diff_configs(old, config, ignored)
+    if old_fp is not None:
+        fp_keys = sorted(set(old_fp) | set(fingerprint))
+        changes.update(
+            {
+                k: [old_fp.get(k, _ABSENT), fingerprint.get(k, _ABSENT)]
+                for k in fp_keys
+                if old_fp.get(k) != fingerprint.get(k)
+            }
+        )
+    elif old is not None and not notes:
+        notes.append(f"{ckpt} stores no data fingerprint: the data content was not compared")
+    refused = {k: v for k, v in sorted(changes.items()) if not covered(k, allow)}
+    if refused:
+        raise _refusal(run_dir, ckpt, step, refused)
+    unused = [a for a in allow if not any(covered(k, [a]) for k in changes)]
+    if unused:
+        notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
+    return ResumePlan(mode, str(ckpt), step, dict(sorted(changes.items())), notes)
+
+
+def start_run(
+    ckpt: Any, run_dir: Path, train: Any, config: dict, ignored: Iterable[str]
+) -> tuple[ResumePlan, dict[str, str] | None]:
+    """Collective. ``ckpt``: the run's :class:`~cmpt.train.checkpoint.CheckpointManager`; ``train``:
+    its :class:`~cmpt.train.config.TrainConfig` (``resume``, ``allow_change``). Rank 0
+    fingerprints the data, decides (:func:`plan_resume`; ``auto`` takes ``ckpt.latest()``, the
+    newest checkpoint that verifies), logs the decision (one INFO line) and records the start
+    (:func:`record_start`); every rank gets the plan — or raises the refusal. Returns (plan, data
+    fingerprint on rank 0 / None elsewhere)."""
+    from ..launch import EXIT_USAGE, exit_code_for
+    from . import distributed as D
+    from .fingerprint import data_fingerprint
+
+    world, spec = ckpt.world, train.resume.strip()
+    latest = ckpt.latest() if spec == "auto" else None  # collective
+
+    def complete_in(root: Path) -> list[tuple[int, Path]]:
+        return type(ckpt)(root, world).complete()
+
+    outcome: tuple | None = None
+    error, fingerprint = None, None
+    if world.is_main:
+        try:
+            fingerprint = data_fingerprint(config, ignored)
+            args = (config, fingerprint, train.allow_change, ignored, latest)
+            outcome = ("ok", dataclasses.asdict(plan_resume(spec, run_dir, complete_in, *args)))
+        except Exception as e:
+            error, outcome = e, ("error", f"{type(e).__name__}: {e}", exit_code_for(e))
+    if D.is_dist():
+        outcome = D.all_gather_object(outcome)[0]
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        kind = ResumeError if outcome[2] == EXIT_USAGE else RuntimeError
+        raise kind(f"rank 0 could not start the run: {outcome[1]}")
+    plan = ResumePlan(**outcome[1])
+    if world.is_main:
+        for note in plan.notes:
+            logger.warning("%s", note)
+        logger.info("%s", plan.describe())
+        record_start(run_dir, config, plan)
+    return plan, fingerprint
+
+
+def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
+    """``run_dir/summary.json``, atomically (rank 0's job)."""
+    path = run_dir / "summary.json"
+    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- history
+def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
+    """Append this start to ``run_dir/history/`` and write ``run_dir/config.yaml`` (rank 0); returns
+    the history entry. A run from before the history existed gets its old ``config.yaml`` as entry 0."""
+    hist = run_dir / "history"
+    current = run_dir / "config.yaml"
+    if not hist.is_dir() and current.is_file():
+        hist.mkdir(parents=True, exist_ok=True)
+        old = {
+            "note": "config.yaml of this run before cmpt kept a history",
+            "config": yaml.safe_load(current.read_text()),
+        }
+        _write_yaml(hist / "0000-before-history.yaml", old)
+    hist.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    n = sum(1 for p in hist.glob("*.yaml")) + 1
+    entry = {
+        "time": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "resume": plan.mode,
+        "resumed_from": None
+        if plan.checkpoint is None
+        else {"checkpoint": plan.checkpoint, "step": plan.step},
+        "allowed_changes": {k: {"old": o, "new": v} for k, (o, v) in plan.changes.items()},
+        "notes": list(plan.notes),
+        "config": config,
+    }
+    path = hist / f"{n:04d}-{now.strftime('%Y%m%dT%H%M%SZ')}.yaml"
+    _write_yaml(path, entry)
+    _write_yaml(current, config)
+    return path
+
+
+def _write_yaml(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- schedule
+def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of each param group (everything but ``params``), as built from the config."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def restore_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    saved: dict[str, Any],
+    fresh: list[dict[str, Any]],
+    load_state: Callable[[Any, dict], None],
+) -> None:
+    """After loading a checkpoint: put back the config's group hyper-parameters (``fresh``, from
+    :func:`snapshot_groups` before the load) and continue the schedule at the saved step with the
+    config's base learning rates, so the lr is what a fresh scheduler of this config gives at that
+    step (bitwise the saved one when nothing changed)."""
+    names = [g.get("name") for g in optimizer.param_groups]
+    if names != [f.get("name") for f in fresh]:
+        raise ResumeError(
+            f"the checkpoint's param groups {names} differ from the task's {[f.get('name') for f in fresh]}"
+        )
+    for g, f in zip(optimizer.param_groups, fresh):
+        g.update(f)
+    load_state(scheduler, {**saved, "base_lrs": [f["initial_lr"] for f in fresh]})
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs
