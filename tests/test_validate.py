@@ -82,8 +82,12 @@ def test_resolve_image_path(tmp_path):
     (root / "sub").mkdir(parents=True)
     assert resolve_image_path(str(root), "sub/../a.png") == str(root / "a.png")
     assert resolve_image_path(str(root), str(root / "sub" / "b.png")) == str(root / "sub" / "b.png")
-    os.symlink(tmp_path, root / "link")  # a link placed inside the root is trusted
-    assert resolve_image_path(str(root), "link/x.png") == str(root / "link" / "x.png")
+    os.symlink(tmp_path, root / "link")  # a link out of the root: only with data.follow_symlinks
+    with pytest.raises(BadSample, match="path_escape"):
+        resolve_image_path(str(root), "link/x.png")
+    assert resolve_image_path(str(root), "link/x.png", follow_symlinks=True) == str(root / "link" / "x.png")
+    os.symlink(root / "sub", root / "inner")  # a link that stays inside the root is fine
+    assert resolve_image_path(str(root), "inner/b.png") == str(root / "inner" / "b.png")
     for bad in ("../x.png", "sub/../../x.png", "/etc/passwd", str(tmp_path / "rootx" / "a.png")):
         with pytest.raises(BadSample) as e:
             resolve_image_path(str(root), bad, "s1")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.config import DataConfig
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, length_overhead
-from cmpt.data.sources import BadSample, open_source
+from cmpt.data.sources import BadSample, open_source, set_follow_symlinks
 
 __all__ = [
     "MAX_CARRIED_BAD",
@@ -380,6 +380,7 @@ def build_loader(
     text) then replaces the chat template's in the length estimates. ``processor`` and
     ``tokenizer`` should be the builder's.
     """
+    set_follow_symlinks(cfg.follow_symlinks)
     source = open_source(cfg.path, cfg.image_root or None)
     if builder is None:
         builder = SampleBuilder(

@@ -36,6 +36,8 @@ class DataConfig:
     ``num_workers``) split the shards; the resume state is tied to it and to the world size.
     ``packing``: run a micro-batch's text as one row (padding-free, block-diagonal attention);
     ``None`` = on where the language model supports it, ``false`` = right-padded rows.
+    ``follow_symlinks``: let image paths follow symbolic links out of ``image_root`` (default: such
+    a path is a ``path_escape`` bad sample; :func:`cmpt.data.sources.set_follow_symlinks`).
     """
 
     path: str = ""
@@ -54,6 +56,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_streams: int = 0
     packing: bool | None = None
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_text_tokens", "vision_budget", "text_budget", "max_samples_per_batch"):

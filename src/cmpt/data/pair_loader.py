@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cmpt.data.batching import LoaderBase, identity_collate, worker_init
 from cmpt.data.config import DataConfig
 from cmpt.data.pairs import PairBuilder, collate_pairs
-from cmpt.data.sources import BadSample, open_source
+from cmpt.data.sources import BadSample, open_source, set_follow_symlinks
 from cmpt.data.task_sampler import TaskBatchSampler
 from cmpt.data.webdataset import ShardList
 
@@ -259,6 +259,7 @@ def build_pair_loader(
     ``max_text_tokens``: per input (default ``cfg.max_text_tokens``; the release uses 1280).
     ``tokenizer`` must already hold the vision tokens.
     """
+    set_follow_symlinks(cfg.follow_symlinks)
     source = open_pair_source(cfg.path, cfg.image_root or None)
     sampler = TaskBatchSampler(
         record_tasks(source), batch_size, world_size, weights=task_weights, seed=cfg.seed, rank=rank

@@ -26,9 +26,11 @@ Decisions:
 * **Image bytes.** Other sources (tar shards, Hugging Face datasets) put the encoded image bytes
   themselves in ``Record.images``; :meth:`Record.image_source` gives what to decode (bytes or a
   resolved path) for every kind of source, so the sample builder and the checkers treat them alike.
-* **Image paths** are resolved lexically against the image root: a path that leaves the root
-  (``../``, an absolute path elsewhere) is a bad sample (``path_escape``). Symbolic links *inside*
-  the root are trusted (datasets often link their image folders), so no ``realpath`` is applied.
+* **Image paths** must stay inside the image root: a path that leaves it lexically (``../``, an
+  absolute path elsewhere) or through a symbolic link (its ``realpath`` is outside the resolved
+  root) is a bad sample (``path_escape``). Links that stay inside the root are fine; links out of
+  it are followed only with ``data.follow_symlinks: true`` (datasets that link their image
+  folders in), see :func:`set_follow_symlinks`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "Record",
     "open_source",
     "resolve_image_path",
+    "set_follow_symlinks",
     "source_kind",
 ]
 
@@ -100,21 +103,51 @@ class BadSample(ValueError):
         return (BadSample, (self.id, self.reason, self.detail))
 
 
-def resolve_image_path(image_root: str, path: Any, sample_id: str = "?") -> str:
+#: Whether image paths may follow symbolic links out of the image root (``data.follow_symlinks``,
+#: docs/method.md §4). A process-wide default: the loader builders set it from their
+#: ``DataConfig`` (:func:`set_follow_symlinks`); ``CMPT_FOLLOW_SYMLINKS=1`` carries it to spawned
+#: DataLoader workers (forked ones inherit it).
+FOLLOW_SYMLINKS = os.environ.get("CMPT_FOLLOW_SYMLINKS") == "1"
+
+
+def set_follow_symlinks(follow: bool) -> None:
+    """Set :data:`FOLLOW_SYMLINKS` for this process and the workers it starts."""
+    global FOLLOW_SYMLINKS
+    FOLLOW_SYMLINKS = bool(follow)
+    os.environ["CMPT_FOLLOW_SYMLINKS"] = "1" if follow else "0"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+def resolve_image_path(
+    image_root: str, path: Any, sample_id: str = "?", follow_symlinks: bool | None = None
+) -> str:
     """``path`` joined to ``image_root``, normalized; ``BadSample`` if it leaves the root or is not a path.
 
-    Absolute paths are accepted only inside the root. The check is lexical (``..`` components are
-    collapsed, symbolic links are not followed).
+    Absolute paths are accepted only inside the root. ``..`` components are collapsed first; then,
+    unless ``follow_symlinks`` (default :data:`FOLLOW_SYMLINKS`), the path's ``realpath`` must lie
+    inside the root's ``realpath`` — a symbolic link out of the root is ``path_escape`` (docs/method.md §4).
+    The normalized, unresolved path is returned.
     """
     if not isinstance(path, str) or not path.strip() or "\x00" in path:
         raise BadSample(sample_id, "bad_value", f"image path must be a non-empty string, got {path!r}")
     root = os.path.normpath(os.path.abspath(image_root))
     full = os.path.normpath(os.path.join(root, path))
-    prefix = root if root.endswith(os.sep) else root + os.sep
-    if full != root and not full.startswith(prefix):
+    if not _inside(full, root):
         raise BadSample(
             sample_id, "path_escape", f"{path!r} resolves to {full!r}, outside the image root {root!r}"
         )
+    if not (FOLLOW_SYMLINKS if follow_symlinks is None else follow_symlinks):
+        real_root, real = os.path.realpath(root), os.path.realpath(full)
+        if not _inside(real, real_root):
+            raise BadSample(
+                sample_id,
+                "path_escape",
+                f"{path!r} leads through a symbolic link to {real!r}, outside the image root "
+                f"{real_root!r} (data.follow_symlinks: true allows it)",
+            )
     return full
 
 
