@@ -1,6 +1,6 @@
 """The `cmpt` command line (also `python -m cmpt`, so `torchrun -m cmpt train ...` works).
 
-Subcommands: demo · encode · train · export · data {synth, check, vocab-prior}.
+Subcommands: demo · encode · train · export · data {synth, check, vocab-prior} · ckpt {verify}.
 Each subcommand is a thin adapter over a library function; heavy imports happen inside handlers.
 """
 
@@ -131,6 +131,25 @@ def _vocab(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_verify(a: argparse.Namespace) -> int:
+    """One line per checkpoint of a run (and ``final/`` if marked); exit 0 when the newest
+    checkpoint (and a marked ``final/``) verifies, 1 otherwise (docs/method.md §4)."""
+    from pathlib import Path
+
+    from .train.verify import verify_run
+
+    if not (Path(a.run_dir) / "checkpoints").is_dir():
+        print(f"{a.run_dir}: no checkpoints/ directory (not a run directory?)")
+        return 1
+    verdicts, good = verify_run(a.run_dir)
+    for v in verdicts:
+        print(v.line())
+    if not verdicts:
+        print(f"{a.run_dir}: no checkpoint")
+    print(f"{a.run_dir}: {'usable' if good else 'NOT usable: the newest checkpoint (or final/) is damaged'}")
+    return 0 if good else 1
+
+
 def _bool(p: argparse.ArgumentParser, name: str, help_: str) -> None:
     p.add_argument(
         f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help_
@@ -252,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True, help="output .safetensors")
     p.set_defaults(fn=_vocab)
+
+    ck = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True)
+    p = ck.add_parser("verify", help="check a run's checkpoints offline (sizes, checksums, structure)")
+    p.add_argument("run_dir", help="a run directory (holding checkpoints/)")
+    p.set_defaults(fn=_ckpt_verify)
     return ap
 
 

@@ -61,9 +61,10 @@ class Verdict:
     reason: str
     legacy: bool = False
     nbytes: int = 0
+    label: str = ""  # overrides "ok" / "DAMAGED" in :meth:`line`
 
     def line(self) -> str:
-        return f"{self.path.name}: {'ok' if self.ok else 'DAMAGED'} ({self.reason})"
+        return f"{self.path.name}: {self.label or ('ok' if self.ok else 'DAMAGED')} ({self.reason})"
 
 
 def file_crc32(path: str | os.PathLike) -> tuple[int, str]:
@@ -91,17 +92,12 @@ def checksum_files(directory: Path, names: Iterable[str], workers: int = 4) -> d
 def write_manifest(directory: Path, step: int, world_size: int, files: dict[str, list]) -> int:
     """Write the ``COMPLETE`` marker with the manifest of ``files`` (from :func:`checksum_files`)
     and fsync it; returns the checkpoint's total size in bytes."""
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "step": step,
-        "world_size": world_size,
-        "checksum": "crc32",
-        "files": dict(sorted(files.items())),
-    }
+    head = {"format": MANIFEST_FORMAT, "step": step, "world_size": world_size, "checksum": "crc32"}
+    body = ",\n".join(f"  {json.dumps(n)}: {json.dumps(list(v))}" for n, v in sorted(files.items()))
+    text = json.dumps(head)[:-1] + ', "files": {\n' + body + "\n}}\n"  # one line per file
     path = directory / MARKER
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=0)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     return sum(int(v[0]) for v in files.values())
@@ -126,13 +122,17 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
         raise _Damaged(f"{MARKER} manifest has an unknown layout (format {_get(data, 'format')!r})")
+    _check_entries(files, MARKER)
+    return data
+
+
+def _check_entries(files: dict, where: str) -> None:
     for name, entry in files.items():
         if not _plain_name(name):
-            raise _Damaged(f"{MARKER} manifest lists an unsafe file name {name!r}")
+            raise _Damaged(f"{where} manifest lists an unsafe file name {name!r}")
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
         if not ok or not isinstance(entry[1], str):
-            raise _Damaged(f"{MARKER} manifest entry for {name} is malformed: {entry!r}")
-    return data
+            raise _Damaged(f"{where} manifest entry for {name} is malformed: {entry!r}")
 
 
 def _get(data: Any, key: str) -> Any:
@@ -242,35 +242,61 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
 def verify_run(run_dir: str | os.PathLike) -> tuple[list[Verdict], bool]:
     """Verify every checkpoint of a run (``checkpoints/step_*``, quarantined ``*.damaged`` ones,
     ``final/`` when it holds a marker), oldest first; returns the verdicts and whether the run is
-    usable: its newest checkpoint is good (legacy accepted) and ``final/``, if marked, is too."""
+    usable: its newest complete checkpoint is good (legacy accepted) and ``final/``, if marked,
+    is too. Directories without a marker are listed as incomplete (a resume removes them)."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
-    verdicts = [verify_checkpoint(p) for _, p in step_dirs(root)]
-    good = bool(verdicts) and verdicts[-1].ok
+    verdicts, marked = [], []
+    for _, p in step_dirs(root):
+        if (p / MARKER).is_file():
+            marked.append(verify_checkpoint(p))
+            verdicts.append(marked[-1])
+        else:
+            verdicts.append(Verdict(p, False, f"no {MARKER} marker, removed on resume", label="incomplete"))
+    good = bool(marked) and marked[-1].ok
     if root.is_dir():
         for p in sorted(root.iterdir()):
             if p.is_dir() and p.name.endswith(".tmp"):
-                verdicts.append(Verdict(p, False, "interrupted save (removed when the run resumes)"))
+                verdicts.append(Verdict(p, False, "interrupted save, removed on resume", label="incomplete"))
             elif p.is_dir() and p.name.endswith(DAMAGED_SUFFIX):
-                verdicts.append(Verdict(p, False, f"quarantined: {verify_checkpoint(p).reason}"))
+                reason = verify_checkpoint(p).reason
+                verdicts.append(Verdict(p, False, f"set aside by a resume: {reason}", label="quarantined"))
     final = run_dir / "final"
-    if (final / MARKER).is_file():
+    if final.is_dir() and any((final / m).is_file() for m in (MARKER, *_OUTPUT_MARKERS)):
         verdict = verify_final(final)
         verdicts.append(verdict)
         good = good and verdict.ok
     return verdicts, good
 
 
+#: the markers of :mod:`cmpt.io_atomic` output directories (complete, in progress)
+_OUTPUT_MARKERS = (".cmpt-complete.json", ".cmpt-writing.json")
+
+
 def verify_final(path: Path) -> Verdict:
-    """``final/`` (or any output directory) against its marker's manifest, without the checkpoint
-    structure checks."""
+    """An output directory (``final/``): in progress or interrupted when it holds the writing
+    marker; checked against a manifest when its marker (``COMPLETE``, or the ``files`` of
+    ``.cmpt-complete.json``) has one; otherwise accepted on its completion marker alone."""
+    complete, writing = (path / m for m in _OUTPUT_MARKERS)
+    if writing.exists():
+        return Verdict(path, False, f"incomplete: {writing.name} present (being written or interrupted)")
     try:
-        manifest = read_manifest(path)
+        if (path / MARKER).is_file():
+            manifest = read_manifest(path)
+        else:
+            info = json.loads(complete.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise _Damaged(f"{complete.name} does not hold a JSON object")
+            manifest = {"files": info["files"]} if isinstance(info.get("files"), dict) else None
+            if manifest is not None:
+                _check_entries(manifest["files"], complete.name)
         if manifest is None:
-            return Verdict(path, True, "marker without manifest (not checked)", legacy=True)
+            return Verdict(path, True, "completion marker, no checksums to verify", legacy=True)
         nbytes = _check_manifest(path, manifest, True, 4)
     except _Damaged as e:
         return Verdict(path, False, str(e))
+    except json.JSONDecodeError as e:
+        return Verdict(path, False, f"{complete.name} is not valid JSON ({e})")
     except OSError as e:
         return Verdict(path, False, f"I/O error ({e})")
     return Verdict(path, True, f"{len(manifest['files'])} files, {nbytes} bytes verified", nbytes=nbytes)
