@@ -167,3 +167,17 @@ def test_grad_cache_equals_the_plain_batch(vlm):
     for name in g0:  # relative to the gradient's scale (τ = 0.03 makes them large)
         assert (g1[name] - g0[name]).abs().max() <= 1e-5 * g0[name].abs().max().clamp_min(1e-6), name
     zero_grads(vlm)
+
+
+def test_repeated_pairs_are_neither_queries_nor_negatives(vlm):
+    """A loader that lost bad pairs repeats good ones (pair_mask False): the real pairs' loss."""
+    obj = ContrastiveObjective(vlm, MocaLossConfig())
+    padded = dict(_pair_batch(vlm, b=3), pair_mask=torch.tensor([True, True, False]))
+    with torch.no_grad():
+        got = obj(padded)
+        ref = obj(_pair_batch(vlm, b=2))
+    assert got["cl_count"] == ref["cl_count"] == 2
+    torch.testing.assert_close(got["cl_sum"], ref["cl_sum"], rtol=1e-5, atol=1e-6)
+    q, t = _unit(2, 8, seed=7), _unit(3, 8, seed=8)
+    masked = info_nce(q, t, target_mask=torch.tensor([True, True, False]))
+    torch.testing.assert_close(masked, info_nce(q, t[:2]))

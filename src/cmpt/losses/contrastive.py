@@ -26,12 +26,14 @@ def info_nce(
     *,
     positives: torch.Tensor | None = None,
     hard_negative_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """InfoNCE of ``query (B, D)`` against ``target (M, D)`` (M ≥ B) and ``hard_negatives (B, k, D)``.
 
     ``positives`` ``(B,)``: the row of ``target`` holding each query's positive (default ``0..B-1``).
     ``hard_negative_mask`` ``(B, k)``: False for a slot that is not a real negative (excluded).
+    ``target_mask`` ``(M,)``: False for a target that is no in-batch negative (e.g. a repeated pair).
     ``reduction``: ``"mean"`` over the B queries (default) or ``"sum"``. Computed in float32 (or
     wider); embeddings are expected L2-normalized (scores = cosine / τ).
     """
@@ -46,6 +48,9 @@ def info_nce(
     dtype = torch.promote_types(query.dtype, torch.float32)
     q, t = query.to(dtype), target.to(dtype)
     logits = q @ t.T / temperature
+    if target_mask is not None:
+        keep = target_mask.to(device=logits.device, dtype=torch.bool)
+        logits = logits.masked_fill(~keep[None, :], float("-inf"))
     if hard_negatives is not None:
         if (
             hard_negatives.dim() != 3

@@ -182,6 +182,7 @@ class MocaTask:
     def build_loader(self, rank: int, world_size: int):
         from ..data.batching import build_loader
         from ..data.documents import DocumentBuilder
+        from ..data.length_cache import length_cache_dir
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
         if self.cl:
@@ -204,7 +205,7 @@ class MocaTask:
             mae_prob=self.cfg.loss.mae_prob,
             seed=data.seed,
         )
-        cache = Path(expand_path(self.cfg.run.dir)) / "cache"
+        cache = length_cache_dir(self.cfg.data.length_cache)  # shared by stages (docs/method.md §4)
         return build_loader(
             data,
             self.backbone.processor,
@@ -217,7 +218,8 @@ class MocaTask:
 
     def loss_counts(self, batch: dict) -> dict[str, int]:
         if self.cl:
-            return {"cl": int(batch["num_pairs"])}
+            mask = batch.get("pair_mask")
+            return {"cl": int(batch["num_pairs"]) if mask is None else int(mask.sum())}
         return {
             "mlm": int(batch["num_mlm_tokens"]),
             "mae": int(batch["num_mae_windows"]) * self._window_elements,

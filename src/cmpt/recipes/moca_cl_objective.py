@@ -35,6 +35,10 @@ __all__ = ["ContrastiveObjective"]
 class ContrastiveObjective(nn.Module):
     """``{"cl_sum", "cl_count"}``: InfoNCE summed over this rank's queries, and their number.
 
+    A batch may repeat pairs to keep its shape (``pair_mask`` False on the copies, see
+    :func:`cmpt.data.pairs.collate_pairs`): copies are neither queries of the loss nor in-batch
+    negatives of the others.
+
     ``loss``: the recipe's ``MocaLossConfig`` (``temperature``, ``grad_cache_chunk``).
     """
 
@@ -91,14 +95,19 @@ class ContrastiveObjective(nn.Module):
         emb = self.embed(batch)
         query, positive = emb[:b], emb[b : 2 * b]
         negatives = emb[2 * b :].reshape(b, k, -1) if k else None
+        real = batch.get("pair_mask")
+        real = torch.ones(b, dtype=torch.bool) if real is None else real.to(torch.bool).cpu()
         targets, offset = all_gather_with_grad(positive)
+        valid_targets, _ = all_gather_with_grad(real.to(emb.device, emb.dtype))
+        rows = real.nonzero().flatten().to(emb.device)
         total = info_nce(
-            query,
+            query[rows],
             targets,
-            negatives,
+            negatives[rows] if negatives is not None else None,
             self.loss.temperature,
-            positives=torch.arange(b, device=emb.device) + offset,
-            hard_negative_mask=batch.get("neg_mask") if k else None,
+            positives=rows + offset,
+            hard_negative_mask=batch["neg_mask"].to(emb.device)[rows] if k else None,
+            target_mask=valid_targets > 0.5,
             reduction="sum",
         )
-        return {"cl_sum": total, "cl_count": b}
+        return {"cl_sum": total, "cl_count": int(real.sum())}
