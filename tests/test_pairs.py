@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -296,3 +297,25 @@ def test_jsonl_tar_and_hf_give_identical_batches_and_resume_is_exact(data, tok):
     assert all(_same(a, b) for a, b in zip(head + tail, ref[1]))
     workers = list(itertools.islice(iter(loader("jsonl", 1, num_workers=1)), 3))
     assert all(_same(a, b) for a, b in zip(workers, ref[1]))
+
+
+def test_mixtures_and_default_tasks(data, tok, tmp_path):
+    rows = _good()
+    for name, part in (("cap", rows[:4]), ("vqa", rows[4:])):  # no "task": the file's name is the task
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({**r, "task": None}) + "\n" for r in part))
+    shutil.copytree(data["root"] / "img", tmp_path / "img")
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("datasets:\n  - {path: cap.jsonl, id_prefix: 'c/'}\n  - {path: vqa.jsonl, weight: 2}\n")
+    src = open_pair_source(str(mix))
+    assert record_tasks(src) == ["cap"] * 4 + ["vqa"] * 8
+    cfg = DataConfig(path=str(mix))
+    it = iter(build_pair_loader(cfg, tiny_processor(), tok, batch_size=4, num_hard_negatives=1))
+    batches = [next(it) for _ in range(3)]
+    assert sorted(b["task"] for b in batches) == ["cap", "vqa", "vqa"]
+    assert all(b["sample_ids"][0].startswith("c/") for b in batches if b["task"] == "cap")
+    # tar shards: a mixture of them, and the checker reads their pairs
+    (tmp_path / "tar.yaml").write_text(f"datasets:\n  - {{path: {data['tar']}}}\n")
+    assert record_tasks(open_pair_source(str(tmp_path / "tar.yaml"))) == [r["task"] for r in rows]
+    assert data_check_main(data["tar"], print_fn=lambda *_: None) == 0
+    if HAS_HF:
+        assert data_check_main(data["parquet"], print_fn=lambda *_: None) == 0
