@@ -9,23 +9,29 @@ Three parts, all in one run:
    (a) The demo's tiny data (``cmpt.demo.tiny_models.prepare_tiny(quick=True)``) through the
        ``tiny/comp_stage2`` and ``tiny/comp_stage3`` recipes: real collated micro-batches of
        ``CompTask.build_loader``, each run through the objective's forward (no gradient) with the
-       layouts of the model's text passes recorded. Also the attention score entries of each layout
-       (SDPA with a dense mask computes rows × width², block-diagonal or not; a varlen / block-
-       sparse kernel would compute Σ lᵢ²).
+       layouts of the model's text passes and the body's attention implementation recorded. Also
+       the attention score entries (per layer and head) of each layout: padded rows compute
+       rows × width²; a packed row on ``cmpt_packed_sdpa`` (``cmpt.vlm.packed_sdpa``: SDPA per
+       sequence, no mask), flash-attention varlen or a block mask computes Σ lᵢ²; the N² of a
+       dense ``(1, 1, N, N)`` block-diagonal mask — what packed text cost before the per-sequence
+       kernel — is shown beside them, labelled as not run.
    (b) Synthetic samples shaped like ``configs/comp/siglip-so400m_qwen2.5-0.5b/stage2_pass1.yaml``
        (one image per sample at the stage's forced resolution; its budgets, its sample cap, its
        ``max_text_tokens`` and ``caption_max_tokens``), batched by the real
        ``cmpt.data.batching.TokenBudgetBatcher``. Conversation lengths are drawn from a lognormal
        (printed with the results; two other spreads as a sensitivity check).
 2. **Tiny stage-II training step** (objective forward with L_dec + L_align, backward, AdamW with
-   lr = 0 so both settings see the same weights), padded vs packed text on the same micro-batches,
-   interleaved over ``--reps`` repetitions: each micro-batch is stepped in both settings back to
-   back (order alternating), wall and CPU time, best of the repetitions (the host is shared: a
-   disturbed step can take 10× longer). Throughput counts the real text tokens of the LM pass.
-   Memory: bytes autograd saves for backward (saved-tensor hooks, exact) and the peak RSS increase
-   over the steps in a fresh subprocess per setting. One torch thread by default (``--threads``):
-   on the shared 2-core host, two OpenMP threads that wait on each other made steps 4× slower and
-   the timings erratic.
+   lr = 0 so both settings see the same weights), padded text (transformers' SDPA with a
+   ``(rows, 1, T, T)`` padding mask) vs packed text (``cmpt_packed_sdpa``: one SDPA call per
+   sequence, no mask) on the same micro-batches, interleaved over ``--reps`` repetitions: each
+   micro-batch is stepped in both settings back to back (order alternating), wall and CPU time,
+   best of the repetitions (the host is shared: a disturbed step can take 10× longer). Throughput
+   counts the real text tokens of the LM pass. Memory: bytes autograd saves for backward
+   (saved-tensor hooks, exact) and the peak RSS increase over the steps in a fresh subprocess per
+   setting. Also the time to build each pass's attention inputs (padded: mask + positions; packed:
+   positions only; and what building the dense packed mask would take, for comparison). One torch
+   thread by default (``--threads``): on the shared 2-core host, two OpenMP threads that wait on
+   each other made steps 4× slower and the timings erratic.
 3. Loss check: the packed and padded losses of each timed micro-batch agree.
 
 Prints a table, then one JSON line of the ratios.
@@ -87,14 +93,16 @@ def tiny_batches(task, n: int) -> list[dict]:
 
 @contextlib.contextmanager
 def recorded_layouts(vlm):
-    """Record ``(pass, TextLayout)`` of every text pass the VLM runs (``lm``, or ``caption`` inside
-    ``text_features``), by wrapping the instance's methods for the duration."""
-    calls: list[tuple[str, object]] = []
+    """Record ``(pass, TextLayout, attention implementation)`` of every text pass the VLM runs
+    (``lm``, or ``caption`` inside ``text_features``), by wrapping the instance's methods."""
+    from cmpt.vlm.text_attention import attn_implementation
+
+    calls: list[tuple[str, object, str]] = []
     phase = ["lm"]
     hidden, features = vlm.text_hidden, vlm.text_features
 
     def text_hidden(embeds, layout, attention="causal"):
-        calls.append((phase[0], layout))
+        calls.append((phase[0], layout, attn_implementation(vlm.llm)))
         return hidden(embeds, layout, attention)
 
     def text_features(*args, **kwargs):
@@ -119,24 +127,32 @@ class Tally:
     padded: int = 0  # rows × longest row
     computed: int = 0  # TextLayout.positions_computed of the layout the model ran
     attn_padded: int = 0  # attention score entries, rows × width², padded
-    attn_run: int = 0  # ... of the layout the model ran (dense mask: rows × width²)
-    attn_blocks: int = 0  # Σ lᵢ² (what a varlen / block-sparse kernel computes)
+    attn_run: int = 0  # ... of the layout and kernel the model ran (packed sdpa: Σ lᵢ²)
+    attn_dense: int = 0  # ... a dense (1, 1, N, N) mask over the packed row would cost (N², not run)
+    attn_blocks: int = 0  # Σ lᵢ² (per-sequence SDPA, flash varlen, block mask)
+    impls: set[str] = field(default_factory=set)  # attention implementations the body ran with
     batches: int = 0
     rows: list[int] = field(default_factory=list)
-    widths: list[int] = field(default_factory=list)  # width of the row(s) run
+    widths: list[int] = field(default_factory=list)  # tokens of the packed row
 
-    def add(self, lengths: list[int], computed: int | None = None, run_width: tuple[int, int] | None = None):
-        rows, width = len(lengths), max(lengths, default=0)
-        self.real += sum(lengths)
+    def add(
+        self, lengths: list[int], computed: int | None = None, run_cells: int | None = None, impl: str = ""
+    ):
+        """One micro-batch's pass; ``run_cells``: attention cells as run (default Σ lᵢ²)."""
+        rows, width, total = len(lengths), max(lengths, default=0), sum(lengths)
+        blocks = sum(n * n for n in lengths)
+        self.real += total
         self.padded += rows * width
-        self.computed += sum(lengths) if computed is None else computed
+        self.computed += total if computed is None else computed
         self.attn_padded += rows * width * width
-        r, w = run_width if run_width is not None else (1, sum(lengths))
-        self.attn_run += r * w * w
-        self.attn_blocks += sum(n * n for n in lengths)
+        self.attn_run += blocks if run_cells is None else run_cells
+        self.attn_dense += total * total
+        self.attn_blocks += blocks
         self.batches += 1
         self.rows.append(rows)
-        self.widths.append(w)
+        self.widths.append(total)
+        if impl:
+            self.impls.add(impl)
 
     @property
     def before(self) -> float:
@@ -147,9 +163,24 @@ class Tally:
         return (self.computed - self.real) / max(self.real, 1)
 
 
+def attention_cells(layout, impl: str) -> int:
+    """Attention score entries (per layer and head) of ``layout`` run with ``impl``: padded rows
+    rows × width²; a packed row Σ lᵢ² on per-sequence SDPA or flash varlen (about that with a block
+    mask, which skips whole blocks), N² on a dense mask (``sdpa`` / ``eager`` handed a packed row:
+    what cmpt did before ``cmpt_packed_sdpa``)."""
+    from cmpt.vlm.packed_sdpa import PACKED_SDPA
+
+    if not layout.packed:
+        return len(layout.lengths) * layout.width**2
+    if impl == PACKED_SDPA or impl == "flex_attention" or "flash" in impl:
+        return sum(n * n for n in layout.lengths)
+    return layout.total**2
+
+
 def measure_tiny_padding(recipe: str, n: int) -> tuple[dict[str, Tally], bool]:
-    """Padding of the LM and caption passes over ``n`` real micro-batches of a tiny recipe, from the
-    layouts the model runs (objective forward without gradient)."""
+    """Padding and attention cells of the LM and caption passes over ``n`` real micro-batches of a
+    tiny recipe, from the layouts and attention implementation the model runs (objective forward
+    without gradient)."""
     task = tiny_task(recipe)
     vlm = task.vlm
     tallies = {"lm": Tally(), "caption": Tally()}
@@ -157,10 +188,9 @@ def measure_tiny_padding(recipe: str, n: int) -> tuple[dict[str, Tally], bool]:
         for batch in tiny_batches(task, n):
             calls.clear()
             task.model(batch)
-            for name, layout in calls:
-                rows = 1 if layout.packed else len(layout.lengths)
-                width = layout.total if layout.packed else layout.width
-                tallies[name].add(list(layout.lengths), layout.positions_computed, (rows, width))
+            for name, layout, impl in calls:
+                cells = attention_cells(layout, impl)
+                tallies[name].add(list(layout.lengths), layout.positions_computed, cells, impl)
     return tallies, vlm.packing
 
 
@@ -171,6 +201,7 @@ def synthetic_stage2_pass1(
     """Padding of ``n`` synthetic stage2_pass1 samples batched by the recipe's budgets."""
     from cmpt.data.batching import TokenBudgetBatcher
     from cmpt.recipes import load_recipe
+    from cmpt.vlm.packed_sdpa import PACKED_SDPA
     from cmpt.vlm.text_attention import TextLayout
 
     cfg, _ = load_recipe(FULL_RECIPE, [])
@@ -199,7 +230,7 @@ def synthetic_stage2_pass1(
             lengths = [int(lens[i]) for i in batch]
             cu = np.concatenate([[0], np.cumsum(lengths)]).tolist()
             layout = TextLayout.from_cu_seqlens(cu, packed=True)
-            tallies[name].add(lengths, layout.positions_computed)
+            tallies[name].add(lengths, layout.positions_computed, attention_cells(layout, PACKED_SDPA))
     info = {
         "image": f"{side}² → {h}×{w}, {image_tokens} merged tokens",
         "budgets": f"vision {d.vision_budget}, text {d.text_budget}, ≤ {d.max_samples_per_batch} samples",
@@ -245,12 +276,13 @@ def saved_bytes(task, batch) -> tuple[int, dict[str, float]]:
     return total[0], {k: float(v.detach()) for k, v in terms.sums.items()}
 
 
-def mask_build_s(vlm, cu_seqlens, packed: bool, repeats: int = 3) -> float:
-    """Seconds to build the body's attention inputs (``body_inputs``) of one LM pass, best of ``repeats``."""
-    from cmpt.vlm.text_attention import TextLayout, attn_implementation, body_inputs
+def mask_build_s(vlm, cu_seqlens, packed: bool, impl: str, repeats: int = 3) -> float:
+    """Seconds to build the body's attention inputs (``body_inputs``) of one LM pass with ``impl``,
+    best of ``repeats``."""
+    from cmpt.vlm.text_attention import TextLayout, body_inputs
 
     layout = TextLayout.from_cu_seqlens(cu_seqlens, packed)
-    impl, best = attn_implementation(vlm.llm), math.inf
+    best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         body_inputs(layout, impl, "causal", torch.float32, vlm.device)
@@ -267,6 +299,8 @@ def compare_steps(task, batches: list[dict], reps: int) -> dict:
     step; a setting's time for the batch set is the sum over batches of the best repetition; the
     ratio packed / padded is also taken per adjacent pair of steps (median over pairs).
     """
+    from cmpt.vlm.text_attention import attn_implementation
+
     step, _ = make_step(task)
     vlm = task.vlm
     settings = (False, True)
@@ -296,7 +330,13 @@ def compare_steps(task, batches: list[dict], reps: int) -> dict:
             nbytes, loss = saved_bytes(task, b)
             saved[s].append(nbytes)
             sums[s].append(loss)
-    mask_ms = {s: sum(mask_build_s(vlm, b["cu_seqlens"], s) for b in batches) * 1e3 for s in settings}
+    impls, mask_ms = {}, {}
+    for s in settings:
+        vlm.configure_packing(s)
+        impls[s] = attn_implementation(vlm.llm)
+        mask_ms[s] = sum(mask_build_s(vlm, b["cu_seqlens"], s, impls[s]) for b in batches) * 1e3
+    # what the dense (1, 1, N, N) packed mask took to build before cmpt_packed_sdpa (not run)
+    mask_ms["dense"] = sum(mask_build_s(vlm, b["cu_seqlens"], True, "sdpa") for b in batches) * 1e3
     diff = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(sums[False], sums[True]) for k in a)
     tokens = sum(int(b["num_tokens"]) for b in batches)
     best = {s: sum(min(t) for t in wall[s]) for s in settings}
@@ -313,6 +353,7 @@ def compare_steps(task, batches: list[dict], reps: int) -> dict:
         "saved_mb": {s: sum(saved[s]) / len(saved[s]) / 2**20 for s in settings},
         "loss_rel_diff": diff,
         "mask_ms": mask_ms,
+        "impls": impls,
     }
 
 
@@ -391,7 +432,7 @@ def main() -> None:
     print()
     print("1. Padding fraction = (positions computed − real tokens) / real tokens")
     head = f"  {'data':<37}{'pass':<9}{'micro-b.':>9}{'seq/mb':>8}{'real tok':>10}{'before':>9}{'after':>8}"
-    print(head + f"{'attn cells: padded':>20}{'run':>8}{'blocks':>8}")
+    print(head + f"{'attn cells: padded':>20}{'packed run':>12}{'dense mask*':>13}")
     rows = []
     for recipe, (tallies, _) in tiny.items():
         for name, t in tallies.items():
@@ -404,11 +445,16 @@ def main() -> None:
             print(f"  {label:<37}{name:<9}{'— (no caption pass: align off)':>44}")
             continue
         seq = sum(t.rows) / len(t.rows)
-        cells = f"{t.attn_padded / t.attn_blocks:>19.2f}×{t.attn_run / t.attn_blocks:>7.2f}×{1:>7.2f}×"
+        cells = f"{t.attn_padded / t.attn_blocks:>19.2f}×{t.attn_run / t.attn_blocks:>11.2f}×"
+        cells += f"{t.attn_dense / t.attn_blocks:>12.2f}×"
         line = f"  {label:<37}{name:<9}{t.batches:>9}{seq:>8.1f}{t.real:>10}"
         print(line + f"{pct(t.before):>9}{pct(t.after):>8}" + cells)
-    print("  attention cells: score entries relative to Σ lᵢ² (block-diagonal); 'run' = the layout the")
-    print("  model ran with its dense SDPA mask (rows × width²); synthetic rows assume a dense mask too.")
+    ran = sorted(set().union(*(t.impls for _, _, t in rows)))
+    print("  attention cells: score entries per layer and head, relative to Σ lᵢ² (each sequence alone);")
+    print("  padded = rows × width²; 'packed run' = the packed layout on the kernel the model ran")
+    print(f"  (tiny: recorded, {', '.join(ran)}: SDPA per sequence = Σ lᵢ²; synthetic: the same kernel);")
+    print("  * dense mask = N² of one packed row under a dense (1, 1, N, N) block-diagonal mask: what")
+    print("    packed text cost before cmpt_packed_sdpa, NOT what runs now.")
     info = synth["main"][1]
     print(f"  synthetic: {info['image']}; budgets {info['budgets']}; per sample text = merged tokens + 2")
     print(f"  + {TEMPLATE_TOKENS} template + question ~ round(LogNormal(ln 15, 0.5)) + answer ~")
@@ -423,12 +469,17 @@ def main() -> None:
     n_mean, n_max = info["packed_n_mean"], info["packed_n_max"]
     print(
         f"  main: a packed LM row holds {n_mean:.0f} tokens on average (max {n_max}); a dense boolean "
-        f"(1, 1, N, N) mask of that row is {n_mean**2 / 2**20:.0f} MiB (max {n_max**2 / 2**20:.0f} MiB)"
+        f"(1, 1, N, N) mask of that row would be {n_mean**2 / 2**20:.0f} MiB (max {n_max**2 / 2**20:.0f} "
+        "MiB); cmpt_packed_sdpa builds none"
     )
     print()
     tp, sv = steps["tokens_per_s"], steps["saved_mb"]
     n_b, n_tok = len(batches), steps["tokens"]
     print(f"2. Tiny stage-II training step, {n_b} micro-batches ({n_tok} real text tokens), {args.reps} reps")
+    im = steps["impls"]
+    print(
+        f"  padded: {im[False]} with a (rows, 1, T, T) mask; packed: {im[True]} (SDPA per sequence, no mask)"
+    )
     tc, pr = steps["tokens_per_cpu_s"], steps["pair_ratio"]
     head = f"  {'text':<8}{'tokens/s':>10}{'per CPU-s':>11}{'s (best)':>10}{'s (median)':>12}"
     print(head + f"{'saved for bwd':>15}{'peak RSS +':>12}")
@@ -447,8 +498,9 @@ def main() -> None:
     )
     mm = steps["mask_ms"]
     print(
-        f"  attention inputs (mask, positions) of the {n_b} LM passes: {mm[False]:.1f} ms padded, "
-        f"{mm[True]:.1f} ms packed (SDPA, dense mask; once per pass, the caption pass again)"
+        f"  attention inputs of the {n_b} LM passes (once per pass, the caption pass again): "
+        f"{mm[False]:.1f} ms padded (mask + positions), {mm[True]:.1f} ms packed (positions only); "
+        f"a dense packed mask would take {mm['dense']:.1f} ms (not built)"
     )
     print(f"  loss sums packed vs padded: max relative difference {steps['loss_rel_diff']:.1e}")
     print(f"  (wall {time.perf_counter() - t_start:.0f} s)")
@@ -468,13 +520,17 @@ def main() -> None:
                 "stage2_pass1_padding_before": round(main_synth["lm"].before, 4),
                 "stage2_pass1_padding_after": round(main_synth["lm"].after, 4),
                 "stage2_pass1_caption_padding_before": round(main_synth["caption"].before, 4),
-                "tiny_attn_cells_packed_dense_vs_padded": round(s2["lm"].attn_run / s2["lm"].attn_padded, 3),
-                "stage2_pass1_attn_cells_packed_dense_vs_padded": round(
+                "tiny_attn_cells_packed_run_vs_padded": round(s2["lm"].attn_run / s2["lm"].attn_padded, 3),
+                "tiny_attn_cells_dense_mask_vs_padded_not_run": round(
+                    s2["lm"].attn_dense / s2["lm"].attn_padded, 3
+                ),
+                "stage2_pass1_attn_cells_packed_run_vs_padded": round(
                     main_synth["lm"].attn_run / main_synth["lm"].attn_padded, 3
                 ),
-                "stage2_pass1_attn_cells_blocks_vs_padded": round(
-                    main_synth["lm"].attn_blocks / main_synth["lm"].attn_padded, 3
+                "stage2_pass1_attn_cells_dense_mask_vs_padded_not_run": round(
+                    main_synth["lm"].attn_dense / main_synth["lm"].attn_padded, 3
                 ),
+                "packed_attn_implementation": steps["impls"][True],
                 "packed_vs_padded_tokens_per_s": round(tp[True] / tp[False], 3),
                 "packed_vs_padded_tokens_per_cpu_s": round(tc[True] / tc[False], 3),
                 "packed_vs_padded_step_time_pair_median": round(pr["wall"], 3),
