@@ -41,19 +41,46 @@ def _encode(a: argparse.Namespace) -> int:
 
 def _demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .demo.moca_run import run_moca_demo
 
-    run_demo(out=a.out, quick=a.quick, cache=a.cache)
+    if a.recipe in ("comp", "all"):
+        run_demo(out=a.out, quick=a.quick, cache=a.cache)
+    if a.recipe in ("moca", "all"):
+        run_moca_demo(out=a.out, quick=a.quick, cache=a.cache)
     return 0
+
+
+def _train_overrides(a: argparse.Namespace) -> list[str]:
+    """``--set`` items, then ``--resume`` / ``--allow-change`` as ``train.resume`` /
+    ``train.allow_change`` overrides."""
+    sets = list(a.set)
+    if a.resume is not None:
+        sets.append(f"train.resume={a.resume}")
+    if a.allow_change:
+        keys = [k.strip() for item in a.allow_change for k in item.split(",") if k.strip()]
+        sets.append(f"train.allow_change={json.dumps(keys)}")
+    return sets
 
 
 def _train(a: argparse.Namespace) -> int:
+    if a.nproc_per_node:  # relaunch under torchrun's launcher, keeping the workers' exit code
+        from .launch import main as launch
+
+        argv = ["--standalone", f"--nproc_per_node={a.nproc_per_node}", "-m", "cmpt", "train", a.config]
+        return launch(argv + [arg for s in _train_overrides(a) for arg in ("--set", s)])
+    import logging
+
     from .recipes import run_recipe
     from .train.distributed import is_main
 
-    summary = run_recipe(a.config, a.set)
+    log = logging.getLogger("cmpt")
+    if not log.handlers and not logging.getLogger().handlers:  # INFO lines (resume decision) on rank 0
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    summary = run_recipe(a.config, _train_overrides(a))
     if is_main():
         print(json.dumps(summary, default=str))
-    return 0
+    return int(summary.get("exit_code", 0))
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -164,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="one-minute smoke run")
     p.add_argument(
+        "--recipe",
+        choices=["comp", "moca", "all"],
+        default="comp",
+        help="comp: CoMP stages + evaluation; moca: CoMP → MoCa (CPT, CL, embedding evaluation; reuses "
+        "the CoMP demo's VLM when present); all: both",
+    )
+    p.add_argument(
         "--cache", default=None, help="cache for generated data/models (default $CMPT_CACHE or ~/.cache/cmpt)"
     )
     p.set_defaults(fn=_demo)
@@ -188,10 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_encode)
 
-    p = sub.add_parser("train", help="run a recipe stage (single process, or under torchrun)")
+    p = sub.add_parser(
+        "train",
+        help="run a recipe stage (single process, or under torchrun)",
+        description="Exit status: 0 finished; 75 stopped by SIGTERM/SIGINT with a checkpoint saved "
+        "(rerun to resume); 2 config, resume-rule or data error; 1 anything else.",
+    )
     p.add_argument("config", help="recipe YAML path or packaged name, e.g. tiny/comp_stage1")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|never|PATH",
+        help="auto (default): continue from run.dir's newest checkpoint, if any; never: refuse when "
+        "run.dir has checkpoints; PATH: a checkpoint (or run) directory to continue from (train.resume)",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEYS",
+        help="comma-separated config keys (or prefixes) that may differ from the checkpoint's on "
+        "resume, e.g. optim.lr,train.steps (train.allow_change)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N processes on this machine (torchrun's launcher via python -m cmpt.launch; "
+        "the exit status is the workers')",
     )
     p.set_defaults(fn=_train)
 
@@ -281,22 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand. Errors about the user's input, data, files or run (not bugs in cmpt) are
-    printed as one line without a traceback (``CMPT_TRACEBACK=1`` shows it); exit status 2."""
+    printed as one line without a traceback (``CMPT_TRACEBACK=1`` shows it); exit status 2. Exit
+    statuses: :mod:`cmpt.launch` (0 finished, 75 stopped with a checkpoint, 2 user error, 1 other)."""
+    from .launch import EXIT_FAILED, EXIT_USAGE, exit_code_for, report_exit
+
     args = build_parser().parse_args(argv)
+    code = EXIT_FAILED
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        return code
     except (ValueError, OSError, RuntimeError) as e:
-        from .train.bad_data import BadDataError
-        from .train.loop import NonFiniteError
-
-        if isinstance(e, RuntimeError) and not isinstance(e, (BadDataError, NonFiniteError)):
-            raise
-
-        if os.environ.get("CMPT_TRACEBACK"):
+        if exit_code_for(e) != EXIT_USAGE or os.environ.get("CMPT_TRACEBACK"):
             raise
         print(f"cmpt {args.command}: error: {e}", file=sys.stderr)
         print("(set CMPT_TRACEBACK=1 to see where it happened)", file=sys.stderr)
-        return 2
+        code = EXIT_USAGE
+        return code
+    finally:
+        report_exit(code)  # for python -m cmpt.launch (no-op otherwise)
 
 
 if __name__ == "__main__":

@@ -237,11 +237,13 @@ class Trainer:
         return self._write_summary({**summary, "resumed_from": resumed_from})
 
     def _write_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """``run.dir/summary.json`` (rank 0, atomic), once the run has started; returns ``summary``."""
+        """``run.dir/summary.json`` (rank 0, atomic) once the run has started; returns what it holds:
+        ``summary`` plus ``steps`` and ``resume`` (the :class:`~cmpt.train.resume.ResumePlan`)."""
+        data = {"step": self.counters.get("step"), "steps": self.cfg.steps, **summary}
+        data["resume"] = dataclasses.asdict(self.plan) if self.plan else None
         if self._started and self.world.is_main:
-            data = {"step": self.counters.get("step"), "steps": self.cfg.steps, **summary}
-            write_summary(self.run_dir, {**data, "resume": dataclasses.asdict(self.plan)})
-        return summary
+            write_summary(self.run_dir, data)
+        return data
 
     def _build_model(self) -> None:
         world, cfg = self.world, self.cfg
@@ -303,6 +305,10 @@ class Trainer:
             eta = (cfg.steps - step) * elapsed_run / max(1, step - start_step)
             self.metrics.step(step, res.loss, meter.tokens_per_s(), eta)
             self._check_faults(step, res)
+            if step == start_step + 1:  # time to first step, length index part (cmpt.data.length_cache)
+                from ..data.length_cache import first_step_message
+
+                self.metrics.message(first_step_message(self.loader))
             if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or res.stop:
                 extra = {k: c[k] for k in ("skipped_steps", "bad_samples")}
                 rec = meter.record(step, lrs, **extra, elapsed_s=c["elapsed_s"] + elapsed_run, eta_s=eta)

@@ -151,6 +151,20 @@ def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path
     )
 
 
+def _continued_from(run_dir: Path) -> set[str]:
+    """Checkpoints that starts recorded in ``run_dir/history`` continued from."""
+    out = set()
+    for entry in sorted((run_dir / "history").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        src = doc.get("resumed_from") if isinstance(doc, dict) else None
+        if isinstance(src, dict) and src.get("checkpoint"):
+            out.add(str(src["checkpoint"]))
+    return out
+
+
 def _step_of(path: Path) -> int:
     digits = "".join(c for c in path.name if c.isdigit())
     return int(digits) if digits else -1
@@ -198,6 +212,7 @@ def plan_resume(
     ``latest``: the checkpoint ``auto`` continues from (the newest one that verifies, found by the
     caller: :meth:`cmpt.train.checkpoint.CheckpointManager.latest`)."""
     mode, allow = spec.strip(), [a.strip() for a in allow if a.strip()]
+    pre: list[str] = []
     own = complete_in(run_dir / "checkpoints")
     names = ", ".join(p.name for _, p in own)
     if mode == "never":
@@ -217,7 +232,11 @@ def plan_resume(
     else:
         step, ckpt = _checkpoint_of(mode, complete_in)
         newer = [p.name for s, p in own if s > step]
-        if newer:
+        if newer and str(ckpt.resolve()) in _continued_from(run_dir):  # the same command, rerun
+            early = f"{ckpt} (step {step})"
+            step, ckpt = own[-1]
+            pre = [f"this run.dir already continued from {early}: continuing from its newest checkpoint"]
+        elif newer:
             raise ResumeError(
                 f"--resume {mode} continues from step {step}, but {run_dir} has newer checkpoints "
                 f"({', '.join(newer)}) that a later --resume auto would pick up: move them away or "
@@ -244,7 +263,7 @@ def plan_resume(
     unused = [a for a in allow if not any(covered(k, [a]) for k in changes)]
     if unused:
         notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
-    return ResumePlan(mode, str(ckpt), step, dict(sorted(changes.items())), notes)
+    return ResumePlan(mode, str(ckpt.resolve()), step, dict(sorted(changes.items())), [*pre, *notes])
 
 
 def start_run(
