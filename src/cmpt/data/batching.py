@@ -379,6 +379,11 @@ def build_loader(
     :class:`cmpt.data.documents.DocumentBuilder` (docs/method.md §3); its ``length_overhead`` (plain
     text) then replaces the chat template's in the length estimates. ``processor`` and
     ``tokenizer`` should be the builder's.
+
+    ``cache_dir``: where the length index is cached (:mod:`cmpt.data.length_cache`; the recipes pass
+    ``data.length_cache``); ``None``: not cached. With ``world_size > 1`` under a process group,
+    every rank must call this: rank 0 reads or builds the index, the others receive it.
+    ``loader.length_index`` tells how long that took and how (``built``, ``cached``, ``received``).
     """
     set_follow_symlinks(cfg.follow_symlinks)
     source = open_source(cfg.path, cfg.image_root or None)
@@ -404,7 +409,10 @@ def build_loader(
             num_streams=cfg.num_streams,
         )  # fmt: skip
     overhead = length_overhead(builder)
-    lengths = LengthIndex.build(source, processor, tokenizer, cache_dir=cache_dir, overhead=overhead).lengths
+    index = LengthIndex.build(  # rank 0 builds or reads it, the other ranks receive it
+        source, processor, tokenizer, cache_dir=cache_dir, overhead=overhead, shared=world_size > 1
+    )
+    lengths = index.lengths
     if cap is not None:
         lengths = [(v, min(t, cap)) for v, t in lengths]
     batcher = TokenBudgetBatcher(
@@ -415,6 +423,8 @@ def build_loader(
         log.warning(
             "%s: %d sample(s) over a budget on their own are skipped", cfg.path, batcher.oversize_skipped
         )
-    return BatchLoader(
+    loader = BatchLoader(
         source, builder, batcher, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
     )  # fmt: skip
+    loader.length_index = {"seconds": index.seconds, "how": index.how, "records": len(index)}
+    return loader

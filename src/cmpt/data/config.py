@@ -38,6 +38,8 @@ class DataConfig:
     ``None`` = on where the language model supports it, ``false`` = right-padded rows.
     ``follow_symlinks``: let image paths follow symbolic links out of ``image_root`` (default: such
     a path is a ``path_escape`` bad sample; :func:`cmpt.data.sources.set_follow_symlinks`).
+    ``length_cache``: where map-style sources' length indexes are cached, shared by stages and
+    ranks (:mod:`cmpt.data.length_cache`): ``""`` = ``cache_root()/lengths``, ``"off"``, or a directory.
     """
 
     path: str = ""
@@ -56,6 +58,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_streams: int = 0
     packing: bool | None = None
+    length_cache: str = ""
     follow_symlinks: bool = False
 
     def __post_init__(self) -> None:

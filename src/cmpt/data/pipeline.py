@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +33,7 @@ from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, caption_ids,
 
 __all__ = [
     "BadSample",
-    "LengthIndex",
+    "LengthIndex",  # noqa: F822 - from cmpt.data.length_index, through __getattr__
     "ProcessedSample",
     "SampleBuilder",
     "collate",
@@ -311,107 +309,10 @@ def estimate_lengths(
     return v, text_estimate(record, sum(len(x) for x in ids), v, overhead)
 
 
-class LengthIndex:
-    """Per-record ``(vision_tokens, text_tokens)`` estimates for token-budget batching (docs/method.md §4).
+def __getattr__(name: str) -> Any:
+    """``LengthIndex`` lives in :mod:`cmpt.data.length_index` (it builds on this module's estimates)."""
+    if name == "LengthIndex":
+        from cmpt.data.length_index import LengthIndex
 
-    Vision tokens are exact: image headers only (``PIL.Image.open(...).size``) through the
-    processor's resize policy, ``(H/factor)·(W/factor)`` merged tokens. Text tokens are estimated:
-    the turn contents tokenized without the template, plus the template's measured overhead
-    (``overhead``, default :func:`template_overhead`; :func:`length_overhead` of the builder), plus
-    ``N + 2`` per image; a document record (docs/method.md §3): its text without placeholders plus
-    ``N + 2`` per image. A record whose structure or image headers cannot be read gets ``(0, 0)``:
-    it is batched and then fails (and is counted) in the builder.
-    """
-
-    VERSION = 2
-
-    def __init__(self, lengths: list[tuple[int, int]]) -> None:
-        self.lengths = [(int(v), int(t)) for v, t in lengths]
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> tuple[int, int]:
-        return self.lengths[i]
-
-    @property
-    def num_failed(self) -> int:
-        """Records whose length could not be estimated (``(0, 0)``)."""
-        return sum(1 for v, t in self.lengths if v == 0 and t == 0)
-
-    @staticmethod
-    def _vision(record: Record, processor: ImageProcessor) -> int | None:
-        return vision_tokens(record, processor)
-
-    @classmethod
-    def build(
-        cls,
-        source: Any,
-        processor: ImageProcessor,
-        tokenizer: Any,
-        *,
-        cache_dir: str | os.PathLike | None = None,
-        num_threads: int = 0,
-        chunk: int = 1024,
-        overhead: tuple[int, int] | None = None,
-    ) -> LengthIndex:
-        """Estimate every record of a map-style ``source``; cached in ``cache_dir`` (keyed by
-        ``source.fingerprint()`` — file sizes and mtimes —, the processor settings and the
-        tokenizer's vocabulary size)."""
-        base, per_turn = template_overhead(tokenizer) if overhead is None else overhead
-        key_src = {
-            "version": cls.VERSION,
-            "source": source.fingerprint(),
-            "processor": processor.to_dict(),
-            "vocab_size": len(tokenizer),
-            "overhead": [base, per_turn],
-        }
-        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
-        cache = os.path.join(os.fspath(cache_dir), f"lengths-{key[:20]}.json") if cache_dir else None
-        if cache and os.path.isfile(cache):
-            try:
-                with open(cache, encoding="utf-8") as fh:
-                    data = json.load(fh)
-                if data.get("key") == key and len(data["lengths"]) == len(source):
-                    return cls([tuple(x) for x in data["lengths"]])
-            except (OSError, ValueError, KeyError):
-                log.warning("ignoring unreadable length cache %s", cache)
-        pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
-        lengths: list[tuple[int, int]] = []
-        try:
-            for start in range(0, len(source), chunk):
-                recs: list[Record | None] = []
-                for i in range(start, min(start + chunk, len(source))):
-                    try:
-                        rec = source[i]
-                    except BadSample:
-                        rec = None
-                    recs.append(rec if usable_structure(rec) else None)
-                live = [r for r in recs if r is not None]
-                vis_fn = lambda r: vision_tokens(r, processor)  # noqa: E731
-                vision = list(pool.map(vis_fn, live)) if pool else [vis_fn(r) for r in live]
-                texts = [x for r in live for x in turn_texts(r)]
-                ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-                pos, it = 0, iter(zip(live, vision))
-                for r in recs:
-                    if r is None:
-                        lengths.append((0, 0))
-                        continue
-                    rec, v = next(it)
-                    nt = 1 if rec.is_document else len(rec.conversations)
-                    content = sum(len(x) for x in ids[pos : pos + nt])
-                    pos += nt
-                    if v is None:
-                        lengths.append((0, 0))
-                    else:
-                        lengths.append((v, text_estimate(rec, content, v, (base, per_turn))))
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        if cache:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            tmp = f"{cache}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({"key": key, "key_source": key_src, "lengths": lengths}, fh)
-            os.replace(tmp, cache)
-        return cls(lengths)
+        return LengthIndex
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -156,9 +156,10 @@ class CompTask:
 
     def build_loader(self, rank: int, world_size: int):
         from ..data.batching import build_loader
+        from ..data.length_cache import length_cache_dir
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
-        cache = Path(expand_path(self.cfg.run.dir)) / "cache"
+        cache = length_cache_dir(self.cfg.data.length_cache)  # shared by stages (docs/method.md §4)
         return build_loader(
             data,
             self.vlm.processor,

@@ -1,0 +1,287 @@
+"""The length index's content-keyed cache, shared by stages, ranks and jobs (docs/method.md §4).
+
+A :class:`~cmpt.data.length_index.LengthIndex` is stored as ``<dir>/lengths-<key>.json``, where the
+key hashes what the estimates depend on: the source's fingerprint (its files' paths, sizes and
+mtimes), the processor settings, the tokenizer's identity (:func:`tokenizer_identity`: its model,
+normalizer, pre-tokenizer and added tokens, not its path, so stage 2 loading stage 1's output
+reuses stage 1's index) and the builder's text overhead. The directory is
+``cache_root()/lengths`` unless ``data.length_cache`` names another (:func:`length_cache_dir`),
+never ``run.dir``, so every stage and every run on the same data finds it.
+
+The file also lists the size and mtime of every image file read while building: a cached index
+is used only if they still match (one ``stat`` per image, no header read), so touching, replacing,
+adding or deleting an image rebuilds it.
+
+Writers: :func:`load_or_build` takes ``<file>.lock`` (created exclusively; holds host and pid,
+touched as the build progresses); whoever gets it builds and writes the file atomically (a
+temporary file renamed into place), the others poll until the file appears and read it. A lock
+whose process is dead (same host) or that was not touched for :data:`STALE_S` seconds is broken.
+Ranks of one process group: :func:`share_from_rank0` — rank 0 loads or builds, the other ranks wait
+on the group's store (no collective, so no collective timeout however long the build) and receive
+the lengths by broadcast: no shared file system is needed.
+
+:func:`first_step_message` is the trainer's "time to first step" line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STALE_S", "first_step_message", "length_cache_dir", "load_or_build", "process_age_s"]
+__all__ += ["share_from_rank0", "tokenizer_identity"]
+
+log = logging.getLogger("cmpt.data")
+STALE_S = 600.0  # a lock not touched for this long belongs to a dead builder
+_IMPORTED = time.time()
+_SHARED_CALLS = 0
+
+
+def length_cache_dir(setting: str | os.PathLike | None = "") -> Path | None:
+    """Where length indexes are cached: ``""`` / ``None`` = ``cache_root()/lengths``; ``"off"`` = no
+    cache; else the directory named (``{cache}``, ``~`` and ``$VARS`` expand)."""
+    from cmpt.recipes.paths import cache_root, expand_path
+
+    text = "" if setting is None else str(setting).strip()
+    if text.lower() in ("off", "none", "false"):
+        return None
+    return Path(expand_path(text)) if text else cache_root() / "lengths"
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What the token counts depend on: a hash of the backend's model, normalizer, pre-tokenizer and
+    added tokens (fast tokenizers), else of the sorted vocabulary; plus the size. The path it was
+    loaded from and its padding / truncation state are left out."""
+    ident: dict[str, Any] = {"size": len(tokenizer)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        if backend is not None:
+            spec = json.loads(backend.to_str())
+            keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+            text = json.dumps(keep, sort_keys=True)
+        else:
+            text = json.dumps(sorted(tokenizer.get_vocab().items()))
+        ident["sha256"] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    except Exception:  # an unusual tokenizer: its class and size only
+        ident["class"] = type(tokenizer).__name__
+    return ident
+
+
+# -- image files: what was read, and whether it changed ------------------------------------------
+def pack_images(stats: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """``{path: (size, mtime_ns)}`` (``(-1, -1)``: could not be opened) → the cache file's form."""
+    paths = sorted(stats)
+    root = os.path.commonpath(paths) if paths else ""
+    if paths and (root in paths or not os.path.isabs(root)):
+        root = os.path.dirname(root)
+    return {"root": root, "files": [[os.path.relpath(p, root), *stats[p]] for p in paths]}
+
+
+def _stat_all(paths: Sequence[str]) -> list[tuple[int, int]]:
+    def one(block: Sequence[str]) -> list[tuple[int, int]]:
+        out = []
+        for p in block:
+            try:
+                st = os.stat(p)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((-1, -1))
+        return out
+
+    step = 4096
+    blocks = [paths[i : i + step] for i in range(0, len(paths), step)]
+    if len(blocks) <= 1:
+        return one(paths)
+    with ThreadPoolExecutor(min(8, len(blocks))) as pool:  # stat releases the GIL: overlaps on NFS
+        return [x for part in pool.map(one, blocks) for x in part]
+
+
+def changed_images(images: dict[str, Any]) -> list[str]:
+    """The image files of a cache file whose size or mtime differ now (or that appeared / vanished)."""
+    root, files = images.get("root", ""), images.get("files", [])
+    paths = [os.path.join(root, f[0]) for f in files]
+    return [p for p, f, now in zip(paths, files, _stat_all(paths)) if (f[1], f[2]) != now]
+
+
+# -- one file, several writers -------------------------------------------------------------------
+def _read(path: Path, key: str, n: int) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.warning("ignoring an unreadable length cache %s", path)
+        return None
+    if not isinstance(data, dict) or data.get("key") != key or len(data.get("lengths", ())) != n:
+        return None
+    changed = changed_images(data.get("images") or {})
+    if changed:
+        log.info(
+            "%d image file(s) changed since the length index %s was built (e.g. %s): rebuilding",
+            len(changed), path.name, changed[0],
+        )  # fmt: skip
+        return None
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, separators=(",", ":"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_lock(lock: Path) -> bool:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, fh)
+    return True
+
+
+def _stale(lock: Path) -> bool:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    try:
+        owner = json.loads(lock.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        owner = {}  # being written: judged by its age
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _pid_alive(pid):
+        return True
+    return age >= STALE_S
+
+
+def load_or_build(
+    path: Path | None,
+    key: str,
+    n: int,
+    build: Callable[[Callable[[], None]], dict[str, Any]],
+    *,
+    poll_s: float = 0.2,
+) -> tuple[dict[str, Any], str]:
+    """``(data, how)``: the cache file ``path`` if valid (``how = "cached"``), else ``build(beat)``
+    written there (``"built"``; ``beat()`` keeps the lock fresh), built by one process at a time:
+    the others wait for it (docs/method.md §4). ``path=None``: always build, no file."""
+    if path is None:
+        return build(lambda: None), "built"
+    lock = path.with_name(path.name + ".lock")
+    waited = False
+    while True:
+        data = _read(path, key, n)
+        if data is not None:
+            return data, "cached"
+        if _try_lock(lock):
+            try:
+                data = _read(path, key, n)  # written between our read and our lock
+                if data is not None:
+                    return data, "cached"
+
+                def beat() -> None:
+                    with contextlib.suppress(OSError):
+                        os.utime(lock)
+
+                data = build(beat)
+                _write(path, {"key": key, **data})
+                return data, "built"
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+        if _stale(lock):
+            log.warning("breaking the stale lock %s (its builder died)", lock)
+            aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                os.replace(lock, aside)
+                os.unlink(aside)
+            continue
+        if not waited:
+            log.info("waiting for another process building the length index (%s)", lock)
+            waited = True
+        time.sleep(poll_s)
+
+
+# -- ranks of one process group ------------------------------------------------------------------
+def share_from_rank0(compute: Callable[[], Any], *, poll_s: float = 0.2) -> Any:
+    """``compute()`` on rank 0 only; every rank returns its result (picklable). The other ranks wait
+    on the default store, then receive it by broadcast (docs/method.md §4). Every rank must call it,
+    in the same order."""
+    import torch.distributed as dist
+
+    global _SHARED_CALLS
+    _SHARED_CALLS += 1
+    rank = dist.get_rank()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to wait on: the broadcast waits (subject to the group's timeout)
+        store = None
+    flag = f"cmpt/length_index/{_SHARED_CALLS}"
+    result = None
+    if rank == 0:
+        try:
+            result = compute()
+        except BaseException as e:
+            if store is not None:
+                store.set(flag, f"error: {type(e).__name__}: {e}")
+            raise
+        if store is not None:
+            store.set(flag, "ok")
+    elif store is not None:
+        while not store.check([flag]):
+            time.sleep(poll_s)
+        status = store.get(flag).decode()
+        if status != "ok":
+            raise RuntimeError(f"rank 0 could not build the length index: {status[len('error: ') :]}")
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- time to first step --------------------------------------------------------------------------
+def process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``; elsewhere since cmpt's data modules loaded)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
+def first_step_message(loader: Any) -> str:
+    """The trainer's line after its first optimizer step: seconds since the process started, and
+    the part spent on the length index (``loader.length_index``, set by ``build_loader``)."""
+    msg = f"time to first step: {process_age_s():.1f} s since the process started"
+    info = getattr(loader, "length_index", None)
+    if isinstance(info, dict):
+        msg += f" (length index: {info['seconds']:.2f} s, {info['how']}, {info['records']} records)"
+    return msg
