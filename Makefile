@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cmpt demo
+	$(VENV)/bin/cmpt demo --recipe all
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -25,7 +25,7 @@ from typing import Any
 
 from .report import format_results_table, write_report
 
-__all__ = ["QUICK_STAGE", "STAGES", "run_demo", "stage_overrides"]
+__all__ = ["QUICK_STAGE", "STAGES", "run_comp_stages", "run_demo", "stage_overrides"]
 
 STAGES = {
     "stage1": "I adapter warm-up: merger only, RoPE off, fixed resolution, L_align on",
@@ -258,13 +258,33 @@ def _notes(ev: dict[str, Any], tiny_stats: dict[str, Any], quick: bool) -> list[
     ]
 
 
+def run_comp_stages(out: Path, tiny: dict[str, Path], quick: bool, fixed: int) -> dict[str, dict[str, Any]]:
+    """CoMP stages I → II → III into ``out/stage{1,2,3}`` (fresh runs), chained through ``model.init``."""
+    from ..recipes import run_recipe
+
+    stages: dict[str, dict[str, Any]] = {}
+    init = None
+    for i, (name, what) in enumerate(STAGES.items(), start=2):
+        _header(f"{i}/5 CoMP {what}")
+        run_dir = out / name
+        if (run_dir / "config.yaml").is_file():  # a previous demo's run: start fresh, not resume
+            shutil.rmtree(run_dir)
+        t = time.perf_counter()
+        summary = run_recipe(f"tiny/comp_{name}", stage_overrides(name, tiny, run_dir, init, quick, fixed))
+        seconds = round(time.perf_counter() - t, 1)
+        print(f"  {name}: {summary['step']} steps in {seconds} s, last loss {summary['loss']:.3f}")
+        stages[name] = {"dir": run_dir, "seconds": seconds, "steps": summary["step"], "description": what}
+        stages[name]["summary"] = summary
+        init = run_dir / "final"
+    return stages
+
+
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, cache: str | None = None) -> dict:
     """Run the offline CoMP demo (module docstring) and return its summary.
 
     Returns ``{"out", "report", "wall_s": {"prepare", "stage1", "stage2", "stage3", "eval",
     "total"}, "stages": {name: {...}}, "results": {"rows", ...}, "starting_points", "errors"}``.
     """
-    from ..recipes import run_recipe
     from .tiny_models import prepare_tiny
 
     out = Path(out)
@@ -281,25 +301,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, cache: s
     }
     fixed = int(tiny_stats["vision"]["resolution"])
 
-    stages: dict[str, dict[str, Any]] = {}
-    init = None
-    for i, (name, what) in enumerate(STAGES.items(), start=2):
-        _header(f"{i}/5 CoMP {what}")
-        run_dir = out / name
-        if (run_dir / "config.yaml").is_file():  # a previous demo's run: start fresh, not resume
-            shutil.rmtree(run_dir)
-        t = time.perf_counter()
-        summary = run_recipe(f"tiny/comp_{name}", stage_overrides(name, tiny, run_dir, init, quick, fixed))
-        wall[name] = round(time.perf_counter() - t, 1)
-        print(f"  {name}: {summary['step']} steps in {wall[name]} s, last loss {summary['loss']:.3f}")
-        stages[name] = {
-            "dir": run_dir,
-            "seconds": wall[name],
-            "steps": summary["step"],
-            "description": what,
-            "summary": summary,
-        }
-        init = run_dir / "final"
+    stages = run_comp_stages(out, tiny, quick, fixed)
+    wall.update({name: st["seconds"] for name, st in stages.items()})
 
     _header("5/5 evaluation: fixed-resolution start vs CoMP, held-out data")
     t = time.perf_counter()
