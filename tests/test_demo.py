@@ -1,4 +1,5 @@
-"""`cmpt demo --quick` end to end (prepare → CoMP stages I → II → III → evaluation → report)."""
+"""`cmpt demo --quick` end to end (prepare → CoMP stages I → II → III → evaluation → report), then
+`--recipe moca` on its output (CPT → CL, the no-CPT ablation, embedding evaluation)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "loss_stage1.png" in pngs and "resolution_sweep.png" in pngs
     assert all(f"({p})" in report for p in ["plots/loss_stage1.png", "plots/resolution_sweep.png"])
     assert json.loads((out / "summary.json").read_text())["report"] == str(out / "report.md")
+
+    # CoMP → MoCa on the same output: reuses the stage-III VLM, CPT → CL and the no-CPT ablation
+    from cmpt.demo.moca_run import run_moca_demo
+    from cmpt.embed.embedder import Embedder
+
+    moca = run_moca_demo(out, quick=True, cache=tmp_path / "cache")
+    assert set(moca["wall_s"]) == {"prepare", "moca_cpt", "moca_cl", "moca_cl_no_cpt", "eval", "total"}
+    cfg = yaml.safe_load((out / "moca" / "moca_cl" / "config.yaml").read_text())
+    assert cfg["model"]["init"] == str(out / "moca" / "moca_cpt" / "final") and cfg["stage"]["name"] == "cl"
+    cpt = yaml.safe_load((out / "moca" / "moca_cpt" / "config.yaml").read_text())
+    assert cpt["model"]["init"] == str(out / "stage3" / "final")
+    labels = ["start (CoMP VLM, causal)", "after CPT", "after CPT → CL", "CL without CPT"]
+    assert set(moca["evaluations"]) == set(labels)
+    for row in moca["rows"]:
+        assert all(0.0 <= row[lab] <= 1.0 for lab in labels), row
+    assert Embedder.from_pretrained(out / "moca" / "moca_cl" / "final").encode(["a chart"]).shape[0] == 1
+    assert "## CoMP → MoCa" in (out / "report.md").read_text()
+    assert "| mean P@1" in (out / "moca" / "report.md").read_text()
 
 
 def test_write_report_table_and_curves(tmp_path):
