@@ -38,11 +38,17 @@ PARTS = ("vision", "merger", "llm", "lm_head", "mae")
 @dataclass
 class MocaModelConfig:
     """``init``: the backbone directory. ``llm_attn``: the LLM's ``attn_implementation`` (``""`` =
-    transformers' default, sdpa). ``vit_attn``: the packed-attention backend of a cmpt ViT."""
+    transformers' default, sdpa). ``vit_attn``: the packed-attention backend of a cmpt ViT.
+    ``lora_r`` > 0: LoRA (``dora``: DoRA) adapters on the LLM instead of training its weights
+    (official CL option: DoRA, r 16, alpha 64, dropout 0.1; needs ``peft``); merged at the end."""
 
     init: str = ""
     llm_attn: str = ""
     vit_attn: Literal["auto", "sdpa", "flex", "flash", "varlen"] = "auto"
+    lora_r: int = 0
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    dora: bool = False
 
 
 @dataclass
@@ -161,8 +167,17 @@ class MocaTask:
         self.model = objective(self.backbone, cfg.loss).train()
         for p in self.model.parts().get("mae", []):
             p.requires_grad_("mae" in cfg.stage.trainable)
+        if cfg.model.lora_r > 0 and "llm" in cfg.stage.trainable:
+            self._add_adapters(self.backbone)
         m2 = self.backbone.config.merge_size**2
         self._window_elements = m2 * self.backbone.patch_dim
+
+    def _add_adapters(self, backbone: nn.Module) -> None:
+        from ..embed.lora import add_adapters
+
+        m = self.cfg.model
+        n = add_adapters(backbone.body, m.lora_r, m.lora_alpha, m.lora_dropout, dora=m.dora)
+        log.info("%s adapters on the LLM: %d trainable parameters", "DoRA" if m.dora else "LoRA", n)
 
     def _parts(self) -> dict[str, list[nn.Parameter]]:
         return {**self.backbone.parts(), **self.model.parts()}
@@ -242,9 +257,15 @@ class MocaTask:
         backbone = self.backbone
         if state_dict is not None and any(type(p).__name__ == "DTensor" for p in backbone.parameters()):
             backbone = load_backbone_for(self.cfg)  # FSDP2 shards in place: an unsharded copy
+            if self.cfg.model.lora_r > 0 and "llm" in self.cfg.stage.trainable:
+                self._add_adapters(backbone)
             prefix = "backbone."
             backbone.load_state_dict(
                 {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             )
+        if self.cfg.model.lora_r > 0:
+            from ..embed.lora import merge_adapters
+
+            merge_adapters(backbone)  # a plain checkpoint: loads without peft, same outputs
         with torch.no_grad():
             Embedder(backbone, max_length=self.cfg.data.max_text_tokens).save_pretrained(out_dir)
