@@ -143,13 +143,16 @@ def test_length_index_estimates_and_cache(parts, corpus, tmp_path):
     files = list(tmp_path.glob("lengths-*.json"))
     assert len(files) == 1 and cached.lengths == index.lengths
     data = json.loads(files[0].read_text())
-    data["lengths"][0] = [123, 456]  # prove the second build reads the cache
+    k = max(range(len(index)), key=lambda j: index[j][0])  # the record with the most vision tokens
+    data["records"][k][0] += 100  # prove the second build reads the cache: 100 more content tokens
     files[0].write_text(json.dumps(data))
-    assert LengthIndex.build(src, proc, tok, cache_dir=tmp_path)[0] == (123, 456)
+    v, t = index[k]
+    assert LengthIndex.build(src, proc, tok, cache_dir=tmp_path)[k] == (v, t + 100)
     other = tiny_processor()
     other.max_pixels = 28 * 28 * 4
-    assert LengthIndex.build(src, other, tok, cache_dir=tmp_path)[0] != (123, 456)
-    assert len(list(tmp_path.glob("lengths-*.json"))) == 2
+    v2, t2 = LengthIndex.build(src, other, tok, cache_dir=tmp_path)[k]  # another resolution: same file
+    assert v2 < v and t2 == t + 100 - (v - v2)
+    assert len(list(tmp_path.glob("lengths-*.json"))) == 1
 
 
 def test_loader_workers_give_identical_batches(parts):

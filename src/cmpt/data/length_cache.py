@@ -1,12 +1,13 @@
 """The length index's content-keyed cache, shared by stages, ranks and jobs (docs/method.md §4).
 
-A :class:`~cmpt.data.length_index.LengthIndex` is stored as ``<dir>/lengths-<key>.json``, where the
-key hashes what the estimates depend on: the source's fingerprint (its files' paths, sizes and
-mtimes), the processor settings, the tokenizer's identity (:func:`tokenizer_identity`: its model,
-normalizer, pre-tokenizer and added tokens, not its path, so stage 2 loading stage 1's output
-reuses stage 1's index) and the builder's text overhead. The directory is
-``cache_root()/lengths`` unless ``data.length_cache`` names another (:func:`length_cache_dir`),
-never ``run.dir``, so every stage and every run on the same data finds it.
+What a :class:`~cmpt.data.length_index.LengthIndex` reads — every record's image sizes (headers)
+and content token counts — is stored as ``<dir>/lengths-<key>.json``, where the key hashes what
+that depends on: the source's fingerprint (its files' paths, sizes and mtimes), the tokenizer's
+identity (:func:`tokenizer_identity`: its model, normalizer, pre-tokenizer and added tokens, not
+its path, so stage 2 loading stage 1's output finds stage 1's file) and the symlink policy. The
+processor's resize policy and the builder's text overhead are applied when it is read (no I/O), so
+stages at other resolutions share it too. The directory is ``cache_root()/lengths`` unless
+``data.length_cache`` names another (:func:`length_cache_dir`), never ``run.dir``.
 
 The file also lists the size and mtime of every image file read while building: a cached index
 is used only if they still match (one ``stat`` per image, no header read), so touching, replacing,
@@ -122,7 +123,7 @@ def _read(path: Path, key: str, n: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         log.warning("ignoring an unreadable length cache %s", path)
         return None
-    if not isinstance(data, dict) or data.get("key") != key or len(data.get("lengths", ())) != n:
+    if not isinstance(data, dict) or data.get("key") != key or len(data.get("records", ())) != n:
         return None
     changed = changed_images(data.get("images") or {})
     if changed:

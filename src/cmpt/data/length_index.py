@@ -2,17 +2,21 @@
 
 :class:`LengthIndex` (also importable from :mod:`cmpt.data.pipeline`) holds one ``(vision_tokens,
 text_tokens)`` pair per record of a map-style source. Building it reads every image *header* and
-tokenizes every text, which dominates a run's start on large datasets, so:
+tokenizes every text, which dominates a run's start on large datasets, so that part — the *scan*,
+one entry per record: image sizes from the headers, content tokens, turns — is separated from
+what depends on the stage (the processor's resize policy, the builder's text overhead), which
+:func:`derive_lengths` applies in a moment. The scan:
 
-* it runs in parallel over chunks of records: forked worker processes by default (header parsing
-  in PIL is mostly Python and holds the GIL; ``benchmarks/bench_startup.py`` measures threads vs
+* runs in parallel over chunks of records: forked worker processes by default (header parsing in
+  PIL is mostly Python and holds the GIL; ``benchmarks/bench_startup.py`` measures threads vs
   processes), threads with ``backend="thread"`` (or where ``fork`` is unavailable), serially for
   small sources or ``workers <= 1``; every chunk's texts are tokenized in one batched call, through
   the fast tokenizer's backend when it gives the same counts as the tokenizer (checked on a sample);
-* it is cached by content (:mod:`cmpt.data.length_cache`): a second stage, a restarted run or
-  another job on the same data reads the file, after one ``stat`` per image file;
-* with ``shared=True`` under a process group, rank 0 alone loads or builds it and the other ranks
-  receive it (:func:`cmpt.data.length_cache.share_from_rank0`).
+* is cached by content (:mod:`cmpt.data.length_cache`: the source's files, the tokenizer): every
+  stage on the same data — whatever its resolution —, a restarted run, another job read the file,
+  after one ``stat`` per image file;
+* with ``shared=True`` under a process group, happens on rank 0 alone; the other ranks receive the
+  lengths (:func:`cmpt.data.length_cache.share_from_rank0`).
 
 The estimates are those of :func:`cmpt.data.pipeline.estimate_lengths`, record by record, whatever
 the backend: header sizes through the processor's resize policy, turn contents tokenized without
@@ -47,7 +51,7 @@ from cmpt.data import sources
 from cmpt.data.pipeline import template_overhead, text_estimate, turn_texts, usable_structure
 from cmpt.data.sources import BadSample, Record
 
-__all__ = ["LengthIndex", "count_tokens", "default_workers"]
+__all__ = ["LengthIndex", "count_tokens", "default_workers", "derive_lengths"]
 
 Stats = dict[str, tuple[int, int]]  # image path -> (size, mtime_ns); (-1, -1): could not be opened
 
@@ -55,9 +59,7 @@ Stats = dict[str, tuple[int, int]]  # image path -> (size, mtime_ns); (-1, -1): 
 @dataclass
 class _Job:
     source: Any
-    processor: Any
     tokenizer: Any
-    overhead: tuple[int, int]
     fast: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,10 +102,12 @@ def _fast_matches(tokenizer: Any, texts: list[str]) -> bool:
         return False
 
 
-def _header_tokens(record: Record, processor: Any, stats: Stats) -> tuple[int | None, int]:
-    """``(merged vision tokens or None, headers read)``, as :func:`cmpt.data.pipeline.vision_tokens`;
-    the size and mtime of every image file opened go to ``stats``."""
-    total = reads = 0
+def _header_sizes(record: Record, stats: Stats) -> tuple[list[int], bool, int]:
+    """``(w1, h1, w2, h2, ...)`` of ``record``'s images from their headers, up to the first that cannot
+    be read (then ``failed``), and the number of headers read; the size and mtime of every image
+    file opened go to ``stats``. As :func:`cmpt.data.pipeline.vision_tokens` reads them."""
+    sizes: list[int] = []
+    reads = 0
     for i in range(len(record.images)):
         try:
             src = record.image_source(i)
@@ -121,15 +125,16 @@ def _header_tokens(record: Record, processor: Any, stats: Stats) -> tuple[int | 
                 reads += 1
                 with Image.open(fh) as im:
                     width, height = im.size
-            h, w = processor.target_size(height, width)
-        except Exception:  # escape, missing, not an image, bomb, aspect ratio: fails at build
-            return None, reads
-        total += (h // processor.factor) * (w // processor.factor)
-    return total, reads
+        except Exception:  # escape, missing, not an image, bomb: fails at build
+            return sizes, True, reads
+        sizes += [int(width), int(height)]
+    return sizes, False, reads
 
 
-def _estimate(job: _Job, bounds: tuple[int, int]) -> tuple[list[tuple[int, int]], Stats, int]:
-    """Records ``[start, stop)``: their lengths, the image files read, the number of headers read."""
+def _scan(job: _Job, bounds: tuple[int, int]) -> tuple[list[Any], Stats, int]:
+    """Records ``[start, stop)`` → their processor-independent entries (``None``: unusable record;
+    else ``[content tokens, turns, is document, header failed, w1, h1, ...]``), the image files
+    read, the number of headers read."""
     recs: list[Record | None] = []
     for i in range(*bounds):
         try:
@@ -138,27 +143,50 @@ def _estimate(job: _Job, bounds: tuple[int, int]) -> tuple[list[tuple[int, int]]
             rec = None
         recs.append(rec if usable_structure(rec) else None)
     stats: Stats = {}
-    reads, vision = 0, []
+    reads, texts, turns, heads = 0, [], [], []
     for r in recs:
-        v, n = _header_tokens(r, job.processor, stats) if r is not None else (None, 0)
-        vision.append(v)
+        if r is None:
+            continue
+        sizes, failed, n = _header_sizes(r, stats)
         reads += n
-    texts: list[str] = []
-    turns: list[int] = []  # texts per estimable record
-    for r, v in zip(recs, vision):
-        if r is not None and v is not None:
-            mine = turn_texts(r)
-            texts.extend(mine)
-            turns.append(len(mine))
-    counts, nturns = iter(count_tokens(job.tokenizer, texts, job.fast, job.lock)), iter(turns)
-    out: list[tuple[int, int]] = []
-    for r, v in zip(recs, vision):
-        if r is None or v is None:
+        heads.append((sizes, failed))
+        mine = turn_texts(r)
+        texts.extend(mine)
+        turns.append(len(mine))
+    counts, it = iter(count_tokens(job.tokenizer, texts, job.fast, job.lock)), iter(zip(turns, heads))
+    out: list[Any] = []
+    for r in recs:
+        if r is None:
+            out.append(None)
+            continue
+        nt, (sizes, failed) = next(it)
+        content = sum(next(counts) for _ in range(nt))
+        n_turns = 1 if r.is_document else len(r.conversations)
+        out.append([content, n_turns, int(r.is_document), int(failed), *sizes])
+    return out, stats, reads
+
+
+def derive_lengths(entries: list[Any], processor: Any, overhead: tuple[int, int]) -> list[tuple[int, int]]:
+    """``(vision, text)`` per record from the scanned entries, for this processor and text overhead:
+    what :func:`cmpt.data.pipeline.estimate_lengths` gives, without reading anything (docs/method.md §4)."""
+    f, out = processor.factor, []
+    for e in entries:
+        if e is None or e[3]:
             out.append((0, 0))
             continue
-        content = sum(next(counts) for _ in range(next(nturns)))
-        out.append((v, text_estimate(r, content, v, job.overhead)))
-    return out, stats, reads
+        content, n_turns, doc, _, *wh = e
+        vision = 0
+        try:
+            for w, h in zip(wh[0::2], wh[1::2]):
+                th, tw = processor.target_size(h, w)
+                vision += (th // f) * (tw // f)
+        except Exception:  # aspect ratio above 200, ...: fails at build
+            out.append((0, 0))
+            continue
+        images, turns = [None] * (len(wh) // 2), None if doc else [None] * n_turns
+        shape = Record("", images, turns, text="" if doc else None)  # what text_estimate looks at
+        out.append((vision, text_estimate(shape, content, vision, overhead)))
+    return out
 
 
 def _worker_init() -> None:
@@ -167,9 +195,9 @@ def _worker_init() -> None:
     warnings.simplefilter("ignore")  # PIL's decompression-bomb warnings: the builder reports them
 
 
-def _worker(bounds: tuple[int, int]) -> tuple[list[tuple[int, int]], Stats, int]:
+def _worker(bounds: tuple[int, int]) -> tuple[list[Any], Stats, int]:
     assert _JOB is not None, "a length-index worker without a job"
-    return _estimate(_JOB, bounds)
+    return _scan(_JOB, bounds)
 
 
 def _can_fork() -> bool:
@@ -215,12 +243,12 @@ def _run(job: _Job, chunks: list[tuple[int, int]], workers: int, backend: str, b
         warnings.simplefilter("ignore")
         if backend == "thread":
             with ThreadPoolExecutor(workers) as pool:
-                for res in pool.map(lambda b: _estimate(job, b), chunks):
+                for res in pool.map(lambda b: _scan(job, b), chunks):
                     beat()
                     yield res
         else:
             for b in chunks:
-                yield _estimate(job, b)
+                yield _scan(job, b)
                 beat()
 
 
@@ -239,7 +267,7 @@ class LengthIndex:
     many image headers this process (and its workers) read for it.
     """
 
-    VERSION = 3
+    VERSION = 4
 
     def __init__(
         self, lengths: Iterable[Any], *, how: str = "built", seconds: float = 0.0, header_reads: int = 0
@@ -275,7 +303,8 @@ class LengthIndex:
     ) -> LengthIndex:
         """Estimate every record of a map-style ``source`` (docs/method.md §4).
 
-        ``cache_dir``: read / write ``lengths-<key>.json`` there (:mod:`cmpt.data.length_cache`);
+        ``cache_dir``: read / write the scan as ``lengths-<key>.json`` there
+        (:mod:`cmpt.data.length_cache`; the processor and ``overhead`` are applied after);
         ``None``: no cache. ``workers`` (default :func:`default_workers`) processes or threads
         (``backend``) share the chunks of ``chunk`` records; a source of at most one chunk, or
         ``workers <= 1``, is estimated serially. ``shared``: every rank of the default process
@@ -301,38 +330,29 @@ class LengthIndex:
             )  # fmt: skip
         if num_threads is not None:
             workers, backend = num_threads, "thread"
-        overhead = template_overhead(tokenizer) if overhead is None else tuple(overhead)
         key_src = {
             "version": cls.VERSION,
             "source": source.fingerprint(),
-            "processor": processor.to_dict(),
             "tokenizer": LC.tokenizer_identity(tokenizer),
-            "overhead": list(overhead),
             "follow_symlinks": sources.FOLLOW_SYMLINKS,  # decides which image paths are path_escape
         }
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
         path = Path(os.fspath(cache_dir)) / f"lengths-{key[:20]}.json" if cache_dir else None
 
-        def compute(beat: Callable[[], None]) -> dict[str, Any]:
-            return cls._compute(source, processor, tokenizer, overhead, workers, backend, chunk, beat) | {
-                "key_source": key_src
-            }
+        def scan(beat: Callable[[], None]) -> dict[str, Any]:
+            return {"key_source": key_src, **cls._scan_all(source, tokenizer, workers, backend, chunk, beat)}
 
-        data, how = LC.load_or_build(path, key, len(source), compute)
+        data, how = LC.load_or_build(path, key, len(source), scan)
+        overhead = template_overhead(tokenizer) if overhead is None else tuple(overhead)
+        lengths = derive_lengths(data["records"], processor, overhead)  # type: ignore[arg-type]
         reads = int(data.get("header_reads", 0)) if how == "built" else 0
-        return cls(data["lengths"], how=how, seconds=time.perf_counter() - t0, header_reads=reads)
+        return cls(lengths, how=how, seconds=time.perf_counter() - t0, header_reads=reads)
 
     @staticmethod
-    def _compute(
-        source: Any,
-        processor: Any,
-        tokenizer: Any,
-        overhead: tuple[int, int],
-        workers: int | None,
-        backend: str,
-        chunk: int,
-        beat: Callable[[], None],
+    def _scan_all(
+        source: Any, tokenizer: Any, workers: int | None, backend: str, chunk: int, beat: Callable[[], None]
     ) -> dict[str, Any]:
+        """Every record's entry (:func:`derive_lengths`), in parallel chunks; what the cache stores."""
         t0, n = time.perf_counter(), len(source)
         chunks = [(s, min(s + chunk, n)) for s in range(0, n, max(1, int(chunk)))]
         workers = default_workers() if workers is None else int(workers)
@@ -341,17 +361,16 @@ class LengthIndex:
             backend, workers = "serial", 1
         elif backend == "process" and not _can_fork():
             backend = "thread"
-        sample = _sample_texts(source, 64)
-        job = _Job(source, processor, tokenizer, tuple(overhead), _fast_matches(tokenizer, sample))
-        lengths: list[tuple[int, int]] = []
+        job = _Job(source, tokenizer, _fast_matches(tokenizer, _sample_texts(source, 64)))
+        records: list[Any] = []
         stats: Stats = {}
         reads = 0
         for part, st, r in _run(job, chunks, workers, backend, beat):
-            lengths.extend(part)
+            records.extend(part)
             stats.update(st)
             reads += r
         return {
-            "lengths": lengths,
+            "records": records,
             "images": LC.pack_images(stats),
             "header_reads": reads,
             "build": {"seconds": round(time.perf_counter() - t0, 3), "backend": backend, "workers": workers},
