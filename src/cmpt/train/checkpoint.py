@@ -52,9 +52,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config import config_hash, to_dict
 from . import distributed as D
-from .disk import SpaceGuard, describe_failure
+from .disk import SpaceGuard, describe_failure, on_main
 from .distributed import WorldInfo, barrier, is_dist
-from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
+from .safe_load import safe_dcp_load
 from .verify import (
     DAMAGED_SUFFIX,
     MARKER,
@@ -62,6 +62,7 @@ from .verify import (
     CheckpointSaveError,
     Verdict,
     checksum_files,
+    quarantine,
     step_dirs,
     verify_checkpoint,
     write_manifest,
@@ -224,14 +225,8 @@ class CheckpointManager:
             )
         msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
         state = {"model": msd, "optim": osd}
-        try:
-            with _quiet_dcp():
-                dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
-        except CheckpointException as e:
-            inner = next(iter(e.failures.values()))[0] if e.failures else e
-            if isinstance(inner, CheckpointError):
-                raise inner from None
-            raise CheckpointError(f"checkpoint {path} could not be loaded: {inner!r}") from None
+        with _quiet_dcp():
+            safe_dcp_load(path, state)
         result = set_state_dict(
             model,
             optimizer,
@@ -254,22 +249,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
     def _on_main(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on rank 0, its result on every rank. Its exception is raised on every rank
-        (rank 0: the original; the others: the same checkpoint error class and message)."""
-        result, error = None, None
-        if self.world.is_main:
-            try:
-                result = fn()
-            except Exception as e:
-                error = e
-        desc = None if error is None else (type(error).__name__, str(error))
-        result, desc = D.all_gather_object((result, desc))[0]
-        if error is not None:
-            raise error
-        if desc is not None:
-            kind = _ERRORS.get(desc[0])
-            raise kind(desc[1]) if kind else RuntimeError(f"rank 0 failed: {desc[0]}: {desc[1]}")
-        return result
+        return on_main(self.world.is_main, fn)
 
     def _forget(self, deleted: list[Path]) -> None:
         self._trusted.difference_update(deleted)
@@ -303,7 +283,7 @@ class CheckpointManager:
                 if damaged:
                     logger.warning("falling back to checkpoint %s (older than the damaged one)", path)
                 return str(path)
-            moved = _quarantine(path)
+            moved = quarantine(path)
             logger.error(
                 "checkpoint %s is DAMAGED and will not be loaded: %s; moved to %s for inspection",
                 path,
@@ -371,24 +351,6 @@ class CheckpointManager:
         for _, p in self.complete()[: -self.keep_last]:
             self._trusted.discard(p)
             shutil.rmtree(p, ignore_errors=True)
-
-
-_ERRORS: dict[str, type[Exception]] = {
-    c.__name__: c for c in (CheckpointError, CheckpointSaveError, UnsafeCheckpointError)
-}
-
-
-def _quarantine(path: Path) -> Path | None:
-    """Rename a damaged checkpoint to ``<name>.damaged`` (``.damaged2``, ... when taken)."""
-    for i in range(1, 100):
-        target = path.with_name(path.name + DAMAGED_SUFFIX + ("" if i == 1 else str(i)))
-        if not target.exists():
-            try:
-                os.replace(path, target)
-            except OSError:
-                return None
-            return target
-    return None
 
 
 def _fsync_dir(path: Path) -> None:

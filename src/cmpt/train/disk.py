@@ -1,10 +1,12 @@
 """Disk space and write failures of checkpoint saves (docs/method.md §4 "Verified checkpoints").
 
-Rank 0 of :class:`~cmpt.train.checkpoint.CheckpointManager` asks a :class:`SpaceGuard` before and
-after writing: is there room for the next checkpoint (the last one's size + 2 %, or the state
-dict's size the first time), may the checkpoints that ``train.keep_last`` will prune after this
-save be deleted first to make room (never the newest one), and what to tell the user when a
-write fails — the path, the bytes needed and free, and that the previous checkpoint is intact.
+Rank 0 of :class:`~cmpt.train.checkpoint.CheckpointManager` takes its decisions through
+:func:`on_main` (shared with every rank, errors raised everywhere) and asks a :class:`SpaceGuard`
+before and after writing: is there room for the next checkpoint (the last one's size + 2 %, or
+the state dict's size the first time), may the checkpoints that ``train.keep_last`` will prune
+after this save be deleted first to make room (never the newest one), and what to tell the user
+when a write fails — the path, the bytes needed and free, and that the previous checkpoint is
+intact.
 """
 
 from __future__ import annotations
@@ -19,12 +21,34 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-from .verify import CheckpointSaveError, dir_nbytes, read_manifest
+from . import distributed as D
+from .verify import CheckpointError, CheckpointSaveError, dir_nbytes, read_manifest
 
-__all__ = ["SpaceGuard", "describe_failure", "fmt_bytes", "free_bytes", "out_of_space", "tensor_nbytes"]
+__all__ = ["SpaceGuard", "describe_failure", "fmt_bytes", "free_bytes", "on_main", "out_of_space"]
+__all__ += ["tensor_nbytes"]
 
 logger = logging.getLogger("cmpt.train")
 _MARGIN, _SLACK = 1.02, 64 << 10
+
+
+def on_main(is_main: bool, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank (collective). Its exception is raised on every
+    rank — rank 0: the original; the others: the same checkpoint error class with the same
+    message — so no rank is left waiting in a collective for one that failed."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    desc = None if error is None else (type(error).__name__, str(error))
+    result, desc = D.all_gather_object((result, desc))[0]
+    if error is not None:
+        raise error
+    if desc is not None:
+        kind = _errors().get(desc[0])
+        raise kind(desc[1]) if kind else RuntimeError(f"rank 0 failed: {desc[0]}: {desc[1]}")
+    return result
 
 
 class SpaceGuard:
@@ -122,6 +146,12 @@ class SpaceGuard:
             )
             shutil.rmtree(p, ignore_errors=True)
         return doomed
+
+
+def _errors() -> dict[str, type[Exception]]:
+    from .safe_load import UnsafeCheckpointError
+
+    return {c.__name__: c for c in (CheckpointError, CheckpointSaveError, UnsafeCheckpointError)}
 
 
 def checkpoint_nbytes(path: Path) -> int:

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from .verify import CheckpointError
 
 __all__ = ["SafeFileSystemReader", "SafeLoadPlanner", "UnsafeCheckpointError", "load_dcp_metadata"]
+__all__ += ["safe_dcp_load"]
 
 #: (module, name) pairs a DCP ``.metadata`` pickle may reference (torch 2.4 – 2.13 write only these).
 _ALLOWED: frozenset[tuple[str, str]] = frozenset(
@@ -117,3 +119,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         torch.save(obj, clean)
         clean.seek(0)
         super().load_bytes(read_item, clean)
+
+
+def safe_dcp_load(path: Path, state: dict[str, Any]) -> None:
+    """``dcp.load`` of checkpoint ``path`` into ``state`` through the safe reader and planner; a
+    failure is a :class:`CheckpointError` naming ``path`` (DCP's ``CheckpointException`` unwrapped)."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except CheckpointException as e:
+        inner = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {inner!r}") from None

@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["MANIFEST_FORMAT", "MARKER", "CheckpointError", "CheckpointSaveError", "Verdict"]
 __all__ += ["checksum_files", "dir_nbytes", "file_crc32", "read_manifest", "verify_checkpoint"]
-__all__ += ["verify_run", "write_manifest"]
+__all__ += ["quarantine", "step_dirs", "verify_final", "verify_run", "write_manifest"]
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = "cmpt-checkpoint-manifest/1"
@@ -229,6 +229,19 @@ def dir_nbytes(path: Path) -> int:
         return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
     except OSError:
         return 0
+
+
+def quarantine(path: Path) -> Path | None:
+    """Rename a damaged checkpoint to ``<name>.damaged`` (``.damaged2``, ... when taken)."""
+    for i in range(1, 100):
+        target = path.with_name(path.name + DAMAGED_SUFFIX + ("" if i == 1 else str(i)))
+        if not target.exists():
+            try:
+                os.replace(path, target)
+            except OSError:
+                return None
+            return target
+    return None
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
