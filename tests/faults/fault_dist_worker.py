@@ -8,7 +8,9 @@ Every rank writes ``OUT/report_<rank>.json`` with what it saw in three scenarios
   bitwise equal to the first run (saved as ``OUT/reference.safetensors``);
 * ``enospc``: DDP; rank 1's rank file of ``step_000004`` cannot be written (SIMULATED ENOSPC):
   both ranks must stop with the same ``CheckpointSaveError`` (no hang), ``step_000002`` intact;
-* ``all_damaged``: that run's only checkpoint damaged too: both ranks raise ``CheckpointError``.
+* ``all_damaged``: that run's only checkpoint damaged too: both ranks raise ``CheckpointError``;
+* ``bug``: rank 1's rank file raises ``TypeError`` (not a disk error): rank 1 raises it, rank 0 a
+  ``RuntimeError`` naming rank 1 — nobody waits.
 """
 
 from __future__ import annotations
@@ -41,8 +43,19 @@ def attempt(run: Path, mode: str) -> dict:
     try:
         s = train(run, mode)
         return {"ok": True, "resumed_from": s["resumed_from"], "step": s["step"]}
-    except CheckpointError as e:
+    except (CheckpointError, TypeError, RuntimeError) as e:
         return {"ok": False, "error": type(e).__name__, "message": str(e)}
+
+
+def failing_save(rank: int, at: str, error: Exception):
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):  # rank 1 only
+        if rank == 1 and isinstance(f, (str, os.PathLike)) and Path(f).parent.name == at:
+            raise error
+        return real(obj, f, *args, **kwargs)
+
+    return save
 
 
 def main() -> None:
@@ -61,13 +74,8 @@ def main() -> None:
     report["fallback"] = attempt(run, "fsdp")
 
     run, real = out / "enospc", torch.save
-
-    def save(obj, f, *args, **kwargs):  # SIMULATED full disk, rank 1 only
-        if rank == 1 and isinstance(f, (str, os.PathLike)) and Path(f).parent.name == "step_000004.tmp":
-            raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(f))
-        return real(obj, f, *args, **kwargs)
-
-    torch.save = save
+    enospc = OSError(errno.ENOSPC, "No space left on device (simulated)")  # SIMULATED full disk
+    torch.save = failing_save(rank, "step_000004.tmp", enospc)
     try:
         report["enospc"] = attempt(run, "ddp")
     finally:
@@ -77,6 +85,11 @@ def main() -> None:
         flip_byte(run / "checkpoints" / "step_000002" / "__0_0.distcp")
     dist.barrier()
     report["all_damaged"] = attempt(run, "ddp")
+    torch.save = failing_save(rank, "step_000002.tmp", TypeError("cannot pickle the loader state"))
+    try:
+        report["bug"] = attempt(out / "bug", "ddp")
+    finally:
+        torch.save = real
     (out / f"report_{rank}.json").write_text(json.dumps(report, indent=1))
     dist.barrier()
     dist.destroy_process_group()

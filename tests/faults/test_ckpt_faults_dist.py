@@ -64,3 +64,10 @@ def test_every_rank_refuses_when_nothing_is_usable(out: Path) -> None:
     for rep in _reports(out):
         assert rep["all_damaged"]["error"] == "CheckpointError"
         assert "no usable checkpoint" in rep["all_damaged"]["message"]
+
+
+def test_a_bug_on_one_rank_stops_every_rank(out: Path) -> None:
+    r0, r1 = (rep["bug"] for rep in _reports(out))
+    assert r1 == {"ok": False, "error": "TypeError", "message": "cannot pickle the loader state"}
+    assert r0["error"] == "RuntimeError" and "step_000002.tmp failed on rank 1: TypeError" in r0["message"]
+    assert not (out / "bug" / "checkpoints" / "step_000002.tmp").exists()

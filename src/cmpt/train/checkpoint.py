@@ -316,8 +316,17 @@ class CheckpointManager:
             files = checksum_files(tmp, self._own_files(tmp))
         except (OSError, RuntimeError, CheckpointException) as e:
             failure = describe_failure(e, self.world.rank)
+        except Exception as e:  # not the disk (e.g. an unpicklable loader state): no retry
+            failure, bug = {**describe_failure(e, self.world.rank), "bug": True}, e
         everyone = D.all_gather_object((failure, files))
         failures = [f for f, _ in everyone if f is not None]
+        if any(f.get("bug") for f in failures):  # every rank stops; the failing one with its traceback
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None and failure.get("bug"):
+                raise bug
+            first = next(f for f in failures if f.get("bug"))
+            raise RuntimeError(f"saving {tmp.name} failed on rank {first['rank']}: {first['error']}")
         return (failures[0] if failures else None), {k: v for _, f in everyone for k, v in f.items()}
 
     def _own_files(self, tmp: Path) -> list[str]:
