@@ -1,6 +1,6 @@
 """Tiny, locally built language models for offline use and tests.
 
-SPEC §2 assembles a VLM from *any* Hugging Face causal LM; the paper uses Qwen2.5-0.5B-Instruct.
+docs/method.md §2 assembles a VLM from *any* Hugging Face causal LM; the paper uses Qwen2.5-0.5B-Instruct.
 Nothing here downloads anything: a byte-level BPE tokenizer with Qwen2.5's ChatML conventions is
 trained in seconds on a synthetic corpus, and a randomly initialised Qwen2 or Llama model of a few
 hundred thousand parameters is built from a local config. Both are saved as ordinary Hugging Face
@@ -9,7 +9,7 @@ loads a real checkpoint with ``AutoTokenizer`` / ``AutoModelForCausalLM`` can be
 
 The vision tokens (``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``) are deliberately *not*
 part of the trained tokenizer: :func:`cmpt.vlm.chat.ensure_vision_tokens` adds them, as it must for
-any text-only LLM (SPEC §2, "tokens absent from a tokenizer are added").
+any text-only LLM (docs/method.md §2, "tokens absent from a tokenizer are added").
 """
 
 from __future__ import annotations
