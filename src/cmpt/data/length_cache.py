@@ -17,9 +17,9 @@ Writers: :func:`load_or_build` takes ``<file>.lock`` (created exclusively; holds
 touched as the build progresses); whoever gets it builds and writes the file atomically (a
 temporary file renamed into place), the others poll until the file appears and read it. A lock
 whose process is dead (same host) or that was not touched for :data:`STALE_S` seconds is broken.
-Ranks of one process group: :func:`share_from_rank0` — rank 0 loads or builds, the other ranks wait
-on the group's store (no collective, so no collective timeout however long the build) and receive
-the lengths by broadcast: no shared file system is needed.
+Ranks of one process group: :func:`share_from_rank0` — rank 0 loads or builds, the other ranks
+receive the lengths by a broadcast on a gloo group with a long timeout (so a long build is waited
+for whatever the job's own collective timeout): no shared file system is needed.
 
 :func:`first_step_message` is the trainer's "time to first step" line.
 """
@@ -44,7 +44,6 @@ __all__ += ["share_from_rank0", "tokenizer_identity"]
 log = logging.getLogger("cmpt.data")
 STALE_S = 600.0  # a lock not touched for this long belongs to a dead builder
 _IMPORTED = time.time()
-_SHARED_CALLS = 0
 
 
 def length_cache_dir(setting: str | os.PathLike | None = "") -> Path | None:
@@ -230,39 +229,31 @@ def load_or_build(
 
 
 # -- ranks of one process group ------------------------------------------------------------------
-def share_from_rank0(compute: Callable[[], Any], *, poll_s: float = 0.2) -> Any:
-    """``compute()`` on rank 0 only; every rank returns its result (picklable). The other ranks wait
-    on the default store, then receive it by broadcast (docs/method.md §4). Every rank must call it,
-    in the same order."""
+def share_from_rank0(compute: Callable[[], Any], *, timeout_s: float = 6 * 3600) -> Any:
+    """``compute()`` on rank 0 only; every rank returns its result (picklable), received by a
+    broadcast on a CPU (gloo) group whose timeout is ``timeout_s``: a long build is waited for
+    whatever the job's collective timeout, NCCL jobs included (docs/method.md §4). An exception on
+    rank 0 is raised there and reported on the other ranks. Every rank must call it."""
+    import datetime
+
     import torch.distributed as dist
 
-    global _SHARED_CALLS
-    _SHARED_CALLS += 1
-    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:  # no store to wait on: the broadcast waits (subject to the group's timeout)
-        store = None
-    flag = f"cmpt/length_index/{_SHARED_CALLS}"
-    result = None
-    if rank == 0:
-        try:
-            result = compute()
-        except BaseException as e:
-            if store is not None:
-                store.set(flag, f"error: {type(e).__name__}: {e}")
-            raise
-        if store is not None:
-            store.set(flag, "ok")
-    elif store is not None:
-        while not store.check([flag]):
-            time.sleep(poll_s)
-        status = store.get(flag).decode()
-        if status != "ok":
-            raise RuntimeError(f"rank 0 could not build the length index: {status[len('error: ') :]}")
-    box = [result]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        box: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                box = [("ok", compute())]
+            except BaseException as e:
+                dist.broadcast_object_list([("error", f"{type(e).__name__}: {e}")], src=0, group=group)
+                raise
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    status, value = box[0]
+    if status != "ok":
+        raise RuntimeError(f"rank 0 could not build the length index: {value}")
+    return value
 
 
 # -- time to first step --------------------------------------------------------------------------
