@@ -362,10 +362,10 @@ class LlavaSource:
         state["_fd"], state["_pid"] = None, -1
         return state
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+    def __del__(self, _getpid=os.getpid, _close=os.close) -> None:  # bound now: `os` may be gone at exit
+        if getattr(self, "_fd", None) is not None and self._pid == _getpid():
             with contextlib.suppress(OSError):
-                os.close(self._fd)
+                _close(self._fd)
 
     def __repr__(self) -> str:
         return f"LlavaSource({self.path!r}, image_root={self.image_root!r}, records={len(self)})"
