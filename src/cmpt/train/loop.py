@@ -180,8 +180,12 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.metrics is not None:
                 self.metrics.close()
-            if started:
-                D.destroy(wait=ok)  # no barrier after an error: the other ranks may be gone
+            if started:  # no barrier after an error: the other ranks may be gone
+                self.model = None  # the wrapper's process-group reference goes before the group
+                if ok:
+                    D.barrier()
+                time.sleep(0.2)  # gloo's run loop frees finished work (it needs the GIL): let it
+                D.destroy(wait=False)  # else the group's destructor can wait for it holding the GIL
 
     # ------------------------------------------------------------------ setup
     def _fit(self, world: D.WorldInfo) -> dict[str, Any]:
