@@ -170,19 +170,27 @@ def derive_lengths(entries: list[Any], processor: Any, overhead: tuple[int, int]
     """``(vision, text)`` per record from the scanned entries, for this processor and text overhead:
     what :func:`cmpt.data.pipeline.estimate_lengths` gives, without reading anything (docs/method.md §4)."""
     f, out = processor.factor, []
+    tokens: dict[tuple[int, int], int | None] = {}  # (w, h) -> merged tokens; None: the resize fails
+
+    def merged(w: int, h: int) -> int | None:
+        if (w, h) not in tokens:
+            try:
+                th, tw = processor.target_size(h, w)
+                tokens[w, h] = (th // f) * (tw // f)
+            except Exception:  # aspect ratio above 200, ...: fails at build
+                tokens[w, h] = None
+        return tokens[w, h]
+
     for e in entries:
         if e is None or e[3]:
             out.append((0, 0))
             continue
         content, n_turns, doc, _, *wh = e
-        vision = 0
-        try:
-            for w, h in zip(wh[0::2], wh[1::2]):
-                th, tw = processor.target_size(h, w)
-                vision += (th // f) * (tw // f)
-        except Exception:  # aspect ratio above 200, ...: fails at build
+        per_image = [merged(w, h) for w, h in zip(wh[0::2], wh[1::2])]
+        if None in per_image:
             out.append((0, 0))
             continue
+        vision = sum(per_image)  # type: ignore[arg-type]
         images, turns = [None] * (len(wh) // 2), None if doc else [None] * n_turns
         shape = Record("", images, turns, text="" if doc else None)  # what text_estimate looks at
         out.append((vision, text_estimate(shape, content, vision, overhead)))
