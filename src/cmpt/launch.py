@@ -16,7 +16,9 @@ exits 1 whenever it is itself signalled or any worker exits non-zero, whatever t
 reported; ``python -m cmpt.launch`` takes torchrun's arguments, runs torchrun's launcher and exits
 with the workers' code instead (``cmpt train --nproc-per-node N`` uses it): each worker writes its
 code to ``$CMPT_EXIT_DIR/rank_<RANK>``, and the launcher returns the most severe (1 > 2 > 75 > 0;
-a worker that wrote none counts as 1).
+a worker that wrote none counts as 1). When signalled, it forwards the signal and waits
+``--shutdown-timeout`` seconds (default here 600, torchrun's 30) for the workers to finish their
+step and save a checkpoint before killing them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ += ["main", "report_exit"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RESUMABLE = 0, 1, 2, 75
 EXIT_DIR_ENV = "CMPT_EXIT_DIR"
+SHUTDOWN_TIMEOUT_S = 600  # default --shutdown-timeout (torchrun's: 30 s, then SIGKILL)
 _SEVERITY = (EXIT_FAILED, EXIT_USAGE, EXIT_RESUMABLE, EXIT_OK)
 
 
@@ -81,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "shutdown_timeout", 0) is None and not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        args.shutdown_timeout = SHUTDOWN_TIMEOUT_S  # a signalled worker finishes its step and saves
     exit_dir = Path(tempfile.mkdtemp(prefix="cmpt-exit-"))
     previous = os.environ.get(EXIT_DIR_ENV)
     os.environ[EXIT_DIR_ENV] = str(exit_dir)
