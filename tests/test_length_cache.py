@@ -295,3 +295,11 @@ def test_second_stage_reuses_the_index_and_logs_time_to_first_step(tmp_path, cap
     assert len(first) == 1 and ", built, 16 records" in first[0], first
     assert len(second) == 1 and ", cached, 16 records" in second[0], second
     assert len(list((tmp_path / "lengths").glob("lengths-*.json"))) == 1
+
+
+def test_unusable_cache_directory_builds_without_it(corpus, tmp_path):
+    src, proc, tok = _parts(corpus)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    idx = LengthIndex.build(src, proc, tok, cache_dir=not_a_dir)
+    assert idx.how == "built" and idx.lengths == _reference(src, proc, tok)

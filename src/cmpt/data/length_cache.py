@@ -199,7 +199,12 @@ def load_or_build(
         data = _read(path, key, n)
         if data is not None:
             return data, "cached"
-        if _try_lock(lock):
+        try:
+            locked = _try_lock(lock)
+        except OSError as e:  # a read-only or missing cache directory: build without it
+            log.warning("length cache %s unusable (%s): building the index without caching it", path, e)
+            return build(lambda: None), "built"
+        if locked:
             try:
                 data = _read(path, key, n)  # written between our read and our lock
                 if data is not None:
@@ -210,7 +215,10 @@ def load_or_build(
                         os.utime(lock)
 
                 data = build(beat)
-                _write(path, {"key": key, **data})
+                try:
+                    _write(path, {"key": key, **data})
+                except OSError as e:
+                    log.warning("could not write the length cache %s: %s", path, e)
                 return data, "built"
             finally:
                 with contextlib.suppress(FileNotFoundError):

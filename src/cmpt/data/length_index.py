@@ -209,7 +209,8 @@ def _worker(bounds: tuple[int, int]) -> tuple[list[Any], Stats, int]:
 
 
 def _can_fork() -> bool:
-    return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+    linux = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+    return linux and not mp.current_process().daemon  # a daemon (a DataLoader worker) has no children
 
 
 @contextlib.contextmanager
