@@ -303,3 +303,11 @@ def test_unusable_cache_directory_builds_without_it(corpus, tmp_path):
     not_a_dir.write_text("")
     idx = LengthIndex.build(src, proc, tok, cache_dir=not_a_dir)
     assert idx.how == "built" and idx.lengths == _reference(src, proc, tok)
+
+
+def test_unused_cache_files_are_pruned(corpus, tmp_path):
+    old = tmp_path / "lengths-0123456789abcdef0123.json"
+    old.write_text("{}")
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
+    LengthIndex.build(*_parts(corpus), cache_dir=tmp_path)
+    assert not old.exists() and len(list(tmp_path.glob("lengths-*.json"))) == 1

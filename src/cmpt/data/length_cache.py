@@ -10,8 +10,10 @@ stages at other resolutions share it too. The directory is ``cache_root()/length
 ``data.length_cache`` names another (:func:`length_cache_dir`), never ``run.dir``.
 
 The file also lists the size and mtime of every image file read while building: a cached index
-is used only if they still match (one ``stat`` per image, no header read), so touching, replacing,
-adding or deleting an image rebuilds it.
+is used only if they still match (one ``stat`` per image, no header read), so touching, replacing
+or deleting an image, or creating a missing one, rebuilds it.
+
+Files not used for :data:`UNUSED_DAYS` days are deleted when a new one is written.
 
 Writers: :func:`load_or_build` takes ``<file>.lock`` (created exclusively; holds host and pid,
 touched as the build progresses); whoever gets it builds and writes the file atomically (a
@@ -43,6 +45,7 @@ __all__ += ["share_from_rank0", "tokenizer_identity"]
 
 log = logging.getLogger("cmpt.data")
 STALE_S = 600.0  # a lock not touched for this long belongs to a dead builder
+UNUSED_DAYS = 30  # cache files not used for this long are deleted when another is written
 _IMPORTED = time.time()
 
 
@@ -142,6 +145,16 @@ def _write(path: Path, data: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _prune(path.parent)
+
+
+def _prune(directory: Path) -> None:
+    """Delete the cache files nobody used for :data:`UNUSED_DAYS` days (a hit touches its file)."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for old in directory.glob("lengths-*.json"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,6 +211,8 @@ def load_or_build(
     while True:
         data = _read(path, key, n)
         if data is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used: kept by _prune
             return data, "cached"
         try:
             locked = _try_lock(lock)
