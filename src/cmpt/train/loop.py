@@ -56,11 +56,10 @@ from .optim import (
     build_optimizer,
     build_scheduler,
     group_names,
-    load_scheduler_state,
     resolve_groups,
     scheduler_state,
 )
-from .resume import IGNORED_KEYS, ResumePlan, restore_schedule, snapshot_groups, start_run, write_summary
+from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, start_run, write_summary
 
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
 
@@ -149,7 +148,6 @@ class Trainer:
         self.run_dir = Path(run.dir)
         self._stop = False
         self._started = False  # past the resume checks: summary.json describes this launch
-        self._fingerprint: dict[str, str] | None = None
         self.plan: ResumePlan | None = None
         self.counters: dict[str, Any] = {"step": 0}
         self._term_names: list[str] | None = None
@@ -216,10 +214,8 @@ class Trainer:
         self.counters = {"step": 0, "skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.counters["elapsed_s"] = 0.0
         resumed_from = None
-        if plan.checkpoint is not None:
-            fresh = snapshot_groups(self.optimizer)  # the config's hyper-parameters, before the load
-            tstate, rstate = ckpt.load(Path(plan.checkpoint), self.module, self.optimizer)
-            restore_schedule(self.optimizer, self.scheduler, tstate["scheduler"], fresh, load_scheduler_state)
+        if plan.checkpoint is not None:  # the config's lr, schedule and hyper-parameters, not the saved
+            tstate, rstate = load_and_reschedule(ckpt, plan, self.module, self.optimizer, self.scheduler)
             self.counters.update(tstate["counters"])
             set_rng_state(rstate["rng"])
             self.loader.load_state_dict(rstate["loader"])
@@ -368,13 +364,11 @@ class Trainer:
 
     def _save_final(self) -> Path:
         """``run.dir/final``, swapped into place complete (:func:`cmpt.io_atomic.atomic_directory`)."""
-        out = self.run_dir / "final"
-        if self.world.is_main:
-            info = {"step": self.counters["step"], "task": type(self.task).__name__}
-            with atomic_directory(out, writer="cmpt.train.Trainer", **info) as tmp:
-                save_final_weights(self.task, self.module, tmp, True)
-        else:
-            save_final_weights(self.task, self.module, out, False)
+        out, main = self.run_dir / "final", self.world.is_main
+        info = {"step": self.counters["step"], "task": type(self.task).__name__}
+        ctx = atomic_directory(out, "cmpt.train.Trainer", **info) if main else contextlib.nullcontext(out)
+        with ctx as tmp:
+            save_final_weights(self.task, self.module, tmp, main)
         D.barrier()
         return out
 

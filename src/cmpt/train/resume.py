@@ -41,14 +41,8 @@ import torch
 import yaml
 
 __all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
-__all__ += [
-    "plan_resume",
-    "record_start",
-    "restore_schedule",
-    "snapshot_groups",
-    "start_run",
-    "write_summary",
-]
+__all__ += ["load_and_reschedule", "plan_resume", "record_start", "restore_schedule", "snapshot_groups"]
+__all__ += ["start_run", "write_summary"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -362,6 +356,19 @@ def _write_yaml(path: Path, data: Any) -> None:
 def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The hyper-parameters of each param group (everything but ``params``), as built from the config."""
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def load_and_reschedule(
+    ckpt: Any, plan: ResumePlan, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``ckpt.load`` of ``plan.checkpoint`` (collective), then :func:`restore_schedule`; returns
+    (trainer state, this rank's state)."""
+    from .optim import load_scheduler_state
+
+    fresh = snapshot_groups(optimizer)  # as built from the config, before the load replaces them
+    tstate, rstate = ckpt.load(Path(plan.checkpoint), module, optimizer)
+    restore_schedule(optimizer, scheduler, tstate["scheduler"], fresh, load_scheduler_state)
+    return tstate, rstate
 
 
 def restore_schedule(
