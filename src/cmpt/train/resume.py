@@ -140,8 +140,8 @@ def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path
         if p.resolve() == path.resolve():
             return step, p
     raise ResumeError(
-        f"--resume {spec}: {path} is not a complete checkpoint (expected a checkpoints/step_NNNNNN "
-        "directory with its completion marker, or a run directory)"
+        f"--resume {spec}: {path} is not a complete checkpoint (--resume takes auto, never, a "
+        "checkpoints/step_NNNNNN directory with its completion marker, or a run directory)"
     )
 
 
