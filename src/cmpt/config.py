@@ -465,7 +465,8 @@ def load_config(
     Overrides look like ``"optim.lr=1e-4"``, ``"data.sizes=[224, 448]"`` or
     ``"data.sources.0.weight=2"`` (list index); values are parsed with ``yaml.safe_load`` and
     type-checked. A text key (``str`` / ``Path``) takes the value as written when YAML would not
-    give a string, so ``data.path={cache}/x.json`` and ``run.name=2024`` need no quotes. Errors are :class:`ConfigError` naming the dotted key and where it came from.
+    give a string, so ``data.path={cache}/x.json`` and ``run.name=2024`` need no quotes. Errors
+    are :class:`ConfigError` naming the dotted key and where it came from.
     """
     if isinstance(overrides, str):
         overrides = [overrides]
