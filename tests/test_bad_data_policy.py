@@ -108,7 +108,7 @@ def test_trainer_stops_on_data_that_are_all_bad(tmp_path: Path) -> None:
 
 def test_per_rank_counts_survive_resume(tmp_path: Path) -> None:
     _fit(tmp_path, ToyTask(bad_every=2), steps=3, save_every=3)
-    cfg = TrainConfig(steps=4, progress=False, tensorboard=False)
+    cfg = TrainConfig(steps=4, progress=False, tensorboard=False, allow_change=["train.steps"])
     again = Trainer(RunConfig(dir=str(tmp_path)), OptimConfig(lr=1e-3), cfg, ToyTask())
     summary = again.fit()
     assert summary["resumed_from"] == 3

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
@@ -50,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..config import config_hash, to_dict
+from ..config import to_dict
 from . import distributed as D
 from .disk import SpaceGuard, describe_failure, on_main
 from .distributed import WorldInfo, barrier, is_dist
@@ -70,7 +69,7 @@ from .verify import (
 
 __all__ = ["MARKER", "CheckpointError", "CheckpointManager", "CheckpointSaveError", "full_state_dict"]
 __all__ += ["get_rng_state", "set_rng_state"]
-__all__ += ["plain_config", "save_final_weights", "write_run_config", "write_safetensors"]
+__all__ += ["plain_config", "save_final_weights", "write_safetensors"]
 
 logger = logging.getLogger("cmpt.train")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
@@ -391,25 +390,6 @@ def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path) -> 
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     return path
-
-
-def write_run_config(run_dir: Path, config: dict, resuming: bool) -> str:
-    """Write ``run_dir/config.yaml`` (rank 0); on resume, warn when its hash differs. Returns the hash."""
-    path, new_hash = run_dir / "config.yaml", config_hash(config)
-    if resuming and path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if config_hash(old) != new_hash:
-            logger.warning(
-                "resuming %s with a different config (hash %s, was %s); %s now holds the new one",
-                run_dir,
-                new_hash,
-                config_hash(old),
-                path,
-            )
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return new_hash
 
 
 def plain_config(full_config: Any, **sections: Any) -> dict:
