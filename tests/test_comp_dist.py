@@ -63,4 +63,6 @@ def test_two_ranks_equal_one_rank(runs, dist):
     assert ref.keys() == got.keys()
     for k in ref:
         rel = (got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)
-        assert rel <= 1e-5, (k, float(rel))
+        # padded rows run other SDPA kernels than packed ones (a dense mask vs one call per sequence):
+        # last-bit differences that 4 Adam steps amplify a little
+        assert rel <= (5e-5 if dist == "padded" else 1e-5), (k, float(rel))
