@@ -72,6 +72,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "model.vit_attn",
     "loss.lm_chunk_size",
     "loss.grad_cache_chunk",
+    "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
 _ABSENT = "(absent)"
 
