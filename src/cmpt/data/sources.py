@@ -36,6 +36,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -121,6 +122,12 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
+@functools.lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    """``realpath`` of an image root, resolved once per process (it is asked for every image)."""
+    return os.path.realpath(root)
+
+
 def resolve_image_path(
     image_root: str, path: Any, sample_id: str = "?", follow_symlinks: bool | None = None
 ) -> str:
@@ -140,7 +147,7 @@ def resolve_image_path(
             sample_id, "path_escape", f"{path!r} resolves to {full!r}, outside the image root {root!r}"
         )
     if not (FOLLOW_SYMLINKS if follow_symlinks is None else follow_symlinks):
-        real_root, real = os.path.realpath(root), os.path.realpath(full)
+        real_root, real = _real_root(root), os.path.realpath(full)
         if not _inside(real, real_root):
             raise BadSample(
                 sample_id,
