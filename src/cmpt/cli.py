@@ -185,6 +185,9 @@ def _bool(p: argparse.ArgumentParser, name: str, help_: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cmpt", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--debug", action="store_true", help="show the full traceback of user errors (or CMPT_TRACEBACK=1)"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on built-in synthetic data")
@@ -343,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand. Errors about the user's input, data, files or run (not bugs in cmpt) are
-    printed as one line without a traceback (``CMPT_TRACEBACK=1`` shows it); exit status 2. Exit
+    printed as one line without a traceback (``cmpt --debug ...`` or ``CMPT_TRACEBACK=1`` shows it);
+    exit status 2. Exit
     statuses: :mod:`cmpt.launch` (0 finished, 75 stopped with a checkpoint, 2 user error, 1 other)."""
     from .launch import EXIT_FAILED, EXIT_USAGE, exit_code_for, report_exit
 
@@ -353,10 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.fn(args) or 0)
         return code
     except (ValueError, OSError, RuntimeError) as e:
-        if exit_code_for(e) != EXIT_USAGE or os.environ.get("CMPT_TRACEBACK"):
+        if exit_code_for(e) != EXIT_USAGE or args.debug or os.environ.get("CMPT_TRACEBACK"):
             raise
         print(f"cmpt {args.command}: error: {e}", file=sys.stderr)
-        print("(set CMPT_TRACEBACK=1 to see where it happened)", file=sys.stderr)
+        print("(cmpt --debug ... shows where it happened)", file=sys.stderr)
         code = EXIT_USAGE
         return code
     finally:
