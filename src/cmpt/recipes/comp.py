@@ -20,7 +20,6 @@ from torch import nn
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.loop import LossTerms
-from ..vision.processor import ImageProcessor
 from ..vlm.model import VisionLanguageModel
 from .comp_objective import CompObjective
 from .paths import expand_path
@@ -111,12 +110,8 @@ def load_model(cfg: CompConfig) -> VisionLanguageModel:
         raise ValueError("set model.init (a previous stage's final/) or both model.vision and model.llm")
     vit_cfg = vlm.vit.config
     vit_cfg.pos_embed_order, vit_cfg.attn = m.pos_embed_order, m.attn
-    vlm.processor = ImageProcessor(
-        patch_size=vit_cfg.patch_size,
-        merge_size=vit_cfg.merge_size,
-        mean=vit_cfg.image_mean,
-        std=vit_cfg.image_std,
-        **s.resolution.processor_kwargs(),
+    vlm.processor = s.resolution.make_processor(
+        vit_cfg.patch_size, vit_cfg.merge_size, mean=vit_cfg.image_mean, std=vit_cfg.image_std
     )
     vlm.configure_packing(cfg.data.packing)
     return vlm

@@ -26,7 +26,6 @@ from torch import nn
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.loop import LossTerms
-from ..vision.processor import ImageProcessor
 from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
 from .paths import expand_path
@@ -142,12 +141,8 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     if hasattr(backbone, "vit"):
         backbone.vit.config.attn = cfg.model.vit_attn
     p = backbone.processor
-    backbone.processor = ImageProcessor(
-        patch_size=p.patch_size,
-        merge_size=p.merge_size,
-        mean=p.mean,
-        std=p.std,
-        **cfg.stage.resolution.processor_kwargs(),
+    backbone.processor = cfg.stage.resolution.make_processor(
+        p.patch_size, p.merge_size, mean=p.mean, std=p.std
     )
     backbone.configure_packing(cfg.data.packing)
     return backbone
