@@ -150,7 +150,7 @@ def test_streaming_loader_reports_unreadable_shards_as_empty_batches(tmp_path: P
 
 # ----------------------------------------------------------------------------- one config key
 def test_old_data_key_is_read_as_the_train_key_with_a_warning(tmp_path: Path) -> None:
-    import cmpt.config as C
+    import cmpt.config_schema as C
 
     C._WARNED_MOVES.clear()
     base = yaml.safe_load((CONFIG_ROOT / "tiny" / "comp_stage1.yaml").read_text())
