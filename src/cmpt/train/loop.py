@@ -31,12 +31,11 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import config_hash
 from ..io_atomic import atomic_directory
@@ -60,59 +59,11 @@ from .optim import (
     scheduler_state,
 )
 from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, start_run, write_summary
+from .task import Loader, LossTerms, Task
 
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
 
 logger = logging.getLogger("cmpt.train")
-
-
-@dataclasses.dataclass
-class LossTerms:
-    """One micro-batch's loss: un-normalized ``sums`` (scalar tensors) and ``counts`` per term.
-
-    Every micro-batch on every rank must return the same term names (count 0 when a term has
-    nothing in this batch: keep its sum connected to the graph, e.g. ``0 · output.sum()``).
-    ``weights`` default to 1; ``metrics`` (floats or scalar tensors) are averaged over the
-    micro-batches of rank 0 and logged as ``metric/<name>``.
-    """
-
-    sums: dict[str, Tensor]
-    counts: dict[str, int]
-    weights: dict[str, float]
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-class Loader(Protocol):
-    """This rank's micro-batches, forever. A batch may carry ``num_samples``, ``num_bad`` and
-    ``num_tokens`` (ints) for throughput and the bad-sample guard; a batch with ``num_samples == 0``
-    only reports skipped samples (a stretch with nothing usable): the trainer counts it and takes
-    the next one instead, never calling the task on it (docs/method.md §4). ``state_dict()`` must describe
-    the position after the last batch *yielded* and hold only tensors, numbers, strings, lists and
-    dicts (it is saved per rank and read back with ``torch.load(weights_only=True)``)."""
-
-    def __iter__(self) -> Iterator[dict]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, d: dict) -> None: ...
-
-
-class Task(Protocol):
-    """What a recipe gives the trainer. ``compute_loss`` gets the model as trained (DDP wrapper or
-    FSDP2 root) and must run the forward through ``model(...)`` — calling submodules directly
-    bypasses DDP's and FSDP's hooks. ``param_groups`` is called once, before wrapping; its
-    parameters are matched by name. Optional methods: ``loss_counts(batch) -> dict[str, int]``
-    (the counts ``compute_loss`` will return, known without a forward: enables streaming
-    accumulation), ``save_final(model, out_dir[, state_dict])`` (rank 0 only; ``state_dict`` is
-    the full gathered CPU state dict, passed when the method accepts it — under FSDP ``model``'s
-    parameters are still sharded; ``out_dir`` is a temporary sibling of ``run.dir/final`` that
-    replaces it once complete) and ``resume_ignored_keys`` (config keys, besides
-    :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume)."""
-
-    model: nn.Module
-
-    def param_groups(self) -> list[dict]: ...
-    def fsdp_units(self) -> list[nn.Module]: ...
-    def build_loader(self, rank: int, world_size: int) -> Loader: ...
-    def compute_loss(self, model: nn.Module, batch: dict) -> LossTerms: ...
 
 
 class NonFiniteError(RuntimeError):
