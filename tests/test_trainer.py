@@ -266,3 +266,15 @@ def test_compile_and_checkpointing_match(tmp_path: Path) -> None:
     a, b = weights(tmp_path / "compiled"), weights(tmp_path / "plain")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_wandb_without_the_package_is_an_error_at_start(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="wandb is not installed"):
+        load_config(TrainConfig, {"wandb": True})
+    assert load_config(TrainConfig, {"wandb": False}).wandb is False

@@ -8,6 +8,7 @@ Per-group learning rates (docs/method.md §2.1: ViT 1e-4, merger 5e-3, rest 2e-5
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +116,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not str(self.resume).strip():
             raise ValueError("resume must be 'auto', 'never' or a checkpoint / run directory")
+        if self.wandb and importlib.util.find_spec("wandb") is None:  # an error at start, not silence
+            raise ValueError(
+                "train.wandb=true, but wandb is not installed: pip install wandb (or set train.wandb=false)"
+            )
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1")
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 0:

@@ -240,11 +240,8 @@ def _open_tensorboard(log_dir: Path, start_step: int):
 
 
 def _open_wandb(run_dir: Path, run_name: str, config: dict | None):
-    try:
-        import wandb
-    except ImportError:
-        logger.info("wandb is not installed: W&B logging is off (pip install wandb)")
-        return None
+    import wandb  # TrainConfig refuses train.wandb=true without it, at start
+
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
     id_file.write_text(run_id)
