@@ -66,3 +66,15 @@ def test_two_ranks_equal_one_rank(runs, dist):
         # padded rows run other SDPA kernels than packed ones (a dense mask vs one call per sequence):
         # last-bit differences that 4 Adam steps amplify a little
         assert rel <= (5e-5 if dist == "padded" else 1e-5), (k, float(rel))
+
+
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_export_of_a_checkpoint_step_equals_final(runs, dist, tmp_path):
+    """`cmpt export RUN/checkpoints/step_N` in one process: the recipe's final output of that step."""
+    from cmpt.cli import main
+
+    ckpt = runs / dist / "checkpoints" / f"step_{STEPS:06d}"
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    ref, got = weights(runs / dist / "final"), weights(tmp_path / "exported")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (tmp_path / "exported" / "vit" / "model.safetensors").is_file()  # CoMP-VFM too

@@ -87,8 +87,15 @@ def _export(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .embed.embedder import EMBEDDER_CONFIG, Embedder
+    from .train.export import export_checkpoint, is_checkpoint
     from .vlm.model import VisionLanguageModel
 
+    if is_checkpoint(a.model):  # a mid-run checkpoint (DDP or FSDP2): the recipe's final output
+        if a.vfm_only:
+            raise ValueError("--vfm-only takes a VLM directory: export the checkpoint first, then its ViT")
+        out = export_checkpoint(a.model, a.out)
+        print(f"exported checkpoint {a.model} -> {out}")
+        return 0
     if (Path(a.model) / EMBEDDER_CONFIG).is_file() and not a.vfm_only:  # a MoCa run's output
         out = Embedder.from_pretrained(a.model).save_pretrained(a.out)
         print(f"exported the Embedder of {a.model} -> {out}")
@@ -261,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("export", help="export a trained VLM or Embedder directory (or only its vision model)")
-    p.add_argument("model", help="a VLM or Embedder (MoCa) directory, e.g. runs/x/final")
+    p.add_argument(
+        "model",
+        help="a VLM or Embedder (MoCa) directory (runs/x/final), or a checkpoint (runs/x/checkpoints/step_N)",
+    )
     p.add_argument("--vfm-only", action="store_true", help="write only the NativeViT (CoMP-VFM)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_export)
