@@ -13,13 +13,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from cmpt.vision.image_io import ImageLoadError, load_image
 from cmpt.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
-    ImageLoadError,
     ImageProcessor,
     PackedImages,
-    load_image,
     smart_resize,
     unpatchify,
 )

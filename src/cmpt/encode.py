@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .vision.processor import ImageLoadError, ImageProcessor
+from .vision.image_io import ImageLoadError
+from .vision.processor import ImageProcessor
 from .vision.rope import patch_positions
 from .vision.vit import NativeViT
 

@@ -28,7 +28,8 @@ from PIL import Image
 
 from cmpt.data.sources import BadSample, Record
 from cmpt.data.validate import classify_render_error, conversation_problems
-from cmpt.vision.processor import ImageLoadError, ImageProcessor
+from cmpt.vision.image_io import ImageLoadError
+from cmpt.vision.processor import ImageProcessor
 from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, caption_ids, render_conversation
 
 __all__ = [

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmpt.data.sources import BadSample, LlavaSource, Record, open_source
-from cmpt.vision.processor import ImageLoadError, ImageProcessor, load_image, smart_resize
+from cmpt.vision.image_io import ImageLoadError, load_image
+from cmpt.vision.processor import ImageProcessor, smart_resize
 from cmpt.vlm.chat import (
     IMAGE_TOKEN,
     MASK_TOKEN,

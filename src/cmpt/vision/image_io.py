@@ -1,0 +1,146 @@
+"""Loading images robustly for the processor (docs/method.md §1.4, §4 "Bad samples"): paths, bytes
+or PIL images; EXIF orientation applied, palette / alpha / 16-bit / CMYK converted to RGB (alpha
+composited on white), decompression bombs, empty, truncated, corrupt and non-image data refused
+with an :class:`ImageLoadError` naming the image and carrying its bad-sample reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageLoadError", "ImageSource", "load_image"]
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used (missing, empty, corrupt, truncated, not an image, too large).
+
+    ``reason``: ``"zero_size_image"`` for a decoded image of zero width or height, else
+    ``"unreadable_image"`` (the bad-sample reasons of docs/method.md §4).
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (type(self), (str(self), self.reason))
+
+
+def _label(src: Any, name: str | None) -> str:
+    if name:
+        return str(name)
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, Image.Image):
+        return getattr(src, "filename", "") or f"<PIL {src.mode} image {src.width}x{src.height}>"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src)} bytes>"
+    return f"<{type(src).__name__}>"
+
+
+def _fail(
+    label: str,
+    reason: str,
+    fix: str = "re-download or re-encode it, or drop the sample",
+    kind: str = "unreadable_image",
+) -> ImageLoadError:
+    return ImageLoadError(f"cannot load image {label!r}: {reason}; {fix}", kind)
+
+
+def _decode(fp: Any, label: str, head: bytes) -> Image.Image:
+    """Open and fully decode, mapping every PIL failure to an ``ImageLoadError`` naming the image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+        limit = Image.MAX_IMAGE_PIXELS  # also checked here: warning filters are process-global state
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceed {limit}")
+        img.load()
+        return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _fail(
+            label,
+            f"decompression-bomb check failed ({e})",
+            "if the file is trusted raise PIL.Image.MAX_IMAGE_PIXELS, otherwise drop the sample",
+        ) from None
+    except UnidentifiedImageError:
+        if head.lstrip()[:1] in (b"<", b"{") or (head and all(32 <= c < 127 or c in b"\t\r\n" for c in head)):
+            raise _fail(label, "it holds HTML/text, not image data (a failed download?)") from None
+        raise _fail(label, "not a recognized image format (corrupt header?)") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, struct.error... on bad data
+        raise _fail(label, f"image data is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    """RGB conversion: alpha/transparency composited on white (as transformers' ``convert_to_rgb``)."""
+    mode = img.mode
+    if mode == "RGB" and img.info.get("transparency") is None:
+        return img
+    if mode.startswith("I;16") or mode == "I":  # 16-bit data: PIL's convert("L") would clip, so scale
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((2 * a + 257) // 514).astype(np.uint8)).convert("RGB")  # round(v / 257)
+    try:
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("L").convert("RGB") if mode == "F" else img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise _fail(
+            label, f"cannot convert mode {mode!r} to RGB ({e})", "convert it to RGB offline"
+        ) from None
+
+
+def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode ``src`` (path, bytes or PIL image) into a fully loaded RGB ``PIL.Image`` (method.md §1, §4).
+
+    EXIF orientation is applied; palette/alpha images are composited on white; 16-bit grayscale is
+    scaled to 8 bits; CMYK and other modes are converted. Any unusable input raises
+    ``ImageLoadError`` whose message names the image (``name`` or the path) and says what to do.
+    """
+    label = _label(src, name)
+    if isinstance(src, Image.Image):
+        img = src
+        try:
+            img.load()
+        except Exception as e:
+            raise _fail(label, f"image data is truncated or corrupt ({type(e).__name__}: {e})") from None
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise _fail(label, "the data is empty (0 bytes)")
+        img = _decode(io.BytesIO(src), label, bytes(src[:64]))
+    elif isinstance(src, (str, os.PathLike)):
+        try:
+            with open(src, "rb") as f:
+                head = f.read(64)
+                if not head:
+                    raise _fail(label, "the file is empty (0 bytes)")
+                f.seek(0)
+                img = _decode(f, label, head)
+        except OSError as e:
+            raise _fail(
+                label, f"cannot read the file ({e.strerror or e})", "check the path and image root"
+            ) from None
+    else:
+        raise TypeError(f"load_image expects a path, bytes or a PIL image, got {type(src).__name__}")
+    if img.width <= 0 or img.height <= 0:
+        raise _fail(
+            label, f"it has zero size ({img.width}x{img.height})", "drop the sample", "zero_size_image"
+        )
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF: keep the pixels as stored
+        orientation = 1
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img, label)
