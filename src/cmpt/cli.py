@@ -68,15 +68,9 @@ def _train(a: argparse.Namespace) -> int:
 
         argv = ["--standalone", f"--nproc_per_node={a.nproc_per_node}", "-m", "cmpt", "train", a.config]
         return launch(argv + [arg for s in _train_overrides(a) for arg in ("--set", s)])
-    import logging
-
     from .recipes import run_recipe
     from .train.distributed import is_main
 
-    log = logging.getLogger("cmpt")
-    if not log.handlers and not logging.getLogger().handlers:  # INFO lines (resume decision) on rank 0
-        log.addHandler(logging.StreamHandler())
-        log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     summary = run_recipe(a.config, _train_overrides(a))
     if is_main():
         print(json.dumps(summary, default=str))
@@ -194,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cmpt", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--debug", action="store_true", help="show the full traceback of user errors (or CMPT_TRACEBACK=1)"
+    )
+    ap.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="level of cmpt's log lines on rank 0 (other ranks: warnings); default info",
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -360,8 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit status 2. Exit
     statuses: :mod:`cmpt.launch` (0 finished, 75 stopped with a checkpoint, 2 user error, 1 other)."""
     from .launch import EXIT_FAILED, EXIT_USAGE, exit_code_for, report_exit
+    from .log_setup import configure_logging
 
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     code = EXIT_FAILED
     try:
         code = int(args.fn(args) or 0)

@@ -3,8 +3,21 @@
 Only rank 0 writes (the trainer builds a disabled logger elsewhere). ``metrics.jsonl`` holds one
 JSON object per logging interval and survives resumption: on start the lines with a step beyond
 the resumed step are dropped (they belong to steps that will be trained again), new lines are
-appended. TensorBoard and W&B are used only when enabled *and* importable; otherwise a one-time
-info message says so.
+appended. TensorBoard is used only when enabled *and* importable (otherwise an info line says so);
+``train.wandb`` without wandb is refused at start.
+
+What a reader sees (docs/architecture.md, "Logs"):
+
+* **Step lines** (every ``train.log_every`` steps) go through Python logging (``cmpt.train``), or
+  above the bar when there is one; the CLI and the trainer make sure INFO lines are printed
+  (:mod:`cmpt.log_setup`). The loss is labelled: ``loss (mean of N steps)`` over the interval; the
+  bar shows ``last`` (the latest step's loss).
+* **One ETA** (:class:`EtaClock`), shown by both the bar and the step lines: tqdm's own rate and
+  remaining-time fields are left out of the bar, and the estimate skips the first step of a launch
+  (start-up, compilation, workers warming up) once a later step has run.
+* **The bar** is drawn only when ``train.progress`` is on *and* standard error is a terminal;
+  otherwise (``nohup``, a batch job, a pipe) the step lines alone are printed, with no carriage
+  returns in the log.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["IntervalMeter", "MetricsLogger", "StepStats", "format_summary", "truncate_jsonl"]
+__all__ = ["EtaClock", "IntervalMeter", "MetricsLogger", "StepStats", "format_summary", "truncate_jsonl"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -73,6 +87,28 @@ class StepStats:
         return {k: float(sum(float(x) for x in v) / len(v)) for k, v in self.metrics.items()}
 
 
+class EtaClock:
+    """Remaining time of a run: steps left × the mean time of this launch's steps after its first
+    (the first one carries start-up and compilation); from the first step alone until a second one."""
+
+    def __init__(self, total_steps: int, start_step: int) -> None:
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+
+    def eta(self, step: int) -> float:
+        """Seconds left after ``step`` has finished (call once per step, in order)."""
+        now = time.perf_counter()
+        done = step - self.start
+        if self.t_first is None:
+            self.t_first = now
+        if done >= 2:
+            per_step = (now - self.t_first) / (done - 1)
+        else:
+            per_step = (now - self.t0) / max(1, done)
+        return max(0, self.total - step) * per_step
+
+
 class IntervalMeter:
     """Averages of the steps since the last record (losses and grad norm over finite steps only)."""
 
@@ -106,7 +142,7 @@ class IntervalMeter:
     def record(self, step: int, lrs: dict[str, float], **extra: Any) -> dict[str, Any]:
         """The ``metrics.jsonl`` record of this interval (``extra``: counters, elapsed_s, eta_s)."""
         wall, n = max(1e-9, time.perf_counter() - self.t0), self.finite
-        rec: dict[str, Any] = {"step": step, "loss": self.loss / n if n else float("nan")}
+        rec: dict[str, Any] = {"step": step, "loss": self.loss / n if n else float("nan"), "loss_steps": n}
         rec.update({f"loss/{k}": v[0] / v[1] for k, v in sorted(self.losses.items())})
         rec.update({f"lr/{k}": v for k, v in lrs.items()})
         rec["grad_norm"] = self.grad_norm / n if n else float("nan")
@@ -134,7 +170,9 @@ def _fmt_duration(seconds: float) -> str:
 
 def format_summary(rec: dict[str, Any], total_steps: int) -> str:
     """One line: step, losses, lr, grad norm, throughput, ETA and fault counters."""
-    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec.get('loss', float('nan')):.4g}"]
+    n = int(rec.get("loss_steps", 1))
+    label = "loss" if n == 1 else f"loss (mean of {n} steps)"
+    parts = [f"step {rec['step']}/{total_steps}", f"{label} {rec.get('loss', float('nan')):.4g}"]
     terms = [f"{k[5:]} {v:.4g}" for k, v in rec.items() if k.startswith("loss/")]
     if len(terms) > 1:
         parts.append("(" + ", ".join(terms) + ")")
@@ -180,16 +218,21 @@ class MetricsLogger:
             self._tb = _open_tensorboard(Path(run_dir) / "tensorboard", start_step)
         if wandb:
             self._wandb = _open_wandb(Path(run_dir), run_name, config)
-        if progress:
-            desc = run_name or "train"
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        if progress and _interactive():
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc=run_name or "train",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",  # one ETA: ours
+            )
 
     def step(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None:
         """Advance the progress bar to ``step`` with loss, tokens/s and ETA."""
         if self._bar is None:
             return
         self._bar.update(step - self._bar.n)
-        self._bar.set_postfix_str(f"loss {loss:.4g} | {tokens_per_s:.4g} tok/s | eta {_fmt_duration(eta_s)}")
+        self._bar.set_postfix_str(f"last {loss:.4g} | {tokens_per_s:.4g} tok/s | eta {_fmt_duration(eta_s)}")
 
     def log(self, rec: dict[str, Any]) -> None:
         """Write one interval record (it must have ``step``) to every sink and print its summary."""
@@ -228,6 +271,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._tb = self._wandb = self._bar = None
+
+
+def _interactive() -> bool:
+    """Whether standard error is a terminal (a progress bar in a log file is noise)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _open_tensorboard(log_dir: Path, start_step: int):

@@ -40,6 +40,7 @@ from torch import nn
 from ..config import config_hash
 from ..io_atomic import atomic_directory
 from ..launch import EXIT_OK, EXIT_RESUMABLE, exit_code_for
+from ..log_setup import ensure_logging
 from . import distributed as D
 from .bad_data import BadDataError, BadDataGuard, BadDataPolicy
 from .checkpoint import (
@@ -50,7 +51,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import OptimConfig, RunConfig, TrainConfig
-from .logging import IntervalMeter, MetricsLogger, StepStats
+from .logging import EtaClock, IntervalMeter, MetricsLogger, StepStats
 from .optim import (
     build_optimizer,
     build_scheduler,
@@ -59,6 +60,7 @@ from .optim import (
     scheduler_state,
 )
 from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, start_run, write_summary
+from .startup import startup_lines
 from .task import Loader, LossTerms, Task
 
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
@@ -114,6 +116,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train up to ``train.steps`` (resuming as ``train.resume`` says); returns the summary, which
         ``run.dir/summary.json`` also holds (with ``status`` and ``exit_code``, also on failure)."""
+        ensure_logging()  # step lines must reach the user (a no-op when logging is configured)
         world, started = D.init_distributed()
         previous = self._install_signal_handlers()
         ok = False
@@ -142,6 +145,7 @@ class Trainer:
         # under torchrun with > 1 process, "none" means DDP; a single process is never wrapped
         self.mode = "none" if world.world_size == 1 else ("fsdp" if cfg.dist == "fsdp" else "ddp")
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
+        self._precision = "bf16 autocast" if bf16 else "fp32"
         self._amp = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if bf16 else None
         D.seed_all(self.run.seed + world.rank)
 
@@ -184,6 +188,17 @@ class Trainer:
             run_name=self.run.name,
             config=self._config_dict(),
         )
+        for line in startup_lines(
+            self.module,
+            world_size=world.world_size,
+            mode=self.mode,
+            precision=self._precision,
+            device=str(world.device),
+            grad_accum=cfg.grad_accum,
+            loader=self.loader,
+            budgets=getattr(self.task, "token_budgets", None),
+        ):
+            self.metrics.message(line)
         summary = self._loop(ckpt)
         return self._write_summary({**summary, "resumed_from": resumed_from})
 
@@ -239,7 +254,7 @@ class Trainer:
         cfg, c = self.cfg, self.counters
         it = iter(self.loader)
         start_step, t_start = c["step"], time.perf_counter()
-        meter, last, stopped = IntervalMeter(), None, False
+        meter, last, stopped, clock = IntervalMeter(), None, False, EtaClock(cfg.steps, c["step"])
         while c["step"] < cfg.steps:
             seen = c["bad_samples"] + c["samples"]
             batches, bad, good = self.bad_data.take(it, cfg.grad_accum, c["step"] + 1, c["bad_samples"], seen)
@@ -253,13 +268,13 @@ class Trainer:
             c["tokens"] += res.tokens
             meter.add(res)
             elapsed_run = time.perf_counter() - t_start
-            eta = (cfg.steps - step) * elapsed_run / max(1, step - start_step)
+            eta = clock.eta(step)
             self.metrics.step(step, res.loss, meter.tokens_per_s(), eta)
             self._check_faults(step, res)
             if step == start_step + 1:  # time to first step, length index part (cmpt.data.length_cache)
                 from ..data.length_cache import first_step_message
 
-                self.metrics.message(first_step_message(self.loader))
+                self.metrics.message(first_step_message(self.loader) + f"; {res.tokens:,} tokens in it")
             if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or res.stop:
                 extra = {k: c[k] for k in ("skipped_steps", "bad_samples")}
                 rec = meter.record(step, lrs, **extra, elapsed_s=c["elapsed_s"] + elapsed_run, eta_s=eta)
