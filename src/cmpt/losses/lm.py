@@ -4,7 +4,9 @@ Logits are only ever computed for *supervised* positions: labels are shifted, th
 states at supervised positions are gathered first, and the LM head is applied to them in chunks
 of ``chunk_size`` rows. With ``checkpoint=True`` (default) each chunk's logits are recomputed in
 the backward pass instead of being kept alive, so peak memory is one chunk of ``chunk × V``
-float32 logits whatever the number of supervised tokens.
+float32 logits whatever the number of supervised tokens. With ``impl="liger"`` (or ``"auto"`` on
+CUDA with liger-kernel installed) the supervised rows go to Liger's fused linear cross-entropy
+instead (:mod:`cmpt.losses.fused_ce`): same rows, same targets, same sum.
 
 The function returns the *sum* of the token losses and the token count, so that a trainer can
 normalize by the global number of supervised tokens across ranks (docs/method.md §6 "Loss normalization").
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from cmpt.losses.fused_ce import fused_linear_ce_sum, resolve_lm_impl
+
 __all__ = ["next_token_loss", "shift_labels"]
 
 
@@ -28,6 +32,32 @@ def _chunk_ce_sum(
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _chunked_ce_sum(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk_size: int,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """Summed cross-entropy of the rows ``(n ≥ 1, H)`` in chunks of ``chunk_size`` rows, each chunk
+    recomputed in backward when ``checkpoint`` and gradients are on and there is more than one."""
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    use_ckpt = checkpoint and needs_grad and hidden.shape[0] > chunk_size
+    total: torch.Tensor | None = None
+    for start in range(0, hidden.shape[0], chunk_size):
+        h_chunk, y_chunk = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if use_ckpt:
+            part = _checkpoint(_chunk_ce_sum, h_chunk, y_chunk, weight, bias, use_reentrant=False)
+        else:
+            part = _chunk_ce_sum(h_chunk, y_chunk, weight, bias)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def shift_labels(labels: torch.Tensor, lengths: Sequence[int], ignore_index: int = -100) -> torch.Tensor:
@@ -63,6 +93,7 @@ def next_token_loss(
     shift: bool = True,
     reduction: str = "sum",
     checkpoint: bool = True,
+    impl: str = "chunked",
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the LM head on supervised positions only (docs/method.md §2 ``L_dec``).
 
@@ -77,6 +108,8 @@ def next_token_loss(
         reduction: ``"sum"`` (default) — summed loss; ``"mean"`` — sum / max(count, 1).
         checkpoint: recompute each chunk's logits in backward (memory-bounded) when more than
             one chunk is needed and gradients are enabled.
+        impl: ``"chunked"`` (the loop above), ``"liger"`` (Liger's fused kernel, CUDA only) or
+            ``"auto"`` (liger on CUDA when it imports); see :mod:`cmpt.losses.fused_ce`.
 
     Returns:
         ``(loss, count)``: scalar loss (float32, or float64 for float64 inputs) and the number of
@@ -103,6 +136,7 @@ def next_token_loss(
     vocab = lm_head_weight.shape[0]
     if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
         raise ValueError(f"lm_head_bias must be ({vocab},), got shape {tuple(lm_head_bias.shape)}")
+    resolved = resolve_lm_impl(impl, hidden.device)
 
     h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
     y2 = labels if labels.dim() == 2 else labels.unsqueeze(0)
@@ -121,24 +155,10 @@ def next_token_loss(
     if bool(((y_sel < 0) | (y_sel >= vocab)).any()):
         bad = y_sel[(y_sel < 0) | (y_sel >= vocab)][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index")
-
-    needs_grad = torch.is_grad_enabled() and (
-        h_sel.requires_grad
-        or lm_head_weight.requires_grad
-        or (lm_head_bias is not None and lm_head_bias.requires_grad)
-    )
-    use_ckpt = checkpoint and needs_grad and count > chunk_size
-    total: torch.Tensor | None = None
-    for start in range(0, count, chunk_size):
-        h_chunk, y_chunk = h_sel[start : start + chunk_size], y_sel[start : start + chunk_size]
-        if use_ckpt:
-            part = _checkpoint(
-                _chunk_ce_sum, h_chunk, y_chunk, lm_head_weight, lm_head_bias, use_reentrant=False
-            )
-        else:
-            part = _chunk_ce_sum(h_chunk, y_chunk, lm_head_weight, lm_head_bias)
-        total = part if total is None else total + part
-    assert total is not None
+    if resolved == "liger":
+        total = fused_linear_ce_sum(h_sel, y_sel, lm_head_weight, lm_head_bias)
+    else:
+        total = _chunked_ce_sum(h_sel, y_sel, lm_head_weight, lm_head_bias, chunk_size, checkpoint)
     if reduction == "mean":
-        total = total / max(count, 1)
+        total = total / count
     return total, count

@@ -72,6 +72,7 @@ class LossConfig:
     prior_temp: float = 0.05
     sinkhorn_iters: int = 3
     lm_chunk_size: int = 4096  # rows of LM-head logits built at once (docs/method.md §6 "LM-head memory")
+    lm_impl: Literal["auto", "chunked", "liger"] = "auto"  # LM-head CE (cmpt.losses.fused_ce)
 
 
 @dataclass

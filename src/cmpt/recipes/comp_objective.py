@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cmpt.losses import alignment_loss, next_token_loss, segment_mean, shift_labels
+from cmpt.losses.fused_ce import check_lm_impl
 from cmpt.vlm.model import VisionLanguageModel
 
 __all__ = ["CompObjective"]
@@ -26,12 +27,14 @@ class CompObjective(nn.Module):
     ``{"lm_sum", "lm_count", "align_sum", "align_count"}``.
 
     ``loss``: the recipe's ``LossConfig`` (``align``, ``align_weight``, Sinkhorn settings,
-    ``lm_chunk_size``). ``vocab_counts`` ``(V_tok,)``: token counts of the prior (zero-padded to the
-    LM-head rows); None = uniform prior. ``align_count`` = samples with ≥ 1 image and a caption.
+    ``lm_chunk_size``, ``lm_impl``: checked here, at start). ``vocab_counts`` ``(V_tok,)``: token
+    counts of the prior (zero-padded to the LM-head rows); None = uniform prior. ``align_count`` =
+    samples with ≥ 1 image and a caption.
     """
 
     def __init__(self, vlm: VisionLanguageModel, loss: Any, vocab_counts: torch.Tensor | None = None) -> None:
         super().__init__()
+        check_lm_impl(loss.lm_impl)
         self.vlm, self.loss = vlm, loss
         self.align = bool(loss.align and loss.align_weight > 0)
         rows = vlm.lm_head.weight.shape[0]
@@ -57,7 +60,13 @@ class CompObjective(nn.Module):
         labels = batch["labels"].to(out.hidden.device).reshape(-1)
         targets = shift_labels(labels, out.layout.lengths)
         lm_sum, lm_count = next_token_loss(
-            out.hidden, targets, head.weight, head.bias, chunk_size=self.loss.lm_chunk_size, shift=False
+            out.hidden,
+            targets,
+            head.weight,
+            head.bias,
+            chunk_size=self.loss.lm_chunk_size,
+            shift=False,
+            impl=self.loss.lm_impl,
         )
         align_sum, align_count = (
             self._align(batch, out.vision, out.vision_per_sample) if self.align else (None, 0)

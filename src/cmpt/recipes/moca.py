@@ -81,6 +81,7 @@ class MocaLossConfig:
     mae_weight: float = 0.1
     mask_fill: Literal["gaussian", "learned"] = "gaussian"
     lm_chunk_size: int = 4096
+    lm_impl: Literal["auto", "chunked", "liger"] = "auto"  # LM-head CE (cmpt.losses.fused_ce)
     seed: int = 0
     temperature: float = 0.03  # cl: fixed InfoNCE temperature
     num_hard_negatives: int = 2  # cl: k per query (first k; the last repeated when fewer)

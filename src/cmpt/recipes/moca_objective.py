@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cmpt.losses import mae_loss, next_token_loss, window_targets
+from cmpt.losses.fused_ce import check_lm_impl
 from cmpt.vlm.text_attention import set_attention_mode
 
 __all__ = ["MocaObjective"]
@@ -43,11 +44,12 @@ class MocaObjective(nn.Module):
 
     ``backbone``: a :class:`~cmpt.vlm.model.VisionLanguageModel` or any backbone with its
     interface (``QwenVLBackbone``). ``loss``: the recipe's ``MocaLossConfig`` (``mask_fill``,
-    ``lm_chunk_size``, ``seed``).
+    ``lm_chunk_size``, ``lm_impl`` — checked here, at start —, ``seed``).
     """
 
     def __init__(self, backbone: nn.Module, loss: Any) -> None:
         super().__init__()
+        check_lm_impl(loss.lm_impl)
         self.backbone, self.loss = backbone, loss
         layers = backbone.body.layers
         self.mae_decoder = copy.deepcopy(layers[len(layers) // 2])
@@ -103,7 +105,13 @@ class MocaObjective(nn.Module):
         head = bb.lm_head
         labels = batch["labels"].to(dev).reshape(-1)
         mlm_sum, mlm_count = next_token_loss(
-            out.hidden, labels, head.weight, head.bias, chunk_size=self.loss.lm_chunk_size, shift=False
+            out.hidden,
+            labels,
+            head.weight,
+            head.bias,
+            chunk_size=self.loss.lm_chunk_size,
+            shift=False,
+            impl=self.loss.lm_impl,
         )
         decoded = bb.run_layer(self.mae_decoder, out.hidden, out)
         if target is not None:
