@@ -1,8 +1,10 @@
 """Hugging Face vision checkpoints → :class:`NativeViT` (docs/method.md §1 "Families to load").
 
 One converter per family: a config translation plus a state-dict key filter, in the spirit of timm's
-``checkpoint_filter_fn``. The HF model class does the reading (safetensors or legacy ``.bin``, sharding,
-legacy key renames), so any checkpoint Hugging Face loads, cmpt loads.
+``checkpoint_filter_fn``, taking the HF vision config and the tower's state dict. The HF model class does
+the reading (safetensors or legacy ``.bin``, sharding, legacy key renames), so any checkpoint Hugging Face
+loads, cmpt loads. :func:`convert_state` exposes the converters to checkpoints that HF's classes cannot
+read, such as the CoMP release's towers (:mod:`cmpt.vision.official_release`).
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ def _dinov2_current_names(sd: dict) -> dict:
     return out
 
 
-def _dinov2(hf) -> tuple[NativeViTConfig, dict]:
-    c, sd = hf.config, _dinov2_current_names(hf.state_dict())
+def _dinov2(c, sd: dict) -> tuple[NativeViTConfig, dict]:
+    sd = _dinov2_current_names(sd)
+    has_cls = "embeddings.cls_token" in sd  # the CoMP release's tower has none (its table keeps the row)
     swiglu = getattr(c, "use_swiglu_ffn", False)
     hidden = int(c.hidden_size * c.mlp_ratio)
     if swiglu:
@@ -116,17 +119,19 @@ def _dinov2(hf) -> tuple[NativeViTConfig, dict]:
         mlp="swiglu" if swiglu else _act(c.hidden_act, "dinov2"),
         qkv_bias=c.qkv_bias,
         layerscale_init=c.layerscale_value,
-        cls_token=True,
+        cls_token=has_cls,
         num_register_tokens=regs,
         pos_grid=_grid(sd["embeddings.position_embeddings"].shape[1] - 1, "dinov2"),
-        pos_cls=True,
+        pos_cls=has_cls,
         pos_antialias=regs > 0,  # HF's Dinov2WithRegisters interpolates with antialias=True
-        pool="cls",
+        pool="cls" if has_cls else "mean",
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
     )
     pos = sd["embeddings.position_embeddings"][0]
-    out = {"cls_token": sd["embeddings.cls_token"].reshape(1, -1), "cls_pos": pos[:1], "pos_embed": pos[1:]}
+    out = {"pos_embed": pos[1:]}
+    if has_cls:
+        out |= {"cls_token": sd["embeddings.cls_token"].reshape(1, -1), "cls_pos": pos[:1]}
     out |= _patch(sd, "embeddings.patch_embeddings.projection")
     if regs:
         out["register_tokens"] = sd["embeddings.register_tokens"].reshape(regs, -1)
@@ -166,9 +171,7 @@ def _clip_like_layers(sd: dict, n: int) -> dict:
     return out
 
 
-def _siglip(hf) -> tuple[NativeViTConfig, dict]:
-    vm = getattr(hf, "vision_model", hf)
-    c, sd = vm.config, vm.state_dict()
+def _siglip(c, sd: dict) -> tuple[NativeViTConfig, dict]:
     use_head = "head.probe" in sd
     cfg = _config(
         c,
@@ -177,6 +180,7 @@ def _siglip(hf) -> tuple[NativeViTConfig, dict]:
         norm_eps=c.layer_norm_eps,
         mlp=_act(c.hidden_act, "siglip"),
         pos_grid=_grid(sd["embeddings.position_embedding.weight"].shape[0], "siglip"),
+        final_norm="post_layernorm.weight" in sd,  # the CoMP release's tower has none (docs/method.md §1.3)
         pool="map" if use_head else "mean",
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
@@ -200,9 +204,7 @@ def _siglip(hf) -> tuple[NativeViTConfig, dict]:
     return cfg, out
 
 
-def _clip(hf) -> tuple[NativeViTConfig, dict]:
-    vm = getattr(hf, "vision_model", hf)
-    c, sd = vm.config, vm.state_dict()
+def _clip(c, sd: dict) -> tuple[NativeViTConfig, dict]:
     cfg = _config(
         c,
         "clip",
@@ -232,9 +234,7 @@ def _clip(hf) -> tuple[NativeViTConfig, dict]:
     return cfg, out
 
 
-def _aimv2(hf) -> tuple[NativeViTConfig, dict]:
-    vm = getattr(hf, "vision_model", hf)
-    c, sd = vm.config, vm.state_dict()
+def _aimv2(c, sd: dict) -> tuple[NativeViTConfig, dict]:
     native = bool(getattr(c, "is_native", False))
     cfg = _config(
         c,
@@ -282,6 +282,17 @@ def _families() -> dict[str, tuple[Callable[[], type], Callable]]:
     }
 
 
+def convert_state(model_type: str, config: Any, state: dict) -> tuple[NativeViTConfig, dict]:
+    """``(HF vision config, tower state dict with HF key names)`` → NativeViT config and state dict.
+
+    ``model_type`` is one of :func:`_families`' keys; keys are those of the HF vision transformer
+    (``embeddings.…``, ``encoder.…``, without a ``vision_model.`` prefix). Parts the state dict lacks
+    and that are optional for the family (SigLIP's ``post_layernorm`` and head, DINOv2's CLS token)
+    are left out of the result.
+    """
+    return _families()[model_type][1](config, state)
+
+
 def _read_model_type(name_or_path: str | Path) -> str:
     path = Path(name_or_path)
     if path.is_dir():
@@ -300,7 +311,9 @@ def _read_model_type(name_or_path: str | Path) -> str:
         ) from e
 
 
-def _image_stats(name_or_path: str | Path) -> dict:
+def image_stats(name_or_path: str | Path) -> dict:
+    """``image_mean`` / ``image_std`` of the ``preprocessor_config.json`` in a checkpoint directory
+    (empty when there is none: the family's defaults apply)."""
     pre = Path(name_or_path) / "preprocessor_config.json"
     if not pre.is_file():
         return {}
@@ -357,12 +370,13 @@ def load_hf_vit(
             f"{name_or_path}: the checkpoint lacks {len(missing)} weights of its declared architecture "
             f"{model_type!r} (e.g. {sorted(missing)[:3]}); it is incomplete or not a {model_type}"
         )
-    cfg, state = convert(hf)
+    vm = getattr(hf, "vision_model", hf)  # the vision tower of a full CLIP / SigLIP / AIMv2 model
+    cfg, state = convert(vm.config, vm.state_dict())
     settings = {
         "rope": rope,
         "keep_prefix_tokens": keep_prefix_tokens,
         "attn": attn,
-        **_image_stats(name_or_path),
+        **image_stats(name_or_path),
     }
     config = NativeViTConfig.from_dict({**cfg.__dict__, **settings, **overrides})
     if not config.final_norm:  # final norm switched off (CoMP SigLIP tower): its weights are unused
