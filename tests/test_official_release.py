@@ -278,12 +278,27 @@ def test_vfm_tower_gives_the_release_outputs(tmp_path, family, nested):
 
 def test_vfm_rope_follows_use_rope(tmp_path):
     d = write_vfm(tmp_path, "dinov2", use_rope=False)
-    vit = load_official_vit(d).eval()
-    assert vit.config.rope is False
+    vit = load_official_vit(d, rope=None).eval()  # None keeps the checkpoint's setting
+    assert vit.config.rope is False and load_official_vit(d, rope=True).config.rope is True
     patches, grids = _patches(4)
     with torch.no_grad():
         ref = reference_tower("dinov2", tower_weights("dinov2"), patches, GRIDS, use_rope=False)
         assert _err(vit(patches, grids), ref) <= TOL
+
+
+def test_sharded_checkpoint_loads_like_one_file(tmp_path):
+    d = write_vfm(tmp_path, "siglip")
+    one = load_official_vit(d).state_dict()
+    weights = tower_weights("siglip")
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(d / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    (d / "model.safetensors").unlink()
+    sharded = load_official_vit(d).state_dict()
+    assert sharded.keys() == one.keys() and all(torch.equal(sharded[k], one[k]) for k in one)
 
 
 def test_other_layouts_are_not_taken_for_the_release(tmp_path):
@@ -412,3 +427,14 @@ def test_vlm_trains_on_and_converts(tmp_path, tokenizer):
     assert torch.isfinite(loss)
     moved = {n.split(".")[0] for n, p in vlm.named_parameters() if not torch.equal(p, before[n])}
     assert {"vit", "merger", "llm"} <= moved
+
+
+def test_cli_convert_official(tmp_path, capsys):
+    from cmpt.cli import main
+
+    d = write_vfm(tmp_path, "dinov2")
+    assert main(["convert", "official", str(d), str(tmp_path / "out")]) == 0
+    assert "pos_embed_order: official" in capsys.readouterr().out
+    assert NativeViT.from_pretrained(tmp_path / "out").config.pos_embed_order == "official"
+    assert main(["convert", "official", str(tmp_path / "out"), str(tmp_path / "again")]) == 2  # cmpt's own
+    assert "not a checkpoint of the CoMP release" in capsys.readouterr().err

@@ -164,7 +164,8 @@ def build_tower(
     family: str, hf_config: Any, state: dict[str, torch.Tensor], source: str, **settings: Any
 ) -> NativeViT:
     """A NativeViT (float32) from a release tower's HF config and its weights (keys without prefix),
-    with ``pos_embed_order: official``; ``settings`` replace converted config fields."""
+    with ``pos_embed_order: official``; ``settings`` replace converted config fields (None values
+    are ignored, as in ``NativeViT.from_pretrained``)."""
     unknown = sorted(k for k in state if not TOWER_KEYS[family].fullmatch(k))
     if unknown:
         raise ValueError(
@@ -173,7 +174,8 @@ def build_tower(
         )
     cfg, converted = convert_state(_HF_TYPE[family], hf_config, {k: v.float() for k, v in state.items()})
     fields = {**cfg.__dict__, "keep_prefix_tokens": False, "source": f"comp-release:{family}"}
-    config = NativeViTConfig.from_dict({**fields, "pos_embed_order": "official", **settings})
+    given = {k: v for k, v in settings.items() if v is not None}
+    config = NativeViTConfig.from_dict({**fields, "pos_embed_order": "official", **given})
     model = NativeViT(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
@@ -191,11 +193,13 @@ def build_tower(
     return model
 
 
-def load_official_vit(path: str | Path, **overrides: Any) -> NativeViT:
+def load_official_vit(
+    path: str | Path, device: str | torch.device | None = None, **overrides: Any
+) -> NativeViT:
     """Load a CoMP-VFM directory of the release (SigLIP or DINOv2 tower) as a NativeViT (docs/method.md
     §1.5): ``pos_embed_order: official``, RoPE as ``use_rope`` says, image mean/std from the
     checkpoint's ``preprocessor_config.json``, no pooling head (pooled output = patch mean).
-    ``overrides`` replace NativeViT config fields (e.g. ``attn``)."""
+    ``overrides`` replace NativeViT config fields (e.g. ``attn``; None values are ignored)."""
     d = Path(path)
     family = tower_family(read_keys(d))
     if family is None:
@@ -210,4 +214,5 @@ def load_official_vit(path: str | Path, **overrides: Any) -> NativeViT:
     state = read_state(d, TOWER_PREFIX[family])
     state = {k: v for k, v in state.items() if not k.startswith("merger.")}  # the release's w_merger=False
     settings = {**release_settings(raw), **image_stats(d), **overrides}
-    return build_tower(family, hf_config, state, str(d), **settings)
+    model = build_tower(family, hf_config, state, str(d), **settings)
+    return model.to(device) if device is not None else model

@@ -97,13 +97,14 @@ def _llm_config(raw: dict[str, Any], vocab_rows: int, source: str):
     return Qwen2Config(**{**kept, "vocab_size": vocab_rows, "architectures": ["Qwen2ForCausalLM"]})
 
 
-def _load_llm(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype | None):
-    """The release's Qwen2 LLM from its ``model.*`` / ``lm_head.*`` weights (``state``)."""
+def _load_llm(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], **kwargs: Any):
+    """The release's Qwen2 LLM from its ``model.*`` / ``lm_head.*`` weights (``state``); ``kwargs``
+    go to ``from_pretrained`` (``dtype``, ``attn_implementation``, ...)."""
     from transformers import Qwen2ForCausalLM
 
     config = _llm_config(raw, state["model.embed_tokens.weight"].shape[0], str(path / "config.json"))
     llm, info = Qwen2ForCausalLM.from_pretrained(
-        None, config=config, state_dict=state, dtype=dtype or torch.float32, output_loading_info=True
+        None, config=config, state_dict=state, output_loading_info=True, **kwargs
     )
     bad = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
     if bad:
@@ -133,13 +134,16 @@ def load_official_vlm(
     vision_config: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
     **vit_overrides: Any,
 ):
     """Load a CoMP-MM directory of the release as a :class:`VisionLanguageModel` (eval mode;
     docs/method.md §1.5): the tower with ``pos_embed_order: official`` and RoPE as ``use_rope``
     says, the release's merger, the Qwen2 LLM (``dtype``, default float32), tokenizer and
     processor. ``vision_config``: the tower's directory or ``config.json`` when the VLM's own
-    ``config.json`` cannot name one available offline. ``vit_overrides``: NativeViT fields."""
+    ``config.json`` cannot name one available offline. ``llm_kwargs``: more ``from_pretrained``
+    arguments of the LLM (e.g. ``attn_implementation``). ``vit_overrides``: NativeViT fields (e.g.
+    ``rope``; None values are ignored)."""
     from transformers import AutoTokenizer
 
     from cmpt.vision.processor import ImageProcessor
@@ -171,7 +175,7 @@ def load_official_vlm(
     tower = {k.removeprefix(prefix): v for k, v in rest.items()}
     settings = {**release_settings(raw), **image_stats(d), **vit_overrides}
     vit = build_tower(family, hf_tower_config(family, tower_raw, tower_src), tower, str(d), **settings)
-    llm = _load_llm(d, raw, state, dtype)
+    llm = _load_llm(d, raw, state, dtype=dtype or torch.float32, **(llm_kwargs or {}))
     tokenizer = AutoTokenizer.from_pretrained(str(d))
     c = vit.config
     processor = (
