@@ -2,14 +2,18 @@
 
 Public API (DESIGN.md): :class:`NativeViT`, :class:`ImageProcessor` → :class:`PackedImages`,
 :class:`PatchMerger`, :class:`VisionLanguageModel`, :class:`Embedder`, ``cmpt.vision.smart_resize``,
-``cmpt.losses``.
+``cmpt.losses``. Importing cmpt registers its directories with transformers' ``AutoConfig`` /
+``AutoModel`` (:mod:`cmpt.hf_auto`).
 """
 
 from . import losses, vision
 from .embed.embedder import Embedder
+from .hf_auto import register_auto_classes
 from .vision import ImageProcessor, NativeViT, NativeViTConfig, PackedImages
 from .vlm.merger import PatchMerger
 from .vlm.model import VisionLanguageModel, VLMConfig
+
+register_auto_classes()
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,10 @@ micro-batches by a token budget (padding-free, so an embedding never depends on 
 of its batch).
 
 An Embedder directory is the backbone's own directory (a cmpt VLM, or a Hugging Face Qwen2-VL /
-Qwen2.5-VL checkpoint that transformers still loads) plus ``embedder_config.json``.
+Qwen2.5-VL checkpoint that transformers still loads) plus ``embedder_config.json`` and the model
+card ``README.md`` (:mod:`cmpt.model_card`). Over a cmpt VLM, its ``config.json`` says
+``model_type: cmpt_embedder`` (transformers' Auto classes, :mod:`cmpt.hf_auto`); over a Qwen-VL
+checkpoint, ``config.json`` stays transformers' own.
 """
 
 from __future__ import annotations
@@ -61,27 +64,41 @@ class Embedder:
     def __init__(self, backbone: nn.Module, config: EmbedderConfig | None = None, **overrides: Any) -> None:
         self.backbone = backbone
         self.config = EmbedderConfig(**{**asdict(config or EmbedderConfig()), **overrides})
+        self.loaded_from: Path | None = getattr(backbone, "loaded_from", None)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device | None = None, **load_kwargs: Any
     ) -> Embedder:
         """An Embedder directory, a cmpt VLM directory or a Hugging Face Qwen2-VL / Qwen2.5-VL
-        checkpoint (``load_kwargs``: ``dtype``, ``attn_implementation``)."""
-        backbone = load_backbone(path, **load_kwargs)
+        checkpoint, local or by hub id (:func:`cmpt.hub.local_model_dir`; ``load_kwargs``:
+        ``dtype``, ``attn_implementation``). ``loaded_from`` is the directory."""
+        from cmpt.hub import local_model_dir
+
+        d = local_model_dir(path, "Embedder")
+        backbone = load_backbone(d, **load_kwargs)
         if device is not None:
             backbone.to(device)
-        cfg_file = Path(path) / EMBEDDER_CONFIG
+        cfg_file = d / EMBEDDER_CONFIG
         config = EmbedderConfig(**json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
-        return cls(backbone, config)
+        emb = cls(backbone, config)
+        emb.loaded_from = d
+        return emb
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """The backbone's directory plus ``embedder_config.json``, atomically (:mod:`cmpt.io_atomic`)."""
+        """The backbone's directory plus ``embedder_config.json`` and the model card; over a cmpt VLM
+        also ``config.json`` with ``model_type: cmpt_embedder``; atomically (:mod:`cmpt.io_atomic`)."""
+        from cmpt.hf_auto import EMBEDDER_TYPE, write_auto_config
         from cmpt.io_atomic import atomic_directory
+        from cmpt.model_card import write_model_card
+        from cmpt.vlm.io import VLM_CONFIG_NAME
 
         with atomic_directory(directory, writer="Embedder.save_pretrained") as out:
             self.backbone.save_pretrained(out)
             (out / EMBEDDER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            if (out / VLM_CONFIG_NAME).is_file():  # a cmpt VLM; a Qwen-VL keeps transformers' config.json
+                write_auto_config(out, EMBEDDER_TYPE, **asdict(self.backbone.config), **asdict(self.config))
+            write_model_card(out, sources=[self.loaded_from])
         return Path(directory)
 
     # ------------------------------------------------------------------ rendering

@@ -4,11 +4,14 @@ The run's recipe is rebuilt from ``RUN/config.yaml`` (the same starting point: i
 must still exist), the checkpoint's weights are read into it — DCP reshards, so DDP and FSDP2
 checkpoints of any world size load in one process — and the recipe's own ``save_final`` writes
 ``DIR`` exactly as it writes ``final/`` (a VLM / CoMP-VFM directory, an Embedder directory, ...),
-atomically. The checkpoint is verified first; nothing but checkpoint data is unpickled.
+atomically. The checkpoint is verified first; nothing but checkpoint data is unpickled. Every model
+directory written gets a model card naming the run, the recipe and the step (:mod:`cmpt.model_card`);
+the completion marker records the run and step too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..io_atomic import atomic_directory
+from ..model_card import CARD_NAME, RunFacts, write_model_card
 from .checkpoint import CheckpointError, save_final_weights
 from .safe_load import safe_dcp_load
 from .verify import verify_checkpoint
@@ -58,7 +62,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     missing = [k for k in getattr(result, "missing_keys", []) if k not in frozen]
     if missing:  # frozen weights come from the recipe's starting point; trained ones must be there
         raise CheckpointError(f"checkpoint {ckpt} lacks trained weights {missing[:5]} of {cfg_file}'s recipe")
+    step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["counters"]["step"]
+    run = RunFacts(run_dir.absolute(), int(step), str(ckpt.absolute()))
     out = Path(out)
-    with atomic_directory(out, "cmpt export", checkpoint=str(ckpt)) as tmp:
+    info = {"checkpoint": run.checkpoint, "run_dir": str(run.run_dir), "step": run.step}
+    with atomic_directory(out, "cmpt export", **info) as tmp:
         save_final_weights(task, task.model, tmp, is_main=True)
+        for d in [tmp, *sorted(p for p in tmp.iterdir() if p.is_dir())]:  # final/vit (CoMP-VFM) too
+            if (d / CARD_NAME).is_file():
+                write_model_card(d, run)
     return out

@@ -84,8 +84,11 @@ class NativeViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> NativeViTConfig:
+        """The config of a ``config.json``; its transformers keys (``model_type``, ...) are skipped."""
+        from cmpt.hf_auto import AUTO_KEYS
+
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"cmpt_model"}
+        unknown = set(d) - known - {"cmpt_model", *AUTO_KEYS}
         if unknown:
             raise ValueError(f"unknown NativeViT config keys {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -338,26 +341,35 @@ class NativeViT(nn.Module):
         return [torch.cat([pre, chunk]) for pre, chunk in zip(prefix, chunks)]
 
     # ------------------------------------------------------------------ I/O
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (atomically: :mod:`cmpt.io_atomic`)."""
+    def save_pretrained(self, directory: str | Path, *, model_card: bool = True) -> None:
+        """Write ``config.json`` (also read by transformers' ``AutoConfig`` after ``import cmpt``:
+        :mod:`cmpt.hf_auto`) + ``model.safetensors`` and, with ``model_card``, ``README.md``
+        (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`)."""
+        from cmpt.hf_auto import VIT_TYPE, auto_config_fields
         from cmpt.io_atomic import atomic_directory
+        from cmpt.model_card import write_model_card
 
         with atomic_directory(directory, writer="NativeViT.save_pretrained") as out:
-            cfg = {"cmpt_model": "NativeViT", **asdict(self.config)}
+            cfg = {"cmpt_model": "NativeViT", **auto_config_fields(VIT_TYPE), **asdict(self.config)}
             (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+            if model_card:
+                write_model_card(out, sources=[getattr(self, "loaded_from", None)])
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device | None = None, **overrides
     ) -> NativeViT:
-        """Load a directory written by :meth:`save_pretrained`; ``overrides`` replace config fields
+        """Load a directory written by :meth:`save_pretrained` (or its hub id:
+        :func:`cmpt.hub.local_model_dir`); ``overrides`` replace config fields
         (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
-        drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1)."""
+        drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1).
+        The model's ``loaded_from`` is the directory (its model card names the run behind it)."""
+        from cmpt.hub import local_model_dir
         from cmpt.io_atomic import check_loadable
 
-        d = Path(directory)
+        d = local_model_dir(directory, "NativeViT")
         check_loadable(d)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
@@ -375,6 +387,7 @@ class NativeViT(nn.Module):
         if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         model.load_state_dict(state)
+        model.loaded_from = d
         return model.to(device) if device is not None else model
 
     @classmethod
@@ -386,12 +399,16 @@ class NativeViT(nn.Module):
         attn: str = "auto",
         **overrides,
     ) -> NativeViT:
-        """Convert an HF DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (method.md §1 "Families")."""
+        """Convert an HF DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (method.md §1 "Families");
+        a hub id missing offline is one line naming the download command (:mod:`cmpt.hub`)."""
+        from cmpt.hub import resolving
+
         from .convert import load_hf_vit
 
-        return load_hf_vit(
-            name_or_path, rope=bool(rope), keep_prefix_tokens=keep_prefix_tokens, attn=attn, **overrides
-        )
+        with resolving(name_or_path, "vision checkpoint"):
+            return load_hf_vit(
+                name_or_path, rope=bool(rope), keep_prefix_tokens=keep_prefix_tokens, attn=attn, **overrides
+            )
 
     def num_flops_per_token(self, seq_len: int) -> float:
         """Approximate forward FLOPs per token (2·params matmuls + attention), for throughput reports."""

@@ -2,9 +2,10 @@
 
 A VLM directory holds ``vision/`` (a NativeViT directory), ``merger.safetensors``, ``llm/`` (the HF
 causal LM and its tokenizer), ``processor/`` (optional) and ``vlm_config.json`` (:class:`VLMConfig`
-plus the merger's shape). The functions here take the model class as an argument, so this module
-does not import the model (the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call
-them).
+plus the merger's shape), plus ``config.json`` for transformers' Auto classes (:mod:`cmpt.hf_auto`)
+and the model card ``README.md`` (:mod:`cmpt.model_card`). Hub ids go through :mod:`cmpt.hub`.
+The functions here take the model class as an argument, so this module does not import the model
+(the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cmpt.hub import local_model_dir, resolving
 from cmpt.io_atomic import atomic_directory, check_loadable
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
@@ -77,7 +79,8 @@ def load_vit(
     if vit_from_hf:
         from cmpt.vision.convert import comp_tower_overrides
 
-        tower = comp_tower_overrides(vit)
+        with resolving(vit, "vision checkpoint"):
+            tower = comp_tower_overrides(vit)
         return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, **tower)
     return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
 
@@ -132,11 +135,13 @@ def build_vlm(
     llm_src = str(llm) if isinstance(llm, (str, Path)) else getattr(llm, "name_or_path", "")
     if isinstance(llm, (str, Path)):
         kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
-        llm = AutoModelForCausalLM.from_pretrained(str(llm), **kwargs)
+        with resolving(llm_src, "language model"):
+            llm = AutoModelForCausalLM.from_pretrained(llm_src, **kwargs)
     if tokenizer is None:
         if not llm_src:
             raise ValueError("pass tokenizer= when llm is a model object without a name_or_path")
-        tokenizer = AutoTokenizer.from_pretrained(llm_src)
+        with resolving(llm_src, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(llm_src)
     ensure_vision_tokens(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -168,15 +173,21 @@ def build_vlm(
 
 def save_vlm(model, directory: str | Path) -> Path:
     """``VisionLanguageModel.save_pretrained``: write ``vision/`` (NativeViT), ``merger.safetensors``,
-    ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``;
-    atomically (:mod:`cmpt.io_atomic`: a complete directory replaces ``directory`` as a whole)."""
+    ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``,
+    ``config.json`` (Auto classes) and ``README.md`` (model card); atomically (:mod:`cmpt.io_atomic`:
+    a complete directory replaces ``directory`` as a whole)."""
+    from cmpt.model_card import write_model_card
+
     with atomic_directory(directory, writer="VisionLanguageModel.save_pretrained") as out:
         _write_vlm(model, out)
+        write_model_card(out, sources=[getattr(model, "loaded_from", None)])
     return Path(directory)
 
 
 def _write_vlm(model, out: Path) -> None:
-    model.vit.save_pretrained(out / "vision")
+    from cmpt.hf_auto import VLM_TYPE, write_auto_config
+
+    model.vit.save_pretrained(out / "vision", model_card=False)
     merger_state = {k: v.detach().contiguous().cpu() for k, v in model.merger.state_dict().items()}
     save_file(merger_state, str(out / MERGER_WEIGHTS), metadata={"format": "pt"})
     model.llm.save_pretrained(str(out / "llm"))
@@ -189,6 +200,7 @@ def _write_vlm(model, out: Path) -> None:
         "merger": {"vision_dim": model.vit.config.hidden_size, "out_dim": model.merger.fc2.out_features},
     }
     (out / VLM_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_auto_config(out, VLM_TYPE, **asdict(model.config))
 
 
 def load_vlm(
@@ -201,12 +213,13 @@ def load_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ):
-    """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (eval
-    mode); ``overrides`` replace :class:`VLMConfig` fields, ``rope`` the ViT's RoPE switch, ``dtype``
-    the LLM dtype (default float32)."""
+    """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (or its
+    hub id: :func:`cmpt.hub.local_model_dir`; eval mode); ``overrides`` replace :class:`VLMConfig`
+    fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (default float32). The model's
+    ``loaded_from`` is the directory (its model card names the run behind it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = Path(directory)
+    d = local_model_dir(directory, "cmpt VLM")
     check_loadable(d)
     if not (d / VLM_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
@@ -227,4 +240,5 @@ def load_vlm(
 
         processor = ImageProcessor.from_hf(d / "processor")
     model = cls(vit, merger, llm, tokenizer, config, processor).eval()
+    model.loaded_from = d
     return model.to(device) if device is not None else model
