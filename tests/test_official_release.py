@@ -309,6 +309,15 @@ def test_other_layouts_are_not_taken_for_the_release(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint of the CoMP release"):
         convert_official(hf, tmp_path / "x")
     assert detect_official_layout(tmp_path / "nothing") is None
+    qwen2vl = tmp_path / "qwen2-vl"  # Qwen2-VL's own layout (its tower under visual. is no CoMP tower)
+    qwen2vl.mkdir()
+    weights = {
+        "model.embed_tokens.weight": torch.zeros(2, 2),
+        "visual.blocks.0.attn.qkv.weight": torch.ones(2),
+    }
+    save_file(weights, str(qwen2vl / "model.safetensors"))
+    (qwen2vl / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
+    assert detect_official_layout(qwen2vl) is None
 
 
 def test_unknown_weights_and_wrong_configs_are_named(tmp_path):

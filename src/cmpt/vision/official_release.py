@@ -125,8 +125,8 @@ def detect_official_layout(path: str | Path) -> str | None:
     except FileNotFoundError:
         return None
     if VLM_ARCHITECTURE in (raw.get("architectures") or []) or (
-        "model.embed_tokens.weight" in keys and any(k.startswith("visual.") for k in keys)
-    ):
+        "model.embed_tokens.weight" in keys and tower_family(keys, "visual.") is not None
+    ):  # HF's Qwen2-VL has visual. too, but not a CoMP tower
         return "vlm"
     return "vit" if tower_family(keys) is not None else None
 
