@@ -115,7 +115,7 @@ def test_mixture_of_json_and_hf_resumes_exactly(data, tmp_path):
         assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "patches", "caption_ids"))
 
 
-def test_tar_mixtures_are_streams_and_cannot_mix(data):
+def test_tar_mixtures_are_streams_and_mix_with_map_style(data):
     root = data["root"]
     mix = load_mixture(_yaml(root, "t.yaml", [{"path": data["b_wds"], "weight": 2}]))
     assert isinstance(mix, ShardList) and len(mix) == 10 and mix.paths[:5] == mix.paths[5:]
@@ -124,8 +124,10 @@ def test_tar_mixtures_are_streams_and_cannot_mix(data):
     cfg = DataConfig(path=str(root / "t.yaml"), vision_budget=40, text_budget=4000, max_samples_per_batch=2)
     loader = build_loader(cfg, tiny_processor(), tiny_tokenizer())
     assert type(loader).__name__ == "StreamingLoader" and next(iter(loader))["num_samples"] >= 1
-    with pytest.raises(ValueError, match="all map-style"):
-        load_mixture(_yaml(root, "x.yaml", [{"path": "a.json"}, {"path": data["b_wds"]}]))
+    both = load_mixture(_yaml(root, "x.yaml", [{"path": "a.json"}, {"path": data["b_wds"]}]))
+    assert isinstance(both, MixtureSource) and len(both) == 12 + 10  # tar shards indexed by offset
+    b = LlavaSource(data["b"])
+    assert [both[12 + i].conversations for i in range(10)] == [b[i].conversations for i in range(10)]
     with pytest.raises(ValueError, match="sampling: all"):
         load_mixture(_yaml(root, "y.yaml", [{"path": data["b_wds"], "sampling": "first:3"}]))
     with pytest.raises(ValueError, match="unknown key"):

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT
+from cmpt.vlm.chat import IMAGE_TOKEN, VISION_TOKENS
+
 __all__ = ["DataConfig", "ResolutionConfig"]
 
 
@@ -20,7 +23,9 @@ class DataConfig:
     shards — a ``.tar``, a glob, a brace pattern ``shards-{000000..000009}.tar`` or a directory of
     ``.tar`` files (:mod:`cmpt.data.webdataset`, streamed by :mod:`cmpt.data.streaming`); a Hugging
     Face dataset — a ``save_to_disk`` directory, ``.parquet`` file(s) or a directory of them
-    (:mod:`cmpt.data.hf_source`, needs the optional ``datasets`` package).
+    (:mod:`cmpt.data.hf_source`, needs the optional ``datasets`` package), also a dataset repository
+    downloaded from the hub, ``PATH#SPLIT`` for a split. Record layouts: LLaVA, the Hugging Face /
+    TRL chat layout, image–caption shards, documents, pairs (``docs/data.md``).
     ``image_root``: directory the image paths are relative to; ``""`` = the source's directory
     (a mixture sets it per member).
     ``max_text_tokens``: per-sample cap; longer conversations are truncated by the sample builder.
@@ -31,6 +36,9 @@ class DataConfig:
     The bad-sample limit is ``train.max_bad_fraction``, decided over all ranks (docs/method.md §4);
     a config that still sets ``data.max_bad_fraction`` is read as that key, with a warning.
     ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (docs/method.md §2).
+    ``caption_prompt``: the user turn after ``"<image>\n"`` of image–caption records (tar ``jpg`` +
+    ``txt`` shards as img2dataset writes them), read by CoMP as one-turn caption conversations
+    (the stage-I form, docs/method.md §2.1); default ``"Describe the image concisely."``.
     Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
     ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of
     ``num_workers``) split the shards; the resume state is tied to it and to the world size.
@@ -60,6 +68,7 @@ class DataConfig:
     packing: bool | None = None
     length_cache: str = ""
     follow_symlinks: bool = False
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
 
     def __post_init__(self) -> None:
         for name in ("max_text_tokens", "vision_budget", "text_budget", "max_samples_per_batch"):
@@ -69,6 +78,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.oversize must be 'skip' or 'truncate', got {self.oversize!r}")
         if self.num_workers < 0 or self.caption_max_tokens < 0 or self.num_streams < 0:
             raise ValueError("DataConfig.num_workers, num_streams and caption_max_tokens must be >= 0")
+        if not isinstance(self.caption_prompt, str) or any(
+            t in self.caption_prompt for t in (IMAGE_TOKEN, *VISION_TOKENS)
+        ):
+            raise ValueError(
+                f"DataConfig.caption_prompt must be a string without {IMAGE_TOKEN} or vision tokens (the "
+                f"image comes first, on its own line), got {self.caption_prompt!r}"
+            )
         if self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.num_workers and self.num_streams and self.num_streams % self.num_workers:

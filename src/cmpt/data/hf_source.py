@@ -10,14 +10,17 @@ values (no ``datasets`` formatting, no image decoding); the columns are:
   resolved against ``image_root`` (default: the dataset directory), with the same ``path_escape`` /
   ``missing_image`` checks as a JSON source. ``None`` / an empty list: a text-only sample.
 * ``conversations``: a list of ``{from, value}`` (or ``{role, content}``), or the same as a JSON
-  string.
+  string; or, instead, ``messages`` in the Hugging Face / TRL chat layout (typed content parts,
+  :mod:`cmpt.data.chat_layout`), with the images in ``images`` or inline in the image parts.
 * ``text`` (documents, docs/method.md §3): the text with its ``<image>`` placeholders, for rows
   without ``conversations`` (a null / absent ``conversations`` value).
 * every other column goes to ``Record.meta``; a string column ``extra_json`` holding a JSON object
   is merged into it (the record's other keys, as written by :func:`cmpt.data.convert.llava_to_hf`).
 
 Storage: a ``save_to_disk`` directory is memory-mapped (``datasets.load_from_disk``; a
-``DatasetDict`` gives its ``split``, default ``"train"`` or its only split). Parquet files are read
+``DatasetDict`` gives its ``split``, default ``"train"`` or its only split). A directory of parquet
+files — flat, or a dataset repository downloaded from the hub (``data/<split>-*.parquet``,
+``<config>/<split>-*.parquet``) — is read by split (:mod:`cmpt.data.hub_layout`). Parquet files are read
 with ``pyarrow`` into memory once per process (Arrow buffers are shared by forked DataLoader
 workers); for data larger than memory prefer ``save_to_disk``. The ``datasets`` package is optional
 and imported only here (:func:`cmpt.data.convert.require_datasets` explains how to install it).
@@ -31,7 +34,9 @@ import os
 import threading
 from typing import Any
 
+from cmpt.data.chat_layout import messages_to_conversations
 from cmpt.data.convert import require_datasets
+from cmpt.data.hub_layout import parquet_files
 from cmpt.data.sources import RECORD_KEYS, BadSample, Record
 
 __all__ = ["HFSource", "hf_record"]
@@ -60,8 +65,10 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
     key = "images" if "images" in row else "image"
     raw = row.get(key)
     items = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    images = [_image_value(x, rid) for x in items]
     convs = row.get("conversations")
+    if convs is None and row.get("messages") is not None:  # the HF / TRL chat layout
+        convs, items = messages_to_conversations(row["messages"], items, rid)
+    images = [_image_value(x, rid) for x in items]
     if isinstance(convs, str):
         try:
             convs = json.loads(convs)
@@ -87,7 +94,9 @@ class HFSource:
     """Random-access reader of a Hugging Face dataset on disk or parquet file(s) (docs/method.md §4).
 
     ``path``: a ``save_to_disk`` directory, a ``.parquet`` file, a glob of them or a directory of
-    them. ``image_root``: where image paths resolve (default: the dataset directory).
+    them (flat or in a hub layout). ``image_root``: where image paths resolve (default: the dataset
+    directory, or a single file's directory). ``split``: a ``DatasetDict``'s split, or the split of a
+    directory of parquet files (:func:`cmpt.data.hub_layout.parquet_files`).
     """
 
     def __init__(
@@ -99,20 +108,20 @@ class HFSource:
     ) -> None:
         p = os.fspath(path)
         self.path, self.split = os.path.abspath(p), split
-        if os.path.isdir(p) and not glob.glob(os.path.join(p, "*.parquet")):
+        saved = {"dataset_info.json", "state.json", "dataset_dict.json"}
+        if os.path.isdir(p) and saved & set(os.listdir(p)):
             self.kind, self.files = "disk", []
-            base = self.path
         else:
             self.kind = "parquet"
-            pattern = os.path.join(p, "*.parquet") if os.path.isdir(p) else p
-            self.files = (
-                sorted(os.path.abspath(f) for f in glob.glob(pattern))
-                if glob.has_magic(pattern)
-                else [self.path]
-            )
+            if os.path.isdir(p):
+                self.files = parquet_files(p, split)
+            elif glob.has_magic(p):
+                self.files = sorted(os.path.abspath(f) for f in glob.glob(p))
+            else:
+                self.files = [self.path]
             if not self.files or not all(os.path.isfile(f) for f in self.files):
                 raise FileNotFoundError(f"no parquet file at {p!r}")
-            base = os.path.dirname(self.files[0])
+        base = self.path if os.path.isdir(p) else os.path.dirname(self.files[0])
         self.name = os.path.basename(self.path.rstrip(os.sep))
         self.image_root = os.path.abspath(os.fspath(image_root) if image_root else base)
         self._data: Any = None
@@ -129,6 +138,10 @@ class HFSource:
                     if split not in ds:
                         raise ValueError(f"{self.path}: no split {split!r} (has {list(ds)})")
                     ds = ds[split]
+                elif self.split is not None:
+                    raise ValueError(
+                        f"{self.path}: a single dataset, not a DatasetDict: it has no split {self.split!r}"
+                    )
                 self._data = ds.with_format("arrow")
         return self._data
 

@@ -9,6 +9,7 @@
         weight: 2                  # how many times the selected records appear per epoch
       - path: ocr/hf_dataset
         image_root: ocr/images     # optional (default: the source's own)
+        split: train               # optional: a Hugging Face dataset's split
         sampling: random:25%
         weight: 0.5
         id_prefix: "ocr/"          # optional: prepended to the member's ids
@@ -25,13 +26,17 @@ without replacement; ``w = 0.5``: half the selection). Member ``i`` is therefore
 than being drawn with replacement (the token-budget batcher shuffles each epoch). A repeated record
 keeps its id, with ``"#k"`` appended for its ``k``-th extra copy, so ids stay unique and stable.
 
-**Result.** A mixture of map-style members (LLaVA JSON/JSONL, Hugging Face datasets, nested
+**Result.** A mixture with map-style members (LLaVA JSON/JSONL, Hugging Face datasets, nested
 mixtures) is one map-style :class:`MixtureSource`: the length index, batcher, rank split and exact
-resume apply unchanged. A mixture whose members are *all* tar shards is one streaming
-:class:`~cmpt.data.webdataset.ShardList`, mixed at shard granularity: only ``sampling: all`` is
-accepted, and the weight repeats the member's shard list ``floor(w)`` times plus a seeded subset of
-``round(frac(w) · shards)`` shards. Mixing tar shards with map-style members is refused: convert one
-side (:mod:`cmpt.data.convert`).
+resume apply unchanged. Its tar-shard members (and nested all-tar mixtures) are opened as
+:class:`~cmpt.data.tar_index.TarIndexSource` — shards indexed once by byte offset, cached — so
+they mix with the others at record granularity, ``sampling`` included. A mixture whose members are
+*all* tar shards stays one streaming :class:`~cmpt.data.webdataset.ShardList`, mixed at shard
+granularity: only ``sampling: all`` is accepted, and the weight repeats the member's shard list
+``floor(w)`` times plus a seeded subset of ``round(frac(w) · shards)`` shards.
+
+``split`` (Hugging Face datasets only, as ``PATH#SPLIT``): the split of a ``DatasetDict`` or of a
+directory of parquet files (:mod:`cmpt.data.hub_layout`).
 
 Members may hold MoCa documents and passages as well as LLaVA conversations (docs/method.md §3):
 records pass through unchanged (``Record.text`` included), only their ids get the prefix / copy
@@ -65,6 +70,7 @@ class MixtureMember:
     weight: float = 1.0
     image_root: str = ""
     id_prefix: str = ""
+    split: str = ""
 
     def __post_init__(self) -> None:
         parse_sampling(self.sampling)
@@ -139,12 +145,7 @@ class MixtureSource:
         self.members, self.seed, self.path = list(members), int(seed), path or "<mixture>"
         base = os.fspath(base_dir)
         if sources is None:
-            sources = [
-                open_source(_resolve(base, m.path), _resolve(base, m.image_root) or None) for m in members
-            ]
-        for m, src in zip(members, sources):
-            if not (hasattr(src, "__getitem__") and hasattr(src, "__len__")):
-                raise ValueError(f"mixture member {m.path!r} is not map-style (tar shards): {_NO_MIX}")
+            sources = [_open_member(base, m) for m in members]
         self.sources = sources
         member, index, copy = [], [], []
         for k, (m, src) in enumerate(zip(members, sources)):
@@ -191,11 +192,7 @@ class MixtureSource:
         return f"MixtureSource({self.path!r}, members={len(self.members)}, records={len(self)})"
 
 
-_NO_MIX = (
-    "a mixture is either all map-style sources (JSON/JSONL, Hugging Face datasets) or all tar shards; "
-    "convert one side with cmpt.data.convert (llava_to_wds / llava_to_hf)"
-)
-_KEYS = {"path", "sampling", "weight", "image_root", "id_prefix"}
+_KEYS = {"path", "sampling", "weight", "image_root", "id_prefix", "split"}
 
 
 def _resolve(base: str, p: str) -> str:
@@ -205,11 +202,22 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) or not base else os.path.join(base, p)
 
 
+def _open_member(base: str, m: MixtureMember) -> Any:
+    """The member's source, map-style: tar shards (or an all-tar mixture) as a ``TarIndexSource``."""
+    from cmpt.data.tar_index import TarIndexSource
+    from cmpt.data.webdataset import ShardList
+
+    src = open_source(_resolve(base, m.path), _resolve(base, m.image_root) or None, split=m.split or None)
+    return TarIndexSource(src) if isinstance(src, ShardList) else src
+
+
 def _tar_mixture(members: list[MixtureMember], seed: int, base: str) -> Any:
     from cmpt.data.webdataset import ShardList, expand_shards
 
     paths: list[str] = []
     for k, m in enumerate(members):
+        if m.split:
+            raise ValueError(f"mixture member {m.path!r}: 'split' applies only to Hugging Face datasets")
         if parse_sampling(m.sampling)[0] != "all":
             raise ValueError(
                 f"mixture member {m.path!r}: tar shards support only 'sampling: all' (use the weight, "
@@ -243,6 +251,4 @@ def load_mixture(path: str | os.PathLike) -> Any:
     kinds = [source_kind(_resolve(base, m.path)) for m in members]
     if all(k == "tar" for k in kinds):
         return _tar_mixture(members, seed, base)
-    if "tar" in kinds:
-        raise ValueError(f"{p}: {_NO_MIX}")
     return MixtureSource(members, seed=seed, base_dir=base, path=os.path.abspath(p))

@@ -26,11 +26,19 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT, caption_conversation
 from cmpt.data.sources import BadSample, Record
-from cmpt.data.validate import classify_render_error, conversation_problems
+from cmpt.data.validate import conversation_problems
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor
-from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, caption_ids, render_conversation
+from cmpt.vlm.chat import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VISION_TOKENS,
+    ConversationError,
+    caption_ids,
+    render_conversation,
+)
 
 __all__ = [
     "BadSample",
@@ -96,7 +104,9 @@ class SampleBuilder:
     ``max_text_tokens``: longer conversations are truncated (never inside an image span: such a
     sample is bad, ``too_long``). ``caption_max_tokens``: the caption (the answers joined by spaces,
     shuffled when ``shuffle_caption``, as the official CoMP) is cut to this length; text-only samples
-    get an empty caption, so they take no part in the alignment loss.
+    get an empty caption, so they take no part in the alignment loss. ``caption_prompt``: the user
+    turn of image–caption records (``data.caption_prompt``; the record is rendered as user
+    ``"<image>\n" + caption_prompt``, assistant = its caption, docs/method.md §2.1).
     """
 
     def __init__(
@@ -109,6 +119,7 @@ class SampleBuilder:
         merge_size: int | None = None,
         shuffle_caption: bool = True,
         seed: int = 0,
+        caption_prompt: str = DEFAULT_CAPTION_PROMPT,
     ) -> None:
         self.merge_size = processor.merge_size if merge_size is None else int(merge_size)
         if self.merge_size != processor.merge_size:
@@ -122,6 +133,7 @@ class SampleBuilder:
         self.processor, self.tokenizer = processor, tokenizer
         self.max_text_tokens, self.caption_max_tokens = int(max_text_tokens), int(caption_max_tokens)
         self.shuffle_caption, self.seed = bool(shuffle_caption), int(seed)
+        self.caption_prompt = caption_prompt
 
     def _image(self, record: Record, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
         return decode_image(self.processor, record, i)
@@ -139,17 +151,20 @@ class SampleBuilder:
         m2 = self.merge_size**2
         n_tokens = [h * w // m2 for h, w in grids]
         rng = random.Random(sample_seed(self.seed, epoch, record.id)) if self.shuffle_caption else None
+        convs = record.conversations
+        if record.is_caption:  # an image–caption record: the configured prompt (docs/method.md §2.1)
+            convs = caption_conversation(record.caption, self.caption_prompt)
         try:
             r = render_conversation(
-                record.conversations,
+                convs,
                 self.tokenizer,
                 n_tokens,
                 max_length=self.max_text_tokens,
                 sample_id=record.id,
                 caption_rng=rng,
             )
-        except ValueError as e:
-            raise BadSample(record.id, classify_render_error(str(e)), str(e)) from None
+        except ConversationError as e:
+            raise BadSample(record.id, e.reason, str(e)) from None
         if grids and self.caption_max_tokens > 0:
             cap = caption_ids(r.caption, self.tokenizer, self.caption_max_tokens)
         else:

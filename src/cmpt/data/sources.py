@@ -6,6 +6,9 @@ A LLaVA file is either one JSON list or JSON Lines (one object per line)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                        {"from": "gpt", "value": "A cat."}]}
 
+The Hugging Face / TRL chat layout (``messages`` with typed content parts, plus ``images``) is read
+into the same form (:mod:`cmpt.data.chat_layout`; every accepted form: ``docs/data.md``).
+
 The same files may hold **documents** (MoCa's text-only passages and interleaved documents,
 docs/method.md §3): ``{"id"?, "text": "Intro <image> more <image> ...", "images"|"image": [...]}``,
 the i-th ``<image>`` of the text being the i-th image. A record with ``conversations`` is a
@@ -47,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from cmpt.data.chat_layout import messages_to_conversations
+
 __all__ = [
     "PAIR_KEYS",
     "REASONS",
@@ -58,13 +63,14 @@ __all__ = [
     "resolve_image_path",
     "set_follow_symlinks",
     "source_kind",
+    "split_spec",
 ]
 
 log = logging.getLogger("cmpt.data")
 _FD_LOCK = threading.Lock()
 
 #: The keys a record's fields are read from; every other key goes to ``Record.meta``.
-RECORD_KEYS = ("id", "image", "images", "conversations", "text")
+RECORD_KEYS = ("id", "image", "images", "conversations", "text", "messages")
 
 #: Every reason a sample can be bad for, as reported by the checker and the loader (docs/method.md §4).
 REASONS = (
@@ -172,6 +178,11 @@ class Record:
     as ``bad_value`` by the checker and the builder). ``members``: tar shards only, the sample's
     members other than ``.json`` by extension and by full name (``"qry.png"``, ``"000001.qry.png"``),
     through which pair records reference their images (:mod:`cmpt.data.pairs`); ``None`` elsewhere.
+    ``caption``: an image–caption record's raw caption (tar ``jpg`` + ``txt`` samples,
+    :mod:`cmpt.data.webdataset`); such a record carries both views — ``conversations``, the one-turn
+    caption conversation with the default prompt (the CoMP builder puts ``data.caption_prompt``
+    there, :func:`cmpt.data.chat_layout.caption_conversation`), and ``text``, ``"<image>\n" +
+    caption``, the document MoCa reads (docs/method.md §2.1, §3).
     """
 
     id: str
@@ -183,11 +194,17 @@ class Record:
     origin: str = ""
     text: Any = None  # str for document records
     members: dict[str, bytes] | None = None  # tar shards: named members (pair records' images)
+    caption: str | None = None  # image–caption records: the raw caption
 
     @property
     def is_document(self) -> bool:
         """A document record: ``text`` and no ``conversations`` (docs/method.md §3)."""
         return self.conversations is None and self.text is not None
+
+    @property
+    def is_caption(self) -> bool:
+        """An image–caption record (``caption`` set): a conversation for CoMP, a document for MoCa."""
+        return self.caption is not None
 
     @property
     def is_pair(self) -> bool:
@@ -228,8 +245,11 @@ def _record_from_obj(obj: dict[str, Any], default_id: str, index: int, image_roo
         if isinstance(raw, list)
         else [raw]
     )
+    convs = obj.get("conversations")
+    if convs is None and obj.get("messages") is not None:  # the HF / TRL chat layout
+        convs, images = messages_to_conversations(obj["messages"], images, rid)
     meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
-    return Record(rid, images, obj.get("conversations"), meta, index, image_root, text=obj.get("text"))
+    return Record(rid, images, convs, meta, index, image_root, text=obj.get("text"))
 
 
 class LlavaSource:
@@ -381,51 +401,85 @@ class LlavaSource:
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+def split_spec(path: str | os.PathLike | list) -> tuple[Any, str | None]:
+    """``"data/hub#test" -> ("data/hub", "test")``: a Hugging Face dataset path with the split to read
+    (docs/data.md). A path that exists as written (a ``#`` in a file name) is taken literally."""
+    if isinstance(path, (list, tuple)):
+        return path, None
+    p = os.fspath(path)
+    base, sep, split = p.rpartition("#")
+    if not sep or not split or os.path.exists(p) or not os.path.exists(base):
+        return p, None
+    return base, split
+
+
 def source_kind(path: str | os.PathLike | list) -> str:
     """``"llava"`` (.json/.jsonl), ``"mixture"`` (.yaml/.yml), ``"tar"`` (a list, glob or brace pattern
     of tar shards, or a directory of them) or ``"hf"`` (a ``save_to_disk`` directory, ``.parquet``
-    files, a glob of them or a directory of them) (docs/method.md §4)."""
+    files, a glob of them, a directory of them or a dataset repository downloaded from the hub,
+    :mod:`cmpt.data.hub_layout`; ``PATH#SPLIT`` names a split) (docs/method.md §4, docs/data.md)."""
     if isinstance(path, (list, tuple)):
         return "tar"
-    p = os.fspath(path)
+    p, split = split_spec(path)
     low = p.lower().rstrip("/")
     if low.endswith((".json", ".jsonl")):
-        return "llava"
-    if low.endswith((".yaml", ".yml")):
-        return "mixture"
-    if low.endswith(".parquet"):
+        kind = "llava"
+    elif low.endswith((".yaml", ".yml")):
+        kind = "mixture"
+    elif low.endswith(".parquet"):
+        kind = "hf"
+    elif low.endswith(_TAR_SUFFIXES) or "{" in p:
+        kind = "tar"
+    elif os.path.isdir(p):
+        kind = _dir_kind(p)
+    else:
+        kind = ""
+    if not kind:
+        raise ValueError(
+            f"cannot tell the kind of data source {p!r}: expected a LLaVA .json/.jsonl file, a mixture "
+            ".yaml, tar shards (.tar, a glob or {000..009} pattern, a directory of .tar) or a Hugging "
+            "Face dataset (a save_to_disk directory, .parquet files, a downloaded hub dataset); see "
+            "docs/data.md"
+        )
+    if split is not None and kind != "hf":
+        raise ValueError(f"{os.fspath(path)!r}: a split ('#{split}') applies only to Hugging Face datasets")
+    return kind
+
+
+def _dir_kind(p: str) -> str:
+    from cmpt.data.hub_layout import is_parquet_dir
+
+    names = os.listdir(p)
+    if {"dataset_info.json", "state.json", "dataset_dict.json"} & set(names):
         return "hf"
-    if low.endswith(_TAR_SUFFIXES) or "{" in p:
+    if any(n.lower().endswith(".parquet") for n in names):
+        return "hf"
+    if any(n.lower().endswith(_TAR_SUFFIXES) for n in names):
         return "tar"
-    if os.path.isdir(p):
-        names = os.listdir(p)
-        if {"dataset_info.json", "state.json", "dataset_dict.json"} & set(names):
-            return "hf"
-        if any(n.lower().endswith(".parquet") for n in names):
-            return "hf"
-        if any(n.lower().endswith(_TAR_SUFFIXES) for n in names):
-            return "tar"
-    raise ValueError(
-        f"cannot tell the kind of data source {p!r}: expected a LLaVA .json/.jsonl file, a mixture "
-        ".yaml, tar shards (.tar, a glob or {000..009} pattern, a directory of .tar) or a Hugging Face "
-        "dataset (a save_to_disk directory or .parquet files)"
-    )
+    return "hf" if is_parquet_dir(p) else ""
 
 
-def open_source(path: str | os.PathLike | list, image_root: str | os.PathLike | None = None) -> Any:
-    """The source named by ``path``, by :func:`source_kind` (docs/method.md §4).
+def open_source(
+    path: str | os.PathLike | list, image_root: str | os.PathLike | None = None, *, split: str | None = None
+) -> Any:
+    """The source named by ``path``, by :func:`source_kind` (docs/method.md §4, docs/data.md).
 
     Map-style sources (``len`` / ``source[i] -> Record``): ``LlavaSource``, ``HFSource``,
     ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so
-    does a mixture whose members are all tar shards.
+    does a mixture whose members are all tar shards. ``split``: the split of a Hugging Face dataset
+    (as ``PATH#SPLIT``, which wins); ``ValueError`` for the other kinds.
     """
     kind = source_kind(path)
+    path, named = split_spec(path)
+    split = named or split
+    if split is not None and kind != "hf":
+        raise ValueError(f"{os.fspath(path)!r}: a split ({split!r}) applies only to Hugging Face datasets")
     if kind == "llava":
         return LlavaSource(path, image_root or None)
     if kind == "hf":
         from cmpt.data.hf_source import HFSource
 
-        return HFSource(path, image_root or None)
+        return HFSource(path, image_root or None, split=split)
     if kind == "mixture":
         from cmpt.data.mixture import load_mixture
 

@@ -39,6 +39,7 @@ from cmpt.vlm.chat import (
     IMAGE_TOKEN,
     MASK_TOKEN,
     VISION_TOKENS,
+    ConversationError,
     encode_text_with_images,
     ensure_vision_tokens,
     render_conversation,
@@ -49,7 +50,6 @@ __all__ = [
     "Report",
     "check_dataset",
     "check_record",
-    "classify_render_error",
     "conversation_problems",
     "data_check_main",
     "document_problems",
@@ -68,21 +68,6 @@ class Problem:
     reason: str
     detail: str = ""
     index: int = -1
-
-
-def classify_render_error(message: str) -> str:
-    """Map a ``render_conversation`` ``ValueError`` message to a reason of ``REASONS``."""
-    for needle, reason in (
-        ("empty conversation", "empty_conversation"),
-        ("no assistant turn", "no_assistant_turn"),
-        ("placeholder", "placeholder_mismatch"),
-        ("max_length", "too_long"),
-        ("string content", "bad_value"),
-        ("literal token", "bad_value"),
-    ):
-        if needle in message:
-            return reason
-    return "invalid_conversation"
 
 
 def conversation_problems(rec: Record) -> list[tuple[str, str]]:
@@ -119,6 +104,8 @@ def conversation_problems(rec: Record) -> list[tuple[str, str]]:
             out.append(("placeholder_mismatch", f"{IMAGE_TOKEN} in turn {k} ({role}), not a user turn"))
     if not out and "assistant" not in roles:
         out.append(("no_assistant_turn", "nothing to supervise"))
+    if rec.is_caption and not rec.caption.strip():
+        out.append(("empty_text", "the caption is empty or blank"))
     if n_placeholders != len(rec.images):
         out.append(
             (
@@ -136,10 +123,10 @@ def _turn_values(convs: list) -> list[str] | None:
 
 
 def document_text(rec: Record) -> str:
-    """The plain text MoCa trains on (docs/method.md §3): a document's ``text``, or a conversation
-    record's turn contents joined by newlines (placeholders kept). Assumes
-    :func:`document_problems` found nothing."""
-    if rec.is_document:
+    """The plain text MoCa trains on (docs/method.md §3): a document's (or an image–caption
+    record's) ``text``, or a conversation record's turn contents joined by newlines (placeholders
+    kept). Assumes :func:`document_problems` found nothing."""
+    if rec.is_document or rec.is_caption:
         return rec.text
     return "\n".join(_turn_values(rec.conversations) or [])
 
@@ -152,7 +139,7 @@ def document_problems(rec: Record, forbidden: tuple[str, ...] = (MASK_TOKEN,)) -
     vision tokens or any of ``forbidden`` (the mask token), and its ``<image>`` count must equal the
     number of images (docs/method.md §3, §4).
     """
-    if rec.is_document:
+    if rec.is_document or rec.is_caption:
         if not isinstance(rec.text, str):
             return [("bad_value", f"'text' must be a string, got {type(rec.text).__name__}")]
         text = rec.text
@@ -214,8 +201,7 @@ def _image_problems(
                 with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
                     width, height = im.size
         except ImageLoadError as e:
-            reason = "zero_size_image" if "zero size" in str(e) else "unreadable_image"
-            out.append((reason, str(e)))
+            out.append((e.reason, str(e)))
             continue
         except Exception as e:  # header-only mode: whatever PIL raises
             out.append(("unreadable_image", f"{label}: {type(e).__name__}: {e}"))
@@ -250,8 +236,8 @@ def _rendered_length(
         return len(
             render_conversation(record.conversations, tokenizer, tokens, sample_id=record.id).input_ids
         )
-    except ValueError as e:
-        found.append((classify_render_error(str(e)), str(e)))
+    except ConversationError as e:
+        found.append((e.reason, str(e)))
         return None
 
 

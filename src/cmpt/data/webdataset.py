@@ -9,18 +9,29 @@ the member path up to the first ``.`` of its base name; the rest is the member's
     000124.0.jpg     several images: "<n>.<ext>", in the order of n
     000124.1.jpg
 
-Images: when the JSON has an ``image`` (or ``images``) field, it names the members' extensions in
-order (``"png"`` or ``["0.jpg", "1.jpg"]``; a leading ``"<key>."`` is accepted too), and a missing
-member is a bad sample (``missing_image``). Without the field, the images are the member with a
-plain image extension (``png``, ``jpg``, ...) followed by the numbered ones ``<n>.<ext>`` by ``n``.
-The record's id is the JSON ``id`` or ``"<shard file name>/<key>"``.
+Images: when the JSON has an ``image`` (or ``images``) field, each entry names a member: its
+extension (``"png"`` or ``["0.jpg", "1.jpg"]``; a leading ``"<key>."`` is accepted too), or the base
+name of a path kept as written (``"coco/x.jpg"`` → member ``<key>.x.jpg``). Entries that name no
+member — paths of LLaVA records stored verbatim (``"coco/train2017/x.jpg"``) — are the sample's
+image members that no entry named, in member order (the plain image extension, then ``<n>.<ext>``
+by ``n``), when there are exactly as many of them; otherwise the sample is ``missing_image``. So a
+verbatim LLaVA record with one image member always resolves, and one with ``k`` paths resolves
+when it has ``k`` image members (the i-th path is the i-th member). Without the field, the images
+are the member with a plain image extension (``png``, ``jpg``, ...) followed by the numbered ones
+``<n>.<ext>`` by ``n``. The record's id is the JSON ``id`` or ``"<shard file name>/<key>"``.
+
+The ``.json`` member may be in the Hugging Face / TRL chat layout (``messages`` with typed parts,
+:mod:`cmpt.data.chat_layout`); its ``images`` (or inline image parts) resolve to members as above.
 
 Documents (docs/method.md §3): the ``.json`` member may carry ``text`` (with ``<image>``
 placeholders) instead of ``conversations``; its images are found as above. A sample without a
-``.json`` member but with a ``.txt`` one (UTF-8) is a document too — an image–caption pair when it
-has one image member (the caption gets a leading ``"<image>\\n"`` unless it already holds the
-placeholder), a text-only passage when it has none — and so is a sample whose ``.json`` has neither
-``text`` nor ``conversations`` (metadata only, as caption shards often store) next to a ``.txt``.
+``.json`` member but with a ``.txt`` one (UTF-8) is read from the ``.txt`` — and so is a sample
+whose ``.json`` has neither ``text`` nor ``conversations`` (metadata only, as img2dataset and
+open_clip write): with one image member and no ``<image>`` in the text it is an **image–caption
+pair** (``Record.caption``): a one-turn caption conversation for CoMP (user ``"<image>\n" +
+data.caption_prompt``, assistant the caption, :func:`cmpt.data.chat_layout.caption_conversation`)
+and the document ``"<image>\n" + caption`` for MoCa; otherwise a document (a text-only passage
+when it has no image).
 
 Contrastive pairs (docs/method.md §3, :mod:`cmpt.data.pairs`): a ``.json`` member with the pair keys
 (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``,
@@ -50,6 +61,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmpt.data.chat_layout import caption_conversation, messages_to_conversations
 from cmpt.data.sources import PAIR_KEYS, RECORD_KEYS, BadSample, Record
 from cmpt.vlm.chat import IMAGE_TOKEN
 
@@ -151,10 +163,14 @@ def _nonzero_after(fh: Any, pos: int) -> bool:
     return False
 
 
-def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterator[RawSample]:
+def iter_tar(
+    path: str, offset: int = 0, *, limit: int | None = None, read_data: bool = True
+) -> Iterator[RawSample]:
     """Raw samples of shard ``path`` from the sample starting at byte ``offset`` (streaming, seekable).
 
-    ``limit``: stop after that many samples. Directories, links and other non-files are ignored.
+    ``limit``: stop after that many samples. ``read_data=False``: members are listed with empty
+    contents (headers only: an index of the samples' offsets). Directories, links and other
+    non-files are ignored.
     """
     with _open_file(path) as fh:
         pos = offset
@@ -187,7 +203,7 @@ def iter_tar(path: str, offset: int = 0, *, limit: int | None = None) -> Iterato
                         return
                 if cur is None:
                     cur = RawSample(key, offset=start)
-                data = tf.extractfile(member)
+                data = tf.extractfile(member) if read_data else None
                 cur.members[ext] = data.read() if data is not None else b""
         except (tarfile.TarError, OSError, EOFError) as e:
             if in_header and cur is not None:  # the sample before the bad header is complete
@@ -221,42 +237,73 @@ def _image_extensions(members: dict[str, bytes]) -> list[str]:
     return single + [e for _, e in sorted(numbered)]
 
 
-def _txt_document(raw: RawSample, rid: str, origin: str, n_images: int) -> str:
-    """The text of a ``.txt`` document member; one image and no placeholder: a caption."""
+def _txt_document(raw: RawSample, rid: str, origin: str, n_images: int) -> tuple[str, str | None]:
+    """``(text, caption)`` of a ``.txt`` member: the document text, and — one image and no
+    placeholder in the text: an image–caption pair — the caption (else ``None``)."""
     try:
         text = raw.members["txt"].decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadSample(rid, "bad_value", f"{origin}.txt is not UTF-8 ({e})") from None
     if n_images == 1 and IMAGE_TOKEN not in text:
-        text = IMAGE_TOKEN + "\n" + text
-    return text
+        return IMAGE_TOKEN + "\n" + text, text.strip()
+    return text, None
+
+
+def _member_for(entry: str, base: str, members: dict[str, bytes]) -> str | None:
+    """The extension of the member ``entry`` names: ``entry`` itself, without a leading ``"<key>."``,
+    or the base name of a path (``"coco/x.jpg"`` → member ``"<key>.x.jpg"``)."""
+    own = entry[len(base) + 1 :] if entry.startswith(base + ".") else entry
+    for ext in (own, entry.rsplit("/", 1)[-1]):
+        if ext in members:
+            return ext
+    return None
+
+
+def _resolve_images(listed: list[str], raw: RawSample, base: str, rid: str, origin: str) -> list[str]:
+    """The members of the entries of an ``image`` / ``images`` field (see the module docstring):
+    entries naming a member first; the others (paths, as LLaVA records keep them) are the image
+    members no entry named, in order, when there are as many; else ``missing_image``."""
+    exts = [_member_for(e, base, raw.members) for e in listed]
+    unnamed = [i for i, e in enumerate(exts) if e is None]
+    if unnamed:
+        free = [e for e in _image_extensions(raw.members) if e not in exts]
+        if len(free) != len(unnamed):
+            raise BadSample(
+                rid, "missing_image", f"{origin}: no member for {[listed[i] for i in unnamed]} "
+                f"({len(free)} image member(s) left for {len(unnamed)} path(s); has {sorted(raw.members)})",
+            )  # fmt: skip
+        for i, e in zip(unnamed, free):
+            exts[i] = e
+    return exts  # type: ignore[return-value]
+
+
+def _load_json(raw: RawSample, default_id: str, origin: str) -> dict[str, Any]:
+    if "json" not in raw.members:
+        if "txt" in raw.members:
+            return {}
+        raise BadSample(
+            default_id, "missing_key", f"{origin}: no .json or .txt member (has {sorted(raw.members)})"
+        )
+    try:
+        obj = json.loads(raw.members["json"].decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample(default_id, "invalid_json", f"{origin}.json: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadSample(default_id, "invalid_json", f"{origin}.json is a {type(obj).__name__}, not an object")
+    return obj
 
 
 def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
     """The :class:`Record` of a raw sample (images as bytes); ``BadSample`` for a missing or invalid
-    ``.json`` member (without a ``.txt`` one), an unreadable shard or an image field naming a
-    missing member."""
+    ``.json`` member (without a ``.txt`` one), an unreadable shard, an unreadable chat-layout record
+    or an image field whose entries have no member."""
     base = raw.key.rsplit("/", 1)[-1]
     default_id = f"{shard_name}/{raw.key}" if raw.key else f"{shard_name}@{raw.offset}"
     origin = f"{shard_name}:{raw.key}"
     if raw.error:
         raise BadSample(default_id, "corrupt_archive", f"{shard_name} unreadable from byte {raw.offset}: "
                         f"{raw.error}; the rest of the shard is skipped")  # fmt: skip
-    if "json" in raw.members:
-        try:
-            obj = json.loads(raw.members["json"].decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadSample(default_id, "invalid_json", f"{origin}.json: {e}") from None
-        if not isinstance(obj, dict):
-            raise BadSample(
-                default_id, "invalid_json", f"{origin}.json is a {type(obj).__name__}, not an object"
-            )
-    elif "txt" in raw.members:
-        obj = {}
-    else:
-        raise BadSample(
-            default_id, "missing_key", f"{origin}: no .json or .txt member (has {sorted(raw.members)})"
-        )
+    obj = _load_json(raw, default_id, origin)
     rid = obj.get("id")
     rid = default_id if rid is None or rid == "" else str(rid)
     if obj.get("conversations") is None and obj.get("text") is None and any(k in obj for k in PAIR_KEYS[:4]):
@@ -266,25 +313,27 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
         meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
         return Record(rid, [], None, meta, index, "", origin, None, named)
     field_name = "image" if "image" in obj else "images" if "images" in obj else None
-    if field_name is None:
+    listed = obj.get(field_name) if field_name else None
+    listed = [] if listed is None else [listed] if isinstance(listed, str) else listed
+    convs = obj.get("conversations")
+    if convs is None and obj.get("messages") is not None:  # the HF / TRL chat layout
+        convs, listed = messages_to_conversations(obj["messages"], listed, rid)
+    if field_name is None and not listed:
         exts = _image_extensions(raw.members)
+    elif not isinstance(listed, list) or not all(isinstance(e, str) and e for e in listed):
+        raise BadSample(
+            rid, "bad_value", f"{origin}: '{field_name or 'image'}' must name members or image paths"
+        )
     else:
-        spec = obj[field_name]
-        spec = [] if spec is None else [spec] if isinstance(spec, str) else spec
-        if not isinstance(spec, list) or not all(isinstance(e, str) and e for e in spec):
-            raise BadSample(rid, "bad_value", f"{origin}: '{field_name}' must name member extensions")
-        exts = [e[len(base) + 1 :] if e.startswith(base + ".") else e for e in spec]
-        missing = [e for e in exts if e not in raw.members]
-        if missing:
-            raise BadSample(
-                rid, "missing_image", f"{origin}: no member {missing} (has {sorted(raw.members)})"
-            )
-    text = obj.get("text")
-    if text is None and obj.get("conversations") is None and "txt" in raw.members:
-        text = _txt_document(raw, rid, origin, len(exts))
+        exts = _resolve_images(listed, raw, base, rid, origin)
+    text, caption = obj.get("text"), None
+    if text is None and convs is None and "txt" in raw.members:
+        text, caption = _txt_document(raw, rid, origin, len(exts))
+        if caption is not None:  # an image–caption pair: a conversation for CoMP, a document for MoCa
+            convs = caption_conversation(caption)
     meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
     images: list[Any] = [raw.members[e] for e in exts]
-    return Record(rid, images, obj.get("conversations"), meta, index, "", origin, text)
+    return Record(rid, images, convs, meta, index, "", origin, text, caption=caption)
 
 
 class ShardList:

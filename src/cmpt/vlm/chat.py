@@ -20,10 +20,12 @@ How it is done, and the decisions taken:
   only). Consecutive turns of the same role are **merged** (joined with a newline). The conversation's
   own system turn wins over the ``system`` argument, which is a default. With neither, the template
   decides (the tiny tokenizer mirrors Qwen2.5 and inserts "You are a helpful assistant.").
-* **Errors** (``ValueError`` naming the sample): empty conversation, no assistant turn, ``<image>``
-  outside user turns, a number of ``<image>`` placeholders different from the number of images
-  (also when a sample has images but no placeholder: the data checker reports it, nothing is
-  guessed), literal vision tokens in the text, vision tokens missing from the tokenizer.
+* **Errors** (:class:`ConversationError`, a ``ValueError`` naming the sample and carrying its
+  bad-sample ``reason`` of :data:`cmpt.data.sources.REASONS`, docs/method.md §4): empty
+  conversation, no assistant turn, ``<image>`` outside user turns, a number of ``<image>``
+  placeholders different from the number of images (also when a sample has images but no
+  placeholder: the data checker reports it, nothing is guessed), literal vision tokens in the text,
+  vision tokens missing from the tokenizer.
 * **Truncation.** ``max_length`` drops tokens from the end, but a sample always keeps *all* its
   images: if the cut would fall inside or before an image's span, ``ValueError`` (raise the text
   length or lower ``max_pixels``). A truncated sample may end up with no supervised token.
@@ -49,6 +51,18 @@ VISION_TOKENS = (VISION_START, IMAGE_PAD, VISION_END)
 MASK_TOKEN = "<|mask|>"  # MoCa's MLM corruption token (docs/method.md §3)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class ConversationError(ValueError):
+    """A conversation (or text) that cannot be rendered; ``reason`` is its bad-sample reason, one of
+    :data:`cmpt.data.sources.REASONS` (docs/method.md §4), so callers never read the message."""
+
+    def __init__(self, message: str, reason: str = "invalid_conversation") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (ConversationError, (str(self), self.reason))
 
 
 @dataclass
@@ -105,7 +119,7 @@ def ensure_mask_token(tokenizer, token: str = MASK_TOKEN) -> int:
 def _vision_ids(tokenizer) -> tuple[int, int, int]:
     ids = tuple(_single_id(tokenizer, t) for t in VISION_TOKENS)
     if any(i is None for i in ids):
-        raise ValueError(
+        raise ConversationError(
             "the tokenizer lacks the vision tokens "
             f"{VISION_TOKENS}; call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) and then "
             "model.resize_token_embeddings(len(tokenizer))"
@@ -116,26 +130,30 @@ def _vision_ids(tokenizer) -> tuple[int, int, int]:
 def _normalize(conversations: list[dict], system: str | None, sample_id: str) -> list[dict]:
     """LLaVA or role/content turns → merged ``{"role", "content"}`` messages; validates roles."""
     if not conversations:
-        raise ValueError(f"sample {sample_id}: empty conversation")
+        raise ConversationError(f"sample {sample_id}: empty conversation", "empty_conversation")
     msgs: list[dict] = []
     for k, turn in enumerate(conversations):
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if role not in _ROLES or not isinstance(content, str):
-            raise ValueError(
+            raise ConversationError(
                 f"sample {sample_id}: turn {k} must have a role in {sorted(_ROLES)} and a string "
-                f"content, got role={role!r}, content type {type(content).__name__}"
+                f"content, got role={role!r}, content type {type(content).__name__}",
+                "bad_value",
             )
         role = _ROLES[role]
         if role == "system" and msgs:
-            raise ValueError(f"sample {sample_id}: a system turn is only allowed first (turn {k})")
+            raise ConversationError(f"sample {sample_id}: a system turn is only allowed first (turn {k})")
         for tok in VISION_TOKENS:
             if tok in content:
-                raise ValueError(f"sample {sample_id}: turn {k} contains the literal token {tok}")
+                raise ConversationError(
+                    f"sample {sample_id}: turn {k} contains the literal token {tok}", "bad_value"
+                )
         if role != "user" and IMAGE_TOKEN in content:
-            raise ValueError(
+            raise ConversationError(
                 f"sample {sample_id}: {IMAGE_TOKEN} in turn {k} ({role}); "
-                "image placeholders belong in user turns"
+                "image placeholders belong in user turns",
+                "placeholder_mismatch",
             )
         if msgs and msgs[-1]["role"] == role:
             msgs[-1]["content"] += "\n" + content
@@ -144,19 +162,22 @@ def _normalize(conversations: list[dict], system: str | None, sample_id: str) ->
     if system is not None and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f"sample {sample_id}: no assistant turn, nothing to supervise")
+        raise ConversationError(
+            f"sample {sample_id}: no assistant turn, nothing to supervise", "no_assistant_turn"
+        )
     return msgs
 
 
 def _check_placeholders(n_placeholders: int, num_image_tokens: list[int], sample_id: str) -> None:
     if n_placeholders != len(num_image_tokens):
-        raise ValueError(
+        raise ConversationError(
             f"sample {sample_id}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the conversation "
             f"but {len(num_image_tokens)} image(s); put exactly one {IMAGE_TOKEN} per image in the "
-            "user turns (in image order), or fix the sample's image list"
+            "user turns (in image order), or fix the sample's image list",
+            "placeholder_mismatch",
         )
     if any(int(n) < 1 for n in num_image_tokens):
-        raise ValueError(f"sample {sample_id}: every image needs >= 1 token, got {num_image_tokens}")
+        raise ConversationError(f"sample {sample_id}: every image needs >= 1 token, got {num_image_tokens}")
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -186,7 +207,7 @@ def _expand_images(
     start_id, pad_id, end_id = _vision_ids(tokenizer)
     pos = (ids == pad_id).nonzero().flatten()
     if len(pos) != len(num_image_tokens):
-        raise ValueError(
+        raise ConversationError(
             f"sample {sample_id}: the rendered text has {len(pos)} {IMAGE_PAD} tokens for "
             f"{len(num_image_tokens)} images (does the chat template alter message contents?)"
         )
@@ -196,7 +217,9 @@ def _expand_images(
         or (ids[pos - 1] != start_id).any()
         or (ids[pos + 1] != end_id).any()
     ):
-        raise ValueError(f"sample {sample_id}: an image span is not {VISION_START}{IMAGE_PAD}{VISION_END}")
+        raise ConversationError(
+            f"sample {sample_id}: an image span is not {VISION_START}{IMAGE_PAD}{VISION_END}"
+        )
     # Concatenate slices and constant blocks: no parallel kernel involved, so this stays in the
     # microseconds even on a busy CPU (repeat_interleave can stall for milliseconds there).
     id_parts: list[torch.Tensor] = []
@@ -252,7 +275,7 @@ def render_conversation(
         through = _apply_template(tokenizer, msgs[: i + 1], add_generation_prompt=False)
         last = cuts[-1][1] if cuts else 0
         if not (full.startswith(before) and full.startswith(through) and last <= len(before) <= len(through)):
-            raise ValueError(
+            raise ConversationError(
                 f"sample {sample_id}: the chat template is not prefix-stable at turn {i} (rendering the "
                 "conversation up to an assistant turn is not a prefix of rendering all of it); cmpt "
                 "needs templates that do not rewrite earlier turns"
@@ -289,10 +312,11 @@ def render_conversation(
         if num_image_tokens:
             last_end = int((input_ids == _vision_ids(tokenizer)[2]).nonzero().max()) + 1
             if last_end > max_length:
-                raise ValueError(
+                raise ConversationError(
                     f"sample {sample_id}: {len(input_ids)} tokens, and its images end at token "
                     f"{last_end} > max_length={max_length}; images are never cut: raise max_length "
-                    "or lower the image resolution (max_pixels)"
+                    "or lower the image resolution (max_pixels)",
+                    "too_long",
                 )
         input_ids, label_ids, truncated = input_ids[:max_length], label_ids[:max_length], True
 
@@ -339,7 +363,9 @@ def encode_text_with_images(
     """
     for tok in VISION_TOKENS:
         if tok in text:
-            raise ValueError(f"sample {sample_id}: the text contains the literal token {tok}")
+            raise ConversationError(
+                f"sample {sample_id}: the text contains the literal token {tok}", "bad_value"
+            )
     _check_placeholders(text.count(IMAGE_TOKEN), num_image_tokens, sample_id)
     ids = torch.tensor(tokenizer(_single_pads(text), add_special_tokens=False)["input_ids"], dtype=torch.long)
     return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, sample_id)[0]
@@ -387,6 +413,7 @@ __all__ = [
     "VISION_END",
     "VISION_START",
     "VISION_TOKENS",
+    "ConversationError",
     "RenderedSample",
     "caption_ids",
     "collate_rendered",

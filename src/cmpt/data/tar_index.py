@@ -1,0 +1,109 @@
+"""A map-style view of tar shards, so they mix with JSON and Hugging Face datasets (docs/method.md §4).
+
+Tar shards are streamed (:mod:`cmpt.data.streaming`) when they are the whole data. In a mixture
+that also has map-style members (LLaVA JSON/JSONL, Hugging Face datasets), the shards are opened as
+a :class:`TarIndexSource` instead: each shard is scanned once, headers only, for the byte offset of
+every sample (:func:`cmpt.data.webdataset.iter_tar` with ``read_data=False``), and
+``source[i]`` reads sample ``i`` back at its offset (:func:`cmpt.data.webdataset.read_sample_at`)
+and decodes it as the stream would (:func:`cmpt.data.webdataset.decode_sample`: the same records,
+ids and bad-sample reasons). A shard that stops being readable keeps the samples before the damage
+and one ``corrupt_archive`` entry for the rest, as the stream does.
+
+The offsets are cached by content under ``cache_root()/tar_index/`` (``$CMPT_CACHE``): the key hashes
+the shards' paths, sizes and modification times, so a changed shard is scanned again; writers
+coordinate as the length cache's do (:func:`cmpt.data.length_cache.load_or_build`). Random access
+to gzipped shards decompresses from the start of the shard at every read: prefer plain ``.tar``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmpt.data import length_cache as LC
+from cmpt.data.sources import Record
+from cmpt.data.webdataset import RawSample, ShardList, decode_sample, iter_tar, read_sample_at
+
+__all__ = ["TarIndexSource", "tar_index_dir"]
+
+VERSION = 1
+
+
+def tar_index_dir() -> Path:
+    """Where shard offsets are cached: ``cache_root()/tar_index``."""
+    from cmpt.recipes.paths import cache_root
+
+    return cache_root() / "tar_index"
+
+
+def _scan_shard(path: str) -> list[Any]:
+    """``[offset, key, error]`` of every sample of one shard, headers only. When the shard ends in
+    damage, the sample before it is read whole: if its data is cut too, it becomes the one
+    ``corrupt_archive`` entry, as in the stream (headers alone do not show a truncated member)."""
+    entries = [[raw.offset, raw.key, raw.error] for raw in iter_tar(path, read_data=False)]
+    if len(entries) > 1 and entries[-1][2] and not entries[-2][2]:
+        last = read_sample_at(path, entries[-2][0])
+        if last.error:
+            entries[-2:] = [[last.offset, last.key, last.error]]
+    return entries
+
+
+class TarIndexSource:
+    """Map-style tar shards (see the module docstring); ``source[i] -> Record`` or ``BadSample``.
+
+    ``shards``: a :class:`~cmpt.data.webdataset.ShardList` or what it accepts (a list, glob, brace
+    pattern or directory). ``cache_dir``: where offsets are cached (``""``: :func:`tar_index_dir`;
+    ``None``: not cached).
+    """
+
+    def __init__(
+        self, shards: ShardList | str | os.PathLike | list, cache_dir: str | os.PathLike | None = ""
+    ) -> None:
+        self.shards = shards if isinstance(shards, ShardList) else ShardList(shards)
+        self.path = self.shards.path
+        key = hashlib.sha256(
+            json.dumps({"version": VERSION, **self.shards.fingerprint()}, sort_keys=True).encode()
+        ).hexdigest()
+        directory = tar_index_dir() if cache_dir == "" else cache_dir
+        file = Path(directory) / f"tar-index-{key[:20]}.json" if directory is not None else None
+
+        def build(beat: Any) -> dict[str, Any]:
+            out = []
+            for p in self.shards.paths:
+                out.append(_scan_shard(p))
+                beat()
+            return {"records": out}
+
+        per_shard = LC.load_or_build(file, key, len(self.shards), build)[0]["records"]
+        self._shard = np.concatenate(
+            [np.full(len(s), k, dtype=np.int32) for k, s in enumerate(per_shard)] or [np.zeros(0, np.int32)]
+        )
+        self._offset = np.asarray([e[0] for s in per_shard for e in s], dtype=np.int64)
+        entries = [e for s in per_shard for e in s]
+        self._errors = {i: (e[1], e[2]) for i, e in enumerate(entries) if e[2]}
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def __getitem__(self, i: int) -> Record:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} samples in {self.path}")
+        i %= n
+        k, offset = int(self._shard[i]), int(self._offset[i])
+        if i in self._errors:  # raises the corrupt_archive BadSample the stream reports
+            key, error = self._errors[i]
+            return decode_sample(RawSample(key, offset=offset, error=error), self.shards.names[k], i)
+        return decode_sample(read_sample_at(self.shards.paths[k], offset), self.shards.names[k], i)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The shards' paths, sizes and modification times."""
+        return self.shards.fingerprint()
+
+    def __repr__(self) -> str:
+        return f"TarIndexSource({self.path!r}, shards={len(self.shards)}, samples={len(self)})"

@@ -1,0 +1,448 @@
+"""Data layouts users already have (docs/data.md): each round-trips through `cmpt data check` — clean
+data → 0 bad, one deliberately broken record → counted with the right reason — and builds the same
+samples as its LLaVA original. The 2-step training runs are in test_layouts_train.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from broken_corpus import tiny_processor, tiny_tokenizer
+from cmpt.cli import main as cli_main
+from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT, caption_conversation, messages_to_conversations
+from cmpt.data.convert import write_tar_samples
+from cmpt.data.hf_source import HFSource
+from cmpt.data.hub_layout import parquet_files
+from cmpt.data.mixture import MixtureSource, load_mixture
+from cmpt.data.pipeline import SampleBuilder
+from cmpt.data.sources import REASONS, BadSample, LlavaSource, open_source, source_kind
+from cmpt.data.tar_index import TarIndexSource
+from cmpt.data.webdataset import RawSample, ShardList, decode_sample, iter_tar
+from cmpt.demo.synthetic import generate
+from cmpt.vlm.chat import ConversationError, render_conversation
+
+datasets = pytest.importorskip("datasets")
+
+N = 6  # clean records per layout
+ROLE = {"human": "user", "gpt": "assistant"}
+
+
+# -- writers: the LLaVA records of a synthetic set, in each layout -------------------------------
+def to_messages(convs: list[dict]) -> list[dict]:
+    """LLaVA turns → chat-layout messages with typed parts (an image part where each <image> was)."""
+    out = []
+    for t in convs:
+        parts: list[dict] = []
+        for i, piece in enumerate(t["value"].split("<image>")):
+            if i:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": ROLE[t["from"]], "content": parts})
+    return out
+
+
+def _png(root: Path, rec: dict) -> bytes:
+    return (root / rec["image"]).read_bytes()
+
+
+def _jpeg(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+_FEATURES = {
+    "id": {"dtype": "string", "_type": "Value"},
+    "messages": [{"role": {"dtype": "string", "_type": "Value"},
+                  "content": [{"type": {"dtype": "string", "_type": "Value"},
+                               "text": {"dtype": "string", "_type": "Value"}}]}],
+    "images": [{"_type": "Image"}],
+}  # fmt: skip
+
+
+def _hf_rows(root: Path, records: list[dict], bad: dict | None) -> datasets.Dataset:
+    rows = [
+        {
+            "id": r["id"],
+            "messages": to_messages(r["conversations"]),
+            "images": [{"bytes": _png(root, r), "path": None}],
+        }
+        for r in records
+    ]
+    if bad is not None:
+        rows.append(bad)
+    return datasets.Dataset.from_list(rows, features=datasets.Features.from_dict(_FEATURES))
+
+
+def _bad_hf(root: Path, rec: dict, kind: str) -> dict:
+    img = [{"bytes": _png(root, rec), "path": None}]
+    if kind == "audio":  # an unsupported part type
+        content = [{"type": "audio", "text": None}, {"type": "text", "text": "Hear it?"}]
+    else:  # two image parts, one image
+        content = [
+            {"type": "image", "text": None},
+            {"type": "image", "text": None},
+            {"type": "text", "text": "Two?"},
+        ]
+    msgs = [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]},
+    ]
+    return {"id": "bad", "messages": msgs, "images": img}
+
+
+def write_layout(kind: str, root: Path, broken: bool) -> tuple[str, str | None]:
+    """``(path, reason)``: ``kind``'s data under ``root`` (N clean records, plus one bad one when
+    ``broken``) and the reason the bad one must be reported with."""
+    records = json.loads((root / "train.json").read_text())[:N]
+    tag = "broken" if broken else "clean"
+    out = root / tag
+    out.mkdir(exist_ok=True)
+    if kind in ("chat_json", "chat_jsonl"):
+        rows = [
+            {"id": r["id"], "messages": to_messages(r["conversations"]), "images": [r["image"]]}
+            for r in records
+        ]
+        inline = to_messages(records[0]["conversations"])  # the image inline in its part
+        inline[0]["content"][0] = {"type": "image", "image": records[0]["image"]}
+        rows.append({"id": "inline", "messages": inline})
+        rows.append({"id": "plain", "messages": [{"role": "user", "content": "Say hi."},
+                                                 {"role": "assistant", "content": "hi"}]})  # fmt: skip
+        if broken and kind == "chat_json":  # an unsupported part type
+            rows.append({"id": "bad", "messages": [
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
+                {"role": "assistant", "content": "Nothing."}]})  # fmt: skip
+        if broken and kind == "chat_jsonl":  # an image in an assistant turn
+            answer = [{"type": "image"}, {"type": "text", "text": "Here."}]
+            rows.append({"id": "bad", "images": [records[1]["image"]], "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Draw it."}]},
+                {"role": "assistant", "content": answer}]})  # fmt: skip
+        path = root / f"{tag}_{kind}.{kind[5:]}"  # next to images/: paths resolve from the file's directory
+        text = json.dumps(rows) if kind == "chat_json" else "\n".join(json.dumps(r) for r in rows) + "\n"
+        path.write_text(text)
+        return str(path), "bad_value" if kind == "chat_json" else "placeholder_mismatch"
+    if kind == "chat_hf_disk":
+        _hf_rows(root, records, _bad_hf(root, records[0], "audio") if broken else None).save_to_disk(
+            out / kind
+        )
+        return str(out / kind), "bad_value"
+    if kind == "chat_hf_parquet":
+        (out / kind).mkdir(exist_ok=True)
+        _hf_rows(root, records, _bad_hf(root, records[0], "two") if broken else None).to_parquet(
+            out / kind / "data-00000.parquet"
+        )
+        return str(out / kind), "placeholder_mismatch"
+    if kind in ("split", "hub_root"):  # a hub snapshot: data/<split>-*.parquet, or <config>/<split>-*.parquet
+        hub = out / kind
+        folder = hub / ("data" if kind == "split" else "en")
+        folder.mkdir(parents=True, exist_ok=True)
+        _hf_rows(root, records[:2], None).to_parquet(folder / "validation-00000-of-00001.parquet")
+        bad = _bad_hf(root, records[0], "two") if broken else None
+        name = "test" if kind == "split" else "train"
+        _hf_rows(root, records, bad).to_parquet(folder / f"{name}-00000-of-00001.parquet")
+        (hub / "README.md").write_text("---\nlicense: mit\n---\n")
+        return str(hub) + ("#test" if kind == "split" else ""), "placeholder_mismatch"
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    if kind == "chat_tar":
+        for r in records:
+            obj = {"id": r["id"], "messages": to_messages(r["conversations"])}
+            samples.append((r["id"], {"json": json.dumps(obj).encode(), "png": _png(root, r)}))
+        if broken:  # a text part without text
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text"}]},
+                    {"role": "assistant", "content": "x"}]  # fmt: skip
+            samples.append(
+                ("bad", {"json": json.dumps({"messages": msgs}).encode(), "png": _png(root, records[0])})
+            )
+        reason = "bad_value"
+    elif kind == "llava_tar":  # LLaVA records verbatim: "image" is the original path
+        samples = [
+            (f"{i:06d}", {"json": json.dumps(r).encode(), "png": _png(root, r)})
+            for i, r in enumerate(records)
+        ]
+        if broken:  # two image paths, one image member
+            bad = {**records[0], "id": "bad", "image": ["coco/a.png", "coco/b.png"]}
+            samples.append(("bad", {"json": json.dumps(bad).encode(), "png": _png(root, records[0])}))
+        reason = "missing_image"
+    elif kind == "caption_tar":  # img2dataset: jpg + txt + metadata json
+        for i, r in enumerate(records):
+            meta = {"key": f"{i:09d}", "url": f"http://example.com/{i}.jpg", "status": "success",
+                    "caption": r["conversations"][1]["value"], "width": 64, "height": 64}  # fmt: skip
+            samples.append((f"{i:09d}", {"jpg": _jpeg(_png(root, r)), "txt": meta["caption"].encode(),
+                                         "json": json.dumps(meta).encode()}))  # fmt: skip
+        if broken:  # an empty caption
+            samples.append(("bad", {"jpg": _jpeg(_png(root, records[0])), "txt": b"  \n"}))
+        reason = "empty_text"
+    elif kind == "mixture":  # JSON + tar shards + a split of a hub dataset
+        members = [
+            {"path": write_layout("chat_json", root, False)[0]},
+            {"path": write_layout("llava_tar", root, broken)[0], "weight": 2, "id_prefix": "tar/"},
+            {
+                "path": write_layout("split", root, False)[0].split("#")[0],
+                "split": "test",
+                "sampling": "first:3",
+                "id_prefix": "hub/",
+            },
+        ]
+        path = root / f"{tag}_mix.yaml"
+        path.write_text(yaml.safe_dump({"seed": 0, "datasets": members}))
+        return str(path), "missing_image"
+    else:
+        raise ValueError(kind)
+    (out / kind).mkdir(exist_ok=True)
+    write_tar_samples(str(out / kind / "shard-000000.tar"), samples)
+    return str(out / kind), reason
+
+
+KINDS = [
+    "chat_json", "chat_jsonl", "chat_hf_disk", "chat_hf_parquet", "chat_tar", "llava_tar", "caption_tar",
+    "mixture", "split", "hub_root",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("layouts")
+    generate("scenes", N, root, seed=0, split="train")
+    return root
+
+
+def _check(path: str, tmp_path: Path) -> tuple[int, list[dict]]:
+    out = tmp_path / "bad.jsonl"
+    rc = cli_main(["data", "check", path, "--out", str(out)])
+    return rc, [json.loads(x) for x in out.read_text().splitlines()]
+
+
+# -- data check: clean → 0 bad, broken → its reason --------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_data_check_round_trip(kind, root, tmp_path):
+    clean, _ = write_layout(kind, root, broken=False)
+    rc, bad = _check(clean, tmp_path)
+    assert rc == 0 and bad == [], bad
+    broken, reason = write_layout(kind, root, broken=True)
+    rc, bad = _check(broken, tmp_path)
+    copies = 2 if kind == "mixture" else 1  # the tar member has weight 2
+    assert rc == 1 and len(bad) == copies and all(b["reasons"] == [reason] for b in bad), bad
+    assert reason in REASONS
+
+
+def _built(source, n: int) -> list:
+    builder = SampleBuilder(tiny_processor(), tiny_tokenizer(), max_text_tokens=4096, shuffle_caption=False)
+    return [builder.build(source[i]) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "kind", ["chat_json", "chat_jsonl", "chat_hf_disk", "chat_hf_parquet", "chat_tar", "llava_tar"]
+)
+def test_chat_and_tar_layouts_build_the_llava_samples(kind, root):
+    """The same ids, token ids and patches as the LLaVA JSON the records came from."""
+    ref = _built(LlavaSource(root / "train.json"), N)
+    path, _ = write_layout(kind, root, broken=False)
+    src = open_source(path)
+    src = TarIndexSource(src, cache_dir=None) if isinstance(src, ShardList) else src
+    for a, b in zip(ref, _built(src, N), strict=True):
+        assert (a.id, a.grids) == (b.id, b.grids) and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.patches, b.patches)
+
+
+def test_chat_layout_details(root):
+    path, _ = write_layout("chat_jsonl", root, broken=False)
+    src = LlavaSource(path)
+    inline, plain = src[N], src[N + 1]
+    assert inline.images == [json.loads((root / "train.json").read_text())[0]["image"]]
+    assert inline.conversations[0]["content"].startswith("<image>\n") and plain.images == []
+    assert "messages" not in inline.meta
+    # parts concatenate without separator; null fields (Arrow structs) are absent fields
+    parts = [
+        {"type": "text", "text": "A", "image": None},
+        {"type": "image", "text": None},
+        {"type": "text", "text": "B"},
+    ]
+    msgs = [{"role": "user", "content": parts}, {"role": "assistant", "content": "C"}]
+    assert messages_to_conversations(msgs, ["x.png"], "r")[0][0]["content"] == "A<image>B"
+    assert messages_to_conversations(json.dumps(msgs), ["x.png"], "r")[1] == ["x.png"]
+    for bad, needle in [
+        ({"messages": "not json"}, "not valid JSON"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]}, "image_url"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "url": "http://x/a.png"}]}]},
+            "not downloaded",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}],
+                "images": ["b.png"],
+            },
+            "use one",
+        ),
+        ({"messages": [{"role": "user", "content": ["text"]}]}, "not an object"),
+    ]:
+        with pytest.raises(BadSample, match=needle) as e:
+            messages_to_conversations(bad["messages"], bad.get("images", []), "r")
+        assert e.value.reason == "bad_value"
+    # a record with both keeps its LLaVA conversations
+    both = {"id": "b", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            "messages": [{"role": "user", "content": [{"type": "video"}]}]}  # fmt: skip
+    (root / "both.jsonl").write_text(json.dumps(both) + "\n")
+    assert LlavaSource(root / "both.jsonl")[0].conversations == both["conversations"]
+
+
+# -- LLaVA records verbatim in tar shards -------------------------------------------------------
+def _decode(obj: dict, members: dict[str, bytes]):
+    return decode_sample(RawSample("000007", {"json": json.dumps(obj).encode(), **members}), "s.tar")
+
+
+def test_tar_image_paths_resolve_to_members():
+    conv = [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}]
+    two = {"0.png": b"A", "1.png": b"B"}
+    assert _decode({"image": ["coco/x.jpg", "coco/y.jpg"], "conversations": conv}, two).images == [b"A", b"B"]
+    # a path whose base name is a member is that member, the others take the rest in order
+    named = {"x.jpg": b"X", "png": b"P"}
+    assert _decode({"image": ["a/png.jpg", "d/x.jpg"], "conversations": conv}, named).images == [b"P", b"X"]
+    assert _decode({"images": ["000007.png", "d/x.jpg"], "conversations": conv}, named).images == [b"P", b"X"]
+    one = _decode({"image": "coco/train2017/000000033471.jpg", "conversations": conv[:1]}, {"jpg": b"J"})
+    assert one.images == [b"J"]
+    with pytest.raises(BadSample, match="no member") as e:
+        _decode({"image": ["a.jpg", "b.jpg"], "conversations": conv}, {"jpg": b"J"})
+    assert e.value.reason == "missing_image"
+    with pytest.raises(BadSample) as e:  # a member extension that is not there stays missing
+        _decode({"image": "png", "conversations": conv}, {})
+    assert e.value.reason == "missing_image"
+
+
+# -- caption shards: CoMP conversations, MoCa documents ------------------------------------------
+def test_caption_records_are_conversations_for_comp_and_documents_for_moca(root):
+    from cmpt.data.documents import DocumentBuilder
+    from cmpt.data.validate import document_text
+
+    path, _ = write_layout("caption_tar", root, broken=False)
+    rec = next(ShardList(path).iter_records())
+    caption = json.loads((root / "train.json").read_text())[0]["conversations"][1]["value"]
+    assert rec.is_caption and rec.caption == caption and rec.meta["url"].startswith("http")
+    assert rec.conversations == caption_conversation(caption) and not rec.is_document
+    assert document_text(rec) == "<image>\n" + caption  # MoCa reads the document, as before
+    tok = tiny_tokenizer()
+    moca = DocumentBuilder(tiny_processor(), tok, max_text_tokens=512, masking=False).build(rec)
+    assert tok.decode(moca.input_ids).endswith(caption)
+    proc = tiny_processor()
+    for prompt in (DEFAULT_CAPTION_PROMPT, "Caption:"):
+        s = SampleBuilder(proc, tok, caption_prompt=prompt, shuffle_caption=False).build(rec)
+        text = tok.decode(s.input_ids)
+        assert prompt in text and text.index(prompt) < text.index(caption)
+        assert tok.decode(s.labels[s.labels >= 0]).startswith(caption)  # the caption is supervised
+        assert tok.decode(s.caption_ids) == caption  # and is the text of the alignment loss
+    from cmpt.data.config import DataConfig
+
+    with pytest.raises(ValueError, match="caption_prompt"):
+        DataConfig(caption_prompt="<image> Describe")
+
+
+# -- mixtures of tar shards with map-style sources ------------------------------------------------
+def test_tar_shards_mix_with_json_and_hf(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CMPT_CACHE", str(tmp_path / "cache"))
+    path, _ = write_layout("mixture", root, broken=False)
+    mix = load_mixture(path)
+    assert isinstance(mix, MixtureSource) and mix.member_counts() == [N + 2, 2 * N, 3]
+    ids = [mix[i].id for i in range(len(mix))]
+    assert len(set(ids)) == len(ids) and "tar/scenes-train-000000#1" in ids
+    assert [m.split for m in mix.members] == ["", "", "test"]
+    index = list((tmp_path / "cache" / "tar_index").glob("tar-index-*.json"))
+    assert len(index) == 1  # offsets cached; reopening reads the cache
+    before = index[0].stat().st_mtime_ns
+    assert len(load_mixture(path)) == len(mix) and index[0].stat().st_mtime_ns >= before
+
+
+def test_tar_index_reports_corrupt_shards(root, tmp_path):
+    path, _ = write_layout("chat_tar", root, broken=False)
+    shard = Path(path) / "shard-000000.tar"
+    cut = tmp_path / "cut.tar"
+    offsets = [raw.offset for raw in iter_tar(str(shard))]
+    for at in (offsets[3] + 1500, offsets[3] + 4000):  # inside the json member, inside the png member
+        cut.write_bytes(shard.read_bytes()[:at])
+        _same_as_stream(cut, tmp_path)
+
+
+def _same_as_stream(cut: Path, tmp_path: Path) -> None:
+    src = TarIndexSource(str(cut), cache_dir=tmp_path)
+    reasons = []
+    for i in range(len(src)):
+        try:
+            src[i]
+        except BadSample as e:
+            reasons.append(e.reason)
+    streamed = list(ShardList(str(cut)).iter_records())
+    assert reasons == ["corrupt_archive"] and len(src) == len(streamed) == 4, len(src)
+    assert isinstance(streamed[-1], BadSample) and [r.id for r in streamed[:3]] == [
+        src[i].id for i in range(3)
+    ]
+
+
+# -- hub layouts and splits ----------------------------------------------------------------------
+def test_hub_layouts_and_splits(root, tmp_path):
+    hub, _ = write_layout("split", root, broken=False)
+    base = hub.split("#")[0]
+    assert source_kind(base) == "hf" and source_kind(hub) == "hf"
+    assert len(HFSource(base, split="test")) == N and len(open_source(hub)) == N
+    assert len(open_source(base + "#validation")) == 2
+    with pytest.raises(ValueError, match=r"several splits \['test', 'validation'\]"):
+        HFSource(base)  # no train split: the user must choose
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        open_source(base + "#dev")
+    with pytest.raises(ValueError, match="only to Hugging Face"):
+        open_source(str(root / "train.json") + "#test")
+    cfg, _ = write_layout("hub_root", root, broken=False)
+    assert source_kind(cfg) == "hf" and len(HFSource(cfg)) == N  # train by default
+    assert len(HFSource(cfg, split="validation")) == 2
+    # flat directories: unnamed files all count; <split>/ folders; several configurations
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    (flat / "test").mkdir()
+    for name in ("train/0000.parquet", "test/0000.parquet"):
+        (flat / name).write_bytes(b"")
+    assert [Path(f).parent.name for f in parquet_files(str(flat))] == ["train"]
+    assert [Path(f).parent.name for f in parquet_files(str(flat), "test")] == ["test"]
+    (tmp_path / "two" / "en").mkdir(parents=True)
+    (tmp_path / "two" / "fr").mkdir()
+    for name in ("en/train.parquet", "fr/train.parquet"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="several dataset configurations"):
+        parquet_files(str(tmp_path / "two"))
+    assert len(parquet_files(str(tmp_path / "two" / "fr"))) == 1
+
+
+# -- render errors carry their reason -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "convs, images, max_length, reason",
+    [
+        ([], [], None, "empty_conversation"),
+        ([{"from": "human", "value": "q"}], [], None, "no_assistant_turn"),
+        (
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>"}],
+            [4],
+            None,
+            "placeholder_mismatch",
+        ),
+        (
+            [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}],
+            [],
+            None,
+            "placeholder_mismatch",
+        ),
+        ([{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}], [], None, "bad_value"),
+        ([{"from": "human", "value": "<|image_pad|>"}, {"from": "gpt", "value": "a"}], [], None, "bad_value"),
+        ([{"from": "human", "value": "q <image>"}, {"from": "gpt", "value": "a"}], [64], 8, "too_long"),
+    ],
+)
+def test_render_errors_carry_their_reason(convs, images, max_length, reason):
+    with pytest.raises(ConversationError) as e:
+        render_conversation(convs, tiny_tokenizer(), images, max_length=max_length, sample_id="s")
+    assert e.value.reason == reason and reason in REASONS
+    import pickle
+
+    assert pickle.loads(pickle.dumps(e.value)).reason == reason
