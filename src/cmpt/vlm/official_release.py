@@ -20,13 +20,13 @@ same positions to text-only input).
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cmpt.hub import download_command, is_hub_id
 from cmpt.vision.convert import image_stats
 from cmpt.vision.official_release import (
     TOWER_PREFIX,
@@ -49,7 +49,6 @@ TOKEN_FIELDS = {
     "vision_start_token_id": "vision_start_id",
     "vision_end_token_id": "vision_end_id",
 }
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def _tower_config(path: Path, raw: dict[str, Any], vision_config: str | Path | None) -> tuple[dict, str]:
@@ -66,7 +65,7 @@ def _tower_config(path: Path, raw: dict[str, Any], vision_config: str | Path | N
         )
     if (Path(name) / "config.json").is_file():
         return read_config(name), name
-    if _HUB_ID.fullmatch(name):
+    if is_hub_id(name):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "config.json")
@@ -74,8 +73,8 @@ def _tower_config(path: Path, raw: dict[str, Any], vision_config: str | Path | N
             return read_config(cached), cached
     raise FileNotFoundError(
         f"{path / 'config.json'}: its vision tower {name!r} (custom_visual_model) has no config.json here "
-        f"and none is in the Hugging Face cache; download it (`hf download {name} config.json`) or pass "
-        "its directory with --vision-config DIR (Python: vision_config=DIR)"
+        f"and none is in the Hugging Face cache; download it (`{download_command(name)} config.json`) "
+        "or pass its directory with --vision-config DIR (Python: vision_config=DIR)"
     )
 
 
