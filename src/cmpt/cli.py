@@ -1,6 +1,7 @@
 """The `cmpt` command line (also `python -m cmpt`, so `torchrun -m cmpt train ...` works).
 
-Subcommands: demo · encode · train · export · data {synth, check, vocab-prior} · ckpt {verify}.
+Subcommands: demo · encode · train · export · convert {official} · data {synth, check, vocab-prior} ·
+ckpt {verify}.
 Each subcommand is a thin adapter over a library function; heavy imports happen inside handlers.
 """
 
@@ -97,6 +98,18 @@ def _export(a: argparse.Namespace) -> int:
     vlm = VisionLanguageModel.from_pretrained(a.model)
     out = vlm.export_vit(a.out) if a.vfm_only else vlm.save_pretrained(a.out)
     print(f"exported {'the vision model (CoMP-VFM)' if a.vfm_only else 'the VLM'} of {a.model} -> {out}")
+    return 0
+
+
+def _convert(a: argparse.Namespace) -> int:
+    import torch
+
+    from .vlm.official_release import convert_official
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    kind, out = convert_official(a.src, a.out, vision_config=a.vision_config, dtype=dtype)
+    what = "CoMP-MM VLM -> cmpt VLM directory" if kind == "vlm" else "CoMP-VFM tower -> NativeViT directory"
+    print(f"converted {a.src} ({what}, pos_embed_order: official) -> {out}")
     return 0
 
 
@@ -275,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vfm-only", action="store_true", help="write only the NativeViT (CoMP-VFM)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_export)
+
+    cv = sub.add_parser(
+        "convert", help="convert other checkpoint layouts to cmpt directories"
+    ).add_subparsers(dest="convert_command", required=True)
+    p = cv.add_parser(
+        "official",
+        help="a checkpoint of the CoMP release (CoMP-MM VLM or CoMP-VFM SigLIP/DINOv2 tower, "
+        "SliMM-X/CoMP-MM layout) -> a cmpt VLM / NativeViT directory with pos_embed_order: official",
+    )
+    p.add_argument("src", help="the release's checkpoint directory (e.g. a download of SliMM-X/CoMP-MM-1B)")
+    p.add_argument(
+        "out", help="output directory (loads with VisionLanguageModel / NativeViT.from_pretrained)"
+    )
+    p.add_argument(
+        "--vision-config",
+        default=None,
+        help="CoMP-MM only: the vision tower's directory or config.json, when the one named by the VLM's "
+        "custom_visual_model is not available offline",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the LLM")
+    p.set_defaults(fn=_convert)
 
     ev = sub.add_parser("eval", help="evaluate a ViT or VLM").add_subparsers(
         dest="eval_command", required=True
