@@ -1,4 +1,5 @@
-"""Hugging Face Hub ids in cmpt's loaders, and the one-line error when they cannot be fetched.
+"""Hugging Face Hub ids in cmpt's loaders, and the one-line error when they cannot be fetched
+(docs/method.md §2 "Assembly", §3 "Backbones").
 
 Every path where cmpt hands a model name to the hub (``VisionLanguageModel.build``'s LLM and
 vision checkpoint, ``NativeViT.from_hf``, and the cmpt directories ``NativeViT`` /
