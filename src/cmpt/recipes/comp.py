@@ -176,14 +176,9 @@ class CompTask:
             weights={"lm": 1.0, "align": self.cfg.loss.align_weight},
         )
 
-    def save_final(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
-        """The stage's output: a VLM directory (the next stage's ``model.init``) plus ``vit/`` (CoMP-VFM)."""
-        vlm = self.vlm
-        if state_dict is not None and any(type(p).__name__ == "DTensor" for p in vlm.parameters()):
-            vlm = load_model(
-                self.cfg
-            )  # FSDP2 shards in place: rebuild an unsharded copy for the full weights
-            prefix = "vlm."
-            vlm.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
-        vlm.save_pretrained(out_dir)
-        vlm.export_vit(Path(out_dir) / "vit")
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        """The stage's output: a VLM directory (the next stage's ``model.init``) plus ``vit/`` (CoMP-VFM).
+        Under FSDP2 the trainer has put the gathered full weights into this very module
+        (:mod:`cmpt.train.final_weights`): nothing is rebuilt."""
+        self.vlm.save_pretrained(out_dir)
+        self.vlm.export_vit(Path(out_dir) / "vit")

@@ -246,22 +246,15 @@ class MocaTask:
             weights={"mlm": 1.0, "mae": self.cfg.loss.mae_weight},
         )
 
-    def save_final(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
-        """The stage's output: an Embedder directory (the backbone + ``embedder_config.json``)."""
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        """The stage's output: an Embedder directory (the backbone + ``embedder_config.json``). Under
+        FSDP2 the trainer has put the gathered full weights into this very module
+        (:mod:`cmpt.train.final_weights`): nothing is rebuilt."""
         from ..embed.embedder import Embedder
 
-        backbone = self.backbone
-        if state_dict is not None and any(type(p).__name__ == "DTensor" for p in backbone.parameters()):
-            backbone = load_backbone_for(self.cfg)  # FSDP2 shards in place: an unsharded copy
-            if self.cfg.model.lora_r > 0 and "llm" in self.cfg.stage.trainable:
-                self._add_adapters(backbone)
-            prefix = "backbone."
-            backbone.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            )
         if self.cfg.model.lora_r > 0:
             from ..embed.lora import merge_adapters
 
-            merge_adapters(backbone)  # a plain checkpoint: loads without peft, same outputs
+            merge_adapters(self.backbone)  # a plain checkpoint: loads without peft, same outputs
         with torch.no_grad():
-            Embedder(backbone, max_length=self.cfg.data.max_text_tokens).save_pretrained(out_dir)
+            Embedder(self.backbone, max_length=self.cfg.data.max_text_tokens).save_pretrained(out_dir)

@@ -8,7 +8,8 @@ Layout of ``<run.dir>/checkpoints/step_000123/``:
   size. Frozen parameters are left out (they come from the task's initialisation again).
 * ``trainer_state.json`` (rank 0): step, scheduler counters, run counters, world size.
 * ``rank_00000.pt`` … (one per rank): RNG states (torch, CUDA, ``random``, numpy) and the
-  rank's loader state; read back with ``torch.load(weights_only=True)``.
+  rank's loader state; read back with ``torch.load(weights_only=True)`` and mapped onto the new
+  ranks when the run resumes at another world size (:mod:`cmpt.train.reshard`).
 * ``COMPLETE``: written last, the manifest (size and CRC-32 of every file, :mod:`cmpt.train.verify`).
   Everything is first written to ``step_000123.tmp/`` and renamed by rank 0 after all ranks
   reported success, so a crash never leaves a directory that looks complete.
@@ -23,11 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -39,12 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -52,7 +49,9 @@ from torch.distributed.checkpoint.state_dict import (
 from ..config import to_dict
 from . import distributed as D
 from .disk import SpaceGuard, describe_failure, on_main
-from .distributed import WorldInfo, barrier, is_dist
+from .distributed import WorldInfo, barrier
+from .final_weights import full_state_dict, save_final_weights, write_safetensors
+from .reshard import load_rank_state
 from .safe_load import safe_dcp_load
 from .verify import (
     DAMAGED_SUFFIX,
@@ -210,18 +209,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path}: {state_file.name} is unreadable ({e})") from None
         if not isinstance(trainer_state, dict):
             raise CheckpointError(f"checkpoint {path}: {state_file.name} does not hold a JSON object")
-        saved_world = trainer_state.get("world_size", 1)
-        rank_file = path / f"rank_{self.world.rank:05d}.pt"
-        if saved_world != self.world.world_size:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {saved_world} ranks, this job has "
-                f"{self.world.world_size}: the per-rank loader and RNG states cannot be mapped; "
-                "resume with the same number of processes (or start a new run.dir)"
-            )
-        if not rank_file.is_file():
-            raise CheckpointError(
-                f"checkpoint {path} is damaged: {rank_file.name} is missing (written by {saved_world} ranks)"
-            )
+        rank_state = load_rank_state(path, self.world, trainer_state.get("world_size", 1))
         msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
         state = {"model": msd, "optim": osd}
         with _quiet_dcp():
@@ -240,10 +228,6 @@ class CheckpointManager:
             raise RuntimeError(
                 f"checkpoint {path} does not fit the model: missing {missing}, extra {unexpected}"
             )
-        try:
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise CheckpointError(f"checkpoint {path}: {rank_file.name} is unreadable ({e})") from None
         return trainer_state, rank_state
 
     # ------------------------------------------------------------------ internals
@@ -374,24 +358,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU, gathered on rank 0 (other ranks get ``{}``; collective)."""
-    if is_dist():
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write ``state_dict`` as safetensors (tied tensors are stored once per name), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return path
-
-
 def plain_config(full_config: Any, **sections: Any) -> dict:
     """The run's config as plain YAML-able data: ``full_config`` (a dict or a dataclass) or, when it is
     None, the given generic sections (``run=..., optim=..., train=...``)."""
@@ -401,25 +367,3 @@ def plain_config(full_config: Any, **sections: Any) -> dict:
     elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = to_dict(cfg)
     return json.loads(json.dumps(cfg, default=str))
-
-
-def save_final_weights(task: Any, module: nn.Module, out_dir: Path, is_main: bool) -> Path:
-    """Final weights (collective): ``task.save_final`` on rank 0 if the task has it, else
-    ``out_dir/model.safetensors`` with the full (FSDP-gathered) state dict."""
-    state = full_state_dict(module)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_final = getattr(task, "save_final", None)
-        if save_final is None:
-            write_safetensors(state, out_dir / "model.safetensors")
-        elif _accepts(save_final, "state_dict"):
-            save_final(module, out_dir, state_dict=state)
-        else:
-            save_final(module, out_dir)
-    barrier()
-    return out_dir
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    params = inspect.signature(fn).parameters.values()
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

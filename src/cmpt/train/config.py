@@ -78,6 +78,13 @@ class TrainConfig:
       than one process, ``none`` means ``ddp`` (training unsynchronised replicas is never
       wanted); with a single process every mode runs unwrapped.
     * ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` forces autocast.
+      Under FSDP2, bf16 also all-gathers the parameters in bf16 for compute and reduces gradients
+      in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer stay fp32.
+    * ``activation_checkpointing``: ``false`` | ``true`` (= ``full``: each checkpointed FSDP unit
+      keeps only its inputs) | ``selective`` (it also keeps the outputs of matrix products and
+      attention, recomputing norms, activations and element-wise ops: less recomputation for some
+      more memory); ``ac_every: k`` checkpoints every k-th unit (the 1st, (1+k)-th, ...; docs/method.md
+      §6 "Activation memory").
     * ``max_nonfinite``: non-finite steps tolerated in total (skipped, zero grads); one more
       raises.
     * ``max_bad_fraction``: the one bad-sample limit (docs/method.md §4): every rank stops with the
@@ -102,7 +109,8 @@ class TrainConfig:
     log_every: int = 10
     dist: Literal["none", "ddp", "fsdp"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["full", "selective"] = False
+    ac_every: int = 1
     compile: bool = False
     max_nonfinite: int = 10
     max_bad_fraction: float = 0.01
@@ -124,9 +132,17 @@ class TrainConfig:
             raise ValueError("steps and grad_accum must be >= 1")
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 0:
             raise ValueError("save_every, keep_last and log_every must be >= 0")
+        if self.ac_every < 1:
+            raise ValueError(f"ac_every must be >= 1 (checkpoint every k-th unit), got {self.ac_every}")
         if self.max_nonfinite < 0:
             raise ValueError("max_nonfinite must be >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.bad_check_min_samples < 0:
             raise ValueError(f"bad_check_min_samples must be >= 0, got {self.bad_check_min_samples}")
+
+    @property
+    def ac_mode(self) -> str:
+        """``none`` | ``full`` | ``selective``, from ``activation_checkpointing``."""
+        ac = self.activation_checkpointing
+        return ("full" if ac else "none") if isinstance(ac, bool) else ac

@@ -1,12 +1,16 @@
-"""Process groups, collectives and model wrapping: ``torchrun`` + DDP / FSDP2 (DESIGN: PyTorch-native).
+"""Process groups, collectives and model wrapping: ``torchrun`` + DDP / FSDP2 (DESIGN: PyTorch-native;
+docs/method.md §6 "Distributed training").
 
 Single-process runs need no process group: every helper here degrades to the local value. Under
 ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) :func:`init_distributed` starts gloo on CPU or NCCL
-(plus gloo for CPU tensors) on CUDA.
+(plus gloo for CPU tensors) on CUDA. FSDP2 models are built on the meta device and get rank 0's
+weights once (:func:`shard_fsdp`); activation checkpointing (:func:`apply_activation_checkpointing`)
+is full or selective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -25,8 +29,8 @@ __all__ = [
     "apply_activation_checkpointing",
     "average_grads",
 ]
-__all__ += ["barrier", "broadcast_module", "destroy", "init_distributed", "is_dist", "is_main", "seed_all"]
-__all__ += ["shard_fsdp", "to_device", "world_info", "wrap_ddp"]
+__all__ += ["barrier", "destroy", "init_distributed", "is_dist", "is_main", "mixed_precision", "seed_all"]
+__all__ += ["SAVED_OPS", "shard_fsdp", "to_device", "world_info", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -123,15 +127,6 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
 
 
-def broadcast_module(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (FSDP2 shards whatever each rank holds)."""
-    if not is_dist():
-        return
-    with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=0)
-
-
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel`` over the trainable parameters (frozen ones are simply not synced)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -140,30 +135,125 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def shard_fsdp(model: nn.Module, units: Iterable[nn.Module], device: torch.device) -> nn.Module:
-    """FSDP2: ``fully_shard`` each unit, then the root (the module is changed in place and returned)."""
+def mixed_precision(bf16: bool) -> object | None:
+    """FSDP2's policy under bf16 training: parameters all-gathered in bf16 for compute, gradients
+    reduced in fp32 (the sharded parameters and the optimizer stay fp32); ``None`` (fp32) otherwise.
+    Inputs are not cast (the trainer's bf16 autocast decides each op's dtype; the recipes' inputs
+    hold dataclasses that FSDP's input casting cannot rebuild)."""
+    if not bf16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+
+
+@contextlib.contextmanager
+def _swap_on_conversion():
+    """Module conversions (``to``, ``to_empty``) swap tensors in place: tied parameters stay tied."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def shard_fsdp(
+    model: nn.Module, units: Iterable[nn.Module], device: torch.device, mp_policy: object | None = None
+) -> nn.Module:
+    """FSDP2 with rank 0's weights loaded once (collective; the module is changed in place and
+    returned; docs/method.md §6 "Distributed training").
+
+    Rank 0 keeps its full state dict on the CPU and its computed buffers (non-persistent ones such
+    as RoPE's ``inv_freq``); every rank moves the module to the meta device (any weights it built
+    are freed there), calls ``fully_shard`` on each unit and then on the root with ``mp_policy``
+    (:func:`mixed_precision`) and allocates only its own shards on ``device`` (``to_empty``). Rank
+    0's state is then scattered shard by shard (``set_model_state_dict`` with
+    ``broadcast_from_rank0``) and its computed buffers are broadcast, so no rank ever holds the
+    full model on ``device`` and the result equals the eager build bit for bit.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    main = dist.get_rank() == 0
+    persistent = model.state_dict()
+    full = {k: v.detach() for k, v in persistent.items()} if main else {}
+    computed = {n: b.detach() for n, b in model.named_buffers() if n not in persistent}
+    with _swap_on_conversion():
+        model.to("meta")
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    with _swap_on_conversion():
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in computed:
+                if main:
+                    buf.copy_(computed[name])
+                dist.broadcast(buf, src=0)
     return model
 
 
-def apply_activation_checkpointing(units: Iterable[nn.Module]) -> None:
-    """Non-reentrant activation checkpointing of each unit's ``forward`` (parameter names unchanged)."""
+def apply_activation_checkpointing(units: Iterable[nn.Module], mode: str = "full", every: int = 1) -> None:
+    """Non-reentrant activation checkpointing of every ``every``-th unit's ``forward`` (the 1st,
+    (1+every)-th, ...; parameter names unchanged; docs/method.md §6 "Activation memory").
+
+    ``mode="full"`` keeps only the unit's inputs and recomputes the rest in backward;
+    ``"selective"`` also keeps the outputs of matrix products and attention kernels
+    (:data:`SAVED_OPS`) and recomputes only the cheap, memory-heavy ops between them (norms,
+    activations, element-wise ops, RoPE). Gradients equal those without checkpointing.
+    """
     from torch.utils.checkpoint import checkpoint
 
-    for unit in units:
+    if mode not in ("full", "selective") or every < 1:
+        raise ValueError(f"checkpointing mode must be full | selective, every >= 1 (got {mode!r}, {every})")
+    context = _selective_contexts if mode == "selective" else None
+    for i, unit in enumerate(units):
+        if i % every:
+            continue
         forward = unit.forward
+        extra = {"context_fn": context} if context else {}
 
         @functools.wraps(forward)
-        def checkpointed(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        def checkpointed(*args, _forward=forward, _extra=extra, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **_extra, **kwargs)
 
         unit.forward = checkpointed
+
+
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "mm", "addmm", "bmm", "baddbmm", "_scaled_mm",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward", "_efficient_attention_forward",
+    )  # fmt: skip
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+#: the ops whose outputs selective activation checkpointing keeps (the rest is recomputed)
+SAVED_OPS = _saved_ops()
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> object:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 def average_grads(params: Iterable[torch.Tensor], world_size: int) -> None:

@@ -212,20 +212,24 @@ class Trainer:
         return data
 
     def _build_model(self) -> None:
+        """Move, checkpoint, compile and wrap the task's model; build the optimizer. FSDP2 starts from
+        a meta-device copy and rank 0's weights (:func:`cmpt.train.distributed.shard_fsdp`), in
+        bf16 with fp32 gradient reduction when the run trains in bf16."""
         world, cfg = self.world, self.cfg
         model = self.task.model
         named = group_names(model, self.task.param_groups())
         units = list(self.task.fsdp_units())
-        model.to(world.device)
-        if cfg.activation_checkpointing:
-            D.apply_activation_checkpointing(units)
+        if self.mode != "fsdp":  # FSDP2 allocates each rank's own shards on the device
+            model.to(world.device)
+        if cfg.ac_mode != "none":
+            D.apply_activation_checkpointing(units, cfg.ac_mode, cfg.ac_every)
         if cfg.compile:
             for unit in units:
                 unit.compile()
         self.module = model
         if self.mode == "fsdp":
-            D.broadcast_module(model)
-            self.model = D.shard_fsdp(model, units, world.device)
+            mp = D.mixed_precision(self._amp is not None)
+            self.model = D.shard_fsdp(model, units, world.device, mp)
         elif self.mode == "ddp":
             self.model = D.wrap_ddp(model, world.device)
         else:

@@ -66,6 +66,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "train.bad_check_min_samples",
     "train.dist",
     "train.activation_checkpointing",
+    "train.ac_every",
     "train.compile",
     "model.attn",
     "model.llm_attn",
@@ -201,11 +202,13 @@ def plan_resume(
     allow: Iterable[str] = (),
     ignored: Iterable[str] = IGNORED_KEYS,
     latest: Path | None = None,
+    world_size: int | None = None,
 ) -> ResumePlan:
     """Decide where the run starts (see the module docstring); :class:`ResumeError` when it may not.
     ``complete_in(root)`` lists the complete checkpoints ``(step, path)`` under ``root``, oldest first;
     ``latest``: the checkpoint ``auto`` continues from (the newest one that verifies, found by the
-    caller: :meth:`cmpt.train.checkpoint.CheckpointManager.latest`)."""
+    caller: :meth:`cmpt.train.checkpoint.CheckpointManager.latest`); ``world_size``: this job's, compared
+    with the checkpoint's as ``train.world_size`` (:func:`cmpt.train.reshard.world_size_change`)."""
     mode, allow = spec.strip(), [a.strip() for a in allow if a.strip()]
     pre: list[str] = []
     own = complete_in(run_dir / "checkpoints")
@@ -252,7 +255,14 @@ def plan_resume(
         )
     elif old is not None and not notes:
         notes.append(f"{ckpt} stores no data fingerprint: the data content was not compared")
-    refused = {k: v for k, v in sorted(changes.items()) if not covered(k, allow)}
+    accepted: tuple[str, ...] = ()
+    if world_size is not None:  # the same global batch at another world size needs no --allow-change
+        from .reshard import world_size_change
+
+        moved, accepted, more = world_size_change(ckpt, old, config, world_size)
+        changes.update(moved)
+        notes.extend(more)
+    refused = {k: v for k, v in sorted(changes.items()) if not covered(k, [*allow, *accepted])}
     if refused:
         raise _refusal(run_dir, ckpt, step, refused)
     unused = [a for a in allow if not any(covered(k, [a]) for k in changes)]
@@ -285,7 +295,7 @@ def start_run(
     if world.is_main:
         try:
             fingerprint = data_fingerprint(config, ignored)
-            args = (config, fingerprint, train.allow_change, ignored, latest)
+            args = (config, fingerprint, train.allow_change, ignored, latest, world.world_size)
             outcome = ("ok", dataclasses.asdict(plan_resume(spec, run_dir, complete_in, *args)))
         except Exception as e:
             error, outcome = e, ("error", f"{type(e).__name__}: {e}", exit_code_for(e))
