@@ -206,6 +206,11 @@ KINDS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CMPT_CACHE", str(tmp_path / "cache"))  # tar indexes, length indexes
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("layouts")
@@ -344,8 +349,7 @@ def test_caption_records_are_conversations_for_comp_and_documents_for_moca(root)
 
 
 # -- mixtures of tar shards with map-style sources ------------------------------------------------
-def test_tar_shards_mix_with_json_and_hf(root, tmp_path, monkeypatch):
-    monkeypatch.setenv("CMPT_CACHE", str(tmp_path / "cache"))
+def test_tar_shards_mix_with_json_and_hf(root, tmp_path):
     path, _ = write_layout("mixture", root, broken=False)
     mix = load_mixture(path)
     assert isinstance(mix, MixtureSource) and mix.member_counts() == [N + 2, 2 * N, 3]
@@ -446,3 +450,14 @@ def test_render_errors_carry_their_reason(convs, images, max_length, reason):
     import pickle
 
     assert pickle.loads(pickle.dumps(e.value)).reason == reason
+
+
+def test_data_caption_prompt_reaches_the_loader(root):
+    from cmpt.data.batching import build_loader
+    from cmpt.data.config import DataConfig
+
+    path, _ = write_layout("caption_tar", root, broken=False)
+    tok = tiny_tokenizer()
+    cfg = DataConfig(path=path, vision_budget=4096, text_budget=8192, caption_prompt="Caption this image:")
+    batch = next(iter(build_loader(cfg, tiny_processor(), tok)))
+    assert batch["num_samples"] >= 1 and "Caption this image:" in tok.decode(batch["input_ids"])

@@ -37,7 +37,7 @@ from typing import Any
 from cmpt.data.chat_layout import messages_to_conversations
 from cmpt.data.convert import require_datasets
 from cmpt.data.hub_layout import parquet_files
-from cmpt.data.sources import RECORD_KEYS, BadSample, Record
+from cmpt.data.sources import READER_VERSION, RECORD_KEYS, BadSample, Record
 
 __all__ = ["HFSource", "hf_record"]
 
@@ -181,12 +181,14 @@ class HFSource:
                 continue
 
     def fingerprint(self) -> dict[str, Any]:
-        """Files (with sizes and mtimes), split and image root: what identifies the content for caches."""
+        """Files (with sizes and mtimes), split, image root and the reader's version: what
+        identifies the content for caches."""
         if self.kind == "disk":
             files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(self.path) for f in fs)
         else:
             files = self.files
         return {
+            "reader": READER_VERSION,
             "path": self.path,
             "split": self.split,
             "files": [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files],

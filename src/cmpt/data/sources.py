@@ -54,6 +54,7 @@ from cmpt.data.chat_layout import messages_to_conversations
 
 __all__ = [
     "PAIR_KEYS",
+    "READER_VERSION",
     "REASONS",
     "RECORD_KEYS",
     "BadSample",
@@ -68,6 +69,10 @@ __all__ = [
 
 log = logging.getLogger("cmpt.data")
 _FD_LOCK = threading.Lock()
+
+#: How records are read from files: part of the sources' fingerprints, so caches of what was read
+#: before (length scans, :mod:`cmpt.data.length_cache`) are rebuilt when it changes (2: the chat layout).
+READER_VERSION = 2
 
 #: The keys a record's fields are read from; every other key goes to ``Record.meta``.
 RECORD_KEYS = ("id", "image", "images", "conversations", "text", "messages")
@@ -375,9 +380,11 @@ class LlavaSource:
                 yield self[i]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this source's content for caches: path, size, mtime, image root."""
+        """What identifies this source's content for caches: path, size, mtime, image root, and
+        :data:`READER_VERSION`."""
         st = os.stat(self.path)
         return {
+            "reader": READER_VERSION,
             "path": self.path,
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,

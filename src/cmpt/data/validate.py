@@ -8,6 +8,11 @@ images, aspect ratios above 200 (``smart_resize`` rejects them, docs/method.md �
 and ``max_text_tokens`` — conversations longer than the text limit. CMYK, 16-bit, palette and alpha
 images are valid: ``load_image`` converts them.
 
+Every record layout of ``docs/data.md`` is checked in the form it is read into: the Hugging Face /
+TRL chat layout as its LLaVA turns (:mod:`cmpt.data.chat_layout`), image–caption records (tar
+``jpg`` + ``txt``) as their CoMP conversation with the default caption prompt, plus ``empty_text``
+for a blank caption.
+
 Document records (``text`` without ``conversations``, docs/method.md §3) are checked by
 :func:`document_problems` instead: a non-string (``bad_value``) or blank (``empty_text``) text,
 literal vision or mask tokens (``bad_value``), ``<image>`` count ≠ image count
@@ -366,9 +371,9 @@ def data_check_main(
     decode: bool = True,
     print_fn: Any = print,
 ) -> int:
-    """``cmpt data check SPEC``: check a data source (LLaVA JSON/JSONL, tar shards, a Hugging Face
-    dataset or a mixture YAML, see :func:`cmpt.data.sources.open_source`); 0 when clean, 1 when
-    anything is bad.
+    """``cmpt data check SPEC``: check a data source (JSON/JSONL, tar shards, a Hugging Face dataset
+    — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.sources.open_source` and
+    ``docs/data.md``); 0 when clean, 1 when anything is bad.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
     ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position).
