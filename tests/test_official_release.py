@@ -268,6 +268,10 @@ def test_vfm_tower_gives_the_release_outputs(tmp_path, family, nested):
         assert _err(ours, ref) <= TOL
         c.pos_embed_order = "window"  # cmpt's default order is another model: the test tells them apart
         assert _err(vit(patches, grids), ref) > 1e-3
+    direct = NativeViT.from_pretrained(d).eval()  # from_pretrained reads the release's directory itself
+    assert direct.config.pos_embed_order == "official"
+    with torch.no_grad():
+        assert _err(direct(patches, grids), ref) <= TOL
     # `cmpt convert official` writes a NativeViT directory that reloads as the same model
     kind, out = convert_official(d, tmp_path / "converted")
     again = NativeViT.from_pretrained(out)
@@ -388,7 +392,7 @@ def test_vlm_loads_with_the_release_lm_and_tower(tmp_path, tokenizer, family, ti
     ref_lm = type(lm)(lm.config).eval()  # the tiny transformers LM with the same weights and rope_theta
     ref_lm.load_state_dict(lm.state_dict())
     assert detect_official_layout(d) == "vlm"
-    vlm = load_official_vlm(d)
+    vlm = VisionLanguageModel.from_pretrained(d)  # the release's directory itself (load_official_vlm)
     assert vlm.vit.config.pos_embed_order == "official" and vlm.vit.config.rope is True
     assert vlm.processor.max_pixels == 14 * 14 * 4 * 3000 and list(vlm.processor.std) == STD[family]
     assert vlm.config.image_pad_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")

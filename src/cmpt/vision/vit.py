@@ -362,7 +362,8 @@ class NativeViT(nn.Module):
         cls, directory: str | Path, device: str | torch.device | None = None, **overrides
     ) -> NativeViT:
         """Load a directory written by :meth:`save_pretrained` (or its hub id:
-        :func:`cmpt.hub.local_model_dir`); ``overrides`` replace config fields
+        :func:`cmpt.hub.local_model_dir`), or a CoMP-VFM tower of the official release
+        (:func:`cmpt.vision.official_release.load_official_vit`); ``overrides`` replace config fields
         (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
         drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1).
         The model's ``loaded_from`` is the directory (its model card names the run behind it)."""
@@ -371,6 +372,12 @@ class NativeViT(nn.Module):
 
         d = local_model_dir(directory, "NativeViT")
         check_loadable(d)
+        cfg_file = d / CONFIG_NAME
+        if not cfg_file.is_file() or json.loads(cfg_file.read_text()).get("cmpt_model") != "NativeViT":
+            from cmpt.vision.official_release import detect_official_layout, load_official_vit
+
+            if detect_official_layout(d) == "vit":  # a CoMP-VFM tower of the release (docs/method.md §1.5)
+                return load_official_vit(d, device, **overrides)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "

@@ -214,7 +214,8 @@ def load_vlm(
     **overrides: Any,
 ):
     """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (or its
-    hub id: :func:`cmpt.hub.local_model_dir`; eval mode); ``overrides`` replace :class:`VLMConfig`
+    hub id: :func:`cmpt.hub.local_model_dir`; eval mode) or a CoMP-MM of the official release
+    (:func:`cmpt.vlm.official_release.load_official_vlm`); ``overrides`` replace :class:`VLMConfig`
     fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (default float32). The model's
     ``loaded_from`` is the directory (its model card names the run behind it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -222,6 +223,11 @@ def load_vlm(
     d = local_model_dir(directory, "cmpt VLM")
     check_loadable(d)
     if not (d / VLM_CONFIG_NAME).is_file():
+        from cmpt.vlm.official_release import detect_official_layout, load_official_vlm
+
+        if detect_official_layout(d) == "vlm":  # a CoMP-MM of the official release (docs/method.md §1.5)
+            vit_kw = {} if rope is None else {"rope": rope}
+            return load_official_vlm(d, dtype=dtype, device=device, llm_kwargs=llm_kwargs, **vit_kw)
         raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
     bad = sorted(set(overrides) - {f.name for f in fields(VLMConfig)})
     if bad:
