@@ -98,10 +98,14 @@ def _bad_hf(root: Path, rec: dict, kind: str) -> dict:
     return {"id": "bad", "messages": msgs, "images": img}
 
 
+def llava_records(root: Path) -> list[dict]:
+    return json.loads((root / "train.json").read_text())[:N]
+
+
 def write_layout(kind: str, root: Path, broken: bool) -> tuple[str, str | None]:
     """``(path, reason)``: ``kind``'s data under ``root`` (N clean records, plus one bad one when
     ``broken``) and the reason the bad one must be reported with."""
-    records = json.loads((root / "train.json").read_text())[:N]
+    records = llava_records(root)
     tag = "broken" if broken else "clean"
     out = root / tag
     out.mkdir(exist_ok=True)
@@ -398,8 +402,15 @@ def test_hub_layouts_and_splits(root, tmp_path):
         HFSource(base)  # no train split: the user must choose
     with pytest.raises(ValueError, match="no split 'dev'"):
         open_source(base + "#dev")
+    with pytest.raises(ValueError, match="selects files of a directory"):
+        HFSource(parquet_files(base, "test")[0], split="test")
     with pytest.raises(ValueError, match="only to Hugging Face"):
         open_source(str(root / "train.json") + "#test")
+    recs = llava_records(root)
+    datasets.DatasetDict(
+        {"train": _hf_rows(root, recs[:2], None), "test": _hf_rows(root, recs[:3], None)}
+    ).save_to_disk(tmp_path / "dd")
+    assert len(open_source(f"{tmp_path / 'dd'}#test")) == 3 and len(open_source(tmp_path / "dd")) == 2
     cfg, _ = write_layout("hub_root", root, broken=False)
     assert source_kind(cfg) == "hf" and len(HFSource(cfg)) == N  # train by default
     assert len(HFSource(cfg, split="validation")) == 2

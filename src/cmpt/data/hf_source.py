@@ -115,6 +115,8 @@ class HFSource:
             self.kind = "parquet"
             if os.path.isdir(p):
                 self.files = parquet_files(p, split)
+            elif split is not None:
+                raise ValueError(f"{p}: a split ({split!r}) selects files of a directory, not of {p!r}")
             elif glob.has_magic(p):
                 self.files = sorted(os.path.abspath(f) for f in glob.glob(p))
             else:
