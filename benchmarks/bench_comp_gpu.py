@@ -42,7 +42,9 @@ Prints one table, then one JSON line (figures and ratios). ``--smoke`` runs the 
 shapes in seconds, on the CPU too, one step per variant without warm-up (its times mean nothing; liger
 variants skipped; compiled ones only when named in ``--variants``, with the ``eager`` backend);
 without CUDA and without ``--smoke`` / ``--shapes tiny`` the script says so and exits 0. One
-invocation at full shapes is sized for ~4 minutes on one H200.
+invocation at full shapes is planned to fit ~4 minutes on one H200 (an estimate: not yet run there).
+``--variants`` picks some by name (the baseline always runs); ``--act-ckpt`` keeps the checkpointed
+ones.
 
 Usage: python benchmarks/bench_comp_gpu.py [--images 4] [--steps 8] [--variants a,b] [--smoke]
        [--shapes full|tiny] [--act-ckpt] [--fixed-size 1024]
@@ -263,8 +265,9 @@ def _measure(step, batches: list[dict], steps: int, device: torch.device, warmup
 
 def run_variants(
     setup: Setup, variants: list[Variant], device: torch.device, steps: int, smoke: bool, named: set[str]
-) -> tuple[dict[str, dict], float]:
-    """Every variant's figures (or ``skipped`` / ``failed``) and the model FLOPs per micro-batch;
+) -> tuple[dict[str, dict], float | None]:
+    """Every variant's figures (or ``skipped`` / ``failed``) and the model FLOPs per micro-batch
+    (None when the eager baseline group could not run);
     ``named``: the variants ``--variants`` asked for. ``smoke``: no warm-up, errors propagate."""
     batches = [_to_device(b, device) for b in setup.batches]
     steps = max(steps, 1)
@@ -278,45 +281,65 @@ def run_variants(
         else:
             groups.setdefault((v.compile, v.act_ckpt), []).append(v)
     for (compiled, ckpt), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "off")):
-        model = opt = None
+        count = flops is None and not compiled and ckpt == "off"  # the eager baseline group counts
         try:
-            model, units, param_groups = _copy_to(setup, device)
-            opt = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
-            step = _step_fn(setup, model, opt, device)
-            if flops is None and not compiled and ckpt == "off":  # the eager baseline group counts
-                flops = _count_flops(setup, model, step, batches)
-            apply = ACT_CKPT[ckpt]
-            if apply is not None:
-                apply(units)
-            for unit in units if compiled else []:
-                unit.compile(**({"backend": "eager"} if device.type == "cpu" else {}))
-            for v in members:
-                model.loss = dataclasses.replace(model.loss, lm_impl=v.lm_impl)
-                setup.backbone_of(model).configure_packing(v.packing)
-                try:
-                    results[v.name] = _measure(step, batches, steps, device, warmup=not smoke)
-                except Exception as e:  # one variant's failure (out of memory, a compiler error)
-                    if smoke:
-                        raise
-                    results[v.name] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-                    traceback.print_exc()
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            counted = _run_group(
+                setup, members, compiled, ckpt, batches, steps, smoke, device, count, results
+            )
+            flops = counted if count else flops
         except Exception as e:  # the group could not be set up
             if smoke:
                 raise
             traceback.print_exc()
             for v in members:
-                results.setdefault(v.name, {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-        finally:
-            del model, opt
-            gc.collect()
+                results.setdefault(v.name, {"failed": _failure(e)})
+        gc.collect()  # the group's model, gradients and optimizer state are gone with its frame
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results, flops
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def _run_group(
+    setup: Setup,
+    members: list[Variant],
+    compiled: bool,
+    ckpt: str,
+    batches: list[dict],
+    steps: int,
+    smoke: bool,
+    device: torch.device,
+    count: bool,
+    results: dict[str, dict],
+) -> float | None:
+    """Variants sharing ``compile`` and ``act_ckpt`` on one fresh copy of the model; their figures go
+    to ``results``. Returns the model FLOPs per micro-batch when ``count`` (before any rewrite)."""
+    model, units, param_groups = _copy_to(setup, device)
+    opt = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
+    step = _step_fn(setup, model, opt, device)
+    flops = _count_flops(setup, model, step, batches) if count else None
+    apply = ACT_CKPT[ckpt]
+    if apply is not None:
+        apply(units)
+    for unit in units if compiled else []:
+        unit.compile(**({"backend": "eager"} if device.type == "cpu" else {}))
+    for v in members:
+        model.loss = dataclasses.replace(model.loss, lm_impl=v.lm_impl)
+        setup.backbone_of(model).configure_packing(v.packing)
+        try:
+            results[v.name] = _measure(step, batches, steps, device, warmup=not smoke)
+        except Exception as e:  # one variant's failure (out of memory, a compiler error)
+            if smoke:
+                raise
+            results[v.name] = {"failed": _failure(e)}
+            traceback.print_exc()
+            opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if flops is None:
-        raise RuntimeError("no eager, unchecked variant ran, so no model FLOPs were counted")
-    return results, flops
+    return flops
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -332,7 +355,7 @@ def report(
     setup: Setup,
     variants: list[Variant],
     results: dict[str, dict],
-    flops: float,
+    flops: float | None,
     peak: float,
     device: torch.device,
     extra: dict[str, Any],
@@ -344,7 +367,8 @@ def report(
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(setup.title)
     print(f"  {where}; bf16 matmul measured now: {peak:.0f} TFLOP/s")
-    print(f"  model FLOPs per micro-batch (counted on the eager baseline): {flops / 1e12:.3f} T")
+    counted = "not counted (the baseline group failed)" if flops is None else f"{flops / 1e12:.3f} T"
+    print(f"  model FLOPs per micro-batch (counted on the eager baseline): {counted}")
     print(f"  micro-batch (mean of {len(setup.batches)}): {patches:.0f} patches, {text:.0f} text tokens")
     for k, v in extra.items():
         print(f"  {k}: {v}")
@@ -370,7 +394,7 @@ def report(
             out.setdefault("not_run", {})[v.name] = what
             continue
         t = r["step_s"]
-        tflops = flops / t / 1e12
+        tflops = flops / t / 1e12 if flops is not None else float("nan")
         ratio = base / t if base else float("nan")
         prev = results.get(v.before, {}).get("step_s")
         change = f"{v.change} vs {v.before}: ×{prev / t:.3f}" if prev else (v.change or "")
@@ -379,8 +403,8 @@ def report(
             f"{100 * tflops / peak:5.1f}% {ratio:7.3f} {r['peak_mem_gib'] or float('nan'):6.1f}  {change}"
         )
         out["step_ms"][v.name] = round(t * 1e3, 2)
-        out["mfu"][v.name] = round(tflops / peak, 4)
-        out["speedup_vs_baseline"][v.name] = round(ratio, 4)
+        out["mfu"][v.name] = None if flops is None else round(tflops / peak, 4)
+        out["speedup_vs_baseline"][v.name] = round(ratio, 4) if base else None
         out["peak_mem_gib"][v.name] = r["peak_mem_gib"] and round(r["peak_mem_gib"], 2)
         if prev:
             out["change_ratio"][f"{v.name} vs {v.before}"] = round(prev / t, 4)

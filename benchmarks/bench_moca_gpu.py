@@ -32,6 +32,9 @@ micro-batch, and ×3 for forward + backward:
   blocks; 8×8-patch windows, cut at image edges, in the others); merger
   ``2·(P/m²)·((m²·D)² + m²·D·H)``.
 
+One invocation at full shapes is planned to fit ~6 minutes on one H200 (an estimate: the model is
+built on the GPU, saved in bf16 and loaded once; compilation dominates).
+
 Usage: python benchmarks/bench_moca_gpu.py [--steps 8] [--batches 4] [--text-budget 4096]
        [--vision-budget 2048] [--variants a,b] [--smoke] [--shapes full|tiny]
 """
@@ -105,13 +108,10 @@ VISION = {  # its vision tower and a tiny stand-in (window attention in both)
 }
 
 
-def build_checkpoint(out: Path, shapes: str, device: torch.device) -> Path:
-    """A random-weight Qwen2.5-VL directory (model, tokenizer, preprocessor config) of ``shapes``."""
-    from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
+def qwen_config(shapes: str, tok) -> tf.Qwen2_5_VLConfig:
+    """The Qwen2.5-VL configuration of ``shapes`` around the token ids of ``tok``."""
     from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
 
-    tok = train_tokenizer(default_corpus(300), vocab_size=1024)
-    tok.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
     tid = tok.convert_tokens_to_ids
     text = dict(
         **TEXT[shapes],
@@ -123,7 +123,7 @@ def build_checkpoint(out: Path, shapes: str, device: torch.device) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     vision = dict(**VISION[shapes], patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
-    cfg = tf.Qwen2_5_VLConfig(
+    return tf.Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tid(IMAGE_PAD),
@@ -132,6 +132,16 @@ def build_checkpoint(out: Path, shapes: str, device: torch.device) -> Path:
         vision_end_token_id=tid(VISION_END),
         tie_word_embeddings=True,
     )
+
+
+def build_checkpoint(out: Path, shapes: str, device: torch.device) -> Path:
+    """A random-weight Qwen2.5-VL directory (model, tokenizer, preprocessor config) of ``shapes``."""
+    from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
+    from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
+
+    tok = train_tokenizer(default_corpus(300), vocab_size=1024)
+    tok.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
+    cfg = qwen_config(shapes, tok)
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU when there is one (seconds, not minutes)
         model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
