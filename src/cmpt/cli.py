@@ -366,8 +366,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--splits", default="train,val,test")
     p.set_defaults(fn=_synth)
-    p = data.add_parser("check", help="report bad samples of a LLaVA JSON/JSONL dataset")
-    p.add_argument("spec", help="dataset JSON/JSONL file")
+    p = data.add_parser(
+        "check",
+        help="report bad samples of a dataset in any accepted form (docs/data.md)",
+        description="Check every record of a data source for the bad-sample reasons training would "
+        "skip it for; exit 0 when nothing is bad, 1 otherwise.",
+        epilog="""accepted sources (PATH):
+  train.json | train.jsonl        JSON records; image paths relative to the file (or --image-root)
+  shards/ | 'shards-{000000..000099}.tar' | 'shards/*.tar'   tar shards
+  ds/ (save_to_disk) | x.parquet | dir of parquet | a hub snapshot (data/<split>-*.parquet,
+      <config>/<split>-*.parquet)     Hugging Face datasets; PATH#SPLIT picks a split (ds#test)
+  mix.yaml                        a mixture (tar shards, JSON and HF members together; split: per member)
+
+record layouts:
+  LLaVA      {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nQ?"},
+              {"from": "gpt", "value": "A."}]}
+  HF / TRL   {"images": ["a.jpg"], "messages": [{"role": "user", "content": [{"type": "image"},
+              {"type": "text", "text": "Q?"}]}, {"role": "assistant", "content": "A."}]}
+  captions   tar samples 000123.jpg + 000123.txt [+ metadata .json] (img2dataset): CoMP reads
+              user "<image>\\n" + data.caption_prompt, assistant = the caption; MoCa a document
+  in tar     the .json member holds any layout; "image": "coco/x.jpg" (LLaVA verbatim) resolves to
+              the sample's image member(s), in order
+  documents  {"text": "Intro <image> more", "images": ["a.png"]}   (MoCa)
+  pairs      {"qry": ..., "pos_text": ..., "neg_text": [...], "*_image_path": ...}   (MoCa CL)
+
+every form, with the rules and examples: docs/data.md""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="data source: JSON/JSONL, tar shards, HF dataset (PATH#SPLIT) or mixture")
     p.add_argument("--image-root", default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/name to check conversation lengths")
     p.add_argument("--max-text-tokens", type=int, default=None)

@@ -395,6 +395,7 @@ def build_loader(
             caption_max_tokens=cfg.caption_max_tokens,
             shuffle_caption=cfg.shuffle_caption,
             seed=cfg.seed,
+            caption_prompt=cfg.caption_prompt,
         )
     cap = cfg.max_text_tokens if cfg.oversize == "truncate" else None
     if not hasattr(source, "__getitem__"):  # tar shards: streaming
@@ -426,5 +427,7 @@ def build_loader(
     loader = BatchLoader(
         source, builder, batcher, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
     )  # fmt: skip
-    loader.length_index = {"seconds": index.seconds, "how": index.how, "records": len(index)}
+    loader.length_index = {
+        "seconds": index.seconds, "how": index.how, "records": len(index), "unreadable": index.num_failed,
+    }  # fmt: skip
     return loader
