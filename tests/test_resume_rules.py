@@ -221,3 +221,18 @@ def test_set_cache_path_needs_no_quotes() -> None:
     )
     cfg = load_config(CompConfig, None, ["train.allow_change=[optim.lr, stage.lr]", 'model.init="{cache}/q"'])
     assert cfg.train.allow_change == ["optim.lr", "stage.lr"] and cfg.model.init == "{cache}/q"
+
+
+def test_hub_snapshot_and_split_paths_are_fingerprinted(tmp_path: Path) -> None:
+    """A hub snapshot keeps its parquet files below the root (``data/train-*.parquet``) and a split is
+    named as ``PATH#SPLIT``: an edited file below the root changes the digest."""
+    from cmpt.train.fingerprint import data_fingerprint
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    part = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
+    part.write_bytes(b"rows v1")
+    (tmp_path / "hub" / "README.md").write_text("card")  # not data
+    fp = data_fingerprint({"data": {"path": str(tmp_path / "hub") + "#train"}})
+    assert fp["data.path[content]"].endswith("of 1 files")
+    part.write_bytes(b"rows v2")
+    assert data_fingerprint({"data": {"path": str(tmp_path / "hub") + "#train"}}) != fp

@@ -5,8 +5,10 @@ Every string under ``data.`` that names an existing file, directory or shard pat
 mixture YAML, each member (recursively, 4 levels) — gets a digest under the key
 ``<config key>[content]`` (the file itself) or ``<config key>[<member path>]``: SHA-256 of the whole
 file up to 32 MiB, beyond that of its size and 8 evenly spaced 1 MiB blocks; a directory
-contributes its top-level data files (``.json``, ``.jsonl``, ``.yaml``, ``.yml``, ``.tar``,
-``.parquet``, ``.arrow``; images are not read); after 512 files only sizes are used. Modification
+contributes its data files (``.json``, ``.jsonl``, ``.yaml``, ``.yml``, ``.tar``, ``.parquet``,
+``.arrow``; images are not read) down to 3 levels (hub snapshots keep their parquet files in
+``data/`` or ``<config>/<split>/``); after 512 files only sizes are used. A ``PATH#SPLIT`` names
+``PATH`` (the whole dataset: a conservative digest). Modification
 times are not used (``touch`` changes nothing): a reordered or edited file changes its digest, a
 moved ``run.dir`` does not.
 """
@@ -55,7 +57,16 @@ def _files_of(path: Path, raw: str) -> list[tuple[str, Path]]:
     if path.is_file():
         return [("", path)]
     if path.is_dir():
-        return [(p.name, p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in _DATA_SUFFIXES]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            rel = os.path.relpath(dirpath, path)
+            if rel.count(os.sep) >= 2:
+                dirnames.clear()  # <root>/a/b/ is the deepest level read
+            dirnames.sort()
+            for n in sorted(filenames):
+                if n.endswith(_DATA_SUFFIXES):
+                    found.append((n if rel == "." else os.path.join(rel, n), Path(dirpath) / n))
+        return found
     if any(c in raw for c in "*?[{"):
         try:
             from ..data.webdataset import expand_shards
@@ -68,9 +79,10 @@ def _files_of(path: Path, raw: str) -> list[tuple[str, Path]]:
 
 
 def _fingerprint_path(key: str, raw: str, base: str, out: dict, budget: list[int], depth: int) -> None:
+    from ..data.sources import split_spec
     from ..recipes.paths import expand_path
 
-    text = expand_path(raw)
+    text = split_spec(expand_path(raw))[0]
     path = Path(text if os.path.isabs(text) or not base else os.path.join(base, text))
     files = _files_of(path, raw)
     if not files:
