@@ -72,6 +72,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "model.llm_attn",
     "model.vit_attn",
     "loss.lm_chunk_size",
+    "loss.lm_impl",  # who computes the same cross-entropy (cmpt.losses.fused_ce)
     "loss.grad_cache_chunk",
     "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
