@@ -17,7 +17,9 @@ Local tasks: ``--include_path DIR`` (``TaskManager(include_path=DIR)``).
 Import failures. lmms-eval turns an entry point that fails to import into one warning line and a
 later "model not found". This module therefore imports, at module level, only the standard
 library, torch and lmms-eval's base class; the cmpt modules the classes use are imported when a
-model is built, so a failure there reaches the user as its own traceback. lmms-eval is optional:
+model is built or first used, so a failure there reaches the user as its own traceback. (Python
+runs ``cmpt/__init__.py`` before this module: what fails there is still reported by lmms-eval as
+one warning line and "model not found".) lmms-eval is optional:
 when it is not installed, the base class falls back to ``object`` and nothing is registered (the
 classes can be unit-tested offline); when it is installed but broken, its own error is raised here.
 
