@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cmpt.hub import download_command, is_hub_id
+from cmpt.hub import download_command, is_hub_id, local_model_dir
 from cmpt.vision.convert import image_stats
 from cmpt.vision.official_release import (
     TOWER_PREFIX,
@@ -206,7 +206,9 @@ def convert_official(
 ) -> tuple[str, Path]:
     """``cmpt convert official SRC OUT``: write a release checkpoint as a cmpt directory — a CoMP-VFM
     as a NativeViT directory, a CoMP-MM as a VLM directory (``NativeViT.from_pretrained`` /
-    ``VisionLanguageModel.from_pretrained`` and ``model.init`` read them). Returns (kind, OUT)."""
+    ``VisionLanguageModel.from_pretrained`` and ``model.init`` read them). ``SRC`` may be a hub id
+    (its cached or downloaded snapshot, :func:`cmpt.hub.local_model_dir`). Returns (kind, OUT)."""
+    src = local_model_dir(src, "CoMP release checkpoint")
     kind = detect_official_layout(src)
     if kind == "vit":
         load_official_vit(src).save_pretrained(out)
