@@ -140,3 +140,22 @@ def test_step_lines_reach_a_non_tty_log(tmp_path: Path) -> None:
     assert "parameters trainable/total:" in out
     assert "time to first step:" in out
     assert "step 2/4 | loss (mean of 2 steps)" in out and "step 4/4 | loss (mean of 2 steps)" in out
+
+
+def test_foreign_progress_bars_are_off_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from cmpt.log_setup import quiet_progress_bars_off_tty
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        quiet_progress_bars_off_tty()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        import huggingface_hub
+
+        huggingface_hub.utils.enable_progress_bars()

@@ -323,10 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit status 2. Exit
     statuses: :mod:`cmpt.launch` (0 finished, 75 stopped with a checkpoint, 2 user error, 1 other)."""
     from .launch import EXIT_FAILED, EXIT_USAGE, exit_code_for, report_exit
-    from .log_setup import configure_logging
+    from .log_setup import configure_logging, quiet_progress_bars_off_tty
 
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    quiet_progress_bars_off_tty()
     code = EXIT_FAILED
     try:
         code = int(args.fn(args) or 0)

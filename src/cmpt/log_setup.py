@@ -9,6 +9,10 @@ not configure logging behind its user's back, so :func:`configure_logging` runs 
   (its last-resort handler prints warnings only) and a training run started from a script would
   print no step line once its progress bar is off or its output is not a terminal.
 
+Off a terminal (a log file, a pipe, a batch job) the command line also switches off the progress
+bars of transformers and huggingface_hub ("Loading weights", "Writing model shards"), which would
+fill the log with carriage-return frames (:func:`quiet_progress_bars_off_tty`).
+
 Rank 0 logs at the chosen level; other ranks log warnings and errors only (``RANK`` of ``torchrun``),
 each line prefixed with the rank so interleaved output stays readable.
 """
@@ -19,7 +23,7 @@ import logging
 import os
 import sys
 
-__all__ = ["LOG_FORMAT", "configure_logging", "ensure_logging"]
+__all__ = ["LOG_FORMAT", "configure_logging", "ensure_logging", "quiet_progress_bars_off_tty"]
 
 #: Time, level (only when not INFO) and message: step lines stay short and greppable.
 LOG_FORMAT = "%(asctime)s %(rankprefix)s%(levelprefix)s%(message)s"
@@ -84,3 +88,20 @@ def ensure_logging() -> None:
     ``"cmpt"`` logger or on the root logger)."""
     if not logging.getLogger("cmpt").handlers and not logging.getLogger().handlers:
         configure_logging()
+
+
+def quiet_progress_bars_off_tty() -> None:
+    """Unless standard error is a terminal, switch huggingface_hub's and transformers' progress bars
+    off (``HF_HUB_DISABLE_PROGRESS_BARS=1`` for later imports, their switches for done ones) — a
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` the user set wins."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if tty or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:  # already imported (``import cmpt`` registers Auto classes)
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

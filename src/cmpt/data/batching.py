@@ -398,6 +398,7 @@ def build_loader(
             caption_prompt=cfg.caption_prompt,
         )
     cap = cfg.max_text_tokens if cfg.oversize == "truncate" else None
+    budgets = (cfg.text_budget, cfg.vision_budget)  # per micro-batch: the trainer's start-up summary
     if not hasattr(source, "__getitem__"):  # tar shards: streaming
         from cmpt.data.streaming import StreamConfig, StreamingLoader
 
@@ -405,10 +406,12 @@ def build_loader(
             cfg.vision_budget, cfg.text_budget, cfg.max_samples_per_batch, cfg.oversize, cap,
             cfg.shuffle, cfg.shuffle_buffer, cfg.seed,
         )  # fmt: skip
-        return StreamingLoader(
+        loader = StreamingLoader(
             source, builder, scfg, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
             num_streams=cfg.num_streams,
         )  # fmt: skip
+        loader.token_budgets = budgets
+        return loader
     overhead = length_overhead(builder)
     index = LengthIndex.build(  # rank 0 builds or reads it, the other ranks receive it
         source, processor, tokenizer, cache_dir=cache_dir, overhead=overhead, shared=world_size > 1
@@ -430,4 +433,5 @@ def build_loader(
     loader.length_index = {
         "seconds": index.seconds, "how": index.how, "records": len(index), "unreadable": index.num_failed,
     }  # fmt: skip
+    loader.token_budgets = budgets
     return loader

@@ -196,7 +196,7 @@ class Trainer:
             device=str(world.device),
             grad_accum=cfg.grad_accum,
             loader=self.loader,
-            budgets=getattr(self.task, "token_budgets", None),
+            budgets=getattr(self.loader, "token_budgets", None),
         ):
             self.metrics.message(line)
         summary = self._loop(ckpt)

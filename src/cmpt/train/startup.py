@@ -25,7 +25,14 @@ def _count(n: int) -> str:
 def parameter_table(module: nn.Module) -> list[tuple[str, int, int]]:
     """``(part, trainable, total)`` per top-level child of ``module`` (sharded parameters count in
     full: a DTensor's ``numel`` is its global size), in definition order; parameters owned by the
-    module itself are the part ``"(root)"``."""
+    module itself are the part ``"(root)"``. A module whose parameters all sit in one child (a
+    wrapper) is looked through."""
+    while True:  # a wrapper (an objective around the VLM, a peft model): count its parts instead
+        children = [c for c in module.children() if any(True for _ in c.parameters())]
+        own = any(True for _ in module.parameters(recurse=False))
+        if len(children) != 1 or own:
+            break
+        module = children[0]
     parts: dict[str, list[int]] = {}
     for name, p in module.named_parameters():
         part = name.split(".", 1)[0] if "." in name else "(root)"
@@ -48,8 +55,8 @@ def startup_lines(
     budgets: tuple[int, int] | None = None,
 ) -> list[str]:
     """The summary's lines. ``loader.length_index`` (map-style loaders, :mod:`cmpt.data.batching`)
-    gives the record count; ``budgets``: ``(text, vision)`` tokens per micro-batch when the task
-    knows them."""
+    gives the record count; ``budgets``: ``(text, vision)`` tokens per micro-batch when the loader
+    tells them (``loader.token_budgets``)."""
     table = parameter_table(module)
     trainable, total = sum(t for _, t, _ in table), sum(n for _, _, n in table)
     parts = ", ".join(f"{k} {_count(t)}/{_count(n)}" for k, t, n in table)
