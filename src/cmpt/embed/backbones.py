@@ -40,11 +40,12 @@ def backbone_kind(path: str | Path) -> str:
 
 
 def load_backbone(
-    path: str | Path, *, dtype: Any = None, attn_implementation: str | None = None
+    path: str | Path, *, dtype: Any = None, attn_implementation: str | None = None, weights: bool = True
 ) -> nn.Module:
     """The backbone in ``path`` (eval mode); ``dtype`` of the LLM (default float32) and its
-    ``attn_implementation`` (default: transformers' choice). A directory being written, or left
-    half-written, by cmpt is refused (:func:`cmpt.io_atomic.check_loadable`)."""
+    ``attn_implementation`` (default: transformers' choice); ``weights=False``: its skeleton on the
+    meta device, no weight file read (FSDP2 ranks > 0, docs/method.md §6). A directory being
+    written, or left half-written, by cmpt is refused (:func:`cmpt.io_atomic.check_loadable`)."""
     from cmpt.io_atomic import check_loadable
 
     check_loadable(path)
@@ -52,7 +53,9 @@ def load_backbone(
         from cmpt.vlm.model import VisionLanguageModel
 
         llm_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else None
-        return VisionLanguageModel.from_pretrained(path, dtype=dtype, llm_kwargs=llm_kwargs)
+        return VisionLanguageModel.from_pretrained(path, dtype=dtype, llm_kwargs=llm_kwargs, weights=weights)
     from cmpt.embed.qwen_vl import QwenVLBackbone
 
-    return QwenVLBackbone.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return QwenVLBackbone.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, weights=weights
+    )

@@ -42,6 +42,7 @@ from torch import nn
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
 from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
+from cmpt.vlm.io import resize_vocab
 from cmpt.vlm.model import VLMOutput
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
@@ -124,11 +125,18 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        weights: bool = True,
     ) -> QwenVLBackbone:
         """Load a Hugging Face Qwen2-VL / Qwen2.5-VL directory (eval mode): the model through its
         transformers class, the tokenizer through ``AutoTokenizer``, the image processor from its
-        ``preprocessor_config.json`` (``ImageProcessor.from_hf``; defaults when absent)."""
+        ``preprocessor_config.json`` (``ImageProcessor.from_hf``; defaults when absent).
+        ``weights=False`` builds the model from its ``config.json`` on the meta device, reading no
+        weight file (FSDP2 ranks > 0, docs/method.md §6 "Distributed training")."""
         import transformers
 
         d = Path(path)
@@ -148,7 +156,13 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        hf = getattr(transformers, MODEL_CLASSES[model_type]).from_pretrained(str(d), **kwargs)
+        model_cls = getattr(transformers, MODEL_CLASSES[model_type])
+        if weights:
+            hf = model_cls.from_pretrained(str(d), **kwargs)
+        else:
+            config = transformers.AutoConfig.from_pretrained(str(d))
+            with torch.device("meta"):
+                hf = model_cls._from_config(config, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
         pre = d / CONFIG_NAME
         pre_cfg = json.loads(pre.read_text()) if pre.is_file() else None
@@ -234,9 +248,9 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         return patches.reshape(-1, 3, 1, p2).expand(-1, 3, t, p2).reshape(-1, self.patch_dim)
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
-        """Grow the input embeddings (and an untied head) to ``vocab_size`` rows (added tokens)."""
-        if vocab_size > self.input_embeddings.num_embeddings:
-            self.hf.resize_token_embeddings(vocab_size)
+        """Grow the input embeddings (and an untied head) to ``vocab_size`` rows (added tokens;
+        :func:`cmpt.vlm.io.resize_vocab`)."""
+        resize_vocab(self.hf, vocab_size)
 
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (``(P, 3·T·p·p)`` or processor rows) + grids ``(n, 2)`` → merged vision

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
+from ..train.distributed import loads_weights
 from ..train.loop import LossTerms
 from ..vlm.model import VisionLanguageModel
 from .comp_objective import CompObjective
@@ -31,13 +32,16 @@ PARTS = ("vision", "merger", "llm", "lm_head")
 @dataclass
 class ModelConfig:
     """Where the stage starts. ``init``: a VLM directory (previous stage's ``final/``); else
-    ``vision`` (NativeViT dir or HF vision checkpoint) + ``llm`` (HF causal LM) build a fresh VLM."""
+    ``vision`` (NativeViT dir or HF vision checkpoint) + ``llm`` (HF causal LM) build a fresh VLM.
+    ``pos_embed_order``: the tower's position-table order (docs/method.md §1.1, §1.5); unset keeps
+    the starting checkpoint's (``official`` for a converted release checkpoint, ``window`` for a
+    fresh HF tower and cmpt's own outputs)."""
 
     init: str = ""
     vision: str = ""
     llm: str = ""
     keep_prefix_tokens: bool = False  # official CoMP drops CLS/registers from the packed stream
-    pos_embed_order: Literal["window", "official"] = "window"
+    pos_embed_order: Literal["window", "official"] | None = None
     attn: Literal["auto", "sdpa", "flex", "flash", "varlen"] = "auto"
 
 
@@ -90,8 +94,11 @@ class CompConfig:
 
 
 def load_model(cfg: CompConfig) -> VisionLanguageModel:
-    """The stage's starting VLM, with the stage's RoPE switch, processor and text packing."""
+    """The stage's starting VLM, with the stage's RoPE switch, processor and text packing. On FSDP2
+    ranks > 0 it is a skeleton on the meta device, no weight file read
+    (:func:`cmpt.train.distributed.loads_weights`)."""
     m, s = cfg.model, cfg.stage
+    weights = loads_weights(cfg.train.dist)
     if m.init:
         init = expand_path(m.init)
         if not (Path(init) / "vlm_config.json").is_file():
@@ -99,18 +106,21 @@ def load_model(cfg: CompConfig) -> VisionLanguageModel:
                 f"model.init={init} is not a VLM directory; point it at the previous stage's run.dir/final "
                 "(run that stage first)"
             )
-        vlm = VisionLanguageModel.from_pretrained(init, rope=s.rope)
+        vlm = VisionLanguageModel.from_pretrained(init, rope=s.rope, weights=weights)
     elif m.vision and m.llm:
         vlm = VisionLanguageModel.build(
             expand_path(m.vision),
             expand_path(m.llm),
             rope=s.rope,
             keep_prefix_tokens=m.keep_prefix_tokens,
+            weights=weights,
         )
     else:
         raise ValueError("set model.init (a previous stage's final/) or both model.vision and model.llm")
     vit_cfg = vlm.vit.config
-    vit_cfg.pos_embed_order, vit_cfg.attn = m.pos_embed_order, m.attn
+    vit_cfg.attn = m.attn
+    if m.pos_embed_order is not None:
+        vit_cfg.pos_embed_order = m.pos_embed_order
     vlm.processor = s.resolution.make_processor(
         vit_cfg.patch_size, vit_cfg.merge_size, mean=vit_cfg.image_mean, std=vit_cfg.image_std
     )

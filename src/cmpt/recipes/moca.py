@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
+from ..train.distributed import loads_weights
 from ..train.loop import LossTerms
 from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
@@ -108,35 +108,25 @@ class MocaConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def _hub_snapshot(repo_id: str) -> str:
-    """The local snapshot of a Hugging Face hub model (downloaded when online)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id)
-    except Exception as e:  # offline, unknown repo, no access: the message says which
-        raise FileNotFoundError(
-            f"model.init={repo_id}: not a local directory and the hub snapshot is unavailable "
-            f"({type(e).__name__}: {e}); download it first (`hf download {repo_id} --local-dir DIR`) "
-            "and set model.init=DIR"
-        ) from None
-
-
 def load_backbone_for(cfg: MocaConfig) -> nn.Module:
-    """The stage's backbone with ``<|mask|>`` in its vocabulary, the stage's processor and packing."""
+    """The stage's backbone with ``<|mask|>`` in its vocabulary, the stage's processor and packing.
+    ``model.init`` may be a hub id (:func:`cmpt.hub.local_model_dir`: the cached or downloaded
+    snapshot; offline and not cached, one line naming the installed CLI's download command). On
+    FSDP2 ranks > 0 the backbone is a skeleton on the meta device, no weight file read
+    (:func:`cmpt.train.distributed.loads_weights`)."""
     from ..embed.backbones import load_backbone
+    from ..hub import local_model_dir
     from ..vlm.chat import ensure_mask_token
 
-    init = expand_path(cfg.model.init) if cfg.model.init else ""
-    if init and not Path(init).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", init):  # a hub id
-        init = _hub_snapshot(init)
+    init = str(local_model_dir(expand_path(cfg.model.init), "model.init")) if cfg.model.init else ""
     if not init or not Path(init).is_dir():
         raise FileNotFoundError(
             f"model.init={init or '(unset)'} is not a directory: point it at a cmpt VLM (e.g. the CoMP "
             "stage-III output: `cmpt demo` or `cmpt train tiny/comp_stage1`, then tiny/comp_stage2 and "
             "tiny/comp_stage3) or at a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint"
         )
-    backbone = load_backbone(init, attn_implementation=cfg.model.llm_attn or None)
+    weights = loads_weights(cfg.train.dist)
+    backbone = load_backbone(init, attn_implementation=cfg.model.llm_attn or None, weights=weights)
     ensure_mask_token(backbone.tokenizer)
     backbone.resize_token_embeddings(len(backbone.tokenizer))
     if hasattr(backbone, "vit"):

@@ -4,8 +4,8 @@ docs/method.md §6 "Distributed training").
 Single-process runs need no process group: every helper here degrades to the local value. Under
 ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) :func:`init_distributed` starts gloo on CPU or NCCL
 (plus gloo for CPU tensors) on CUDA. FSDP2 models are built on the meta device and get rank 0's
-weights once (:func:`shard_fsdp`); activation checkpointing (:func:`apply_activation_checkpointing`)
-is full or selective.
+weights once (:func:`shard_fsdp`); ranks > 0 never read them (:func:`loads_weights`). Activation
+checkpointing (:func:`apply_activation_checkpointing`) is full or selective.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ __all__ = [
     "apply_activation_checkpointing",
     "average_grads",
 ]
-__all__ += ["barrier", "destroy", "init_distributed", "is_dist", "is_main", "mixed_precision", "seed_all"]
+__all__ += ["barrier", "destroy", "init_distributed", "is_dist", "is_main", "loads_weights"]
+__all__ += ["mixed_precision", "seed_all"]
 __all__ += ["SAVED_OPS", "shard_fsdp", "to_device", "world_info", "wrap_ddp"]
 
 
@@ -69,6 +70,16 @@ def is_dist() -> bool:
 def is_main() -> bool:
     """True on rank 0 (and in a single process)."""
     return world_info().rank == 0
+
+
+def loads_weights(dist_mode: str) -> bool:
+    """Whether this process reads the model's weights when a recipe builds it (docs/method.md §6
+    "Distributed training"): False on ranks > 0 of an FSDP2 run (``train.dist == "fsdp"`` under
+    ``torchrun`` with ``WORLD_SIZE`` > 1), which build the model's skeleton on the meta device from
+    its configs alone; :func:`shard_fsdp` then gives them rank 0's weights. Read from ``torchrun``'s
+    environment, so it holds before the process group starts."""
+    info = world_info()
+    return not (dist_mode == "fsdp" and info.world_size > 1 and info.rank > 0)
 
 
 def init_distributed() -> tuple[WorldInfo, bool]:
@@ -168,11 +179,12 @@ def shard_fsdp(
 
     Rank 0 keeps its full state dict on the CPU and its computed buffers (non-persistent ones such
     as RoPE's ``inv_freq``); every rank moves the module to the meta device (any weights it built
-    are freed there), calls ``fully_shard`` on each unit and then on the root with ``mp_policy``
-    (:func:`mixed_precision`) and allocates only its own shards on ``device`` (``to_empty``). Rank
-    0's state is then scattered shard by shard (``set_model_state_dict`` with
-    ``broadcast_from_rank0``) and its computed buffers are broadcast, so no rank ever holds the
-    full model on ``device`` and the result equals the eager build bit for bit.
+    are freed there; the recipes build it there on ranks > 0, :func:`loads_weights`), calls
+    ``fully_shard`` on each unit and then on the root with ``mp_policy`` (:func:`mixed_precision`)
+    and allocates only its own shards on ``device`` (``to_empty``). Rank 0's state is then
+    scattered shard by shard (``set_model_state_dict`` with ``broadcast_from_rank0``) and its
+    computed buffers are broadcast, so no rank ever holds the full model on ``device`` and the
+    result equals the eager build bit for bit.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh

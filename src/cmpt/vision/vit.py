@@ -7,6 +7,7 @@ Images of any size are packed into one sequence with block-diagonal attention.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -359,14 +360,23 @@ class NativeViT(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device | None = None, **overrides
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        weights: bool = True,
+        **overrides,
     ) -> NativeViT:
         """Load a directory written by :meth:`save_pretrained` (or its hub id:
         :func:`cmpt.hub.local_model_dir`), or a CoMP-VFM tower of the official release
         (:func:`cmpt.vision.official_release.load_official_vit`); ``overrides`` replace config fields
         (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
         drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1).
-        The model's ``loaded_from`` is the directory (its model card names the run behind it)."""
+        The model's ``loaded_from`` is the directory (its model card names the run behind it).
+
+        ``weights=False`` reads only ``config.json`` and builds the model on the meta device, for
+        FSDP2 ranks that get their weights from rank 0 (docs/method.md §6 "Distributed training");
+        a tower of the official release is still read in full (``cmpt convert official`` it once)."""
         from cmpt.hub import local_model_dir
         from cmpt.io_atomic import check_loadable
 
@@ -389,11 +399,13 @@ class NativeViT(nn.Module):
                 f"{d / CONFIG_NAME} is not a cmpt NativeViT config; use NativeViT.from_hf for HF models"
             )
         config = NativeViTConfig.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
-        model = cls(config)
-        state = load_file(str(d / WEIGHTS_NAME), device="cpu")
-        if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
-            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        model.load_state_dict(state)
+        with contextlib.nullcontext() if weights else torch.device("meta"):
+            model = cls(config)
+        if weights:
+            state = load_file(str(d / WEIGHTS_NAME), device="cpu")
+            if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
+                state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+            model.load_state_dict(state)
         model.loaded_from = d
         return model.to(device) if device is not None else model
 

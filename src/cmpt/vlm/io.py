@@ -5,11 +5,15 @@ causal LM and its tokenizer), ``processor/`` (optional) and ``vlm_config.json`` 
 plus the merger's shape), plus ``config.json`` for transformers' Auto classes (:mod:`cmpt.hf_auto`)
 and the model card ``README.md`` (:mod:`cmpt.model_card`). Hub ids go through :mod:`cmpt.hub`.
 The functions here take the model class as an argument, so this module does not import the model
-(the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call them).
+(the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call them). With ``weights=False``
+they build the model's skeleton on the meta device from its configs and tokenizer alone, reading
+no weight file: FSDP2 ranks > 0 do, and get rank 0's weights when the model is sharded
+(docs/method.md §6 "Distributed training").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -59,13 +63,19 @@ class VLMConfig:
 
 
 def load_vit(
-    vit: NativeViT | str | Path, vit_from_hf: bool | None, rope: bool | None, keep_prefix_tokens: bool
+    vit: NativeViT | str | Path,
+    vit_from_hf: bool | None,
+    rope: bool | None,
+    keep_prefix_tokens: bool,
+    weights: bool = True,
 ) -> NativeViT:
     """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (docs/method.md §1).
 
     An HF checkpoint becomes the official CoMP tower (``comp_tower_overrides``: SigLIP loses its
     ``post_layernorm``, stored as ``final_norm: false`` in the ViT config so the saved VLM reloads
-    alike); an instance or a NativeViT directory keeps its own ``final_norm``.
+    alike); an instance or a NativeViT directory keeps its own ``final_norm``. ``weights=False``
+    builds a NativeViT directory's tower on the meta device (``NativeViT.from_pretrained``); an HF
+    checkpoint is converted from its weights either way (its config comes out of the conversion).
     """
     if isinstance(vit, NativeViT):
         updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
@@ -82,7 +92,29 @@ def load_vit(
         with resolving(vit, "vision checkpoint"):
             tower = comp_tower_overrides(vit)
         return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, **tower)
-    return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens)
+    return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, weights=weights)
+
+
+def resize_vocab(llm: nn.Module, rows: int) -> None:
+    """Grow an HF model's input embeddings (and an untied head) to ``rows`` rows when it has fewer:
+    the new rows drawn from the old rows' mean and covariance (transformers' default), or on the
+    meta device (a skeleton, ``weights=False``) shapes only."""
+    emb = llm.get_input_embeddings()
+    if rows > emb.num_embeddings:
+        llm.resize_token_embeddings(rows, mean_resizing=not emb.weight.is_meta)
+
+
+def _causal_lm(source: str, weights: bool, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM`` of ``source`` with its weights, or its skeleton on the meta device
+    built from ``config.json`` alone (``kwargs``: ``dtype``, ``attn_implementation``, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with resolving(source, "language model"):
+        if weights:
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def _single_token_id(tokenizer, token: str) -> int:
@@ -104,6 +136,7 @@ def build_vlm(
     processor=None,
     dtype: torch.dtype | None = None,
     llm_kwargs: dict[str, Any] | None = None,
+    weights: bool = True,
     **cfg: Any,
 ):
     """``VisionLanguageModel.build``: assemble a VLM (eval mode) with a fresh PatchMerger (ViT width →
@@ -123,20 +156,20 @@ def build_vlm(
             patch size, merge size, mean and std).
         dtype: dtype of a loaded LLM (default float32). llm_kwargs: extra
             ``from_pretrained`` arguments (e.g. ``attn_implementation``).
+        weights: False builds the skeleton on the meta device (module docstring): the LLM from
+            its ``config.json``, the ViT from a NativeViT directory's (see :func:`load_vit`).
         **cfg: :class:`VLMConfig` fields.
 
     The vision tokens are added to the tokenizer where missing and the embeddings resized when
     the tokenizer then outgrows them; a tokenizer without a pad token gets ``pad = eos``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     vit_src = "" if isinstance(vit, NativeViT) else str(vit)
-    vit = load_vit(vit, vit_from_hf, rope, keep_prefix_tokens)
+    vit = load_vit(vit, vit_from_hf, rope, keep_prefix_tokens, weights)
     llm_src = str(llm) if isinstance(llm, (str, Path)) else getattr(llm, "name_or_path", "")
     if isinstance(llm, (str, Path)):
-        kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
-        with resolving(llm_src, "language model"):
-            llm = AutoModelForCausalLM.from_pretrained(llm_src, **kwargs)
+        llm = _causal_lm(llm_src, weights, dtype=dtype or torch.float32, **(llm_kwargs or {}))
     if tokenizer is None:
         if not llm_src:
             raise ValueError("pass tokenizer= when llm is a model object without a name_or_path")
@@ -145,8 +178,7 @@ def build_vlm(
     ensure_vision_tokens(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-        llm.resize_token_embeddings(len(tokenizer))
+    resize_vocab(llm, len(tokenizer))
     merge = int(cfg.pop("merge_size", vit.config.merge_size))
     if merge != vit.config.merge_size:
         raise ValueError(f"merge_size={merge} differs from the ViT's merge_size={vit.config.merge_size}")
@@ -159,10 +191,10 @@ def build_vlm(
         vision_end_id=_single_token_id(tokenizer, VISION_END),
         **cfg,
     )
-    hidden = llm.get_input_embeddings().embedding_dim
-    merger = PatchMerger(vit.config.hidden_size, hidden, merge).to(
-        device=llm.get_input_embeddings().weight.device
-    )
+    emb = llm.get_input_embeddings()
+    with torch.device("meta") if emb.weight.is_meta else contextlib.nullcontext():
+        merger = PatchMerger(vit.config.hidden_size, emb.embedding_dim, merge)
+    merger = merger.to(device=emb.weight.device)
     if processor is None:
         from cmpt.vision.processor import ImageProcessor
 
@@ -211,14 +243,18 @@ def load_vlm(
     rope: bool | None = None,
     dtype: torch.dtype | None = None,
     llm_kwargs: dict[str, Any] | None = None,
+    weights: bool = True,
     **overrides: Any,
 ):
     """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (or its
     hub id: :func:`cmpt.hub.local_model_dir`; eval mode) or a CoMP-MM of the official release
     (:func:`cmpt.vlm.official_release.load_official_vlm`); ``overrides`` replace :class:`VLMConfig`
     fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (default float32). The model's
-    ``loaded_from`` is the directory (its model card names the run behind it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``loaded_from`` is the directory (its model card names the run behind it). ``weights=False``
+    reads only the configs, tokenizer and processor and builds the model on the meta device (module
+    docstring); a CoMP-MM of the official release is still read in full (``cmpt convert official``
+    it once)."""
+    from transformers import AutoTokenizer
 
     d = local_model_dir(directory, "cmpt VLM")
     check_loadable(d)
@@ -234,12 +270,13 @@ def load_vlm(
         raise TypeError(f"from_pretrained got unknown VLMConfig overrides {bad}")
     raw = json.loads((d / VLM_CONFIG_NAME).read_text())
     config = VLMConfig.from_dict({**raw, **overrides}, source=str(d / VLM_CONFIG_NAME))
-    vit = NativeViT.from_pretrained(d / "vision", rope=rope)
-    kwargs = {"dtype": dtype or torch.float32, **(llm_kwargs or {})}
-    llm = AutoModelForCausalLM.from_pretrained(str(d / "llm"), **kwargs)
+    vit = NativeViT.from_pretrained(d / "vision", rope=rope, weights=weights)
+    llm = _causal_lm(str(d / "llm"), weights, dtype=dtype or torch.float32, **(llm_kwargs or {}))
     tokenizer = AutoTokenizer.from_pretrained(str(d / "llm"))
-    merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
-    merger.load_state_dict(load_file(str(d / MERGER_WEIGHTS), device="cpu"))
+    with contextlib.nullcontext() if weights else torch.device("meta"):
+        merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
+    if weights:
+        merger.load_state_dict(load_file(str(d / MERGER_WEIGHTS), device="cpu"))
     processor = None
     if (d / "processor").is_dir():
         from cmpt.vision.processor import ImageProcessor

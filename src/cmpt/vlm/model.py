@@ -37,7 +37,7 @@ from torch import nn
 
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.backbone import BackboneMixin
-from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, save_vlm
+from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, resize_vocab, save_vlm
 from cmpt.vlm.merger import PatchMerger
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
@@ -122,9 +122,9 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         return patches
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
-        """Grow the LLM's input embeddings (and untied head) to ``vocab_size`` rows (added tokens)."""
-        if vocab_size > self.llm.get_input_embeddings().num_embeddings:
-            self.llm.resize_token_embeddings(vocab_size)
+        """Grow the LLM's input embeddings (and untied head) to ``vocab_size`` rows (added tokens;
+        :func:`cmpt.vlm.io.resize_vocab`)."""
+        resize_vocab(self.llm, vocab_size)
 
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (N, 3·p·p) + grids (n, 2) → merged vision tokens (N / m², H) in LLM space."""
