@@ -49,9 +49,10 @@ class Task(Protocol):
     parameters are matched by name. Optional methods: ``loss_counts(batch) -> dict[str, int]``
     (the counts ``compute_loss`` will return, known without a forward: enables streaming
     accumulation), ``save_final(model, out_dir[, state_dict])`` (rank 0 only; ``state_dict`` is
-    the full gathered CPU state dict, passed when the method accepts it — under FSDP ``model``'s
-    parameters are still sharded; ``out_dir`` is a temporary sibling of ``run.dir/final`` that
-    replaces it once complete) and ``resume_ignored_keys`` (config keys, besides
+    the full gathered CPU state dict, passed when the method accepts it — under FSDP2 ``model``
+    already holds those full weights in place of its shards, :mod:`cmpt.train.final_weights`, so
+    the task's own modules can be saved as they are; ``out_dir`` is a temporary sibling of
+    ``run.dir/final`` that replaces it once complete) and ``resume_ignored_keys`` (config keys, besides
     :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume)."""
 
     model: nn.Module
