@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig
 
+from cmpt.embed.embedder import Embedder
 from cmpt.embed.qwen_vl import QwenVLBackbone
 from cmpt.recipes import load_recipe
 from cmpt.recipes.comp import load_model
@@ -95,6 +96,8 @@ def test_vlm_directory_skeleton(models, tmp_path) -> None:
     assert len(meta.tokenizer) == len(eager.tokenizer) and repr(meta.processor) == repr(eager.processor)
     with pytest.raises(SafetensorError):  # the guard is real: reading the copy fails
         VisionLanguageModel.from_pretrained(tmp_path / "v")
+    embedder = Embedder.from_pretrained(tmp_path / "v", weights=False)  # through load_backbone
+    assert all(p.is_meta for p in embedder.backbone.parameters())
 
 
 def test_built_vlm_skeleton_grows_its_vocabulary_on_meta(models, tmp_path) -> None:

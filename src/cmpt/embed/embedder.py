@@ -72,7 +72,8 @@ class Embedder:
     ) -> Embedder:
         """An Embedder directory, a cmpt VLM directory or a Hugging Face Qwen2-VL / Qwen2.5-VL
         checkpoint, local or by hub id (:func:`cmpt.hub.local_model_dir`; ``load_kwargs``:
-        ``dtype``, ``attn_implementation``). ``loaded_from`` is the directory."""
+        ``dtype``, ``attn_implementation``, ``weights``: False builds the backbone on the meta
+        device, :func:`cmpt.embed.backbones.load_backbone`). ``loaded_from`` is the directory."""
         from cmpt.hub import local_model_dir
 
         d = local_model_dir(path, "Embedder")
