@@ -34,7 +34,9 @@ shards)::
 **Image–caption records** (the CoMP stage-I form, docs/method.md §2.1): a caption becomes the
 one-turn conversation user ``"<image>\\n" + prompt``, assistant = the caption
 (:func:`caption_conversation`; the prompt is ``data.caption_prompt``, default
-:data:`DEFAULT_CAPTION_PROMPT`).
+:data:`DEFAULT_CAPTION_PROMPT`). Every reader turns a record whose only content is a caption — a
+tar sample's ``.txt`` member, the ``caption`` of its metadata ``.json``, a ``caption`` key of a
+JSON record or a dataset row — into the same fields (:func:`caption_views`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cmpt.vlm.chat import IMAGE_TOKEN
+from cmpt.vlm.vision_tokens import IMAGE_TOKEN
 
-__all__ = ["DEFAULT_CAPTION_PROMPT", "caption_conversation", "messages_to_conversations"]
+__all__ = ["DEFAULT_CAPTION_PROMPT", "caption_conversation", "caption_views", "messages_to_conversations"]
 
 #: The user turn of a caption record after its ``<image>`` line: one of LLaVA-Pretrain's brief
 #: description instructions (the data of CoMP's stage I, docs/method.md §2.1).
@@ -56,6 +58,22 @@ _INLINE_KEYS = ("image", "path")
 def caption_conversation(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[dict[str, str]]:
     """The one-turn caption conversation: user ``"<image>\\n" + prompt``, assistant ``caption``."""
     return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": caption}]
+
+
+def caption_views(caption: Any, num_images: int, rid: str) -> tuple[str, str | None, list | None]:
+    """``(text, caption, conversations)`` of a record whose only content is ``caption``.
+
+    With one image and no ``<image>`` in the caption: an image–caption record — the document
+    ``"<image>\\n" + caption`` MoCa reads, the caption stripped, and its one-turn conversation with
+    the default prompt (docs/method.md §2.1, §3). Otherwise a document: the caption is its text (a
+    text-only passage without images), no caption, no conversation. A caption that is not a string
+    is ``bad_value`` (:class:`~cmpt.data.sources.BadSample`).
+    """
+    if not isinstance(caption, str):
+        raise _bad(rid, f"'caption' must be a string, got {type(caption).__name__}")
+    if num_images == 1 and IMAGE_TOKEN not in caption:
+        return f"{IMAGE_TOKEN}\n{caption}", caption.strip(), caption_conversation(caption.strip())
+    return caption, None, None
 
 
 def _bad(rid: str, detail: str) -> Exception:

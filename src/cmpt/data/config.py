@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT
-from cmpt.vlm.chat import IMAGE_TOKEN, VISION_TOKENS
+from cmpt.vlm.vision_tokens import IMAGE_TOKEN, VISION_TOKENS
 
 __all__ = ["DataConfig", "ResolutionConfig"]
 
@@ -18,7 +18,7 @@ __all__ = ["DataConfig", "ResolutionConfig"]
 class DataConfig:
     """One training source and how it is batched (docs/method.md §4).
 
-    ``path`` (the kind is told by :func:`cmpt.data.sources.source_kind`): a LLaVA ``.json`` (one list)
+    ``path`` (the kind is told by :func:`cmpt.data.open.source_kind`): a LLaVA ``.json`` (one list)
     or ``.jsonl`` (one record per line) file; a mixture ``.yaml`` (:mod:`cmpt.data.mixture`); tar
     shards — a ``.tar``, a glob, a brace pattern ``shards-{000000..000009}.tar`` or a directory of
     ``.tar`` files (:mod:`cmpt.data.webdataset`, streamed by :mod:`cmpt.data.streaming`); a Hugging

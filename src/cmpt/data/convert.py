@@ -27,7 +27,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from cmpt.data.sources import BadSample, LlavaSource, Record
+from cmpt.data.llava_source import LlavaSource
+from cmpt.data.sources import BadSample, Record
 
 __all__ = ["llava_to_hf", "llava_to_wds", "require_datasets", "write_tar_samples"]
 

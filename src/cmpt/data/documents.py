@@ -37,13 +37,13 @@ from cmpt.data.pipeline import ProcessedSample, decode_image, sample_seed
 from cmpt.data.sources import BadSample, Record
 from cmpt.data.validate import document_problems, document_text
 from cmpt.vision.processor import ImageProcessor
-from cmpt.vlm.chat import (
+from cmpt.vlm.chat import encode_text_with_images
+from cmpt.vlm.vision_tokens import (
     IGNORE_INDEX,
     MASK_TOKEN,
     VISION_END,
     VISION_START,
     VISION_TOKENS,
-    encode_text_with_images,
     single_token_id,
 )
 
@@ -69,8 +69,8 @@ class DocumentBuilder:
     """Record → MoCa :class:`~cmpt.data.pipeline.ProcessedSample` (docs/method.md §3); see the module
     docstring. Deterministic per ``(seed, epoch, id)``.
 
-    ``tokenizer`` must hold the vision tokens (:func:`cmpt.vlm.chat.ensure_vision_tokens`) and, with
-    ``masking=True``, ``mask_token`` (:func:`cmpt.vlm.chat.ensure_mask_token`).
+    ``tokenizer`` must hold the vision tokens (:func:`cmpt.vlm.vision_tokens.ensure_vision_tokens`) and, with
+    ``masking=True``, ``mask_token`` (:func:`cmpt.vlm.vision_tokens.ensure_mask_token`).
     """
 
     #: Text overhead ``(base, per_turn)`` of a conversation record for the length estimates
@@ -92,7 +92,7 @@ class DocumentBuilder:
         missing = [t for t in VISION_TOKENS if single_token_id(tokenizer, t) is None]
         if missing:
             raise ValueError(
-                f"the tokenizer lacks {missing}: call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) "
+                f"the tokenizer lacks {missing}: call cmpt.vlm.vision_tokens.ensure_vision_tokens(tokenizer) "
                 "and resize the LLM's embeddings before building samples"
             )
         if int(max_text_tokens) < 1:
@@ -103,8 +103,8 @@ class DocumentBuilder:
         self.mask_id = single_token_id(tokenizer, mask_token)
         if masking and self.mask_id is None:
             raise ValueError(
-                f"the tokenizer lacks the mask token {mask_token!r}: call "
-                "cmpt.vlm.chat.ensure_mask_token(tokenizer) and resize the LLM's embeddings if needed"
+                f"the tokenizer lacks the mask token {mask_token!r}: call cmpt.vlm.vision_tokens."
+                "ensure_mask_token(tokenizer) and resize the LLM's embeddings if needed"
             )
         self.processor, self.tokenizer, self.merge_size = processor, tokenizer, processor.merge_size
         self.max_text_tokens, self.seed, self.masking = int(max_text_tokens), int(seed), bool(masking)

@@ -14,6 +14,9 @@ values (no ``datasets`` formatting, no image decoding); the columns are:
   :mod:`cmpt.data.chat_layout`), with the images in ``images`` or inline in the image parts.
 * ``text`` (documents, docs/method.md §3): the text with its ``<image>`` placeholders, for rows
   without ``conversations`` (a null / absent ``conversations`` value).
+* ``caption`` (image–caption datasets, ``{"image", "caption"}``): for rows with no other content
+  (:func:`cmpt.data.sources.caption_of`), an image–caption record as tar ``.txt`` captions are
+  (:func:`cmpt.data.chat_layout.caption_views`).
 * every other column goes to ``Record.meta``; a string column ``extra_json`` holding a JSON object
   is merged into it (the record's other keys, as written by :func:`cmpt.data.convert.llava_to_hf`).
 
@@ -34,10 +37,10 @@ import os
 import threading
 from typing import Any
 
-from cmpt.data.chat_layout import messages_to_conversations
+from cmpt.data.chat_layout import caption_views, messages_to_conversations
 from cmpt.data.convert import require_datasets
 from cmpt.data.hub_layout import parquet_files
-from cmpt.data.sources import READER_VERSION, RECORD_KEYS, BadSample, Record
+from cmpt.data.sources import READER_VERSION, RECORD_KEYS, BadSample, Record, caption_of
 
 __all__ = ["HFSource", "hf_record"]
 
@@ -78,6 +81,9 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
             ) from None
     if isinstance(convs, list):  # Arrow structs give every field of the schema: drop the null ones
         convs = [{k: v for k, v in t.items() if v is not None} if isinstance(t, dict) else t for t in convs]
+    text, caption = row.get("text"), caption_of(row)
+    if caption is not None:  # {"image", "caption"} rows: image–caption records
+        text, caption, convs = caption_views(caption, len(images), rid)
     meta = {k: v for k, v in row.items() if k not in RECORD_KEYS}
     extra = meta.pop("extra_json", None)
     if isinstance(extra, str) and extra:
@@ -87,7 +93,7 @@ def hf_record(row: dict[str, Any], index: int, name: str, image_root: str) -> Re
             raise BadSample(rid, "invalid_json", f"row {index}: 'extra_json' is not valid JSON") from None
         if isinstance(extra, dict):
             meta.update(extra)
-    return Record(rid, images, convs, meta, index, image_root, f"{name}[{index}]", row.get("text"))
+    return Record(rid, images, convs, meta, index, image_root, f"{name}[{index}]", text, caption=caption)
 
 
 class HFSource:
@@ -157,6 +163,14 @@ class HFSource:
                 tables = [pq.read_table(f, memory_map=True) for f in self.files]
                 self._data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return self._data
+
+    def column(self, name: str) -> list[Any] | None:
+        """Every value of column ``name`` as Python values, in row order (``None``: no such column);
+        reads that column only (e.g. the pair loader's ``task``)."""
+        data = self._table() if self.kind == "parquet" else self._dataset()
+        if name not in data.column_names:
+            return None
+        return (data.column(name) if self.kind == "parquet" else data[name]).to_pylist()
 
     def row(self, i: int) -> dict[str, Any]:
         """Raw row ``i`` as Python values (images undecoded)."""

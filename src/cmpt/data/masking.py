@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from cmpt.vlm.chat import IGNORE_INDEX
+from cmpt.vlm.vision_tokens import IGNORE_INDEX
 
 __all__ = ["apply_mlm", "mlm_mask", "window_mask"]
 

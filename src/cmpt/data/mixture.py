@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cmpt.data.sources import BadSample, Record, open_source, source_kind
+from cmpt.data.open import open_source, source_kind
+from cmpt.data.sources import BadSample, Record
 
 __all__ = ["MixtureMember", "MixtureSource", "load_mixture", "parse_sampling", "select_indices", "weighted"]
 

@@ -1,12 +1,13 @@
 """Pair sources and the resumable, task-homogeneous pair loader of MoCa stage 2 (docs/method.md §3, §4).
 
 **Sources.** Pair records (:mod:`cmpt.data.pairs`) come from any source of
-:func:`cmpt.data.sources.open_source`: LLaVA-style JSON/JSONL files, Hugging Face datasets,
-mixtures, and tar shards — read here through :class:`TarPairSource`, a map-style view built by one
-scan of the shards (sample offsets and tasks), since the task sampler needs every record's task up
-front. A record without a ``task`` (or whose JSON cannot be read) belongs to its source's default
-task: the file or dataset name without extension (``caption2image.jsonl`` → ``caption2image``), for
-tar shards the name of their directory; in a mixture, each member's own.
+:func:`cmpt.data.open.open_source` — LLaVA-style JSON/JSONL files, Hugging Face datasets (a split
+as ``PATH#SPLIT``, or ``split:`` in a mixture), mixtures — and from tar shards, read here as a
+:class:`~cmpt.data.tar_index.TarIndexSource` (map-style: the task sampler needs every record's task
+up front; sample offsets cached by content, as in mixtures). A record without a ``task`` (or whose
+JSON cannot be read) belongs to its source's default task: the file or dataset name without
+extension (``caption2image.jsonl`` → ``caption2image``), for tar shards the name of each shard's
+directory; in a mixture, each member's own.
 
 **Loader.** :class:`PairLoader` yields this rank's collated batches (:func:`~cmpt.data.pairs.collate_pairs`)
 of the :class:`~cmpt.data.task_sampler.TaskBatchSampler`'s global batches, forever, one per global
@@ -27,7 +28,6 @@ unseen one.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -37,8 +37,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.batching import LoaderBase, identity_collate, worker_init
 from cmpt.data.config import DataConfig
+from cmpt.data.hf_source import HFSource
+from cmpt.data.mixture import MixtureSource
+from cmpt.data.open import open_source
 from cmpt.data.pairs import PairBuilder, collate_pairs
-from cmpt.data.sources import BadSample, open_source, set_follow_symlinks
+from cmpt.data.sources import BadSample, set_follow_symlinks
+from cmpt.data.tar_index import TarIndexSource
 from cmpt.data.task_sampler import TaskBatchSampler
 from cmpt.data.webdataset import ShardList
 
@@ -53,85 +57,55 @@ def _stem(path: str) -> str:
     return name
 
 
-class TarPairSource:
-    """Map-style view of tar shards holding pair records (one scan at construction: the shard, byte
-    offset and task of every sample; ``source[i]`` reads sample ``i`` back by its offset)."""
-
-    def __init__(self, shards: ShardList) -> None:
-        self.shards, self.path = shards, shards.path
-        self.locations: list[tuple[int, int]] = []
-        self.tasks: list[str] = []
-        self._errors: dict[int, BadSample] = {}
-        for s in range(len(shards)):
-            default = os.path.basename(os.path.dirname(shards.paths[s])) or _stem(shards.paths[s])
-            for raw in shards.iter_shard(s):
-                i = len(self.locations)
-                self.locations.append((s, raw.offset))
-                task = None
-                if raw.error:
-                    try:
-                        shards.read(s, raw.offset, i)
-                    except BadSample as e:
-                        self._errors[i] = e
-                elif "json" in raw.members:
-                    try:
-                        obj = json.loads(raw.members["json"].decode("utf-8-sig"))
-                        task = obj.get("task") if isinstance(obj, dict) else None
-                    except (UnicodeDecodeError, json.JSONDecodeError):
-                        pass
-                self.tasks.append(task if isinstance(task, str) and task.strip() else default)
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def __getitem__(self, i: int) -> Any:
-        if i in self._errors:
-            raise self._errors[i]
-        shard, offset = self.locations[i]
-        return self.shards.read(shard, offset, i)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return self.shards.fingerprint()
+#: The map-style view of tar shards the pair loader reads (the name it had before it became
+#: :class:`~cmpt.data.tar_index.TarIndexSource`, the one implementation).
+TarPairSource = TarIndexSource
 
 
-def open_pair_source(path: str | os.PathLike | list, image_root: str | os.PathLike | None = None) -> Any:
-    """A map-style source of pair records: :func:`~cmpt.data.sources.open_source`, with tar shards
-    (or an all-tar mixture) wrapped in a :class:`TarPairSource`."""
-    source = open_source(path, image_root)
-    return TarPairSource(source) if isinstance(source, ShardList) else source
+def open_pair_source(
+    path: str | os.PathLike | list, image_root: str | os.PathLike | None = None, *, split: str | None = None
+) -> Any:
+    """A map-style source of pair records: :func:`~cmpt.data.open.open_source` (``split`` and
+    ``PATH#SPLIT`` as there: a Hugging Face dataset's split), with tar shards (or an all-tar
+    mixture) opened as a :class:`~cmpt.data.tar_index.TarIndexSource` (offsets cached by content)."""
+    source = open_source(path, image_root, split=split)
+    return TarIndexSource(source) if isinstance(source, ShardList) else source
 
 
-def _default_task(source: Any) -> str:
-    return _stem(getattr(source, "path", "") or getattr(source, "name", "") or "pairs")
+def _valid(task: Any) -> bool:
+    return isinstance(task, str) and bool(task.strip())
 
 
 def record_tasks(source: Any) -> list[str]:
     """The task of every record of a map-style source (see the module docstring for the default)."""
-    from cmpt.data.hf_source import HFSource
-    from cmpt.data.mixture import MixtureSource
-
-    if isinstance(source, TarPairSource):
-        return list(source.tasks)
     if isinstance(source, MixtureSource):
         per_member = [record_tasks(s) for s in source.sources]
         return [per_member[k][j] for k, j in zip(source.member.tolist(), source.record_index.tolist())]
-    default = _default_task(source)
-    if isinstance(source, HFSource):
-        data = source._table() if source.kind == "parquet" else source._dataset()
-        names = data.column_names
-        if "task" not in names:
-            return [default] * len(source)
-        col = data.column("task") if source.kind == "parquet" else data["task"]
-        values = col.to_pylist() if hasattr(col, "to_pylist") else list(col)
-        return [t if isinstance(t, str) and t.strip() else default for t in values]
-    out = []
+    if isinstance(source, TarIndexSource):  # each shard's directory (or file) name
+        paths = source.shards.paths
+        names = [os.path.basename(os.path.dirname(p)) or _stem(p) for p in paths]
+        defaults = [names[source.shard_of(i)] for i in range(len(source))]
+    else:
+        name = getattr(source, "path", "") or getattr(source, "name", "") or "pairs"
+        defaults = [_stem(name)] * len(source)
+    if isinstance(source, HFSource):  # the task column alone, no row decoded
+        values = source.column("task") or [None] * len(source)
+    else:
+        values = [None if isinstance(r, BadSample) else r.meta.get("task") for r in _records(source)]
+    return [t if _valid(t) else d for t, d in zip(values, defaults)]
+
+
+def _records(source: Any) -> Iterator[Any]:
+    """Every record of a map-style source in order, or the ``BadSample`` it raises (a tar index
+    streams each shard once)."""
+    if isinstance(source, TarIndexSource):
+        yield from source.iter_records()
+        return
     for i in range(len(source)):
         try:
-            task = source[i].meta.get("task")
-        except BadSample:
-            task = None
-        out.append(task if isinstance(task, str) and task.strip() else default)
-    return out
+            yield source[i]
+        except BadSample as e:
+            yield e
 
 
 class _PairBatches(Dataset):

@@ -52,15 +52,8 @@ import torch
 from cmpt.data.pipeline import ProcessedSample, collate, decode_image
 from cmpt.data.sources import BadSample, Record, resolve_image_path
 from cmpt.vision.processor import ImageProcessor
-from cmpt.vlm.chat import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    VISION_END,
-    VISION_TOKENS,
-    encode_text_with_images,
-    plain_input,
-    single_token_id,
-)
+from cmpt.vlm.chat import encode_text_with_images, plain_input
+from cmpt.vlm.vision_tokens import IGNORE_INDEX, IMAGE_TOKEN, VISION_END, VISION_TOKENS, single_token_id
 
 __all__ = [
     "PairBuilder",
@@ -228,7 +221,7 @@ def _key(image: str | bytes) -> str:
 class PairBuilder:
     """Pair record → :class:`PairSample` (docs/method.md §3); see the module docstring.
 
-    ``tokenizer`` must hold the vision tokens (:func:`cmpt.vlm.chat.ensure_vision_tokens`).
+    ``tokenizer`` must hold the vision tokens (:func:`cmpt.vlm.vision_tokens.ensure_vision_tokens`).
     ``max_text_tokens``: per input, cut like the Embedder's ``max_length`` (1280, the release's).
     ``num_hard_negatives``: ``k`` (2, the release's). Deterministic (nothing random).
     """
@@ -244,7 +237,7 @@ class PairBuilder:
         missing = [t for t in VISION_TOKENS if single_token_id(tokenizer, t) is None]
         if missing:
             raise ValueError(
-                f"the tokenizer lacks {missing}: call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) "
+                f"the tokenizer lacks {missing}: call cmpt.vlm.vision_tokens.ensure_vision_tokens(tokenizer) "
                 "and resize the LLM's embeddings before building pairs"
             )
         if int(max_text_tokens) < 1 or int(num_hard_negatives) < 0:

@@ -31,14 +31,8 @@ from cmpt.data.sources import BadSample, Record
 from cmpt.data.validate import conversation_problems
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor
-from cmpt.vlm.chat import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    VISION_TOKENS,
-    ConversationError,
-    caption_ids,
-    render_conversation,
-)
+from cmpt.vlm.chat import caption_ids, render_conversation
+from cmpt.vlm.vision_tokens import IGNORE_INDEX, IMAGE_TOKEN, VISION_TOKENS, ConversationError
 
 __all__ = [
     "BadSample",
@@ -127,7 +121,7 @@ class SampleBuilder:
         missing = [t for t in VISION_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
         if missing:
             raise ValueError(
-                f"the tokenizer lacks {missing}: call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) "
+                f"the tokenizer lacks {missing}: call cmpt.vlm.vision_tokens.ensure_vision_tokens(tokenizer) "
                 "and resize the LLM's embeddings before building samples"
             )
         self.processor, self.tokenizer = processor, tokenizer

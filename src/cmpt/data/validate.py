@@ -37,17 +37,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.sources import BadSample, LlavaSource, Record, open_source
+from cmpt.data.llava_source import LlavaSource
+from cmpt.data.open import open_source
+from cmpt.data.sources import BadSample, Record
 from cmpt.vision.image_io import ImageLoadError, load_image
 from cmpt.vision.processor import ImageProcessor, smart_resize
-from cmpt.vlm.chat import (
+from cmpt.vlm.chat import encode_text_with_images, render_conversation
+from cmpt.vlm.vision_tokens import (
     IMAGE_TOKEN,
     MASK_TOKEN,
     VISION_TOKENS,
     ConversationError,
-    encode_text_with_images,
     ensure_vision_tokens,
-    render_conversation,
 )
 
 __all__ = [
@@ -372,7 +373,7 @@ def data_check_main(
     print_fn: Any = print,
 ) -> int:
     """``cmpt data check SPEC``: check a data source (JSON/JSONL, tar shards, a Hugging Face dataset
-    — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.sources.open_source` and
+    — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.open.open_source` and
     ``docs/data.md``); 0 when clean, 1 when anything is bad.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample

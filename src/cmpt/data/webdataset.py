@@ -27,11 +27,12 @@ Documents (docs/method.md §3): the ``.json`` member may carry ``text`` (with ``
 placeholders) instead of ``conversations``; its images are found as above. A sample without a
 ``.json`` member but with a ``.txt`` one (UTF-8) is read from the ``.txt`` — and so is a sample
 whose ``.json`` has neither ``text`` nor ``conversations`` (metadata only, as img2dataset and
-open_clip write): with one image member and no ``<image>`` in the text it is an **image–caption
-pair** (``Record.caption``): a one-turn caption conversation for CoMP (user ``"<image>\n" +
-data.caption_prompt``, assistant the caption, :func:`cmpt.data.chat_layout.caption_conversation`)
-and the document ``"<image>\n" + caption`` for MoCa; otherwise a document (a text-only passage
-when it has no image).
+open_clip write); without a ``.txt``, such metadata's ``caption`` is read instead (img2dataset
+writes it there when configured so). With one image member and no ``<image>`` in the text it is an
+**image–caption pair** (``Record.caption``, :func:`cmpt.data.chat_layout.caption_views`): a
+one-turn caption conversation for CoMP (user ``"<image>\n" + data.caption_prompt``, assistant the
+caption, :func:`cmpt.data.chat_layout.caption_conversation`) and the document ``"<image>\n" +
+caption`` for MoCa; otherwise a document (a text-only passage when it has no image).
 
 Contrastive pairs (docs/method.md §3, :mod:`cmpt.data.pairs`): a ``.json`` member with the pair keys
 (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``,
@@ -61,12 +62,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.chat_layout import caption_conversation, messages_to_conversations
-from cmpt.data.sources import PAIR_KEYS, RECORD_KEYS, BadSample, Record
-from cmpt.vlm.chat import IMAGE_TOKEN
+from cmpt.data.chat_layout import caption_views, messages_to_conversations
+from cmpt.data.sources import PAIR_KEYS, RECORD_KEYS, BadSample, Record, caption_of
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "TAR_SUFFIXES",
     "RawSample",
     "ShardList",
     "decode_sample",
@@ -79,7 +80,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _NUMBERED = re.compile(r"(\d+)\.([A-Za-z0-9]+)")
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -105,7 +106,7 @@ def expand_shards(spec: str | os.PathLike | list | tuple) -> list[str]:
         return [p for s in spec for p in expand_shards(s)]
     s = os.fspath(spec)
     if os.path.isdir(s):
-        paths = sorted(os.path.join(s, n) for n in os.listdir(s) if n.lower().endswith(_TAR_SUFFIXES))
+        paths = sorted(os.path.join(s, n) for n in os.listdir(s) if n.lower().endswith(TAR_SUFFIXES))
     else:
         paths = []
         for p in expand_braces(s):
@@ -237,16 +238,12 @@ def _image_extensions(members: dict[str, bytes]) -> list[str]:
     return single + [e for _, e in sorted(numbered)]
 
 
-def _txt_document(raw: RawSample, rid: str, origin: str, n_images: int) -> tuple[str, str | None]:
-    """``(text, caption)`` of a ``.txt`` member: the document text, and — one image and no
-    placeholder in the text: an image–caption pair — the caption (else ``None``)."""
+def _txt(raw: RawSample, rid: str, origin: str) -> str:
+    """The text of the sample's ``.txt`` member (UTF-8, else ``bad_value``)."""
     try:
-        text = raw.members["txt"].decode("utf-8-sig")
+        return raw.members["txt"].decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadSample(rid, "bad_value", f"{origin}.txt is not UTF-8 ({e})") from None
-    if n_images == 1 and IMAGE_TOKEN not in text:
-        return IMAGE_TOKEN + "\n" + text, text.strip()
-    return text, None
 
 
 def _member_for(entry: str, base: str, members: dict[str, bytes]) -> str | None:
@@ -327,10 +324,10 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
     else:
         exts = _resolve_images(listed, raw, base, rid, origin)
     text, caption = obj.get("text"), None
-    if text is None and convs is None and "txt" in raw.members:
-        text, caption = _txt_document(raw, rid, origin, len(exts))
+    if text is None and convs is None:  # the .txt member, else the metadata's caption (or nothing)
+        caption = _txt(raw, rid, origin) if "txt" in raw.members else caption_of(obj)
         if caption is not None:  # an image–caption pair: a conversation for CoMP, a document for MoCa
-            convs = caption_conversation(caption)
+            text, caption, convs = caption_views(caption, len(exts), rid)
     meta = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
     images: list[Any] = [raw.members[e] for e in exts]
     return Record(rid, images, convs, meta, index, "", origin, text, caption=caption)

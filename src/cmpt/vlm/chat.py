@@ -8,7 +8,7 @@ of merged vision tokens (h·w/4). Labels are the assistant tokens only, everythi
 How it is done, and the decisions taken:
 
 * **Speed.** The template is rendered with *one* ``<|image_pad|>`` per image; the ids are expanded to
-  N copies afterwards (0.7 ms for a 3000-token image; tokenizing 3000 pad strings alone costs ~10 ms).
+  N copies afterwards (:func:`cmpt.vlm.vision_tokens.expand_images`).
 * **Labels.** The conversation is rendered once as a string, and for every assistant turn the
   rendering up to it (with the generation prompt) and through it; both must be string prefixes of
   the whole rendering, otherwise the template is not prefix-stable and a ``ValueError`` says so.
@@ -31,8 +31,11 @@ How it is done, and the decisions taken:
   length or lower ``max_pixels``). A truncated sample may end up with no supervised token.
 
 Plain documents (MoCa, docs/method.md §3) skip the template: :func:`encode_text_with_images`
-tokenizes the text as is, with the same image expansion; :func:`ensure_mask_token` adds MoCa's
-``<|mask|>``.
+tokenizes the text as is, with the same image expansion.
+
+The vision tokens, their expansion and :class:`ConversationError` are in
+:mod:`cmpt.vlm.vision_tokens` (``ensure_vision_tokens``, ``ensure_mask_token``, the token strings);
+they are importable from here too.
 """
 
 from __future__ import annotations
@@ -42,27 +45,25 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE_TOKEN = "<image>"
-VISION_START = "<|vision_start|>"
-IMAGE_PAD = "<|image_pad|>"
-VISION_END = "<|vision_end|>"
-IGNORE_INDEX = -100
-VISION_TOKENS = (VISION_START, IMAGE_PAD, VISION_END)
-MASK_TOKEN = "<|mask|>"  # MoCa's MLM corruption token (docs/method.md §3)
+from cmpt.vlm.vision_tokens import (
+    IGNORE_INDEX,
+    IMAGE_PAD,
+    IMAGE_TOKEN,
+    MASK_TOKEN,
+    VISION_END,
+    VISION_START,
+    VISION_TOKENS,
+    ConversationError,
+    check_placeholders,
+    ensure_mask_token,
+    ensure_vision_tokens,
+    expand_images,
+    single_pads,
+    single_token_id,
+    vision_token_ids,
+)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class ConversationError(ValueError):
-    """A conversation (or text) that cannot be rendered; ``reason`` is its bad-sample reason, one of
-    :data:`cmpt.data.sources.REASONS` (docs/method.md §4), so callers never read the message."""
-
-    def __init__(self, message: str, reason: str = "invalid_conversation") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __reduce__(self):  # picklable across DataLoader worker processes
-        return (ConversationError, (str(self), self.reason))
 
 
 @dataclass
@@ -74,57 +75,6 @@ class RenderedSample:
     num_image_tokens: list[int]  # N per image, in placeholder order
     caption: str  # assistant answers joined by spaces (text of the alignment loss)
     truncated: bool
-
-
-def _single_id(tokenizer, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer encodes it as exactly one id, else None."""
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
-        return None
-    return ids[0]
-
-
-def single_token_id(tokenizer, token: str) -> int | None:
-    """The id of ``token`` when the tokenizer encodes it as exactly one (known) id, else ``None``."""
-    return _single_id(tokenizer, token)
-
-
-def ensure_vision_tokens(tokenizer) -> list[str]:
-    """Add ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>`` as special tokens where missing.
-
-    Returns the tokens added (empty when all were there: idempotent). The caller resizes the
-    LLM's embeddings, e.g. ``model.resize_token_embeddings(len(tokenizer))`` (docs/method.md §2).
-    """
-    missing = [t for t in VISION_TOKENS if _single_id(tokenizer, t) is None]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return missing
-
-
-def ensure_mask_token(tokenizer, token: str = MASK_TOKEN) -> int:
-    """Add ``token`` (default ``<|mask|>``) as a special token when absent; return its id.
-
-    Idempotent. The caller resizes the LLM's embeddings only when the id falls outside the table
-    (docs/method.md §3, MLM).
-    """
-    tid = _single_id(tokenizer, token)
-    if tid is None:
-        tokenizer.add_tokens([token], special_tokens=True)
-        tid = _single_id(tokenizer, token)
-        if tid is None:
-            raise ValueError(f"the tokenizer still splits {token!r} after adding it as a special token")
-    return tid
-
-
-def _vision_ids(tokenizer) -> tuple[int, int, int]:
-    ids = tuple(_single_id(tokenizer, t) for t in VISION_TOKENS)
-    if any(i is None for i in ids):
-        raise ConversationError(
-            "the tokenizer lacks the vision tokens "
-            f"{VISION_TOKENS}; call cmpt.vlm.chat.ensure_vision_tokens(tokenizer) and then "
-            "model.resize_token_embeddings(len(tokenizer))"
-        )
-    return ids  # type: ignore[return-value]
 
 
 def _normalize(conversations: list[dict], system: str | None, sample_id: str) -> list[dict]:
@@ -168,16 +118,8 @@ def _normalize(conversations: list[dict], system: str | None, sample_id: str) ->
     return msgs
 
 
-def _check_placeholders(n_placeholders: int, num_image_tokens: list[int], sample_id: str) -> None:
-    if n_placeholders != len(num_image_tokens):
-        raise ConversationError(
-            f"sample {sample_id}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the conversation "
-            f"but {len(num_image_tokens)} image(s); put exactly one {IMAGE_TOKEN} per image in the "
-            "user turns (in image order), or fix the sample's image list",
-            "placeholder_mismatch",
-        )
-    if any(int(n) < 1 for n in num_image_tokens):
-        raise ConversationError(f"sample {sample_id}: every image needs >= 1 token, got {num_image_tokens}")
+def _with_single_pads(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": single_pads(m["content"])} for m in messages]
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -190,52 +132,8 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _single_pads(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, VISION_START + IMAGE_PAD + VISION_END)
-
-
-def _with_single_pads(messages: list[dict]) -> list[dict]:
-    return [{**m, "content": _single_pads(m["content"])} for m in messages]
-
-
-def _expand_images(
-    ids: torch.Tensor, labels: torch.Tensor, num_image_tokens: list[int], tokenizer, sample_id: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat each (single) ``<|image_pad|>`` id N times; checks the span structure."""
-    if not num_image_tokens:
-        return ids, labels
-    start_id, pad_id, end_id = _vision_ids(tokenizer)
-    pos = (ids == pad_id).nonzero().flatten()
-    if len(pos) != len(num_image_tokens):
-        raise ConversationError(
-            f"sample {sample_id}: the rendered text has {len(pos)} {IMAGE_PAD} tokens for "
-            f"{len(num_image_tokens)} images (does the chat template alter message contents?)"
-        )
-    if (
-        (pos == 0).any()
-        or (pos == len(ids) - 1).any()
-        or (ids[pos - 1] != start_id).any()
-        or (ids[pos + 1] != end_id).any()
-    ):
-        raise ConversationError(
-            f"sample {sample_id}: an image span is not {VISION_START}{IMAGE_PAD}{VISION_END}"
-        )
-    # Concatenate slices and constant blocks: no parallel kernel involved, so this stays in the
-    # microseconds even on a busy CPU (repeat_interleave can stall for milliseconds there).
-    id_parts: list[torch.Tensor] = []
-    label_parts: list[torch.Tensor] = []
-    prev = 0
-    for p, n in zip(pos.tolist(), num_image_tokens):
-        id_parts += [ids[prev:p], ids.new_full((int(n),), pad_id)]
-        label_parts += [labels[prev:p], labels.new_full((int(n),), IGNORE_INDEX)]
-        prev = p + 1
-    id_parts.append(ids[prev:])
-    label_parts.append(labels[prev:])
-    return torch.cat(id_parts), torch.cat(label_parts)
-
-
 def _end_of_turn_ids(tokenizer) -> set[int]:
-    out = {i for i in (_single_id(tokenizer, "<|im_end|>"), tokenizer.eos_token_id) if i is not None}
+    out = {i for i in (single_token_id(tokenizer, "<|im_end|>"), tokenizer.eos_token_id) if i is not None}
     return out
 
 
@@ -262,7 +160,7 @@ def render_conversation(
         for t in conversations
         if _ROLES.get(t.get("from", t.get("role"))) == "assistant"
     ]
-    _check_placeholders(sum(m["content"].count(IMAGE_TOKEN) for m in msgs), num_image_tokens, sample_id)
+    check_placeholders(sum(m["content"].count(IMAGE_TOKEN) for m in msgs), num_image_tokens, sample_id)
     msgs = _with_single_pads(msgs)
 
     # Char boundaries: [prompt | answer_1 | prompt | answer_2 | ... | tail]
@@ -299,7 +197,7 @@ def render_conversation(
             n_sup = ends[-1] + 1 if ends else len(piece)
         ids += piece
         labels += piece[:n_sup] + [IGNORE_INDEX] * (len(piece) - n_sup)
-    input_ids, label_ids = _expand_images(
+    input_ids, label_ids = expand_images(
         torch.tensor(ids, dtype=torch.long),
         torch.tensor(labels, dtype=torch.long),
         num_image_tokens,
@@ -310,7 +208,7 @@ def render_conversation(
     truncated = False
     if max_length is not None and len(input_ids) > max_length:
         if num_image_tokens:
-            last_end = int((input_ids == _vision_ids(tokenizer)[2]).nonzero().max()) + 1
+            last_end = int((input_ids == vision_token_ids(tokenizer)[2]).nonzero().max()) + 1
             if last_end > max_length:
                 raise ConversationError(
                     f"sample {sample_id}: {len(input_ids)} tokens, and its images end at token "
@@ -342,13 +240,13 @@ def render_prompt(
             f"prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders but only "
             f"{len(num_image_tokens)} images"
         )
-    _check_placeholders(len(num_image_tokens), num_image_tokens, "prompt")
+    check_placeholders(len(num_image_tokens), num_image_tokens, "prompt")
     msgs = [{"role": "user", "content": (IMAGE_TOKEN + "\n") * missing + prompt}]
     if system is not None:
         msgs.insert(0, {"role": "system", "content": system})
     text = _apply_template(tokenizer, _with_single_pads(msgs), add_generation_prompt=True)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, "prompt")[0]
+    return expand_images(ids, ids.clone(), num_image_tokens, tokenizer, "prompt")[0]
 
 
 def encode_text_with_images(
@@ -366,9 +264,9 @@ def encode_text_with_images(
             raise ConversationError(
                 f"sample {sample_id}: the text contains the literal token {tok}", "bad_value"
             )
-    _check_placeholders(text.count(IMAGE_TOKEN), num_image_tokens, sample_id)
-    ids = torch.tensor(tokenizer(_single_pads(text), add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return _expand_images(ids, ids.clone(), num_image_tokens, tokenizer, sample_id)[0]
+    check_placeholders(text.count(IMAGE_TOKEN), num_image_tokens, sample_id)
+    ids = torch.tensor(tokenizer(single_pads(text), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return expand_images(ids, ids.clone(), num_image_tokens, tokenizer, sample_id)[0]
 
 
 def plain_input(text: str | None, num_images: int, instruction: str | None = None) -> str:

@@ -1,0 +1,107 @@
+"""Which kind of data source a path names, and opening it (docs/method.md §4, docs/data.md).
+
+One path names every source cmpt reads: a LLaVA ``.json`` / ``.jsonl`` file
+(:class:`~cmpt.data.llava_source.LlavaSource`), a mixture ``.yaml`` (:mod:`cmpt.data.mixture`), tar
+shards (:class:`~cmpt.data.webdataset.ShardList`: a ``.tar``, a glob, a brace pattern, a list or a
+directory of them) or a Hugging Face dataset (:class:`~cmpt.data.hf_source.HFSource`: a
+``save_to_disk`` directory, ``.parquet`` files, a directory of them or a dataset repository
+downloaded from the hub, :mod:`cmpt.data.hub_layout`). ``PATH#SPLIT`` names a split of a Hugging
+Face dataset; a path that exists as written (a ``#`` in a file name) is taken literally.
+
+The training loaders (:mod:`cmpt.data.batching`), the pair loader (:mod:`cmpt.data.pair_loader`),
+mixtures and ``cmpt data check`` all open their data here, so they accept the same forms.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cmpt.data.hf_source import HFSource
+from cmpt.data.hub_layout import is_parquet_dir
+from cmpt.data.llava_source import LlavaSource
+from cmpt.data.webdataset import TAR_SUFFIXES, ShardList
+
+__all__ = ["open_source", "source_kind", "split_spec"]
+
+
+def split_spec(path: str | os.PathLike | list) -> tuple[Any, str | None]:
+    """``"data/hub#test" -> ("data/hub", "test")``: a Hugging Face dataset path with the split to read
+    (docs/data.md). A path that exists as written (a ``#`` in a file name) is taken literally."""
+    if isinstance(path, (list, tuple)):
+        return path, None
+    p = os.fspath(path)
+    base, sep, split = p.rpartition("#")
+    if not sep or not split or os.path.exists(p) or not os.path.exists(base):
+        return p, None
+    return base, split
+
+
+def source_kind(path: str | os.PathLike | list) -> str:
+    """``"llava"`` (.json/.jsonl), ``"mixture"`` (.yaml/.yml), ``"tar"`` (a list, glob or brace pattern
+    of tar shards, or a directory of them) or ``"hf"`` (a ``save_to_disk`` directory, ``.parquet``
+    files, a glob of them, a directory of them or a dataset repository downloaded from the hub,
+    :mod:`cmpt.data.hub_layout`; ``PATH#SPLIT`` names a split) (docs/method.md §4, docs/data.md)."""
+    if isinstance(path, (list, tuple)):
+        return "tar"
+    p, split = split_spec(path)
+    low = p.lower().rstrip("/")
+    if low.endswith((".json", ".jsonl")):
+        kind = "llava"
+    elif low.endswith((".yaml", ".yml")):
+        kind = "mixture"
+    elif low.endswith(".parquet"):
+        kind = "hf"
+    elif low.endswith(TAR_SUFFIXES) or "{" in p:
+        kind = "tar"
+    elif os.path.isdir(p):
+        kind = _dir_kind(p)
+    else:
+        kind = ""
+    if not kind:
+        raise ValueError(
+            f"cannot tell the kind of data source {p!r}: expected a LLaVA .json/.jsonl file, a mixture "
+            ".yaml, tar shards (.tar, a glob or {000..009} pattern, a directory of .tar) or a Hugging "
+            "Face dataset (a save_to_disk directory, .parquet files, a downloaded hub dataset); see "
+            "docs/data.md"
+        )
+    if split is not None and kind != "hf":
+        raise ValueError(f"{os.fspath(path)!r}: a split ('#{split}') applies only to Hugging Face datasets")
+    return kind
+
+
+def _dir_kind(p: str) -> str:
+    names = os.listdir(p)
+    if {"dataset_info.json", "state.json", "dataset_dict.json"} & set(names):
+        return "hf"
+    if any(n.lower().endswith(".parquet") for n in names):
+        return "hf"
+    if any(n.lower().endswith(TAR_SUFFIXES) for n in names):
+        return "tar"
+    return "hf" if is_parquet_dir(p) else ""
+
+
+def open_source(
+    path: str | os.PathLike | list, image_root: str | os.PathLike | None = None, *, split: str | None = None
+) -> Any:
+    """The source named by ``path``, by :func:`source_kind` (docs/method.md §4, docs/data.md).
+
+    Map-style sources (``len`` / ``source[i] -> Record``): ``LlavaSource``, ``HFSource``,
+    ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so
+    does a mixture whose members are all tar shards. ``split``: the split of a Hugging Face dataset
+    (as ``PATH#SPLIT``, which wins); ``ValueError`` for the other kinds.
+    """
+    kind = source_kind(path)
+    path, named = split_spec(path)
+    split = named or split
+    if split is not None and kind != "hf":
+        raise ValueError(f"{os.fspath(path)!r}: a split ({split!r}) applies only to Hugging Face datasets")
+    if kind == "llava":
+        return LlavaSource(path, image_root or None)
+    if kind == "hf":
+        return HFSource(path, image_root or None, split=split)
+    if kind == "mixture":
+        from cmpt.data.mixture import load_mixture  # mixtures open their members here
+
+        return load_mixture(path)
+    return ShardList(path)
