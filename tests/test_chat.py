@@ -9,17 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from cmpt.demo.tiny_lm import train_tokenizer
-from cmpt.vlm.chat import (
-    IGNORE_INDEX,
-    IMAGE_PAD,
-    VISION_END,
-    VISION_START,
-    caption_ids,
-    collate_rendered,
-    ensure_vision_tokens,
-    render_conversation,
-    render_prompt,
-)
+from cmpt.vlm import chat, vision_tokens
+from cmpt.vlm.chat import caption_ids, collate_rendered, render_conversation, render_prompt
+from cmpt.vlm.vision_tokens import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +307,11 @@ def test_large_image_span_is_expanded(tok):
     conv = [{"from": "human", "value": "<image>\nDescribe the chart."}, {"from": "gpt", "value": "Bars."}]
     s = render_conversation(conv, tok, [3000])
     assert _spans(tok, s.input_ids) == [3000]
+
+
+def test_vision_token_names_are_still_importable_from_chat():
+    for name in vision_tokens.__all__:
+        if name in chat.__all__:
+            assert getattr(chat, name) is getattr(vision_tokens, name)
+    kept = {"IMAGE_TOKEN", "ConversationError", "ensure_vision_tokens", "ensure_mask_token"}
+    assert kept <= set(chat.__all__)

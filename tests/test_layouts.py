@@ -19,13 +19,16 @@ from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT, caption_conversation, 
 from cmpt.data.convert import write_tar_samples
 from cmpt.data.hf_source import HFSource
 from cmpt.data.hub_layout import parquet_files
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.mixture import MixtureSource, load_mixture
+from cmpt.data.open import open_source, source_kind
 from cmpt.data.pipeline import SampleBuilder
-from cmpt.data.sources import REASONS, BadSample, LlavaSource, open_source, source_kind
+from cmpt.data.sources import REASONS, BadSample
 from cmpt.data.tar_index import TarIndexSource
 from cmpt.data.webdataset import RawSample, ShardList, decode_sample, iter_tar
 from cmpt.demo.synthetic import generate
-from cmpt.vlm.chat import ConversationError, render_conversation
+from cmpt.vlm.chat import render_conversation
+from cmpt.vlm.vision_tokens import ConversationError
 
 datasets = pytest.importorskip("datasets")
 
@@ -102,6 +105,12 @@ def llava_records(root: Path) -> list[dict]:
     return json.loads((root / "train.json").read_text())[:N]
 
 
+def _caption_meta(i: int, rec: dict) -> dict:
+    """img2dataset's metadata of sample ``i``, with the caption of LLaVA record ``rec``."""
+    return {"key": f"{i:09d}", "url": f"http://example.com/{i}.jpg", "status": "success",
+            "caption": rec["conversations"][1]["value"], "width": 64, "height": 64}  # fmt: skip
+
+
 def write_layout(kind: str, root: Path, broken: bool) -> tuple[str, str | None]:
     """``(path, reason)``: ``kind``'s data under ``root`` (N clean records, plus one bad one when
     ``broken``) and the reason the bad one must be reported with."""
@@ -174,15 +183,41 @@ def write_layout(kind: str, root: Path, broken: bool) -> tuple[str, str | None]:
             bad = {**records[0], "id": "bad", "image": ["coco/a.png", "coco/b.png"]}
             samples.append(("bad", {"json": json.dumps(bad).encode(), "png": _png(root, records[0])}))
         reason = "missing_image"
-    elif kind == "caption_tar":  # img2dataset: jpg + txt + metadata json
+    elif kind in ("caption_tar", "caption_meta_tar"):  # img2dataset: jpg + txt (or not) + metadata json
         for i, r in enumerate(records):
-            meta = {"key": f"{i:09d}", "url": f"http://example.com/{i}.jpg", "status": "success",
-                    "caption": r["conversations"][1]["value"], "width": 64, "height": 64}  # fmt: skip
-            samples.append((f"{i:09d}", {"jpg": _jpeg(_png(root, r)), "txt": meta["caption"].encode(),
-                                         "json": json.dumps(meta).encode()}))  # fmt: skip
+            meta = _caption_meta(i, r)
+            txt = {"txt": meta["caption"].encode()} if kind == "caption_tar" else {}
+            samples.append(
+                (f"{i:09d}", {"jpg": _jpeg(_png(root, r)), **txt, "json": json.dumps(meta).encode()})
+            )
         if broken:  # an empty caption
-            samples.append(("bad", {"jpg": _jpeg(_png(root, records[0])), "txt": b"  \n"}))
+            empty = {"txt": b"  \n"} if kind == "caption_tar" else {"json": b'{"caption": "  "}'}
+            samples.append(("bad", {"jpg": _jpeg(_png(root, records[0])), **empty}))
         reason = "empty_text"
+    elif kind in ("caption_jsonl", "caption_hf"):  # {"image", "caption"} records, the same JPEGs
+        rows = []
+        for i, r in enumerate(records):
+            (out / f"{i:09d}.jpg").write_bytes(_jpeg(_png(root, r)))
+            meta = _caption_meta(i, r)
+            rows.append({"id": f"shard-000000.tar/{i:09d}", "image": f"{tag}/{i:09d}.jpg",
+                         "caption": meta["caption"], "url": meta["url"]})  # fmt: skip
+        if kind == "caption_jsonl":
+            if broken:  # a caption that is not a string
+                rows.append({"id": "bad", "image": rows[0]["image"], "caption": ["a", "list"]})
+            path = root / f"{tag}_{kind}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            return str(path), "bad_value"
+        if broken:  # an empty caption
+            rows.append({**rows[0], "id": "bad", "caption": " "})
+        for r in rows:
+            r["image"] = {"bytes": (root / r["image"]).read_bytes(), "path": None}
+        (out / kind).mkdir(exist_ok=True)
+        text = datasets.Value("string")
+        feats = {"id": text, "image": datasets.Image(), "caption": text, "url": text}
+        datasets.Dataset.from_list(rows, features=datasets.Features(feats)).to_parquet(
+            out / kind / "train-00000-of-00001.parquet"
+        )
+        return str(out / kind), "empty_text"
     elif kind == "mixture":  # JSON + tar shards + a split of a hub dataset
         members = [
             {"path": write_layout("chat_json", root, False)[0]},
@@ -204,8 +239,9 @@ def write_layout(kind: str, root: Path, broken: bool) -> tuple[str, str | None]:
     return str(out / kind), reason
 
 
+CAPTION_KINDS = ["caption_tar", "caption_meta_tar", "caption_jsonl", "caption_hf"]
 KINDS = [
-    "chat_json", "chat_jsonl", "chat_hf_disk", "chat_hf_parquet", "chat_tar", "llava_tar", "caption_tar",
+    "chat_json", "chat_jsonl", "chat_hf_disk", "chat_hf_parquet", "chat_tar", "llava_tar", *CAPTION_KINDS,
     "mixture", "split", "hub_root",
 ]  # fmt: skip
 
@@ -325,31 +361,93 @@ def test_tar_image_paths_resolve_to_members():
     assert e.value.reason == "missing_image"
 
 
-# -- caption shards: CoMP conversations, MoCa documents ------------------------------------------
-def test_caption_records_are_conversations_for_comp_and_documents_for_moca(root):
+# -- captions (tar .txt, tar metadata, JSON / HF caption keys): CoMP conversations, MoCa documents ---
+def _caption_records(kind: str, root: Path) -> list:
+    path, _ = write_layout(kind, root, broken=False)
+    src = open_source(path)
+    return list(src.iter_records()) if isinstance(src, ShardList) else [src[i] for i in range(len(src))]
+
+
+def _same_sample(a, b) -> bool:
+    return (
+        a.id == b.id
+        and a.grids == b.grids
+        and all(
+            torch.equal(getattr(a, k), getattr(b, k))
+            for k in ("input_ids", "labels", "patches", "caption_ids")
+        )
+    )
+
+
+@pytest.mark.parametrize("kind", CAPTION_KINDS)
+def test_caption_records_are_conversations_for_comp_and_documents_for_moca(kind, root):
     from cmpt.data.documents import DocumentBuilder
     from cmpt.data.validate import document_text
 
-    path, _ = write_layout("caption_tar", root, broken=False)
-    rec = next(ShardList(path).iter_records())
-    caption = json.loads((root / "train.json").read_text())[0]["conversations"][1]["value"]
-    assert rec.is_caption and rec.caption == caption and rec.meta["url"].startswith("http")
-    assert rec.conversations == caption_conversation(caption) and not rec.is_document
+    recs = _caption_records(kind, root)
+    captions = [r["conversations"][1]["value"] for r in llava_records(root)]
+    assert [r.caption for r in recs] == captions and all(r.is_caption and not r.is_document for r in recs)
+    rec, caption = recs[0], captions[0]
+    assert rec.meta["url"].startswith("http") and "caption" not in rec.meta
+    assert rec.conversations == caption_conversation(caption)
     assert document_text(rec) == "<image>\n" + caption  # MoCa reads the document, as before
-    tok = tiny_tokenizer()
-    moca = DocumentBuilder(tiny_processor(), tok, max_text_tokens=512, masking=False).build(rec)
-    assert tok.decode(moca.input_ids).endswith(caption)
-    proc = tiny_processor()
+    tok, proc = tiny_tokenizer(), tiny_processor()
+    moca = DocumentBuilder(proc, tok, max_text_tokens=512, masking=False)
+    assert tok.decode(moca.build(rec).input_ids).endswith(caption)
+    ref = _caption_records("caption_tar", root)  # exactly as .txt captions are read
+    assert all(_same_sample(moca.build(a), moca.build(b)) for a, b in zip(ref, recs, strict=True))
     for prompt in (DEFAULT_CAPTION_PROMPT, "Caption:"):
-        s = SampleBuilder(proc, tok, caption_prompt=prompt, shuffle_caption=False).build(rec)
+        comp = SampleBuilder(proc, tok, caption_prompt=prompt, shuffle_caption=False)
+        s = comp.build(rec)
         text = tok.decode(s.input_ids)
         assert prompt in text and text.index(prompt) < text.index(caption)
         assert tok.decode(s.labels[s.labels >= 0]).startswith(caption)  # the caption is supervised
         assert tok.decode(s.caption_ids) == caption  # and is the text of the alignment loss
+        assert all(_same_sample(comp.build(a), comp.build(b)) for a, b in zip(ref, recs, strict=True))
     from cmpt.data.config import DataConfig
 
     with pytest.raises(ValueError, match="caption_prompt"):
         DataConfig(caption_prompt="<image> Describe")
+
+
+def test_caption_keys_give_way_to_other_content(root):
+    conv = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]
+    rows = [
+        {"id": "cap", "image": "a.jpg", "caption": " A cat. "},  # stripped caption, text as written
+        {"id": "conv", "image": "a.jpg", "caption": "x", "conversations": conv},  # conversations win
+        {"id": "chat", "images": ["a.jpg"], "caption": "x", "messages": to_messages(conv)},
+        {"id": "doc", "text": "Some text.", "caption": "x"},  # a document's text wins
+        {"id": "pair", "qry": "q", "pos_text": "p", "caption": "x"},  # a pair stays a pair
+        {"id": "passage", "caption": "Only text."},  # no image: a text-only passage
+        {"id": "two", "images": ["a.jpg", "b.jpg"], "caption": "<image> and <image>"},  # a document
+        {"id": "bad", "image": "a.jpg", "caption": 3},
+    ]
+    (root / "keys.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = LlavaSource(root / "keys.jsonl")
+    cap, conv_rec, chat, doc, pair, passage, two = (src[i] for i in range(7))
+    assert cap.is_caption and cap.caption == "A cat." and cap.text == "<image>\n A cat. "
+    assert not conv_rec.is_caption and conv_rec.conversations == conv and "caption" not in conv_rec.meta
+    assert not chat.is_caption and chat.conversations[0]["content"] == "<image>\nQ?"
+    assert doc.is_document and doc.text == "Some text." and pair.is_pair and not pair.is_caption
+    assert passage.is_document and passage.text == "Only text." and passage.images == []
+    assert two.is_document and two.text == "<image> and <image>" and two.caption is None
+    with pytest.raises(BadSample, match="'caption' must be a string") as e:
+        src[7]
+    assert e.value.reason == "bad_value"
+    # tar: the .txt member wins over the metadata's caption; metadata alone is read
+    assert _decode({"caption": "meta"}, {"jpg": b"J", "txt": b"from txt"}).caption == "from txt"
+    assert _decode({"caption": "meta", "url": "u"}, {"jpg": b"J"}).caption == "meta"
+    assert _decode({"url": "u"}, {"jpg": b"J"}).conversations is None  # nothing to read: missing_key
+
+
+def test_caption_records_survive_conversion_to_tar(root, tmp_path):
+    from cmpt.data.convert import llava_to_wds
+
+    path, _ = write_layout("caption_jsonl", root, broken=False)
+    out = llava_to_wds(path, tmp_path / "wds")
+    recs = list(ShardList(out["pattern"]).iter_records())
+    assert [r.caption for r in recs] == [r.caption for r in _caption_records("caption_jsonl", root)]
+    assert all(r.is_caption for r in recs) and _check(out["pattern"], tmp_path)[0] == 0
 
 
 # -- mixtures of tar shards with map-style sources ------------------------------------------------
@@ -389,6 +487,10 @@ def _same_as_stream(cut: Path, tmp_path: Path) -> None:
     assert isinstance(streamed[-1], BadSample) and [r.id for r in streamed[:3]] == [
         src[i].id for i in range(3)
     ]
+    # reading every record by streaming each shard once gives what indexing gives
+    records = list(src.iter_records())
+    assert [r.id for r in records[:3]] == [r.id for r in streamed[:3]] and len(records) == 4
+    assert isinstance(records[3], BadSample) and records[3].reason == "corrupt_archive"
 
 
 # -- hub layouts and splits ----------------------------------------------------------------------
@@ -463,11 +565,12 @@ def test_render_errors_carry_their_reason(convs, images, max_length, reason):
     assert pickle.loads(pickle.dumps(e.value)).reason == reason
 
 
-def test_data_caption_prompt_reaches_the_loader(root):
+@pytest.mark.parametrize("kind", ["caption_tar", "caption_jsonl"])  # streamed, map-style
+def test_data_caption_prompt_reaches_the_loader(kind, root):
     from cmpt.data.batching import build_loader
     from cmpt.data.config import DataConfig
 
-    path, _ = write_layout("caption_tar", root, broken=False)
+    path, _ = write_layout(kind, root, broken=False)
     tok = tiny_tokenizer()
     cfg = DataConfig(path=path, vision_budget=4096, text_budget=8192, caption_prompt="Caption this image:")
     batch = next(iter(build_loader(cfg, tiny_processor(), tok)))

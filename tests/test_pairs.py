@@ -16,12 +16,14 @@ import torch
 from broken_corpus import noise, tiny_processor, tiny_tokenizer
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import write_tar_samples
-from cmpt.data.pair_loader import PairLoader, open_pair_source, record_tasks
+from cmpt.data.pair_loader import PairLoader, TarPairSource, open_pair_source, record_tasks
 from cmpt.data.pairs import PairBuilder, build_pair_loader, collate_pairs
 from cmpt.data.sources import REASONS, BadSample
+from cmpt.data.tar_index import TarIndexSource
 from cmpt.data.task_sampler import TaskBatchSampler
 from cmpt.data.validate import check_dataset, data_check_main
-from cmpt.vlm.chat import IGNORE_INDEX, VISION_END, encode_text_with_images, plain_input
+from cmpt.vlm.chat import encode_text_with_images, plain_input
+from cmpt.vlm.vision_tokens import IGNORE_INDEX, VISION_END
 
 HAS_HF = importlib.util.find_spec("datasets") is not None
 IMG = "Represent the given image."
@@ -65,6 +67,11 @@ BAD = {
     "x_nopos": ({"qry": "q"}, "missing_key"),
     "x_broken": ({"qry": "q", "pos_text": IMG, "pos_image_path": "img/broken.png"}, "unreadable_image"),
 }  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CMPT_CACHE", str(tmp_path / "cache"))  # tar indexes
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +326,49 @@ def test_mixtures_and_default_tasks(data, tok, tmp_path):
     assert data_check_main(data["tar"], print_fn=lambda *_: None) == 0
     if HAS_HF:
         assert data_check_main(data["parquet"], print_fn=lambda *_: None) == 0
+
+
+def test_tar_pairs_are_read_through_the_tar_index(data, tmp_path):
+    src = open_pair_source(data["tar"])
+    assert isinstance(src, TarIndexSource) and TarPairSource is TarIndexSource
+    assert len(list((tmp_path / "cache" / "tar_index").glob("tar-index-*.json"))) == 1  # offsets cached
+    assert (
+        [r.id for r in src.iter_records()]
+        == [src[i].id for i in range(len(src))]
+        == [r["id"] for r in _good()]
+    )
+    # no task in the records: each shard's directory names it
+    rows = [{"qry": f"q{n}", "pos_text": "p"} for n in range(3)]
+    samples = [(f"{n:06d}", {"json": json.dumps(r).encode()}) for n, r in enumerate(rows)]
+    for name in ("retrieval", "vqa"):
+        (tmp_path / name).mkdir()
+        write_tar_samples(str(tmp_path / name / "s-000000.tar"), samples)
+    src = open_pair_source([str(tmp_path / "retrieval"), str(tmp_path / "vqa" / "s-000000.tar")])
+    assert record_tasks(src) == ["retrieval"] * 3 + ["vqa"] * 3
+
+
+@pytest.mark.skipif(not HAS_HF, reason="needs the optional `datasets` package")
+def test_pair_data_splits(data, tok, tmp_path):
+    import pyarrow.parquet as pq
+
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    table = pq.read_table(data["parquet"])
+    pq.write_table(table.slice(0, 4), hub / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(table.slice(4, 4), hub / "data" / "test-00000-of-00001.parquet")
+    test_ids = {r["id"] for r in _good()[4:]}
+    for src in (open_pair_source(f"{hub}#test"), open_pair_source(hub, split="test")):
+        assert {src[i].id for i in range(len(src))} == test_ids and record_tasks(src) == ["b"] * 4
+    assert record_tasks(open_pair_source(hub)) == ["a"] * 4  # train by default
+
+    def ids(path: str) -> set[str]:
+        cfg = DataConfig(path=path, seed=1)
+        loader = build_pair_loader(cfg, tiny_processor(), tok, batch_size=2, num_hard_negatives=1)
+        return {i for b in itertools.islice(iter(loader), 4) for i in b["sample_ids"]}
+
+    assert ids(f"{hub}#test") == test_ids
+    (tmp_path / "mix.yaml").write_text(f"datasets:\n  - {{path: {hub}, split: test, id_prefix: 't/'}}\n")
+    assert ids(str(tmp_path / "mix.yaml")) == {f"t/{i}" for i in test_ids}
+    assert data_check_main(f"{hub}#test", print_fn=lambda *_: None) == 0
+    with pytest.raises(ValueError, match="only to Hugging Face"):
+        open_pair_source(data["tar"], split="test")

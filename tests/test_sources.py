@@ -17,8 +17,10 @@ from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds, write_tar_samples
+from cmpt.data.llava_source import LlavaSource
+from cmpt.data.open import open_source, source_kind
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, estimate_lengths, template_overhead
-from cmpt.data.sources import BadSample, LlavaSource, open_source, source_kind
+from cmpt.data.sources import BadSample
 from cmpt.data.streaming import SampleStream, StreamConfig, StreamingLoader, assign_shards
 from cmpt.data.validate import check_dataset, data_check_main
 from cmpt.data.webdataset import RawSample, ShardList, decode_sample, expand_braces, expand_shards, split_key
@@ -271,3 +273,13 @@ def test_documents_survive_conversion_to_tar_shards(tmp_path):
     recs = list(open_source(wds["pattern"]).iter_records())
     assert [(r.id, r.text, r.conversations) for r in recs] == [(d["id"], d["text"], None) for d in docs]
     assert len(recs[0].images) == 1 and recs[1].images == []
+
+
+def test_moved_names_are_still_importable_from_sources():
+    from cmpt.data import llava_source, open, sources
+
+    for name in ("open_source", "source_kind", "split_spec"):
+        assert getattr(sources, name) is getattr(open, name)
+    assert sources.LlavaSource is llava_source.LlavaSource
+    with pytest.raises(AttributeError):
+        sources.no_such_name  # noqa: B018

@@ -3,13 +3,14 @@
 * :func:`llava_to_wds` writes WebDataset-style tar shards (format: :mod:`cmpt.data.webdataset`):
   sample ``n`` is ``<n:06d>.json`` (the record without its image paths; ``image`` names the image
   members' extensions) plus ``<n:06d>.<ext>`` for one image or ``<n:06d>.<k>.<ext>`` for several.
-  Tar headers carry no time, owner or mode of the source files, so the same input gives
+  An image–caption record keeps its ``caption`` key (it stays a caption record, docs/data.md). Tar
+  headers carry no time, owner or mode of the source files, so the same input gives
   byte-identical shards.
 * :func:`llava_to_hf` writes a ``datasets.Dataset`` (``format="disk"``: ``save_to_disk``;
   ``"parquet"``: ``data-XXXXX.parquet`` files) with columns ``id`` (string), ``images`` (a list of
   ``datasets.Image``, bytes embedded, ``path`` = the original relative path), ``conversations``
-  (a list of ``{from, value}``) and ``extra_json`` (the record's other keys as a JSON string).
-  Needs the optional ``datasets`` package.
+  (a list of ``{from, value}``: an image–caption record's conversation with the default prompt)
+  and ``extra_json`` (the record's other keys as a JSON string). Needs the optional ``datasets`` package.
 
 Faithful by default: an image file that does not exist is still named (tar: a member that is not
 there; HF: an image with only a path), so it is counted as ``missing_image`` when training, as the
@@ -82,10 +83,13 @@ def _record_json(rec: Record, images: Any) -> dict[str, Any]:
     obj: dict[str, Any] = {"id": rec.id}
     if images is not None:
         obj["image"] = images
-    if rec.conversations is not None or rec.text is None:
-        obj["conversations"] = rec.conversations
-    if rec.text is not None:  # a MoCa document (docs/method.md §3)
-        obj["text"] = rec.text
+    if rec.is_caption:  # read back as a caption record, so data.caption_prompt still applies
+        obj["caption"] = rec.caption
+    else:
+        if rec.conversations is not None or rec.text is None:
+            obj["conversations"] = rec.conversations
+        if rec.text is not None:  # a MoCa document (docs/method.md §3)
+            obj["text"] = rec.text
     obj.update(rec.meta)
     return obj
 
