@@ -1,6 +1,7 @@
 """FSDP2 done fully (docs/method.md §6 "Distributed training", "Activation memory"): meta-device build
-with rank 0's weights loaded once, bf16 mixed precision with fp32 reduction, ``final/`` gathered
-without rebuilding the model, selective activation checkpointing.
+with rank 0's weights loaded once (ranks > 0 build a skeleton and read no weight file; CoMP stage
+II and MoCa CPT), bf16 mixed precision with fp32 reduction, ``final/`` gathered without rebuilding
+the model, selective activation checkpointing.
 
 Fast tests run in one process (a 1-rank gloo group for FSDP2); the slow ones check the runs of
 tests/fsdp_runs.py (one 2-process launch shared with tests/test_resume_world_size.py).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import filecmp
+import json
 import socket
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from cmpt.config import ConfigError, load_config
 from cmpt.train import distributed as D
 from cmpt.train.config import TrainConfig
 from cmpt.train.final_weights import full_state_dict
-from fsdp_runs import losses, make_runs, stage2_sets
+from fsdp_runs import losses, make_runs, moca_sets, stage2_sets
 
 
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -151,24 +153,51 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_runs(tmp_path_factory.mktemp("fsdp_runs"))
 
 
+def _assert_sharded_equals_eager(runs: Path, name: str, eager: torch.nn.Module) -> None:
+    """The probe of run ``name`` (gathered shards, every rank's buffers) equals ``eager`` bit for bit,
+    and rank 1 built its model without opening a weight file (the worker's guard would have raised;
+    rank 0's reads show that the guard sees the real loaders)."""
+    probe = torch.load(runs / f"{name}.probe.pt", weights_only=True)
+    ref = eager.state_dict()
+    assert probe["state"].keys() == ref.keys()
+    assert [k for k in ref if not torch.equal(probe["state"][k], ref[k])] == []
+    buffers = dict(eager.named_buffers())
+    computed = {n: b for n, b in buffers.items() if n not in ref}
+    assert computed and probe["computed"].keys() == computed.keys()
+    assert all(torch.equal(probe["computed"][n], b) for n, b in computed.items())
+    assert len(probe["ranks"]) == 2
+    for rank in probe["ranks"]:  # rank 1's RoPE tables too: broadcast, not left as to_empty's garbage
+        assert rank["meta"] == [] and rank["buffers"].keys() == buffers.keys()
+        assert [n for n, b in buffers.items() if not torch.equal(rank["buffers"][n], b)] == []
+    reads = json.loads((runs / f"{name}.reads.json").read_text())
+    assert reads[1] == [] and any(r.endswith("model.safetensors") for r in reads[0]), reads
+
+
 @pytest.mark.slow
 def test_two_rank_meta_build_equals_the_eager_build_bit_for_bit(runs: Path) -> None:
     from cmpt.recipes import load_recipe
     from comp_fixtures import make_tiny_setup
 
-    probe = torch.load(runs / "fsdp.probe.pt", weights_only=True)
     setup = make_tiny_setup(runs / "tiny")  # already there: the same paths
     cfg, task_cls = load_recipe("tiny/comp_stage2", stage2_sets(setup, runs, "eager", 2, 2))
     torch.manual_seed(cfg.run.seed)
-    eager = task_cls(cfg).model
-    ref = eager.state_dict()
-    assert probe["state"].keys() == ref.keys()
-    assert [k for k in ref if not torch.equal(probe["state"][k], ref[k])] == []
-    computed = {n: b for n, b in eager.named_buffers() if n not in ref}
-    assert computed and probe["computed"].keys() == computed.keys()
-    assert all(torch.equal(probe["computed"][n], b) for n, b in computed.items())
+    _assert_sharded_equals_eager(runs, "fsdp", task_cls(cfg).model)
     # the first step's loss (before any update): FSDP2 from meta = DDP's eager replicas = one process
     assert losses(runs / "fsdp")[0] == losses(runs / "ddp")[0] == losses(runs / "ref")[0]
+
+
+@pytest.mark.slow
+def test_two_rank_moca_meta_build_equals_the_eager_build_bit_for_bit(runs: Path) -> None:
+    """MoCa CPT: the vocabulary grown by ``<|mask|>`` on meta, the MAE decoder copied from a
+    skeleton layer and (with peft) LoRA adapters injected on meta equal rank 0's eager build."""
+    from cmpt.recipes import load_recipe
+
+    cfg, task_cls = load_recipe("tiny/moca_cpt", moca_sets(runs, "eager_moca", 2))
+    torch.manual_seed(cfg.run.seed)
+    eager = task_cls(cfg).model
+    assert (cfg.model.lora_r > 0) == any("lora_" in n for n, _ in eager.named_parameters())
+    _assert_sharded_equals_eager(runs, "moca_fsdp", eager)
+    assert losses(runs / "moca_fsdp") == losses(runs / "moca_ref")
 
 
 @pytest.mark.slow
