@@ -37,7 +37,8 @@ class DataConfig:
     a config that still sets ``data.max_bad_fraction`` is read as that key, with a warning.
     ``caption_max_tokens`` / ``shuffle_caption``: the caption text of the alignment loss (docs/method.md §2).
     ``caption_prompt``: the user turn after ``"<image>\n"`` of image–caption records (tar ``jpg`` +
-    ``txt`` shards as img2dataset writes them), read by CoMP as one-turn caption conversations
+    ``txt`` shards as img2dataset writes them, a ``caption`` in their metadata ``json``, JSON or
+    dataset records ``{"image", "caption"}``), read by CoMP as one-turn caption conversations
     (the stage-I form, docs/method.md §2.1); default ``"Describe the image concisely."``.
     Tar shards only: ``shuffle_buffer`` samples per stream are shuffled before batching;
     ``num_streams`` streams per rank (``0`` = one per DataLoader worker, at least one; a multiple of

@@ -10,8 +10,8 @@ images are valid: ``load_image`` converts them.
 
 Every record layout of ``docs/data.md`` is checked in the form it is read into: the Hugging Face /
 TRL chat layout as its LLaVA turns (:mod:`cmpt.data.chat_layout`), image–caption records (tar
-``jpg`` + ``txt``) as their CoMP conversation with the default caption prompt, plus ``empty_text``
-for a blank caption.
+``jpg`` + ``txt`` or a metadata ``caption``, ``{"image", "caption"}`` records) as their CoMP
+conversation with the default caption prompt, plus ``empty_text`` for a blank caption.
 
 Document records (``text`` without ``conversations``, docs/method.md §3) are checked by
 :func:`document_problems` instead: a non-string (``bad_value``) or blank (``empty_text``) text,
@@ -42,7 +42,7 @@ from cmpt.data.open import open_source
 from cmpt.data.sources import BadSample, Record
 from cmpt.vision.image_io import ImageLoadError, load_image
 from cmpt.vision.processor import ImageProcessor, smart_resize
-from cmpt.vlm.chat import encode_text_with_images, render_conversation
+from cmpt.vlm.chat import ROLES, encode_text_with_images, render_conversation
 from cmpt.vlm.vision_tokens import (
     IMAGE_TOKEN,
     MASK_TOKEN,
@@ -62,8 +62,6 @@ __all__ = [
     "document_text",
     "record_problems",
 ]
-
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -98,13 +96,13 @@ def conversation_problems(rec: Record) -> list[tuple[str, str]]:
         if role is None or value is None:
             out.append(("missing_key", f"turn {k} needs 'from' and 'value'"))
             continue
-        if role not in _ROLES or not isinstance(value, str):
+        if role not in ROLES or not isinstance(value, str):
             out.append(("bad_value", f"turn {k}: role {role!r} / value of type {type(value).__name__}"))
             continue
-        roles.append(_ROLES[role])
+        roles.append(ROLES[role])
         if any(tok in value for tok in VISION_TOKENS):
             out.append(("bad_value", f"turn {k} contains a literal vision token"))
-        if _ROLES[role] == "user":
+        if ROLES[role] == "user":
             n_placeholders += value.count(IMAGE_TOKEN)
         elif IMAGE_TOKEN in value:
             out.append(("placeholder_mismatch", f"{IMAGE_TOKEN} in turn {k} ({role}), not a user turn"))

@@ -63,7 +63,8 @@ from cmpt.vlm.vision_tokens import (
     vision_token_ids,
 )
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+#: Turn roles as written (LLaVA ``from`` or ``role``) → chat-template roles.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -85,13 +86,13 @@ def _normalize(conversations: list[dict], system: str | None, sample_id: str) ->
     for k, turn in enumerate(conversations):
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
-        if role not in _ROLES or not isinstance(content, str):
+        if role not in ROLES or not isinstance(content, str):
             raise ConversationError(
-                f"sample {sample_id}: turn {k} must have a role in {sorted(_ROLES)} and a string "
+                f"sample {sample_id}: turn {k} must have a role in {sorted(ROLES)} and a string "
                 f"content, got role={role!r}, content type {type(content).__name__}",
                 "bad_value",
             )
-        role = _ROLES[role]
+        role = ROLES[role]
         if role == "system" and msgs:
             raise ConversationError(f"sample {sample_id}: a system turn is only allowed first (turn {k})")
         for tok in VISION_TOKENS:
@@ -158,7 +159,7 @@ def render_conversation(
     answers = [
         t.get("value", t.get("content", ""))
         for t in conversations
-        if _ROLES.get(t.get("from", t.get("role"))) == "assistant"
+        if ROLES.get(t.get("from", t.get("role"))) == "assistant"
     ]
     check_placeholders(sum(m["content"].count(IMAGE_TOKEN) for m in msgs), num_image_tokens, sample_id)
     msgs = _with_single_pads(msgs)
@@ -308,6 +309,7 @@ __all__ = [
     "IMAGE_PAD",
     "IMAGE_TOKEN",
     "MASK_TOKEN",
+    "ROLES",
     "VISION_END",
     "VISION_START",
     "VISION_TOKENS",
