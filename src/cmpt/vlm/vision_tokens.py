@@ -16,6 +16,8 @@ docs/method.md §4), so callers never read the message.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = [
@@ -57,7 +59,7 @@ class ConversationError(ValueError):
         return (ConversationError, (str(self), self.reason))
 
 
-def single_token_id(tokenizer, token: str) -> int | None:
+def single_token_id(tokenizer: Any, token: str) -> int | None:
     """The id of ``token`` when the tokenizer encodes it as exactly one (known) id, else ``None``."""
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
@@ -65,7 +67,7 @@ def single_token_id(tokenizer, token: str) -> int | None:
     return ids[0]
 
 
-def ensure_vision_tokens(tokenizer) -> list[str]:
+def ensure_vision_tokens(tokenizer: Any) -> list[str]:
     """Add ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>`` as special tokens where missing.
 
     Returns the tokens added (empty when all were there: idempotent). The caller resizes the
@@ -77,7 +79,7 @@ def ensure_vision_tokens(tokenizer) -> list[str]:
     return missing
 
 
-def ensure_mask_token(tokenizer, token: str = MASK_TOKEN) -> int:
+def ensure_mask_token(tokenizer: Any, token: str = MASK_TOKEN) -> int:
     """Add ``token`` (default ``<|mask|>``) as a special token when absent; return its id.
 
     Idempotent. The caller resizes the LLM's embeddings only when the id falls outside the table
@@ -92,7 +94,7 @@ def ensure_mask_token(tokenizer, token: str = MASK_TOKEN) -> int:
     return tid
 
 
-def vision_token_ids(tokenizer) -> tuple[int, int, int]:
+def vision_token_ids(tokenizer: Any) -> tuple[int, int, int]:
     """The ids of ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``; ``ConversationError``
     when the tokenizer lacks them."""
     ids = tuple(single_token_id(tokenizer, t) for t in VISION_TOKENS)
@@ -124,7 +126,7 @@ def single_pads(text: str) -> str:
 
 
 def expand_images(
-    ids: torch.Tensor, labels: torch.Tensor, num_image_tokens: list[int], tokenizer, sample_id: str
+    ids: torch.Tensor, labels: torch.Tensor, num_image_tokens: list[int], tokenizer: Any, sample_id: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat each (single) ``<|image_pad|>`` id of ``ids`` ``num_image_tokens[i]`` times (labels
     ``IGNORE_INDEX`` there); ``ConversationError`` when the spans are not as :func:`single_pads`
