@@ -28,7 +28,7 @@ from pathlib import Path
 from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds
-from cmpt.data.sources import open_source
+from cmpt.data.open import open_source
 from cmpt.demo.synthetic import generate
 from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 from cmpt.vision.processor import ImageProcessor

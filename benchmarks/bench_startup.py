@@ -36,8 +36,9 @@ from typing import Any
 from PIL import Image
 
 from cmpt.data.length_index import LengthIndex, default_workers
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import template_overhead, text_estimate, turn_texts, usable_structure, vision_tokens
-from cmpt.data.sources import BadSample, LlavaSource
+from cmpt.data.sources import BadSample
 from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 from cmpt.vision.processor import ImageProcessor
 from cmpt.vlm.chat import ensure_vision_tokens

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from broken_corpus import conv, tiny_processor
 from cmpt.data.batching import BatchLoader, TokenBudgetBatcher
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, SampleBuilder
-from cmpt.data.sources import LlavaSource
 from cmpt.train import BadDataError, LossTerms, OptimConfig, RunConfig, TrainConfig, Trainer
 from toy_task import ToyLoader, ToyTask
 

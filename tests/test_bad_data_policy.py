@@ -25,8 +25,8 @@ from broken_corpus import conv, tiny_processor, tiny_tokenizer
 from cmpt.config import ConfigError, load_config
 from cmpt.data.batching import MAX_CARRIED_BAD, BatchLoader, TokenBudgetBatcher, empty_batch
 from cmpt.data.config import DataConfig
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, SampleBuilder
-from cmpt.data.sources import LlavaSource
 from cmpt.recipes import CONFIG_ROOT, load_recipe
 from cmpt.train import BadDataError, OptimConfig, RunConfig, TrainConfig, Trainer
 from cmpt.train.bad_data import BadDataGuard, BadDataPolicy, is_empty

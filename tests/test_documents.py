@@ -19,8 +19,9 @@ from cmpt.data.batching import BatchLoader, build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import write_tar_samples
 from cmpt.data.documents import DocumentBuilder, protected_token_ids
+from cmpt.data.open import open_source
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, estimate_lengths, length_overhead
-from cmpt.data.sources import BadSample, Record, open_source
+from cmpt.data.sources import BadSample, Record
 from cmpt.demo.synth_documents import generate_documents, generate_passages
 from cmpt.vlm.chat import (
     IGNORE_INDEX,

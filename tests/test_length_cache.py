@@ -23,8 +23,9 @@ import pytest
 from broken_corpus import build_broken_corpus, tiny_processor, tiny_tokenizer
 from cmpt.data import length_cache as LC
 from cmpt.data import length_index as LI
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, estimate_lengths, template_overhead
-from cmpt.data.sources import BadSample, LlavaSource
+from cmpt.data.sources import BadSample
 from cmpt.demo.tiny_lm import default_corpus, train_tokenizer
 from cmpt.vlm.chat import ensure_vision_tokens
 
@@ -178,7 +179,7 @@ import json, logging, os, sys, time
 logging.basicConfig(level=logging.INFO)
 from cmpt.data import length_index as LI
 from cmpt.data.pipeline import LengthIndex
-from cmpt.data.sources import LlavaSource
+from cmpt.data.llava_source import LlavaSource
 from transformers import AutoTokenizer
 sys.path.insert(0, {tests!r})
 from broken_corpus import tiny_processor

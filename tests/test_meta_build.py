@@ -195,3 +195,26 @@ def test_native_vit_skeleton_reads_only_the_config(models, tmp_path) -> None:
     meta = NativeViT.from_pretrained(_unreadable(models["vit"], tmp_path / "vit"), rope=True, weights=False)
     _assert_skeleton_of(meta, eager)
     assert meta.config == eager.config and meta.loaded_from == tmp_path / "vit"
+
+
+@pytest.mark.parametrize("family", ["dinov2", "siglip", "aimv2"])
+def test_hf_vision_checkpoint_skeleton(family, tmp_path) -> None:
+    """A Hugging Face vision checkpoint (stage I's ``model.vision``): the HF tower is built from its
+    config on meta and converted by shape, with the CoMP tower's overrides (SigLIP drops its final norm)."""
+    from cmpt.vision.convert import comp_tower_overrides
+
+    src = save_hf_vision(family, tmp_path / "hf")
+    tower = comp_tower_overrides(src)
+    eager = NativeViT.from_hf(src, rope=True, **tower)
+    meta = NativeViT.from_hf(_unreadable(src, tmp_path / "x"), rope=True, weights=False, **tower)
+    _assert_skeleton_of(meta, eager)
+    assert meta.config == eager.config
+
+
+def test_stage1_from_hf_vision_reads_no_weights_on_fsdp_ranks_above_0(models, monkeypatch, tmp_path) -> None:
+    _as_rank(monkeypatch, 1)
+    vision, llm = _unreadable(models["hf_vit"], tmp_path / "v"), _unreadable(models["llm"], tmp_path / "l")
+    cfg, _ = load_recipe(
+        "tiny/comp_stage1", [f"model.vision={vision}", f"model.llm={llm}", "train.dist=fsdp"]
+    )
+    assert {p.is_meta for p in load_model(cfg).parameters()} == {True}

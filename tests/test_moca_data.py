@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cmpt.cli import main
-from cmpt.data.sources import open_source
+from cmpt.data.open import open_source
 from cmpt.demo.moca_data import prepare_moca_data
 
 

@@ -11,8 +11,9 @@ import torch
 
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import BatchLoader, TokenBudgetBatcher
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, sample_seed
-from cmpt.data.sources import BadSample, LlavaSource
+from cmpt.data.sources import BadSample
 from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_PAD, caption_ids
 
 ANSWERS = ("A red circle.", "Two blue squares.", "The largest bar is green.")

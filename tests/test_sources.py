@@ -273,13 +273,3 @@ def test_documents_survive_conversion_to_tar_shards(tmp_path):
     recs = list(open_source(wds["pattern"]).iter_records())
     assert [(r.id, r.text, r.conversations) for r in recs] == [(d["id"], d["text"], None) for d in docs]
     assert len(recs[0].images) == 1 and recs[1].images == []
-
-
-def test_moved_names_are_still_importable_from_sources():
-    from cmpt.data import llava_source, open, sources
-
-    for name in ("open_source", "source_kind", "split_spec"):
-        assert getattr(sources, name) is getattr(open, name)
-    assert sources.LlavaSource is llava_source.LlavaSource
-    with pytest.raises(AttributeError):
-        sources.no_such_name  # noqa: B018

@@ -84,7 +84,8 @@ record layouts:
               {"from": "gpt", "value": "A."}]}
   HF / TRL   {"images": ["a.jpg"], "messages": [{"role": "user", "content": [{"type": "image"},
               {"type": "text", "text": "Q?"}]}, {"role": "assistant", "content": "A."}]}
-  captions   tar samples 000123.jpg + 000123.txt [+ metadata .json] (img2dataset): CoMP reads
+  captions   tar samples 000123.jpg + 000123.txt [+ metadata .json] (img2dataset; or "caption" in
+              the .json), {"image": "a.jpg", "caption": "..."} in JSON/HF: CoMP reads
               user "<image>\\n" + data.caption_prompt, assistant = the caption; MoCa a document
   in tar     the .json member holds any layout; "image": "coco/x.jpg" (LLaVA verbatim) resolves to
               the sample's image member(s), in order

@@ -17,7 +17,7 @@ import cmpt.data.sources as sources
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
-from cmpt.data.sources import LlavaSource
+from cmpt.data.llava_source import LlavaSource
 from cmpt.data.validate import check_dataset
 
 

@@ -34,8 +34,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.config import DataConfig
+from cmpt.data.open import open_source
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, length_overhead
-from cmpt.data.sources import BadSample, open_source, set_follow_symlinks
+from cmpt.data.sources import BadSample, set_follow_symlinks
 
 __all__ = [
     "MAX_CARRIED_BAD",
@@ -366,7 +367,7 @@ def build_loader(
 ) -> Any:
     """Source → length index → batcher → builder → loader, as configured (docs/method.md §4).
 
-    ``cfg.path`` is dispatched by :func:`cmpt.data.sources.open_source`: a map-style source (LLaVA
+    ``cfg.path`` is dispatched by :func:`cmpt.data.open.open_source`: a map-style source (LLaVA
     JSON/JSONL, Hugging Face dataset, mixture) gives a :class:`BatchLoader`; tar shards (or a mixture
     of them) a :class:`cmpt.data.streaming.StreamingLoader`. ``tokenizer`` must already have the
     vision tokens (``ensure_vision_tokens``, then resize the LLM's embeddings). With

@@ -215,15 +215,3 @@ def caption_of(obj: dict[str, Any]) -> Any:
     if any(obj.get(k) is not None for k in ("conversations", "messages", "text")):
         return None
     return None if any(k in obj for k in PAIR_KEYS[:4]) else obj.get("caption")
-
-
-_MOVED = {"LlavaSource": "llava_source", "open_source": "open", "source_kind": "open", "split_spec": "open"}
-
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to modules importing this one (:data:`_MOVED`), still importable from here."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"cmpt.data.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

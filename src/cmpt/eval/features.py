@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cmpt.data.sources import LlavaSource
+from cmpt.data.llava_source import LlavaSource
 from cmpt.encode import budget_batches, to_raster
 from cmpt.vision.processor import ImageProcessor, load_image
 from cmpt.vision.vit import NativeViT

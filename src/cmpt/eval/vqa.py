@@ -272,8 +272,9 @@ def caption_loss(
     and scored by CoMP's objective without the alignment term, in eval mode;
     ``Σ lm_sum / Σ lm_count`` over all batches. Bad samples are skipped with a warning.
     """
+    from cmpt.data.llava_source import LlavaSource
     from cmpt.data.pipeline import SampleBuilder, collate
-    from cmpt.data.sources import BadSample, LlavaSource
+    from cmpt.data.sources import BadSample
     from cmpt.recipes.comp import LossConfig
     from cmpt.recipes.comp_objective import CompObjective
 

@@ -9,6 +9,7 @@ read, such as the CoMP release's towers (:mod:`cmpt.vision.official_release`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -348,12 +349,15 @@ def load_hf_vit(
     rope: bool = False,
     keep_prefix_tokens: bool = True,
     attn: str = "auto",
+    weights: bool = True,
     **overrides,
 ) -> NativeViT:
     """Load an HF vision checkpoint (vision tower of a full CLIP/SigLIP/AIMv2 model too) as a NativeViT.
 
     ``overrides`` replace converted config fields; ``final_norm=False`` drops the last norm (and its
-    weights), as :data:`COMP_TOWER_OVERRIDES` does for SigLIP in a CoMP VLM.
+    weights), as :data:`COMP_TOWER_OVERRIDES` does for SigLIP in a CoMP VLM. ``weights=False``: a
+    skeleton on the meta device, converted from the HF tower built from its config alone (no weight
+    file is read; FSDP2 ranks > 0, docs/method.md §6 "Distributed training").
     """
     model_type = _read_model_type(name_or_path)
     families = _families()
@@ -363,7 +367,12 @@ def load_hf_vit(
             f"model types: {sorted(families)} (DINOv2, SigLIP, AIMv2, CLIP vision towers)"
         )
     hf_cls, convert = families[model_type]
-    hf, info = hf_cls().from_pretrained(str(name_or_path), dtype=torch.float32, output_loading_info=True)
+    if weights:
+        hf, info = hf_cls().from_pretrained(str(name_or_path), dtype=torch.float32, output_loading_info=True)
+    else:  # the same modules from the config alone; the conversion below only reshapes meta tensors
+        hf_config = hf_cls().config_class.from_pretrained(str(name_or_path))
+        with torch.device("meta"):
+            hf, info = hf_cls()._from_config(hf_config, dtype=torch.float32), {}
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("mask_token")]
     if missing:
         raise ValueError(
@@ -381,8 +390,9 @@ def load_hf_vit(
     config = NativeViTConfig.from_dict({**cfg.__dict__, **settings, **overrides})
     if not config.final_norm:  # final norm switched off (CoMP SigLIP tower): its weights are unused
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    model = NativeViT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta") if not weights else contextlib.nullcontext():
+        model = NativeViT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=not weights)
     if missing or unexpected:
         raise RuntimeError(f"{name_or_path}: conversion bug, missing={missing} unexpected={unexpected}")
     return model

@@ -416,17 +416,24 @@ class NativeViT(nn.Module):
         rope: bool | None = None,
         keep_prefix_tokens: bool = True,
         attn: str = "auto",
+        weights: bool = True,
         **overrides,
     ) -> NativeViT:
         """Convert an HF DINOv2 / SigLIP / AIMv2 / CLIP vision checkpoint (method.md §1 "Families");
-        a hub id missing offline is one line naming the download command (:mod:`cmpt.hub`)."""
+        a hub id missing offline is one line naming the download command (:mod:`cmpt.hub`).
+        ``weights=False``: a meta-device skeleton from the configs alone (FSDP2 ranks > 0)."""
         from cmpt.hub import resolving
 
         from .convert import load_hf_vit
 
         with resolving(name_or_path, "vision checkpoint"):
             return load_hf_vit(
-                name_or_path, rope=bool(rope), keep_prefix_tokens=keep_prefix_tokens, attn=attn, **overrides
+                name_or_path,
+                rope=bool(rope),
+                keep_prefix_tokens=keep_prefix_tokens,
+                attn=attn,
+                weights=weights,
+                **overrides,
             )
 
     def num_flops_per_token(self, seq_len: int) -> float:

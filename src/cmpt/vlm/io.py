@@ -74,8 +74,8 @@ def load_vit(
     An HF checkpoint becomes the official CoMP tower (``comp_tower_overrides``: SigLIP loses its
     ``post_layernorm``, stored as ``final_norm: false`` in the ViT config so the saved VLM reloads
     alike); an instance or a NativeViT directory keeps its own ``final_norm``. ``weights=False``
-    builds a NativeViT directory's tower on the meta device (``NativeViT.from_pretrained``); an HF
-    checkpoint is converted from its weights either way (its config comes out of the conversion).
+    builds the tower on the meta device from its configs alone (``NativeViT.from_pretrained`` /
+    ``NativeViT.from_hf``).
     """
     if isinstance(vit, NativeViT):
         updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
@@ -91,7 +91,9 @@ def load_vit(
 
         with resolving(vit, "vision checkpoint"):
             tower = comp_tower_overrides(vit)
-        return NativeViT.from_hf(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, **tower)
+        return NativeViT.from_hf(
+            vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, weights=weights, **tower
+        )
     return NativeViT.from_pretrained(vit, rope=rope, keep_prefix_tokens=keep_prefix_tokens, weights=weights)
 
 
