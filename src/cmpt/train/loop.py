@@ -12,14 +12,8 @@ and which config changes it accepts (:mod:`cmpt.train.resume`); ``final/`` is sw
 (:mod:`cmpt.io_atomic`); ``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` |
 ``failed``) and ``exit_code`` (:mod:`cmpt.launch`).
 
-**Loss normalization (docs/method.md §6).** ``compute_loss`` returns per-term *sums* and *counts*. Before
-any backward, the counts of a term are summed over the step's micro-batches and over ranks; each
-micro-batch then backpropagates ``Σ_term weight · sum · world_size / global_count`` (``world_size``
-undoes the gradient averaging of DDP/FSDP). So N ranks × B samples equal one rank × N·B. A term
-with global count 0 contributes ``0 · sum``. If the task has ``loss_counts(batch)``, the counts
-are known before the forward and every micro-batch streams forward → backward; otherwise all
-``grad_accum`` forwards run first (their graphs are kept until the backwards: memory grows with
-``grad_accum``), then the backwards.
+**One optimizer step** (globally normalized losses, accumulation, clipping, the non-finite guard) is
+:class:`cmpt.train.step.StepRunner` (docs/method.md §6 "Loss normalization").
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -51,7 +44,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import OptimConfig, RunConfig, TrainConfig
-from .logging import EtaClock, IntervalMeter, MetricsLogger, StepStats
+from .logging import EtaClock, IntervalMeter, MetricsLogger
 from .optim import (
     build_optimizer,
     build_scheduler,
@@ -61,6 +54,7 @@ from .optim import (
 )
 from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, start_run, write_summary
 from .startup import startup_lines
+from .step import StepResult, StepRunner
 from .task import Loader, LossTerms, Task
 
 __all__ = ["BadDataError", "Loader", "LossTerms", "NonFiniteError", "Task", "Trainer"]
@@ -70,19 +64,6 @@ logger = logging.getLogger("cmpt.train")
 
 class NonFiniteError(RuntimeError):
     """More than ``train.max_nonfinite`` optimizer steps had a non-finite loss or gradient norm."""
-
-
-@dataclasses.dataclass
-class _StepResult:
-    losses: dict[str, float | None]
-    loss: float
-    grad_norm: float
-    nonfinite: bool
-    stop: bool
-    bad: int
-    samples: int
-    tokens: int
-    metrics: dict[str, float]
 
 
 class Trainer:
@@ -103,7 +84,6 @@ class Trainer:
         self._started = False  # past the resume checks: summary.json describes this launch
         self.plan: ResumePlan | None = None
         self.counters: dict[str, Any] = {"step": 0}
-        self._term_names: list[str] | None = None
         self.metrics: MetricsLogger | None = None
         self.model: nn.Module | None = None  # as trained (maybe DDP-wrapped)
         self.module: nn.Module | None = None  # unwrapped (FSDP2 shards in place)
@@ -236,7 +216,11 @@ class Trainer:
             self.model = model
         self.optimizer = build_optimizer(resolve_groups(self.module, named, self.optim_cfg), self.optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.steps)
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.steps = StepRunner(
+            self.task, self.model, self.optimizer, mode=self.mode, device=world.device,
+            world_size=world.world_size, grad_accum=cfg.grad_accum, clip_grad=self.optim_cfg.clip_grad,
+            amp=self._amp,
+        )  # fmt: skip
 
     def _config_dict(self) -> dict:
         return plain_config(self.full_config, run=self.run, optim=self.optim_cfg, train=self.cfg)
@@ -262,7 +246,7 @@ class Trainer:
         while c["step"] < cfg.steps:
             seen = c["bad_samples"] + c["samples"]
             batches, bad, good = self.bad_data.take(it, cfg.grad_accum, c["step"] + 1, c["bad_samples"], seen)
-            res = self._train_step(batches, bad, good)
+            res = self.steps.run(batches, bad, good, lambda: self._stop)
             lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
             self.scheduler.step()
             c["step"] += 1
@@ -309,7 +293,7 @@ class Trainer:
             "final": str(final) if final else None,
         }
 
-    def _check_faults(self, step: int, res: _StepResult) -> None:
+    def _check_faults(self, step: int, res: StepResult) -> None:
         """Count a skipped (non-finite) step; raise past ``max_nonfinite`` (the bad-sample limit is
         applied before the step, by :class:`~cmpt.train.bad_data.BadDataGuard`)."""
         cfg, c = self.cfg, self.counters
@@ -341,100 +325,3 @@ class Trainer:
             save_final_weights(self.task, self.module, tmp, main)
         D.barrier()
         return out
-
-    # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, micro_batches: list[dict], bad: int, good: int) -> _StepResult:
-        """One optimizer step on this rank's ``micro_batches``; ``bad`` / ``good``: the step's
-        sample counts, already summed over ranks."""
-        a, ddp = len(micro_batches), self.mode == "ddp"
-        counts_fn = getattr(self.task, "loss_counts", None)
-        stats = StepStats()
-        if counts_fn is not None:  # streaming: counts first, then forward → backward per micro-batch
-            local = [{k: int(v) for k, v in counts_fn(mb).items()} for mb in micro_batches]
-            gcounts = self._global_counts(local)
-            for i, mb in enumerate(micro_batches):
-                last = i == a - 1
-                ctx = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
-                with ctx:
-                    terms = self._forward(mb)
-                    if {k: int(v) for k, v in terms.counts.items()} != local[i]:
-                        raise ValueError(
-                            f"compute_loss counts {terms.counts} differ from loss_counts {local[i]}"
-                        )
-                    self._set_fsdp_sync(last)
-                    self._backward(terms, gcounts, stats, mb)
-        else:  # deferred: all forwards, global counts, then the backwards
-            manual = ddp and a > 1  # DDP decides syncing at forward time: reduce by hand
-            outs = []
-            for mb in micro_batches:
-                with self.model.no_sync() if manual else contextlib.nullcontext():
-                    outs.append(self._forward(mb))
-            gcounts = self._global_counts([{k: int(v) for k, v in t.counts.items()} for t in outs])
-            for i, (terms, mb) in enumerate(zip(outs, micro_batches)):
-                self._set_fsdp_sync(i == a - 1)
-                self._backward(terms, gcounts, stats, mb)
-            del outs
-            if manual:
-                D.average_grads(self._params, self.world.world_size)
-        return self._finish_step(stats, gcounts, bad, good)
-
-    def _forward(self, batch: dict) -> LossTerms:
-        batch = D.to_device(batch, self.world.device)
-        with self._amp() if self._amp else contextlib.nullcontext():
-            terms = self.task.compute_loss(self.model, batch)
-        return terms
-
-    def _set_fsdp_sync(self, sync: bool) -> None:
-        if self.mode == "fsdp" and self.cfg.grad_accum > 1:
-            self.model.set_requires_gradient_sync(sync)
-
-    def _global_counts(self, local: list[dict[str, int]]) -> dict[str, int]:
-        names = sorted(local[0])
-        if self._term_names is None:
-            everyone = D.all_gather_object(names)
-            if any(n != names for n in everyone):
-                raise ValueError(f"ranks return different loss terms: {everyone}")
-            self._term_names = names
-        for c in local:
-            if sorted(c) != self._term_names:
-                raise ValueError(f"loss terms {sorted(c)} differ from the first step's {self._term_names}")
-        totals = D.all_reduce_sum([sum(c[n] for c in local) for n in self._term_names])
-        return {n: round(v) for n, v in zip(self._term_names, totals)}
-
-    def _backward(self, terms: LossTerms, gcounts: dict[str, int], stats: StepStats, batch: dict) -> None:
-        world, loss = self.world.world_size, None
-        for name in self._term_names:
-            s, gc = terms.sums[name], gcounts[name]
-            scale = float(terms.weights.get(name, 1.0)) * world / gc if gc > 0 else 0.0
-            part = s.float() * scale
-            loss = part if loss is None else loss + part
-        if not loss.requires_grad:
-            raise ValueError("compute_loss returned no loss term connected to a trainable parameter")
-        stats.add(terms, loss, batch)
-        loss.backward()
-
-    def _finish_step(self, stats: StepStats, gcounts: dict[str, int], bad: int, samples: int) -> _StepResult:
-        names = self._term_names
-        local = torch.stack([*stats.sums_for(names), stats.nonfinite]).double().cpu()
-        extra = [float(self._stop), stats.tokens]
-        g = D.all_reduce_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64)]))
-        sums, nonfinite = g[: len(names)], g[len(names)] > 0
-        stop, tokens = g[len(names) + 1 :]
-        losses = {n: (s / gcounts[n] if gcounts[n] else None) for n, s in zip(names, sums)}
-        w = stats.weights
-        loss = sum(w.get(n, 1.0) * v for n, v in losses.items() if v is not None)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
-        nonfinite = nonfinite or not math.isfinite(grad_norm) or not math.isfinite(loss)
-        if not nonfinite:
-            if self.optim_cfg.clip_grad is not None:
-                torch.nn.utils.clip_grads_with_norm_(self._params, self.optim_cfg.clip_grad, norm)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics = stats.mean_metrics()
-        return _StepResult(
-            losses, loss, grad_norm, nonfinite, stop > 0, int(bad), int(samples), int(tokens), metrics
-        )
