@@ -100,7 +100,7 @@ def test_crash_inside_save_pretrained_keeps_old(tmp_path: Path, monkeypatch: pyt
     def boom(*args, **kwargs):
         raise RuntimeError("killed while writing the weights")
 
-    monkeypatch.setattr("cmpt.vision.vit.save_file", boom)
+    monkeypatch.setattr("cmpt.vision.vit_io.save_file", boom)
     with pytest.raises(RuntimeError, match="killed"):
         tiny_vit().save_pretrained(out)
     assert (out / "model.safetensors").read_bytes() == old and (out / COMPLETE_MARKER).is_file()

@@ -1,0 +1,89 @@
+"""The NativeViT directory: ``config.json`` (cmpt's config, also read by transformers' ``AutoConfig``
+after ``import cmpt``) + ``model.safetensors`` + a model card ``README.md`` (docs/method.md §1;
+docs/architecture.md "Sharing models"). ``NativeViT.save_pretrained`` / ``from_pretrained`` call
+these functions; a hub id resolves through :mod:`cmpt.hub`, a tower in the CoMP release's layout
+through :mod:`cmpt.vision.official_release`, and ``weights=False`` builds a meta-device skeleton
+(FSDP2 ranks > 0, docs/method.md §6 "Distributed training").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .vit import CONFIG_NAME, WEIGHTS_NAME, NativeViT, NativeViTConfig
+
+__all__ = ["load_vit_dir", "save_vit"]
+
+
+def save_vit(model: NativeViT, directory: str | Path, *, model_card: bool = True) -> None:
+    """``NativeViT.save_pretrained``: write ``config.json`` (also read by transformers'
+    ``AutoConfig`` after ``import cmpt``: :mod:`cmpt.hf_auto`) + ``model.safetensors`` and, with
+    ``model_card``, ``README.md`` (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`)."""
+    from cmpt.hf_auto import VIT_TYPE, auto_config_fields
+    from cmpt.io_atomic import atomic_directory
+    from cmpt.model_card import write_model_card
+
+    with atomic_directory(directory, writer="NativeViT.save_pretrained") as out:
+        cfg = {"cmpt_model": "NativeViT", **auto_config_fields(VIT_TYPE), **asdict(model.config)}
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        if model_card:
+            write_model_card(out, sources=[getattr(model, "loaded_from", None)])
+
+
+def load_vit_dir(
+    cls: type,
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    weights: bool = True,
+    **overrides,
+) -> NativeViT:
+    """``NativeViT.from_pretrained``: load a directory written by :func:`save_vit` (or its hub id:
+    :func:`cmpt.hub.local_model_dir`), or a CoMP-VFM tower of the official release
+    (:func:`cmpt.vision.official_release.load_official_vit`); ``overrides`` replace config fields
+    (e.g. ``rope=True``, ``attn="flex"``, ``keep_prefix_tokens=False``; ``final_norm=False``
+    drops a stored final norm, as the official CoMP SigLIP tower does, docs/method.md §1).
+    The model's ``loaded_from`` is the directory (its model card names the run behind it).
+
+    ``weights=False`` reads only ``config.json`` and builds the model on the meta device, for
+    FSDP2 ranks that get their weights from rank 0 (docs/method.md §6 "Distributed training");
+    a tower of the official release is still read in full (``cmpt convert official`` it once)."""
+    from cmpt.hub import local_model_dir
+    from cmpt.io_atomic import check_loadable
+
+    d = local_model_dir(directory, "NativeViT")
+    check_loadable(d)
+    cfg_file = d / CONFIG_NAME
+    if not cfg_file.is_file() or json.loads(cfg_file.read_text()).get("cmpt_model") != "NativeViT":
+        from cmpt.vision.official_release import detect_official_layout, load_official_vit
+
+        if detect_official_layout(d) == "vit":  # a CoMP-VFM tower of the release (docs/method.md §1.5)
+            return load_official_vit(d, device, **overrides)
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "for a Hugging Face checkpoint use NativeViT.from_hf"
+        )
+    raw = json.loads((d / CONFIG_NAME).read_text())
+    if raw.get("cmpt_model") != "NativeViT":
+        raise ValueError(
+            f"{d / CONFIG_NAME} is not a cmpt NativeViT config; use NativeViT.from_hf for HF models"
+        )
+    config = NativeViTConfig.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
+    with contextlib.nullcontext() if weights else torch.device("meta"):
+        model = cls(config)
+    if weights:
+        state = load_file(str(d / WEIGHTS_NAME), device="cpu")
+        if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        model.load_state_dict(state)
+    model.loaded_from = d
+    return model.to(device) if device is not None else model
