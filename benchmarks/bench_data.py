@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds
+from cmpt.data.loader import build_loader
 from cmpt.data.open import open_source
 from cmpt.demo.synthetic import generate
 from cmpt.demo.tiny_lm import default_corpus, train_tokenizer

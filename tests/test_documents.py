@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
-from cmpt.data.batching import BatchLoader, build_loader
+from cmpt.data.batching import BatchLoader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import write_tar_samples
 from cmpt.data.documents import DocumentBuilder, protected_token_ids
+from cmpt.data.loader import build_loader
 from cmpt.data.open import open_source
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, estimate_lengths, length_overhead
 from cmpt.data.sources import BadSample, Record

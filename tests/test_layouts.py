@@ -567,8 +567,8 @@ def test_render_errors_carry_their_reason(convs, images, max_length, reason):
 
 @pytest.mark.parametrize("kind", ["caption_tar", "caption_jsonl"])  # streamed, map-style
 def test_data_caption_prompt_reaches_the_loader(kind, root):
-    from cmpt.data.batching import build_loader
     from cmpt.data.config import DataConfig
+    from cmpt.data.loader import build_loader
 
     path, _ = write_layout(kind, root, broken=False)
     tok = tiny_tokenizer()

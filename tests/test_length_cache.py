@@ -245,7 +245,7 @@ import json, sys
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from broken_corpus import tiny_processor, tiny_tokenizer
-from cmpt.data.batching import build_loader
+from cmpt.data.loader import build_loader
 from cmpt.data.config import DataConfig
 dist.init_process_group("gloo")
 out, data, cache = sys.argv[1:4]

@@ -11,10 +11,11 @@ import torch
 import yaml
 
 from broken_corpus import tiny_processor, tiny_tokenizer
-from cmpt.data.batching import TokenBudgetBatcher, build_loader
+from cmpt.data.batching import TokenBudgetBatcher
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_wds
 from cmpt.data.llava_source import LlavaSource
+from cmpt.data.loader import build_loader
 from cmpt.data.mixture import MixtureSource, load_mixture, parse_sampling, select_indices, weighted
 from cmpt.data.open import source_kind
 from cmpt.data.pipeline import LengthIndex

@@ -226,8 +226,8 @@ def test_resume_with_another_world_size(parts):
 def test_build_loader_from_config(corpus, tmp_path):
     import pickle
 
-    from cmpt.data.batching import build_loader
     from cmpt.data.config import DataConfig, ResolutionConfig
+    from cmpt.data.loader import build_loader
 
     proc = ResolutionConfig(min_pixels=28 * 28, max_pixels=28 * 28 * 16).make_processor()
     cfg = DataConfig(path=str(corpus), vision_budget=40, text_budget=400, max_samples_per_batch=3)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
-from cmpt.data.batching import build_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds, write_tar_samples
 from cmpt.data.llava_source import LlavaSource
+from cmpt.data.loader import build_loader
 from cmpt.data.open import open_source, source_kind
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, estimate_lengths, template_overhead
 from cmpt.data.sources import BadSample

@@ -161,8 +161,8 @@ class CompTask:
         return self.vlm.fsdp_units()
 
     def build_loader(self, rank: int, world_size: int):
-        from ..data.batching import build_loader
         from ..data.length_cache import length_cache_dir
+        from ..data.loader import build_loader
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
         cache = length_cache_dir(self.cfg.data.length_cache)  # shared by stages (docs/method.md §4)

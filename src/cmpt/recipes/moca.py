@@ -181,9 +181,9 @@ class MocaTask:
         return [*self.backbone.fsdp_units(), *([] if self.cl else [self.model.mae_decoder])]
 
     def build_loader(self, rank: int, world_size: int):
-        from ..data.batching import build_loader
         from ..data.documents import DocumentBuilder
         from ..data.length_cache import length_cache_dir
+        from ..data.loader import build_loader
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
         if self.cl:
