@@ -28,6 +28,7 @@ __all__ = ["LOG_FORMAT", "configure_logging", "ensure_logging", "quiet_progress_
 #: Time, level (only when not INFO) and message: step lines stay short and greppable.
 LOG_FORMAT = "%(asctime)s %(rankprefix)s%(levelprefix)s%(message)s"
 _MARK = "_cmpt_handler"
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 
 
 class _Formatter(logging.Formatter):
@@ -67,10 +68,9 @@ def configure_logging(level: str | int = "INFO", stream=None) -> logging.Logger:
     """Send the ``"cmpt"`` loggers to ``stream`` (default: the current standard error) at ``level`` on rank 0,
     warnings elsewhere; idempotent (a second call updates the level, it adds no handler)."""
     if isinstance(level, str):
-        name = level.upper()
-        if name not in logging.getLevelNamesMapping():
+        if level.upper() not in _LEVELS:
             raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
-        level = logging.getLevelNamesMapping()[name]
+        level = _LEVELS[level.upper()]
     log = logging.getLogger("cmpt")
     rank = _rank()
     handler = next((h for h in log.handlers if getattr(h, _MARK, False)), None)
