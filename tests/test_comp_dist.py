@@ -44,7 +44,12 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for dist in ("ddp", "fsdp"):
-        sets = overrides(setup, root / dist, STEPS, **common, **{"train.grad_accum": 1, "train.dist": dist})
+        extra = {
+            "train.grad_accum": 1,
+            "train.dist": dist,
+            "train.save_every": STEPS // 2,
+        }  # + a mid-run step
+        sets = overrides(setup, root / dist, STEPS, **common, **extra)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
         cmd += [f"--master_port={_free_port()}", "-m", "cmpt", "train", "tiny/comp_stage2"]
         cmd += [arg for s in sets for arg in ("--set", s)]
@@ -78,3 +83,25 @@ def test_export_of_a_checkpoint_step_equals_final(runs, dist, tmp_path):
     ref, got = weights(runs / dist / "final"), weights(tmp_path / "exported")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert (tmp_path / "exported" / "vit" / "model.safetensors").is_file()  # CoMP-VFM too
+
+
+def test_export_of_a_mid_run_fsdp_checkpoint_equals_that_steps_weights(runs, tmp_path):
+    """`cmpt export` of step 2 of 4 (FSDP2, sharded DCP) equals the weights that checkpoint holds, read
+    independently with torch's own DCP → torch.save converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from cmpt.cli import main
+    from cmpt.vlm.model import VisionLanguageModel
+
+    ckpt = runs / "fsdp" / "checkpoints" / f"step_{STEPS // 2:06d}"
+    dcp_to_torch_save(ckpt, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)["model"]
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    got = {
+        f"vlm.{k}": v
+        for k, v in VisionLanguageModel.from_pretrained(tmp_path / "exported").state_dict().items()
+    }
+    assert saved and set(saved) <= set(got)
+    assert [k for k in saved if not torch.equal(saved[k], got[k])] == []
+    final = VisionLanguageModel.from_pretrained(runs / "fsdp" / "final").state_dict()
+    assert any(not torch.equal(final[k[4:]], saved[k]) for k in saved)  # step 2 is not the last step
