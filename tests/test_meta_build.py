@@ -218,3 +218,19 @@ def test_stage1_from_hf_vision_reads_no_weights_on_fsdp_ranks_above_0(models, mo
         "tiny/comp_stage1", [f"model.vision={vision}", f"model.llm={llm}", "train.dist=fsdp"]
     )
     assert {p.is_meta for p in load_model(cfg).parameters()} == {True}
+
+
+@pytest.mark.parametrize("init, order", [("vlm", "window"), ("vlm_official_order", "official")])
+def test_the_resolved_order_is_what_the_run_records(models, init, order) -> None:
+    """The run's config (compared on resume) holds the order trained, not "unset": a run saved with
+    ``window`` before the key could be unset resumes, and a release checkpoint records ``official``."""
+    from cmpt.recipes.comp import CompTask
+    from cmpt.train.resume import diff_configs
+
+    cfg = _comp_cfg(models[init], "none")
+    assert cfg.model.pos_embed_order is None
+    CompTask(cfg)
+    assert cfg.model.pos_embed_order == order
+    assert diff_configs({"model": {"pos_embed_order": "window"}}, {"model": {"pos_embed_order": order}}) == (
+        {} if order == "window" else {"model.pos_embed_order": ["window", "official"]}
+    )

@@ -35,7 +35,8 @@ class ModelConfig:
     ``vision`` (NativeViT dir or HF vision checkpoint) + ``llm`` (HF causal LM) build a fresh VLM.
     ``pos_embed_order``: the tower's position-table order (docs/method.md §1.1, §1.5); unset keeps
     the starting checkpoint's (``official`` for a converted release checkpoint, ``window`` for a
-    fresh HF tower and cmpt's own outputs)."""
+    fresh HF tower and cmpt's own outputs); :class:`CompTask` records the order it resolved to in
+    the run's config, so a resume compares the order actually trained."""
 
     init: str = ""
     vision: str = ""
@@ -134,6 +135,7 @@ class CompTask:
     def __init__(self, cfg: CompConfig) -> None:
         self.cfg = cfg
         self.vlm = load_model(cfg)
+        cfg.model.pos_embed_order = self.vlm.vit.config.pos_embed_order  # the effective order (resume)
         self.vlm.set_trainable(cfg.stage.trainable)
         for p in self.vlm.vit.unused_parameters():  # e.g. CLS when prefix tokens are dropped
             p.requires_grad_(False)
