@@ -451,3 +451,49 @@ def test_cli_convert_official(tmp_path, capsys):
     assert NativeViT.from_pretrained(tmp_path / "out").config.pos_embed_order == "official"
     assert main(["convert", "official", str(tmp_path / "out"), str(tmp_path / "again")]) == 2  # cmpt's own
     assert "not a checkpoint of the CoMP release" in capsys.readouterr().err
+
+
+class _HeadersOnly:
+    """``safe_open`` whose tensors cannot be read: names, shapes and dtypes only."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from safetensors import safe_open
+
+        self._fh = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self._inner = self._fh.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)
+
+    def keys(self):
+        return self._inner.keys()
+
+    def get_slice(self, key):
+        return self._inner.get_slice(key)
+
+    def get_tensor(self, key):
+        raise AssertionError(f"the skeleton read the tensor {key}")
+
+
+def test_release_layouts_build_as_meta_skeletons(tmp_path, tokenizer, monkeypatch):
+    """FSDP2 ranks > 0 (docs/method.md §6): the release's directories give the same modules on the
+    meta device, read from configs and the weights' headers only."""
+    import cmpt.vision.official_release as official
+    from test_meta_build import _assert_skeleton_of
+
+    vfm = write_vfm(tmp_path / "vfm", "siglip")
+    tower = tmp_path / "tower.json"
+    tower.write_text(json.dumps(tower_config("dinov2")))
+    vlm_dir, _ = write_vlm(tmp_path / "vlm", "dinov2", tokenizer, tied=False)
+    eager_vit = NativeViT.from_pretrained(vfm)
+    eager_vlm = load_official_vlm(vlm_dir, vision_config=tower)
+    monkeypatch.setattr(official, "safe_open", _HeadersOnly)
+    with pytest.raises(AssertionError, match="read the tensor"):  # the guard is real
+        NativeViT.from_pretrained(vfm)
+    _assert_skeleton_of(NativeViT.from_pretrained(vfm, weights=False), eager_vit)
+    meta = load_official_vlm(vlm_dir, vision_config=tower, weights=False)
+    _assert_skeleton_of(meta, eager_vlm)
+    assert meta.vit.config == eager_vlm.vit.config and meta.config == eager_vlm.config

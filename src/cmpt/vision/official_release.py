@@ -20,6 +20,7 @@ the release's code, so its layout is unknown and such checkpoints are refused wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -78,15 +79,29 @@ def read_keys(directory: str | Path) -> set[str]:
     return keys
 
 
-def read_state(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefix``, keyed without it (CPU, stored dtype)."""
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_state(directory: str | Path, prefix: str = "", *, weights: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, keyed without it (CPU, stored dtype);
+    ``weights=False``: meta tensors of the stored shapes and dtypes (headers only)."""
     out = {}
     for f in weight_files(directory):
         with safe_open(str(f), framework="pt") as fh:
             names = fh.keys()  # a safe_open handle is not iterable
             for key in names:
-                if key.startswith(prefix):
+                if not key.startswith(prefix):
+                    continue
+                if weights:
                     out[key[len(prefix) :]] = fh.get_tensor(key)
+                else:
+                    info = fh.get_slice(key)
+                    shape, dtype = info.get_shape(), _DTYPES[info.get_dtype()]
+                    out[key[len(prefix) :]] = torch.empty(shape, dtype=dtype, device="meta")
     return out
 
 
@@ -161,11 +176,18 @@ def release_settings(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_tower(
-    family: str, hf_config: Any, state: dict[str, torch.Tensor], source: str, **settings: Any
+    family: str,
+    hf_config: Any,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    weights: bool = True,
+    **settings: Any,
 ) -> NativeViT:
     """A NativeViT (float32) from a release tower's HF config and its weights (keys without prefix),
     with ``pos_embed_order: official``; ``settings`` replace converted config fields (None values
-    are ignored, as in ``NativeViT.from_pretrained``)."""
+    are ignored, as in ``NativeViT.from_pretrained``). ``weights=False``: ``state`` holds meta
+    tensors and the tower is a meta-device skeleton (FSDP2 ranks > 0, docs/method.md §6)."""
     unknown = sorted(k for k in state if not TOWER_KEYS[family].fullmatch(k))
     if unknown:
         raise ValueError(
@@ -176,7 +198,8 @@ def build_tower(
     fields = {**cfg.__dict__, "keep_prefix_tokens": False, "source": f"comp-release:{family}"}
     given = {k: v for k, v in settings.items() if v is not None}
     config = NativeViTConfig.from_dict({**fields, "pos_embed_order": "official", **given})
-    model = NativeViT(config)
+    with contextlib.nullcontext() if weights else torch.device("meta"):
+        model = NativeViT(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
     wrong = [
@@ -189,17 +212,18 @@ def build_tower(
             f"{source}: the weights do not match the tower's config (missing {missing[:3]}, "
             f"shape in weights vs config {wrong[:3]}); is the config.json the one of this tower?"
         )
-    model.load_state_dict(converted)
+    model.load_state_dict(converted, assign=not weights)
     return model
 
 
 def load_official_vit(
-    path: str | Path, device: str | torch.device | None = None, **overrides: Any
+    path: str | Path, device: str | torch.device | None = None, *, weights: bool = True, **overrides: Any
 ) -> NativeViT:
     """Load a CoMP-VFM directory of the release (SigLIP or DINOv2 tower) as a NativeViT (docs/method.md
     §1.5): ``pos_embed_order: official``, RoPE as ``use_rope`` says, image mean/std from the
     checkpoint's ``preprocessor_config.json``, no pooling head (pooled output = patch mean).
-    ``overrides`` replace NativeViT config fields (e.g. ``attn``; None values are ignored)."""
+    ``overrides`` replace NativeViT config fields (e.g. ``attn``; None values are ignored).
+    ``weights=False``: a meta-device skeleton from the config and the weights' headers."""
     d = Path(path)
     family = tower_family(read_keys(d))
     if family is None:
@@ -211,8 +235,8 @@ def load_official_vit(
         )
     raw = read_config(d)
     hf_config = hf_tower_config(family, raw, str(d / "config.json"))
-    state = read_state(d, TOWER_PREFIX[family])
+    state = read_state(d, TOWER_PREFIX[family], weights=weights)
     state = {k: v for k, v in state.items() if not k.startswith("merger.")}  # the release's w_merger=False
     settings = {**release_settings(raw), **image_stats(d), **overrides}
-    model = build_tower(family, hf_config, state, str(d), **settings)
+    model = build_tower(family, hf_config, state, str(d), weights=weights, **settings)
     return model.to(device) if device is not None else model

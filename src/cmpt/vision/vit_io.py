@@ -55,7 +55,7 @@ def load_vit_dir(
 
     ``weights=False`` reads only ``config.json`` and builds the model on the meta device, for
     FSDP2 ranks that get their weights from rank 0 (docs/method.md §6 "Distributed training");
-    a tower of the official release is still read in full (``cmpt convert official`` it once)."""
+    for a tower of the official release only the weights' headers are read."""
     from cmpt.hub import local_model_dir
     from cmpt.io_atomic import check_loadable
 
@@ -66,7 +66,7 @@ def load_vit_dir(
         from cmpt.vision.official_release import detect_official_layout, load_official_vit
 
         if detect_official_layout(d) == "vit":  # a CoMP-VFM tower of the release (docs/method.md §1.5)
-            return load_official_vit(d, device, **overrides)
+            return load_official_vit(d, device, weights=weights, **overrides)
     if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "

@@ -254,8 +254,7 @@ def load_vlm(
     fields, ``rope`` the ViT's RoPE switch, ``dtype`` the LLM dtype (default float32). The model's
     ``loaded_from`` is the directory (its model card names the run behind it). ``weights=False``
     reads only the configs, tokenizer and processor and builds the model on the meta device (module
-    docstring); a CoMP-MM of the official release is still read in full (``cmpt convert official``
-    it once)."""
+    docstring); of a CoMP-MM of the official release only the weights' headers are read."""
     from transformers import AutoTokenizer
 
     d = local_model_dir(directory, "cmpt VLM")
@@ -265,7 +264,9 @@ def load_vlm(
 
         if detect_official_layout(d) == "vlm":  # a CoMP-MM of the official release (docs/method.md §1.5)
             vit_kw = {} if rope is None else {"rope": rope}
-            return load_official_vlm(d, dtype=dtype, device=device, llm_kwargs=llm_kwargs, **vit_kw)
+            return load_official_vlm(
+                d, dtype=dtype, device=device, llm_kwargs=llm_kwargs, weights=weights, **vit_kw
+            )
         raise FileNotFoundError(f"{d} is not a cmpt VisionLanguageModel directory (no {VLM_CONFIG_NAME})")
     bad = sorted(set(overrides) - {f.name for f in fields(VLMConfig)})
     if bad:

@@ -96,12 +96,19 @@ def _llm_config(raw: dict[str, Any], vocab_rows: int, source: str):
     return Qwen2Config(**{**kept, "vocab_size": vocab_rows, "architectures": ["Qwen2ForCausalLM"]})
 
 
-def _load_llm(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], **kwargs: Any):
+def _load_llm(
+    path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], weights: bool = True, **kwargs: Any
+):
     """The release's Qwen2 LLM from its ``model.*`` / ``lm_head.*`` weights (``state``); ``kwargs``
-    go to ``from_pretrained`` (``dtype``, ``attn_implementation``, ...)."""
+    go to ``from_pretrained`` (``dtype``, ``attn_implementation``, ...). ``weights=False``: a
+    meta-device skeleton from the config (``state`` gives only the vocabulary's size)."""
     from transformers import Qwen2ForCausalLM
 
     config = _llm_config(raw, state["model.embed_tokens.weight"].shape[0], str(path / "config.json"))
+    if not weights:
+        attn = kwargs.pop("attn_implementation", None)
+        with torch.device("meta"):
+            return Qwen2ForCausalLM._from_config(config, attn_implementation=attn, **kwargs)
     llm, info = Qwen2ForCausalLM.from_pretrained(
         None, config=config, state_dict=state, output_loading_info=True, **kwargs
     )
@@ -134,6 +141,7 @@ def load_official_vlm(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     llm_kwargs: dict[str, Any] | None = None,
+    weights: bool = True,
     **vit_overrides: Any,
 ):
     """Load a CoMP-MM directory of the release as a :class:`VisionLanguageModel` (eval mode;
@@ -142,7 +150,8 @@ def load_official_vlm(
     processor. ``vision_config``: the tower's directory or ``config.json`` when the VLM's own
     ``config.json`` cannot name one available offline. ``llm_kwargs``: more ``from_pretrained``
     arguments of the LLM (e.g. ``attn_implementation``). ``vit_overrides``: NativeViT fields (e.g.
-    ``rope``; None values are ignored)."""
+    ``rope``; None values are ignored). ``weights=False``: a meta-device skeleton from the configs,
+    tokenizer and the weights' headers (FSDP2 ranks > 0, docs/method.md §6)."""
     from transformers import AutoTokenizer
 
     from cmpt.vision.processor import ImageProcessor
@@ -163,7 +172,7 @@ def load_official_vlm(
             f"{d}: weights outside visual./model./lm_head. ({other[:3]}); not a CoMP-MM checkpoint"
         )
     tower_raw, tower_src = _tower_config(d, raw, vision_config)
-    state = read_state(d)
+    state = read_state(d, weights=weights)
     visual = {k[len("visual.") :]: state.pop(k) for k in list(state) if k.startswith("visual.")}
     merger = {k.removeprefix("merger."): v for k, v in visual.items() if k.startswith("merger.")}
     prefix = TOWER_PREFIX[family]
@@ -173,8 +182,9 @@ def load_official_vlm(
         raise ValueError(f"{d}: weights under visual. that are neither tower nor merger: {stray[:3]}")
     tower = {k.removeprefix(prefix): v for k, v in rest.items()}
     settings = {**release_settings(raw), **image_stats(d), **vit_overrides}
-    vit = build_tower(family, hf_tower_config(family, tower_raw, tower_src), tower, str(d), **settings)
-    llm = _load_llm(d, raw, state, dtype=dtype or torch.float32, **(llm_kwargs or {}))
+    hf_config = hf_tower_config(family, tower_raw, tower_src)
+    vit = build_tower(family, hf_config, tower, str(d), weights=weights, **settings)
+    llm = _load_llm(d, raw, state, weights, dtype=dtype or torch.float32, **(llm_kwargs or {}))
     tokenizer = AutoTokenizer.from_pretrained(str(d))
     c = vit.config
     processor = (
@@ -183,7 +193,7 @@ def load_official_vlm(
         else None
     )
     vlm = VisionLanguageModel.build(vit, llm, tokenizer, processor=processor, keep_prefix_tokens=False)
-    vlm.merger.load_state_dict(_merger_state(merger, str(d)))
+    vlm.merger.load_state_dict(_merger_state(merger, str(d)), assign=not weights)
     vlm.config = replace(vlm.config, vision=f"{d} ({tower_src})", llm=str(d))
     clash = {
         theirs: (raw[theirs], getattr(vlm.config, ours))
