@@ -45,6 +45,7 @@ __all__ = [
     "empty_batch",
     "identity_collate",
     "worker_init",
+    "worker_loader",
 ]
 
 log = logging.getLogger("cmpt.data")
@@ -219,6 +220,35 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_loader(
+    dataset: Any,
+    num_workers: int,
+    seed: int,
+    *,
+    sampler: Any = None,
+    persistent: bool = True,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The DataLoader every cmpt loader runs its workers with: items are whole micro-batches
+    (``batch_size=None``, :func:`identity_collate`), workers seeded by :func:`worker_init` from a
+    generator seeded with ``seed`` (so a resumed run's workers draw alike), tokenizers single-threaded
+    in the forked workers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=identity_collate,
+        persistent_workers=persistent,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def empty_batch(num_bad: int) -> dict[str, Any]:
     """A micro-batch with no usable sample that reports ``num_bad`` skipped ones (docs/method.md §4)."""
     return {"num_samples": 0, "num_bad": int(num_bad), "num_tokens": 0, "sample_ids": []}
@@ -294,19 +324,10 @@ class BatchLoader(LoaderBase):
         self._sampler = _RankSampler(batcher, rank, world_size)
         self._loader: DataLoader | None = None
         if num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
-            self._loader = DataLoader(
-                self._dataset,
-                batch_size=None,
-                sampler=self._sampler,
-                num_workers=num_workers,
-                collate_fn=identity_collate,
-                persistent_workers=True,
-                prefetch_factor=prefetch_factor,
-                pin_memory=pin_memory,
-                worker_init_fn=worker_init,
-                generator=torch.Generator().manual_seed(builder.seed),
-            )
+            self._loader = worker_loader(
+                self._dataset, num_workers, builder.seed, sampler=self._sampler,
+                prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+            )  # fmt: skip
 
     def _raw(self) -> Iterator[tuple]:
         self._sampler.start = (self.epoch, self.position)

@@ -32,10 +32,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cmpt.data.batching import LoaderBase, identity_collate, worker_init
+from cmpt.data.batching import LoaderBase, worker_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.hf_source import HFSource
 from cmpt.data.mixture import MixtureSource
@@ -169,19 +168,10 @@ class PairLoader(LoaderBase):
         self._stream = _Stream(sampler)
         self._loader: DataLoader | None = None
         if num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self._loader = DataLoader(
-                self._dataset,
-                batch_size=None,
-                sampler=self._stream,
-                num_workers=num_workers,
-                collate_fn=identity_collate,
-                persistent_workers=True,
-                prefetch_factor=prefetch_factor,
-                pin_memory=pin_memory,
-                worker_init_fn=worker_init,
-                generator=torch.Generator().manual_seed(sampler.seed),
-            )
+            self._loader = worker_loader(
+                self._dataset, num_workers, sampler.seed, sampler=self._stream,
+                prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+            )  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._stream.start = (self.epoch, self.position)

@@ -40,16 +40,14 @@ the trainer's one limit, ``train.max_bad_fraction`` over all ranks, decides (doc
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from cmpt.data.batching import MAX_CARRIED_BAD, LoaderBase, empty_batch, identity_collate, worker_init
+from cmpt.data.batching import MAX_CARRIED_BAD, LoaderBase, empty_batch, worker_loader
 from cmpt.data.pipeline import SampleBuilder, collate, estimate_lengths, length_overhead
 from cmpt.data.sources import BadSample
 from cmpt.data.webdataset import ShardList, decode_sample
@@ -351,12 +349,9 @@ class StreamingLoader(LoaderBase):
         ds = _StreamDataset(self, list(self.states), self.next_stream)
         it: Any = ds
         if self.num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            it = DataLoader(
-                ds, batch_size=None, num_workers=self.num_workers, collate_fn=identity_collate,
-                prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init,
-                generator=torch.Generator().manual_seed(self.cfg.seed),
-            )  # fmt: skip
+            it = worker_loader(
+                ds, self.num_workers, self.cfg.seed, persistent=False, prefetch_factor=self.prefetch_factor
+            )
         for s, batch, bad, state in it:
             self.states[s], self.next_stream = state, (s + 1) % self.num_streams
             yield self._account(batch, bad)
