@@ -12,6 +12,8 @@ named in ``before``, and the table gives that change's throughput ratio):
 
 * ``padded`` — text right-padded (``data.packing: false``);
 * ``baseline`` — packed text (the default), cmpt's chunked LM loss, eager, no checkpointing;
+* ``vision_per_segment`` — the vision tower's attention one segment at a time instead of packed
+  (CoMP: ``model.attn: sdpa``, per-image SDPA; MoCa: transformers' own per-window SDPA);
 * ``fused_ce`` — ``loss.lm_impl: liger`` (Liger's fused linear CE, needs ``cmpt[liger]``);
 * ``compile`` — ``train.compile``: ``torch.compile`` of each transformer block, as the trainer does;
 * ``fused_ce+compile``;
@@ -24,9 +26,9 @@ the device (e.g. out of memory) is listed as failed and the others still run.
 
 **One model, many variants.** The task (model on the CPU, data, micro-batches) is built once; each
 group of variants that share ``compile`` and ``act_ckpt`` (the two that rewrite modules) trains a
-fresh deep copy on the device with its own AdamW, and within a group ``lm_impl`` and packing are
-switched in place. Each variant: one warm-up pass over the micro-batches (compilation, dynamic
-shapes), then ``--steps`` timed steps cycling over them.
+fresh deep copy on the device with its own AdamW, and within a group ``lm_impl``, packing and the
+vision attention are switched in place. Each variant: one warm-up pass over the micro-batches
+(compilation, dynamic shapes), then ``--steps`` timed steps cycling over them.
 
 **MFU = model FLOPs / step time / measured bf16 matmul rate.** Model FLOPs of a micro-batch are
 counted once, on the eager baseline, by ``torch.utils.flop_counter``'s formulas in a minimal
@@ -44,10 +46,11 @@ variants skipped; compiled ones only when named in ``--variants``, with the ``ea
 without CUDA and without ``--smoke`` / ``--shapes tiny`` the script says so and exits 0. One
 invocation at full shapes is planned to fit ~4 minutes on one H200 (an estimate: not yet run there).
 ``--variants`` picks some by name (the baseline always runs); ``--act-ckpt`` keeps the checkpointed
-ones.
+ones; ``--budget-s S`` starts no variant after S seconds (the eager baseline group always runs; the
+others are listed as skipped), so one call fits a device lease (``benchmarks/device_session.sh``).
 
 Usage: python benchmarks/bench_comp_gpu.py [--images 4] [--steps 8] [--variants a,b] [--smoke]
-       [--shapes full|tiny] [--act-ckpt] [--fixed-size 1024]
+       [--shapes full|tiny] [--act-ckpt] [--fixed-size 1024] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class Variant:
     compile: bool = False  # train.compile (torch.compile per block)
     act_ckpt: str = "off"  # train.activation_checkpointing: a key of ACT_CKPT
     packing: bool = True  # data.packing
+    packed_vision: bool = True  # the vision tower's attention packed (the recipe's) or per segment
     before: str = ""
     change: str = ""
 
@@ -112,6 +116,7 @@ class Variant:
 VARIANTS = [
     Variant("padded", packing=False),
     Variant("baseline", before="padded", change="packed text"),
+    Variant("vision_per_segment", packed_vision=False, before="baseline", change="vision attn per segment"),
     Variant("fused_ce", lm_impl="liger", before="baseline", change="fused linear CE (liger)"),
     Variant("compile", compile=True, before="baseline", change="torch.compile per block"),
     Variant("fused_ce+compile", "liger", True, before="compile", change="fused CE, compiled"),
@@ -140,6 +145,7 @@ class Setup:
     backbone_of: Callable[[nn.Module], nn.Module]
     counting: Callable[[nn.Module], Any]  # context manager: the model set up for FLOP counting
     title: str
+    vision_attention: Callable[[nn.Module, bool], None]  # (model, packed): packed or per segment
 
 
 # --------------------------------------------------------------------------- measuring
@@ -264,11 +270,19 @@ def _measure(step, batches: list[dict], steps: int, device: torch.device, warmup
 
 
 def run_variants(
-    setup: Setup, variants: list[Variant], device: torch.device, steps: int, smoke: bool, named: set[str]
+    setup: Setup,
+    variants: list[Variant],
+    device: torch.device,
+    steps: int,
+    smoke: bool,
+    named: set[str],
+    deadline: float | None = None,
 ) -> tuple[dict[str, dict], float | None]:
     """Every variant's figures (or ``skipped`` / ``failed``) and the model FLOPs per micro-batch
     (None when the eager baseline group could not run);
-    ``named``: the variants ``--variants`` asked for. ``smoke``: no warm-up, errors propagate."""
+    ``named``: the variants ``--variants`` asked for. ``smoke``: no warm-up, errors propagate.
+    ``deadline`` (``--budget-s``): the eager baseline group always runs; a later group or variant
+    reached after it is skipped, so one invocation fits a device lease."""
     batches = [_to_device(b, device) for b in setup.batches]
     steps = max(steps, 1)
     results: dict[str, dict] = {}
@@ -280,11 +294,25 @@ def run_variants(
             results[v.name] = {"skipped": reason}
         else:
             groups.setdefault((v.compile, v.act_ckpt), []).append(v)
-    for (compiled, ckpt), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "off")):
+    # eager (counts the FLOPs), compiled, checkpointed, both: the likeliest to matter first (--budget-s)
+    for (compiled, ckpt), members in sorted(groups.items(), key=lambda kv: (kv[0][1] != "off", kv[0][0])):
         count = flops is None and not compiled and ckpt == "off"  # the eager baseline group counts
+        if not count and over(deadline):
+            results.update({v.name: {"skipped": BUDGET_SPENT} for v in members})
+            continue
         try:
             counted = _run_group(
-                setup, members, compiled, ckpt, batches, steps, smoke, device, count, results
+                setup,
+                members,
+                compiled,
+                ckpt,
+                batches,
+                steps,
+                smoke,
+                device,
+                count,
+                results,
+                None if count else deadline,
             )
             flops = counted if count else flops
         except Exception as e:  # the group could not be set up
@@ -314,9 +342,11 @@ def _run_group(
     device: torch.device,
     count: bool,
     results: dict[str, dict],
+    deadline: float | None = None,
 ) -> float | None:
     """Variants sharing ``compile`` and ``act_ckpt`` on one fresh copy of the model; their figures go
-    to ``results``. Returns the model FLOPs per micro-batch when ``count`` (before any rewrite)."""
+    to ``results``. Returns the model FLOPs per micro-batch when ``count`` (before any rewrite).
+    A variant reached after ``deadline`` (a ``time.perf_counter()`` value) is skipped."""
     model, units, param_groups = _copy_to(setup, device)
     opt = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
     step = _step_fn(setup, model, opt, device)
@@ -327,8 +357,12 @@ def _run_group(
     for unit in units if compiled else []:
         unit.compile(**({"backend": "eager"} if device.type == "cpu" else {}))
     for v in members:
+        if over(deadline):
+            results[v.name] = {"skipped": BUDGET_SPENT}
+            continue
         model.loss = dataclasses.replace(model.loss, lm_impl=v.lm_impl)
         setup.backbone_of(model).configure_packing(v.packing)
+        setup.vision_attention(model, v.packed_vision)
         try:
             results[v.name] = _measure(step, batches, steps, device, warmup=not smoke)
         except Exception as e:  # one variant's failure (out of memory, a compiler error)
@@ -340,6 +374,13 @@ def _run_group(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return flops
+
+
+BUDGET_SPENT = "the time budget (--budget-s) was spent before it started"
+
+
+def over(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -443,7 +484,18 @@ def base_args(description: str) -> argparse.ArgumentParser:
     )
     ap.add_argument("--shapes", choices=["full", "tiny"], default="full")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 micro-batches, 1 step: a CPU check")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="seconds from start after which no further variant starts (0: none); the baseline always runs",
+    )
     return ap
+
+
+def deadline_of(args: argparse.Namespace, started: float) -> float | None:
+    """``--budget-s`` as a ``time.perf_counter()`` deadline counted from ``started``."""
+    return started + args.budget_s if args.budget_s > 0 else None
 
 
 # --------------------------------------------------------------------------- CoMP
@@ -513,7 +565,11 @@ def comp_setup(args: argparse.Namespace) -> Setup:
         f"CoMP stage II pass 1 step, {args.shapes} shapes (SigLIP-so400m + Qwen2.5-0.5B), "
         f"{args.images} images of {args.fixed_size}² per micro-batch"
     )
-    return Setup(task, batches, lambda m: m.vlm, ViTOnSDPA, title)
+
+    def vision_attention(model: nn.Module, packed: bool) -> None:
+        model.vlm.vit.config.attn = cfg.model.attn if packed else "sdpa"
+
+    return Setup(task, batches, lambda m: m.vlm, ViTOnSDPA, title, vision_attention)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -521,13 +577,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=4, help="images per micro-batch (1036² each)")
     ap.add_argument("--fixed-size", type=int, default=1024, help="stage II pass 1 forces 1024²")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     if args.smoke:
         args.shapes, args.images, args.fixed_size, args.steps, args.batches = "tiny", 2, 112, 1, 1
     device = device_or_exit(args.smoke or args.shapes == "tiny", "bench_comp_gpu.py")
     variants = select_variants(args.variants, args.act_ckpt)
     setup = comp_setup(args)
     peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    results, flops = run_variants(setup, variants, device, args.steps, args.smoke, named(args.variants))
+    results, flops = run_variants(
+        setup, variants, device, args.steps, args.smoke, named(args.variants), deadline_of(args, started)
+    )
     b0, vit = setup.batches[0], setup.task.vlm.vit
     vit_fwd = sum(n * vit.num_flops_per_token(n) for n in b0["grid_hw"].prod(-1).tolist())
     extra = {"batch 0's ViT fwd+bwd, analytic (cross-check of the count)": f"{3 * vit_fwd / 1e12:.3f} T"}

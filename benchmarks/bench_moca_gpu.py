@@ -19,8 +19,9 @@ budget (``--text-budget`` text rows including image placeholders, ``--vision-bud
 vision tokens; defaults sized so that the variants without checkpointing fit one H200).
 
 **FLOPs.** The MFU numerator is counted as in ``bench_comp_gpu.py`` (``torch.utils.flop_counter``
-formulas on the eager baseline; HF's vision attention runs SDPA per window / per image, so the
-counter sees it). A closed form is printed beside it as a cross-check; forward FLOPs of one
+formulas on the eager baseline, the vision tower's packed attention on SDPA, batched per segment
+length, so that the counter sees it; the timed steps run the recipe's ``model.vit_attn``, a varlen
+kernel on CUDA). A closed form is printed beside it as a cross-check; forward FLOPs of one
 micro-batch, and ×3 for forward + backward:
 
 * LLM, per layer: ``2·N·(2·H² + 2·H·kv·d + 3·H·I)`` (q, o; k, v; gate, up, down) for ``N`` text
@@ -36,7 +37,7 @@ One invocation at full shapes is planned to fit ~6 minutes on one H200 (an estim
 built on the GPU, saved in bf16 and loaded once; compilation dominates).
 
 Usage: python benchmarks/bench_moca_gpu.py [--steps 8] [--batches 4] [--text-budget 4096]
-       [--vision-budget 2048] [--variants a,b] [--smoke] [--shapes full|tiny]
+       [--vision-budget 2048] [--variants a,b] [--smoke] [--shapes full|tiny] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_comp_gpu import (
     Setup,
     base_args,
+    deadline_of,
     device_or_exit,
     matmul_tflops,
     named,
@@ -225,7 +228,19 @@ def moca_setup(args, device: torch.device) -> Setup:
         f"MoCa CPT step, {args.shapes} shapes (Qwen2.5-VL-3B: HF model, random weights), budgets "
         f"{args.text_budget} text rows / {args.vision_budget} merged vision tokens per micro-batch"
     )
-    return Setup(task, batches, lambda m: m.backbone, lambda m: contextlib.nullcontext(), title)
+
+    def vision_attention(model, packed: bool) -> None:
+        model.backbone.set_vision_attention(cfg.model.vit_attn if packed else None)
+
+    @contextlib.contextmanager
+    def counting(model):  # the vision attention on SDPA (the counter does not see varlen kernels)
+        model.backbone.set_vision_attention("sdpa")
+        try:
+            yield
+        finally:
+            vision_attention(model, True)
+
+    return Setup(task, batches, lambda m: m.backbone, counting, title, vision_attention)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -233,13 +248,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--text-budget", type=int, default=4096, help="text rows per micro-batch")
     ap.add_argument("--vision-budget", type=int, default=2048, help="merged vision tokens per micro-batch")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     if args.smoke:
         args.shapes, args.steps, args.batches, args.text_budget, args.vision_budget = "tiny", 1, 1, 1024, 96
     device = device_or_exit(args.smoke or args.shapes == "tiny", "bench_moca_gpu.py")
     variants = select_variants(args.variants, args.act_ckpt)
     setup = moca_setup(args, device)
     peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    results, flops = run_variants(setup, variants, device, args.steps, args.smoke, named(args.variants))
+    results, flops = run_variants(
+        setup, variants, device, args.steps, args.smoke, named(args.variants), deadline_of(args, started)
+    )
     hf_config = setup.task.backbone.hf.config
     closed = [analytic_flops(b, hf_config) for b in setup.batches]
     total, attention = (sum(c[k] for c in closed) / len(closed) for k in ("total", "attention"))

@@ -24,7 +24,7 @@ def _check_common(figures: dict, out: str) -> None:
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(figures))  # last line: JSON
     assert "variant" in out and "baseline" in out
     ran = set(figures["step_ms"])
-    assert {"padded", "baseline", "ckpt_full"} <= ran  # what runs on the CPU
+    assert {"padded", "baseline", "vision_per_segment", "ckpt_full"} <= ran  # what runs on the CPU
     assert all(t > 0 for t in figures["step_ms"].values())
     assert figures["speedup_vs_baseline"]["baseline"] == 1.0
     assert (
@@ -35,6 +35,7 @@ def _check_common(figures: dict, out: str) -> None:
     assert set(not_run) | ran == {
         "padded",
         "baseline",
+        "vision_per_segment",
         "fused_ce",
         "compile",
         "fused_ce+compile",
@@ -80,3 +81,36 @@ def test_comp_gpu_smoke_compiled_variant(bench, capsys) -> None:
     assert set(figures["step_ms"]) == {"baseline", "compile"}
     assert "compile vs baseline" in figures["change_ratio"]
     assert "compile" in capsys.readouterr().out
+
+
+def test_budget_spent_skips_all_but_the_baseline_group(bench, capsys) -> None:
+    figures = bench("bench_comp_gpu").main(["--smoke", "--budget-s", "1e-9"])
+    assert set(figures["step_ms"]) == {"padded", "baseline", "vision_per_segment"}  # the counting group
+    assert figures["not_run"]["ckpt_full"] == "skipped: " + bench("bench_comp_gpu").BUDGET_SPENT
+    assert "--budget-s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_device_session_script_smoke(tmp_path) -> None:
+    """``benchmarks/device_session.sh`` (one call on a lent GPU) runs its steps on the CPU with
+    SMOKE=1 and writes one summary of both benchmarks."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env["TESTS"] = "tests/test_cuda_train.py"
+    done = subprocess.run(
+        ["bash", str(BENCH / "device_session.sh")],
+        cwd=BENCH.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["comp"]["bench"] == "comp_gpu" and summary["moca"]["bench"] == "moca_gpu"
+    assert {"padded", "baseline"} <= set(summary["moca"]["step_ms"])
+    assert {"env.log", "tests.log", "comp.log", "moca.log"} <= {p.name for p in tmp_path.iterdir()}
+    assert "moca   baseline" in done.stdout

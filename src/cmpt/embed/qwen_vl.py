@@ -46,6 +46,8 @@ from cmpt.vlm.io import resize_vocab
 from cmpt.vlm.model import VLMOutput
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
+from .vision_attention import set_vision_attention
+
 __all__ = ["MODEL_CLASSES", "QwenVLBackbone", "QwenVLConfig"]
 
 #: ``model_type`` → transformers class.
@@ -121,6 +123,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
                 )
         self._rope_takes_types = "mm_token_type_ids" in inspect.signature(hf.model.get_rope_index).parameters
         self.configure_packing(None)
+        self.set_vision_attention("auto")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -246,6 +249,12 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
                 f"(P, {self.patch_dim}) model rows"
             )
         return patches.reshape(-1, 3, 1, p2).expand(-1, 3, t, p2).reshape(-1, self.patch_dim)
+
+    def set_vision_attention(self, backend: str | None) -> None:
+        """The vision tower's attention: cmpt's packed attention with ``backend`` (``auto``, the
+        default: one varlen kernel on CUDA) or ``None``, transformers' own (docs/method.md §6 "Vision
+        attention of Qwen-VL backbones"; :mod:`cmpt.embed.vision_attention`)."""
+        set_vision_attention(self.visual, backend)
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
         """Grow the input embeddings (and an untied head) to ``vocab_size`` rows (added tokens;

@@ -37,7 +37,8 @@ PARTS = ("vision", "merger", "llm", "lm_head", "mae")
 @dataclass
 class MocaModelConfig:
     """``init``: the backbone directory. ``llm_attn``: the LLM's ``attn_implementation`` (``""`` =
-    transformers' default, sdpa). ``vit_attn``: the packed-attention backend of a cmpt ViT.
+    transformers' default, sdpa). ``vit_attn``: the packed-attention backend of the vision tower (a
+    cmpt ViT, or a Qwen-VL tower through :mod:`cmpt.embed.vision_attention`).
     ``lora_r`` > 0: LoRA (``dora``: DoRA) adapters on the LLM instead of training its weights
     (official CL option: DoRA, r 16, alpha 64, dropout 0.1; needs ``peft``); merged at the end."""
 
@@ -131,6 +132,8 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     backbone.resize_token_embeddings(len(backbone.tokenizer))
     if hasattr(backbone, "vit"):
         backbone.vit.config.attn = cfg.model.vit_attn
+    else:  # a Hugging Face Qwen-VL tower
+        backbone.set_vision_attention(cfg.model.vit_attn)
     p = backbone.processor
     backbone.processor = cfg.stage.resolution.make_processor(
         p.patch_size, p.merge_size, mean=p.mean, std=p.std

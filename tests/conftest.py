@@ -1,0 +1,20 @@
+"""The suite runs on the CPU, as CI does, also on a machine with GPUs.
+
+Training on a GPU changes what the tests compare (bf16 autocast under ``train.precision: auto``,
+non-deterministic kernels) and the 2-process tests would put both ranks on one GPU, which NCCL
+refuses. So CUDA is hidden from the test session and from every process its tests launch, unless
+``CMPT_TEST_DEVICE=cuda``: the GPU checks (the tests that skip without CUDA, e.g.
+``tests/test_cuda_train.py``; ``benchmarks/device_session.sh`` runs them) are run that way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_DEVICE = os.environ.get("CMPT_TEST_DEVICE", "cpu")
+if _DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"CMPT_TEST_DEVICE={_DEVICE!r}: use 'cpu' (the default) or 'cuda'")
+if _DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
