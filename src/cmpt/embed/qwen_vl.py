@@ -18,18 +18,17 @@ Decisions:
   then ``p×p``) become the model's rows with :meth:`QwenVLBackbone.prepare_patches`: each still
   image is ``temporal_patch_size`` identical frames, laid out ``(channel, frame, p, p)`` as in
   ``Qwen2VLImageProcessor``. :meth:`forward` accepts either width.
-* **Positions.** Each sequence gets the model's own M-RoPE ids (``get_rope_index``; its signature
-  differs between transformers versions: from 5.x it also takes ``mm_token_type_ids``, which is
-  passed where the signature has it); a packed row concatenates them, so every sequence is computed
-  as if alone. Each image must be rendered as ``<|vision_start|>`` followed by its
-  ``<|image_pad|>`` tokens (the Qwen chat format; transformers 5.0 finds images that way).
+* **Positions.** Each sequence gets the model's own M-RoPE ids (:mod:`cmpt.embed.mrope`); a packed
+  row concatenates them, so every sequence is computed as if alone. Each image must be rendered as
+  ``<|vision_start|>`` followed by its ``<|image_pad|>`` tokens (the Qwen chat format; transformers
+  5.0 finds images that way).
+* **Vision attention** packed, one varlen call per block (:mod:`cmpt.embed.vision_attention`).
 * **Dtypes and mode** as for ``VisionLanguageModel``: float32 unless ``dtype`` is given, returned
   in eval mode; the dummy image (docs/method.md §6) runs only in training with gradients.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from cmpt.vlm.io import resize_vocab
 from cmpt.vlm.model import VLMOutput
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
+from .mrope import images_per_sequence, mrope_position_ids
 from .vision_attention import set_vision_attention
 
 __all__ = ["MODEL_CLASSES", "QwenVLBackbone", "QwenVLConfig"]
@@ -121,7 +121,6 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
                     f"the tokenizer maps {token} to {got} but the {c.model_type} config says {want}: "
                     "use the checkpoint's own tokenizer (with its vision tokens)"
                 )
-        self._rope_takes_types = "mm_token_type_ids" in inspect.signature(hf.model.get_rope_index).parameters
         self.configure_packing(None)
         self.set_vision_attention("auto")
 
@@ -285,82 +284,6 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         return self.encode_images(zeros, torch.tensor([[2 * m, 2 * m]]))
 
     # ------------------------------------------------------------------ positions
-    def _images_per_sequence(
-        self,
-        input_ids: torch.Tensor,
-        layout: TextLayout,
-        n_images: int,
-        images_per_sample: torch.Tensor | None,
-        sample_ids: Sequence[str] | None,
-    ) -> list[int]:
-        """Images of every sequence: ``<|vision_start|><|image_pad|>`` pairs, checked against
-        ``images_per_sample`` (or, without it, against the batch's image count)."""
-        c = self.config
-        starts = torch.zeros_like(input_ids, dtype=torch.long)
-        starts[1:] = ((input_ids[:-1] == c.vision_start_id) & (input_ids[1:] == c.image_pad_id)).long()
-        first = layout.cu_seqlens(input_ids.device)[:-1].long()
-        starts[first[first < starts.numel()]] = 0  # a pair never spans two sequences
-        found = [int(x) for x in torch.stack([s.sum() for s in starts.split(layout.lengths)]).tolist()]
-        ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(found))]
-        if images_per_sample is not None:
-            want = [int(k) for k in images_per_sample.tolist()]
-            if len(want) != len(found):
-                raise ValueError(f"images_per_sample has {len(want)} entries for {len(found)} sequences")
-            bad = [f"sample {ids[i]!r}: {f} vs {w}" for i, (f, w) in enumerate(zip(found, want)) if f != w]
-            if bad:
-                raise ValueError(
-                    f"images rendered in the text ({VISION_START}{IMAGE_PAD}…) vs images_per_sample: "
-                    f"{'; '.join(bad)}"
-                )
-            return want
-        if sum(found) != n_images:
-            raise ValueError(
-                f"the text renders {sum(found)} images ({VISION_START}{IMAGE_PAD}…, per sequence {found}) "
-                f"but the batch has {n_images}; pass images_per_sample"
-            )
-        return found
-
-    def _rope_index(self, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``(3, L)`` M-RoPE ids of one sequence from the model's ``get_rope_index``."""
-        kwargs: dict[str, Any] = {"image_grid_thw": grid_thw}
-        if self._rope_takes_types:  # newer transformers 5.x: token types 0 text, 1 image
-            kwargs["mm_token_type_ids"] = (ids == self.config.image_pad_id).int()
-        pos, _ = self.hf.model.get_rope_index(input_ids=ids, **kwargs)
-        return pos[:, 0]
-
-    def position_ids(
-        self,
-        input_ids: torch.Tensor,
-        layout: TextLayout,
-        grid_hw: torch.Tensor | None = None,
-        images_per_sequence: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """M-RoPE ids ``(3, rows, T)`` of the layout's rows: per sequence, restarting at every
-        sequence of a packed row; ``images_per_sequence`` assigns the grids, in order."""
-        dev = input_ids.device
-        counts = list(images_per_sequence or [0] * len(layout.lengths))
-        thw = None
-        if grid_hw is not None and grid_hw.shape[0] > 0:
-            g = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2).to(dev)
-            thw = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
-        per_seq, start = [], 0
-        for seq, k in zip(input_ids.split(layout.lengths), counts):
-            if k:
-                per_seq.append(self._rope_index(seq[None], thw[start : start + k]))
-            else:
-                per_seq.append(torch.arange(seq.numel(), device=dev).expand(3, -1))
-            start += k
-        if layout.packed:
-            return (
-                torch.cat(per_seq, dim=1)[:, None]
-                if per_seq
-                else torch.zeros(3, 1, 0, dtype=torch.long, device=dev)
-            )
-        out = torch.zeros(3, len(per_seq), layout.width, dtype=torch.long, device=dev)
-        for i, pos in enumerate(per_seq):
-            out[:, i, : pos.shape[1]] = pos
-        return out
-
     def text_hidden(
         self,
         embeds: torch.Tensor,
@@ -397,7 +320,10 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         if not has_images and images_per_sample is not None and int(images_per_sample.sum()) > 0:
             raise ValueError("images_per_sample counts images but the batch has no patches / grid_hw")
         n_images = int(grid_hw.shape[0]) if has_images else 0
-        counts = self._images_per_sequence(input_ids, layout, n_images, images_per_sample, sample_ids)
+        c = self.config
+        counts = images_per_sequence(
+            input_ids, layout, n_images, images_per_sample, sample_ids, c.vision_start_id, c.image_pad_id
+        )
         vision, per_sample = None, None
         if has_images:
             per_sample = self._tokens_per_sample(grid_hw, torch.tensor(counts))
@@ -407,7 +333,8 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         embeds = self.embed_inputs(input_ids, vision)
         if vision is None and self.training and torch.is_grad_enabled():
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every vision parameter used (§6)
-        positions = self.position_ids(input_ids, layout, grid_hw if has_images else None, counts)
+        grids = grid_hw if has_images else None
+        positions = mrope_position_ids(self.hf.model, c.image_pad_id, input_ids, layout, grids, counts)
         hidden, kwargs = self.text_hidden(embeds, layout, attention, positions)
         return VLMOutput(hidden, vision, per_sample, layout, kwargs)
 
