@@ -354,8 +354,10 @@ def _run_group(
     apply = ACT_CKPT[ckpt]
     if apply is not None:
         apply(units)
-    for unit in units if compiled else []:
-        unit.compile(**({"backend": "eager"} if device.type == "cpu" else {}))
+    if compiled:  # as the trainer does (train.compile)
+        from cmpt.train.compile import compile_units
+
+        compile_units(units, **({"backend": "eager"} if device.type == "cpu" else {}))
     for v in members:
         if over(deadline):
             results[v.name] = {"skipped": BUDGET_SPENT}

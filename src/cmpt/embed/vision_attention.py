@@ -48,6 +48,7 @@ def _plan(cu_seqlens: torch.Tensor | None, total: int, backend: str, query: torc
     return plan
 
 
+@torch.compiler.disable  # host-side plan and one kernel: nothing to fuse, and no guards on the plan
 def vision_varlen_forward(
     module: nn.Module,
     query: torch.Tensor,

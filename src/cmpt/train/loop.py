@@ -43,6 +43,7 @@ from .checkpoint import (
     save_final_weights,
     set_rng_state,
 )
+from .compile import compile_units
 from .config import OptimConfig, RunConfig, TrainConfig
 from .logging import EtaClock, IntervalMeter, MetricsLogger
 from .optim import (
@@ -204,8 +205,7 @@ class Trainer:
         if cfg.ac_mode != "none":
             D.apply_activation_checkpointing(units, cfg.ac_mode, cfg.ac_every)
         if cfg.compile:
-            for unit in units:
-                unit.compile()
+            compile_units(units)
         self.module = model
         if self.mode == "fsdp":
             mp = D.mixed_precision(self._amp is not None)
