@@ -21,7 +21,6 @@ data (:mod:`cmpt.train.safe_load`); full disks are handled by :mod:`cmpt.train.d
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -30,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ from .disk import SpaceGuard, describe_failure, on_main
 from .distributed import WorldInfo, barrier
 from .final_weights import full_state_dict, save_final_weights, write_safetensors
 from .reshard import load_rank_state
-from .safe_load import safe_dcp_load
+from .safe_load import quiet_dcp, safe_dcp_load
 from .verify import (
     DAMAGED_SUFFIX,
     MARKER,
@@ -103,14 +101,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-@contextlib.contextmanager
-def _quiet_dcp():
-    """DCP warns on every single-process call; that is the intended use here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        yield
 
 
 class CheckpointManager:
@@ -212,8 +202,7 @@ class CheckpointManager:
         rank_state = load_rank_state(path, self.world, trainer_state.get("world_size", 1))
         msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
         state = {"model": msd, "optim": osd}
-        with _quiet_dcp():
-            safe_dcp_load(path, state)
+        safe_dcp_load(path, state)
         result = set_state_dict(
             model,
             optimizer,
@@ -290,7 +279,7 @@ class CheckpointManager:
         None, the merged manifest entries), the same on every rank."""
         failure, files = None, {}
         try:
-            with _quiet_dcp():
+            with quiet_dcp():
                 dcp.save(state, checkpoint_id=str(tmp))
             torch.save(rank_state, tmp / f"rank_{self.world.rank:05d}.pt")
             if self.world.is_main:

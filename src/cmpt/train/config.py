@@ -77,7 +77,7 @@ class TrainConfig:
     * ``dist``: ``none`` | ``ddp`` | ``fsdp`` (FSDP2 ``fully_shard``). Under ``torchrun`` with more
       than one process, ``none`` means ``ddp`` (training unsynchronised replicas is never
       wanted); with a single process every mode runs unwrapped.
-    * ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` forces autocast.
+    * ``precision``: ``auto`` = bf16 autocast on a GPU with native bf16, else fp32; ``bf16`` forces autocast.
       Under FSDP2, bf16 also all-gathers the parameters in bf16 for compute and reduces gradients
       in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer stay fp32.
     * ``activation_checkpointing``: ``false`` | ``true`` (= ``full``: each checkpointed FSDP unit

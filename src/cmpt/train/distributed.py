@@ -112,7 +112,8 @@ def all_reduce_sum(values: Sequence[float] | torch.Tensor, dtype: torch.dtype = 
     """Element-wise sum over ranks of a short list of numbers (one collective; exact for ints < 2^53)."""
     t = values.detach().to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if is_dist():
-        device = world_info().device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # the group's backend may be "cuda:nccl,cpu:gloo" (init_distributed): NCCL for CUDA tensors
+        device = world_info().device if "nccl" in dist.get_backend() else torch.device("cpu")
         t = t.to(device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
@@ -144,6 +145,12 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def bf16_capable(device: torch.device) -> bool:
+    """Whether ``train.precision: auto`` trains in bf16 on ``device``: a GPU with native bf16
+    (Ampere and later; not e.g. a V100 or T4, which train in fp32)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def mixed_precision(bf16: bool) -> object | None:

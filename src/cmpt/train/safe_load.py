@@ -17,9 +17,11 @@ Tensors themselves are already read by DCP with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +123,20 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, clean)
 
 
+@contextlib.contextmanager
+def quiet_dcp():
+    """DCP warns on every single-process call ("torch.distributed is disabled"); that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
 def safe_dcp_load(path: Path, state: dict[str, Any]) -> None:
     """``dcp.load`` of checkpoint ``path`` into ``state`` through the safe reader and planner; a
     failure is a :class:`CheckpointError` naming ``path`` (DCP's ``CheckpointException`` unwrapped)."""
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        with quiet_dcp():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     except CheckpointException as e:
         inner = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(inner, CheckpointError):
