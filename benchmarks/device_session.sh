@@ -3,7 +3,7 @@
 # "On a lent device"): the CoMP and MoCa step benchmarks (the issue's figures first), the GPU tests,
 # then one table of both benchmarks.
 #
-#   bash benchmarks/device_session.sh            # one H200: at most ~9.8 min (the timeouts below)
+#   bash benchmarks/device_session.sh            # one H200: at most ~9.7 min (the timeouts below)
 #   SMOKE=1 bash benchmarks/device_session.sh    # the same steps on tiny shapes, on the CPU too
 #
 # Runs from the repository root with the machine's own python3 (PYTHON=... to choose) and the
@@ -38,15 +38,15 @@ step() {  # step NAME TIMEOUT CMD...: run CMD under a timeout, its output to the
   [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-step env 30 "$py" -c "
+step env 20 "$py" -c "
 import torch, transformers, importlib.util as u
 print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')
 print('transformers', transformers.__version__, '| triton', u.find_spec('triton') is not None, '| liger', u.find_spec('liger_kernel') is not None)
 "
-step comp "${COMP_TIMEOUT:-200}" "$py" benchmarks/bench_comp_gpu.py --budget-s "${COMP_BUDGET:-150}" $smoke
-step moca "${MOCA_TIMEOUT:-270}" "$py" benchmarks/bench_moca_gpu.py --budget-s "${MOCA_BUDGET:-200}" $smoke
+step comp "${COMP_TIMEOUT:-190}" "$py" benchmarks/bench_comp_gpu.py --budget-s "${COMP_BUDGET:-140}" $smoke
+step moca "${MOCA_TIMEOUT:-250}" "$py" benchmarks/bench_moca_gpu.py --budget-s "${MOCA_BUDGET:-190}" $smoke
 # shellcheck disable=SC2086  # TESTS: a list of paths
-step tests "${TEST_TIMEOUT:-90}" "$py" -m pytest -v -p no:cacheprovider \
+step tests "${TEST_TIMEOUT:-120}" "$py" -m pytest -v -p no:cacheprovider \
   ${TESTS:-tests/test_cuda_train.py tests/test_attention.py tests/test_vit.py tests/test_fused_ce.py}
 
 "$py" - "$out" <<'EOF'
