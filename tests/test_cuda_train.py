@@ -1,6 +1,6 @@
 """The trainer's CUDA paths on one GPU, on the tiny CoMP and MoCa recipes (a few steps each):
 ``train.precision: auto`` (bf16 autocast on CUDA), ``train.compile``, resume, ``torchrun`` with
-NCCL, FSDP2 with the bf16 ``MixedPrecisionPolicy``, ``loss.lm_impl: liger``.
+NCCL, FSDP2 with the bf16 ``MixedPrecisionPolicy`` and its sharded checkpoint, ``loss.lm_impl: liger``.
 
 Every test skips without CUDA, and the suite hides CUDA unless asked (tests/conftest.py):
 
@@ -206,6 +206,23 @@ def test_fsdp2_with_bf16_mixed_precision_steps_like_the_unsharded_model(launched
     assert fsdp["forward_dtypes"] == ["torch.bfloat16"] and plain["forward_dtypes"] == ["torch.float32"]
     assert len(fsdp["losses"]) == FSDP2_STEPS and _finite(fsdp["losses"])
     assert fsdp["losses"] == pytest.approx(plain["losses"], rel=RTOL)
+
+
+def test_fsdp2_checkpoint_round_trips_through_the_trainers_manager(launched: tuple[dict, str]) -> None:
+    """The sharded model + optimizer after the FSDP2 steps, saved by the trainer's
+    ``CheckpointManager`` (DCP of the DTensors, verified manifest) and loaded by a second one (as on
+    resume) into a fresh sharded model + optimizer: every full tensor and optimizer state equal, and
+    one more step from each (the continued original, the restored one) gives the same loss."""
+    ckpt = launched[0]["fsdp2"]["fsdp"]["checkpoint"]
+    assert ckpt["manifest"] and ckpt["found"] == ckpt["saved"]
+    assert Path(ckpt["saved"]).name == f"step_{FSDP2_STEPS:06d}" and ckpt["step"] == FSDP2_STEPS
+    assert ckpt["world_size"] == 1 and ckpt["loader_state"]
+    assert f"DTensor:{DEVICE.split(':')[0]}:torch.float32" in ckpt["model_kinds"]
+    assert ckpt["differed_before_load"] > 0  # the fresh model holds the initial weights
+    assert ckpt["tensors"] > 0 and ckpt["model_diff"] == []
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(ckpt["optim_keys"]) and ckpt["optim_params"] > 0
+    assert ckpt["optim_diff"] == [] and ckpt["same_groups"]
+    assert math.isfinite(ckpt["continued_loss"]) and ckpt["rel_diff"] <= 1e-6, ckpt
 
 
 def test_moca_cpt_runs_with_finite_mlm_and_mae_losses(root: Path) -> None:
