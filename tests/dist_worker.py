@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
+from cmpt.train.distributed import destroy
 from toy_task import ToyTask, ToyTaskPrecount
 
 
@@ -53,8 +54,7 @@ def main() -> None:
     assert first["stopped"] and first["step"] < steps, first
     second = train(out, "fsdp_stop", "fsdp", steps, accum, False)
     assert not second["stopped"] and second["resumed_from"] == first["step"], second
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy()  # after a barrier, letting gloo free its finished work first
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from cmpt.recipes import run_recipe  # noqa: E402
+from cmpt.train.distributed import destroy  # noqa: E402
 from cmpt.train.final_weights import full_state_dict  # noqa: E402
 from cmpt.train.loop import Trainer  # noqa: E402
 
@@ -102,8 +103,7 @@ def main() -> None:
                 torch.save(PROBE.pop("data"), OUT / f"{run['name']}.probe.pt")
             if run.get("guard"):
                 (OUT / f"{run['name']}.reads.json").write_text(json.dumps(reads))
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy()  # after a barrier, letting gloo free its finished work first
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_helpers import OPTIM, ToyTask, flip_byte
 
 from cmpt.train import RunConfig, TrainConfig, Trainer
+from cmpt.train.distributed import destroy
 from cmpt.train.verify import CheckpointError
 
 
@@ -91,8 +92,7 @@ def main() -> None:
     finally:
         torch.save = real
     (out / f"report_{rank}.json").write_text(json.dumps(report, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy()  # after a barrier, letting gloo free its finished work first
 
 
 if __name__ == "__main__":

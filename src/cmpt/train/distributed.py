@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -96,10 +98,15 @@ def init_distributed() -> tuple[WorldInfo, bool]:
 
 
 def destroy(wait: bool = True) -> None:
-    """Tear the process group down, after a barrier unless ``wait=False`` (error paths)."""
+    """Tear the process group down, after a barrier unless ``wait=False`` (error paths). First the
+    dropped wrappers' references to the group are collected and gloo's run loop gets a moment to free
+    finished work (it needs the GIL, and the group's destructor waits for it holding the GIL: a
+    deadlock, or an abort at exit — "terminate called without an active exception")."""
     if is_dist():
         if wait:
             dist.barrier()
+        gc.collect()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -117,8 +117,7 @@ class Trainer:
                 self.model = None  # the wrapper's process-group reference goes before the group
                 if ok:
                     D.barrier()
-                time.sleep(0.2)  # gloo's run loop frees finished work (it needs the GIL): let it
-                D.destroy(wait=False)  # else the group's destructor can wait for it holding the GIL
+                D.destroy(wait=False)
 
     # ------------------------------------------------------------------ setup
     def _fit(self, world: D.WorldInfo) -> dict[str, Any]:
