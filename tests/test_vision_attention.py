@@ -106,3 +106,15 @@ def test_benchmark_runs_and_agrees(monkeypatch) -> None:
     fig = bench_qwen_vision_attn.main(["--images", "2", "--size", "224", "--width", "32", "--depth", "2"])
     assert fig["windows"] == 2 * 4 and fig["patches"] == 2 * 16 * 16
     assert fig["max_abs_diff"] < 1e-5 and fig["packed_vs_transformers"] > 0
+
+
+def test_moca_recipe_applies_model_vit_attn(ckpts, tmp_path) -> None:
+    """``model.vit_attn`` reaches a Qwen-VL tower built by the MoCa recipe."""
+    from cmpt.recipes import load_recipe
+    from cmpt.recipes.moca import load_backbone_for
+
+    sets = [f"model.init={ckpts['qwen2_5_vl']}", "model.vit_attn=sdpa", f"run.dir={tmp_path / 'run'}"]
+    cfg, _ = load_recipe("tiny/moca_cpt", sets)
+    bb = load_backbone_for(cfg)
+    assert bb.visual.config._attn_implementation == va.VISION_VARLEN
+    assert {getattr(blk.attn, va._BACKEND) for blk in bb.visual.blocks} == {"sdpa"}
