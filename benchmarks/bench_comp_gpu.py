@@ -14,6 +14,8 @@ named in ``before``, and the table gives that change's throughput ratio):
 * ``baseline`` — packed text (the default), cmpt's chunked LM loss, eager, no checkpointing;
 * ``vision_per_segment`` — the vision tower's attention one segment at a time instead of packed
   (CoMP: ``model.attn: sdpa``, per-image SDPA; MoCa: transformers' own per-window SDPA);
+* ``text_per_sequence`` — packed text's attention one sequence at a time (the backbone's
+  ``text_attn = "sdpa"``: a Python loop of SDPA calls on CUDA) instead of one varlen kernel;
 * ``fused_ce`` — ``loss.lm_impl: liger`` (Liger's fused linear CE, needs ``cmpt[liger]``);
 * ``compile`` — ``train.compile``: ``torch.compile`` of each transformer block, as the trainer does;
 * ``fused_ce+compile``;
@@ -34,8 +36,8 @@ vision attention are switched in place. Each variant: one warm-up pass over the 
 counted once, on the eager baseline, by ``torch.utils.flop_counter``'s formulas in a minimal
 dispatch mode (matmuls 2·m·n·k forward, twice that backward; attention by the SDPA formulas;
 the alignment loss's caption forward included), with the LM loss in one chunk (no recomputation)
-and the ViT on per-image SDPA (the counter does not see the varlen flash kernel); the LLM's packed
-text runs SDPA per sequence (``cmpt_packed_sdpa``), so its attention counts Σ lᵢ² cells. (The
+and the ViT and the LLM's packed text on SDPA per image / per sequence (the counter does not see
+the varlen kernels), so attention counts Σ lᵢ² cells. (The
 formulas know CUDA's SDPA kernels, not the CPU's: a ``--smoke`` count on the CPU omits attention.) The
 same figure divides every variant's time: recomputation (checkpointing) is not useful work, so the
 MFU of a checkpointed variant is model, not hardware, FLOP utilisation.
@@ -109,6 +111,7 @@ class Variant:
     act_ckpt: str = "off"  # train.activation_checkpointing: a key of ACT_CKPT
     packing: bool = True  # data.packing
     packed_vision: bool = True  # the vision tower's attention packed (the recipe's) or per segment
+    text_varlen: bool = True  # packed text on the varlen kernel (auto) or SDPA per sequence (sdpa)
     before: str = ""
     change: str = ""
 
@@ -117,6 +120,7 @@ VARIANTS = [
     Variant("padded", packing=False),
     Variant("baseline", before="padded", change="packed text"),
     Variant("vision_per_segment", packed_vision=False, before="baseline", change="vision attn per segment"),
+    Variant("text_per_sequence", text_varlen=False, before="baseline", change="text attn per sequence"),
     Variant("fused_ce", lm_impl="liger", before="baseline", change="fused linear CE (liger)"),
     Variant("compile", compile=True, before="baseline", change="torch.compile per block"),
     Variant("fused_ce+compile", "liger", True, before="compile", change="fused CE, compiled"),
@@ -246,11 +250,13 @@ def _count_flops(setup: Setup, model: nn.Module, step, batches: list[dict]) -> f
     loss_cfg = model.loss
     model.loss = dataclasses.replace(loss_cfg, lm_impl="chunked", lm_chunk_size=1 << 30)
     try:
+        setup.backbone_of(model).text_attn = "sdpa"
         with setup.counting(model), FlopCount() as counter:
             for batch in batches:
                 step(batch)
     finally:
         model.loss = loss_cfg
+        setup.backbone_of(model).text_attn = "auto"
     return counter.total / len(batches)
 
 
@@ -365,6 +371,7 @@ def _run_group(
         model.loss = dataclasses.replace(model.loss, lm_impl=v.lm_impl)
         setup.backbone_of(model).configure_packing(v.packing)
         setup.vision_attention(model, v.packed_vision)
+        setup.backbone_of(model).text_attn = "auto" if v.text_varlen else "sdpa"
         try:
             results[v.name] = _measure(step, batches, steps, device, warmup=not smoke)
         except Exception as e:  # one variant's failure (out of memory, a compiler error)

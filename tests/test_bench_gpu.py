@@ -24,7 +24,7 @@ def _check_common(figures: dict, out: str) -> None:
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(figures))  # last line: JSON
     assert "variant" in out and "baseline" in out
     ran = set(figures["step_ms"])
-    assert {"padded", "baseline", "vision_per_segment", "ckpt_full"} <= ran  # what runs on the CPU
+    assert {"padded", "baseline", "vision_per_segment", "text_per_sequence", "ckpt_full"} <= ran  # on the CPU
     assert all(t > 0 for t in figures["step_ms"].values())
     assert figures["speedup_vs_baseline"]["baseline"] == 1.0
     assert (
@@ -36,6 +36,7 @@ def _check_common(figures: dict, out: str) -> None:
         "padded",
         "baseline",
         "vision_per_segment",
+        "text_per_sequence",
         "fused_ce",
         "compile",
         "fused_ce+compile",
@@ -85,7 +86,7 @@ def test_comp_gpu_smoke_compiled_variant(bench, capsys) -> None:
 
 def test_budget_spent_skips_all_but_the_baseline_group(bench, capsys) -> None:
     figures = bench("bench_comp_gpu").main(["--smoke", "--budget-s", "1e-9"])
-    assert set(figures["step_ms"]) == {"padded", "baseline", "vision_per_segment"}  # the counting group
+    assert set(figures["step_ms"]) == {"padded", "baseline", "vision_per_segment", "text_per_sequence"}
     assert figures["not_run"]["ckpt_full"] == "skipped: " + bench("bench_comp_gpu").BUDGET_SPENT
     assert "--budget-s" in capsys.readouterr().out
 

@@ -144,7 +144,7 @@ def test_packed_sdpa_runs_without_a_mask_and_switches_back(dirs):
     with torch.no_grad():
         out = vlm(batch["input_ids"], batch["cu_seqlens"], **images)
     assert out.body_kwargs["attention_mask"] is None
-    assert out.body_kwargs["packed_lengths"] == tuple(batch["cu_seqlens"].diff().tolist())
+    assert out.body_kwargs["packed_plan"].lengths == batch["cu_seqlens"].diff().tolist()
     vlm.configure_packing(False)
     assert vlm.llm.config._attn_implementation == "sdpa"
     with torch.no_grad():

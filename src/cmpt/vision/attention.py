@@ -2,15 +2,18 @@
 
 Backends, all giving the same numbers within floating-point tolerance:
 
-* ``sdpa``  — PyTorch scaled-dot-product attention run per image; images of equal length are
-  batched together, so a batch of same-size images costs one call. CPU default.
+* ``sdpa``  — PyTorch scaled-dot-product attention run per segment; segments of equal length
+  are batched together, so a batch of same-size images costs one call. On the CPU it is one
+  operator, ``cmpt::varlen_sdpa`` (:mod:`cmpt.vision.varlen_op`), that ``torch.compile`` does not
+  guard on. CPU default.
 * ``flex``  — FlexAttention with a document mask (opt-in; compiled once per process).
 * ``flash`` — ``flash_attn_varlen_func`` from the flash-attn package (CUDA, fp16/bf16).
 * ``varlen`` — PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (the same flash kernel,
   shipped with torch >= 2.10; CUDA, fp16/bf16), for GPUs without the flash-attn package.
 
 ``auto`` picks ``flash``, then ``varlen``, when usable for the inputs (CUDA and a half-precision
-compute dtype, autocast included), else ``sdpa``.
+compute dtype, autocast included), else ``sdpa``. Every backend takes ``causal`` (the packed text
+of §7 runs here too), a ``scale`` and fewer key/value heads than query heads (grouped queries).
 The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the host by
 :func:`build_plan` and shared by every layer (docs/method.md §6: no per-layer host syncs).
 """
@@ -18,11 +21,14 @@ The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from .varlen_op import varlen_sdpa
 
 BACKENDS = ("auto", "sdpa", "flex", "flash", "varlen")
 
@@ -33,14 +39,17 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-@cache
+try:  # torch >= 2.10; its keyword arguments changed between releases: read once, outside compiled code
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+
+    _VARLEN_OPTIONS = frozenset(inspect.signature(_torch_varlen_attn).parameters)
+except ImportError:
+    _torch_varlen_attn, _VARLEN_OPTIONS = None, frozenset()
+
+
 def torch_varlen_available() -> bool:
     """True when this torch ships ``torch.nn.attention.varlen.varlen_attn``."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _torch_varlen_attn is not None
 
 
 @dataclass
@@ -53,7 +62,7 @@ class AttentionPlan:
     cu_seqlens: torch.Tensor = field(init=False)
     max_seqlen: int = field(init=False)
     groups: list[tuple[int, list[int]]] = field(init=False)
-    _block_mask: object = field(init=False, default=None)
+    _block_masks: dict[bool, object] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         starts = [0]
@@ -68,9 +77,9 @@ class AttentionPlan:
             by_len.setdefault(n, []).append(i)
         self.groups = sorted(by_len.items())
 
-    def block_mask(self):
-        """FlexAttention document mask, built once per plan."""
-        if self._block_mask is None:
+    def block_mask(self, causal: bool = False):
+        """FlexAttention document mask (causal within each segment or not), built once per plan."""
+        if causal not in self._block_masks:
             from torch.nn.attention.flex_attention import create_block_mask
 
             doc = torch.repeat_interleave(
@@ -79,12 +88,13 @@ class AttentionPlan:
             )
 
             def same_doc(b, h, q_idx, kv_idx):
-                return doc[q_idx] == doc[kv_idx]
+                same = doc[q_idx] == doc[kv_idx]
+                return same & (q_idx >= kv_idx) if causal else same
 
-            self._block_mask = create_block_mask(
+            self._block_masks[causal] = create_block_mask(
                 same_doc, B=None, H=None, Q_LEN=self.total, KV_LEN=self.total, device=self.device
             )
-        return self._block_mask
+        return self._block_masks[causal]
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -121,46 +131,98 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Per-image SDPA. Segments are taken with ``split`` and equal-length ones batched with ``stack``, whose
-    backward passes are single concatenations: slicing instead would zero a full-size gradient per image."""
-    if len(plan.lengths) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-        return out.transpose(0, 1)
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """Per-segment SDPA: one ``cmpt::varlen_sdpa`` operator on the CPU, a loop elsewhere (CUDA in
+    float32)."""
+    if q.device.type != "cpu":
+        return sdpa_loop(q, k, v, plan, causal, scale)
+    k, v = _expand_heads(k, q), _expand_heads(v, q)
+    if torch.is_autocast_enabled("cpu"):  # SDPA's own autocast rule: all three in the low dtype
+        q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
+    return varlen_sdpa(q, k, v, plan.cu_seqlens, causal, q.shape[-1] ** -0.5 if scale is None else scale)[0]
+
+
+def sdpa_loop(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` per group of equal-length segments, in Python (what
+    ``torch.compile`` guards on). Segments are taken with ``split`` and batched with ``stack``, whose
+    backward passes are single concatenations: slicing instead would zero a full-size gradient per
+    segment."""
+    gqa = k.shape[1] != q.shape[1]
     qs, ks, vs = (t.split(plan.lengths) for t in (q, k, v))
     outs: list[torch.Tensor | None] = [None] * len(plan.lengths)
     for _, members in plan.groups:
-        # (G, L, H, d) -> (G, H, L, d); a lone image needs no copy
+        # (G, L, H, d) -> (G, H, L, d); a lone segment needs no copy
         if len(members) == 1:
             qg, kg, vg = (seg[members[0]].unsqueeze(0).transpose(1, 2) for seg in (qs, ks, vs))
         else:
             qg, kg, vg = (torch.stack([seg[i] for i in members]).transpose(1, 2) for seg in (qs, ks, vs))
-        out = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2)
-        for i, o in zip(members, out.unbind(0)):
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
+        for i, o in zip(members, out.transpose(1, 2).unbind(0)):
             outs[i] = o
     return torch.cat(outs)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Attention where each token sees only its own segment. q, k, v: (N, heads, head_dim)."""
+def _expand_heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``(N, H_kv, D)`` → ``(N, H_q, D)``: each key/value head repeated for its group of query heads."""
+    return kv if kv.shape[1] == q.shape[1] else kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+
+
+def _torch_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """torch's ``varlen_attn``, whichever of its signatures (``is_causal`` in 2.10/2.11,
+    ``window_size``, ``scale`` and ``enable_gqa`` later) this torch has."""
+    kwargs: dict = {}
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:  # not the default
+        if "scale" not in _VARLEN_OPTIONS:
+            raise RuntimeError("this torch's varlen_attn takes no scale; use attn='sdpa' or upgrade torch")
+        kwargs["scale"] = scale
+    if "enable_gqa" in _VARLEN_OPTIONS:
+        kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
+    else:
+        k, v = _expand_heads(k, q), _expand_heads(v, q)
+    if "window_size" in _VARLEN_OPTIONS:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif causal:
+        kwargs["is_causal"] = True
+    m = plan.max_seqlen
+    return _torch_varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, m, m, **kwargs)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention where each token sees only its own segment (and, ``causal``, only the tokens
+    before it there). ``q`` ``(N, heads, head_dim)``; ``k, v`` ``(N, kv_heads, head_dim)`` with
+    ``heads`` a multiple of ``kv_heads``; ``scale`` defaults to ``1/sqrt(head_dim)``."""
     if plan.backend == "sdpa":
-        return _sdpa(q, k, v, plan)
+        return _sdpa(q, k, v, plan, causal, scale)
     if plan.backend == "flex":
         out = _compiled_flex()(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0),
-            block_mask=plan.block_mask(),
+            block_mask=plan.block_mask(causal),
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         return out.squeeze(0).transpose(0, 1)
     if plan.backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
+        m = plan.max_seqlen
         return flash_attn_varlen_func(
-            q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen
+            q, k, v, plan.cu_seqlens, plan.cu_seqlens, m, m, softmax_scale=scale, causal=causal
         )
     if plan.backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen)
+        return _torch_varlen(q, k, v, plan, causal, scale)
     raise ValueError(f"unresolved attention backend {plan.backend!r}")

@@ -52,6 +52,8 @@ class BackboneMixin:
     input_embeddings: nn.Module
     attention_owner: nn.Module
     device: torch.device
+    #: ``varlen_attention`` backend of packed text (``cmpt.vision.attention.BACKENDS``; docs/method.md §7)
+    text_attn: str = "auto"
 
     def parts(self) -> dict[str, list[nn.Parameter]]:  # pragma: no cover - provided by the class
         raise NotImplementedError
@@ -155,7 +157,7 @@ class BackboneMixin:
             )
         set_attention_mode(self.body, attention)
         impl = attn_implementation(self.attention_owner)
-        kwargs = body_inputs(layout, impl, attention, embeds.dtype, embeds.device)
+        kwargs = body_inputs(layout, impl, attention, embeds.dtype, embeds.device, self.text_attn)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         rows = embeds.unsqueeze(0) if layout.packed else pad_rows(embeds, layout)

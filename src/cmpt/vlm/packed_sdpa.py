@@ -1,4 +1,4 @@
-"""Packed rows without an N×N mask: SDPA per sequence, as a transformers attention function
+"""Packed rows without an N×N mask: block-diagonal attention as a transformers attention function
 (docs/method.md §7 "How the mask reaches the decoder").
 
 A block-diagonal mask handed to SDPA as a dense ``(1, 1, N, N)`` tensor makes packing *slower* than
@@ -6,21 +6,24 @@ padding: every layer attends over the whole row and keeps its own copy of the ma
 (measured: 0.47× the padded throughput on the tiny stage-II step, 678 MiB of mask per micro-batch
 at CoMP-MM stage-II shapes). Instead, a body whose implementation is ``sdpa`` switches, while its
 text runs packed, to :data:`PACKED_SDPA`, registered with transformers' public
-``AttentionInterface``: given ``packed_lengths`` it runs ``scaled_dot_product_attention`` on each
-sequence's slice of the row (causal or not, from the module's ``is_causal``), so the work is
-``Σ lᵢ²`` and no mask exists; without them (generation, padded rows) it is transformers' own SDPA.
+``AttentionInterface``: given ``packed_plan`` (the sequences' boundaries, made once per forward) it
+runs :func:`cmpt.vision.attention.varlen_attention`, causal or not from the module's ``is_causal``
+— one varlen kernel on CUDA in half precision, one ``cmpt::varlen_sdpa`` operator on the CPU, so
+the work is ``Σ lᵢ²``, no mask exists and ``torch.compile`` does not guard on the lengths
+(§6 "Compiled blocks"). Without a plan (generation, padded rows) it is transformers' own SDPA.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from cmpt.vision.attention import AttentionPlan, varlen_attention
 
 __all__ = ["PACKED_SDPA", "implementation_for", "packed_sdpa_forward", "standard_attention"]
 
@@ -36,14 +39,14 @@ def packed_sdpa_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    packed_lengths: Sequence[int] | None = None,
+    packed_plan: AttentionPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``(1, H, N, D)`` query / ``(1, H_kv, N, D)`` key and value of one packed row → ``(1, N, H, D)``.
 
-    Without ``packed_lengths`` this is transformers' ``sdpa_attention_forward`` unchanged.
+    Without ``packed_plan`` this is transformers' ``sdpa_attention_forward`` unchanged.
     """
-    if packed_lengths is None:
+    if packed_plan is None:
         return sdpa_attention_forward(
             module,
             query,
@@ -55,24 +58,14 @@ def packed_sdpa_forward(
             is_causal=is_causal,
             **kwargs,
         )
-    if query.shape[0] != 1 or sum(packed_lengths) != query.shape[2]:
-        raise ValueError(f"packed_lengths {list(packed_lengths)} do not cut a row of {query.shape[2]} tokens")
+    if dropout and module.training:
+        raise ValueError(
+            f"packed text runs attention without dropout, but the model's attention dropout is {dropout}: "
+            "set the language model's attention_dropout to 0, or data.packing: false"
+        )
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else is_causal
-    gqa = key.shape[1] != query.shape[1]
-    p = dropout if module.training else 0.0
-    outs, start = [], 0
-    for n in packed_lengths:
-        if n == 0:
-            continue
-        sl = slice(start, start + n)
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, sl], key[:, :, sl], value[:, :, sl], dropout_p=p, is_causal=causal,
-                scale=scaling, enable_gqa=gqa,
-            )
-        )  # fmt: skip
-        start += n
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, head_dim)
+    return varlen_attention(q, k, v, packed_plan, causal=causal, scale=scaling).unsqueeze(0), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cmpt.vision.attention import build_plan
 from cmpt.vlm.packed_sdpa import PACKED_SDPA
 
 __all__ = [
@@ -199,15 +200,22 @@ def _block_mask(layout: TextLayout, causal: bool, device: torch.device) -> Any:
 
 
 def body_inputs(
-    layout: TextLayout, impl: str, mode: AttentionMode, dtype: torch.dtype, device: torch.device
+    layout: TextLayout,
+    impl: str,
+    mode: AttentionMode,
+    dtype: torch.dtype,
+    device: torch.device,
+    packed_backend: str = "auto",
 ) -> dict[str, Any]:
     """Keyword arguments for the body's ``forward``: ``attention_mask``, ``position_ids`` and, for
-    packed rows, ``packed_lengths`` (:data:`~cmpt.vlm.packed_sdpa.PACKED_SDPA`: no mask at all) or
-    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attention) (docs/method.md §7)."""
+    packed rows, ``packed_plan`` (:data:`~cmpt.vlm.packed_sdpa.PACKED_SDPA`: no mask at all) or
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attention) (docs/method.md §7).
+    ``packed_backend``: the ``varlen_attention`` backend of that plan."""
     causal = mode == "causal"
     kwargs: dict[str, Any] = {"position_ids": layout.position_ids(device)}
     if impl == PACKED_SDPA and layout.packed:
-        kwargs.update(attention_mask=None, packed_lengths=layout.lengths)
+        plan = build_plan(list(layout.lengths), packed_backend, device, dtype)
+        kwargs.update(attention_mask=None, packed_plan=plan)
     elif impl in (*_DENSE, PACKED_SDPA):
         allowed = _allowed(layout, causal, device)
         if impl == "eager":

@@ -1,0 +1,139 @@
+"""``cmpt::varlen_sdpa`` (cmpt.vision.varlen_op) and ``varlen_attention``'s causal / scale / grouped
+heads (docs/method.md §6 "Compiled blocks", §7): against an independent dense reference in float64,
+its backward by finite differences, and under ``torch.compile`` with new segment lengths every call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from cmpt.vision.attention import AttentionPlan, build_plan, torch_varlen_available, varlen_attention
+from cmpt.vision.varlen_op import varlen_sdpa
+
+LENGTHS = [5, 3, 5, 0, 7, 3, 5]  # equal lengths share a kernel call; an empty segment
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *lengths]).cumsum(0)
+
+
+def dense_reference(q, k, v, lengths, causal, scale):
+    """Attention in float64 with an explicit block-diagonal (and causal) mask; grouped heads expanded."""
+    q, k, v = (t.double() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = doc[:, None] == doc[None, :]
+    if causal:
+        allowed &= torch.ones_like(allowed).tril()
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def _qkv(n: int, heads: int, kv_heads: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(n, heads, 8), (n, kv_heads, 8), (n, kv_heads, 8)]
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_op_and_its_gradients_match_a_dense_reference(causal: bool) -> None:
+    q, k, v = _qkv(sum(LENGTHS), 3, 3)
+    out, lse = varlen_sdpa(q, k, v, _cu(LENGTHS), causal, 0.3)
+    ref = dense_reference(q, k, v, LENGTHS, causal, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert lse.shape == (sum(LENGTHS), 3) and lse.dtype == torch.float32
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_op_backward_passes_gradcheck_and_opcheck() -> None:
+    q, k, v = _qkv(sum(LENGTHS), 2, 2, dtype=torch.float64)
+    cu = _cu(LENGTHS)
+    assert torch.autograd.gradcheck(lambda q, k, v: varlen_sdpa(q, k, v, cu, True, 0.5)[0], (q, k, v))
+    torch.library.opcheck(torch.ops.cmpt.varlen_sdpa.default, (q, k, v, cu, True, 0.5))
+
+
+def test_op_rejects_boundaries_that_do_not_cut_the_tokens() -> None:
+    q, k, v = _qkv(10, 2, 2)
+    with pytest.raises(ValueError, match="do not cut 10 tokens"):
+        varlen_sdpa(q, k, v, _cu([4, 4]), False, 1.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_takes_grouped_heads_scale_and_autocast(causal: bool) -> None:
+    q, k, v = _qkv(sum(LENGTHS), 6, 2)  # three query heads per key/value head
+    plan = build_plan(LENGTHS, "sdpa", q.device, q.dtype)
+    out = varlen_attention(q, k, v, plan, causal=causal, scale=0.25)
+    ref = dense_reference(q, k, v, LENGTHS, causal, 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # under autocast the three inputs may differ in dtype (rotary output in float32): SDPA's rule
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = varlen_attention(q, k, v.bfloat16(), plan, causal=causal, scale=0.25)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), out, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_backend_takes_causal_and_grouped_heads(causal: bool) -> None:
+    lengths = [16, 24, 8, 16]
+    q, k, v = (t.detach() for t in _qkv(sum(lengths), 4, 2))  # no flex backward on the CPU
+    plan = build_plan(lengths, "flex", q.device, q.dtype)
+    out = varlen_attention(q, k, v, plan, causal=causal)
+    ref = dense_reference(q, k, v, lengths, causal, 8**-0.5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_attention_does_not_recompile_for_new_lengths() -> None:
+    """Six layouts (other counts and lengths of segments): a compiled function around
+    ``varlen_attention`` compiles at most twice (static, then dynamic shapes) with AOTAutograd
+    tracing the operator's forward and backward on fake tensors, and matches eager."""
+
+    def step(q, k, v, plan):
+        return varlen_attention(q * 2, k, v, plan, causal=True).square().sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="aot_eager")
+    layouts = [[5, 3], [7, 2, 4], [1, 1, 1, 9], [6], [3, 3, 3, 3, 3], [10, 1]]
+    for i, lengths in enumerate(layouts):
+        q, k, v = _qkv(sum(lengths), 4, 2, seed=i)
+        plan = build_plan(lengths, "sdpa", q.device, q.dtype)
+        got = torch.autograd.grad(compiled(q, k, v, plan), (q, k, v))
+        want = torch.autograd.grad(step(q, k, v, plan), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert counters["graph_break"] == {}
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch_varlen_available(), reason="torch < 2.10 has no varlen_attn")
+def test_cuda_varlen_path_traces_into_one_graph_for_all_layouts() -> None:
+    """The half-precision CUDA path (torch's ``varlen_attn``) under ``torch.compile(fullgraph=True)``:
+    traced here on fake tensors (the kernel needs CUDA, so the backend never runs the graph) — no
+    graph break, and one dynamic graph for new lengths and counts of segments."""
+    graphs: list[list[str]] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return lambda *args: [torch.zeros(())]  # stands in for the graph's one output
+
+    def step(q, k, v, plan):
+        return varlen_attention(q, k, v, plan, causal=True, scale=0.125).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=capture, fullgraph=True)
+    for lengths in ([5, 3], [7, 2, 4], [1, 1, 1, 9]):
+        q, k, v = (t.detach().bfloat16() for t in _qkv(sum(lengths), 4, 2))
+        compiled(q, k, v, AttentionPlan(lengths, "varlen", q.device))
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # static shapes, then dynamic ones
+    assert all(any("varlen_attn" in target for target in g) for g in graphs), graphs
