@@ -15,7 +15,8 @@ named in ``before``, and the table gives that change's throughput ratio):
 * ``vision_per_segment`` — the vision tower's attention one segment at a time instead of packed
   (CoMP: ``model.attn: sdpa``, per-image SDPA; MoCa: transformers' own per-window SDPA);
 * ``text_per_sequence`` — packed text's attention one sequence at a time (the backbone's
-  ``text_attn = "sdpa"``: a Python loop of SDPA calls on CUDA) instead of one varlen kernel;
+  ``text_attn = "sdpa"``: a Python loop of SDPA calls on CUDA) instead of one varlen kernel (on
+  the CPU both are the ``cmpt::varlen_sdpa`` operator: the ratio there is noise);
 * ``fused_ce`` — ``loss.lm_impl: liger`` (Liger's fused linear CE, needs ``cmpt[liger]``);
 * ``compile`` — ``train.compile``: ``torch.compile`` of each transformer block, as the trainer does;
 * ``fused_ce+compile``;

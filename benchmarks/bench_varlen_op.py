@@ -6,7 +6,8 @@
    lengths, causal) and images (16 heads of 64; equal lengths, then mixed).
 2. *compiled*: a pre-norm transformer block (``--width``) compiled with inductor and trained for
    ``--layouts`` micro-batches of packed text, each cut differently (what a data loader feeds):
-   seconds for the whole stream (compilation included) and dynamo's compiled versions of the block.
+   seconds for the whole stream (compilation included, inductor's caches off) and dynamo's compiled
+   versions of the block.
    The loop makes dynamo guard on the lengths (a version per layout until ``recompile_limit``, 8,
    then eager); the operator's boundaries are a tensor.
 
@@ -23,12 +24,13 @@ import time
 
 import torch
 import torch._dynamo
+import torch._inductor.config
 from torch import nn
 from torch._dynamo.utils import counters
 
-from cmpt.vision.attention import _sdpa, build_plan, sdpa_loop
+from cmpt.vision.attention import build_plan, sdpa_loop, varlen_attention
 
-IMPLS = {"loop": sdpa_loop, "op": _sdpa}
+IMPLS = {"loop": sdpa_loop, "op": varlen_attention}  # on the CPU: the cmpt::varlen_sdpa operator
 
 
 def cut(total: int, rng: random.Random, lo: int = 32, hi: int = 700) -> list[int]:
@@ -72,6 +74,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@torch._inductor.config.patch(force_disable_caches=True)  # every compilation cold, for both
 def compiled_stream(impl, layouts: list[list[int]], width: int) -> tuple[float, int]:
     """Seconds to train a compiled block on every layout, and the block's compiled versions."""
     torch._dynamo.reset()
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layouts", type=int, default=12)
     ap.add_argument("--width", type=int, default=256)
     args = ap.parse_args(argv)
+    if args.width % 256:
+        ap.error(f"--width {args.width}: must be a multiple of 256 (heads of 64, 4 per key/value head)")
     rng = random.Random(0)
     cases = {
         "text, causal, GQA 14:2": (cut(args.tokens, rng), 14, 2, True),

@@ -47,7 +47,7 @@ step comp "${COMP_TIMEOUT:-190}" "$py" benchmarks/bench_comp_gpu.py --budget-s "
 step moca "${MOCA_TIMEOUT:-250}" "$py" benchmarks/bench_moca_gpu.py --budget-s "${MOCA_BUDGET:-190}" $smoke
 # shellcheck disable=SC2086  # TESTS: a list of paths
 step tests "${TEST_TIMEOUT:-120}" "$py" -m pytest -v -p no:cacheprovider \
-  ${TESTS:-tests/test_cuda_train.py tests/test_attention.py tests/test_vit.py tests/test_fused_ce.py}
+  ${TESTS:-tests/test_cuda_train.py tests/test_attention.py tests/test_varlen_op.py tests/test_vit.py tests/test_fused_ce.py}
 
 "$py" - "$out" <<'EOF'
 """One table of both benchmarks (their last JSON lines) and summary.json."""

@@ -9,7 +9,14 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from cmpt.vision.attention import AttentionPlan, build_plan, torch_varlen_available, varlen_attention
+from cmpt.vision.attention import (
+    AttentionPlan,
+    build_plan,
+    flash_available,
+    sdpa_loop,
+    torch_varlen_available,
+    varlen_attention,
+)
 from cmpt.vision.varlen_op import varlen_sdpa
 
 LENGTHS = [5, 3, 5, 0, 7, 3, 5]  # equal lengths share a kernel call; an empty segment
@@ -54,7 +61,7 @@ def test_op_and_its_gradients_match_a_dense_reference(causal: bool) -> None:
 
 
 def test_op_backward_passes_gradcheck_and_opcheck() -> None:
-    q, k, v = _qkv(sum(LENGTHS), 2, 2, dtype=torch.float64)
+    q, k, v = _qkv(sum(LENGTHS), 4, 2, dtype=torch.float64)  # grouped heads: two queries per key
     cu = _cu(LENGTHS)
     assert torch.autograd.gradcheck(lambda q, k, v: varlen_sdpa(q, k, v, cu, True, 0.5)[0], (q, k, v))
     torch.library.opcheck(torch.ops.cmpt.varlen_sdpa.default, (q, k, v, cu, True, 0.5))
@@ -73,6 +80,8 @@ def test_varlen_attention_takes_grouped_heads_scale_and_autocast(causal: bool) -
     out = varlen_attention(q, k, v, plan, causal=causal, scale=0.25)
     ref = dense_reference(q, k, v, LENGTHS, causal, 0.25)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    loop = sdpa_loop(q, k, v, plan, causal, 0.25)  # the path of CUDA in float32
+    torch.testing.assert_close(loop.double(), ref, atol=1e-5, rtol=1e-5)
     # under autocast the three inputs may differ in dtype (rotary output in float32): SDPA's rule
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = varlen_attention(q, k, v.bfloat16(), plan, causal=causal, scale=0.25)
@@ -137,3 +146,51 @@ def test_cuda_varlen_path_traces_into_one_graph_for_all_layouts() -> None:
     torch._dynamo.reset()
     assert len(graphs) == 2  # static shapes, then dynamic ones
     assert all(any("varlen_attn" in target for target in g) for g in graphs), graphs
+
+
+CUDA_BACKENDS = [
+    pytest.param("sdpa", torch.float32, id="sdpa-fp32-loop"),
+    pytest.param(
+        "flash", torch.bfloat16, marks=pytest.mark.skipif(not flash_available(), reason="needs flash-attn")
+    ),
+    pytest.param(
+        "varlen", torch.bfloat16, marks=pytest.mark.skipif(not torch_varlen_available(), reason="torch<2.10")
+    ),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("backend", "dtype"), CUDA_BACKENDS)
+def test_cuda_backends_take_causal_grouped_heads_and_scale(backend: str, dtype: torch.dtype) -> None:
+    """What packed text runs on a GPU: causal, 3 query heads per key/value head, a scale."""
+    q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in _qkv(sum(LENGTHS), 6, 2))
+    plan = build_plan(LENGTHS, backend, q.device, q.dtype)
+    out = varlen_attention(q, k, v, plan, causal=True, scale=0.2)
+    ref = dense_reference(q, k, v, LENGTHS, True, 0.2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a.double() - b).norm() / b.norm() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_reports_ratios(monkeypatch, capsys) -> None:
+    """``benchmarks/bench_varlen_op.py`` on small shapes: a table, then the JSON line of ratios."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_varlen_op")
+    result = bench.main(["--tokens", "512", "--reps", "1", "--layouts", "4", "--width", "256"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["ratios_loop_over_op"]) == {
+        "eager text, causal, GQA 14:2",
+        "eager images, 256 tokens each",
+        "eager images, mixed sizes",
+        "compiled stream",
+    }
+    assert result["versions"]["op"] <= 2 < result["versions"]["loop"]

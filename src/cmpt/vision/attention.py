@@ -138,7 +138,6 @@ def _sdpa(
     float32)."""
     if q.device.type != "cpu":
         return sdpa_loop(q, k, v, plan, causal, scale)
-    k, v = _expand_heads(k, q), _expand_heads(v, q)
     if torch.is_autocast_enabled("cpu"):  # SDPA's own autocast rule: all three in the low dtype
         q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
     return varlen_sdpa(q, k, v, plan.cu_seqlens, causal, q.shape[-1] ** -0.5 if scale is None else scale)[0]

@@ -12,8 +12,8 @@ consecutive equal-length segments (a batch of same-size images: one call), on vi
 inputs (nothing is copied but the results). The forward keeps the log-sum-exp the backward kernel needs, so
 nothing is recomputed.
 
-Layout: ``q, k, v`` ``(N, H, D)`` (the same head count: expand grouped key/value heads first),
-``cu_seqlens`` ``(B + 1,)`` integer boundaries with ``cu_seqlens[-1] == N``.
+Layout: ``q`` ``(N, H, D)``, ``k, v`` ``(N, H_kv, D)`` (``H`` a multiple of ``H_kv``: the kernels
+group query heads natively), ``cu_seqlens`` ``(B + 1,)`` integer boundaries, ``cu_seqlens[-1] == N``.
 """
 
 from __future__ import annotations
