@@ -194,3 +194,39 @@ def test_benchmark_runs_and_reports_ratios(monkeypatch, capsys) -> None:
         "compiled stream",
     }
     assert result["versions"]["op"] <= 2 < result["versions"]["loop"]
+
+
+class _AttentionUnit(torch.nn.Module):
+    """A linear, packed causal attention over its output, a linear: one checkpointable unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).unbind(1)
+        return self.out(varlen_attention(q, k, v, plan, causal=True).flatten(1).tanh())
+
+
+@pytest.mark.parametrize(("mode", "kernel_runs"), [(None, 1), ("full", 2), ("selective", 1)])
+def test_selective_checkpointing_keeps_the_operators_output(monkeypatch, mode, kernel_runs) -> None:
+    """Forward + backward of a checkpointed unit: full checkpointing runs the attention kernel again
+    in backward, selective keeps its output (cmpt.train.distributed.SAVED_OPS) — same gradients."""
+    from cmpt.train.distributed import apply_activation_checkpointing
+    from cmpt.vision import varlen_op
+
+    calls = []
+    kernel = varlen_op._FORWARD
+    monkeypatch.setattr(varlen_op, "_FORWARD", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    torch.manual_seed(0)
+    unit, plain = _AttentionUnit(), _AttentionUnit()
+    plain.load_state_dict(unit.state_dict())
+    if mode:
+        apply_activation_checkpointing([unit], mode)
+    x = torch.randn(12, 16)
+    plan = build_plan([4, 4, 4], "sdpa", x.device, x.dtype)  # one run of segments: one kernel call
+    unit(x, plan).square().sum().backward()
+    assert len(calls) == kernel_runs
+    plain(x, plan).square().sum().backward()
+    for a, b in zip(unit.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

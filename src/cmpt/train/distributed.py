@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -255,25 +256,27 @@ def apply_activation_checkpointing(units: Iterable[nn.Module], mode: str = "full
         unit.forward = checkpointed
 
 
-def _saved_ops() -> frozenset:
-    aten = torch.ops.aten
-    names = (
+#: the ops whose outputs selective activation checkpointing keeps (the rest is recomputed), by
+#: name: matrix products, and attention kernels — PyTorch's, the varlen operators of torch and
+#: flash-attn, and cmpt's own (``cmpt.vision.varlen_op``), whichever of them are loaded
+SAVED_OPS = frozenset(
+    f"aten::{n}"
+    for n in (
         "mm", "addmm", "bmm", "baddbmm", "_scaled_mm",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
         "_flash_attention_forward", "_efficient_attention_forward",
-    )  # fmt: skip
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+    )
+) | {
+    "cmpt::varlen_sdpa", "torch_attn::_varlen_attn",
+    "flash_attn::_flash_attn_varlen_forward", "flash_attn::_flash_attn_forward",
+}  # fmt: skip
 
 
-#: the ops whose outputs selective activation checkpointing keeps (the rest is recomputed)
-SAVED_OPS = _saved_ops()
-
-
-def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> object:
+def _selective_policy(ctx: object, op: Any, *args: object, **kwargs: object) -> object:
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op.name() in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts() -> tuple:
