@@ -46,7 +46,7 @@ print('transformers', transformers.__version__, '| triton', u.find_spec('triton'
 step comp "${COMP_TIMEOUT:-190}" "$py" benchmarks/bench_comp_gpu.py --budget-s "${COMP_BUDGET:-140}" $smoke
 step moca "${MOCA_TIMEOUT:-250}" "$py" benchmarks/bench_moca_gpu.py --budget-s "${MOCA_BUDGET:-190}" $smoke
 # shellcheck disable=SC2086  # TESTS: a list of paths
-step tests "${TEST_TIMEOUT:-120}" "$py" -m pytest -v -p no:cacheprovider \
+step tests "${TEST_TIMEOUT:-120}" "$py" -m pytest -v -p no:cacheprovider -m "not slow" \
   ${TESTS:-tests/test_cuda_train.py tests/test_attention.py tests/test_varlen_op.py tests/test_vit.py tests/test_fused_ce.py}
 
 "$py" - "$out" <<'EOF'

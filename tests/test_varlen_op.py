@@ -126,26 +126,30 @@ def test_compiled_attention_does_not_recompile_for_new_lengths() -> None:
 
 @pytest.mark.skipif(not torch_varlen_available(), reason="torch < 2.10 has no varlen_attn")
 def test_cuda_varlen_path_traces_into_one_graph_for_all_layouts() -> None:
-    """The half-precision CUDA path (torch's ``varlen_attn``) under ``torch.compile(fullgraph=True)``:
-    traced here on fake tensors (the kernel needs CUDA, so the backend never runs the graph) — no
-    graph break, and one dynamic graph for new lengths and counts of segments."""
-    graphs: list[list[str]] = []
+    """The half-precision CUDA path (torch's ``varlen_attn``) under ``torch.compile(fullgraph=True)``
+    and bf16 autocast: traced here on fake tensors (the kernel needs CUDA, so the backend never runs
+    the graph) — no graph break, one dynamic graph for new lengths and counts of segments, and the
+    kernel gets one dtype (autocast's) though query and key come in float32."""
+    graphs: list[torch.fx.GraphModule] = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        graphs.append(gm)
         return lambda *args: [torch.zeros(())]  # stands in for the graph's one output
 
     def step(q, k, v, plan):
-        return varlen_attention(q, k, v, plan, causal=True, scale=0.125).sum()
+        with torch.autocast(q.device.type, dtype=torch.bfloat16):
+            return varlen_attention(q, k, v, plan, causal=True, scale=0.125).sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend=capture, fullgraph=True)
     for lengths in ([5, 3], [7, 2, 4], [1, 1, 1, 9]):
-        q, k, v = (t.detach().bfloat16() for t in _qkv(sum(lengths), 4, 2))
-        compiled(q, k, v, AttentionPlan(lengths, "varlen", q.device))
+        q, k, v = (t.detach() for t in _qkv(sum(lengths), 4, 2))  # float32 query and key (rotary)
+        compiled(q, k, v.bfloat16(), AttentionPlan(lengths, "varlen", q.device))
     torch._dynamo.reset()
     assert len(graphs) == 2  # static shapes, then dynamic ones
-    assert all(any("varlen_attn" in target for target in g) for g in graphs), graphs
+    for g in graphs:
+        (kernel,) = [n for n in g.graph.nodes if "varlen_attn" in str(n.target)]
+        assert [a.meta["example_value"].dtype for a in kernel.args[:3]] == [torch.bfloat16] * 3
 
 
 CUDA_BACKENDS = [

@@ -138,8 +138,6 @@ def _sdpa(
     float32)."""
     if q.device.type != "cpu":
         return sdpa_loop(q, k, v, plan, causal, scale)
-    if torch.is_autocast_enabled("cpu"):  # SDPA's own autocast rule: all three in the low dtype
-        q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
     return varlen_sdpa(q, k, v, plan.cu_seqlens, causal, q.shape[-1] ** -0.5 if scale is None else scale)[0]
 
 
@@ -202,7 +200,12 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention where each token sees only its own segment (and, ``causal``, only the tokens
     before it there). ``q`` ``(N, heads, head_dim)``; ``k, v`` ``(N, kv_heads, head_dim)`` with
-    ``heads`` a multiple of ``kv_heads``; ``scale`` defaults to ``1/sqrt(head_dim)``."""
+    ``heads`` a multiple of ``kv_heads``; ``scale`` defaults to ``1/sqrt(head_dim)``. Under autocast
+    the three are cast to its dtype first, as autocast does for SDPA (rotary embeddings leave
+    query and key in float32 beside a low-precision value; the varlen kernels take one dtype)."""
+    if torch.is_autocast_enabled(q.device.type):
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(low) for t in (q, k, v))
     if plan.backend == "sdpa":
         return _sdpa(q, k, v, plan, causal, scale)
     if plan.backend == "flex":
