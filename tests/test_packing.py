@@ -15,7 +15,8 @@ import torch
 from cmpt.losses import next_token_loss
 from cmpt.recipes.comp import LossConfig
 from cmpt.recipes.comp_objective import CompObjective
-from cmpt.vlm.packed_sdpa import PACKED_SDPA, implementation_for
+from cmpt.vision.attention import build_plan
+from cmpt.vlm.packed_sdpa import PACKED_SDPA, implementation_for, packed_sdpa_forward
 from cmpt.vlm.text_attention import TextLayout, body_inputs, pad_rows, unpad_rows
 from vlm_fixtures import UNEVEN, build_dirs, build_vlm, make_batch, zero_grads
 
@@ -152,3 +153,18 @@ def test_packed_sdpa_runs_without_a_mask_and_switches_back(dirs):
             batch["input_ids"], batch["cu_seqlens"], patches=batch["patches"], grid_hw=batch["grid_hw"]
         )
     torch.testing.assert_close(padded.hidden, out.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_sdpa_refuses_what_it_cannot_compute():
+    """A sliding window shorter than a packed sequence, and attention dropout: a clear error that
+    names the fix (data.packing: false), never silently different attention."""
+    q = torch.randn(1, 2, 10, 8)
+    plan = build_plan([6, 4], "sdpa", q.device, q.dtype)
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    out, _ = packed_sdpa_forward(layer.eval(), q, q, q, None, packed_plan=plan, sliding_window=6)
+    assert out.shape == (1, 10, 2, 8)  # every sequence within the window
+    with pytest.raises(ValueError, match="sliding window of 4 tokens and a sequence of 6"):
+        packed_sdpa_forward(layer, q, q, q, None, packed_plan=plan, sliding_window=4)
+    with pytest.raises(ValueError, match=r"attention dropout is 0\.1"):
+        packed_sdpa_forward(layer.train(), q, q, q, None, dropout=0.1, packed_plan=plan)

@@ -63,6 +63,12 @@ def packed_sdpa_forward(
             f"packed text runs attention without dropout, but the model's attention dropout is {dropout}: "
             "set the language model's attention_dropout to 0, or data.packing: false"
         )
+    window = kwargs.get("sliding_window")
+    if window is not None and packed_plan.max_seqlen > window:
+        raise ValueError(
+            f"packed text attends over whole sequences, but this layer has a sliding window of {window} "
+            f"tokens and a sequence of {packed_plan.max_seqlen}: set data.packing: false"
+        )
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else is_causal
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, head_dim)
     return varlen_attention(q, k, v, packed_plan, causal=causal, scale=scaling).unsqueeze(0), None
