@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layouts", type=int, default=12)
     ap.add_argument("--width", type=int, default=256)
     args = ap.parse_args(argv)
+    if args.tokens < 256 or args.reps < 1 or args.layouts < 1:
+        ap.error("--tokens must be at least 256 (one 256-token image), --reps and --layouts at least 1")
     if args.width % 256:
         ap.error(f"--width {args.width}: must be a multiple of 256 (heads of 64, 4 per key/value head)")
     rng = random.Random(0)
