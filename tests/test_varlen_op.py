@@ -89,6 +89,23 @@ def test_varlen_attention_takes_grouped_heads_scale_and_autocast(causal: bool) -
     torch.testing.assert_close(low.float(), out, atol=3e-2, rtol=3e-2)
 
 
+def test_loop_runs_no_kernel_on_an_empty_segment(monkeypatch) -> None:
+    """The per-segment loop (CUDA in float32) calls SDPA once per distinct non-zero length: an
+    empty text gets its empty output without a kernel call, which some CUDA kernels refuse."""
+    sdpa, lengths = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counted(q, *args, **kwargs):
+        lengths.append(q.shape[-2])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    q, k, v = _qkv(sum(LENGTHS), 4, 2)
+    out = sdpa_loop(q, k, v, build_plan(LENGTHS, "sdpa", q.device, q.dtype), True, None)
+    assert sorted(lengths) == [3, 5, 7]
+    ref = dense_reference(q, k, v, LENGTHS, True, 8**-0.5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_backend_takes_causal_and_grouped_heads(causal: bool) -> None:

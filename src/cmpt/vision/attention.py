@@ -147,12 +147,17 @@ def sdpa_loop(
     """``scaled_dot_product_attention`` per group of equal-length segments, in Python (what
     ``torch.compile`` guards on). Segments are taken with ``split`` and batched with ``stack``, whose
     backward passes are single concatenations: slicing instead would zero a full-size gradient per
-    segment."""
+    segment. Empty segments (an empty text) get an empty output without a kernel call, which not
+    every CUDA kernel accepts."""
     gqa = k.shape[1] != q.shape[1]
     qs, ks, vs = (t.split(plan.lengths) for t in (q, k, v))
     outs: list[torch.Tensor | None] = [None] * len(plan.lengths)
-    for _, members in plan.groups:
+    for length, members in plan.groups:
         # (G, L, H, d) -> (G, H, L, d); a lone segment needs no copy
+        if length == 0:
+            for i in members:
+                outs[i] = v.new_empty((0, q.shape[1], v.shape[-1]))
+            continue
         if len(members) == 1:
             qg, kg, vg = (seg[members[0]].unsqueeze(0).transpose(1, 2) for seg in (qs, ks, vs))
         else:
