@@ -3,7 +3,8 @@
 The task names its groups with their own learning rates (``Task.param_groups``); here each
 group is split in a decayed and a non-decayed half, resolved by parameter *name* so that the
 groups survive wrapping and FSDP2 sharding (which replaces the parameter objects), and turned
-into a ``torch.optim.AdamW`` plus a ``LambdaLR``.
+into a ``torch.optim.AdamW`` plus a ``LambdaLR``. On resume the config's group hyper-parameters
+are put back and the schedule continues at the saved step (:func:`restore_schedule`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import OptimConfig
 
 __all__ = ["NO_DECAY_KEYS", "build_optimizer", "build_scheduler", "group_names", "lr_factor"]
 __all__ += ["load_scheduler_state", "resolve_groups", "scheduler_state", "split_decay", "warmup_length"]
+__all__ += ["restore_schedule", "snapshot_groups"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -155,3 +157,33 @@ def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str
 def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
     """Inverse of :func:`scheduler_state`."""
     scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of each param group (everything but ``params``), as built from the config."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def restore_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    saved: dict[str, Any],
+    fresh: list[dict[str, Any]],
+) -> None:
+    """After loading a checkpoint: put back the config's group hyper-parameters (``fresh``, from
+    :func:`snapshot_groups` before the load) and continue the schedule at the saved step with the
+    config's base learning rates, so the lr is what a fresh scheduler of this config gives at that
+    step (bitwise the saved one when nothing changed)."""
+    names = [g.get("name") for g in optimizer.param_groups]
+    if names != [f.get("name") for f in fresh]:
+        raise ValueError(
+            f"the checkpoint's param groups {names} differ from the task's {[f.get('name') for f in fresh]}"
+        )
+    for g, f in zip(optimizer.param_groups, fresh):
+        g.update(f)
+    load_scheduler_state(scheduler, {**saved, "base_lrs": [f["initial_lr"] for f in fresh]})
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs

@@ -40,8 +40,10 @@ from typing import Any
 import torch
 import yaml
 
+from .optim import restore_schedule, snapshot_groups
+
 __all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
-__all__ += ["load_and_reschedule", "plan_resume", "record_start", "restore_schedule", "snapshot_groups"]
+__all__ += ["load_and_reschedule", "plan_resume", "record_start"]
 __all__ += ["start_run", "write_summary"]
 
 logger = logging.getLogger("cmpt.train")
@@ -364,46 +366,12 @@ def _write_yaml(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- schedule
-def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """The hyper-parameters of each param group (everything but ``params``), as built from the config."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-
-
 def load_and_reschedule(
     ckpt: Any, plan: ResumePlan, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``ckpt.load`` of ``plan.checkpoint`` (collective), then :func:`restore_schedule`; returns
-    (trainer state, this rank's state)."""
-    from .optim import load_scheduler_state
-
+    """``ckpt.load`` of ``plan.checkpoint`` (collective), then
+    :func:`cmpt.train.optim.restore_schedule`; returns (trainer state, this rank's state)."""
     fresh = snapshot_groups(optimizer)  # as built from the config, before the load replaces them
     tstate, rstate = ckpt.load(Path(plan.checkpoint), module, optimizer)
-    restore_schedule(optimizer, scheduler, tstate["scheduler"], fresh, load_scheduler_state)
+    restore_schedule(optimizer, scheduler, tstate["scheduler"], fresh)
     return tstate, rstate
-
-
-def restore_schedule(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    saved: dict[str, Any],
-    fresh: list[dict[str, Any]],
-    load_state: Callable[[Any, dict], None],
-) -> None:
-    """After loading a checkpoint: put back the config's group hyper-parameters (``fresh``, from
-    :func:`snapshot_groups` before the load) and continue the schedule at the saved step with the
-    config's base learning rates, so the lr is what a fresh scheduler of this config gives at that
-    step (bitwise the saved one when nothing changed)."""
-    names = [g.get("name") for g in optimizer.param_groups]
-    if names != [f.get("name") for f in fresh]:
-        raise ResumeError(
-            f"the checkpoint's param groups {names} differ from the task's {[f.get('name') for f in fresh]}"
-        )
-    for g, f in zip(optimizer.param_groups, fresh):
-        g.update(f)
-    load_state(scheduler, {**saved, "base_lrs": [f["initial_lr"] for f in fresh]})
-    step = scheduler.last_epoch
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    scheduler._last_lr = lrs
