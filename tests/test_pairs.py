@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from broken_corpus import noise, tiny_processor, tiny_tokenizer
+from cmpt.data.check import check_dataset, data_check_main
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import write_tar_samples
 from cmpt.data.pair_loader import PairLoader, TarPairSource, open_pair_source, record_tasks
@@ -21,7 +22,6 @@ from cmpt.data.pairs import PairBuilder, build_pair_loader, collate_pairs
 from cmpt.data.sources import REASONS, BadSample
 from cmpt.data.tar_index import TarIndexSource
 from cmpt.data.task_sampler import TaskBatchSampler
-from cmpt.data.validate import check_dataset, data_check_main
 from cmpt.vlm.chat import encode_text_with_images, plain_input
 from cmpt.vlm.vision_tokens import IGNORE_INDEX, VISION_END
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
+from cmpt.data.check import check_dataset, data_check_main
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import llava_to_hf, llava_to_wds, write_tar_samples
 from cmpt.data.llava_source import LlavaSource
@@ -22,7 +23,6 @@ from cmpt.data.open import open_source, source_kind
 from cmpt.data.pipeline import LengthIndex, SampleBuilder, estimate_lengths, template_overhead
 from cmpt.data.sources import BadSample
 from cmpt.data.streaming import SampleStream, StreamConfig, StreamingLoader, assign_shards
-from cmpt.data.validate import check_dataset, data_check_main
 from cmpt.data.webdataset import RawSample, ShardList, decode_sample, expand_braces, expand_shards, split_key
 from cmpt.demo.synthetic import generate
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cmpt.cli import main
+from cmpt.data.check import check_dataset, data_check_main
 from cmpt.data.open import open_source
-from cmpt.data.validate import check_dataset, data_check_main
 from cmpt.demo.synth_documents import generate_documents, generate_passages
 from cmpt.demo.synthetic import VAL_SEED_OFFSET, synth_main
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cmpt.cli import main
+from cmpt.data.check import data_check_main
 from cmpt.data.open import open_source
-from cmpt.data.validate import data_check_main
 from cmpt.demo.synth_retrieval import NUM_CANDIDATES, TASKS, make_family, synth_retrieval_main
 from cmpt.demo.synthetic import split_seed
 

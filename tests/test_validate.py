@@ -10,10 +10,10 @@ from PIL import Image
 
 from broken_corpus import build_broken_corpus, build_clean_corpus, conv, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import BatchLoader, TokenBudgetBatcher
+from cmpt.data.check import check_dataset, data_check_main
 from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, SampleBuilder
 from cmpt.data.sources import BadSample, resolve_image_path
-from cmpt.data.validate import check_dataset, data_check_main
 
 
 @pytest.fixture(scope="module")

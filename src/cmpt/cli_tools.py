@@ -18,7 +18,7 @@ def _synth(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
-    from .data.validate import data_check_main
+    from .data.check import data_check_main
 
     return data_check_main(
         a.spec, a.out, image_root=a.image_root, tokenizer=a.tokenizer, max_text_tokens=a.max_text_tokens

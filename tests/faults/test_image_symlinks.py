@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: broken_c
 
 import cmpt.data.sources as sources
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
+from cmpt.data.check import check_dataset
 from cmpt.data.config import DataConfig
 from cmpt.data.llava_source import LlavaSource
 from cmpt.data.loader import build_loader
-from cmpt.data.validate import check_dataset
 
 
 @pytest.fixture

@@ -28,17 +28,12 @@ Embedder does).
 
 from __future__ import annotations
 
-import copy
 import io
-import json
 import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cmpt.data.llava_source import LlavaSource
-from cmpt.data.open import open_source
 from cmpt.data.sources import BadSample, Record
 from cmpt.vision.image_io import ImageLoadError, load_image
 from cmpt.vision.processor import ImageProcessor, smart_resize
@@ -48,16 +43,12 @@ from cmpt.vlm.vision_tokens import (
     MASK_TOKEN,
     VISION_TOKENS,
     ConversationError,
-    ensure_vision_tokens,
 )
 
 __all__ = [
     "Problem",
-    "Report",
-    "check_dataset",
     "check_record",
     "conversation_problems",
-    "data_check_main",
     "document_problems",
     "document_text",
     "record_problems",
@@ -281,132 +272,3 @@ def check_record(
         if n is not None and n > max_text_tokens:
             found.append(("too_long", f"{n} tokens > max_text_tokens={max_text_tokens}"))
     return [Problem(record.id, reason, detail, record.index) for reason, detail in found]
-
-
-@dataclass
-class Report:
-    """Result of :func:`check_dataset`: every problem found, in record order."""
-
-    num_records: int
-    problems: list[Problem] = field(default_factory=list)
-
-    def bad_samples(self) -> list[tuple[str, int, list[Problem]]]:
-        """``(id, index, problems)`` per bad record, in record order (ids may repeat in a dataset)."""
-        groups: dict[tuple[int, str], list[Problem]] = {}
-        for p in self.problems:
-            groups.setdefault((p.index, p.id), []).append(p)
-        return [(sid, idx, probs) for (idx, sid), probs in groups.items()]
-
-    @property
-    def bad_ids(self) -> list[str]:
-        return [sid for sid, _, _ in self.bad_samples()]
-
-    @property
-    def num_bad(self) -> int:
-        return len(self.bad_samples())
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Number of bad samples per reason (a sample counts once per reason)."""
-        seen = {(p.index, p.id, p.reason) for p in self.problems}
-        return dict(Counter(reason for _, _, reason in seen).most_common())
-
-    def summary(self) -> str:
-        frac = self.num_bad / self.num_records if self.num_records else 0.0
-        lines = [f"{self.num_records} records, {self.num_bad} bad ({100 * frac:.2f}%)"]
-        lines += [f"  {reason:<22} {n}" for reason, n in self.counts.items()]
-        return "\n".join(lines)
-
-
-def check_dataset(source: Any, *, num_threads: int = 0, **kwargs: Any) -> Report:
-    """Check every record of ``source`` (keyword arguments as :func:`check_record`) (docs/method.md §4).
-
-    ``source``: a map-style source (``LlavaSource``, ``HFSource``, ``MixtureSource``) or tar shards
-    (a ``ShardList``, read once in order; ``index`` is then the sample's position in that read).
-    ``num_threads > 1`` decodes images in a thread pool (PIL releases the GIL while decoding).
-    A tokenizer without the vision tokens is copied and given them (the caller's is not modified).
-    """
-    tok = kwargs.get("tokenizer")
-    if tok is not None:
-        probe = copy.deepcopy(tok)
-        if ensure_vision_tokens(probe):
-            kwargs["tokenizer"] = probe
-
-    def one(item: tuple[int, Any]) -> list[Problem]:
-        i, rec = item
-        if isinstance(rec, BadSample):
-            return [Problem(rec.id, rec.reason, rec.detail, i)]
-        if rec is None:
-            try:
-                rec = source[i]
-            except BadSample as e:
-                return [Problem(e.id, e.reason, e.detail, i)]
-        return check_record(rec, source, **kwargs)
-
-    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-        items: Any = ((i, None) for i in range(len(source)))
-    else:  # streaming: records (or BadSample) in shard order
-        items = enumerate(source.iter_records())
-    if num_threads > 1:
-        with ThreadPoolExecutor(num_threads) as pool:
-            results = list(pool.map(one, items))
-    else:
-        results = [one(x) for x in items]
-    return Report(len(results), [p for r in results for p in r])
-
-
-def data_check_main(
-    spec: str,
-    out_jsonl: str | None = None,
-    image_root: str | None = None,
-    tokenizer: Any = None,
-    *,
-    max_text_tokens: int | None = None,
-    processor: ImageProcessor | None = None,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 14 * 14 * 4 * 3000,
-    processor_factor: int = 28,
-    num_threads: int = 0,
-    decode: bool = True,
-    print_fn: Any = print,
-) -> int:
-    """``cmpt data check SPEC``: check a data source (JSON/JSONL, tar shards, a Hugging Face dataset
-    — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.open.open_source` and
-    ``docs/data.md``); 0 when clean, 1 when anything is bad.
-
-    Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
-    ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position).
-    ``tokenizer``: a tokenizer object or a name/directory for ``AutoTokenizer`` (enables the
-    ``too_long`` check together with ``max_text_tokens``).
-    """
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    source = open_source(spec, image_root)
-    report = check_dataset(
-        source,
-        num_threads=num_threads,
-        processor_factor=processor_factor,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        processor=processor,
-        max_text_tokens=max_text_tokens,
-        tokenizer=tokenizer,
-        decode=decode,
-    )
-    print_fn(f"{getattr(source, 'path', spec)}: {report.summary()}")
-    if out_jsonl:
-        os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
-        with open(out_jsonl, "w", encoding="utf-8") as fh:
-            for sid, index, probs in report.bad_samples():
-                reasons = list(dict.fromkeys(p.reason for p in probs))
-                row = {
-                    "id": sid,
-                    "index": index,
-                    "reasons": reasons,
-                    "details": [p.detail for p in probs],
-                }
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print_fn(f"{report.num_bad} bad sample(s) written to {out_jsonl}")
-    return 1 if report.problems else 0
