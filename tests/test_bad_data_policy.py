@@ -76,6 +76,33 @@ def test_guard_gives_up_when_a_step_cannot_be_filled() -> None:
         guard.take(itertools.repeat(empty_batch(64)), 2, step=1, bad_before=0, seen_before=0)
 
 
+def _lockstep_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank 0's slice of global batch 1 is empty (all its pairs bad), rank 1's is not."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    slices = [{"num_samples": 4, "num_bad": 0, "batch_index": k} for k in range(8)]
+    slices[1] = {**empty_batch(4), "batch_index": 1} if rank == 0 else slices[1]
+    guard = BadDataGuard(BadDataPolicy(0.5, 100), lockstep=True)
+    it = iter(slices)
+    steps = [[b["batch_index"] for b in guard.take(it, 2, step, 0, 0)[0]] for step in (1, 2, 3)]
+    torch.save(steps, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_lockstep_guard_drops_a_global_batch_on_every_rank(tmp_path: Path) -> None:
+    """MoCa stage 2: one rank's empty slice drops that global batch on both ranks, which stay on
+    the same global batches (replacing it on that rank alone shifts it by one for good)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "steps")
+    mp.spawn(_lockstep_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert ranks[0] == ranks[1] == [[0, 2], [3, 4], [5, 6]], ranks
+
+
 class AllBadToyTask(ToyTask):
     """Its loader only ever reports skipped samples (a rank whose share is all broken)."""
 

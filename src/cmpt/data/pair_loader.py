@@ -21,7 +21,8 @@ task) — its good pairs are repeated up to ``B`` (every rank keeps the shape th
 needs): ``num_pairs == B``, ``num_samples`` = the real pairs, ``pair_mask`` False on the copies
 (an objective that honours it drops their rows and columns; one that does not sees a duplicate).
 When nothing of it is usable, an empty batch (``num_samples == num_pairs == 0``, only ``num_bad``)
-is yielded in its place so the ranks stay on the same global batch. The state counts global
+is yielded in its place so the ranks stay on the same global batch (``lockstep``: the trainer then
+drops that global batch on every rank, :mod:`cmpt.train.bad_data`). The state counts global
 batches consumed by the caller (not prefetched by workers), so resuming continues with the next
 unseen one.
 """
@@ -148,6 +149,8 @@ class _Stream(Sampler):
 class PairLoader(LoaderBase):
     """This rank's collated pair batches, forever, resumable (docs/method.md §3, §4); see the module
     docstring for bad pairs. ``num_workers > 0`` builds whole batches in a persistent ``DataLoader``."""
+
+    lockstep = True  # the ranks' i-th batches are the slices of one global batch
 
     def __init__(
         self,

@@ -9,7 +9,10 @@ embedded once (in chunks, packed by the Embedder's token budget). Scores:
   ``"<image>\\nRepresent the given document image."``; nDCG@5 with linear gains over the queries
   that have a positive qrel (:func:`cmpt.eval.embed_metrics.ndcg_at_k_qrels`).
 
-Each kind is averaged without weights over its tasks. Outputs (``out``): ``embed_results.json``,
+Each kind is averaged without weights over its tasks; the MMEB tasks named after MMEB's 36
+datasets (:data:`cmpt.eval.embed_metrics.MMEB_DATASETS`, e.g. ``ImageNet-1K.jsonl``) are also
+averaged per meta-task category and per split (IND / OOD), each mean with how many of its datasets
+were present; other MMEB tasks count in the overall mean only. Outputs (``out``): ``embed_results.json``,
 ``embed_results.md`` (markdown table) and ``embed_results.png`` (bar chart, matplotlib Agg).
 """
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cmpt.eval.embed_data import PAGE_PROMPT, EmbedData, Key, load_embed_data
-from cmpt.eval.embed_metrics import ndcg_at_k_qrels, precision_at_1
+from cmpt.eval.embed_metrics import mmeb_group_means, ndcg_at_k_qrels, precision_at_1
 from cmpt.eval.features import pick_device, write_json
 
 __all__ = ["PAGE_PROMPT", "K", "embed_main", "embed_table", "evaluate_embed", "plot_embed"]
@@ -61,9 +64,11 @@ def evaluate_embed(
     """P@1 per MMEB task, nDCG@5 per page task and their unweighted means (docs/method.md §3, §5).
 
     ``embedder``: anything with :meth:`cmpt.Embedder.encode`. Returns ``{"data", "mmeb": {task:
-    {"precision_at_1", "n_queries", "skipped"}}, "mmeb_mean_precision_at_1", "pages": {task:
-    {"ndcg_at_5", "n_queries", "n_scored", "n_pages", "skipped"}}, "pages_mean_ndcg_at_5",
-    "n_inputs", "n_embedded", "skipped", "bad"}`` (a mean over no task is NaN).
+    {"precision_at_1", "n_queries", "skipped"}}, "mmeb_mean_precision_at_1" (over every MMEB
+    task), "mmeb_category_means", "mmeb_split_means", "mmeb_unknown_tasks" (see
+    :func:`cmpt.eval.embed_metrics.mmeb_group_means`), "pages": {task: {"ndcg_at_5", "n_queries",
+    "n_scored", "n_pages", "skipped"}}, "pages_mean_ndcg_at_5", "n_inputs", "n_embedded",
+    "skipped", "bad"}`` (a mean over no task is NaN).
     """
     ds = data if isinstance(data, EmbedData) else load_embed_data(data, limit=limit, skip_bad=skip_bad)
     emb = _encode(embedder, ds.keys, batch_tokens) if ds.keys else torch.zeros(0, 1)
@@ -97,6 +102,7 @@ def evaluate_embed(
         "data": str(ds.root),
         "mmeb": mmeb,
         "mmeb_mean_precision_at_1": _mean([v["precision_at_1"] for v in mmeb.values()]),
+        **mmeb_group_means({name: v["precision_at_1"] for name, v in mmeb.items()}),
         "pages": pages,
         "pages_mean_ndcg_at_5": _mean([v["ndcg_at_5"] for v in pages.values()]),
         "n_inputs": n_inputs,
@@ -110,8 +116,19 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
+def _mmeb_groups(result: dict[str, Any]) -> list[tuple[str, float]]:
+    """``("Classification (3/10)", mean)`` for every MMEB category, then split, with a dataset present."""
+    groups = [*result["mmeb_category_means"].items(), *result["mmeb_split_means"].items()]
+    return [
+        (f"{name} ({g['n_present']}/{g['n_datasets']})", g["mean_precision_at_1"])
+        for name, g in groups
+        if g["n_present"]
+    ]
+
+
 def embed_table(result: dict[str, Any]) -> str:
-    """Markdown table: one row per task, then the means."""
+    """Markdown table: one row per task, then the means (MMEB: overall, per category and split with
+    ``present/total`` datasets; docs/method.md §3), then a note naming the MMEB tasks outside the 36."""
     lines = ["| task | kind | metric | score | queries | skipped |", "|---|---|---|---:|---:|---:|"]
     for name, r in result["mmeb"].items():
         score = _fmt(r["precision_at_1"])
@@ -119,17 +136,22 @@ def embed_table(result: dict[str, Any]) -> str:
     if result["mmeb"]:
         mean, n = _fmt(result["mmeb_mean_precision_at_1"]), len(result["mmeb"])
         lines.append(f"| **mean ({n} MMEB task{'s' * (n != 1)})** | MMEB | P@1 | **{mean}** | | |")
+        for label, value in _mmeb_groups(result):
+            lines.append(f"| **mean {label} datasets** | MMEB | P@1 | **{_fmt(value)}** | | |")
     for name, r in result["pages"].items():
         score = _fmt(r["ndcg_at_5"])
         lines.append(f"| {name} | pages | nDCG@5 | {score} | {r['n_scored']} | {r['skipped']} |")
     if result["pages"]:
         mean, n = _fmt(result["pages_mean_ndcg_at_5"]), len(result["pages"])
         lines.append(f"| **mean ({n} page task{'s' * (n != 1)})** | pages | nDCG@5 | **{mean}** | | |")
+    if result["mmeb_unknown_tasks"]:
+        names = ", ".join(result["mmeb_unknown_tasks"])
+        lines.append(f"\nMMEB tasks outside MMEB's 36 datasets (in the overall mean only): {names}")
     return "\n".join(lines) + "\n"
 
 
 def plot_embed(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
-    """Bar chart of every task's score and the two means (matplotlib Agg)."""
+    """Bar chart of every task's score and the means, MMEB's per category and split too (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -138,6 +160,7 @@ def plot_embed(result: dict[str, Any], path: str | os.PathLike, title: str = "")
         bars.append((name, r["precision_at_1"], "tab:blue", False))
     if result["mmeb"]:
         bars.append(("MMEB mean", result["mmeb_mean_precision_at_1"], "tab:blue", True))
+        bars += [(label, value, "tab:blue", True) for label, value in _mmeb_groups(result)]
     for name, r in result["pages"].items():
         bars.append((name, r["ndcg_at_5"], "tab:orange", False))
     if result["pages"]:

@@ -14,6 +14,9 @@ Pure functions over score vectors; every result is a fraction in ``[0, 1]``.
   lower candidate index first); the ideal DCG is computed from the query's qrels. As in mteb /
   ViDoRe (pytrec_eval), queries without any positive qrel are left out of the mean; a set where no
   query has one gives NaN.
+* :data:`MMEB_DATASETS` and :func:`mmeb_group_means`: MMEB's 36 evaluation datasets (VLM2Vec,
+  Jiang et al. 2024; HF ``TIGER-Lab/MMEB-eval`` subset names) with their meta-task category and
+  split (20 IND, 16 OOD), and the unweighted means of per-dataset P@1 per category and per split.
 """
 
 from __future__ import annotations
@@ -26,13 +29,59 @@ import numpy as np
 import torch
 
 __all__ = [
+    "MMEB_CATEGORIES",
+    "MMEB_DATASETS",
+    "MMEB_SPLITS",
     "dcg_at_k",
+    "mmeb_group_means",
     "mmeb_predictions",
     "ndcg_at_k",
     "ndcg_at_k_qrels",
     "ndcg_per_query",
     "precision_at_1",
 ]
+
+MMEB_CATEGORIES = ("Classification", "VQA", "Retrieval", "Grounding")
+MMEB_SPLITS = ("IND", "OOD")
+# MMEB-eval subset name (= the task's file stem, matched exactly) → (meta-task category, split)
+MMEB_DATASETS: dict[str, tuple[str, str]] = {
+    "ImageNet-1K": ("Classification", "IND"),
+    "N24News": ("Classification", "IND"),
+    "HatefulMemes": ("Classification", "IND"),
+    "VOC2007": ("Classification", "IND"),
+    "SUN397": ("Classification", "IND"),
+    "Place365": ("Classification", "OOD"),
+    "ImageNet-A": ("Classification", "OOD"),
+    "ImageNet-R": ("Classification", "OOD"),
+    "ObjectNet": ("Classification", "OOD"),
+    "Country211": ("Classification", "OOD"),
+    "OK-VQA": ("VQA", "IND"),
+    "A-OKVQA": ("VQA", "IND"),
+    "DocVQA": ("VQA", "IND"),
+    "InfographicsVQA": ("VQA", "IND"),
+    "ChartQA": ("VQA", "IND"),
+    "Visual7W": ("VQA", "IND"),
+    "ScienceQA": ("VQA", "OOD"),
+    "VizWiz": ("VQA", "OOD"),
+    "GQA": ("VQA", "OOD"),
+    "TextVQA": ("VQA", "OOD"),
+    "VisDial": ("Retrieval", "IND"),
+    "CIRR": ("Retrieval", "IND"),
+    "VisualNews_t2i": ("Retrieval", "IND"),
+    "VisualNews_i2t": ("Retrieval", "IND"),
+    "MSCOCO_t2i": ("Retrieval", "IND"),
+    "MSCOCO_i2t": ("Retrieval", "IND"),
+    "NIGHTS": ("Retrieval", "IND"),
+    "WebQA": ("Retrieval", "IND"),
+    "OVEN": ("Retrieval", "OOD"),
+    "FashionIQ": ("Retrieval", "OOD"),
+    "EDIS": ("Retrieval", "OOD"),
+    "Wiki-SS-NQ": ("Retrieval", "OOD"),
+    "MSCOCO": ("Grounding", "IND"),
+    "RefCOCO": ("Grounding", "OOD"),
+    "RefCOCO-Matching": ("Grounding", "OOD"),
+    "Visual7W-Pointing": ("Grounding", "OOD"),
+}
 
 
 def _vector(x: Any) -> np.ndarray:
@@ -149,3 +198,32 @@ def ndcg_at_k_qrels(scores: Any, qrels: Sequence[Mapping[int, float]], k: int = 
     per = ndcg_per_query(scores, qrels, k)
     valid = per[~np.isnan(per)]
     return float(valid.mean()) if valid.size else math.nan
+
+
+def _group(scores: Mapping[str, float], field: int, value: str) -> dict[str, Any]:
+    """Mean over the datasets whose (category, split)[field] is ``value`` and have a score."""
+    names = [n for n, group in MMEB_DATASETS.items() if group[field] == value]
+    present = [scores[n] for n in names if n in scores and not math.isnan(scores[n])]
+    return {
+        "mean_precision_at_1": sum(present) / len(present) if present else math.nan,
+        "n_present": len(present),
+        "n_datasets": len(names),
+    }
+
+
+def mmeb_group_means(scores: Mapping[str, float]) -> dict[str, Any]:
+    """Unweighted means of MMEB P@1 per category and per split (docs/method.md §3 "Evaluation").
+
+    ``scores``: P@1 per task, named by its MMEB-eval subset name (exact match with
+    :data:`MMEB_DATASETS`; NaN: a task without a score, left out). Returns
+    ``{"mmeb_category_means": {category: group}, "mmeb_split_means": {split: group},
+    "mmeb_unknown_tasks": [names outside the 36 datasets]}`` where a group is
+    ``{"mean_precision_at_1", "n_present", "n_datasets"}``: the mean over the ``n_present`` of its
+    ``n_datasets`` datasets that have a score (NaN when none), comparable to the paper's only when
+    the two are equal.
+    """
+    return {
+        "mmeb_category_means": {c: _group(scores, 0, c) for c in MMEB_CATEGORIES},
+        "mmeb_split_means": {s: _group(scores, 1, s) for s in MMEB_SPLITS},
+        "mmeb_unknown_tasks": [n for n in scores if n not in MMEB_DATASETS],
+    }

@@ -11,6 +11,12 @@ micro-batches each rank still misses; empty ones are dropped and replaced. Every
 sees the same totals and applies the one limit, ``train.max_bad_fraction`` (from
 ``train.bad_check_min_samples`` samples on), at the same step: when it is exceeded all ranks raise
 the same :class:`BadDataError`, and no rank aborts alone while the others wait in a collective.
+
+A *lockstep* loader (``loader.lockstep``: MoCa stage 2, whose ranks' i-th micro-batches are the
+slices of one global batch) must not be replaced rank by rank: that would pair one rank's slice
+of global batch k+1 with another's of batch k for the rest of the run. There every round
+all-reduces which positions are empty on any rank, and those positions are dropped on every rank
+(the good pairs of the other ranks' slices included: counted as read, never trained on).
 """
 
 from __future__ import annotations
@@ -87,8 +93,9 @@ class BadDataGuard:
     ``local_seen``: this rank's own counts (for the per-rank part of the message; saved with the
     rank's checkpoint state)."""
 
-    def __init__(self, policy: BadDataPolicy) -> None:
+    def __init__(self, policy: BadDataPolicy, lockstep: bool = False) -> None:
         self.policy = policy
+        self.lockstep = lockstep
         self.local_bad = self.local_seen = 0
 
     def take(
@@ -105,8 +112,14 @@ class BadDataGuard:
             lbad = sum(int(b.get("num_bad", 0)) for b in new)
             lgood = sum(int(b.get("num_samples", 0)) for b in new)
             self.local_bad, self.local_seen = self.local_bad + lbad, self.local_seen + lbad + lgood
-            batches += [b for b in new if not is_empty(b)]
-            gbad, ggood, gmissing = (round(v) for v in D.all_reduce_sum([lbad, lgood, n - len(batches)]))
+            empty = [int(is_empty(b)) for b in new]
+            if self.lockstep:  # a position empty on any rank is dropped on all
+                gbad, ggood, *gempty = (round(v) for v in D.all_reduce_sum([lbad, lgood, *empty]))
+                batches += [b for b, e in zip(new, gempty) if e == 0]
+                gmissing = n - len(batches)
+            else:
+                batches += [b for b, e in zip(new, empty) if not e]
+                gbad, ggood, gmissing = (round(v) for v in D.all_reduce_sum([lbad, lgood, n - len(batches)]))
             bad, good = bad + gbad, good + ggood
             total_bad, total_seen = bad_before + bad, seen_before + bad + good
             if self.policy.exceeded(total_bad, total_seen):

@@ -145,7 +145,8 @@ class Trainer:
                 cfg.grad_accum,
             )
         self.loader = self.task.build_loader(world.rank, world.world_size)
-        self.bad_data = BadDataGuard(BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples))
+        policy = BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples)
+        self.bad_data = BadDataGuard(policy, lockstep=getattr(self.loader, "lockstep", False))
         self.counters = {"step": 0, "skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.counters["elapsed_s"] = 0.0
         resumed_from = None

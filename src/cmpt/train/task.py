@@ -35,7 +35,9 @@ class Loader(Protocol):
     only reports skipped samples (a stretch with nothing usable): the trainer counts it and takes
     the next one instead, never calling the task on it (docs/method.md §4). ``state_dict()`` must describe
     the position after the last batch *yielded* and hold only tensors, numbers, strings, lists and
-    dicts (it is saved per rank and read back with ``torch.load(weights_only=True)``)."""
+    dicts (it is saved per rank and read back with ``torch.load(weights_only=True)``). An optional
+    ``lockstep = True`` says that the ranks' i-th micro-batches belong together (slices of one global
+    batch): an empty one then drops that position on every rank (:mod:`cmpt.train.bad_data`)."""
 
     def __iter__(self) -> Iterator[dict]: ...
     def state_dict(self) -> dict: ...
