@@ -181,3 +181,27 @@ def test_repeated_pairs_are_neither_queries_nor_negatives(vlm):
     q, t = _unit(2, 8, seed=7), _unit(3, 8, seed=8)
     masked = info_nce(q, t, target_mask=torch.tensor([True, True, False]))
     torch.testing.assert_close(masked, info_nce(q, t[:2]))
+
+
+def test_every_trainable_parameter_of_the_cl_stage_gets_a_gradient(tmp_path):
+    """DDP needs every trainable parameter in the graph: an untied LM head (which the contrastive
+    loss never reads) asked for by ``stage.trainable`` stays frozen in stage 2."""
+    from cmpt.recipes import load_recipe
+
+    build_vlm(build_dirs(tmp_path / "m"), "llama").save_pretrained(tmp_path / "vlm")  # untied head
+    sets = [
+        f"model.init={tmp_path / 'vlm'}",
+        "stage.trainable=[vision, merger, llm, lm_head]",
+        "data.path=unused",
+    ]
+    cfg, task_cls = load_recipe("tiny/moca_cl", sets)
+    task = task_cls(cfg)
+    assert task.backbone.parts()["lm_head"] and not any(
+        p.requires_grad for p in task.backbone.parts()["lm_head"]
+    )
+    task.model(_pair_batch(task.backbone))["cl_sum"].backward()
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert (
+        trainable
+        and [n for n, p in task.model.named_parameters() if p.requires_grad and p.grad is None] == []
+    )

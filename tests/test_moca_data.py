@@ -50,6 +50,8 @@ def test_packaged_moca_recipes_carry_the_official_hyperparameters():
     cl, _ = load_recipe("moca/qwen2.5-vl-3b/cl")
     assert (cl.stage.name, cl.optim.lr, cl.stage.batch_size, cl.optim.warmup_ratio) == ("cl", 2e-5, 24, 0.05)
     assert (cl.loss.temperature, cl.loss.num_hard_negatives, cl.data.max_text_tokens) == (0.03, 2, 1280)
+    assert cpt.optim.schedule == cl.optim.schedule == "linear"  # --lr_scheduler_type linear in both scripts
+    assert "lm_head" not in cl.stage.trainable  # the contrastive loss never reads it (DDP)
     for name in ("tiny/moca_cpt", "tiny/moca_cl"):
         cfg, _ = load_recipe(name)
         assert cfg.recipe == "moca"

@@ -148,10 +148,14 @@ class MocaTask:
     def __init__(self, cfg: MocaConfig) -> None:
         self.cfg = cfg
         self.backbone = load_backbone_for(cfg)
-        self.backbone.set_trainable([p for p in cfg.stage.trainable if p != "mae"])
+        self.cl = cfg.stage.name == "cl"
+        trainable = [p for p in cfg.stage.trainable if p != "mae"]
+        if self.cl and "lm_head" in trainable:  # DDP would fail on its never-used parameters
+            trainable.remove("lm_head")
+            log.info("stage cl: the contrastive loss never reads the LM head; it stays frozen")
+        self.backbone.set_trainable(trainable)
         for p in getattr(getattr(self.backbone, "vit", None), "unused_parameters", list)():
             p.requires_grad_(False)  # e.g. a CLS token the packed stream drops
-        self.cl = cfg.stage.name == "cl"
         objective = ContrastiveObjective if self.cl else MocaObjective
         self.model = objective(self.backbone, cfg.loss).train()
         for p in self.model.parts().get("mae", []):
