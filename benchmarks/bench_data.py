@@ -1,4 +1,4 @@
-"""Data loading throughput per source format (SPEC §4): LLaVA JSON + image files, tar shards,
+"""Data loading throughput per source format (docs/method.md §4): LLaVA JSON + image files, tar shards,
 a Hugging Face dataset saved to disk and parquet.
 
 Generates ``--n`` synthetic samples (``scenes`` or ``charts``) once, converts them with

@@ -1,4 +1,5 @@
-"""Image preprocessing throughput: cmpt.vision.processor vs the floor and vs transformers (SPEC §1, §1.4).
+"""Image preprocessing throughput: cmpt.vision.processor vs the floor and vs transformers
+(docs/method.md §1, §1.4).
 
 Generates seeded JPEGs (random sizes and aspect ratios up to ~1 MP, gradients + noise so decoding is
 realistic) in a temporary directory and measures images/s, best of ``--repeats`` passes, for

@@ -1,7 +1,7 @@
 """Builders of small LLaVA corpora for the data tests: a clean one and one full of broken inputs.
 
 ``build_broken_corpus(tmp)`` writes ``tmp/corpus/data.jsonl`` and its images and returns the ids of
-the good records and, for each bad record, the set of reasons the checker must report (SPEC §4).
+the good records and, for each bad record, the set of reasons the checker must report (docs/method.md §4).
 CMYK, 16-bit, palette and alpha images are *valid* and must not be reported.
 """
 

@@ -1,4 +1,4 @@
-"""Tests of the CoMP alignment loss (SPEC §2) against independent float64 references."""
+"""Tests of the CoMP alignment loss (docs/method.md §2) against independent float64 references."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _np_cos(a: torch.Tensor, w: torch.Tensor) -> np.ndarray:
 
 
 def _plain_q(ct: np.ndarray, eps: float, pi: np.ndarray, iters: int, variant: str) -> np.ndarray:
-    """SPEC formula with plain exp, in the V×B layout, float64; returns V×B."""
+    """The method.md §2 formula with plain exp, in the V×B layout, float64; returns V×B."""
     q = np.exp(ct / eps).T.copy()
     b = q.shape[1]
     if variant == "official":

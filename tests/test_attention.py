@@ -1,4 +1,4 @@
-"""Attention backends agree with a dense block-diagonal reference (DESIGN.md)."""
+"""Attention backends agree with a dense block-diagonal reference (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token-budget batching: budgets, coverage, determinism, resume, rank split (SPEC §4)."""
+"""Token-budget batching: budgets, coverage, determinism, resume, rank split (docs/method.md §4)."""
 
 from __future__ import annotations
 

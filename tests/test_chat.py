@@ -1,4 +1,4 @@
-"""Conversation rendering: placeholders, labels, truncation, captions (SPEC §2)."""
+"""Conversation rendering: placeholders, labels, truncation, captions (docs/method.md §2)."""
 
 from __future__ import annotations
 

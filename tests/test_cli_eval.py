@@ -1,4 +1,4 @@
-"""`cmpt eval ...` from the command line on a tiny VLM and synthetic data (SPEC §5)."""
+"""`cmpt eval ...` from the command line on a tiny VLM and synthetic data (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A CoMP training run over a corpus of broken inputs completes and counts exactly the bad samples
-its loader skipped (SPEC §4: skip, count, fail only above the configured fraction)."""
+its loader skipped (docs/method.md §4: skip, count, fail only above the configured fraction)."""
 
 from __future__ import annotations
 

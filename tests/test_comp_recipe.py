@@ -1,4 +1,5 @@
-"""CoMP recipe end to end on tiny offline models (SPEC §2.1): stage chain, frozen parts, exact resume."""
+"""CoMP recipe end to end on tiny offline models (docs/method.md §2.1): stage chain, frozen parts,
+exact resume."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for name, stage in summary["stages"].items():
         assert stage["steps"] == 4 and (out / name / "final" / "vlm_config.json").is_file()
         assert read_metrics(out / name), name
-    # the stages are chained through model.init, with the stage structure of SPEC §2.1
+    # the stages are chained through model.init, with the stage structure of docs/method.md §2.1
     cfgs = {n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in ("stage1", "stage2", "stage3")}
     assert cfgs["stage2"]["model"]["init"] == str(out / "stage1" / "final")
     assert cfgs["stage3"]["model"]["init"] == str(out / "stage2" / "final")

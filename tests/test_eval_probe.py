@@ -1,4 +1,4 @@
-"""Frozen-feature extraction, linear probe and segmentation probe (SPEC §5)."""
+"""Frozen-feature extraction, linear probe and segmentation probe (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image↔text retrieval from the alignment-loss feature spaces (SPEC §5)."""
+"""Image↔text retrieval from the alignment-loss feature spaces (docs/method.md §5)."""
 
 from __future__ import annotations
 

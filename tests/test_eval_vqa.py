@@ -1,4 +1,4 @@
-"""VQA evaluation, caption loss and the resolution sweep (SPEC §5)."""
+"""VQA evaluation, caption loss and the resolution sweep (docs/method.md §5)."""
 
 from __future__ import annotations
 

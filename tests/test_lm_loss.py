@@ -1,4 +1,4 @@
-"""Tests of the chunked next-token loss (SPEC §2 L_dec, §6 LM-head memory)."""
+"""Tests of the chunked next-token loss (docs/method.md §2 L_dec, §6 LM-head memory)."""
 
 from __future__ import annotations
 

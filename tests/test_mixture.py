@@ -1,4 +1,5 @@
-"""Mixture YAML: sampling strategies, weights, reproducibility, tar mixtures and exact resume (SPEC §4)."""
+"""Mixture YAML: sampling strategies, weights, reproducibility, tar mixtures and exact resume
+(docs/method.md §4)."""
 
 from __future__ import annotations
 

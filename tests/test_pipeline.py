@@ -1,4 +1,4 @@
-"""Sample building, collation, length index and the resumable loader (SPEC §2, §4)."""
+"""Sample building, collation, length index and the resumable loader (docs/method.md §2, §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for cmpt.vision.processor (SPEC §1 input packing, §1.4 resolution policy)."""
+"""Tests for cmpt.vision.processor (docs/method.md §1 input packing, §1.4 resolution policy)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ HF_PIL_PROCESSOR = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 HF_PIL_REASON = "the reference Qwen2VLImageProcessorPil is in newer transformers 5.x only"
 
 
-# ---------------------------------------------------------------- smart_resize (SPEC §1.4)
+# ---------------------------------------------------------------- smart_resize (docs/method.md §1.4)
 
 
 def _round_half_even_multiple(n: int, f: int) -> int:
@@ -117,7 +117,7 @@ def test_smart_resize_rejects_extreme_aspect_and_bad_sizes():
             smart_resize(h, w)
 
 
-# ---------------------------------------------------------------- patch order and parity (SPEC §1)
+# ---------------------------------------------------------------- patch order and parity (docs/method.md §1)
 
 
 def _coded_image(gh: int, gw: int, p: int) -> Image.Image:
@@ -332,7 +332,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert "fixed_size=512" in repr(proc)
 
 
-# ---------------------------------------------------------------- load_image: bad inputs (SPEC §4)
+# ---------------------------------------------------------------- load_image: bad inputs (docs/method.md §4)
 
 
 def _png_bytes(img: Image.Image) -> bytes:

@@ -1,4 +1,5 @@
-"""2D RoPE (SPEC §1): pure rotation, relative-offset property, Qwen2-VL layout on hand-computed cases."""
+"""2D RoPE (docs/method.md §1): pure rotation, relative-offset property, Qwen2-VL layout on
+hand-computed cases."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Sources: LLaVA JSON, tar shards (streaming) and Hugging Face datasets give the same samples;
-rank/worker splits, exact resume of the tar stream and bad tar members (SPEC §4)."""
+rank/worker splits, exact resume of the tar stream and bad tar members (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny offline tokenizer and causal LMs (SPEC §2 assembly needs any HF causal LM)."""
+"""Tiny offline tokenizer and causal LMs (docs/method.md §2 assembly needs any HF causal LM)."""
 
 from __future__ import annotations
 

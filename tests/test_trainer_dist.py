@@ -1,4 +1,4 @@
-"""Two processes (``torchrun``, gloo, CPU) equal one process with the same global batch (SPEC §6).
+"""Two processes (``torchrun``, gloo, CPU) equal one process with the same global batch (docs/method.md §6).
 
 One launch of ``tests/dist_worker.py`` trains the toy task with DDP and FSDP2, each with
 streaming (``loss_counts``) and deferred accumulation, plus an FSDP2 run stopped by SIGTERM and

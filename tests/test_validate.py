@@ -1,4 +1,4 @@
-"""Data checker and bad-sample handling on a corpus of broken inputs (SPEC §4)."""
+"""Data checker and bad-sample handling on a corpus of broken inputs (docs/method.md §4)."""
 
 from __future__ import annotations
 

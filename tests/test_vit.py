@@ -58,7 +58,7 @@ def test_packed_equals_one_at_a_time(rope, keep_prefix):
 @pytest.mark.parametrize("rope", [False, True])
 def test_window_order_forward_matches_raster(rope):
     """forward() on merge-window-ordered patches = forward_images() re-ordered: the position table and
-    the RoPE angles follow each patch (SPEC §1: table in the same order as the patches)."""
+    the RoPE angles follow each patch (docs/method.md §1: table in the same order as the patches)."""
     vit = tiny(rope=rope)
     imgs = [torch.randn(3, h, w) for h, w in IMAGES]
     grids = [(h // P, w // P) for h, w in IMAGES]

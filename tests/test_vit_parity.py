@@ -1,4 +1,5 @@
-"""NativeViT.from_hf reproduces Hugging Face's last_hidden_state (SPEC §1 "Families"), fp32, ≤ 1e-4."""
+"""NativeViT.from_hf reproduces Hugging Face's last_hidden_state (docs/method.md §1 "Families"),
+fp32, ≤ 1e-4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the vocabulary-count prior files (SPEC §2, `cmpt data vocab-prior`)."""
+"""Tests of the vocabulary-count prior files (docs/method.md §2, `cmpt data vocab-prior`)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ size (1-4 samples), each generated from ``(seed, index)`` alone; rank ``r`` of `
 ``m(r), m(r+W), m(r+2W), ...`` so that one process with ``grad_accum = W·A`` sees exactly the
 micro-batches of ``W`` ranks with ``grad_accum = A``. Every sample has a token-like ``count``
 (1-5) that weights its squared error, so per-rank averaging would differ from the global
-normalization (SPEC §6); an ``aux`` term only exists for flagged samples (count 0 in some
+normalization (docs/method.md §6); an ``aux`` term only exists for flagged samples (count 0 in some
 micro-batches).
 """
 

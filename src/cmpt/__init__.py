@@ -1,6 +1,6 @@
 """cmpt — continual multimodal pre-training (CoMP, MoCa) for vision foundation models.
 
-Public API (DESIGN.md): :class:`NativeViT`, :class:`ImageProcessor` → :class:`PackedImages`,
+Public API (docs/architecture.md): :class:`NativeViT`, :class:`ImageProcessor` → :class:`PackedImages`,
 :class:`PatchMerger`, :class:`VisionLanguageModel`, :class:`Embedder`, ``cmpt.vision.smart_resize``,
 ``cmpt.losses``. Importing cmpt registers its directories with transformers' ``AutoConfig`` /
 ``AutoModel`` (:mod:`cmpt.hf_auto`).

@@ -135,7 +135,7 @@ def sinkhorn_targets(
     if int(iters) != iters or iters < 1:
         raise ValueError(f"iters must be an integer ≥ 1, got {iters}")
     dtype = torch.promote_types(text_logits.dtype, torch.float32)
-    # Work on the (B, V) transpose: SPEC's columns (samples) are our rows, its rows (tokens) our columns.
+    # Work on the (B, V) transpose: method.md's columns (samples) are our rows, its rows (tokens) our columns.
     log_q = text_logits.detach().to(dtype) / eps
     batch, vocab = log_q.shape
     log_pi = _log_prior(prior, log_prior, vocab, log_q)

@@ -1,4 +1,5 @@
-"""The generic trainer (DESIGN ``train/``): a recipe is a :class:`Task`; the loop knows nothing of CoMP.
+"""The generic trainer (docs/architecture.md ``train/``): a recipe is a :class:`Task`; the loop
+knows nothing of CoMP.
 
 ``Trainer(run, optim, train, task, full_config).fit()`` trains single-process or under
 ``torchrun`` (DDP / FSDP2), with globally normalized losses (docs/method.md §6), resumable checkpoints and

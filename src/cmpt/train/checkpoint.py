@@ -1,5 +1,5 @@
-"""Atomic, verified, resumable checkpoints with ``torch.distributed.checkpoint`` (DESIGN: sharded
-DCP checkpoints; docs/method.md §4 "Verified checkpoints").
+"""Atomic, verified, resumable checkpoints with ``torch.distributed.checkpoint`` (docs/architecture.md:
+sharded DCP checkpoints; docs/method.md §4 "Verified checkpoints").
 
 Layout of ``<run.dir>/checkpoints/step_000123/``:
 

@@ -1,5 +1,5 @@
-"""Process groups, collectives and model wrapping: ``torchrun`` + DDP / FSDP2 (DESIGN: PyTorch-native;
-docs/method.md §6 "Distributed training").
+"""Process groups, collectives and model wrapping: ``torchrun`` + DDP / FSDP2 (docs/architecture.md:
+PyTorch-native; docs/method.md §6 "Distributed training").
 
 Single-process runs need no process group: every helper here degrades to the local value. Under
 ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) :func:`init_distributed` starts gloo on CPU or NCCL

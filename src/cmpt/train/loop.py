@@ -1,4 +1,4 @@
-"""The generic training loop: it never knows which recipe it runs (DESIGN: ``train.loop``).
+"""The generic training loop: it never knows which recipe it runs (docs/architecture.md: ``train.loop``).
 
 A recipe is a :class:`Task` (model, parameter groups, FSDP units, loader, loss). The trainer
 owns distribution (``torchrun`` + DDP / FSDP2), precision, activation checkpointing,

@@ -1,5 +1,5 @@
 """Explicit resume rules: which checkpoint a run continues from, which config changes it accepts,
-and the run's config history (DESIGN ``train/``; docs/method.md §6 for what a step consumes).
+and the run's config history (docs/architecture.md ``train/``; docs/method.md §6 for what a step consumes).
 
 **Which checkpoint** (``train.resume`` / ``cmpt train --resume``): ``auto`` = the newest complete
 checkpoint of ``run.dir`` (none: start fresh); ``never`` = refuse when ``run.dir`` has checkpoints;

@@ -1,4 +1,4 @@
-"""Block-diagonal ("varlen") attention over a packed stream, behind one function (DESIGN.md).
+"""Block-diagonal ("varlen") attention over a packed stream, behind one function (docs/architecture.md).
 
 Backends, all giving the same numbers within floating-point tolerance:
 

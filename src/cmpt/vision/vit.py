@@ -26,7 +26,8 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # a NativeViT di
 
 @dataclass
 class NativeViTConfig:
-    """Architecture of a :class:`NativeViT`. Families differ only in these fields (DESIGN.md, timm-style)."""
+    """Architecture of a :class:`NativeViT`. Families differ only in these fields
+    (docs/architecture.md, timm-style)."""
 
     patch_size: int = 14
     hidden_size: int = 384
