@@ -1,6 +1,7 @@
 """`cmpt eval embed` (docs/method.md §3 "Evaluation", §5) on a tiny random Embedder and a hand-made
 data directory: two MMEB tasks and one page-retrieval task, images generated here. The reported
-P@1 / nDCG@5 must equal a direct computation from the Embedder's own vectors."""
+P@1 / nDCG@5 must equal a direct computation from the Embedder's own vectors; tasks named after
+MMEB datasets are also averaged per category and split."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 from cmpt.cli import main
 from cmpt.embed.embedder import Embedder
 from cmpt.eval import metrics
-from cmpt.eval.embed import PAGE_PROMPT, embed_main, evaluate_embed
+from cmpt.eval.embed import PAGE_PROMPT, embed_main, embed_table, evaluate_embed
 from cmpt.eval.embed_data import load_embed_data
 from vlm_fixtures import build_dirs, build_vlm
 
@@ -124,6 +125,9 @@ def test_scores_equal_a_direct_computation(emb, data):
     assert res["mmeb"]["t2i"]["precision_at_1"] == pytest.approx(t2i)
     assert res["mmeb"]["i2t"]["precision_at_1"] == pytest.approx(i2t)
     assert res["mmeb_mean_precision_at_1"] == pytest.approx((t2i + i2t) / 2)
+    assert res["mmeb_unknown_tasks"] == ["i2t", "t2i"]  # no MMEB dataset name: the overall mean only
+    groups = [*res["mmeb_category_means"].values(), *res["mmeb_split_means"].values()]
+    assert len(groups) == 6 and all(g["n_present"] == 0 for g in groups)
     # pages: raw query text (no instruction), pages as the document prompt, dot product
     q = emb.encode([r["text"] for r in QUERIES])
     p = emb.encode([PAGE_PROMPT] * 4, [data / "vidore" / c["image_path"] for c in CORPUS])
@@ -173,7 +177,40 @@ def test_cli_writes_json_markdown_png(emb, data, tmp_path, capsys):
     direct = evaluate_embed(emb, data)
     assert saved["mmeb"]["t2i"]["precision_at_1"] == pytest.approx(direct["mmeb"]["t2i"]["precision_at_1"])
     assert saved["pages"]["vidore"]["ndcg_at_5"] == pytest.approx(direct["pages"]["vidore"]["ndcg_at_5"])
-    assert "mean (2 MMEB tasks)" in (out / "embed_results.md").read_text()
+    md = (out / "embed_results.md").read_text()
+    assert "mean (2 MMEB tasks)" in md and "Classification mean" not in md
+    assert "outside MMEB's 36 datasets (in the overall mean only): i2t, t2i" in md
+
+
+def test_mmeb_category_and_split_means(emb, tmp_path):
+    """Tasks named after MMEB datasets: VOC2007 (Classification, IND), ImageNet-R (Classification,
+    OOD), GQA (VQA, OOD); t2i is unknown. Each mean is over the tasks present, without weights."""
+    root = make_data(tmp_path / "d")
+    (root / "i2t.jsonl").rename(root / "ImageNet-R.jsonl")
+    _write(root / "VOC2007.jsonl", T2I)
+    _write(root / "GQA.jsonl", T2I[:2])
+    res = evaluate_embed(emb, root)
+    p1 = {name: r["precision_at_1"] for name, r in res["mmeb"].items()}
+    assert list(p1) == ["GQA", "ImageNet-R", "VOC2007", "t2i"]
+    assert p1["VOC2007"] == pytest.approx(_direct_p1(emb, root, T2I))
+    assert p1["ImageNet-R"] == pytest.approx(_direct_p1(emb, root, I2T))
+    assert p1["GQA"] == pytest.approx(_direct_p1(emb, root, T2I[:2]))
+    assert res["mmeb_mean_precision_at_1"] == pytest.approx(sum(p1.values()) / 4)  # unknown t2i included
+    cat, split = res["mmeb_category_means"], res["mmeb_split_means"]
+    assert cat["Classification"]["mean_precision_at_1"] == pytest.approx(
+        (p1["VOC2007"] + p1["ImageNet-R"]) / 2
+    )
+    assert cat["VQA"]["mean_precision_at_1"] == pytest.approx(p1["GQA"])
+    assert [(cat[c]["n_present"], cat[c]["n_datasets"]) for c in cat] == [(2, 10), (1, 10), (0, 12), (0, 4)]
+    assert split["IND"]["mean_precision_at_1"] == pytest.approx(p1["VOC2007"])
+    assert split["OOD"]["mean_precision_at_1"] == pytest.approx((p1["ImageNet-R"] + p1["GQA"]) / 2)
+    assert [(g["n_present"], g["n_datasets"]) for g in split.values()] == [(1, 20), (2, 16)]
+    assert res["mmeb_unknown_tasks"] == ["t2i"]
+    table = embed_table(res)
+    mean = cat["Classification"]["mean_precision_at_1"]
+    assert f"| **Classification mean (2/10 datasets)** | MMEB | P@1 | **{mean:.4f}** |" in table
+    assert "| **IND mean (1/20 datasets)** |" in table and "| **OOD mean (2/16 datasets)** |" in table
+    assert "Retrieval mean" not in table and "(in the overall mean only): t2i\n" in table
 
 
 def _broken(root: Path) -> Path:

@@ -1,4 +1,5 @@
-"""MMEB Precision@1 and nDCG@k (docs/method.md §3 "Evaluation", §5) on hand-built lists and rankings."""
+"""MMEB Precision@1, its per-category / per-split means and nDCG@k (docs/method.md §3 "Evaluation",
+§5) on hand-built lists, scores and rankings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import torch
 
 from cmpt.eval import metrics
 from cmpt.eval.embed_metrics import (
+    MMEB_CATEGORIES,
+    MMEB_DATASETS,
+    MMEB_SPLITS,
     dcg_at_k,
+    mmeb_group_means,
     mmeb_predictions,
     ndcg_at_k,
     ndcg_at_k_qrels,
@@ -107,3 +112,44 @@ def test_ndcg_qrels_errors() -> None:
         ndcg_per_query(np.zeros((1, 2)), [{4: 1}])
     with pytest.raises(ValueError, match="2 qrels entries for 1 queries"):
         ndcg_per_query(np.zeros((1, 2)), [{0: 1}, {}])
+
+
+def test_mmeb_datasets_table() -> None:
+    assert len(MMEB_DATASETS) == 36
+    cells = list(MMEB_DATASETS.values())
+    assert {c for c, _ in cells} == set(MMEB_CATEGORIES) and {s for _, s in cells} == set(MMEB_SPLITS)
+    assert [sum(s == split for _, s in cells) for split in MMEB_SPLITS] == [20, 16]
+    assert [sum(c == cat for c, _ in cells) for cat in MMEB_CATEGORIES] == [10, 10, 12, 4]
+    # IND per category: 5 classification, 6 VQA, 8 retrieval, 1 grounding (MSCOCO)
+    assert [sum(cell == (cat, "IND") for cell in cells) for cat in MMEB_CATEGORIES] == [5, 6, 8, 1]
+    assert MMEB_DATASETS["MSCOCO"] == ("Grounding", "IND")
+    assert MMEB_DATASETS["MSCOCO_t2i"] == ("Retrieval", "IND")
+    assert MMEB_DATASETS["Visual7W-Pointing"] == ("Grounding", "OOD")
+    assert MMEB_DATASETS["Visual7W"] == ("VQA", "IND")
+
+
+def test_mmeb_group_means_over_the_datasets_present() -> None:
+    scores = {
+        "ImageNet-1K": 1.0,  # Classification, IND
+        "Place365": 0.5,  # Classification, OOD
+        "OK-VQA": 0.25,  # VQA, IND
+        "GQA": 0.0,  # VQA, OOD
+        "VizWiz": math.nan,  # VQA, OOD, no score → left out
+        "imagenet-1k": 0.0,  # not a subset name (matched exactly) → unknown
+    }
+    res = mmeb_group_means(scores)
+    cat, split = res["mmeb_category_means"], res["mmeb_split_means"]
+    assert list(cat) == ["Classification", "VQA", "Retrieval", "Grounding"]
+    assert cat["Classification"] == {"mean_precision_at_1": 0.75, "n_present": 2, "n_datasets": 10}
+    assert cat["VQA"] == {"mean_precision_at_1": 0.125, "n_present": 2, "n_datasets": 10}
+    for name, total in (("Retrieval", 12), ("Grounding", 4)):
+        assert math.isnan(cat[name]["mean_precision_at_1"])
+        assert (cat[name]["n_present"], cat[name]["n_datasets"]) == (0, total)
+    assert list(split) == ["IND", "OOD"]
+    assert split["IND"] == {"mean_precision_at_1": 0.625, "n_present": 2, "n_datasets": 20}
+    assert split["OOD"] == {"mean_precision_at_1": 0.25, "n_present": 2, "n_datasets": 16}
+    assert res["mmeb_unknown_tasks"] == ["imagenet-1k"]
+    empty = mmeb_group_means({})
+    assert empty["mmeb_unknown_tasks"] == [] and math.isnan(
+        empty["mmeb_split_means"]["IND"]["mean_precision_at_1"]
+    )

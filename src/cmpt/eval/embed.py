@@ -9,11 +9,12 @@ embedded once (in chunks, packed by the Embedder's token budget). Scores:
   ``"<image>\\nRepresent the given document image."``; nDCG@5 with linear gains over the queries
   that have a positive qrel (:func:`cmpt.eval.embed_metrics.ndcg_at_k_qrels`).
 
-Each kind is averaged without weights over its tasks; the MMEB tasks named after MMEB's 36
+Each kind is averaged without weights over its tasks. The MMEB tasks named after one of MMEB's 36
 datasets (:data:`cmpt.eval.embed_metrics.MMEB_DATASETS`, e.g. ``ImageNet-1K.jsonl``) are also
 averaged per meta-task category and per split (IND / OOD), each mean with how many of its datasets
-were present; other MMEB tasks count in the overall mean only. Outputs (``out``): ``embed_results.json``,
-``embed_results.md`` (markdown table) and ``embed_results.png`` (bar chart, matplotlib Agg).
+were present; other MMEB tasks count in the overall mean only. Outputs (``out``):
+``embed_results.json``, ``embed_results.md`` (markdown table) and ``embed_results.png`` (bar chart,
+matplotlib Agg).
 """
 
 from __future__ import annotations
@@ -116,14 +117,10 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
-def _mmeb_groups(result: dict[str, Any]) -> list[tuple[str, float]]:
-    """``("Classification (3/10)", mean)`` for every MMEB category, then split, with a dataset present."""
+def _mmeb_groups(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, group)`` of every MMEB category, then split, that has a dataset present."""
     groups = [*result["mmeb_category_means"].items(), *result["mmeb_split_means"].items()]
-    return [
-        (f"{name} ({g['n_present']}/{g['n_datasets']})", g["mean_precision_at_1"])
-        for name, g in groups
-        if g["n_present"]
-    ]
+    return [(name, g) for name, g in groups if g["n_present"]]
 
 
 def embed_table(result: dict[str, Any]) -> str:
@@ -136,8 +133,9 @@ def embed_table(result: dict[str, Any]) -> str:
     if result["mmeb"]:
         mean, n = _fmt(result["mmeb_mean_precision_at_1"]), len(result["mmeb"])
         lines.append(f"| **mean ({n} MMEB task{'s' * (n != 1)})** | MMEB | P@1 | **{mean}** | | |")
-        for label, value in _mmeb_groups(result):
-            lines.append(f"| **mean {label} datasets** | MMEB | P@1 | **{_fmt(value)}** | | |")
+        for name, g in _mmeb_groups(result):
+            label = f"{name} mean ({g['n_present']}/{g['n_datasets']} datasets)"
+            lines.append(f"| **{label}** | MMEB | P@1 | **{_fmt(g['mean_precision_at_1'])}** | | |")
     for name, r in result["pages"].items():
         score = _fmt(r["ndcg_at_5"])
         lines.append(f"| {name} | pages | nDCG@5 | {score} | {r['n_scored']} | {r['skipped']} |")
@@ -160,7 +158,9 @@ def plot_embed(result: dict[str, Any], path: str | os.PathLike, title: str = "")
         bars.append((name, r["precision_at_1"], "tab:blue", False))
     if result["mmeb"]:
         bars.append(("MMEB mean", result["mmeb_mean_precision_at_1"], "tab:blue", True))
-        bars += [(label, value, "tab:blue", True) for label, value in _mmeb_groups(result)]
+        for name, g in _mmeb_groups(result):
+            label = f"{name} ({g['n_present']}/{g['n_datasets']})"
+            bars.append((label, g["mean_precision_at_1"], "tab:blue", True))
     for name, r in result["pages"].items():
         bars.append((name, r["ndcg_at_5"], "tab:orange", False))
     if result["pages"]:

@@ -142,9 +142,27 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     A single process returns ``(x, 0)``."""
     if not is_dist() or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
+    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]
 
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along rows; backward: the sum over ranks of the gathered gradient, this rank's rows
+    (what ``torch.distributed.nn.functional.all_gather`` did before its deprecation; public
+    collectives only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
