@@ -1,16 +1,19 @@
 """cmpt.Embedder over a cmpt VLM (docs/method.md §3): bidirectional, mean-pooled, L2-normalized;
-independent of batch order, of padding and of the other inputs; save → load equal."""
+independent of batch order, of padding and of the other inputs; save → load equal; a pooling it does
+not implement is refused."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 import torch
 from PIL import Image
 
 from cmpt.embed.backbones import backbone_kind
-from cmpt.embed.embedder import Embedder
+from cmpt.embed.embedder import EMBEDDER_CONFIG, Embedder, EmbedderConfig
 from cmpt.vlm.chat import encode_text_with_images
 from vlm_fixtures import build_dirs, build_vlm
 
@@ -89,6 +92,22 @@ def test_save_load_equal_and_kind(emb, tmp_path):
     loaded = Embedder.from_pretrained(tmp_path / "e")
     assert loaded.config == emb.config
     torch.testing.assert_close(loaded.encode(TEXTS, IMAGES), ref, rtol=0, atol=0)
+
+
+def test_unimplemented_pooling_is_refused(emb, tmp_path):
+    """``pooling`` is saved in embedder_config.json; a value other than "mean" would be stored but
+    not applied, so it is refused when built or loaded (docs/method.md §3)."""
+    accepted = re.escape("accepted: ['mean']")
+    with pytest.raises(ValueError, match=rf"pooling='last' is not implemented; {accepted}"):
+        EmbedderConfig(pooling="last")
+    with pytest.raises(ValueError, match=accepted):
+        Embedder(emb.backbone, pooling="cls")
+    d = emb.save_pretrained(tmp_path / "e")
+    cfg_file = d / EMBEDDER_CONFIG
+    assert json.loads(cfg_file.read_text())["pooling"] == "mean"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "pooling": "last"}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cfg_file))}: pooling='last' .*{accepted}"):
+        Embedder.from_pretrained(d)
 
 
 def test_unsupported_architecture_is_named(dirs):

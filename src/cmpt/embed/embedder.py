@@ -33,20 +33,35 @@ from cmpt.embed.backbones import load_backbone
 from cmpt.losses import segment_mean
 from cmpt.vlm.chat import encode_text_with_images, plain_input
 
-__all__ = ["EMBEDDER_CONFIG", "Embedder", "EmbedderConfig"]
+__all__ = ["EMBEDDER_CONFIG", "POOLINGS", "Embedder", "EmbedderConfig"]
 
 EMBEDDER_CONFIG = "embedder_config.json"
+#: The implemented ``EmbedderConfig.pooling`` values (docs/method.md §3): the mean over the input's tokens.
+POOLINGS = ("mean",)
 
 
 @dataclass
 class EmbedderConfig:
-    """How inputs become embeddings (stored as ``embedder_config.json``)."""
+    """How inputs become embeddings (stored as ``embedder_config.json``). ``pooling`` must be one of
+    :data:`POOLINGS`: another value would be saved but not applied."""
 
     max_length: int = 1280  # tokens per input (text is cut after its last image; images never are)
     batch_tokens: int = 8192  # tokens per forward
     pooling: str = "mean"
     normalize: bool = True
     attention: str = "bidirectional"  # "causal": the VLM as it was (a baseline; MoCa is bidirectional)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not implemented; accepted: {list(POOLINGS)}")
+
+    @classmethod
+    def from_file(cls, path: Path) -> EmbedderConfig:
+        """The config stored in ``path`` (an ``embedder_config.json``); a ``ValueError`` names the file."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def _as_list(x: Any, n: int, name: str) -> list[Any]:
@@ -81,7 +96,7 @@ class Embedder:
         if device is not None:
             backbone.to(device)
         cfg_file = d / EMBEDDER_CONFIG
-        config = EmbedderConfig(**json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+        config = EmbedderConfig.from_file(cfg_file) if cfg_file.is_file() else None
         emb = cls(backbone, config)
         emb.loaded_from = d
         return emb

@@ -41,7 +41,7 @@ from torch import nn
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
 from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
-from cmpt.vlm.io import resize_vocab
+from cmpt.vlm.io import from_pretrained_checked, resize_vocab
 from cmpt.vlm.model import VLMOutput
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
 
@@ -136,7 +136,8 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
     ) -> QwenVLBackbone:
         """Load a Hugging Face Qwen2-VL / Qwen2.5-VL directory (eval mode): the model through its
         transformers class, the tokenizer through ``AutoTokenizer``, the image processor from its
-        ``preprocessor_config.json`` (``ImageProcessor.from_hf``; defaults when absent).
+        ``preprocessor_config.json`` (``ImageProcessor.from_hf``; defaults when absent). A weight file
+        with missing or unexpected tensors is refused (:class:`~cmpt.vlm.io.CheckpointWeightsError`).
         ``weights=False`` builds the model from its ``config.json`` on the meta device, reading no
         weight file (FSDP2 ranks > 0, docs/method.md §6 "Distributed training")."""
         import transformers
@@ -160,7 +161,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
             kwargs["attn_implementation"] = attn_implementation
         model_cls = getattr(transformers, MODEL_CLASSES[model_type])
         if weights:
-            hf = model_cls.from_pretrained(str(d), **kwargs)
+            hf = from_pretrained_checked(model_cls, str(d), **kwargs)
         else:
             config = transformers.AutoConfig.from_pretrained(str(d))
             with torch.device("meta"):

@@ -8,7 +8,9 @@ The functions here take the model class as an argument, so this module does not 
 (the model's ``build`` / ``from_pretrained`` / ``save_pretrained`` call them). With ``weights=False``
 they build the model's skeleton on the meta device from its configs and tokenizer alone, reading
 no weight file: FSDP2 ranks > 0 do, and get rank 0's weights when the model is sharded
-(docs/method.md §6 "Distributed training").
+(docs/method.md §6 "Distributed training"). A weight file whose tensors do not match the class that
+loads it is refused (:class:`CheckpointWeightsError`, docs/method.md §3 "Known failure modes of the
+reference code"): transformers alone only logs a report and leaves missing weights random.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,45 @@ from cmpt.vlm.merger import PatchMerger
 
 VLM_CONFIG_NAME = "vlm_config.json"
 MERGER_WEIGHTS = "merger.safetensors"
+
+
+class CheckpointWeightsError(ValueError):
+    """The tensors of a weight file do not match the model class that loads it (docs/method.md §3
+    "Known failure modes of the reference code"): weights it lacks would stay randomly initialised,
+    tensors the class does not know would be dropped. ``source`` names the checkpoint; ``missing``
+    and ``unexpected`` are the sorted parameter names."""
+
+    def __init__(
+        self, source: str, model: str, missing: Collection[str], unexpected: Collection[str]
+    ) -> None:
+        self.source, self.missing, self.unexpected = source, sorted(missing), sorted(unexpected)
+        found = [
+            f"{len(keys)} {what} (first: {keys[:3]})"
+            for what, keys in (("missing", self.missing), ("unexpected", self.unexpected))
+            if keys
+        ]
+        super().__init__(
+            f"{source}: the checkpoint's weights do not match {model}: {'; '.join(found)}. Loading it "
+            "would leave the missing ones randomly initialised and drop the unexpected ones. It was saved "
+            "by a different model class or transformers version, or is incomplete: convert it to the "
+            f"layout of {model} (load it with the class and transformers version that wrote it, save it "
+            "with this one), or add the missing weights to it deliberately"
+        )
+
+
+def from_pretrained_checked(model_cls: type, source: str, **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained(source, **kwargs)``, refusing a checkpoint with missing or
+    unexpected weights (:class:`CheckpointWeightsError`). What is legitimately absent transformers
+    already leaves out of its loading report: tied weights (a tied ``lm_head.weight``), non-persistent
+    buffers, legacy buffers (``rotary_emb.inv_freq``, ``position_ids``) and the class's
+    ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_load_unexpected``. Shape mismatches,
+    conversion and load errors transformers raises itself (unless ``ignore_mismatched_sizes``)."""
+    model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise CheckpointWeightsError(
+            source, type(model).__name__, info["missing_keys"], info["unexpected_keys"]
+        )
+    return model
 
 
 @dataclass
@@ -107,13 +149,14 @@ def resize_vocab(llm: nn.Module, rows: int) -> None:
 
 
 def _causal_lm(source: str, weights: bool, **kwargs: Any) -> nn.Module:
-    """``AutoModelForCausalLM`` of ``source`` with its weights, or its skeleton on the meta device
-    built from ``config.json`` alone (``kwargs``: ``dtype``, ``attn_implementation``, ...)."""
+    """``AutoModelForCausalLM`` of ``source`` with all of its weights (:func:`from_pretrained_checked`),
+    or its skeleton on the meta device built from ``config.json`` alone (``kwargs``: ``dtype``,
+    ``attn_implementation``, ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with resolving(source, "language model"):
         if weights:
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            return from_pretrained_checked(AutoModelForCausalLM, source, **kwargs)
         config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, **kwargs)
@@ -279,7 +322,10 @@ def load_vlm(
     with contextlib.nullcontext() if weights else torch.device("meta"):
         merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
     if weights:
-        merger.load_state_dict(load_file(str(d / MERGER_WEIGHTS), device="cpu"))
+        state = load_file(str(d / MERGER_WEIGHTS), device="cpu")
+        missing, unexpected = merger.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointWeightsError(str(d / MERGER_WEIGHTS), "PatchMerger", missing, unexpected)
     processor = None
     if (d / "processor").is_dir():
         from cmpt.vision.processor import ImageProcessor
