@@ -161,8 +161,9 @@ def test_required_fields_and_post_init_errors() -> None:
     assert load_config(NeedsName, {"name": "x"}) == NeedsName("x")
     with pytest.raises(ConfigError, match="missing required key"):
         load_config(NeedsName, None)
-    with pytest.raises(ConfigError, match="NeedsName rejected the values: size must be >= 1"):
+    with pytest.raises(ConfigError, match="NeedsName rejected the values: size must be >= 1") as e:
         load_config(NeedsName, {"name": "x"}, ["size=0"])  # validation sees the overrides
+    assert "size from --set size=0" in str(e.value)  # the override is named, not only the source
 
 
 def test_unions_of_scalars() -> None:

@@ -231,7 +231,20 @@ def _build(cls: type[T], value: Any, path: _KeyPath, ctx: _Ctx) -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ctx.error(path, f"{cls.__name__} rejected the values: {e}") from e
+        where = _sources(kwargs, path, ctx)
+        msg = f"{cls.__name__} rejected the values: {e}"
+        raise ConfigError(f"config key '{_fmt(path)}' ({where}): {msg}") from e
+
+
+def _sources(keys: dict, path: _KeyPath, ctx: _Ctx) -> str:
+    """Where a section came from, and which of its keys came from elsewhere (an override, a base
+    file): ``"from a.yaml; steps from --set train.steps=-5"`` — a value check may fail on any of them."""
+    section = ctx.where(path)
+    others: dict[str, list[str]] = {}
+    for key in keys:
+        if (origin := ctx.where((*path, key))) != section:
+            others.setdefault(origin, []).append(str(key))
+    return "; ".join([f"from {section}", *(f"{', '.join(n)} from {o}" for o, n in others.items())])
 
 
 def _unwrap_optional(tp: Any) -> Any:
