@@ -273,6 +273,20 @@ def test_lost_pairs_are_padded_and_all_bad_batches_are_empty(data, tok):
     )
 
 
+def test_a_task_without_hard_negatives_is_named_once(data, tok, caplog):
+    """``loss.num_hard_negatives = k`` but a task's pairs carry none: one warning for that task."""
+    rows = [{"id": f"n{i}", "task": "noneg", "qry": f"q {i}", "pos_text": f"p {i}"} for i in range(4)]
+    path = data["root"] / "noneg.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*_good(), *rows]))
+    src = open_pair_source(str(path))
+    loader = PairLoader(src, _builder(tok), TaskBatchSampler(record_tasks(src), 2, 1))
+    with caplog.at_level(logging.WARNING, logger="cmpt.data"):
+        tasks = [b["task"] for b in itertools.islice(iter(loader), 12)]
+    assert tasks.count("noneg") >= 2  # two of its batches read, one warning
+    named = [r.getMessage() for r in caplog.records if "hard negative" in r.getMessage()]
+    assert len(named) == 1 and "'noneg'" in named[0] and "loss.num_hard_negatives" in named[0], named
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a

@@ -29,6 +29,7 @@ unseen one.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +48,8 @@ from cmpt.data.task_sampler import TaskBatchSampler
 from cmpt.data.webdataset import ShardList
 
 __all__ = ["PairLoader", "TarPairSource", "build_pair_loader", "open_pair_source", "record_tasks"]
+
+log = logging.getLogger("cmpt.data")
 
 
 def _stem(path: str) -> str:
@@ -169,6 +172,7 @@ class PairLoader(LoaderBase):
         self.epoch, self.position = sampler.epoch, sampler.position
         self._dataset = _PairBatches(source, builder, sampler, max_spares)
         self._stream = _Stream(sampler)
+        self._warned_tasks: set[str | None] = set()
         self._loader: DataLoader | None = None
         if num_workers > 0:
             self._loader = worker_loader(
@@ -186,7 +190,23 @@ class PairLoader(LoaderBase):
                 batch = {"num_samples": 0, "num_pairs": 0, "num_bad": len(bad), "num_tokens": 0}
                 batch.update(sample_ids=[], task=task)
             batch["epoch"], batch["batch_index"] = epoch, k
+            self._note_missing_negatives(batch)
             yield self._account(batch, bad)
+
+    def _note_missing_negatives(self, batch: dict[str, Any]) -> None:
+        """Warn once per task whose pairs come without hard negatives although the loss expects
+        ``k`` of them: they train on in-batch negatives only (docs/method.md §3 "Stage 2")."""
+        mask = batch.get("neg_mask")
+        task = batch.get("task")
+        if mask is None or mask.numel() == 0 or bool(mask.any()) or task in self._warned_tasks:
+            return
+        self._warned_tasks.add(task)
+        log.warning(
+            "rank %d: task %r: no pair of global batch %d has a hard negative although "
+            "loss.num_hard_negatives = %d; its pairs train on in-batch negatives only (give them "
+            "'neg_text' / 'neg_image_path', or set loss.num_hard_negatives=0)",
+            self.rank, task, batch["batch_index"], mask.shape[1],
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {
