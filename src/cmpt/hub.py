@@ -1,5 +1,6 @@
-"""Hugging Face Hub ids in cmpt's loaders, and the one-line error when they cannot be fetched
-(docs/method.md §2 "Assembly", §3 "Backbones").
+"""Model names and files in cmpt's loaders: Hugging Face Hub ids, local paths, weight and config
+files, and the one-line errors when they cannot be loaded (docs/method.md §2 "Assembly", §3
+"Backbones").
 
 Every path where cmpt hands a model name to the hub (``VisionLanguageModel.build``'s LLM and
 vision checkpoint, ``NativeViT.from_hf``, and the cmpt directories ``NativeViT`` /
@@ -11,22 +12,36 @@ command of the *installed* ``huggingface_hub`` (``hf download REPO`` where it sh
 ≥ 0.34; ``huggingface-cli download REPO`` before) and ``HF_HUB_OFFLINE``. The failure is told by
 the exception types huggingface_hub raises (``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``)
 anywhere in the chain, never by message text.
+
+A name loaded through :func:`resolving` that can only be a local path (absolute, ``./``, ``../``,
+``~``, or with separators no ``namespace/name`` hub id has) and does not exist is one
+``FileNotFoundError`` saying so, with the fix (:func:`missing_path_error`: ``cmpt demo`` for the
+tiny models under cmpt's cache), never a hub lookup. Weight files read through
+:func:`reading_safetensors` and config files through :func:`read_json` that are truncated or
+corrupt are one :class:`CorruptFileError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any
 
-__all__ = ["HubOfflineError", "cli_for", "download_command", "hub_cli", "is_hub_id", "local_model_dir"]
+__all__ = ["CorruptFileError", "HubOfflineError", "cli_for", "download_command", "hub_cli", "is_hub_id"]
+__all__ += ["check_local_path", "local_model_dir", "missing_path_error", "read_json", "reading_safetensors"]
 __all__ += ["resolving"]
 
 
 class HubOfflineError(FileNotFoundError):
     """A hub id that is not in the local cache while the hub cannot be reached (or may not be)."""
+
+
+class CorruptFileError(ValueError):
+    """A model file that cannot be parsed: a truncated or corrupt safetensors file, malformed JSON."""
 
 
 def cli_for(console_scripts: set[str], version: str) -> str:
@@ -55,18 +70,56 @@ def download_command(repo_id: str) -> str:
     return f"{hub_cli()} download {repo_id}"
 
 
-def is_hub_id(name_or_path: str | os.PathLike) -> bool:
-    """Whether ``name_or_path`` is no existing local path and has the form of a hub repo id."""
-    if not isinstance(name_or_path, str) or Path(name_or_path).expanduser().exists():
-        return False
+def _repo_id_form(name: str) -> bool:
+    """Whether ``name`` has the form of a hub repo id (``name`` or ``namespace/name``)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
-        validate_repo_id(name_or_path)
+        validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def is_hub_id(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` is no existing local path and has the form of a hub repo id."""
+    if not isinstance(name_or_path, str) or Path(name_or_path).expanduser().exists():
+        return False
+    return _repo_id_form(name_or_path)
+
+
+def _path_like(name: str) -> bool:
+    """Whether ``name`` can only be meant as a local path: ``~...``, or with a path separator where
+    no hub id has one (absolute, ``./x``, ``../x``, ``a/b/c``; ``facebook/dinov2-small`` is an id)."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    return name.startswith("~") or (any(c in name for c in separators) and not _repo_id_form(name))
+
+
+def missing_path_error(path: str | os.PathLike, what: str, fix: str = "check the path") -> FileNotFoundError:
+    """The error "``what`` PATH does not exist: ``fix``"; under cmpt's cache (the tiny recipes' models and
+    data, ``{cache}/tiny...``), the fix is to build them with ``cmpt demo`` first."""
+    from cmpt.recipes.paths import cache_root
+
+    p, root = Path(path).expanduser().absolute(), cache_root().absolute()
+    if p.is_relative_to(root / "tiny-quick"):
+        fix = "run `cmpt demo --quick` first to build it (cmpt's tiny models and data)"
+    elif p.is_relative_to(root):
+        fix = "run `cmpt demo` first to build it (cmpt's tiny models and data)"
+    return FileNotFoundError(f"{what} {os.fspath(path)} does not exist: {fix}")
+
+
+def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
+    """Raise :func:`missing_path_error` (naming ``what``) for a string that can only be a local path
+    (:func:`_path_like`) and does not exist; hub ids and ``Path`` objects pass."""
+    if (
+        isinstance(name_or_path, str)
+        and _path_like(name_or_path)
+        and not Path(name_or_path).expanduser().exists()
+    ):
+        raise missing_path_error(
+            name_or_path, what, "check the path (a Hugging Face Hub id has the form namespace/name)"
+        )
 
 
 def _offline() -> bool:
@@ -105,8 +158,10 @@ def _hub_unreachable(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def resolving(name_or_path: str | os.PathLike, what: str = "model") -> Iterator[None]:
-    """Around a load of ``name_or_path``: when it is a hub id that is not cached and the hub is
-    unreachable or forbidden (``HF_HUB_OFFLINE``), raise :class:`HubOfflineError` instead."""
+    """Around a load of ``name_or_path`` (a ``what``): a path-like string that does not exist is
+    refused first (:func:`missing_path_error`); when it is a hub id that is not cached and the hub
+    is unreachable or forbidden (``HF_HUB_OFFLINE``), raise :class:`HubOfflineError` instead."""
+    check_local_path(name_or_path, what)
     try:
         yield
     except OSError as e:
@@ -126,7 +181,7 @@ def local_model_dir(
     """A local directory for ``name_or_path``: the path itself, or for a hub id the snapshot in the
     Hugging Face cache (downloaded when the hub is reachable; :class:`HubOfflineError` when it is
     not cached and the hub is not). A missing path that is no hub id is returned as is (the
-    caller's own error names it)."""
+    caller's own error names it, e.g. what ``model.init`` should be)."""
     if not is_hub_id(name_or_path):
         return Path(name_or_path).expanduser()
     from huggingface_hub import snapshot_download
@@ -140,4 +195,53 @@ def local_model_dir(
         raise FileNotFoundError(
             f"{what} {repo_id!r}: no such local directory, and no Hugging Face Hub repository of that "
             "name that you can access (check the path; a private or gated repo needs HF_TOKEN)"
+        ) from None
+
+
+def _corrupt_weights(path: Path, error: Exception) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path} is truncated or corrupt ({path.stat().st_size} bytes; {error}): re-download or re-export it"
+    )
+
+
+@contextlib.contextmanager
+def reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
+    """Around a read of safetensors weights from ``path``: a file, or a model directory (or hub id)
+    whose files transformers' ``from_pretrained`` reads. A ``SafetensorError`` (a truncated or
+    corrupt file, which safetensors reports without its name) becomes a :class:`CorruptFileError`
+    naming the file, its size and the fix; in a directory the damaged ``*.safetensors`` is found
+    by opening each."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        yield
+    except SafetensorError as e:
+        p = Path(path).expanduser()
+        if p.is_file():
+            raise _corrupt_weights(p, e) from None
+        for f in sorted(p.glob("*.safetensors")) if p.is_dir() else []:
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except SafetensorError as bad:
+                raise _corrupt_weights(f, bad) from None
+        raise CorruptFileError(
+            f"a safetensors weight file of {path} is truncated or corrupt ({e}): re-download or re-export it"
+        ) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path`` (a model's ``config.json`` and the like); malformed JSON or
+    non-UTF-8 bytes are a :class:`CorruptFileError` naming the file (and line and column)."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(
+            f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file, or "
+            "re-download or re-export the model"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(
+            f"{p}: not a UTF-8 JSON file ({e.reason} at byte {e.start}); re-download or re-export it"
         ) from None

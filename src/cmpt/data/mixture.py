@@ -146,7 +146,9 @@ class MixtureSource:
         self.members, self.seed, self.path = list(members), int(seed), path or "<mixture>"
         base = os.fspath(base_dir)
         if sources is None:
-            sources = [_open_member(base, m) for m in members]
+            sources = [
+                _open_member(base, m, f"{self.path}: datasets[{k}].path") for k, m in enumerate(members)
+            ]
         self.sources = sources
         member, index, copy = [], [], []
         for k, (m, src) in enumerate(zip(members, sources)):
@@ -203,12 +205,14 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) or not base else os.path.join(base, p)
 
 
-def _open_member(base: str, m: MixtureMember) -> Any:
-    """The member's source, map-style: tar shards (or an all-tar mixture) as a ``TarIndexSource``."""
+def _open_member(base: str, m: MixtureMember, key: str) -> Any:
+    """The member's source, map-style: tar shards (or an all-tar mixture) as a ``TarIndexSource``;
+    ``key`` (``MIXTURE: datasets[N].path``) names the member when its path does not exist."""
     from cmpt.data.tar_index import TarIndexSource
     from cmpt.data.webdataset import ShardList
 
-    src = open_source(_resolve(base, m.path), _resolve(base, m.image_root) or None, split=m.split or None)
+    root = _resolve(base, m.image_root) or None
+    src = open_source(_resolve(base, m.path), root, split=m.split or None, key=key)
     return TarIndexSource(src) if isinstance(src, ShardList) else src
 
 
@@ -230,11 +234,25 @@ def _tar_mixture(members: list[MixtureMember], seed: int, base: str) -> Any:
     return ShardList(paths)
 
 
+def _yaml_error(path: str, e: yaml.YAMLError) -> ValueError:
+    """One line naming the file and, where the parser knows it, the line and column."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        what = f"{e.problem} at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
+    else:
+        what = " ".join(str(e).split())
+    return ValueError(f"{path}: not valid YAML ({what}); fix the mixture file (its format: docs/data.md)")
+
+
 def load_mixture(path: str | os.PathLike) -> Any:
-    """Open a mixture YAML: a :class:`MixtureSource`, or a ``ShardList`` when every member is tar shards."""
+    """Open a mixture YAML: a :class:`MixtureSource`, or a ``ShardList`` when every member is tar
+    shards. Invalid YAML, a bad entry (``sampling``, ``weight``) or a member path that does not
+    exist is one ``ValueError`` / ``FileNotFoundError`` naming the file and ``datasets[N]``."""
     p = os.fspath(path)
     with open(p, encoding="utf-8") as fh:
-        doc = yaml.safe_load(fh)
+        try:
+            doc = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise _yaml_error(p, e) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
         raise ValueError(f"{p}: a mixture YAML needs a 'datasets:' list (and optionally 'seed:')")
     unknown = set(doc) - {"datasets", "seed"}
@@ -247,9 +265,16 @@ def load_mixture(path: str | os.PathLike) -> Any:
         bad = set(entry) - _KEYS
         if bad:
             raise ValueError(f"{p}: datasets[{n}] has unknown key(s) {sorted(bad)}; expected {sorted(_KEYS)}")
-        members.append(MixtureMember(**{k: entry[k] for k in entry if entry[k] is not None}))
-    seed, base = int(doc.get("seed") or 0), os.path.dirname(os.path.abspath(p))
-    kinds = [source_kind(_resolve(base, m.path)) for m in members]
+        try:
+            members.append(MixtureMember(**{k: entry[k] for k in entry if entry[k] is not None}))
+        except ValueError as e:  # sampling or weight
+            raise ValueError(f"{p}: datasets[{n}]: {e}") from None
+    try:
+        seed = int(doc.get("seed") or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"{p}: seed must be an integer, got {doc['seed']!r}") from None
+    base = os.path.dirname(os.path.abspath(p))
+    kinds = [source_kind(_resolve(base, m.path), f"{p}: datasets[{n}].path") for n, m in enumerate(members)]
     if all(k == "tar" for k in kinds):
         return _tar_mixture(members, seed, base)
     return MixtureSource(members, seed=seed, base_dir=base, path=os.path.abspath(p))

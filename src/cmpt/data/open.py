@@ -6,7 +6,9 @@ shards (:class:`~cmpt.data.webdataset.ShardList`: a ``.tar``, a glob, a brace pa
 directory of them) or a Hugging Face dataset (:class:`~cmpt.data.hf_source.HFSource`: a
 ``save_to_disk`` directory, ``.parquet`` files, a directory of them or a dataset repository
 downloaded from the hub, :mod:`cmpt.data.hub_layout`). ``PATH#SPLIT`` names a split of a Hugging
-Face dataset; a path that exists as written (a ``#`` in a file name) is taken literally.
+Face dataset; a path that exists as written (a ``#`` in a file name) is taken literally. A path
+without wildcards that does not exist is one ``FileNotFoundError`` naming the setting it came from
+(``data.path``, a mixture's ``datasets[N].path``).
 
 The training loaders (:mod:`cmpt.data.batching`), the pair loader (:mod:`cmpt.data.pair_loader`),
 mixtures and ``cmpt data check`` all open their data here, so they accept the same forms.
@@ -14,6 +16,7 @@ mixtures and ``cmpt data check`` all open their data here, so they accept the sa
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -21,6 +24,7 @@ from cmpt.data.hf_source import HFSource
 from cmpt.data.hub_layout import is_parquet_dir
 from cmpt.data.llava_source import LlavaSource
 from cmpt.data.webdataset import TAR_SUFFIXES, ShardList
+from cmpt.hub import missing_path_error
 
 __all__ = ["open_source", "source_kind", "split_spec"]
 
@@ -37,14 +41,18 @@ def split_spec(path: str | os.PathLike | list) -> tuple[Any, str | None]:
     return base, split
 
 
-def source_kind(path: str | os.PathLike | list) -> str:
+def source_kind(path: str | os.PathLike | list, key: str = "data.path") -> str:
     """``"llava"`` (.json/.jsonl), ``"mixture"`` (.yaml/.yml), ``"tar"`` (a list, glob or brace pattern
     of tar shards, or a directory of them) or ``"hf"`` (a ``save_to_disk`` directory, ``.parquet``
     files, a glob of them, a directory of them or a dataset repository downloaded from the hub,
-    :mod:`cmpt.data.hub_layout`; ``PATH#SPLIT`` names a split) (docs/method.md §4, docs/data.md)."""
+    :mod:`cmpt.data.hub_layout`; ``PATH#SPLIT`` names a split) (docs/method.md §4, docs/data.md).
+    A path without wildcards (glob, ``{000..009}``) that does not exist is a ``FileNotFoundError``
+    naming ``key``, the setting it came from."""
     if isinstance(path, (list, tuple)):
         return "tar"
     p, split = split_spec(path)
+    if not glob.has_magic(p) and "{" not in p and not os.path.exists(p):
+        raise missing_path_error(p, key)
     low = p.lower().rstrip("/")
     if low.endswith((".json", ".jsonl")):
         kind = "llava"
@@ -82,16 +90,21 @@ def _dir_kind(p: str) -> str:
 
 
 def open_source(
-    path: str | os.PathLike | list, image_root: str | os.PathLike | None = None, *, split: str | None = None
+    path: str | os.PathLike | list,
+    image_root: str | os.PathLike | None = None,
+    *,
+    split: str | None = None,
+    key: str = "data.path",
 ) -> Any:
     """The source named by ``path``, by :func:`source_kind` (docs/method.md §4, docs/data.md).
 
     Map-style sources (``len`` / ``source[i] -> Record``): ``LlavaSource``, ``HFSource``,
     ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so
     does a mixture whose members are all tar shards. ``split``: the split of a Hugging Face dataset
-    (as ``PATH#SPLIT``, which wins); ``ValueError`` for the other kinds.
+    (as ``PATH#SPLIT``, which wins); ``ValueError`` for the other kinds. ``key``: the setting
+    ``path`` came from, named when it does not exist.
     """
-    kind = source_kind(path)
+    kind = source_kind(path, key)
     path, named = split_spec(path)
     split = named or split
     if split is not None and kind != "hf":

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cmpt.hub import reading_safetensors, resolving
+
 __all__ = [
     "ASSISTANT_ROLES",
     "caption_texts_from_llava",
@@ -111,8 +113,8 @@ def save_vocab_counts(counts: torch.Tensor, path: str | os.PathLike, meta: Mappi
 
 
 def read_vocab_counts_meta(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a counts file."""
-    with safe_open(str(path), framework="pt") as f:
+    """The string metadata of a counts file (truncated or corrupt: :class:`~cmpt.hub.CorruptFileError`)."""
+    with reading_safetensors(path), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
@@ -125,9 +127,10 @@ def load_vocab_counts(
     load as is; a larger expected size zero-pads the counts (tokens appended after counting,
     see the module docstring); a smaller one raises ``ValueError`` naming the file and both
     sizes. If ``tokenizer`` is given and the file has a fingerprint, the first ``V_stored``
-    tokens of ``tokenizer`` must match it (the stored ids are a prefix), else ``ValueError``.
+    tokens of ``tokenizer`` must match it (the stored ids are a prefix), else ``ValueError``. A
+    truncated or corrupt file is a :class:`~cmpt.hub.CorruptFileError` naming it.
     """
-    with safe_open(str(path), framework="pt") as f:
+    with reading_safetensors(path), safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
         if "counts" not in names:
             raise ValueError(f"{path}: not a vocab-counts file (no 'counts' tensor)")
@@ -195,14 +198,16 @@ def vocab_prior_main(data_json: str, tokenizer: Any, out: str, batch_size: int =
     """``cmpt data vocab-prior DATA --tokenizer T --out F``: count caption tokens and save them.
 
     ``tokenizer`` is a name / local directory for ``AutoTokenizer.from_pretrained`` (no remote
-    code) or a tokenizer object. Returns a summary dict (out, tokenizer, vocab_size,
-    num_records, num_texts, num_tokens, num_distinct_tokens).
+    code) or a tokenizer object; a local path that does not exist, or a hub id missing offline, is
+    one error naming it (:func:`cmpt.hub.resolving`). Returns a summary dict (out, tokenizer,
+    vocab_size, num_records, num_texts, num_tokens, num_distinct_tokens).
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
         tok_name = str(tokenizer)
-        tok = AutoTokenizer.from_pretrained(tok_name)
+        with resolving(tok_name, "tokenizer (--tokenizer)"):
+            tok = AutoTokenizer.from_pretrained(tok_name)
     else:
         tok = tokenizer
         tok_name = str(getattr(tok, "name_or_path", "") or type(tok).__name__)

@@ -8,11 +8,12 @@ directory is one of these with an ``embedder_config.json`` beside it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from cmpt.hub import read_json
 
 __all__ = ["QWEN_VL_TYPES", "backbone_kind", "load_backbone"]
 
@@ -30,7 +31,7 @@ def backbone_kind(path: str | Path) -> str:
         raise FileNotFoundError(
             f"{d}: neither a cmpt VLM directory (vlm_config.json) nor a Hugging Face checkpoint (config.json)"
         )
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     if cfg.get("model_type") in QWEN_VL_TYPES:
         return "qwen_vl"
     raise ValueError(

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmpt.embed.backbones import load_backbone
+from cmpt.hub import read_json
 from cmpt.losses import segment_mean
 from cmpt.vlm.chat import encode_text_with_images, plain_input
 
@@ -58,9 +59,10 @@ class EmbedderConfig:
     @classmethod
     def from_file(cls, path: Path) -> EmbedderConfig:
         """The config stored in ``path`` (an ``embedder_config.json``); a ``ValueError`` names the file."""
+        data = read_json(path)
         try:
-            return cls(**json.loads(path.read_text()))
-        except ValueError as e:
+            return cls(**data)
+        except (TypeError, ValueError) as e:  # an unknown key, or a value the config refuses
             raise ValueError(f"{path}: {e}") from e
 
 

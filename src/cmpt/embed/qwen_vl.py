@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmpt.hub import read_json
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
 from cmpt.vlm.backbone import BackboneMixin
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
@@ -148,7 +149,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
             raise FileNotFoundError(
                 f"{d}: no config.json; pass a local Qwen2-VL / Qwen2.5-VL checkpoint directory"
             )
-        raw = json.loads(cfg_file.read_text())
+        raw = read_json(cfg_file)
         model_type = raw.get("model_type")
         if model_type not in MODEL_CLASSES:
             raise ValueError(
@@ -168,7 +169,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
                 hf = model_cls._from_config(config, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
         pre = d / CONFIG_NAME
-        pre_cfg = json.loads(pre.read_text()) if pre.is_file() else None
+        pre_cfg = read_json(pre) if pre.is_file() else None
         processor = ImageProcessor.from_hf(d) if pre_cfg is not None else None
         return cls(hf, tokenizer, processor, pre_cfg).eval()
 

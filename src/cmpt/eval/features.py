@@ -35,6 +35,7 @@ from PIL import Image
 
 from cmpt.data.llava_source import LlavaSource
 from cmpt.encode import budget_batches, to_raster
+from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor, load_image
 from cmpt.vision.vit import NativeViT
 
@@ -55,6 +56,7 @@ __all__ = [
 
 log = logging.getLogger("cmpt.eval")
 
+_SYNTH_HINT = "generate one with `cmpt data synth --kind scenes --n N --out DIR`"
 FEATURES = ("cls", "mean", "cls+mean")
 LAYERS = {"last": 1, "last4": 4}
 ImageInput = str | os.PathLike | Image.Image
@@ -87,28 +89,45 @@ def load_records(path: str | os.PathLike, limit: int | None = None) -> list[Eval
 
 
 def first_images(records: Sequence[dict], path: str | os.PathLike) -> list[str]:
-    """The first image of every record; a record without one is an error naming it."""
+    """The first image of every record; a record without one, or whose image cannot be opened
+    (missing, not an image), is an :class:`~cmpt.vision.image_io.ImageLoadError` naming the record,
+    the image and the fix (the probes must not drop samples, docs/method.md §5)."""
     out = []
     for rec in records:
         if not rec.get("images"):
             raise ValueError(f"{path}: record {rec.get('id')!r} has no image; probes need one per record")
-        out.append(rec["images"][0])
+        image = rec["images"][0]
+        try:
+            _image_size(image)
+        except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ImageLoadError(
+                f"{path}: record {rec.get('id')!r}: cannot open its image {image} ({e}); fix the image or "
+                f"remove the record (`cmpt data check {path}` lists every bad one)"
+            ) from None
+        out.append(image)
     return out
 
 
 def resolve_split_files(data: str | os.PathLike, val_json: str | os.PathLike | None) -> tuple[Path, Path]:
-    """``(train.json, val.json)`` from a data directory, or the two files given (docs/method.md §5 probes)."""
+    """``(train.json, val.json)`` from a data directory, or the two files given (docs/method.md §5
+    probes); a missing path or file is a ``FileNotFoundError`` naming it (``--data`` / ``--val`` of
+    ``cmpt eval probe``, ``val_json`` of the Python API)."""
     data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(
+            f"--data {data} does not exist: pass a directory with train.json and val.json, or a train "
+            f"JSON and --val VAL_JSON; {_SYNTH_HINT}"
+        )
     if data.is_dir():
         train = data / "train.json"
         val = Path(val_json) if val_json is not None else data / "val.json"
     else:
         train, val = data, Path(val_json) if val_json is not None else None
     if val is None:
-        raise ValueError(f"{data} is a file: pass the validation JSON too (val_json=...)")
+        raise ValueError(f"--data {data} is a file: pass the validation JSON too (--val / val_json=)")
     for p in (train, val):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist; generate it with `cmpt data synth scenes ...`")
+            raise FileNotFoundError(f"{p} does not exist; {_SYNTH_HINT}")
     return train, val
 
 

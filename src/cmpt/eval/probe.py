@@ -53,7 +53,8 @@ def _labels(records: Sequence[dict], label_key: str, path: str | os.PathLike) ->
         if label_key not in meta:
             raise ValueError(
                 f"{path}: record {rec.get('id')!r} has no meta[{label_key!r}]; "
-                "the linear probe needs a class label per record (e.g. `cmpt data synth scenes`)"
+                "the linear probe needs a class label per record (e.g. the data of "
+                "`cmpt data synth --kind scenes --n N --out DIR`)"
             )
         out.append(meta[label_key])
     return out

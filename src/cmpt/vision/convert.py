@@ -10,12 +10,13 @@ read, such as the CoMP release's towers (:mod:`cmpt.vision.official_release`).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cmpt.hub import check_local_path, read_json, reading_safetensors
 
 from .vit import NativeViT, NativeViTConfig
 
@@ -295,12 +296,15 @@ def convert_state(model_type: str, config: Any, state: dict) -> tuple[NativeViTC
 
 
 def _read_model_type(name_or_path: str | Path) -> str:
+    """The ``model_type`` of a checkpoint's ``config.json``: a local directory's (a path that does
+    not exist is refused, :func:`cmpt.hub.check_local_path`) or a hub id's."""
+    check_local_path(name_or_path, "vision checkpoint")
     path = Path(name_or_path)
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return json.loads(cfg_file.read_text()).get("model_type", "")
+        return read_json(cfg_file).get("model_type", "")
     from transformers import AutoConfig
 
     try:
@@ -318,7 +322,7 @@ def image_stats(name_or_path: str | Path) -> dict:
     pre = Path(name_or_path) / "preprocessor_config.json"
     if not pre.is_file():
         return {}
-    raw = json.loads(pre.read_text())
+    raw = read_json(pre)
     return {
         k2: tuple(raw[k1])
         for k1, k2 in (("image_mean", "image_mean"), ("image_std", "image_std"))
@@ -357,7 +361,8 @@ def load_hf_vit(
     ``overrides`` replace converted config fields; ``final_norm=False`` drops the last norm (and its
     weights), as :data:`COMP_TOWER_OVERRIDES` does for SigLIP in a CoMP VLM. ``weights=False``: a
     skeleton on the meta device, converted from the HF tower built from its config alone (no weight
-    file is read; FSDP2 ranks > 0, docs/method.md §6 "Distributed training").
+    file is read; FSDP2 ranks > 0, docs/method.md §6 "Distributed training"). A truncated or
+    corrupt weight file is a :class:`~cmpt.hub.CorruptFileError` naming it.
     """
     model_type = _read_model_type(name_or_path)
     families = _families()
@@ -368,7 +373,10 @@ def load_hf_vit(
         )
     hf_cls, convert = families[model_type]
     if weights:
-        hf, info = hf_cls().from_pretrained(str(name_or_path), dtype=torch.float32, output_loading_info=True)
+        with reading_safetensors(name_or_path):
+            hf, info = hf_cls().from_pretrained(
+                str(name_or_path), dtype=torch.float32, output_loading_info=True
+            )
     else:  # the same modules from the config alone; the conversion below only reshapes meta tensors
         hf_config = hf_cls().config_class.from_pretrained(str(name_or_path))
         with torch.device("meta"):

@@ -21,13 +21,14 @@ the release's code, so its layout is unknown and such checkpoints are refused wi
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from cmpt.hub import read_json, reading_safetensors
 
 from .convert import convert_state, image_stats
 from .vit import NativeViT, NativeViTConfig
@@ -60,7 +61,7 @@ def weight_files(directory: str | Path) -> list[Path]:
     """The safetensors files of an HF-style directory (one file or the shards of an index)."""
     d = Path(directory)
     if (d / INDEX).is_file():
-        shards = sorted(set(json.loads((d / INDEX).read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(d / INDEX)["weight_map"].values()))
         missing = [s for s in shards if not (d / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{d / INDEX} lists shards that are not there: {missing[:3]}")
@@ -71,10 +72,11 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def read_keys(directory: str | Path) -> set[str]:
-    """Every tensor name of the directory's safetensors files (headers only)."""
+    """Every tensor name of the directory's safetensors files (headers only); a truncated or corrupt
+    file is a :class:`~cmpt.hub.CorruptFileError` naming it."""
     keys: set[str] = set()
     for f in weight_files(directory):
-        with safe_open(str(f), framework="pt") as fh:
+        with reading_safetensors(f), safe_open(str(f), framework="pt") as fh:
             keys.update(fh.keys())
     return keys
 
@@ -91,7 +93,7 @@ def read_state(directory: str | Path, prefix: str = "", *, weights: bool = True)
     ``weights=False``: meta tensors of the stored shapes and dtypes (headers only)."""
     out = {}
     for f in weight_files(directory):
-        with safe_open(str(f), framework="pt") as fh:
+        with reading_safetensors(f), safe_open(str(f), framework="pt") as fh:
             names = fh.keys()  # a safe_open handle is not iterable
             for key in names:
                 if not key.startswith(prefix):
@@ -106,12 +108,13 @@ def read_state(directory: str | Path, prefix: str = "", *, weights: bool = True)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """``config.json`` of a checkpoint directory, or of the JSON file itself."""
+    """``config.json`` of a checkpoint directory, or of the JSON file itself (malformed JSON: a
+    :class:`~cmpt.hub.CorruptFileError` naming it)."""
     path = Path(directory)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def tower_family(keys: set[str], prefix: str = "") -> str | None:

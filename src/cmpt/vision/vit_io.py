@@ -55,14 +55,15 @@ def load_vit_dir(
 
     ``weights=False`` reads only ``config.json`` and builds the model on the meta device, for
     FSDP2 ranks that get their weights from rank 0 (docs/method.md §6 "Distributed training");
-    for a tower of the official release only the weights' headers are read."""
-    from cmpt.hub import local_model_dir
+    for a tower of the official release only the weights' headers are read. A malformed
+    ``config.json`` or a truncated weight file is a :class:`~cmpt.hub.CorruptFileError` naming it."""
+    from cmpt.hub import local_model_dir, read_json, reading_safetensors
     from cmpt.io_atomic import check_loadable
 
     d = local_model_dir(directory, "NativeViT")
     check_loadable(d)
     cfg_file = d / CONFIG_NAME
-    if not cfg_file.is_file() or json.loads(cfg_file.read_text()).get("cmpt_model") != "NativeViT":
+    if not cfg_file.is_file() or read_json(cfg_file).get("cmpt_model") != "NativeViT":
         from cmpt.vision.official_release import detect_official_layout, load_official_vit
 
         if detect_official_layout(d) == "vit":  # a CoMP-VFM tower of the release (docs/method.md §1.5)
@@ -72,7 +73,7 @@ def load_vit_dir(
             f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
             "for a Hugging Face checkpoint use NativeViT.from_hf"
         )
-    raw = json.loads((d / CONFIG_NAME).read_text())
+    raw = read_json(d / CONFIG_NAME)
     if raw.get("cmpt_model") != "NativeViT":
         raise ValueError(
             f"{d / CONFIG_NAME} is not a cmpt NativeViT config; use NativeViT.from_hf for HF models"
@@ -81,7 +82,8 @@ def load_vit_dir(
     with contextlib.nullcontext() if weights else torch.device("meta"):
         model = cls(config)
     if weights:
-        state = load_file(str(d / WEIGHTS_NAME), device="cpu")
+        with reading_safetensors(d / WEIGHTS_NAME):
+            state = load_file(str(d / WEIGHTS_NAME), device="cpu")
         if not config.final_norm and raw.get("final_norm", True):  # switched off here: drop its weights
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         model.load_state_dict(state)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cmpt.hub import local_model_dir, resolving
+from cmpt.hub import local_model_dir, missing_path_error, read_json, reading_safetensors, resolving
 from cmpt.io_atomic import atomic_directory, check_loadable
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
@@ -67,8 +67,10 @@ def from_pretrained_checked(model_cls: type, source: str, **kwargs: Any) -> nn.M
     already leaves out of its loading report: tied weights (a tied ``lm_head.weight``), non-persistent
     buffers, legacy buffers (``rotary_emb.inv_freq``, ``position_ids``) and the class's
     ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_load_unexpected``. Shape mismatches,
-    conversion and load errors transformers raises itself (unless ``ignore_mismatched_sizes``)."""
-    model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    conversion and load errors transformers raises itself (unless ``ignore_mismatched_sizes``); a
+    truncated or corrupt weight file is a :class:`~cmpt.hub.CorruptFileError` naming it."""
+    with reading_safetensors(source):
+        model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs)
     if info["missing_keys"] or info["unexpected_keys"]:
         raise CheckpointWeightsError(
             source, type(model).__name__, info["missing_keys"], info["unexpected_keys"]
@@ -127,7 +129,7 @@ def load_vit(
         return vit
     if vit_from_hf is None:
         cfg_file = Path(vit) / "config.json"
-        vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in json.loads(cfg_file.read_text()))
+        vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in read_json(cfg_file))
     if vit_from_hf:
         from cmpt.vision.convert import comp_tower_overrides
 
@@ -314,7 +316,12 @@ def load_vlm(
     bad = sorted(set(overrides) - {f.name for f in fields(VLMConfig)})
     if bad:
         raise TypeError(f"from_pretrained got unknown VLMConfig overrides {bad}")
-    raw = json.loads((d / VLM_CONFIG_NAME).read_text())
+    for part in ("vision", "llm", MERGER_WEIGHTS):  # not a hub id: "run/final/llm" has that form too
+        if not (d / part).exists():
+            raise missing_path_error(
+                d / part, f"the VLM's {part}", f"{d} is incomplete; save or export it again"
+            )
+    raw = read_json(d / VLM_CONFIG_NAME)
     config = VLMConfig.from_dict({**raw, **overrides}, source=str(d / VLM_CONFIG_NAME))
     vit = NativeViT.from_pretrained(d / "vision", rope=rope, weights=weights)
     llm = _causal_lm(str(d / "llm"), weights, dtype=dtype or torch.float32, **(llm_kwargs or {}))
@@ -322,7 +329,8 @@ def load_vlm(
     with contextlib.nullcontext() if weights else torch.device("meta"):
         merger = PatchMerger(raw["merger"]["vision_dim"], raw["merger"]["out_dim"], config.merge_size)
     if weights:
-        state = load_file(str(d / MERGER_WEIGHTS), device="cpu")
+        with reading_safetensors(d / MERGER_WEIGHTS):
+            state = load_file(str(d / MERGER_WEIGHTS), device="cpu")
         missing, unexpected = merger.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointWeightsError(str(d / MERGER_WEIGHTS), "PatchMerger", missing, unexpected)
