@@ -17,14 +17,16 @@ from .cli_tools import add_tool_commands
 
 
 def _encode(a: argparse.Namespace) -> int:
-    from .encode import encode_images, expand_images, load_vit, processor_for
+    from .encode import check_output, encode_images, expand_images, load_vit, processor_for
 
+    images = expand_images(a.images)
+    check_output(a.out, images, model=a.model)  # before the model is loaded
     vit = load_vit(a.model, rope=a.rope, attn=a.attn)
     proc = processor_for(vit, a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     res = encode_images(
         vit,
         proc,
-        expand_images(a.images),
+        images,
         a.out,
         token_budget=a.token_budget,
         pooled=a.features in ("pooled", "both"),
@@ -80,6 +82,39 @@ def _train(a: argparse.Namespace) -> int:
     return int(summary.get("exit_code", 0))
 
 
+def _check_export_paths(model: str, out: str) -> None:
+    """Refuse, before anything is loaded: a source that does not exist, a run directory instead of
+    its ``final/`` or a checkpoint, an ``--out`` that is, holds or lies inside the source, and an
+    ``--out`` cmpt may not replace (:func:`cmpt.io_atomic.check_replaceable`)."""
+    from pathlib import Path
+
+    from .embed.embedder import EMBEDDER_CONFIG
+    from .hub import is_hub_id
+    from .io_atomic import check_not_overlapping, check_replaceable
+    from .train.export import is_checkpoint
+    from .train.verify import step_dirs
+    from .vlm.io import VLM_CONFIG_NAME
+
+    src = Path(model)
+    if src.exists():
+        is_model = any((src / f).is_file() for f in (VLM_CONFIG_NAME, EMBEDDER_CONFIG))
+        if not is_model and not is_checkpoint(src):
+            steps = [p for _, p in step_dirs(src / "checkpoints") if is_checkpoint(p)]
+            found = [str(p) for p in (src / "final", *steps[-1:]) if p.is_dir()]
+            if found:
+                raise ValueError(
+                    f"{model} is a training run directory, not a model: export {' or '.join(found)} "
+                    "(its final model or its newest checkpoint)"
+                )
+        check_not_overlapping(out, src)
+    elif not is_hub_id(model) or (src.parent != Path(".") and src.parent.is_dir()):  # a local path
+        raise FileNotFoundError(
+            f"{model} does not exist; pass a model directory (a run's final/) or a checkpoint "
+            "(RUN/checkpoints/step_N)"
+        )
+    check_replaceable(out)
+
+
 def _export(a: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -87,6 +122,7 @@ def _export(a: argparse.Namespace) -> int:
     from .train.export import export_checkpoint, is_checkpoint
     from .vlm.model import VisionLanguageModel
 
+    _check_export_paths(a.model, a.out)
     if is_checkpoint(a.model):  # a mid-run checkpoint (DDP or FSDP2): the recipe's final output
         if a.vfm_only:
             raise ValueError("--vfm-only takes a VLM directory: export the checkpoint first, then its ViT")

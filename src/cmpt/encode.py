@@ -62,6 +62,30 @@ def expand_images(items: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def check_output(out: str | Path, images: Iterable[str | Path], model: str | Path | None = None) -> None:
+    """Refuse an output file that would destroy an input or cannot be written, before any work:
+    ``out`` is a directory, one of ``images``, or a file of the local ``model`` directory."""
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"output {out} is a directory: --out takes the .safetensors file to write, e.g. "
+            f"{out / 'features.safetensors'}"
+        )
+    if not out.exists():
+        return
+    for image in images:
+        if os.path.samefile(out, image):
+            raise ValueError(
+                f"output {out} is the input image {image}: writing it would destroy the image; choose "
+                "another file, e.g. features.safetensors"
+            )
+    if model is not None and Path(model).is_dir() and Path(model).resolve() in out.resolve().parents:
+        raise ValueError(
+            f"output {out} is a file of the model directory {model}: writing it would damage the model; "
+            "choose a file outside it"
+        )
+
+
 def budget_batches(costs: Sequence[int], budget: int) -> Iterator[list[int]]:
     """Consecutive index groups whose summed cost stays within ``budget`` (an oversize item goes alone)."""
     batch, total = [], 0
@@ -114,10 +138,13 @@ def encode_images(
     """Encode ``images`` at native resolution and write one safetensors file (see module docstring).
 
     ``precision``: ``fp32``, ``bf16`` (autocast; on a GPU the ViT then uses a flash varlen kernel)
-    or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way.
+    or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way. An
+    ``out`` that is a directory, an input image or a file of the model's directory is refused
+    first (:func:`check_output`); the file is written to ``<out>.tmp`` and renamed (removed on error).
     """
     if not (pooled or patches):
         raise ValueError("nothing to save: enable pooled and/or patch features")
+    check_output(out, images, getattr(vit, "loaded_from", None))
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     vit = vit.to(device).eval()
@@ -181,6 +208,10 @@ def encode_images(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors_out, str(tmp), metadata={"images": json.dumps(kept), "model": vit.config.source})
-    os.replace(tmp, out)
+    try:
+        save_file(tensors_out, str(tmp), metadata={"images": json.dumps(kept), "model": vit.config.source})
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return EncodeResult(kept, skipped, int(counts.sum()), str(out))

@@ -19,6 +19,13 @@ sees a mix. Nested use (a writer of the target called while the target is this p
 in-progress directory, e.g. ``save_pretrained`` inside a recipe's ``save_final`` inside the
 trainer's ``final/``) writes in place: the outer directory is swapped in once, complete.
 
+Only what cmpt may discard is replaced (:func:`check_replaceable`): an empty directory or a previous
+cmpt output (``.cmpt-complete.json``). A file, a non-empty directory without the marker (a run
+directory, a dataset, a user's folder; also a cmpt directory written before the marker existed) and
+the working directory are refused before anything is written: a typo in an output path must not
+delete a training run. :func:`check_not_overlapping` refuses an output that is, holds or lies inside
+the directory it is made from (``cmpt export``).
+
 Loaders call :func:`check_loadable`. It refuses a directory holding the in-progress marker and a
 directory whose temporary sibling is being written by a live process (or by one on another host,
 whose liveness cannot be checked: the message names the sibling to remove). A directory *without*
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COMPLETE_MARKER", "WRITING_MARKER", "IncompleteOutputError", "atomic_directory"]
-__all__ += ["check_loadable", "read_marker"]
+__all__ += ["check_loadable", "check_not_overlapping", "check_replaceable", "read_marker"]
 
 logger = logging.getLogger("cmpt.io")
 COMPLETE_MARKER = ".cmpt-complete.json"
@@ -131,6 +138,51 @@ def check_loadable(path: str | os.PathLike) -> None:
         )
 
 
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """The absolute ``path`` where :func:`atomic_directory` may put a directory: nothing there yet,
+    an empty directory, or a previous cmpt output (it carries ``.cmpt-complete.json``). A file, a
+    non-empty directory cmpt did not write, and the working directory (or one holding it) raise
+    :class:`FileExistsError` naming the path and the fix."""
+    target = Path(os.path.abspath(path))
+    if not target.exists():
+        return target
+    fix = "choose a new output directory, or delete it yourself first if it may go"
+    if not target.is_dir():
+        raise FileExistsError(
+            f"{os.fspath(path)} is a file, not a directory cmpt wrote: not replacing it; {fix}"
+        )
+    cwd = Path.cwd()
+    if target.resolve() in (cwd, *cwd.parents):
+        raise FileExistsError(
+            f"{os.fspath(path)} is the current directory or holds it: not replacing it; choose a new "
+            "output directory"
+        )
+    if not (target / COMPLETE_MARKER).is_file() and any(target.iterdir()):
+        raise FileExistsError(
+            f"{os.fspath(path)} is a non-empty directory that cmpt did not write (no {COMPLETE_MARKER}): "
+            f"not replacing it, its files would be deleted; {fix}"
+        )
+    return target
+
+
+def check_not_overlapping(out: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Raise :class:`ValueError` when output directory ``out`` is ``source``, holds it (replacing
+    ``out`` would delete the source) or lies inside it (the source would change, and replacing it
+    later would delete ``out``)."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or o in s.parents:
+        what = "is the source" if o == s else "holds the source"
+        raise ValueError(
+            f"output {os.fspath(out)} {what} {os.fspath(source)}: writing it would delete the source; "
+            "choose a new output directory outside it"
+        )
+    if s in o.parents:
+        raise ValueError(
+            f"output {os.fspath(out)} lies inside the source {os.fspath(source)}: choose a new output "
+            "directory outside it"
+        )
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
@@ -203,15 +255,16 @@ def _install(tmp: Path, target: Path) -> None:
 def atomic_directory(path: str | os.PathLike, writer: str = "cmpt", **info: Any) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` (a directory, created or replaced as a
     whole: files of an older ``path`` do not survive) once the block succeeds; removed on failure.
+    An existing ``path`` that cmpt may not discard is refused first (:func:`check_replaceable`).
 
     ``writer`` (e.g. ``"VisionLanguageModel.save_pretrained"``) and ``info`` (JSON-able) go into
     the completion marker ``.cmpt-complete.json``. See the module docstring for the protocol.
     """
-    target = Path(path)
-    own = read_marker(target, WRITING_MARKER) if target.is_dir() else None
+    own = read_marker(path, WRITING_MARKER) if Path(path).is_dir() else None
     if own is not None and own.get("pid") == os.getpid() and own.get("host") == socket.gethostname():
-        yield target  # nested: the target is this process's own in-progress directory
+        yield Path(path)  # nested: the target is this process's own in-progress directory
         return
+    target = check_replaceable(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = target.with_name(f"{target.name}{_TMP}{os.getpid()}-{secrets.token_hex(3)}")

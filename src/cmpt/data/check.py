@@ -7,11 +7,12 @@ import copy
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.open import open_source
+from cmpt.data.open import open_source, split_spec
 from cmpt.data.sources import BadSample
 from cmpt.data.validate import Problem, check_record
 from cmpt.vision.processor import ImageProcessor
@@ -92,6 +93,37 @@ def check_dataset(source: Any, *, num_threads: int = 0, **kwargs: Any) -> Report
     return Report(len(results), [p for r in results for p in r])
 
 
+def _files(obj: Any) -> Iterator[str]:
+    """Every string in ``obj`` (a path, or a source's ``fingerprint()``) naming an existing file."""
+    if isinstance(obj, str):
+        if os.path.isfile(obj):
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _files(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _files(v)
+
+
+def _check_out_path(out_jsonl: str, spec: Any, source: Any) -> None:
+    """Refuse a bad-sample list path that is a directory or one of the files the check reads (the
+    spec, a mixture's members, shards, parquet files): writing it would replace the data."""
+    if os.path.isdir(out_jsonl):
+        raise IsADirectoryError(
+            f"--out {out_jsonl} is a directory: pass the .jsonl file to write, e.g. "
+            f"{os.path.join(out_jsonl, 'bad_samples.jsonl')}"
+        )
+    if not os.path.exists(out_jsonl):
+        return
+    for f in (*_files(split_spec(spec)[0]), *_files(source.fingerprint())):
+        if os.path.samefile(out_jsonl, f):
+            raise ValueError(
+                f"--out {out_jsonl} is the input data file {f}: the bad-sample list would replace it; "
+                "choose another file, e.g. bad_samples.jsonl"
+            )
+
+
 def data_check_main(
     spec: str,
     out_jsonl: str | None = None,
@@ -112,7 +144,9 @@ def data_check_main(
     ``docs/data.md``); 0 when clean, 1 when anything is bad.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
-    ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position).
+    ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position); an
+    ``out_jsonl`` that is a directory or an input file is refused before the check
+    (:func:`_check_out_path`).
     ``tokenizer``: a tokenizer object or a name/directory for ``AutoTokenizer`` (enables the
     ``too_long`` check together with ``max_text_tokens``).
     """
@@ -121,6 +155,8 @@ def data_check_main(
 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     source = open_source(spec, image_root)
+    if out_jsonl:
+        _check_out_path(out_jsonl, spec, source)
     report = check_dataset(
         source,
         num_threads=num_threads,

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from cmpt.demo.synthetic import SynthSample, _generator, _parse_splits, save_png, split_seed
+from cmpt.demo.synthetic import SynthSample, _generator, _parse_splits, claim_output_dir, save_png, split_seed
 
 __all__ = ["DOCUMENT_KINDS", "generate_documents", "generate_passages", "synth_documents_main"]
 
@@ -176,12 +176,15 @@ def synth_documents_main(
 ) -> dict[str, Any]:
     """``cmpt data synth --kind documents|passages``: the listed splits (``train`` gets ``n``, the
     others ``n // 4``), each with its own seed stream; the summary of
-    :func:`cmpt.demo.synthetic.synth_main` (``"json"`` is the split's JSONL file)."""
+    :func:`cmpt.demo.synthetic.synth_main` (``"json"`` is the split's JSONL file). A file or a
+    non-empty directory synth did not write is refused (:func:`cmpt.demo.synthetic.claim_output_dir`)."""
     if kind not in DOCUMENT_KINDS:
         raise ValueError(f"unknown document data kind {kind!r}; expected one of {DOCUMENT_KINDS}")
+    counts = _parse_splits(splits, n)
+    claim_output_dir(out)
     start = time.perf_counter()
     summary: dict[str, Any] = {"kind": kind, "out": str(out), "seed": seed, "splits": {}}
-    for split, count in _parse_splits(splits, n).items():
+    for split, count in counts.items():
         stream = split_seed(seed, split)
         if kind == "documents":
             path = generate_documents(count, out, seed=stream, split=split)

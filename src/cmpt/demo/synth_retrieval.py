@@ -47,7 +47,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from cmpt.demo.synth_documents import _downscale, _write_jsonl
-from cmpt.demo.synthetic import sample_image_size, save_png, split_seed
+from cmpt.demo.synthetic import claim_output_dir, sample_image_size, save_png, split_seed
 
 __all__ = ["SHARES", "TASKS", "make_family", "synth_retrieval_main", "write_eval", "write_train"]
 
@@ -368,12 +368,15 @@ def synth_retrieval_main(
     n: int, out: str | Path, seed: int = 0, *, n_eval: int | None = None, tasks: list[str] | None = None,
     max_side: int = 256,
 ) -> dict[str, Any]:  # fmt: skip
-    """``cmpt data synth --kind retrieval``: ``n`` training pairs and the held-out evaluation data."""
+    """``cmpt data synth --kind retrieval``: ``n`` training pairs and the held-out evaluation data
+    (a file or a non-empty directory synth did not write is refused:
+    :func:`cmpt.demo.synthetic.claim_output_dir`)."""
     if n < 1 or max_side < 56:
         raise ValueError(f"need n >= 1 and max_side >= 56, got {n}, {max_side}")
     unknown = sorted(set(tasks or ()) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown retrieval task(s) {unknown}; expected some of {TASKS}")
+    claim_output_dir(out)
     start = time.perf_counter()
     n_eval = max(8, n // 25) if n_eval is None else int(n_eval)
     train = write_train(out, n, seed=split_seed(seed, "train"), tasks=tasks, max_side=max_side)

@@ -28,6 +28,13 @@ MoCa's ``documents`` (interleaved text and images) and ``passages`` (text only) 
 built from these generators by :mod:`cmpt.demo.synth_documents`, MoCa's contrastive ``retrieval``
 pairs (hard negatives, held-out MMEB / ViDoRe-style evaluation) by :mod:`cmpt.demo.synth_retrieval`;
 :func:`synth_main` dispatches to them.
+
+``cmpt data synth --out DIR`` (:func:`synth_main` and the ``*_main`` entry points it dispatches to)
+never overwrites data it did not generate: :func:`claim_output_dir` accepts a new or empty ``DIR``,
+marks it with ``.cmpt-synth.json``, and later rewrites a marked ``DIR`` (or the demo's cache) freely
+(reruns, more splits); a file or a non-empty unmarked directory is refused. The generator functions
+themselves write where they are told (the demo builds its cache in fresh temporary directories,
+:mod:`cmpt.demo.tiny_models`).
 """
 
 from __future__ import annotations
@@ -45,12 +52,16 @@ from typing import Any
 
 from PIL import Image
 
+from cmpt.io_atomic import COMPLETE_MARKER
+
 __all__ = [
     "KINDS",
     "MAX_SIDE",
+    "SYNTH_MARKER",
     "TEST_SEED_OFFSET",
     "VAL_SEED_OFFSET",
     "SynthSample",
+    "claim_output_dir",
     "generate",
     "generate_splits",
     "sample_image_size",
@@ -60,6 +71,7 @@ __all__ = [
 KINDS: tuple[str, ...] = ("charts", "docs", "scenes")
 VAL_SEED_OFFSET = 500_009
 TEST_SEED_OFFSET = 1_000_003
+SYNTH_MARKER = ".cmpt-synth.json"
 MIN_WIDTH, MIN_HEIGHT, MAX_SIDE = 160, 120, 640
 MAX_ASPECT = 3.0  # width / height within [1 / MAX_ASPECT, MAX_ASPECT]
 
@@ -145,6 +157,30 @@ def save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     clean.save(tmp, format="PNG", compress_level=6)
     os.replace(tmp, path)
+
+
+def claim_output_dir(out_dir: str | Path) -> Path:
+    """Make ``out_dir`` an output of ``cmpt data synth`` before anything is written there; returns
+    it. Accepted: a new or empty directory (then marked with :data:`SYNTH_MARKER`, the same bytes
+    every time: outputs stay byte-identical per seed), one already marked, and a cmpt output (the
+    demo's data cache carries ``.cmpt-complete.json``). Refused: a file, and any other non-empty
+    directory (data synth did not write it: the user's)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: pass a directory for the generated data")
+    if any((out / marker).is_file() for marker in (SYNTH_MARKER, COMPLETE_MARKER)):
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out {out} is a non-empty directory not written by `cmpt data synth` (no {SYNTH_MARKER}): "
+            "not writing into it, its files could be overwritten; choose a new or empty directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{SYNTH_MARKER}.tmp-{os.getpid()}"
+    marker = {"writer": "cmpt data synth", "note": "generated data: synth may overwrite it"}
+    tmp.write_text(json.dumps(marker) + "\n")
+    os.replace(tmp, out / SYNTH_MARKER)
+    return out
 
 
 def _conversations(rng: random.Random, sample: SynthSample) -> list[dict[str, str]]:
@@ -251,7 +287,9 @@ def _parse_splits(splits: str, n: int) -> dict[str, int]:
 
 
 def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = "train,val,test") -> dict:
-    """Entry point of ``cmpt data synth``: generate the listed splits and return a summary.
+    """Entry point of ``cmpt data synth``: generate the listed splits and return a summary. An
+    ``out`` that is a file or a non-empty directory synth did not write is refused
+    (:func:`claim_output_dir`).
 
     Returns a JSON-serialisable dict ``{"kind", "out", "seed", "seconds", "splits": {name:
     {"json": path, "n": count, "seed": stream_seed}}}``.
@@ -260,6 +298,7 @@ def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = 
         from cmpt.demo.moca_data import write_moca_corpus
 
         sizes = {k: (n, max(1, n // 5)) for k in ("documents", "passages")}
+        claim_output_dir(out)
         start = time.perf_counter()
         info = write_moca_corpus(out, sizes, seed)
         return {
@@ -279,9 +318,11 @@ def synth_main(kind: str, n: int, out: str | Path, seed: int = 0, splits: str = 
         return synth_documents_main(kind, n, out, seed=seed, splits=splits)
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic data kind {kind!r}; expected one of {KINDS}")
+    counts = _parse_splits(splits, n)
+    claim_output_dir(out)
     start = time.perf_counter()
     summary: dict[str, Any] = {"kind": kind, "out": str(out), "seed": seed, "splits": {}}
-    for split, count in _parse_splits(splits, n).items():
+    for split, count in counts.items():
         stream = split_seed(seed, split)
         path = generate(kind, count, out, seed=stream, split=split)
         summary["splits"][split] = {"json": str(path), "n": count, "seed": stream}
