@@ -128,6 +128,19 @@ def test_export_names_missing_paths_and_run_directories(run, tmp_path, capsys) -
     assert not (tmp_path / "o").exists()
 
 
+def test_convert_refuses_before_reading_the_release(tmp_path, capsys) -> None:
+    """``cmpt convert official SRC OUT``: a user's folder at OUT, or OUT inside SRC, is refused
+    before the release is read (SRC here is no release at all)."""
+    src, user = tmp_path / "release", tmp_path / "mine"
+    src.mkdir()
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    refused(["convert", "official", str(src), str(user)], capsys, str(user))
+    assert (user / "notes.txt").read_text() == "precious"
+    refused(["convert", "official", str(src), str(src / "out")], capsys, str(src))
+    assert list(src.iterdir()) == []
+
+
 def test_encode_out_never_replaces_an_input(tmp_path, monkeypatch, capsys) -> None:
     model = hf_tiny.save("dinov2", tmp_path)
     image = tmp_path / "im.png"
@@ -180,3 +193,10 @@ def test_synth_writes_only_its_own_directories(tmp_path, capsys) -> None:
     cache.mkdir()
     (cache / COMPLETE_MARKER).write_text("{}")
     assert main(["data", "synth", "--kind", "passages", "--n", "2", "--out", str(cache)]) == 0
+
+
+def test_nproc_per_node_must_be_positive(capsys) -> None:
+    """``--nproc-per-node 0`` was silently a single-process run."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "tiny/comp_stage1", "--nproc-per-node", "0"])
+    assert e.value.code == 2 and "expected an integer >= 1, got '0'" in capsys.readouterr().err

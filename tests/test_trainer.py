@@ -104,14 +104,15 @@ def test_incomplete_checkpoints_are_ignored(tmp_path: Path, caplog: pytest.LogCa
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 1')  # a line cut by a crash
     ckpts = run / "checkpoints"
-    (ckpts / "step_000006" / MARKER).unlink()  # as if killed before the marker
+    (ckpts / "step_000006" / MARKER).unlink()  # its marker removed: set aside, never loaded
     (ckpts / "step_000009.tmp").mkdir()  # as if killed while writing
     (ckpts / "step_000009.tmp" / "junk").write_text("x")
     with caplog.at_level(logging.WARNING, logger="cmpt.train"):
         s = fit(run, steps=6, save_every=3, keep_last=0)
     assert s["resumed_from"] == 3
-    assert caplog.text.count("removing incomplete checkpoint") == 2
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000006"]
+    assert caplog.text.count("removing incomplete checkpoint") == 1
+    assert "step_000006 has no COMPLETE marker" in caplog.text
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000006", "step_000006.damaged"]
     assert_same(weights(run), weights(tmp_path / "ref"))
     assert [r["step"] for r in records(run)] == [4, 6]  # steps 4 and 6 were logged again, once
 

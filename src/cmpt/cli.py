@@ -82,6 +82,13 @@ def _train(a: argparse.Namespace) -> int:
     return int(summary.get("exit_code", 0))
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is a usage error naming the value)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _check_export_paths(model: str, out: str) -> None:
     """Refuse, before anything is loaded: a source that does not exist, a run directory instead of
     its ``final/`` or a checkpoint, an ``--out`` that is, holds or lies inside the source, and an
@@ -142,8 +149,12 @@ def _export(a: argparse.Namespace) -> int:
 def _convert(a: argparse.Namespace) -> int:
     import torch
 
+    from .io_atomic import check_not_overlapping, check_replaceable
     from .vlm.official_release import convert_official
 
+    if os.path.exists(a.src):  # refused before the release is read (a hub id is checked by the loader)
+        check_not_overlapping(a.out, a.src)
+    check_replaceable(a.out)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     kind, out = convert_official(a.src, a.out, vision_config=a.vision_config, dtype=dtype)
     what = "CoMP-MM VLM -> cmpt VLM directory" if kind == "vlm" else "CoMP-VFM tower -> NativeViT directory"
@@ -269,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nproc-per-node",
-        type=int,
+        type=_positive_int,
         default=0,
         metavar="N",
         help="start N processes on this machine (torchrun's launcher via python -m cmpt.launch; "

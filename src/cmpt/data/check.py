@@ -154,7 +154,7 @@ def data_check_main(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    source = open_source(spec, image_root)
+    source = open_source(spec, image_root, key="the data to check")
     if out_jsonl:
         _check_out_path(out_jsonl, spec, source)
     report = check_dataset(

@@ -11,6 +11,10 @@ micro-batches each rank still misses; empty ones are dropped and replaced. Every
 sees the same totals and applies the one limit, ``train.max_bad_fraction`` (from
 ``train.bad_check_min_samples`` samples on), at the same step: when it is exceeded all ranks raise
 the same :class:`BadDataError`, and no rank aborts alone while the others wait in a collective.
+A run that ends before ``train.bad_check_min_samples`` samples were read is never stopped by the
+limit; if its bad fraction is above it, it ends with a warning and ``bad_fraction_exceeded`` in
+``summary.json`` instead (:meth:`BadDataPolicy.at_end`; exit code 0: the minimum exists so that
+early noise does not stop a run).
 
 A *lockstep* loader (``loader.lockstep``: MoCa stage 2, whose ranks' i-th micro-batches are the
 slices of one global batch) must not be replaced rank by rank: that would pair one rank's slice
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import distributed as D
 
@@ -67,6 +72,24 @@ class BadDataPolicy:
             f"{step}.{_by_rank(per_rank)} Each skipped sample is logged by the loader with its id and "
             "reason ('rank R: skipping bad sample ID: REASON'); `cmpt data check DATA --out bad.jsonl` lists "
             f"them all. Fix or drop them, or raise {LIMIT_KEY}."
+        )
+
+    def at_end(self, bad: int, seen: int) -> tuple[dict[str, Any], str | None]:
+        """At the end of a run, on the global counts: ``summary.json``'s ``bad_fraction`` (None
+        before any sample) and ``bad_fraction_exceeded``, and the warning to log when the fraction is
+        above the limit (a run that read fewer than ``min_samples`` was never stopped by it)."""
+        frac = bad / seen if seen else None
+        over = frac is not None and frac > self.max_fraction
+        fields = {"bad_fraction": frac, "bad_fraction_exceeded": over}
+        if not over:
+            return fields, None
+        short = seen < self.min_samples
+        why = f", and the run read only {seen} (< {MIN_SAMPLES_KEY} = {self.min_samples})" if short else ""
+        return fields, (
+            f"{bad} of the {seen} samples read were bad and skipped ({frac:.2%} > {LIMIT_KEY} = "
+            f"{self.max_fraction:.2%}); the limit was not applied{why}. The model trained on the rest "
+            "only: `cmpt data check DATA --out bad.jsonl` lists the bad samples with their reasons "
+            "(summary.json: bad_fraction_exceeded)."
         )
 
     def stuck_error(self, rounds: int, step: int, missing: list[int]) -> BadDataError:

@@ -15,8 +15,10 @@ Layout of ``<run.dir>/checkpoints/step_000123/``:
   reported success, so a crash never leaves a directory that looks complete.
 
 Resuming takes the newest checkpoint that verifies (:meth:`CheckpointManager.latest`); damaged
-ones are quarantined as ``step_000123.damaged``. Loading never unpickles anything but checkpoint
-data (:mod:`cmpt.train.safe_load`); full disks are handled by :mod:`cmpt.train.disk`.
+ones are quarantined as ``step_000123.damaged``. At start, only the names above are touched
+(:meth:`CheckpointManager.clean_incomplete`); anything else under ``checkpoints/`` is the user's.
+Loading never unpickles anything but checkpoint data (:mod:`cmpt.train.safe_load`); full disks
+and the run.dir lock are handled by :mod:`cmpt.train.disk`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ __all__ += ["plain_config", "save_final_weights", "write_safetensors"]
 
 logger = logging.getLogger("cmpt.train")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+_STEP = re.compile(r"^step_\d+$")  # CheckpointManager.step_dir_name
+_TMP = re.compile(r"^step_\d+\.tmp$")  # where CheckpointManager.save writes it first
+_SET_ASIDE = re.compile(rf"^step_\d+{re.escape(DAMAGED_SUFFIX)}\d*$")  # verify.quarantine's names
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -137,15 +142,27 @@ class CheckpointManager:
         return None if path is None else Path(path)
 
     def clean_incomplete(self) -> None:
-        """Rank 0 removes leftover ``.tmp`` directories and directories without the marker
-        (quarantined ``.damaged`` ones are kept)."""
+        """Rank 0 tidies ``checkpoints/`` at start, while it holds the run.dir lock (no save is in
+        progress; docs/method.md §4): it removes the ``step_NNNNNN.tmp`` directories of interrupted
+        saves and sets a ``step_NNNNNN`` directory without its marker aside like a damaged one, as
+        ``step_NNNNNN.damaged`` (a save writes the marker before that rename: its marker was
+        removed, or cmpt did not write it). Any other directory is left alone, with an INFO line."""
         if self.world.is_main and self.root.is_dir():
-            for p in sorted(self.root.iterdir()):
-                if not p.is_dir() or p.name.endswith(DAMAGED_SUFFIX):
-                    continue
-                if p.name.endswith(".tmp") or not (p / MARKER).is_file():
+            for p in sorted(q for q in self.root.iterdir() if q.is_dir()):
+                if _TMP.match(p.name):
                     logger.warning("removing incomplete checkpoint %s (interrupted while saving)", p)
                     shutil.rmtree(p, ignore_errors=True)
+                elif _STEP.match(p.name) and not (p / MARKER).is_file():
+                    moved = quarantine(p)
+                    logger.warning(
+                        "checkpoint %s has no %s marker (removed, or not written by cmpt): never loaded; "
+                        "set aside as %s for inspection",
+                        p,
+                        MARKER,
+                        moved.name if moved else "(could not be moved; left in place)",
+                    )
+                elif not (_STEP.match(p.name) or _SET_ASIDE.match(p.name)):
+                    logger.info("leaving %s alone: not a checkpoint name cmpt writes", p)
         barrier()
 
     def save(

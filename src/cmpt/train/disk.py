@@ -1,19 +1,30 @@
-"""Disk space and write failures of checkpoint saves (docs/method.md §4 "Verified checkpoints").
+"""The run directory on disk: who owns it, disk space and write failures of checkpoint saves
+(docs/method.md §4 "Verified checkpoints").
+
+One process owns a run: before anything reads or writes ``run.dir``, rank 0 creates it and takes its
+:class:`RunDirLock` (:func:`claim_run_dir`), so no second ``cmpt train`` writes, prunes or cleans up
+its checkpoints; a ``run.dir`` that is not a directory, or is in use, stops every rank at once.
 
 Rank 0 of :class:`~cmpt.train.checkpoint.CheckpointManager` takes its decisions through
 :func:`on_main` (shared with every rank, errors raised everywhere) and asks a :class:`SpaceGuard`
 before and after writing: is there room for the next checkpoint (the last one's size + 2 %, or
 the state dict's size the first time), may the checkpoints that ``train.keep_last`` will prune
 after this save be deleted first to make room (never the newest one), and what to tell the user
-when a write fails — the path, the bytes needed and free, and that the previous checkpoint is
-intact.
+when a write fails — the path, the error, that the previous checkpoint is intact, and the bytes
+needed and free when the disk is full (``ENOSPC`` / ``EDQUOT``; any other error is named as it is).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import errno
+import fcntl
+import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,19 +33,130 @@ import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from . import distributed as D
+from .resume import ResumeError
 from .verify import CheckpointError, CheckpointSaveError, dir_nbytes, read_manifest
 
-__all__ = ["SpaceGuard", "describe_failure", "fmt_bytes", "free_bytes", "on_main", "out_of_space"]
-__all__ += ["tensor_nbytes"]
+__all__ = ["LOCK_NAME", "RunDirLock", "SpaceGuard", "check_run_dir", "claim_run_dir", "describe_failure"]
+__all__ += ["fmt_bytes", "free_bytes", "on_main", "out_of_space", "tensor_nbytes"]
 
 logger = logging.getLogger("cmpt.train")
 _MARGIN, _SLACK = 1.02, 64 << 10
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean "out of space"
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)  # a file system without flock
+LOCK_NAME = ".lock"  # in run.dir
+_held: set[int] = set()  # this process's run.dir lock descriptors
+
+
+def _close_in_child() -> None:
+    """After a fork: the child (a data-loader worker) drops its copies of the lock descriptors
+    without unlocking, so a child that outlives the trainer does not keep the run locked."""
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+class RunDirLock:
+    """The exclusive lock of one run directory: ``fcntl.flock`` on ``run.dir/.lock``, which records
+    the holder's pid, host and start time (docs/method.md §4 "Verified checkpoints").
+
+    The kernel releases it when its process ends, however it ends, so the lock of a dead process
+    never blocks (the file stays; its contents only name the last holder). A second open of the
+    file conflicts even within one process. On a shared file system (NFS) the lock holds across
+    nodes; where the file system has no locks, :meth:`acquire` warns and the run goes unguarded.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None when taken (or when locks are unsupported: a warning), else who holds
+        it (``pid P on host H since T``). ``OSError`` when the lock file cannot be opened."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            return holder
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _NO_LOCKS:
+                raise
+            logger.warning(
+                "%s: the file system has no file locks (%s): nothing keeps a second cmpt train off run.dir",
+                self.path,
+                e,
+            )
+            return None
+        now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now}
+        with contextlib.suppress(OSError):  # who holds it is for the message only; the lock is taken
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        _held.add(fd)
+        return None
+
+    def release(self) -> None:
+        """Unlock (closing the file); a no-op when not held."""
+        if self._fd is not None:
+            _held.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # just taken: not recorded yet
+        return "another process (not recorded yet)"
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """:class:`~cmpt.train.resume.ResumeError` when ``run_dir`` cannot be a run directory: it, or its
+    nearest existing parent, is not a directory. Local and cheap: checked before anything is built."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    where = (
+        "is not a directory" if existing == run_dir else f"cannot be created ({existing} is not a directory)"
+    )
+    raise ResumeError(
+        f"run.dir {run_dir} {where}: run.dir holds the run's checkpoints, logs and final weights; "
+        "choose another path (--set run.dir=...)"
+    )
+
+
+def claim_run_dir(run_dir: Path, world: D.WorldInfo) -> RunDirLock | None:
+    """Collective, first thing of a run: rank 0 creates ``run_dir`` and takes its :class:`RunDirLock`
+    (returned there, to release at exit; None on the other ranks). Not a directory, not creatable,
+    or in use by another process: :class:`~cmpt.train.resume.ResumeError` (exit 2) on every rank."""
+    lock = RunDirLock(run_dir)
+
+    def claim() -> None:
+        check_run_dir(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            holder = lock.acquire()
+        except OSError as e:
+            raise ResumeError(f"run.dir {run_dir} cannot be used: {e}") from None
+        if holder is not None:
+            raise ResumeError(f"run.dir {run_dir} is in use by {holder}: wait for it, or use another run.dir")
+
+    on_main(world.is_main, claim)
+    return lock if world.is_main else None
 
 
 def on_main(is_main: bool, fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result on every rank (collective). Its exception is raised on every
-    rank — rank 0: the original; the others: the same checkpoint error class with the same
-    message — so no rank is left waiting in a collective for one that failed."""
+    rank — rank 0: the original; the others: the same checkpoint (or run.dir) error class with the
+    same message — so no rank is left waiting in a collective for one that failed."""
     result, error = None, None
     if is_main:
         try:
@@ -96,9 +218,11 @@ class SpaceGuard:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         except OSError as e:
+            full = e.errno in _FULL
             raise CheckpointSaveError(
-                f"could not create {tmp} for checkpoint {final.name} ({e}); ~{fmt_bytes(needed)} needed, "
-                f"{fmt_bytes(free_bytes(self.root))} free. " + self.advice()
+                f"could not create {tmp} for checkpoint {final.name} ({e}). "
+                + self._space(needed, free_bytes(self.root), full)
+                + self.advice(full)
             ) from None
 
     def recover(
@@ -116,24 +240,32 @@ class SpaceGuard:
             return self._delete(doomed, free, needed)
         state = "the disk is full" if full else "write error"
         raise CheckpointSaveError(
-            f"could not write checkpoint {final} ({state}): {where}. It needs ~{fmt_bytes(needed)}, "
-            f"{fmt_bytes(free)} were free on {self.root}; the partial files in {tmp.name} were removed. "
-            + self.advice()
+            f"could not write checkpoint {final} ({state}): {where}; the partial files in {tmp.name} were "
+            "removed. " + self._space(needed, free, full) + self.advice(full)
         )
 
     def failed_publish(self, final: Path, tmp: Path, needed: int, e: OSError) -> CheckpointSaveError:
         """The error for a failure while writing the marker or renaming (``tmp`` is removed)."""
         free = free_bytes(self.root)
         shutil.rmtree(tmp, ignore_errors=True)
+        full = e.errno in _FULL
         return CheckpointSaveError(
-            f"could not finish checkpoint {final} ({e}); ~{fmt_bytes(needed)} needed, {fmt_bytes(free)} "
-            f"free on {self.root}; the partial files were removed. " + self.advice()
+            f"could not finish checkpoint {final} ({e}); the partial files were removed. "
+            + self._space(needed, free, full)
+            + self.advice(full)
         )
 
-    def advice(self) -> str:
+    def advice(self, full: bool = True) -> str:
+        """What is intact and what to do: make room when the disk is ``full``, else fix the named error."""
         found = self.listing()
         prev = f"The previous checkpoint {found[-1][1].name} is intact" if found else "No checkpoint yet"
+        if not full:
+            return f"{prev}. The disk is not full: fix the error above, then run it again."
         return f"{prev}. Free disk space (or lower train.keep_last, or move run.dir), then run it again."
+
+    def _space(self, needed: int, free: int, full: bool) -> str:
+        """The bytes needed and free, for an out-of-space error only."""
+        return f"It needs ~{fmt_bytes(needed)}, {fmt_bytes(free)} were free on {self.root}. " if full else ""
 
     def _delete(self, doomed: list[Path], free: int, needed: int) -> list[Path]:
         for p in doomed:
@@ -151,7 +283,7 @@ class SpaceGuard:
 def _errors() -> dict[str, type[Exception]]:
     from .safe_load import UnsafeCheckpointError
 
-    return {c.__name__: c for c in (CheckpointError, CheckpointSaveError, UnsafeCheckpointError)}
+    return {c.__name__: c for c in (CheckpointError, CheckpointSaveError, ResumeError, UnsafeCheckpointError)}
 
 
 def checkpoint_nbytes(path: Path) -> int:

@@ -7,10 +7,13 @@ with its schedule, non-finite and bad-data guards (the bad-sample limit is decid
 over ranks, before each step, by :mod:`cmpt.train.bad_data`: docs/method.md §4), atomic resumable
 checkpoints, clean stops on SIGTERM / SIGINT and logging.
 
-**Starts and ends.** ``train.resume`` / ``train.allow_change`` decide where a run continues from
-and which config changes it accepts (:mod:`cmpt.train.resume`); ``final/`` is swapped in complete
-(:mod:`cmpt.io_atomic`); ``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` |
-``failed``) and ``exit_code`` (:mod:`cmpt.launch`).
+**Starts and ends.** ``run.dir`` is checked when the trainer is made and locked by rank 0 for the
+whole run (:func:`cmpt.train.disk.claim_run_dir`: one process per run.dir); ``train.resume`` /
+``train.allow_change`` decide where a run continues from and which config changes it accepts
+(:mod:`cmpt.train.resume`); ``final/`` is swapped in complete (:mod:`cmpt.io_atomic`);
+``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` | ``failed``) and
+``exit_code`` (:mod:`cmpt.launch`), the bad-sample fraction (:meth:`BadDataPolicy.at_end`) and,
+after a launch with nothing left to do, the previous results (:func:`~cmpt.train.resume.previous_results`).
 
 **One optimizer step** (globally normalized losses, accumulation, clipping, the non-finite guard) is
 :class:`cmpt.train.step.StepRunner` (docs/method.md §6 "Loss normalization").
@@ -45,6 +48,7 @@ from .checkpoint import (
 )
 from .compile import compile_units
 from .config import OptimConfig, RunConfig, TrainConfig
+from .disk import RunDirLock, check_run_dir, claim_run_dir
 from .logging import EtaClock, IntervalMeter, MetricsLogger
 from .optim import (
     build_optimizer,
@@ -53,7 +57,7 @@ from .optim import (
     resolve_groups,
     scheduler_state,
 )
-from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, start_run, write_summary
+from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, previous_results, start_run, write_summary
 from .startup import startup_lines
 from .step import StepResult, StepRunner
 from .task import Loader, LossTerms, Task
@@ -81,6 +85,8 @@ class Trainer:
         self.run, self.optim_cfg, self.cfg, self.task = run, optim, train, task
         self.full_config = full_config
         self.run_dir = Path(run.dir)
+        check_run_dir(self.run_dir)  # a file there: refused before anything is built
+        self._lock: RunDirLock | None = None  # rank 0's, from the start of fit() to its end
         self._stop = False
         self._started = False  # past the resume checks: summary.json describes this launch
         self.plan: ResumePlan | None = None
@@ -113,6 +119,9 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.metrics is not None:
                 self.metrics.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             if started:  # no barrier after an error: the other ranks may be gone
                 self.model = None  # the wrapper's process-group reference goes before the group
                 if ok:
@@ -129,9 +138,8 @@ class Trainer:
         self._amp = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if bf16 else None
         D.seed_all(self.run.seed + world.rank)
 
+        self._lock = claim_run_dir(self.run_dir, world)  # before anything reads or writes run.dir
         ckpt = CheckpointManager(self.run_dir / "checkpoints", world, keep_last=cfg.keep_last)
-        if world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_incomplete()
         ignored = (*IGNORED_KEYS, *getattr(self.task, "resume_ignored_keys", ()))
         plan, self._fingerprint = start_run(ckpt, self.run_dir, cfg, self._config_dict(), ignored)
@@ -276,7 +284,10 @@ class Trainer:
         run_time = time.perf_counter() - t_start
         final = None if stopped else self._save_final()
         latest = ckpt.latest()
-        return {
+        bad_data, warning = self.bad_data.policy.at_end(c["bad_samples"], c["bad_samples"] + c["samples"])
+        if warning and self.world.is_main:  # the counts are global: every rank agrees
+            logger.warning("%s", warning)
+        summary = {
             "step": c["step"],
             "stopped": stopped,
             "status": "stopped" if stopped else "finished",
@@ -287,11 +298,15 @@ class Trainer:
             "skipped_steps": c["skipped_steps"],
             "bad_samples": c["bad_samples"],
             "samples": c["samples"],
+            **bad_data,
             "tokens": c["tokens"],
             "elapsed_s": c["elapsed_s"] + run_time,
             "checkpoint": str(latest) if latest else None,
             "final": str(final) if final else None,
         }
+        if last is None:  # no step ran (the run had finished): keep what its last step gave
+            summary.update(previous_results(self.run_dir, c["step"]))
+        return summary
 
     def _check_faults(self, step: int, res: StepResult) -> None:
         """Count a skipped (non-finite) step; raise past ``max_nonfinite`` (the bad-sample limit is

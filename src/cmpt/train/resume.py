@@ -44,7 +44,7 @@ from .optim import restore_schedule, snapshot_groups
 
 __all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
 __all__ += ["load_and_reschedule", "plan_resume", "record_start"]
-__all__ += ["start_run", "write_summary"]
+__all__ += ["previous_results", "start_run", "write_summary"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -79,6 +79,8 @@ IGNORED_KEYS: tuple[str, ...] = (
     "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
 _ABSENT = "(absent)"
+#: summary.json keys of the last optimizer step, kept by a launch that runs none (:func:`previous_results`)
+_RESULT_KEYS = ("loss", "losses", "grad_norm", "elapsed_s")
 
 
 class ResumeError(ValueError):
@@ -325,6 +327,19 @@ def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def previous_results(run_dir: Path, step: int) -> dict[str, Any]:
+    """What ``run_dir/summary.json`` recorded of the last optimizer step (loss, losses, grad norm,
+    elapsed time) when it describes ``step``: a launch that ran no step (a finished run started
+    again) keeps them. Empty when there is no such summary."""
+    try:
+        old = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("step") != step:
+        return {}
+    return {k: old[k] for k in _RESULT_KEYS if k in old}
 
 
 # ----------------------------------------------------------------------------- history

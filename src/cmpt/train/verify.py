@@ -254,9 +254,10 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def verify_run(run_dir: str | os.PathLike) -> tuple[list[Verdict], bool]:
     """Verify every checkpoint of a run (``checkpoints/step_*``, quarantined ``*.damaged`` ones,
-    ``final/`` when it holds a marker), oldest first; returns the verdicts and whether the run is
-    usable: its newest complete checkpoint is good (legacy accepted) and ``final/``, if marked,
-    is too. Directories without a marker are listed as incomplete (a resume removes them)."""
+        ``final/`` when it holds a marker), oldest first; returns the verdicts and whether the run is
+        usable: its newest complete checkpoint is good (legacy accepted) and ``final/``, if marked,
+        is too. Directories without a marker are listed as incomplete (a resume sets them aside as
+    ``*.damaged``; it removes only interrupted ``step_N.tmp`` saves)."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     verdicts, marked = [], []
@@ -265,11 +266,11 @@ def verify_run(run_dir: str | os.PathLike) -> tuple[list[Verdict], bool]:
             marked.append(verify_checkpoint(p))
             verdicts.append(marked[-1])
         else:
-            verdicts.append(Verdict(p, False, f"no {MARKER} marker, removed on resume", label="incomplete"))
+            verdicts.append(Verdict(p, False, f"no {MARKER} marker, set aside on resume", label="incomplete"))
     good = bool(marked) and marked[-1].ok
     if root.is_dir():
         for p in sorted(root.iterdir()):
-            if p.is_dir() and p.name.endswith(".tmp"):
+            if p.is_dir() and re.fullmatch(r"step_\d+\.tmp", p.name):
                 verdicts.append(Verdict(p, False, "interrupted save, removed on resume", label="incomplete"))
             elif p.is_dir() and p.name.endswith(DAMAGED_SUFFIX):
                 reason = verify_checkpoint(p).reason
