@@ -18,3 +18,15 @@ if _DEVICE not in ("cpu", "cuda"):
     raise pytest.UsageError(f"CMPT_TEST_DEVICE={_DEVICE!r}: use 'cpu' (the default) or 'cuda'")
 if _DEVICE == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny tensors, where thread start-up and contention on a shared
+    machine would dominate (files use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -31,12 +31,7 @@ class DefaultLR(ToyTask):
         return [{k: v for k, v in g.items() if k != "lr"} for g in super().param_groups()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(run_dir: Path, task=None, optim: OptimConfig = OPTIM, data: dict | None = None, **train_kw) -> dict:

@@ -60,12 +60,7 @@ time.sleep(300)
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(run_dir: Path, task: ToyTask | None = None, **train_kw) -> dict:

@@ -18,14 +18,7 @@ from cmpt.train.checkpoint import MARKER
 from cmpt.train.optim import build_optimizer, group_names, lr_factor, resolve_groups
 from toy_task import ToyModel, ToyTask, ToyTaskPrecount
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up and contention on a shared machine dominate otherwise."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(run_dir: Path, task: ToyTask | None = None, optim: OptimConfig | None = None, **train_kw) -> dict:

@@ -21,13 +21,7 @@ from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
 from cmpt.vision.vit import NativeViT, NativeViTConfig
 from toy_task import ToyTask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(run_dir: Path, task: ToyTask, steps: int) -> dict:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,12 +28,7 @@ from toy_task import ToyTask
 WORKER = Path(__file__).resolve().parent / "exit_toy_recipe.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(tmp: Path, steps: int = 6, sleep: float = 0.0) -> Path:
