@@ -21,6 +21,7 @@ from cmpt.demo.synthetic import SYNTH_MARKER, generate
 from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
 from cmpt.io_atomic import COMPLETE_MARKER, atomic_directory
 from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
+from cmpt.train.resume import ResumeError
 from toy_task import ToyTask
 
 
@@ -86,9 +87,10 @@ def test_training_rewrites_its_final_but_not_a_users(tmp_path) -> None:
     assert again["step"] == first["step"] == 2 and again["finished"] >= first["finished"]
     (tmp_path / "u" / "final").mkdir(parents=True)
     (tmp_path / "u" / "final" / "mine.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="did not write"):
+    with pytest.raises(ResumeError, match="did not write"):  # at the start, before any step
         fit(tmp_path / "u")
     assert (tmp_path / "u" / "final" / "mine.txt").read_text() == "precious"
+    assert not (tmp_path / "u" / "checkpoints").exists()
 
 
 def test_export_refuses_to_destroy_the_source_or_user_files(run, tmp_path, monkeypatch, capsys) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
+from ..io_atomic import check_replaceable
 from . import distributed as D
 from .resume import ResumeError
 from .verify import CheckpointError, CheckpointSaveError, dir_nbytes, read_manifest
@@ -148,6 +149,11 @@ def claim_run_dir(run_dir: Path, world: D.WorldInfo) -> RunDirLock | None:
             raise ResumeError(f"run.dir {run_dir} cannot be used: {e}") from None
         if holder is not None:
             raise ResumeError(f"run.dir {run_dir} is in use by {holder}: wait for it, or use another run.dir")
+        try:  # the run ends by replacing final/: refuse a user's folder there now, not after training
+            check_replaceable(run_dir / "final")
+        except FileExistsError as e:
+            lock.release()
+            raise ResumeError(str(e)) from None
 
     on_main(world.is_main, claim)
     return lock if world.is_main else None
