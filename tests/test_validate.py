@@ -50,6 +50,14 @@ def test_decompression_bomb_limit_is_respected(tmp_path, monkeypatch):
     assert "decompression" in report.problems[0].detail
 
 
+def test_data_check_fails_on_a_source_without_records(tmp_path):
+    """An empty file passed the check (exit 0) although training stops at once on it."""
+    (tmp_path / "empty.json").write_text("")
+    lines: list[str] = []
+    assert data_check_main(str(tmp_path / "empty.json"), print_fn=lines.append) == 1
+    assert "no records" in lines[-1]
+
+
 def test_data_check_main_writes_bad_samples(broken, tmp_path):
     out = tmp_path / "bad.jsonl"
     lines: list[str] = []

@@ -141,7 +141,7 @@ def data_check_main(
 ) -> int:
     """``cmpt data check SPEC``: check a data source (JSON/JSONL, tar shards, a Hugging Face dataset
     — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.open.open_source` and
-    ``docs/data.md``); 0 when clean, 1 when anything is bad.
+    ``docs/data.md``); 0 when clean, 1 when anything is bad or there is no record at all.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
     ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position); an
@@ -169,6 +169,9 @@ def data_check_main(
         decode=decode,
     )
     print_fn(f"{getattr(source, 'path', spec)}: {report.summary()}")
+    if report.num_records == 0:  # training would stop at once: "epoch 0 has no micro-batch"
+        print_fn(f"{spec}: no records: nothing to train on (an empty file, or a mixture of none)")
+        return 1
     if out_jsonl:
         os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
         with open(out_jsonl, "w", encoding="utf-8") as fh:
