@@ -32,6 +32,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert cfgs["stage1"]["stage"]["resolution"]["policy"] == "fixed"
     assert cfgs["stage2"]["stage"]["rope"] and cfgs["stage2"]["stage"]["resolution"]["policy"] == "native"
     assert cfgs["stage2"]["loss"]["align"] and not cfgs["stage3"]["loss"]["align"]
+    prior = str(out / "vocab_prior.safetensors")  # counted from the training captions
+    assert cfgs["stage1"]["loss"]["vocab_prior"] == cfgs["stage2"]["loss"]["vocab_prior"] == prior
 
     rows = summary["results"]["rows"]
     metrics = [r["metric"] for r in rows]

@@ -5,6 +5,7 @@ equal one rank with the same global batch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -135,6 +136,16 @@ def test_two_ranks_equal_one_rank(dist_runs, dist):
         assert rel <= tol, (k, float(rel))
 
 
+def _cl_sets(root: Path, run: str, batch: int, **extra) -> list[str]:
+    data = root / "pairs" / "train.jsonl"
+    items = {"run.dir": root / run, "model.init": root / "vlm", "data.path": data,
+             "stage.batch_size": batch, "stage.trainable": "[vision, merger, llm, lm_head]",
+             "stage.resolution.min_pixels": 28 * 28, "stage.resolution.max_pixels": 112 * 112,
+             "optim.lr": 1e-4, "optim.warmup_ratio": 0.0, "train.steps": 3, "train.log_every": 1,
+             "train.progress": False, "train.tensorboard": False, **extra}  # fmt: skip
+    return [f"{k}={v}" for k, v in items.items()]
+
+
 @pytest.fixture(scope="module")
 def cl_runs(setup, tmp_path_factory):
     """MoCa stage 2 from a VLM with an untied LM head: one process with 4 pairs per micro-batch,
@@ -145,30 +156,25 @@ def cl_runs(setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("moca_cl_dist")
     build_vlm(build_dirs(root / "models"), "llama").save_pretrained(root / "vlm")
     synth_retrieval_main(48, root / "pairs", seed=0, n_eval=4, max_side=112)
-
-    def sets(run: str, batch: int, **extra) -> list[str]:
-        data = root / "pairs" / "train.jsonl"
-        items = {"run.dir": root / run, "model.init": root / "vlm", "data.path": data,
-                 "stage.batch_size": batch, "stage.trainable": "[vision, merger, llm, lm_head]",
-                 "stage.resolution.min_pixels": 28 * 28, "stage.resolution.max_pixels": 112 * 112,
-                 "optim.lr": 1e-4, "optim.warmup_ratio": 0.0, "train.steps": 3, "train.log_every": 1,
-                 "train.progress": False, "train.tensorboard": False, **extra}  # fmt: skip
-        return [f"{k}={v}" for k, v in items.items()]
-
+    sets = functools.partial(_cl_sets, root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run_recipe("tiny/moca_cl", sets("single", 4))
     finally:
         torch.set_num_threads(threads)
+    _two_ranks(sets("ddp", 2, **{"train.dist": "ddp"}))
+    return root
+
+
+def _two_ranks(sets: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     cmd += [f"--master_port={_free_port()}", "-m", "cmpt", "train", "tiny/moca_cl"]
-    cmd += [arg for s in sets("ddp", 2, **{"train.dist": "ddp"}) for arg in ("--set", s)]
+    cmd += [arg for s in sets for arg in ("--set", s)]
     proc = subprocess.run(
         cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root
 
 
 def test_cl_two_ranks_equal_one_rank_with_an_untied_head(cl_runs):
@@ -182,3 +188,26 @@ def test_cl_two_ranks_equal_one_rank_with_an_untied_head(cl_runs):
     for k in ref:
         rel = (got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)
         assert rel <= 1e-3, (k, float(rel))
+
+
+def test_cl_resumes_at_another_world_size_with_the_same_global_batch(cl_runs):
+    """The 2-rank DDP run (2 pairs per rank, saved at step 3) continues in one process with 4 pairs:
+    the same global contrastive batches, so no --allow-change for the world size, and steps 4-5
+    equal the run continued on its 2 ranks. Another global batch is refused naming the fix."""
+    from cmpt.train.resume import ResumeError
+
+    more = {"train.steps": 5, "train.resume": cl_runs / "ddp", "train.allow_change": "[train.steps]"}
+    _two_ranks(_cl_sets(cl_runs, "ddp5", 2, **more, **{"train.dist": "ddp"}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = run_recipe("tiny/moca_cl", _cl_sets(cl_runs, "resumed", 4, **more))
+        assert s["resumed_from"] == 3 and s["step"] == 5
+        assert losses(cl_runs / "resumed") == pytest.approx(losses(cl_runs / "ddp5"), rel=1e-5)
+        with pytest.raises(ResumeError, match=r"2 per global batch \(--set stage\.batch_size=4 keeps it\)"):
+            run_recipe("tiny/moca_cl", _cl_sets(cl_runs, "other", 2, **more))
+        more["train.allow_change"] = "[train.steps, train.world_size]"
+        with pytest.raises(ResumeError, match=r"saved at world size 2.*--set stage\.batch_size="):
+            run_recipe("tiny/moca_cl", _cl_sets(cl_runs, "other2", 2, **more))
+    finally:
+        torch.set_num_threads(threads)

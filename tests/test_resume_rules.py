@@ -72,6 +72,12 @@ def test_changed_lr_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert "optim.lr: 0.001 → 0.002" in msg and "--allow-change optim.lr" in msg and "step 4" in msg
     assert sorted(p.name for p in (tmp_path / "history").iterdir()) == before  # nothing recorded
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 1e-3  # not claimed
+    with pytest.raises(ResumeError, match=r"match no change, mistyped\?: optim\.lrr"):
+        fit(
+            tmp_path,
+            optim=OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=2, schedule="cosine"),
+            allow_change=["optim.lrr"],
+        )
 
 
 def test_allowed_lr_and_steps_take_effect(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

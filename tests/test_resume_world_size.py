@@ -60,6 +60,29 @@ def test_another_global_batch_needs_allow_change(tmp_path: Path) -> None:
     assert _plan(tmp_path / "c", saved=(2, 2), now=(2, 2)).changes == {}  # same world: nothing to say
 
 
+def test_a_task_names_the_key_of_its_global_batch(tmp_path: Path) -> None:
+    """MoCa CL: the global batch is world size × stage.batch_size pairs (Task.world_batch_key)."""
+    ckpt = tmp_path / "old" / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    saved = {"stage": {"batch_size": 2}, "train": {"grad_accum": 1}}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": saved}))
+
+    def plan(batch: int, allow=()):
+        config = {"stage": {"batch_size": batch}, "train": {"grad_accum": 1}}
+        args = (config, {}, allow)
+        kw = {"world_size": 1, "batch_key": "stage.batch_size"}
+        return plan_resume(
+            str(ckpt), tmp_path / "new", lambda r: [(2, ckpt)] if r == ckpt.parent else [], *args, **kw
+        )
+
+    assert set(plan(4).changes) == {"train.world_size", "stage.batch_size"}
+    assert any("stage.batch_size 2 → 4: the global batch (4 per global batch)" in n for n in plan(4).notes)
+    with pytest.raises(ResumeError, match=r"= 2 per global batch \(--set stage\.batch_size=4 keeps it\)"):
+        plan(2)
+    with pytest.raises(ResumeError, match=r"stage\.batch_size: 2 → 3"):  # another global batch, allowed world
+        plan(3, allow=["train.world_size"])
+
+
 def _rank_files(ckpt: Path, world: int) -> list[dict]:
     states = []
     for r in range(world):

@@ -58,9 +58,16 @@ def _header(text: str) -> None:
 
 
 def stage_overrides(
-    name: str, tiny: dict[str, Path], run_dir: Path, init: Path | None, quick: bool, fixed_size: int
+    name: str,
+    tiny: dict[str, Path],
+    run_dir: Path,
+    init: Path | None,
+    quick: bool,
+    fixed_size: int,
+    vocab_prior: Path | None = None,
 ) -> list[str]:
-    """``--set`` overrides that point a packaged ``tiny/comp_<name>`` recipe at the prepared data."""
+    """``--set`` overrides that point a packaged ``tiny/comp_<name>`` recipe at the prepared data
+    (and, for the stages with the alignment loss, at the captions' ``vocab_prior``)."""
     items: dict[str, Any] = {
         "run.dir": run_dir,
         "model.vision": tiny["vision"],
@@ -71,6 +78,8 @@ def stage_overrides(
     }
     if init is not None:
         items["model.init"] = init
+    if vocab_prior is not None and name != "stage3":  # stage III trains without L_align
+        items["loss.vocab_prior"] = vocab_prior
     if quick:
         items.update(QUICK_STAGE)
         if name == "stage1":
@@ -259,9 +268,13 @@ def _notes(ev: dict[str, Any], tiny_stats: dict[str, Any], quick: bool) -> list[
 
 
 def run_comp_stages(out: Path, tiny: dict[str, Path], quick: bool, fixed: int) -> dict[str, dict[str, Any]]:
-    """CoMP stages I → II → III into ``out/stage{1,2,3}`` (fresh runs), chained through ``model.init``."""
+    """CoMP stages I → II → III into ``out/stage{1,2,3}`` (fresh runs), chained through ``model.init``;
+    the alignment loss's prior is counted from the training captions first (``cmpt data vocab-prior``)."""
+    from ..data.vocab_prior import vocab_prior_main
     from ..recipes import run_recipe
 
+    prior = out / "vocab_prior.safetensors"
+    vocab_prior_main(str(tiny["data"]), str(tiny["llm"]), str(prior))
     stages: dict[str, dict[str, Any]] = {}
     init = None
     for i, (name, what) in enumerate(STAGES.items(), start=2):
@@ -270,7 +283,9 @@ def run_comp_stages(out: Path, tiny: dict[str, Path], quick: bool, fixed: int) -
         if (run_dir / "config.yaml").is_file():  # a previous demo's run: start fresh, not resume
             shutil.rmtree(run_dir)
         t = time.perf_counter()
-        summary = run_recipe(f"tiny/comp_{name}", stage_overrides(name, tiny, run_dir, init, quick, fixed))
+        summary = run_recipe(
+            f"tiny/comp_{name}", stage_overrides(name, tiny, run_dir, init, quick, fixed, prior)
+        )
         seconds = round(time.perf_counter() - t, 1)
         print(f"  {name}: {summary['step']} steps in {seconds} s, last loss {summary['loss']:.3f}")
         stages[name] = {"dir": run_dir, "seconds": seconds, "steps": summary["step"], "description": what}

@@ -145,6 +145,13 @@ class CompTask:
     def _vocab_counts(self) -> torch.Tensor | None:
         path = self.cfg.loss.vocab_prior
         if not path:
+            if self.cfg.loss.align:
+                log.warning(
+                    "loss.vocab_prior is empty: the alignment loss uses a uniform prior over the "
+                    "vocabulary, not the caption-token prior of the paper (docs/method.md §2); build "
+                    "one with `cmpt data vocab-prior DATA --tokenizer LLM --out FILE` and set "
+                    "loss.vocab_prior=FILE"
+                )
             return None
         from ..data.vocab_prior import load_vocab_counts
 

@@ -149,6 +149,8 @@ class MocaTask:
         self.cfg = cfg
         self.backbone = load_backbone_for(cfg)
         self.cl = cfg.stage.name == "cl"
+        if self.cl:  # a contrastive batch spans the ranks (cmpt.train.reshard, resuming elsewhere)
+            self.world_batch_key = "stage.batch_size"
         trainable = [p for p in cfg.stage.trainable if p != "mae"]
         if self.cl and "lm_head" in trainable:  # DDP would fail on its never-used parameters
             trainable.remove("lm_head")

@@ -13,7 +13,7 @@ whole run (:func:`cmpt.train.disk.claim_run_dir`: one process per run.dir); ``tr
 (:mod:`cmpt.train.resume`); ``final/`` is swapped in complete (:mod:`cmpt.io_atomic`);
 ``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` | ``failed``) and
 ``exit_code`` (:mod:`cmpt.launch`), the bad-sample fraction (:meth:`BadDataPolicy.at_end`) and,
-after a launch with nothing left to do, the previous results (:func:`~cmpt.train.resume.previous_results`).
+after a launch with nothing left to do, the previous results (:func:`~cmpt.train.history.previous_results`).
 
 **One optimizer step** (globally normalized losses, accumulation, clipping, the non-finite guard) is
 :class:`cmpt.train.step.StepRunner` (docs/method.md §6 "Loss normalization").
@@ -48,7 +48,9 @@ from .checkpoint import (
 )
 from .compile import compile_units
 from .config import OptimConfig, RunConfig, TrainConfig
-from .disk import RunDirLock, check_run_dir, claim_run_dir
+from .disk import RunDirLock, check_run_dir, claim_run_dir, on_main
+from .frozen import FROZEN_KEY, check_frozen, frozen_digest
+from .history import previous_results, record_start, write_summary
 from .logging import EtaClock, IntervalMeter, MetricsLogger
 from .optim import (
     build_optimizer,
@@ -57,7 +59,14 @@ from .optim import (
     resolve_groups,
     scheduler_state,
 )
-from .resume import IGNORED_KEYS, ResumePlan, load_and_reschedule, previous_results, start_run, write_summary
+from .reshard import DEFAULT_BATCH_KEY, loader_refused
+from .resume import (
+    IGNORED_KEYS,
+    ResumeError,
+    ResumePlan,
+    load_and_reschedule,
+    start_run,
+)
 from .startup import startup_lines
 from .step import StepResult, StepRunner
 from .task import Loader, LossTerms, Task
@@ -142,7 +151,9 @@ class Trainer:
         ckpt = CheckpointManager(self.run_dir / "checkpoints", world, keep_last=cfg.keep_last)
         ckpt.clean_incomplete()
         ignored = (*IGNORED_KEYS, *getattr(self.task, "resume_ignored_keys", ()))
-        plan, self._fingerprint = start_run(ckpt, self.run_dir, cfg, self._config_dict(), ignored)
+        self._batch_key = getattr(self.task, "world_batch_key", DEFAULT_BATCH_KEY)
+        args = (ckpt, self.run_dir, cfg, self._config_dict(), ignored, self._batch_key)
+        plan, self._fingerprint = start_run(*args)
         self.plan, self._started = plan, True
         self._build_model()
         if cfg.grad_accum > 1 and not hasattr(self.task, "loss_counts") and world.is_main:
@@ -159,12 +170,23 @@ class Trainer:
         self.counters["elapsed_s"] = 0.0
         resumed_from = None
         if plan.checkpoint is not None:  # the config's lr, schedule and hyper-parameters, not the saved
+            args = (plan.checkpoint, self._frozen, self._config_dict(), cfg.allow_change)
+            note = on_main(world.is_main, lambda: check_frozen(*args))
+            if note and world.is_main:
+                logger.warning("%s", note)
             tstate, rstate = load_and_reschedule(ckpt, plan, self.module, self.optimizer, self.scheduler)
             self.counters.update(tstate["counters"])
             set_rng_state(rstate["rng"])
-            self.loader.load_state_dict(rstate["loader"])
+            try:
+                self.loader.load_state_dict(rstate["loader"])
+            except ValueError as e:  # another global batch (cmpt.train.reshard) or other data
+                saved = int(tstate.get("world_size", world.world_size))
+                msg = loader_refused(plan.checkpoint, e, saved, world.world_size, self._batch_key)
+                raise ResumeError(msg) from None
             self.bad_data.load_state_dict(rstate.get("bad_data", {}))
             resumed_from = self.counters["step"]
+        if world.is_main:  # only a start that got this far is recorded (a refused one is not)
+            record_start(self.run_dir, self._config_dict(), plan)
 
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -210,6 +232,8 @@ class Trainer:
         units = list(self.task.fsdp_units())
         if self.mode != "fsdp":  # FSDP2 allocates each rank's own shards on the device
             model.to(world.device)
+        # rank 0 holds the full weights until they are sharded (cmpt.train.frozen)
+        self._frozen = frozen_digest(model) if world.is_main else {}
         if cfg.ac_mode != "none":
             D.apply_activation_checkpointing(units, cfg.ac_mode, cfg.ac_every)
         if cfg.compile:
@@ -327,6 +351,7 @@ class Trainer:
         trainer_state["config_hash"] = config_hash(self._config_dict())
         trainer_state["config"] = self._config_dict()  # compared on resume (cmpt.train.resume)
         trainer_state["data_fingerprint"] = self._fingerprint
+        trainer_state[FROZEN_KEY] = self._frozen  # checked on resume (cmpt.train.frozen)
         rank_state = {"rng": get_rng_state(), "loader": self.loader.state_dict()}
         rank_state["bad_data"] = self.bad_data.state_dict()
         ckpt.save(self.counters["step"], self.module, self.optimizer, trainer_state, rank_state)

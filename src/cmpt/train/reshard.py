@@ -15,13 +15,16 @@ the saved ranks onto the new ones:
 * RNG: rank ``r`` continues saved rank ``r``'s generators; a rank the old run did not have keeps
   its fresh seed (``run.seed + r``). Dropout masks of an N-rank run depend on N anyway.
 
-**The global batch** is ``world_size · train.grad_accum`` micro-batches per step. The resume rules
-(:mod:`cmpt.train.resume`) compare the world size as the pseudo-key ``train.world_size``
-(:func:`world_size_change`): a change that keeps the global batch (``train.grad_accum`` adjusted:
-2 ranks × 1 → 1 rank × 2) is accepted with a note, and so is its ``train.grad_accum`` change; one
-that changes the global batch is refused unless ``--allow-change train.world_size`` (and
-``train.grad_accum`` when it changed too) is given. The data stream then continues at the same
-global position either way; only the batch per step differs.
+**The global batch** is ``world_size · train.grad_accum`` micro-batches per step — or, for a task
+whose data stream is cut into global batches of ``world_size · <key>`` items, that key's
+(``Task.world_batch_key``: MoCa's contrastive stage uses ``stage.batch_size``, pairs per rank,
+since its in-batch negatives span all ranks). The resume rules (:mod:`cmpt.train.resume`) compare
+the world size as the pseudo-key ``train.world_size`` (:func:`world_size_change`): a change that
+keeps the global batch (the key adjusted: 2 ranks × 1 → 1 rank × 2) is accepted with a note, and so
+is the key's change; one that changes the global batch is refused unless ``--allow-change
+train.world_size`` (and the key when it changed too) is given. A loader whose stream depends on the
+global batch (:class:`cmpt.data.task_sampler.TaskBatchSampler`) then refuses its saved state, and
+the trainer stops with the fix (:func:`loader_refused`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ import torch
 from .distributed import WorldInfo
 from .verify import CheckpointError
 
-__all__ = ["PER_RANK_COUNTERS", "load_rank_state", "world_size_change"]
+__all__ = ["DEFAULT_BATCH_KEY", "PER_RANK_COUNTERS", "load_rank_state", "loader_refused", "world_size_change"]
+
+#: the config key that, times the world size, makes the global batch (unless the task names another)
+DEFAULT_BATCH_KEY = "train.grad_accum"
 
 #: counters of a loader or of the bad-data guard that count this rank's own samples
 PER_RANK_COUNTERS = ("samples_seen", "bad_seen", "local_bad", "local_seen")
@@ -82,27 +88,50 @@ def load_rank_state(path: Path, world: WorldInfo, saved_world: int) -> dict[str,
 
 
 def world_size_change(
-    ckpt: Path, old_config: dict | None, config: dict, world_size: int
+    ckpt: Path, old_config: dict | None, config: dict, world_size: int, batch_key: str = DEFAULT_BATCH_KEY
 ) -> tuple[dict[str, list[Any]], tuple[str, ...], list[str]]:
     """Resuming ``ckpt`` with ``world_size`` processes: ``(changes, keys accepted without
     --allow-change, notes)``. ``changes`` holds the pseudo-key ``train.world_size`` (old → new, with
-    the global batch each gives) when the world size differs from the checkpoint's."""
+    the global batch each gives) when the world size differs from the checkpoint's; ``batch_key``:
+    the config key whose value times the world size is the global batch (the module docstring)."""
+    from .resume import flatten
+
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     saved = int(state.get("world_size", 1))
     if saved == world_size:
         return {}, (), []
-    old_accum = int(((old_config or {}).get("train") or {}).get("grad_accum", 1))
-    new_accum = int((config.get("train") or {}).get("grad_accum", 1))
+    old_n = int(flatten(old_config or {}).get(batch_key, 1))
+    new_n = int(flatten(config).get(batch_key, 1))
+    name = batch_key.rsplit(".", 1)[-1]
+    unit = "micro-batches per step" if batch_key == DEFAULT_BATCH_KEY else "per global batch"
 
-    def describe(world: int, accum: int) -> str:
-        return f"{world} rank(s) x grad_accum {accum} = {world * accum} micro-batches per step"
+    def describe(world: int, n: int) -> str:
+        return f"{world} rank(s) x {name} {n} = {world * n} {unit}"
 
-    changes = {"train.world_size": [describe(saved, old_accum), describe(world_size, new_accum)]}
-    if saved * old_accum != world_size * new_accum:
+    changes = {"train.world_size": [describe(saved, old_n), describe(world_size, new_n)]}
+    if saved * old_n != world_size * new_n:
+        if saved * old_n % world_size == 0:  # the setting that would keep it
+            changes["train.world_size"][1] += f" (--set {batch_key}={saved * old_n // world_size} keeps it)"
         return changes, (), []
     note = (
-        f"resuming {ckpt} at world size {world_size} (saved by {saved}) with train.grad_accum "
-        f"{old_accum} → {new_accum}: the global batch ({saved * old_accum} micro-batches per step) is "
+        f"resuming {ckpt} at world size {world_size} (saved by {saved}) with {batch_key} "
+        f"{old_n} → {new_n}: the global batch ({saved * old_n} {unit}) is "
         "unchanged; model and optimizer are resharded, the data stream continues where it stopped"
     )
-    return changes, ("train.world_size", "train.grad_accum"), [note]
+    return changes, ("train.world_size", batch_key), [note]
+
+
+def loader_refused(
+    ckpt: str | Path, error: Exception, saved_world: int, world_size: int, batch_key: str
+) -> str:
+    """The message for a loader that refused the state saved in ``ckpt`` (``error``), with the fix."""
+    what = f"cannot resume from {ckpt}: the data loader cannot continue the saved stream ({error})"
+    if saved_world == world_size:
+        return (
+            f"{what}; its data or settings changed since the checkpoint: restore them, or use a new run.dir"
+        )
+    return (
+        f"{what}. It was saved at world size {saved_world}, this run has {world_size}: keep the global "
+        f"batch ({saved_world} × the saved {batch_key}) by setting {batch_key} so that {world_size} × it "
+        f"equals that (--set {batch_key}=...), or choose a new run.dir"
+    )

@@ -20,18 +20,15 @@ optimizer's hyper-parameters and the learning-rate schedule are rebuilt from the
 **Data** is compared by content (:mod:`cmpt.train.fingerprint`): a reordered or edited data file is
 refused like a changed key, a moved ``run.dir`` or a touched file is not.
 
-**History**: every start appends ``run.dir/history/NNNN-<UTC time>.yaml`` (the config, what was
-resumed from where, the allowed changes); ``run.dir/config.yaml`` is the current run's config.
+**History**: every start that loaded its checkpoint is recorded in ``run.dir/history/``
+(:mod:`cmpt.train.history`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +37,12 @@ from typing import Any
 import torch
 import yaml
 
+from .frozen import FROZEN_KEY
+from .history import continued_from
 from .optim import restore_schedule, snapshot_groups
 
 __all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
-__all__ += ["load_and_reschedule", "plan_resume", "record_start"]
-__all__ += ["previous_results", "start_run", "write_summary"]
+__all__ += ["load_and_reschedule", "plan_resume", "start_run"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -79,8 +77,6 @@ IGNORED_KEYS: tuple[str, ...] = (
     "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
 _ABSENT = "(absent)"
-#: summary.json keys of the last optimizer step, kept by a launch that runs none (:func:`previous_results`)
-_RESULT_KEYS = ("loss", "losses", "grad_norm", "elapsed_s")
 
 
 class ResumeError(ValueError):
@@ -152,20 +148,6 @@ def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path
     )
 
 
-def _continued_from(run_dir: Path) -> set[str]:
-    """Checkpoints that starts recorded in ``run_dir/history`` continued from."""
-    out = set()
-    for entry in sorted((run_dir / "history").glob("*.yaml")):
-        try:
-            doc = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        src = doc.get("resumed_from") if isinstance(doc, dict) else None
-        if isinstance(src, dict) and src.get("checkpoint"):
-            out.add(str(src["checkpoint"]))
-    return out
-
-
 def _step_of(path: Path) -> int:
     digits = "".join(c for c in path.name if c.isdigit())
     return int(digits) if digits else -1
@@ -184,7 +166,9 @@ def _saved_config(ckpt: Path, run_dir: Path) -> tuple[dict | None, dict | None, 
     return None, None, [f"{ckpt} stores no config (written by an older cmpt): changes cannot be checked"]
 
 
-def _refusal(run_dir: Path, ckpt: Path, step: int, refused: dict[str, list[Any]]) -> ResumeError:
+def _refusal(
+    run_dir: Path, ckpt: Path, step: int, refused: dict[str, list[Any]], unused: list[str]
+) -> ResumeError:
     lines = [
         f"  {k}: {json.dumps(o, default=str)} → {json.dumps(n, default=str)}" for k, (o, n) in refused.items()
     ]
@@ -195,6 +179,11 @@ def _refusal(run_dir: Path, ckpt: Path, step: int, refused: dict[str, list[Any]]
         + "\n".join(lines)
         + f"\nto continue with these changes, add --allow-change {keys} (or --set "
         f"train.allow_change=[...]); to start over, choose a new run.dir"
+        + (
+            f"\n(--allow-change entries that match no change, mistyped?: {', '.join(unused)})"
+            if unused
+            else ""
+        )
     )
 
 
@@ -208,12 +197,14 @@ def plan_resume(
     ignored: Iterable[str] = IGNORED_KEYS,
     latest: Path | None = None,
     world_size: int | None = None,
+    batch_key: str = "train.grad_accum",
 ) -> ResumePlan:
     """Decide where the run starts (see the module docstring); :class:`ResumeError` when it may not.
     ``complete_in(root)`` lists the complete checkpoints ``(step, path)`` under ``root``, oldest first;
     ``latest``: the checkpoint ``auto`` continues from (the newest one that verifies, found by the
     caller: :meth:`cmpt.train.checkpoint.CheckpointManager.latest`); ``world_size``: this job's, compared
-    with the checkpoint's as ``train.world_size`` (:func:`cmpt.train.reshard.world_size_change`)."""
+    with the checkpoint's as ``train.world_size`` (:func:`cmpt.train.reshard.world_size_change`; with
+    ``batch_key``, the key that times the world size makes the global batch)."""
     mode, allow = spec.strip(), [a.strip() for a in allow if a.strip()]
     pre: list[str] = []
     own = complete_in(run_dir / "checkpoints")
@@ -235,7 +226,7 @@ def plan_resume(
     else:
         step, ckpt = _checkpoint_of(mode, complete_in)
         newer = [p.name for s, p in own if s > step]
-        if newer and str(ckpt.resolve()) in _continued_from(run_dir):  # the same command, rerun
+        if newer and str(ckpt.resolve()) in continued_from(run_dir):  # the same command, rerun
             early = f"{ckpt} (step {step})"
             step, ckpt = own[-1]
             pre = [f"this run.dir already continued from {early}: continuing from its newest checkpoint"]
@@ -264,26 +255,33 @@ def plan_resume(
     if world_size is not None:  # the same global batch at another world size needs no --allow-change
         from .reshard import world_size_change
 
-        moved, accepted, more = world_size_change(ckpt, old, config, world_size)
+        moved, accepted, more = world_size_change(ckpt, old, config, world_size, batch_key)
         changes.update(moved)
         notes.extend(more)
     refused = {k: v for k, v in sorted(changes.items()) if not covered(k, [*allow, *accepted])}
+    # frozen_weights is checked later, against the weights the model loads (cmpt.train.frozen)
+    unused = [a for a in allow if a != FROZEN_KEY and not any(covered(k, [a]) for k in changes)]
     if refused:
-        raise _refusal(run_dir, ckpt, step, refused)
-    unused = [a for a in allow if not any(covered(k, [a]) for k in changes)]
+        raise _refusal(run_dir, ckpt, step, refused, unused)
     if unused:
         notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
     return ResumePlan(mode, str(ckpt.resolve()), step, dict(sorted(changes.items())), [*pre, *notes])
 
 
 def start_run(
-    ckpt: Any, run_dir: Path, train: Any, config: dict, ignored: Iterable[str]
+    ckpt: Any,
+    run_dir: Path,
+    train: Any,
+    config: dict,
+    ignored: Iterable[str],
+    batch_key: str = "train.grad_accum",
 ) -> tuple[ResumePlan, dict[str, str] | None]:
     """Collective. ``ckpt``: the run's :class:`~cmpt.train.checkpoint.CheckpointManager`; ``train``:
     its :class:`~cmpt.train.config.TrainConfig` (``resume``, ``allow_change``). Rank 0
     fingerprints the data, decides (:func:`plan_resume`; ``auto`` takes ``ckpt.latest()``, the
-    newest checkpoint that verifies), logs the decision (one INFO line) and records the start
-    (:func:`record_start`); every rank gets the plan — or raises the refusal. Returns (plan, data
+    newest checkpoint that verifies) and logs the decision (one INFO line); every rank gets the
+    plan — or raises the refusal. The trainer records the start
+    (:func:`cmpt.train.history.record_start`) once the checkpoint is loaded. Returns (plan, data
     fingerprint on rank 0 / None elsewhere)."""
     from ..launch import EXIT_USAGE, exit_code_for
     from . import distributed as D
@@ -300,7 +298,7 @@ def start_run(
     if world.is_main:
         try:
             fingerprint = data_fingerprint(config, ignored)
-            args = (config, fingerprint, train.allow_change, ignored, latest, world.world_size)
+            args = (config, fingerprint, train.allow_change, ignored, latest, world.world_size, batch_key)
             outcome = ("ok", dataclasses.asdict(plan_resume(spec, run_dir, complete_in, *args)))
         except Exception as e:
             error, outcome = e, ("error", f"{type(e).__name__}: {e}", exit_code_for(e))
@@ -316,69 +314,7 @@ def start_run(
         for note in plan.notes:
             logger.warning("%s", note)
         logger.info("%s", plan.describe())
-        record_start(run_dir, config, plan)
     return plan, fingerprint
-
-
-def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
-    """``run_dir/summary.json``, atomically (rank 0's job)."""
-    path = run_dir / "summary.json"
-    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def previous_results(run_dir: Path, step: int) -> dict[str, Any]:
-    """What ``run_dir/summary.json`` recorded of the last optimizer step (loss, losses, grad norm,
-    elapsed time) when it describes ``step``: a launch that ran no step (a finished run started
-    again) keeps them. Empty when there is no such summary."""
-    try:
-        old = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(old, dict) or old.get("step") != step:
-        return {}
-    return {k: old[k] for k in _RESULT_KEYS if k in old}
-
-
-# ----------------------------------------------------------------------------- history
-def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
-    """Append this start to ``run_dir/history/`` and write ``run_dir/config.yaml`` (rank 0); returns
-    the history entry. A run from before the history existed gets its old ``config.yaml`` as entry 0."""
-    hist = run_dir / "history"
-    current = run_dir / "config.yaml"
-    if not hist.is_dir() and current.is_file():
-        hist.mkdir(parents=True, exist_ok=True)
-        old = {
-            "note": "config.yaml of this run before cmpt kept a history",
-            "config": yaml.safe_load(current.read_text()),
-        }
-        _write_yaml(hist / "0000-before-history.yaml", old)
-    hist.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    n = sum(1 for p in hist.glob("*.yaml")) + 1
-    entry = {
-        "time": now.isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "resume": plan.mode,
-        "resumed_from": None
-        if plan.checkpoint is None
-        else {"checkpoint": plan.checkpoint, "step": plan.step},
-        "allowed_changes": {k: {"old": o, "new": v} for k, (o, v) in plan.changes.items()},
-        "notes": list(plan.notes),
-        "config": config,
-    }
-    path = hist / f"{n:04d}-{now.strftime('%Y%m%dT%H%M%SZ')}.yaml"
-    _write_yaml(path, entry)
-    _write_yaml(current, config)
-    return path
-
-
-def _write_yaml(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_and_reschedule(

@@ -54,8 +54,10 @@ class Task(Protocol):
     the full gathered CPU state dict, passed when the method accepts it — under FSDP2 ``model``
     already holds those full weights in place of its shards, :mod:`cmpt.train.final_weights`, so
     the task's own modules can be saved as they are; ``out_dir`` is a temporary sibling of
-    ``run.dir/final`` that replaces it once complete) and ``resume_ignored_keys`` (config keys, besides
-    :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume)."""
+    ``run.dir/final`` that replaces it once complete), ``resume_ignored_keys`` (config keys, besides
+    :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume) and
+    ``world_batch_key`` (the config key that, times the world size, makes the global batch the data
+    stream is cut into; ``train.grad_accum`` when absent: :mod:`cmpt.train.reshard`)."""
 
     model: nn.Module
 

@@ -1,0 +1,101 @@
+"""What a run records in its ``run.dir`` besides checkpoints (docs/architecture.md ``train/``):
+
+* ``history/NNNN-<UTC time>.yaml``: one entry per start that got as far as loading its checkpoint
+  (the config, what was resumed from where, the allowed changes, notes); a refused start leaves
+  none. :func:`continued_from` reads them back (:mod:`cmpt.train.resume`);
+* ``config.yaml``: the current run's config;
+* ``summary.json``: the last launch's outcome (written atomically by rank 0).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from .resume import ResumePlan
+
+__all__ = ["continued_from", "previous_results", "record_start", "write_summary"]
+
+#: summary.json keys of the last optimizer step, kept by a launch that runs none (:func:`previous_results`)
+_RESULT_KEYS = ("loss", "losses", "grad_norm", "elapsed_s")
+
+
+def continued_from(run_dir: Path) -> set[str]:
+    """Checkpoints that starts recorded in ``run_dir/history`` continued from."""
+    out = set()
+    for entry in sorted((run_dir / "history").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        src = doc.get("resumed_from") if isinstance(doc, dict) else None
+        if isinstance(src, dict) and src.get("checkpoint"):
+            out.add(str(src["checkpoint"]))
+    return out
+
+
+def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
+    """``run_dir/summary.json``, atomically (rank 0's job)."""
+    path = run_dir / "summary.json"
+    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def previous_results(run_dir: Path, step: int) -> dict[str, Any]:
+    """What ``run_dir/summary.json`` recorded of the last optimizer step (loss, losses, grad norm,
+    elapsed time) when it describes ``step``: a launch that ran no step (a finished run started
+    again) keeps them. Empty when there is no such summary."""
+    try:
+        old = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("step") != step:
+        return {}
+    return {k: old[k] for k in _RESULT_KEYS if k in old}
+
+
+def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
+    """Append this start to ``run_dir/history/`` and write ``run_dir/config.yaml`` (rank 0); returns
+    the history entry. A run from before the history existed gets its old ``config.yaml`` as entry 0."""
+    hist = run_dir / "history"
+    current = run_dir / "config.yaml"
+    if not hist.is_dir() and current.is_file():
+        hist.mkdir(parents=True, exist_ok=True)
+        old = {
+            "note": "config.yaml of this run before cmpt kept a history",
+            "config": yaml.safe_load(current.read_text()),
+        }
+        _write_yaml(hist / "0000-before-history.yaml", old)
+    hist.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    n = sum(1 for p in hist.glob("*.yaml")) + 1
+    entry = {
+        "time": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "resume": plan.mode,
+        "resumed_from": None
+        if plan.checkpoint is None
+        else {"checkpoint": plan.checkpoint, "step": plan.step},
+        "allowed_changes": {k: {"old": o, "new": v} for k, (o, v) in plan.changes.items()},
+        "notes": list(plan.notes),
+        "config": config,
+    }
+    path = hist / f"{n:04d}-{now.strftime('%Y%m%dT%H%M%SZ')}.yaml"
+    _write_yaml(path, entry)
+    _write_yaml(current, config)
+    return path
+
+
+def _write_yaml(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
