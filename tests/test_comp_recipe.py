@@ -102,3 +102,27 @@ def test_resume_is_bitwise_exact(setup, tmp_path):
     a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_stage1_refuses_to_resume_on_an_edited_frozen_llm(setup, tmp_path):
+    """Stage I checkpoints leave the frozen LLM out; the same model.llm path holding other weights
+    (re-downloaded, edited in place) is refused on resume instead of silently mixing models."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from cmpt.train.resume import ResumeError
+
+    llm = tmp_path / "llm"
+    shutil.copytree(setup["llm"], llm)
+    run_recipe("tiny/comp_stage1", overrides(setup, tmp_path / "run", 2, **{"model.llm": llm}))
+    state = load_file(llm / "model.safetensors")
+    name = next(k for k in state if k.endswith("layers.0.mlp.down_proj.weight"))
+    state[name] = state[name] * 1.01
+    save_file(state, str(llm / "model.safetensors"), metadata={"format": "pt"})
+    more = {"model.llm": llm, "train.allow_change": "[train.steps]"}
+    with pytest.raises(
+        ResumeError, match=r"frozen parameter\(s\) differ.*layers\.0\.mlp\.down_proj.*model\.llm"
+    ):
+        run_recipe("tiny/comp_stage1", overrides(setup, tmp_path / "run", 3, **more))
