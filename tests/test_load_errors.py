@@ -191,3 +191,40 @@ def test_probe_data_errors(models, tmp_path, capsys):
     argv = ["eval", "probe", "--model", str(models["vit"]), "--data", str(data), "--out", str(tmp_path / "p")]
     line = cli_error(capsys, argv)
     assert f"record {rid!r}" in line and str(bad) in line and "cmpt data check" in line
+
+
+def test_a_jsonl_rewritten_while_read_stops_with_its_name(tmp_path: Path) -> None:
+    """Records are read back by byte offset: a file changed mid-run must not yield other lines."""
+    from cmpt.data.llava_source import LlavaSource
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"id": f"r{i}", "conversations": [{"from": "gpt", "value": f"answer {i}"}]} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = LlavaSource(path)
+    assert source[1].id == "r1"
+    path.write_text("".join(json.dumps({**r, "extra": "field"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"data\.jsonl changed while it was being read"):
+        source[1]
+    assert LlavaSource(path)[1].id == "r1"  # opened again, the new file reads fine
+
+
+def test_hf_conversion_reports_a_missing_image_instead_of_failing(tmp_path: Path) -> None:
+    """The HF format embeds image bytes: a record whose image is missing is skipped and reported
+    (datasets used to fail on the dangling path, leaving an empty output directory)."""
+    pytest.importorskip("datasets")
+    from cmpt.data.convert import llava_to_hf
+    from cmpt.data.hf_source import HFSource
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "img" / "a.png")
+    turns = [{"from": "human", "value": "<image>what?"}, {"from": "gpt", "value": "red"}]
+    rows = [{"id": "ok", "image": "img/a.png", "conversations": turns}]
+    rows.append({"id": "gone", "image": "img/none.png", "conversations": turns})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for fmt in ("disk", "parquet"):
+        out = llava_to_hf(tmp_path / "d.jsonl", tmp_path / fmt, format=fmt)
+        assert out["samples"] == 1 and [(s["id"], s["reason"]) for s in out["skipped"]] == [
+            ("gone", "missing_image")
+        ]
+        assert "img/none.png" in out["skipped"][0]["detail"]
+        assert [r.id for r in HFSource(out["path"])] == ["ok"]

@@ -12,11 +12,12 @@
   (a list of ``{from, value}``: an image–caption record's conversation with the default prompt)
   and ``extra_json`` (the record's other keys as a JSON string). Needs the optional ``datasets`` package.
 
-Faithful by default: an image file that does not exist is still named (tar: a member that is not
-there; HF: an image with only a path), so it is counted as ``missing_image`` when training, as the
-JSON form would. Records that cannot be represented are skipped and reported in the returned
-summary: unparseable JSONL lines (both), and for HF a ``conversations`` value that is not a list of
-``{from: str, value: str}`` objects (the column has a fixed schema).
+Tar shards are faithful: an image file that does not exist is still named (a member that is not
+there), so it is counted as ``missing_image`` when training, as the JSON form would. Records that
+cannot be represented are skipped and reported in the returned summary: unparseable JSONL lines
+(both), and for HF a record whose image file is missing or outside the image root (the format
+embeds the bytes; ``datasets`` cannot store a dangling path) or whose ``conversations`` is not a
+list of ``{from: str, value: str}`` objects (the column has a fixed schema).
 """
 
 from __future__ import annotations
@@ -143,15 +144,23 @@ def llava_to_wds(
     return {"shards": shards, "pattern": pattern, "samples": n, "skipped": skipped}
 
 
-def _hf_row(rec: Record) -> dict[str, Any] | None:
+def _hf_row(rec: Record) -> dict[str, Any]:
+    """The record as an HF row; :class:`BadSample` (reason, detail) when it cannot be one."""
     convs = rec.conversations
     ok = isinstance(convs, list) and all(
         isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
         for t in convs
     )
     if not ok or not all(isinstance(p, str) for p in rec.images):
-        return None
-    images = [{"bytes": _read_file(rec, i), "path": rec.images[i]} for i in range(len(rec.images))]
+        raise BadSample(rec.id, "bad_value", "does not fit the HF schema")
+    images = []
+    for i, name in enumerate(rec.images):
+        path = rec.image_path(i)  # BadSample path_escape
+        try:
+            with open(path, "rb") as fh:
+                images.append({"bytes": fh.read(), "path": name})
+        except OSError as e:
+            raise BadSample(rec.id, "missing_image", f"{path}: {e.strerror}") from None
     return {
         "id": rec.id,
         "images": images,
@@ -180,11 +189,10 @@ def llava_to_hf(
     skipped: list[dict[str, str]] = []
     rows = []
     for rec in _records(source, skipped):
-        row = _hf_row(rec)
-        if row is None:
-            skipped.append({"id": rec.id, "reason": "bad_value", "detail": "does not fit the HF schema"})
-        else:
-            rows.append(row)
+        try:
+            rows.append(_hf_row(rec))
+        except BadSample as e:
+            skipped.append({"id": e.id, "reason": e.reason, "detail": e.detail})
     turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
     features = datasets.Features(
         {

@@ -31,6 +31,8 @@ Decisions:
   with reason ``invalid_json`` and the line number, so it is counted like any bad sample
   (docs/method.md §4). With ``strict=True`` the constructor raises ``ValueError`` naming the first
   bad line instead.
+* **A JSONL file that changes while it is read** (size or modification time, checked at every
+  read) stops the run with an error naming it, instead of reading records from stale offsets.
 * **Image paths** are relative to the image root (default: the file's directory) and must stay
   inside it (:func:`cmpt.data.sources.resolve_image_path`).
 """
@@ -87,6 +89,8 @@ class LlavaSource:
         self._fd: int | None = None
         self._pid = -1
         with open(self.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            self._stamp = (st.st_size, st.st_mtime_ns)  # what the offsets were computed from
             head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         self.format = "json" if head.startswith(b"[") else "jsonl"
         if self.format == "json":
@@ -168,6 +172,13 @@ class LlavaSource:
             with _FD_LOCK:
                 if self._fd is None or self._pid != os.getpid():
                     self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:  # the byte offsets no longer hold
+            raise ValueError(
+                f"{self.path} changed while it was being read (size {self._stamp[0]} → {st.st_size} B, "
+                "or a new modification time): its records would come from the wrong lines. Restore the "
+                "file and resume the run, or start again on the new file (a resume compares data by content)"
+            )
         return os.pread(self._fd, int(self._sizes[i]), int(self._offsets[i]))
 
     def __getitem__(self, i: int) -> Record:
