@@ -32,7 +32,7 @@ from cmpt.data.webdataset import RawSample, ShardList, decode_sample, iter_tar, 
 
 __all__ = ["TarIndexSource", "tar_index_dir"]
 
-VERSION = 1
+VERSION = 2  # 2: the sample being read at the damage is the corrupt_archive entry
 
 
 def tar_index_dir() -> Path:
@@ -43,15 +43,11 @@ def tar_index_dir() -> Path:
 
 
 def _scan_shard(path: str) -> list[Any]:
-    """``[offset, key, error]`` of every sample of one shard, headers only. When the shard ends in
-    damage, the sample before it is read whole: if its data is cut too, it becomes the one
-    ``corrupt_archive`` entry, as in the stream (headers alone do not show a truncated member)."""
-    entries = [[raw.offset, raw.key, raw.error] for raw in iter_tar(path, read_data=False)]
-    if len(entries) > 1 and entries[-1][2] and not entries[-2][2]:
-        last = read_sample_at(path, entries[-2][0])
-        if last.error:
-            entries[-2:] = [[last.offset, last.key, last.error]]
-    return entries
+    """``[offset, key, error]`` of every sample of one shard, headers only. A shard that ends in
+    damage ends in one ``corrupt_archive`` entry, in place of the sample being read there, as in the
+    stream: reading the data or skipping it finds the same damage (``tarfile`` checks that each
+    member's data is there before reading the next header)."""
+    return [[raw.offset, raw.key, raw.error] for raw in iter_tar(path, read_data=False)]
 
 
 class TarIndexSource:

@@ -11,14 +11,14 @@ the member path up to the first ``.`` of its base name; the rest is the member's
 
 Images: when the JSON has an ``image`` (or ``images``) field, each entry names a member: its
 extension (``"png"`` or ``["0.jpg", "1.jpg"]``; a leading ``"<key>."`` is accepted too), or the base
-name of a path kept as written (``"coco/x.jpg"`` → member ``<key>.x.jpg``). Entries that name no
-member — paths of LLaVA records stored verbatim (``"coco/train2017/x.jpg"``) — are the sample's
-image members that no entry named, in member order (the plain image extension, then ``<n>.<ext>``
-by ``n``), when there are exactly as many of them; otherwise the sample is ``missing_image``. So a
-verbatim LLaVA record with one image member always resolves, and one with ``k`` paths resolves
-when it has ``k`` image members (the i-th path is the i-th member). Without the field, the images
-are the member with a plain image extension (``png``, ``jpg``, ...) followed by the numbered ones
-``<n>.<ext>`` by ``n``. The record's id is the JSON ``id`` or ``"<shard file name>/<key>"``.
+name of a path kept as written (``"coco/x.jpg"`` → member ``<key>.x.jpg``) — when every entry names
+one and different entries name different ones. Otherwise (paths of LLaVA records stored verbatim)
+the entries are the image members by position (the plain image extension, then ``<n>.<ext>`` by
+``n``) when there are as many, else ``missing_image``: the i-th of ``k`` paths is the i-th of ``k``
+image members even where a path's base name is another member's (``"clip/1.png"``). Names and
+positions are never mixed over these members (only one outside that order, ``x.jpg``, is named).
+Without the field, the images are the member with a plain image extension (``png``, ``jpg``, ...)
+followed by ``<n>.<ext>`` by ``n``. The record's id is the JSON ``id`` or ``"<shard name>/<key>"``.
 
 The ``.json`` member may be in the Hugging Face / TRL chat layout (``messages`` with typed parts,
 :mod:`cmpt.data.chat_layout`); its ``images`` (or inline image parts) resolve to members as above.
@@ -42,9 +42,12 @@ Contrastive pairs (docs/method.md §3, :mod:`cmpt.data.pairs`): a ``.json`` memb
 Reading is streaming (``tarfile``, member by member, nothing extracted to disk) and seekable: every
 raw sample carries the byte offset of its first header, so a reader can restart at any sample
 (:func:`iter_tar` with ``offset``) and a single sample can be read back (:func:`read_sample_at`) —
-this is what makes the streaming loader's resume exact (:mod:`cmpt.data.streaming`). A shard that
-stops being readable mid-way (truncated, corrupt header) ends with a raw sample whose ``error`` is
-set; the rest of that shard is skipped and counted as one ``corrupt_archive`` bad sample.
+this is what makes the streaming loader's resume exact (:mod:`cmpt.data.streaming`). A sample is
+whole once the next sample's header or the end-of-archive marker is read: a shard that stops being
+readable (a bad header, cut data, no end marker: a killed writer or a partial copy, even one cut on
+a 512-byte block) ends with a raw sample whose ``error`` is set, in place of the sample being read
+there; it and the rest of the shard are one ``corrupt_archive`` bad sample, from any resume point.
+Hidden members (``._000123.json``: macOS AppleDouble files) are skipped, logged once per shard.
 
 Shards are given as a list, a glob (``data/*.tar``), a brace pattern (``shards-{000000..000009}.tar``,
 ``{a,b}``; ranges keep their zero padding) or a directory holding ``*.tar`` files.
@@ -55,6 +58,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 import tarfile
@@ -81,6 +85,8 @@ __all__ = [
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _NUMBERED = re.compile(r"(\d+)\.([A-Za-z0-9]+)")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+log = logging.getLogger("cmpt.data")
+_HIDDEN_LOGGED: set[str] = set()  # shards whose hidden members were logged (once per process)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -155,13 +161,62 @@ def _open_at(fh: Any, offset: int) -> tarfile.TarFile:
     return tarfile.open(fileobj=fh, mode="r:")
 
 
-def _nonzero_after(fh: Any, pos: int) -> bool:
-    """Whether anything but zero padding follows ``pos`` (tarfile stops silently at a bad header)."""
+def _end_of_archive(fh: Any, pos: int) -> tuple[bool, str]:
+    """Where ``tarfile`` stopped (byte ``pos``): ``(ended, error)``. ``ended``: the end-of-archive
+    marker (a zero block) is there, so the last sample is whole; ``error``: what is wrong there or
+    after the marker (``""``: nothing). ``tarfile`` stops silently at a missing or bad header."""
     fh.seek(pos)
+    block = fh.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        return False, (
+            f"the shard ends at byte {pos + len(block)} without the end-of-archive marker (two zero "
+            "blocks): it is truncated (a killed writer or a partial copy)"
+        )
+    if block.strip(b"\0"):
+        return False, f"bad tar header at byte {pos}"
     while chunk := fh.read(1 << 16):
         if chunk.strip(b"\0"):
-            return True
-    return False
+            return True, f"data after the end-of-archive marker at byte {pos} (tar files concatenated?)"
+    return True, ""
+
+
+def _read_samples(fh: Any, offset: int, read_data: bool, hidden: list[str]) -> Iterator[RawSample]:
+    """The samples of an open shard from ``offset`` (see :func:`iter_tar`). A sample is whole once
+    the next sample's header or the end-of-archive marker is read: the one being read when damage
+    is found (a bad header, cut data, a missing end marker) is the ``error`` item."""
+    cur: RawSample | None = None
+    tf: tarfile.TarFile | None = None
+    try:
+        tf = _open_at(fh, offset)
+        while (member := tf.next()) is not None:
+            tf.members.clear()  # do not keep every TarInfo of a large shard
+            if not member.isfile():
+                continue
+            if member.name.rsplit("/", 1)[-1].startswith("."):  # "._000123.json" (macOS AppleDouble)
+                hidden.append(member.name)
+                continue
+            key, ext = split_key(member.name)
+            if cur is not None and key != cur.key:
+                cur.next_offset = member.offset
+                yield cur
+                cur = None
+            if cur is None:
+                cur = RawSample(key, offset=member.offset)
+            data = tf.extractfile(member) if read_data else None
+            cur.members[ext] = data.read() if data is not None else b""
+        stop = tf.offset
+        ended, error = _end_of_archive(fh, stop)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        stop = tf.offset if tf is not None else offset
+        ended, error = False, f"{type(e).__name__} near byte {stop}: {e}"
+    if cur is not None and not ended:  # possibly incomplete: not a shorter good sample
+        yield RawSample(cur.key, offset=cur.offset, next_offset=cur.offset, error=error)
+        return
+    if cur is not None:
+        cur.next_offset = stop
+        yield cur
+    if error:
+        yield RawSample("", offset=stop, next_offset=stop, error=error)
 
 
 def iter_tar(
@@ -171,54 +226,21 @@ def iter_tar(
 
     ``limit``: stop after that many samples. ``read_data=False``: members are listed with empty
     contents (headers only: an index of the samples' offsets). Directories, links and other
-    non-files are ignored.
+    non-files are ignored, and so are hidden members (``._000123.json``), logged once per shard.
     """
+    hidden: list[str] = []
     with _open_file(path) as fh:
-        pos = offset
-        tail_error = in_header = False
-        cur: RawSample | None = None
-        count = 0
-        try:
-            tf = _open_at(fh, offset)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield RawSample("", offset=offset, next_offset=offset, error=f"{type(e).__name__}: {e}")
-            return
-        try:
-            while True:
-                start, in_header = pos, True
-                member = tf.next()
-                pos, in_header = tf.offset, False
-                if member is None:  # end of archive, or a header tarfile cannot parse
-                    tail_error = _nonzero_after(fh, start)
-                    break
-                tf.members.clear()  # do not keep every TarInfo of a large shard
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if cur is not None and key != cur.key:
-                    cur.next_offset = start
-                    yield cur
-                    count += 1
-                    cur = None
-                    if limit is not None and count >= limit:
-                        return
-                if cur is None:
-                    cur = RawSample(key, offset=start)
-                data = tf.extractfile(member) if read_data else None
-                cur.members[ext] = data.read() if data is not None else b""
-        except (tarfile.TarError, OSError, EOFError) as e:
-            if in_header and cur is not None:  # the sample before the bad header is complete
-                cur.next_offset = start
-                yield cur
-                cur = None
-            where = cur.offset if cur is not None else start
-            yield RawSample(cur.key if cur else "", offset=where, next_offset=where, error=f"{e}")
-            return
-        if cur is not None:
-            cur.next_offset = start
-            yield cur
-        if tail_error:
-            yield RawSample("", offset=start, next_offset=start, error=f"bad tar header at byte {start}")
+        for count, raw in enumerate(_read_samples(fh, offset, read_data, hidden), 1):
+            yield raw
+            if limit is not None and count >= limit:
+                return
+    if hidden and path not in _HIDDEN_LOGGED:
+        _HIDDEN_LOGGED.add(path)
+        log.warning(
+            "%s: skipped %d hidden member(s) such as %r (macOS AppleDouble files, which bsdtar adds "
+            "for extended attributes; not samples): create shards with COPYFILE_DISABLE=1 to leave "
+            "them out", path, len(hidden), hidden[0],
+        )  # fmt: skip
 
 
 def read_sample_at(path: str, offset: int) -> RawSample:
@@ -257,20 +279,26 @@ def _member_for(entry: str, base: str, members: dict[str, bytes]) -> str | None:
 
 
 def _resolve_images(listed: list[str], raw: RawSample, base: str, rid: str, origin: str) -> list[str]:
-    """The members of the entries of an ``image`` / ``images`` field (see the module docstring):
-    entries naming a member first; the others (paths, as LLaVA records keep them) are the image
-    members no entry named, in order, when there are as many; else ``missing_image``."""
-    exts = [_member_for(e, base, raw.members) for e in listed]
-    unnamed = [i for i, e in enumerate(exts) if e is None]
-    if unnamed:
-        free = [e for e in _image_extensions(raw.members) if e not in exts]
-        if len(free) != len(unnamed):
-            raise BadSample(
-                rid, "missing_image", f"{origin}: no member for {[listed[i] for i in unnamed]} "
-                f"({len(free)} image member(s) left for {len(unnamed)} path(s); has {sorted(raw.members)})",
-            )  # fmt: skip
-        for i, e in zip(unnamed, free):
-            exts[i] = e
+    """The members of the entries of an ``image`` / ``images`` field (see the module docstring): by
+    name when every entry names a member and different entries name different members; else by
+    position over the image members (``missing_image`` unless there are as many), never both."""
+    named = [_member_for(e, base, raw.members) for e in listed]
+    owner: dict[str, str] = {}
+    clash = {m for e, m in zip(listed, named) if m is not None and owner.setdefault(m, e) != e}
+    if None not in named and not clash:
+        return named  # type: ignore[return-value]
+    order = _image_extensions(raw.members)  # what "by position" means: plain, then <n>.<ext> by n
+    # a member outside that order ("x.jpg", named by "coco/x.jpg") has no position to mix up
+    exts = [m if m is not None and m not in order and m not in clash else None for m in named]
+    unnamed = [i for i, m in enumerate(exts) if m is None]
+    if len(order) != len(unnamed):
+        raise BadSample(
+            rid, "missing_image", f"{origin}: no member for {[listed[i] for i in unnamed]} ({len(order)} "
+            f"image member(s) for {len(unnamed)} path(s); has {sorted(raw.members)}): store one image member "
+            "per path, or name the members in the field (\"0.jpg\", \"1.jpg\")",
+        )  # fmt: skip
+    for i, m in zip(unnamed, order):
+        exts[i] = m
     return exts  # type: ignore[return-value]
 
 
@@ -299,7 +327,8 @@ def decode_sample(raw: RawSample, shard_name: str, index: int = -1) -> Record:
     origin = f"{shard_name}:{raw.key}"
     if raw.error:
         raise BadSample(default_id, "corrupt_archive", f"{shard_name} unreadable from byte {raw.offset}: "
-                        f"{raw.error}; the rest of the shard is skipped")  # fmt: skip
+                        f"{raw.error}; the sample there and the rest of the shard are skipped (write or copy "
+                        "the shard again)")  # fmt: skip
     obj = _load_json(raw, default_id, origin)
     rid = obj.get("id")
     rid = default_id if rid is None or rid == "" else str(rid)
