@@ -6,8 +6,15 @@ VLM directory (``cmpt_vlm``) and an Embedder directory over a cmpt VLM (``cmpt_e
 carries a ``config.json`` with its ``model_type`` (:func:`auto_config_fields`), besides cmpt's own
 files. The model classes are thin :class:`~transformers.PreTrainedModel` wrappers: their
 ``from_pretrained`` is cmpt's own loader (so the outputs are the same, bit for bit), ``forward``
-calls the wrapped module, ``save_pretrained`` writes the cmpt directory again. Hub ids resolve
-through :func:`cmpt.hub.local_model_dir`.
+calls the wrapped module, ``save_pretrained`` writes the cmpt directory again (locally: upload it
+with ``hf upload``, docs/architecture.md "Sharing models"). Hub ids resolve through
+:func:`cmpt.hub.local_model_dir`.
+
+``from_pretrained`` arguments (:mod:`cmpt.hf_auto_load`): a config field (``rope=True``, ``normalize=False``) or a changed
+``config=`` reaches cmpt's loader as an override where the loader takes it, else is one error naming
+it; ``dtype`` is a torch dtype, its name or ``"auto"`` (the saved dtype); ``device_map`` is one
+device; ``attn_implementation`` goes to a VLM's or Embedder's language model (a NativeViT takes its
+``attn`` field). Nothing transformers hands over is dropped silently.
 
 An Embedder over a Hugging Face Qwen2-VL / Qwen2.5-VL keeps that checkpoint's own ``config.json``
 (the directory stays a plain transformers checkpoint): the Auto classes give transformers'
@@ -22,13 +29,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from cmpt.hf_auto_load import AUTO_KEYS, fitting, prepare, saved_dtype
 from cmpt.vision.vit import NativeViT, NativeViTConfig
 
 __all__ = ["AUTO_KEYS", "CmptEmbedderModel", "CmptNativeViTModel", "CmptVLMModel", "auto_config_fields"]
@@ -36,11 +44,8 @@ __all__ += ["register_auto_classes", "write_auto_config"]
 
 VIT_TYPE, VLM_TYPE, EMBEDDER_TYPE = "cmpt_native_vit", "cmpt_vlm", "cmpt_embedder"
 #: keys of a ``config.json`` that are transformers' (cmpt's own config readers skip them)
-AUTO_KEYS = ("model_type", "architectures")
 _ARCH = {VIT_TYPE: "CmptNativeViTModel", VLM_TYPE: "CmptVLMModel", EMBEDDER_TYPE: "CmptEmbedderModel"}
-_HUB_KWARGS = ("revision", "cache_dir", "token")
-# what AutoModel.from_pretrained hands every model class; nothing a cmpt loader takes
-_AUTO_INTERNAL = ("trust_remote_code", "adapter_kwargs", "_from_auto", "_commit_hash", "code_revision")
+_UPLOAD = "cmpt writes a local directory: save it, then upload it with `hf upload REPO DIR`"
 
 
 def auto_config_fields(model_type: str) -> dict[str, Any]:
@@ -79,37 +84,63 @@ class CmptEmbedderConfig(PretrainedConfig):
     model_type = EMBEDDER_TYPE
 
 
-def _load_kwargs(kwargs: dict[str, Any], allowed: tuple[str, ...]) -> tuple[dict, dict]:
-    """Split ``from_pretrained`` kwargs into hub arguments and cmpt loader arguments."""
-    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-    for k in _AUTO_INTERNAL:
-        kwargs.pop(k, None)
-    if "torch_dtype" in kwargs:
-        kwargs["dtype"] = kwargs.pop("torch_dtype")
-    bad = sorted(set(kwargs) - set(allowed))
-    if bad:
-        raise TypeError(
-            f"from_pretrained of a cmpt directory got unsupported arguments {bad}; it takes {allowed}"
-        )
-    return hub, kwargs
+def _with_attention(config: PretrainedConfig, backbone: Any) -> PretrainedConfig:
+    """``config`` recording the attention implementation the backbone's language model runs."""
+    from cmpt.vlm.text_attention import attn_implementation
+
+    config._attn_implementation = attn_implementation(backbone.attention_owner)
+    return config
 
 
-def _local(path: str | os.PathLike, what: str, hub: dict[str, Any]) -> Path:
-    from cmpt.hub import local_model_dir
-
-    return local_model_dir(path, what, **hub)
-
-
-def _config(cls: type, config: Any, directory: Path) -> PretrainedConfig:
-    """The config AutoModel already read, else the directory's."""
-    return config if isinstance(config, cls.config_class) else cls.config_class.from_pretrained(directory)
+def _not_from_config(what: str, how: str) -> ValueError:
+    return ValueError(
+        f"a cmpt {what} cannot be built from its config.json alone (it records where its parts came "
+        f"from, not their architectures): load a directory with AutoModel.from_pretrained(DIR), or {how}"
+    )
 
 
 class _CmptWrapper(PreTrainedModel):
-    """Shared parts: no transformers weight initialisation (the wrapped module has its weights)."""
+    """Shared parts: no transformers weight initialisation (the wrapped module has its weights),
+    transformers' attention names (the wrapped language model runs them: docs/method.md §7), and
+    ``save_pretrained`` writing cmpt's own directory (docs/architecture.md "Sharing models")."""
+
+    # the implementations the wrapped language model takes; transformers checks the one recorded on
+    # the wrapper's config against these flags
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    #: what the model is, in messages and for :func:`cmpt.hub.local_model_dir`
+    what: ClassVar[str]
+    #: the attribute holding the wrapped cmpt module, which saves the directory
+    cmpt_part: ClassVar[str]
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights come from the wrapped cmpt module, never from transformers' initialisation."""
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        push_to_hub: bool = False,
+        safe_serialization: bool = True,
+        **hf_options: Any,
+    ) -> None:
+        """The wrapped module's directory (safetensors); transformers' other saving options (sharding,
+        ``state_dict``, ...) do not apply to cmpt's layout and are refused, as is ``push_to_hub``."""
+        if push_to_hub:
+            raise ValueError(f"save_pretrained(push_to_hub=True): {_UPLOAD}")
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): cmpt writes safetensors only")
+        if hf_options:
+            raise TypeError(
+                f"save_pretrained of a {self.what} takes save_directory only (cmpt writes its own "
+                f"directory layout); got {sorted(hf_options)}"
+            )
+        getattr(self, self.cmpt_part).save_pretrained(save_directory)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: cmpt writes a local directory, which ``hf upload`` publishes."""
+        raise NotImplementedError(f"{type(self).__name__}.push_to_hub: {_UPLOAD}")
 
 
 class CmptNativeViTModel(_CmptWrapper):
@@ -118,6 +149,8 @@ class CmptNativeViTModel(_CmptWrapper):
     config_class = CmptNativeViTConfig
     base_model_prefix = "vit"
     main_input_name = "patches"
+    what = "NativeViT"
+    cmpt_part = "vit"
 
     def __init__(self, config: CmptNativeViTConfig, vit: NativeViT | None = None) -> None:
         super().__init__(config)
@@ -131,20 +164,25 @@ class CmptNativeViTModel(_CmptWrapper):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None, **kwargs: Any
     ) -> CmptNativeViTModel:
-        """``NativeViT.from_pretrained`` (``dtype``, ``device_map``: one device, ``rope``, ``attn``, ...)."""
-        hub, kw = _load_kwargs(kwargs, ("dtype", "device_map", *(f.name for f in fields(NativeViTConfig))))
-        dtype, device = kw.pop("dtype", None), kw.pop("device_map", None)
-        d = _local(pretrained_model_name_or_path, "NativeViT", hub)
-        vit = NativeViT.from_pretrained(d, device=device, **kw)
-        if dtype is not None and dtype != "auto":
-            vit.to(dtype)
-        return cls(
-            config if isinstance(config, CmptNativeViTConfig) else cls.config_class.from_pretrained(d), vit
-        )
+        """``NativeViT.from_pretrained`` (docs/method.md §1) with ``dtype`` (a torch dtype, its name,
+        or ``"auto"``: the saved one), ``device_map`` (one device) and NativeViT config fields as
+        overrides (``rope=True``, ``attn="flex"``, ...: :func:`prepare`). The attention backend is
+        the ``attn`` field; ``attn_implementation`` (a language model's) is refused."""
+        from cmpt.vision.attention import BACKENDS
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_hf_options: Any) -> None:
-        """The NativeViT directory (transformers' sharding / serialization options do not apply)."""
-        self.vit.save_pretrained(save_directory)
+        names = [f.name for f in fields(NativeViTConfig)]
+        load = prepare(cls, pretrained_model_name_or_path, args, config, kwargs, names)
+        if load.attn_implementation is not None:
+            raise ValueError(
+                f"attn_implementation={load.attn_implementation!r}: a NativeViT takes its attention "
+                f"backend as attn=, one of {BACKENDS}"
+            )
+        with fitting(load):
+            vit = NativeViT.from_pretrained(load.directory, load.device, **load.overrides)
+        dtype = saved_dtype(load.directory) if load.dtype == "auto" else load.dtype
+        if dtype is not None:
+            vit.to(dtype)
+        return cls(load.config, vit)
 
 
 class CmptVLMModel(_CmptWrapper):
@@ -154,8 +192,12 @@ class CmptVLMModel(_CmptWrapper):
     config_class = CmptVLMConfig
     base_model_prefix = "vlm"
     main_input_name = "input_ids"
+    what = "cmpt VLM"
+    cmpt_part = "vlm"
 
-    def __init__(self, config: CmptVLMConfig, vlm: torch.nn.Module) -> None:
+    def __init__(self, config: CmptVLMConfig, vlm: torch.nn.Module | None = None) -> None:
+        if vlm is None:  # AutoModel.from_config
+            raise _not_from_config("VLM", "build one with cmpt.VisionLanguageModel.build(VIT, LLM)")
         super().__init__(config)
         self.vlm = vlm
 
@@ -167,20 +209,25 @@ class CmptVLMModel(_CmptWrapper):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None, **kwargs: Any
     ) -> CmptVLMModel:
-        """``VisionLanguageModel.from_pretrained`` (``dtype`` of the LLM, ``device_map``: one device,
-        ``attn_implementation``, ``rope``)."""
+        """``VisionLanguageModel.from_pretrained`` (docs/method.md §2 "Assembly") with ``dtype`` of
+        the LLM (a torch dtype, its name or ``"auto"``), ``device_map`` (one device), the LLM's
+        ``attn_implementation``, the ViT's ``rope`` and VLMConfig fields as overrides (:func:`prepare`)."""
+        from cmpt.vlm.io import VLMConfig
         from cmpt.vlm.model import VisionLanguageModel
 
-        hub, kw = _load_kwargs(kwargs, ("dtype", "device_map", "attn_implementation", "rope"))
-        attn = kw.pop("attn_implementation", None)
-        llm_kwargs = {"attn_implementation": attn} if attn else None
-        d = _local(pretrained_model_name_or_path, "cmpt VLM", hub)
-        vlm = VisionLanguageModel.from_pretrained(d, kw.pop("device_map", None), llm_kwargs=llm_kwargs, **kw)
-        return cls(_config(cls, config, d), vlm)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **_hf_options: Any) -> None:
-        """The VLM directory (transformers' sharding / serialization options do not apply)."""
-        self.vlm.save_pretrained(save_directory)
+        names = [f.name for f in fields(VLMConfig)]
+        load = prepare(cls, pretrained_model_name_or_path, args, config, kwargs, names, extra=("rope",))
+        llm_kwargs = {"attn_implementation": load.attn_implementation} if load.attn_implementation else None
+        with fitting(load):
+            vlm = VisionLanguageModel.from_pretrained(
+                load.directory,
+                load.device,
+                dtype=load.dtype,
+                llm_kwargs=llm_kwargs,
+                **load.extra,
+                **load.overrides,
+            )
+        return cls(_with_attention(load.config, vlm), vlm)
 
 
 class CmptEmbedderModel(_CmptWrapper):
@@ -189,8 +236,14 @@ class CmptEmbedderModel(_CmptWrapper):
 
     config_class = CmptEmbedderConfig
     base_model_prefix = "backbone"
+    what = "cmpt Embedder"
+    cmpt_part = "embedder"
 
-    def __init__(self, config: CmptEmbedderConfig, embedder: Any) -> None:
+    def __init__(self, config: CmptEmbedderConfig, embedder: Any = None) -> None:
+        if embedder is None:  # AutoModel.from_config
+            raise _not_from_config(
+                "Embedder", "wrap a VLM: cmpt.Embedder(cmpt.VisionLanguageModel.build(VIT, LLM))"
+            )
         super().__init__(config)
         self.backbone = embedder.backbone
         self.embedder = embedder
@@ -205,17 +258,22 @@ class CmptEmbedderModel(_CmptWrapper):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None, **kwargs: Any
     ) -> CmptEmbedderModel:
-        """``Embedder.from_pretrained`` (``dtype``, ``device_map``: one device, ``attn_implementation``)."""
-        from cmpt.embed.embedder import Embedder
+        """``Embedder.from_pretrained`` (docs/method.md §3) with ``dtype`` (a torch dtype, its name or
+        ``"auto"``), ``device_map`` (one device), the LLM's ``attn_implementation`` and EmbedderConfig
+        fields as overrides (``normalize=False``, ``max_length=``, ...: :func:`prepare`)."""
+        from cmpt.embed.embedder import Embedder, EmbedderConfig
 
-        hub, kw = _load_kwargs(kwargs, ("dtype", "device_map", "attn_implementation"))
-        d = _local(pretrained_model_name_or_path, "cmpt Embedder", hub)
-        emb = Embedder.from_pretrained(d, device=kw.pop("device_map", None), **kw)
-        return cls(_config(cls, config, d), emb)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **_hf_options: Any) -> None:
-        """The Embedder directory (transformers' sharding / serialization options do not apply)."""
-        self.embedder.save_pretrained(save_directory)
+        hint = (
+            "; a field of the backbone VLM takes cmpt.VisionLanguageModel.from_pretrained(DIR, FIELD=...) "
+            "wrapped in cmpt.Embedder"
+        )
+        names = [f.name for f in fields(EmbedderConfig)]
+        load = prepare(cls, pretrained_model_name_or_path, args, config, kwargs, names, hint)
+        emb = Embedder.from_pretrained(
+            load.directory, device=load.device, dtype=load.dtype, attn_implementation=load.attn_implementation
+        )
+        emb.config = replace(emb.config, **load.overrides)
+        return cls(_with_attention(load.config, emb.backbone), emb)
 
 
 def register_auto_classes() -> bool:
