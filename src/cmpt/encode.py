@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
 from .vision.image_io import ImageLoadError
 from .vision.processor import ImageProcessor
 from .vision.rope import patch_positions
@@ -27,23 +28,68 @@ from .vision.vit import NativeViT
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def load_vit(model: str | Path, *, rope: bool | None = None, attn: str = "auto") -> NativeViT:
-    """A cmpt NativeViT directory, or any Hugging Face vision checkpoint that ``NativeViT.from_hf`` reads."""
-    cfg = Path(model) / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("cmpt_model") == "NativeViT":
-        return NativeViT.from_pretrained(model, rope=rope, attn=attn)
-    return NativeViT.from_hf(model, rope=rope, attn=attn)
+def vision_dir(model: str | os.PathLike) -> Path:
+    """The local directory of a vision model name: the path itself (a missing one is refused with
+    :func:`cmpt.hub.missing_path_error`), or for a hub id its cached or downloaded snapshot's
+    configs and safetensors weights (:func:`cmpt.hub.local_model_dir`, :data:`cmpt.hub.WEIGHT_FILES`),
+    enough to tell what it holds."""
+    return local_model_dir(model, "vision checkpoint", allow_patterns=WEIGHT_FILES, must_exist=True)
 
 
-def processor_for(vit: NativeViT, model: str | Path, **overrides) -> ImageProcessor:
-    """The checkpoint's preprocessing (mean/std) with the native-resolution policy unless overridden."""
+def _is_native_vit(d: Path) -> bool:
+    cfg = d / "config.json"
+    return cfg.is_file() and read_json(cfg).get("cmpt_model") == "NativeViT"
+
+
+def load_vit(model: str | os.PathLike, *, rope: bool | None = None, attn: str = "auto") -> NativeViT:
+    """A cmpt NativeViT directory, a CoMP-VFM tower of the official release (docs/method.md §1.5;
+    both through ``NativeViT.from_pretrained``) or any Hugging Face vision checkpoint that
+    ``NativeViT.from_hf`` reads; local or by hub id (:func:`vision_dir`)."""
+    from .vision.official_release import detect_official_layout
+
+    d = vision_dir(model)
+    if _is_native_vit(d) or detect_official_layout(d) == "vit":
+        return NativeViT.from_pretrained(d, rope=rope, attn=attn)
+    # a hub id by name: transformers fetches the weight files it reads (a .bin too)
+    return NativeViT.from_hf(model if is_hub_id(model) else d, rope=rope, attn=attn)
+
+
+def processor_for(vit: NativeViT, model: str | os.PathLike, **overrides) -> ImageProcessor:
+    """The checkpoint's preprocessing (its ``preprocessor_config.json``, local or by hub id: mean/std)
+    with the native-resolution policy unless overridden; the ViT's own mean/std without one."""
     c = vit.config
     kwargs = {"policy": "native", **{k: v for k, v in overrides.items() if v is not None}}
-    if (Path(model) / "preprocessor_config.json").is_file():
-        return ImageProcessor.from_hf(model, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
-    return ImageProcessor(
-        patch_size=c.patch_size, merge_size=c.merge_size, mean=c.image_mean, std=c.image_std, **kwargs
-    )
+    d = local_model_dir(model, "vision checkpoint", allow_patterns=CONFIG_FILES)
+    if (d / "preprocessor_config.json").is_file():
+        return ImageProcessor.from_hf(d, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
+    return default_processor(vit, **kwargs)
+
+
+def load_vision_model(model: str | os.PathLike) -> tuple[NativeViT, ImageProcessor]:
+    """``(vit, processor)`` of a model name, local or by hub id (:func:`vision_dir`): a cmpt VLM
+    directory (its ``vision/`` and ``processor/``), a CoMP-MM of the official release (its tower
+    and processor, docs/method.md §1.5), else what :func:`load_vit` reads (:func:`processor_for`)."""
+    from .vision.official_release import detect_official_layout
+
+    d = vision_dir(model)
+    if (d / "vlm_config.json").is_file():
+        vit = NativeViT.from_pretrained(d / "vision")
+        proc_dir = d / "processor"
+        return vit, ImageProcessor.from_hf(proc_dir) if proc_dir.is_dir() else default_processor(vit)
+    if detect_official_layout(d) == "vlm":
+        from .vlm.model import VisionLanguageModel
+
+        vlm = VisionLanguageModel.from_pretrained(model)  # by name: its tokenizer files too
+        return vlm.vit, vlm.processor or default_processor(vlm.vit)
+    vit = load_vit(model)
+    return vit, processor_for(vit, model)
+
+
+def default_processor(vit: NativeViT, **overrides) -> ImageProcessor:
+    """The native-resolution processor of ``vit`` (its patch/merge size, mean and std)."""
+    c = vit.config
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return ImageProcessor(c.patch_size, c.merge_size, mean=c.image_mean, std=c.image_std, **kw)
 
 
 def expand_images(items: Iterable[str | Path]) -> list[Path]:

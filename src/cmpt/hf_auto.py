@@ -10,11 +10,12 @@ calls the wrapped module, ``save_pretrained`` writes the cmpt directory again (l
 with ``hf upload``, docs/architecture.md "Sharing models"). Hub ids resolve through
 :func:`cmpt.hub.local_model_dir`.
 
-``from_pretrained`` arguments (:mod:`cmpt.hf_auto_load`): a config field (``rope=True``, ``normalize=False``) or a changed
-``config=`` reaches cmpt's loader as an override where the loader takes it, else is one error naming
-it; ``dtype`` is a torch dtype, its name or ``"auto"`` (the saved dtype); ``device_map`` is one
-device; ``attn_implementation`` goes to a VLM's or Embedder's language model (a NativeViT takes its
-``attn`` field). Nothing transformers hands over is dropped silently.
+``from_pretrained`` arguments (:mod:`cmpt.hf_auto_load`): a config field (``rope=True``,
+``normalize=False``) or a changed ``config=`` reaches cmpt's loader as an override where the loader
+takes it, else is one error naming it; ``dtype`` is a torch dtype, its name or ``"auto"`` (the
+saved dtype); ``device_map`` is one device; ``attn_implementation`` goes to a VLM's or Embedder's
+language model (a NativeViT takes its ``attn`` field). Nothing transformers hands over is dropped
+silently.
 
 An Embedder over a Hugging Face Qwen2-VL / Qwen2.5-VL keeps that checkpoint's own ``config.json``
 (the directory stays a plain transformers checkpoint): the Auto classes give transformers'

@@ -2,23 +2,26 @@
 files, and the one-line errors when they cannot be loaded (docs/method.md §2 "Assembly", §3
 "Backbones").
 
-Every path where cmpt hands a model name to the hub (``VisionLanguageModel.build``'s LLM and
-vision checkpoint, ``NativeViT.from_hf``, and the cmpt directories ``NativeViT`` /
-``VisionLanguageModel`` / ``Embedder.from_pretrained`` read by hub id) goes through
-:func:`resolving` (or :func:`local_model_dir`, which uses it). A hub id that is neither a local
-directory nor in the local Hugging Face cache, on a machine that is offline (``HF_HUB_OFFLINE=1``,
-or no route to the hub), then fails with :class:`HubOfflineError`: one line naming the download
-command of the *installed* ``huggingface_hub`` (``hf download REPO`` where it ships the ``hf`` CLI,
-≥ 0.34; ``huggingface-cli download REPO`` before) and ``HF_HUB_OFFLINE``. The failure is told by
-the exception types huggingface_hub raises (``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``)
-anywhere in the chain, never by message text.
+Every path where cmpt hands a model name to the hub (``VisionLanguageModel.build``'s LLM and vision
+checkpoint, ``NativeViT.from_hf``, ``ImageProcessor.from_hf``, the cmpt directories ``NativeViT`` /
+``VisionLanguageModel`` / ``Embedder.from_pretrained`` read by hub id, and the models of
+``cmpt encode``, ``cmpt eval`` and the mteb adapter) goes through :func:`resolving` (or
+:func:`local_model_dir`, which uses it; what a directory holds is decided on the local snapshot). A
+hub id that is neither a local directory nor in the local Hugging Face cache, on a machine that is
+offline (``HF_HUB_OFFLINE=1``, or no route to the hub), then fails with :class:`HubOfflineError`:
+one line naming the download command of the *installed* ``huggingface_hub`` (``hf download REPO``
+where it ships the ``hf`` CLI, ≥ 0.34; ``huggingface-cli download REPO`` before) and
+``HF_HUB_OFFLINE``. The failure is told by the exception types huggingface_hub raises
+(``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``) anywhere in the chain, never by message
+text.
 
 A name loaded through :func:`resolving` that can only be a local path (absolute, ``./``, ``../``,
 ``~``, or with separators no ``namespace/name`` hub id has) and does not exist is one
 ``FileNotFoundError`` saying so, with the fix (:func:`missing_path_error`: ``cmpt demo`` for the
-tiny models under cmpt's cache), never a hub lookup. Weight files read through
-:func:`reading_safetensors` and config files through :func:`read_json` that are truncated or
-corrupt are one :class:`CorruptFileError` naming the file.
+tiny models under cmpt's cache), never a hub lookup; loaders that read a directory
+(``local_model_dir(..., must_exist=True)``) say so for any missing path before they guess its kind.
+Weight files read through :func:`reading_safetensors` and config files through :func:`read_json`
+that are truncated or corrupt are one :class:`CorruptFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ from typing import Any
 
 __all__ = ["CorruptFileError", "HubOfflineError", "cli_for", "download_command", "hub_cli", "is_hub_id"]
 __all__ += ["check_local_path", "local_model_dir", "missing_path_error", "read_json", "reading_safetensors"]
-__all__ += ["resolving"]
+__all__ += ["CONFIG_FILES", "WEIGHT_FILES", "resolving"]
+
+#: ``allow_patterns`` of :func:`local_model_dir` for what a model's configs say (what it is, its
+#: preprocessing), and for its configs and safetensors weights (what cmpt's own loaders read).
+CONFIG_FILES = ("*.json",)
+WEIGHT_FILES = ("*.json", "*.safetensors")
 
 
 class HubOfflineError(FileNotFoundError):
@@ -109,6 +117,9 @@ def missing_path_error(path: str | os.PathLike, what: str, fix: str = "check the
     return FileNotFoundError(f"{what} {os.fspath(path)} does not exist: {fix}")
 
 
+_CHECK_PATH = "check the path (a Hugging Face Hub id has the form namespace/name)"
+
+
 def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
     """Raise :func:`missing_path_error` (naming ``what``) for a string that can only be a local path
     (:func:`_path_like`) and does not exist; hub ids and ``Path`` objects pass."""
@@ -117,9 +128,7 @@ def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
         and _path_like(name_or_path)
         and not Path(name_or_path).expanduser().exists()
     ):
-        raise missing_path_error(
-            name_or_path, what, "check the path (a Hugging Face Hub id has the form namespace/name)"
-        )
+        raise missing_path_error(name_or_path, what, _CHECK_PATH)
 
 
 def _offline() -> bool:
@@ -177,20 +186,32 @@ def local_model_dir(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    allow_patterns: tuple[str, ...] | None = None,
+    must_exist: bool = False,
 ) -> Path:
     """A local directory for ``name_or_path``: the path itself, or for a hub id the snapshot in the
     Hugging Face cache (downloaded when the hub is reachable; :class:`HubOfflineError` when it is
-    not cached and the hub is not). A missing path that is no hub id is returned as is (the
-    caller's own error names it, e.g. what ``model.init`` should be)."""
+    not cached and the hub is not). ``allow_patterns`` (e.g. :data:`CONFIG_FILES`) downloads only
+    those files of a repo (a cached snapshot is returned as it is). A missing path that is no hub id
+    is returned as is (the caller's own error names it, e.g. what ``model.init`` should be), or with
+    ``must_exist`` refused: one :func:`missing_path_error` naming ``what``, before any guess at what
+    kind of directory it is."""
     if not is_hub_id(name_or_path):
-        return Path(name_or_path).expanduser()
+        path = Path(name_or_path).expanduser()
+        if must_exist and not path.exists():
+            raise missing_path_error(name_or_path, what, _CHECK_PATH)
+        return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     repo_id = str(name_or_path)
     try:
         with resolving(repo_id, what):
-            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token))
+            patterns = list(allow_patterns) if allow_patterns is not None else None
+            snapshot = snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=patterns
+            )
+            return Path(snapshot)
     except RepositoryNotFoundError:
         raise FileNotFoundError(
             f"{what} {repo_id!r}: no such local directory, and no Hugging Face Hub repository of that "

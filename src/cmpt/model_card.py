@@ -7,7 +7,9 @@ the training run that produced the weights:
 
 * YAML front matter: ``library_name: cmpt``, ``tags``, ``pipeline_tag`` per kind (VLM:
   ``image-text-to-text``, NativeViT: ``image-feature-extraction``, Embedder:
-  ``feature-extraction``), ``base_model`` (the hub ids the model started from, when they are hub ids);
+  ``feature-extraction``), ``base_model`` (the hub ids the model started from: names of a hub id's
+  form that are no relative path from here nor from the directories of its run, of its save or of
+  the model it was re-saved from);
 * what it was trained from (``model.init``, or ``model.vision`` + ``model.llm``), recipe and stage,
   steps, data sources (a mixture's members listed), read from the run's ``config.yaml``;
 * a results table from the run's evaluation JSONs (``cmpt eval ... --out RUN/eval/...``, or
@@ -206,16 +208,40 @@ def _training_rows(cfg: dict[str, Any], run: RunFacts | None) -> list[str]:
     ]
 
 
-def render_card(directory: str | os.PathLike, run: RunFacts | None = None) -> str:
-    """The card text of ``directory`` (see the module docstring)."""
+def _was_local(name: str, anchors: Iterable[str | os.PathLike | None]) -> bool:
+    """Whether ``name`` is a relative path that exists from one of ``anchors`` (directories) or their
+    parents: a model records its sources as given, relative to where it was built (a run's
+    directory, the directory it was saved to or loaded from, or one above), not to the current one."""
+    if Path(name).is_absolute():
+        return False
+    roots = {q for a in anchors if a is not None for q in (Path(a).absolute(), *Path(a).absolute().parents)}
+    return any((root / name).exists() for root in roots)
+
+
+def _base_models(names: Iterable[Any], anchors: Iterable[str | os.PathLike | None] = ()) -> list[str]:
+    """The ``names`` that are hub ids (``base_model``): of a hub id's form and no local path from here
+    (:func:`cmpt.hub.is_hub_id`) nor from the ``anchors`` (:func:`_was_local`); in order, once each."""
+    anchors = list(anchors)
+    hub = (n for n in names if isinstance(n, str) and is_hub_id(n) and not _was_local(n, anchors))
+    return list(dict.fromkeys(hub))
+
+
+def render_card(
+    directory: str | os.PathLike,
+    run: RunFacts | None = None,
+    *,
+    sources: Iterable[str | os.PathLike | None] = (),
+) -> str:
+    """The card text of ``directory`` (see the module docstring); ``sources``: the directories a
+    re-saved model was loaded from (relative names it records may be relative to them)."""
     d = Path(directory)
     kind = model_kind(d)
     pipeline_tag, tags, what = _KINDS[kind]
     cfg = _run_config(run)
     model_cfg = cfg.get("model") or {}
-    sources = _model_sources(d, kind)
-    starts = [model_cfg.get(k) for k in ("init", "vision", "llm")] + sources
-    base = list(dict.fromkeys(s for s in starts if isinstance(s, str) and is_hub_id(s)))
+    sources_recorded = _model_sources(d, kind)
+    starts = [model_cfg.get(k) for k in ("init", "vision", "llm")] + sources_recorded
+    base = _base_models(starts, [d, *sources, run.run_dir if run is not None else None])
     meta: dict[str, Any] = {"library_name": "cmpt", "pipeline_tag": pipeline_tag}
     meta["tags"] = list(dict.fromkeys(["cmpt", *tags, *([cfg["recipe"]] if cfg.get("recipe") else [])]))
     if base:
@@ -225,8 +251,9 @@ def render_card(directory: str | os.PathLike, run: RunFacts | None = None) -> st
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
     lines += [f"{what[0].upper()}{what[1:]}, saved by cmpt (continual multimodal pre-training).", ""]
     lines += ["## Training", "", "| | |", "|---|---|", *_training_rows(cfg, run)]
-    if sources:
-        lines.append(f"| weights started from | {', '.join(f'`{_cell(s)}`' for s in sources)} |")
+    if sources_recorded:
+        started = ", ".join(f"`{_cell(s)}`" for s in sources_recorded)
+        lines.append(f"| weights started from | {started} |")
     lines.append("")
     rows = _results(run)
     if rows:
@@ -271,9 +298,9 @@ def write_model_card(
 ) -> Path:
     """Write ``directory/README.md``; ``run`` explicitly, else :func:`find_run` of the directory and
     then of ``sources`` (the directories a re-saved model was loaded from)."""
-    d = Path(directory)
+    d, sources = Path(directory), list(sources)
     if run is None:
         run = next((r for r in map(find_run, [d, *sources]) if r is not None), None)
     path = d / CARD_NAME
-    path.write_text(render_card(d, run), encoding="utf-8")
+    path.write_text(render_card(d, run, sources=sources), encoding="utf-8")
     return path

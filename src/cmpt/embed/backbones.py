@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from cmpt.hub import read_json
+from cmpt.hub import missing_path_error, read_json
 
 __all__ = ["QWEN_VL_TYPES", "backbone_kind", "load_backbone"]
 
@@ -22,8 +22,10 @@ QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 def backbone_kind(path: str | Path) -> str:
     """``"cmpt"`` (a VisionLanguageModel directory) or ``"qwen_vl"``; ``ValueError`` naming what the
-    directory holds otherwise."""
+    directory holds otherwise (a path that does not exist: :func:`cmpt.hub.missing_path_error`)."""
     d = Path(path)
+    if not d.exists():
+        raise missing_path_error(path, "backbone")
     if (d / "vlm_config.json").is_file():
         return "cmpt"
     cfg_file = d / "config.json"

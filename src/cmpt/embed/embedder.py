@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cmpt.embed.backbones import load_backbone
 from cmpt.hub import read_json
 from cmpt.losses import segment_mean
+from cmpt.vision.image_io import ImageSource
 from cmpt.vlm.chat import encode_text_with_images, plain_input
 
 __all__ = ["EMBEDDER_CONFIG", "POOLINGS", "Embedder", "EmbedderConfig"]
@@ -66,13 +67,29 @@ class EmbedderConfig:
             raise ValueError(f"{path}: {e}") from e
 
 
+def _one(x: Any, name: str) -> bool:
+    """Whether ``x`` is one entry of ``name``, not a sequence of entries: a string, or for
+    ``images`` one image (path, bytes or PIL image: :data:`cmpt.vision.image_io.ImageSource`)."""
+    return x is None or isinstance(x, str) or (name == "images" and isinstance(x, ImageSource))
+
+
 def _as_list(x: Any, n: int, name: str) -> list[Any]:
-    if x is None or isinstance(x, str):
+    """``x`` for each of ``n`` inputs: one entry (:func:`_one`) repeated, or ``n`` entries."""
+    if _one(x, name):
         return [x] * n
     x = list(x)
     if len(x) != n:
         raise ValueError(f"{name} has {len(x)} entries for {n} inputs")
     return x
+
+
+def _count(texts: Any, images: Any) -> int:
+    """The number of inputs: the length of ``texts`` or ``images`` given as sequences, else one
+    input when either holds a single entry (a string, one image), else none."""
+    for x, name in ((texts, "texts"), (images, "images")):
+        if not _one(x, name):
+            return len(x)
+    return int(texts is not None or images is not None)
 
 
 class Embedder:
@@ -93,7 +110,7 @@ class Embedder:
         device, :func:`cmpt.embed.backbones.load_backbone`). ``loaded_from`` is the directory."""
         from cmpt.hub import local_model_dir
 
-        d = local_model_dir(path, "Embedder")
+        d = local_model_dir(path, "Embedder", must_exist=True)
         backbone = load_backbone(d, **load_kwargs)
         if device is not None:
             backbone.to(device)
@@ -149,16 +166,15 @@ class Embedder:
     ) -> torch.Tensor:
         """Embeddings ``(B, D)`` (float32, CPU, L2-normalized) of B inputs.
 
-        ``texts``: B strings (or None entries); ``images``: B entries, each None, one image (PIL,
-        path or bytes) or a list of images; ``instructions``: one string for all inputs or B
-        entries. ``progress``: a progress bar (default: for more than 256 inputs).
+        ``texts``: B strings (or None entries), or one string; ``images``: B entries, each None,
+        one image (PIL, path or bytes) or a list of images, or one image (an input of its own, or
+        the image of every text); ``instructions``: one string for all inputs or B entries.
+        ``progress``: a progress bar (default: for more than 256 inputs).
         """
-        n = len(texts) if texts is not None and not isinstance(texts, str) else None
-        if n is None:
-            n = len(images) if images is not None else (1 if isinstance(texts, str) else 0)
+        n = _count(texts, images)
         if n == 0:
             raise ValueError("encode needs texts or images")
-        texts_l = [texts] * n if isinstance(texts, str) else _as_list(texts, n, "texts")
+        texts_l = _as_list(texts, n, "texts")
         images_l = [
             [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
             for x in _as_list(images, n, "images")

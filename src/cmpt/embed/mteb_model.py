@@ -92,8 +92,8 @@ def cmpt_model_meta(
 class CmptMtebEncoder(AbsEncoder):
     """mteb encoder over a cmpt Embedder (see the module docstring; docs/method.md §3).
 
-    ``model_name``: an Embedder, or a directory :meth:`Embedder.from_pretrained` loads (an
-    Embedder, a cmpt VLM or a Hugging Face Qwen2-VL / Qwen2.5-VL directory); ``path`` overrides it
+    ``model_name``: an Embedder, or a directory or hub id :meth:`Embedder.from_pretrained` loads
+    (an Embedder, a cmpt VLM or a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint); ``path`` overrides it
     (how ``ModelMeta.load_model`` passes the directory). ``batch_tokens``: tokens per forward
     (default: the Embedder's). ``load_kwargs`` go to ``from_pretrained`` (``dtype``, ...).
     """
@@ -115,7 +115,7 @@ class CmptMtebEncoder(AbsEncoder):
         if isinstance(model_name, Embedder):
             self.model, source = model_name, None
         else:
-            source = Path(path if path is not None else model_name)
+            source = os.fspath(path if path is not None else model_name)  # a hub id stays a str
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = Embedder.from_pretrained(source, device=device, **load_kwargs)
@@ -124,7 +124,7 @@ class CmptMtebEncoder(AbsEncoder):
                 raise ValueError(f"{what} must hold exactly one {IMAGE_TOKEN} placeholder: {prompt!r}")
         self.image_prompt, self.image_text_template = image_prompt, image_text_template
         self.task_instructions, self.batch_tokens = task_instructions, batch_tokens
-        label = name or f"cmpt/{source.name if source is not None else 'embedder'}"
+        label = name or f"cmpt/{Path(source).name if source is not None else 'embedder'}"
         self.mteb_model_meta = cmpt_model_meta(
             self.model, label, source, use_instructions=task_instructions, revision=revision
         )

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from cmpt.data.llava_source import LlavaSource
-from cmpt.encode import budget_batches, to_raster
+from cmpt.encode import budget_batches, default_processor, load_vision_model, to_raster
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor, load_image
 from cmpt.vision.vit import NativeViT
@@ -137,13 +137,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def default_processor(vit: NativeViT, **overrides: Any) -> ImageProcessor:
-    """The native-resolution processor of ``vit`` (its patch/merge size, mean and std)."""
-    c = vit.config
-    kw = {k: v for k, v in overrides.items() if v is not None}
-    return ImageProcessor(c.patch_size, c.merge_size, mean=c.image_mean, std=c.image_std, **kw)
-
-
 def processor_with(
     processor: ImageProcessor, max_pixels: int | None = None, min_pixels: int | None = None
 ) -> ImageProcessor:
@@ -169,8 +162,9 @@ def processor_with(
 def load_vision(
     model: str | os.PathLike | torch.nn.Module, *, device: str | torch.device | None = None, **proc_kw: Any
 ) -> tuple[NativeViT, ImageProcessor]:
-    """``(vit, processor)`` from a NativeViT / VLM instance, a NativeViT directory, an HF vision
-    checkpoint (``cmpt.encode.load_vit``) or a VLM directory (``vlm_config.json`` → its ``vision/``).
+    """``(vit, processor)`` from a NativeViT / VLM instance, or a model name, local or by hub id
+    (:func:`cmpt.encode.load_vision_model`: a NativeViT, VLM or HF vision checkpoint, or a CoMP
+    release tower or VLM, docs/method.md §1.5).
 
     ``proc_kw`` (``max_pixels``, ``min_pixels``) override the processor's resolution bounds.
     """
@@ -180,16 +174,7 @@ def load_vision(
         vit = model.vit
         proc = model.processor or default_processor(vit)
     else:
-        d = Path(model)
-        if (d / "vlm_config.json").is_file():
-            vit = NativeViT.from_pretrained(d / "vision")
-            proc_dir = d / "processor"
-            proc = ImageProcessor.from_hf(proc_dir) if proc_dir.is_dir() else default_processor(vit)
-        else:
-            from cmpt.encode import load_vit, processor_for
-
-            vit = load_vit(d)
-            proc = processor_for(vit, d)
+        vit, proc = load_vision_model(model)
     if device is not None:
         vit = vit.to(device)
     return vit, processor_with(proc, proc_kw.get("max_pixels"), proc_kw.get("min_pixels"))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cmpt.hub import check_local_path, read_json, reading_safetensors
+from cmpt.hub import CONFIG_FILES, local_model_dir, read_json, reading_safetensors
 
 from .vit import NativeViT, NativeViTConfig
 
@@ -297,29 +297,21 @@ def convert_state(model_type: str, config: Any, state: dict) -> tuple[NativeViTC
 
 def _read_model_type(name_or_path: str | Path) -> str:
     """The ``model_type`` of a checkpoint's ``config.json``: a local directory's (a path that does
-    not exist is refused, :func:`cmpt.hub.check_local_path`) or a hub id's."""
-    check_local_path(name_or_path, "vision checkpoint")
-    path = Path(name_or_path)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return read_json(cfg_file).get("model_type", "")
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(name_or_path)).model_type
-    except OSError as e:
-        raise OSError(
-            f"could not read the Hugging Face config of {name_or_path!r} ({e}). Offline? Download the model "
-            "first (huggingface-cli download) and pass its local directory."
-        ) from e
+    not exist is refused) or a hub id's (its snapshot's configs, :func:`cmpt.hub.local_model_dir`)."""
+    path = local_model_dir(name_or_path, "vision checkpoint", allow_patterns=CONFIG_FILES, must_exist=True)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
+    return read_json(cfg_file).get("model_type", "")
 
 
 def image_stats(name_or_path: str | Path) -> dict:
     """``image_mean`` / ``image_std`` of the ``preprocessor_config.json`` in a checkpoint directory
-    (empty when there is none: the family's defaults apply)."""
-    pre = Path(name_or_path) / "preprocessor_config.json"
+    or of a hub id (:func:`cmpt.hub.local_model_dir`); empty when there is none (family defaults)."""
+    pre = (
+        local_model_dir(name_or_path, "vision checkpoint", allow_patterns=CONFIG_FILES)
+        / "preprocessor_config.json"
+    )
     if not pre.is_file():
         return {}
     raw = read_json(pre)

@@ -277,7 +277,8 @@ class ImageProcessor:
 
     @classmethod
     def from_hf(cls, path_or_dir: str | os.PathLike, **overrides: Any) -> ImageProcessor:
-        """Build from a Hugging Face ``preprocessor_config.json`` (a directory or the file itself).
+        """Build from a Hugging Face ``preprocessor_config.json``: a directory, its hub id (the cached
+        or downloaded snapshot's configs, :func:`cmpt.hub.local_model_dir`) or the file itself.
 
         Qwen2-VL style configs (``min_pixels``/``max_pixels`` or ``size: {shortest_edge,
         longest_edge}`` in pixels) give ``policy="native"``; fixed-resolution checkpoints (CLIP,
@@ -285,13 +286,15 @@ class ImageProcessor:
         ``policy="fixed"`` at the checkpoint's input side. ``patch_size`` falls back to the
         ``config.json`` next to it, then 14. ``overrides`` win over everything read.
         """
-        path = Path(path_or_dir)
+        from cmpt.hub import CONFIG_FILES, local_model_dir, missing_path_error
+
+        path = local_model_dir(path_or_dir, "image processor", allow_patterns=CONFIG_FILES)
         file = path / CONFIG_NAME if path.is_dir() else path
+        fix = f"pass the directory or hub id of a checkpoint with a {CONFIG_NAME}, or the JSON file itself"
+        if not path.exists():
+            raise missing_path_error(path_or_dir, "image processor", fix)
         if not file.is_file():
-            raise FileNotFoundError(
-                f"no {CONFIG_NAME} at {os.fspath(path_or_dir)!r}; pass a local checkpoint directory "
-                "(download it first, e.g. `huggingface-cli download <repo>`) or the JSON file itself"
-            )
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path_or_dir)!r}: {fix}")
         cfg = json.loads(file.read_text())
         if cfg.get("image_processor_type") == "cmpt.ImageProcessor":
             return cls.from_dict(cfg, **overrides)

@@ -60,7 +60,7 @@ def load_vit_dir(
     from cmpt.hub import local_model_dir, read_json, reading_safetensors
     from cmpt.io_atomic import check_loadable
 
-    d = local_model_dir(directory, "NativeViT")
+    d = local_model_dir(directory, "NativeViT", must_exist=True)
     check_loadable(d)
     cfg_file = d / CONFIG_NAME
     if not cfg_file.is_file() or read_json(cfg_file).get("cmpt_model") != "NativeViT":

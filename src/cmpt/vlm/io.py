@@ -27,7 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cmpt.hub import local_model_dir, missing_path_error, read_json, reading_safetensors, resolving
+from cmpt.hub import (
+    CONFIG_FILES,
+    local_model_dir,
+    missing_path_error,
+    read_json,
+    reading_safetensors,
+    resolving,
+)
 from cmpt.io_atomic import atomic_directory, check_loadable
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
@@ -127,8 +134,8 @@ def load_vit(
             updates["rope"] = rope
         vit.config = replace(vit.config, **updates)  # re-validates (RoPE needs head dim % 4 == 0)
         return vit
-    if vit_from_hf is None:
-        cfg_file = Path(vit) / "config.json"
+    if vit_from_hf is None:  # a hub id: what its config says (cmpt.hub.local_model_dir)
+        cfg_file = local_model_dir(vit, "vision checkpoint", allow_patterns=CONFIG_FILES) / "config.json"
         vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in read_json(cfg_file))
     if vit_from_hf:
         from cmpt.vision.convert import comp_tower_overrides
@@ -302,7 +309,7 @@ def load_vlm(
     docstring); of a CoMP-MM of the official release only the weights' headers are read."""
     from transformers import AutoTokenizer
 
-    d = local_model_dir(directory, "cmpt VLM")
+    d = local_model_dir(directory, "cmpt VLM", must_exist=True)
     check_loadable(d)
     if not (d / VLM_CONFIG_NAME).is_file():
         from cmpt.vlm.official_release import detect_official_layout, load_official_vlm

@@ -218,7 +218,7 @@ def convert_official(
     as a NativeViT directory, a CoMP-MM as a VLM directory (``NativeViT.from_pretrained`` /
     ``VisionLanguageModel.from_pretrained`` and ``model.init`` read them). ``SRC`` may be a hub id
     (its cached or downloaded snapshot, :func:`cmpt.hub.local_model_dir`). Returns (kind, OUT)."""
-    src = local_model_dir(src, "CoMP release checkpoint")
+    src = local_model_dir(src, "CoMP release checkpoint", must_exist=True)
     kind = detect_official_layout(src)
     if kind == "vit":
         load_official_vit(src).save_pretrained(out)
