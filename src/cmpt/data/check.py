@@ -14,11 +14,13 @@ from typing import Any
 
 from cmpt.data.open import open_source, split_spec
 from cmpt.data.sources import BadSample
+from cmpt.data.tar_reader import iter_tar
 from cmpt.data.validate import Problem, check_record
+from cmpt.data.webdataset import ShardList
 from cmpt.vision.processor import ImageProcessor
 from cmpt.vlm.vision_tokens import ensure_vision_tokens
 
-__all__ = ["Report", "check_dataset", "data_check_main"]
+__all__ = ["Report", "check_dataset", "data_check_main", "empty_shards"]
 
 
 @dataclass
@@ -106,6 +108,16 @@ def _files(obj: Any) -> Iterator[str]:
             yield from _files(v)
 
 
+def empty_shards(source: Any) -> list[str]:
+    """The tar shards of ``source`` (a ``ShardList``, a tar index, a mixture's members) that hold no
+    sample: training skips them (docs/method.md §4); ``cmpt data check`` lists them as a warning."""
+    shards = source if isinstance(source, ShardList) else getattr(source, "shards", None)
+    if not isinstance(shards, ShardList):
+        return [p for s in getattr(source, "sources", []) for p in empty_shards(s)]
+    paths = dict.fromkeys(shards.paths)
+    return [p for p in paths if not any(True for _ in iter_tar(p, read_data=False, limit=1))]
+
+
 def _check_out_path(out_jsonl: str, spec: Any, source: Any) -> None:
     """Refuse a bad-sample list path that is a directory or one of the files the check reads (the
     spec, a mixture's members, shards, parquet files): writing it would replace the data."""
@@ -141,7 +153,8 @@ def data_check_main(
 ) -> int:
     """``cmpt data check SPEC``: check a data source (JSON/JSONL, tar shards, a Hugging Face dataset
     — ``PATH#SPLIT`` for a split — or a mixture YAML, see :func:`cmpt.data.open.open_source` and
-    ``docs/data.md``); 0 when clean, 1 when anything is bad or there is no record at all.
+    ``docs/data.md``); 0 when clean, 1 when anything is bad or there is no record at all. Empty tar
+    shards (:func:`empty_shards`) are listed in a warning line: training skips them.
 
     Prints a per-reason summary; with ``out_jsonl`` writes one line per bad sample
     ``{"id", "index", "reasons": [...], "details": [...]}`` (``index``: the record's position); an
@@ -169,6 +182,13 @@ def data_check_main(
         decode=decode,
     )
     print_fn(f"{getattr(source, 'path', spec)}: {report.summary()}")
+    empty = list(dict.fromkeys(empty_shards(source)))
+    if empty:
+        more = f", ... ({len(empty)} in all)" if len(empty) > 20 else ""
+        print_fn(
+            f"{spec}: warning: {len(empty)} empty tar shard(s), skipped in training: "
+            f"{', '.join(empty[:20])}{more}"
+        )
     if report.num_records == 0:  # training would stop at once: "epoch 0 has no micro-batch"
         print_fn(f"{spec}: no records: nothing to train on (an empty file, or a mixture of none)")
         return 1

@@ -24,7 +24,9 @@
 without replacement; ``w = 0.5``: half the selection). Member ``i`` is therefore
 ``w_i · n_i / Σ_j w_j n_j`` of every epoch, exactly up to rounding, and its records repeat rather
 than being drawn with replacement (the token-budget batcher shuffles each epoch). A repeated record
-keeps its id, with ``"#k"`` appended for its ``k``-th extra copy, so ids stay unique and stable.
+keeps its id, with ``"#k"`` appended for its ``k``-th extra copy, so ids stay unique and stable. A
+member left with no record (or shard) by its sampling and weight is an error naming it and the
+weight or sampling it needs, never a member silently dropped.
 
 **Result.** A mixture with map-style members (LLaVA JSON/JSONL, Hugging Face datasets, nested
 mixtures) is one map-style :class:`MixtureSource`: the length index, batcher, rank split and exact
@@ -33,7 +35,11 @@ resume apply unchanged. Its tar-shard members (and nested all-tar mixtures) are 
 they mix with the others at record granularity, ``sampling`` included. A mixture whose members are
 *all* tar shards stays one streaming :class:`~cmpt.data.webdataset.ShardList`, mixed at shard
 granularity: only ``sampling: all`` is accepted, and the weight repeats the member's shard list
-``floor(w)`` times plus a seeded subset of ``round(frac(w) · shards)`` shards.
+``floor(w)`` times plus a seeded subset of ``round(frac(w) · shards)`` shards. It is a
+:class:`MixtureShards`: every listed shard carries its member's ``id_prefix`` and a copy number
+(its earlier listings with that prefix), so the samples' ids are prefixed and copies get ``"#k"``
+as above; a default id ``<shard>/<key>`` names the shard by its base name, or by as much of its
+path as tells it from another member's shard of that name (``a/000.tar``, ``b/000.tar``).
 
 ``split`` (Hugging Face datasets only, as ``PATH#SPLIT``): the split of a ``DatasetDict`` or of a
 directory of parquet files (:mod:`cmpt.data.hub_layout`).
@@ -48,6 +54,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,8 +64,19 @@ import yaml
 
 from cmpt.data.open import open_source, source_kind
 from cmpt.data.sources import BadSample, Record
+from cmpt.data.tar_index import TarIndexSource
+from cmpt.data.tar_reader import iter_tar
+from cmpt.data.webdataset import ShardList, expand_shards
 
-__all__ = ["MixtureMember", "MixtureSource", "load_mixture", "parse_sampling", "select_indices", "weighted"]
+__all__ = [
+    "MixtureMember",
+    "MixtureShards",
+    "MixtureSource",
+    "load_mixture",
+    "parse_sampling",
+    "select_indices",
+    "weighted",
+]
 
 _SAMPLING = re.compile(r"\s*(all|first:(\d+)|random:(\d+)|random:(\d+(?:\.\d*)?)\s*%)\s*")
 
@@ -154,6 +173,8 @@ class MixtureSource:
         for k, (m, src) in enumerate(zip(members, sources)):
             sel = select_indices(len(src), m.sampling, np.random.default_rng([self.seed, k]))
             idx, cp = weighted(sel, float(m.weight), np.random.default_rng([self.seed, k, 1]))
+            if not len(idx):
+                raise ValueError(_no_records(f"{self.path}: datasets[{k}]", m, len(src), len(sel)))
             member.append(np.full(len(idx), k, dtype=np.int32))
             index.append(idx)
             copy.append(cp)
@@ -195,6 +216,80 @@ class MixtureSource:
         return f"MixtureSource({self.path!r}, members={len(self.members)}, records={len(self)})"
 
 
+def _no_records(where: str, m: MixtureMember, n: int, selected: int, unit: str = "record") -> str:
+    """Why member ``m`` (``n`` records or shards, ``selected`` of them sampled) gets none per epoch,
+    and what it needs."""
+    what = f"{where} ({m.path}, weight {m.weight:g}, sampling {m.sampling}) gets no {unit} per epoch"
+    if n == 0:
+        return f"{what}: it has none (an empty file, or only empty tar shards); fix or remove the member"
+    if selected == 0:
+        return f"{what}: its sampling selects none of its {n}; select ≥ 1 (N ≥ 1, or P ≥ {100 / n:.3g}%)"
+    per = " (tar shards mix per shard; convert it to JSON to weight per record)" if unit == "shard" else ""
+    return (
+        f"{what}: round({m.weight:g} × {selected} {unit}(s)) = 0; it needs weight ≥ {1 / selected:.3g}{per}"
+    )
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    """Each path's shortest trailing part that no other file shares: its base name unless another
+    directory has a file of that name (``a/000.tar``, ``b/000.tar``)."""
+    parts = {p: p.split(os.sep) for p in paths}
+    names: dict[str, str] = {}
+    todo, n = set(parts), 1
+    while todo:
+        tail = {p: "/".join(parts[p][-n:]) for p in todo}
+        count = Counter(tail.values())
+        for p in list(todo):
+            if count[tail[p]] == 1 or n >= len(parts[p]):
+                names[p] = tail[p]
+                todo.discard(p)
+        n += 1
+    return [names[p] for p in paths]
+
+
+class MixtureShards(ShardList):
+    """The shard list of an all-tar mixture (see the module docstring, docs/method.md §4): entry
+    ``k`` gives its samples the id ``prefixes[k] + id``, plus ``"#c"`` for copy ``c = copies[k] > 0``.
+    :meth:`~cmpt.data.webdataset.ShardList.decode` applies them."""
+
+    def __init__(self, paths: list[str], prefixes: list[str], copies: list[int], path: str = "") -> None:
+        super().__init__(paths)
+        if not len(prefixes) == len(copies) == len(self.paths):
+            raise ValueError(f"{len(self.paths)} shards need as many id prefixes and copy numbers")
+        self.prefixes, self.copies = list(prefixes), [int(c) for c in copies]
+        self.names = _short_names(self.paths)
+        self.path = path or self.path
+
+    def label(self, shard: int, rid: str) -> str:
+        """The mixture's id for a sample of entry ``shard`` whose own id is ``rid``."""
+        c = self.copies[shard]
+        return f"{self.prefixes[shard]}{rid}" + (f"#{c}" if c else "")
+
+
+class _MixtureIndex(TarIndexSource):
+    """An all-tar mixture nested in a map-style one, read by offset, with the ids the stream gives."""
+
+    shards: MixtureShards
+
+    def _label(self, i: int, rid: str) -> str:
+        return self.shards.label(self.shard_of(i % len(self)), rid)
+
+    def __getitem__(self, i: int) -> Record:
+        try:
+            record = super().__getitem__(i)
+        except BadSample as e:
+            raise BadSample(self._label(i, e.id), e.reason, e.detail) from None
+        record.id = self._label(i, record.id)
+        return record
+
+    def iter_records(self) -> Iterator[Record | BadSample]:
+        for i in range(len(self)):
+            try:
+                yield self[i]
+            except BadSample as e:
+                yield e
+
+
 _KEYS = {"path", "sampling", "weight", "image_root", "id_prefix", "split"}
 
 
@@ -208,18 +303,18 @@ def _resolve(base: str, p: str) -> str:
 def _open_member(base: str, m: MixtureMember, key: str) -> Any:
     """The member's source, map-style: tar shards (or an all-tar mixture) as a ``TarIndexSource``;
     ``key`` (``MIXTURE: datasets[N].path``) names the member when its path does not exist."""
-    from cmpt.data.tar_index import TarIndexSource
-    from cmpt.data.webdataset import ShardList
-
     root = _resolve(base, m.image_root) or None
     src = open_source(_resolve(base, m.path), root, split=m.split or None, key=key)
+    if isinstance(src, MixtureShards):
+        return _MixtureIndex(src)
     return TarIndexSource(src) if isinstance(src, ShardList) else src
 
 
-def _tar_mixture(members: list[MixtureMember], seed: int, base: str) -> Any:
-    from cmpt.data.webdataset import ShardList, expand_shards
-
+def _tar_mixture(members: list[MixtureMember], seed: int, base: str, path: str) -> MixtureShards:
+    """The shards of an all-tar mixture; a member without a sample, or given no shard by its weight,
+    is an error naming ``datasets[N]``."""
     paths: list[str] = []
+    prefixes: list[str] = []
     for k, m in enumerate(members):
         if m.split:
             raise ValueError(f"mixture member {m.path!r}: 'split' applies only to Hugging Face datasets")
@@ -229,9 +324,19 @@ def _tar_mixture(members: list[MixtureMember], seed: int, base: str) -> Any:
                 "applied per shard, or convert the member to JSON / a Hugging Face dataset)"
             )
         shards = np.asarray(expand_shards(_resolve(base, m.path)), dtype=object)
+        if not any(sum(1 for _ in iter_tar(s, read_data=False, limit=1)) for s in shards):
+            raise ValueError(_no_records(f"{path}: datasets[{k}]", m, 0, 0, "sample"))
         idx, _ = weighted(np.arange(len(shards)), float(m.weight), np.random.default_rng([seed, k, 1]))
+        if not len(idx):
+            raise ValueError(_no_records(f"{path}: datasets[{k}]", m, len(shards), len(shards), "shard"))
         paths += shards[idx].tolist()
-    return ShardList(paths)
+        prefixes += [m.id_prefix] * len(idx)
+    seen: Counter[tuple[str, str]] = Counter()
+    copies = []
+    for entry in zip(prefixes, paths):  # copy number: earlier listings of the shard with this prefix
+        copies.append(seen[entry])
+        seen[entry] += 1
+    return MixtureShards(paths, prefixes, copies, path)
 
 
 def _yaml_error(path: str, e: yaml.YAMLError) -> ValueError:
@@ -273,8 +378,10 @@ def load_mixture(path: str | os.PathLike) -> Any:
         seed = int(doc.get("seed") or 0)
     except (TypeError, ValueError):
         raise ValueError(f"{p}: seed must be an integer, got {doc['seed']!r}") from None
+    if not members:
+        raise ValueError(f"{p}: a mixture needs at least one member in 'datasets'")
     base = os.path.dirname(os.path.abspath(p))
     kinds = [source_kind(_resolve(base, m.path), f"{p}: datasets[{n}].path") for n, m in enumerate(members)]
     if all(k == "tar" for k in kinds):
-        return _tar_mixture(members, seed, base)
+        return _tar_mixture(members, seed, base, os.path.abspath(p))
     return MixtureSource(members, seed=seed, base_dir=base, path=os.path.abspath(p))

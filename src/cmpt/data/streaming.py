@@ -13,6 +13,9 @@ seeded by ``(seed, epoch)`` (the listed order when not shuffling), and global st
   reads (and skips) the whole shard, so prefer at least ``N`` shards.
 
 Either way the samples read in an epoch by all ranks × streams are disjoint and cover the data.
+An epoch in which a stream reads nothing (empty shards, as img2dataset leaves when every download of
+a shard failed) is skipped: the stream goes on to its next epoch. A stream that no epoch can feed
+stops the loader when it is built, in one line naming the shards (:func:`~cmpt.data.shard_plan.never_read`).
 
 **Batches.** A stream draws samples from a shuffle buffer of ``buffer_size`` samples (a seeded
 draw, the buffer refilled before each draw; ``shuffle=False``: one sample, stream order) and fills
@@ -44,15 +47,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cmpt.data.batching import MAX_CARRIED_BAD, LoaderBase, empty_batch, worker_loader
 from cmpt.data.pipeline import SampleBuilder, collate, estimate_lengths, length_overhead
+from cmpt.data.shard_plan import assign_shards, never_read
 from cmpt.data.sources import BadSample
-from cmpt.data.webdataset import ShardList, decode_sample
+from cmpt.data.webdataset import ShardList
 
-__all__ = ["SampleStream", "StreamConfig", "StreamingLoader", "assign_shards"]
+__all__ = ["SampleStream", "StreamConfig", "StreamingLoader", "assign_shards", "never_read"]
 
 
 @dataclass
@@ -68,20 +71,6 @@ class StreamConfig:
     shuffle: bool = True
     buffer_size: int = 256
     seed: int = 0
-
-
-def assign_shards(
-    num_shards: int, num_streams: int, stream: int, epoch: int, seed: int = 0, shuffle: bool = True
-) -> list[tuple[int, int, int]]:
-    """``[(shard, modulus, residue)]`` read by global ``stream`` of ``num_streams`` in ``epoch``: the
-    stream keeps the samples of ``shard`` whose index ``i`` has ``i % modulus == residue``."""
-    if num_shards < 1:
-        raise ValueError("no tar shard to read")
-    order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
-    if num_shards >= num_streams:
-        return [(int(s), 1, 0) for s in order[stream::num_streams]]
-    m = stream % num_shards
-    return [(int(order[m]), len(range(m, num_streams, num_shards)), stream // num_shards)]
 
 
 class _BadStretch(Exception):
@@ -114,6 +103,8 @@ class SampleStream:
         self._plan: tuple[int, list[tuple[int, int, int]]] | None = None
         self._reader: Iterator[Any] | None = None
         self._bad: list[tuple[str, str, str]] = []
+        self._fed = False  # some epoch has a sample for this stream (checked at its first empty epoch)
+        self._epochs_read = 0  # epochs ended with a sample read (empty ones do not count as stuck)
         self.epoch = self.shard_pos = self.sample_idx = self.offset = self.draws = 0
         self.oversize_skipped = self.good_in_epoch = self.bad_in_epoch = 0
         self.buffer: list[_Item] = []
@@ -143,11 +134,14 @@ class SampleStream:
         while True:
             plan = self._epoch_plan()
             if self.shard_pos >= len(plan):
-                if self.good_in_epoch == 0 and self.bad_in_epoch == 0:
-                    raise ValueError(
-                        f"stream {self.stream} of {self.num_streams} read no sample in epoch "
-                        f"{self.epoch} ({len(self.shards)} shards): fewer samples than ranks × streams"
-                    )
+                if self.good_in_epoch or self.bad_in_epoch:
+                    self._epochs_read += 1
+                elif not self._fed:  # an empty epoch is skipped, unless no epoch can feed this stream
+                    c = self.cfg
+                    why = never_read(self.shards, self.stream, self.num_streams, c.seed, c.shuffle)
+                    if why:
+                        raise ValueError(why)
+                    self._fed = True
                 self.epoch, self.shard_pos, self.sample_idx, self.offset = self.epoch + 1, 0, 0, 0
                 self.good_in_epoch, self.bad_in_epoch, self._reader = 0, 0, None
                 continue
@@ -165,7 +159,7 @@ class SampleStream:
                     self._next_shard()
                 continue
             try:
-                record = decode_sample(raw, self.shards.names[shard], index)
+                record = self.shards.decode(raw, shard, index)
             except BadSample as e:
                 self._bad.append((e.id, e.reason, e.detail))
                 self.bad_in_epoch += 1
@@ -197,15 +191,15 @@ class SampleStream:
         return item
 
     # -- batching ------------------------------------------------------------------------------
-    def _stuck(self, since_epoch: int, what: str) -> None:
-        if self.epoch >= since_epoch + 2:  # two whole epochs read without a usable sample
+    def _stuck(self, since: int, what: str) -> None:
+        if self._epochs_read >= since + 2:  # two whole epochs read without a usable sample
             raise ValueError(f"stream {self.stream}: {what} (last bad samples: {self._bad[-3:]})")
 
     def _fill(self) -> list[_Item]:
         c = self.cfg
         cur: list[_Item] = []
         cv = ct = 0
-        first_epoch = self.epoch
+        epochs_read = self._epochs_read
         while True:
             if self.pending is not None:
                 item, self.pending = self.pending, None
@@ -220,7 +214,7 @@ class SampleStream:
             if v > c.vision_budget or t > c.text_budget:
                 if c.oversize == "skip":
                     self.oversize_skipped += 1
-                    self._stuck(first_epoch, "every sample is over a budget; raise the budgets")
+                    self._stuck(epochs_read, "every sample is over a budget; raise the budgets")
                     continue
                 if cur:
                     self.pending = item
@@ -333,6 +327,10 @@ class StreamingLoader(LoaderBase):
         self.shards, self.builder, self.cfg = shards, builder, cfg
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.total_streams = world_size * self.num_streams
+        for s in range(self.num_streams):  # here, not in a worker: one line, no worker traceback
+            why = never_read(shards, rank * self.num_streams + s, self.total_streams, cfg.seed, cfg.shuffle)
+            if why:
+                raise ValueError(why)
         self.states: list[dict[str, Any] | None] = [None] * self.num_streams
         self.next_stream = 0
 

@@ -3,8 +3,8 @@
 Tar shards are streamed (:mod:`cmpt.data.streaming`) when they are the whole data. In a mixture
 that also has map-style members (LLaVA JSON/JSONL, Hugging Face datasets), the shards are opened as
 a :class:`TarIndexSource` instead: each shard is scanned once, headers only, for the byte offset of
-every sample (:func:`cmpt.data.webdataset.iter_tar` with ``read_data=False``), and
-``source[i]`` reads sample ``i`` back at its offset (:func:`cmpt.data.webdataset.read_sample_at`)
+every sample (:func:`cmpt.data.tar_reader.iter_tar` with ``read_data=False``), and
+``source[i]`` reads sample ``i`` back at its offset (:func:`cmpt.data.tar_reader.read_sample_at`)
 and decodes it as the stream would (:func:`cmpt.data.webdataset.decode_sample`: the same records,
 ids and bad-sample reasons). A shard that stops being readable keeps the samples before the damage
 and one ``corrupt_archive`` entry for the rest, as the stream does.
@@ -28,7 +28,8 @@ import numpy as np
 
 from cmpt.data import length_cache as LC
 from cmpt.data.sources import READER_VERSION, BadSample, Record
-from cmpt.data.webdataset import RawSample, ShardList, decode_sample, iter_tar, read_sample_at
+from cmpt.data.tar_reader import RawSample, iter_tar, read_sample_at
+from cmpt.data.webdataset import ShardList, decode_sample
 
 __all__ = ["TarIndexSource", "tar_index_dir"]
 

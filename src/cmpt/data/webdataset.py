@@ -39,15 +39,7 @@ Contrastive pairs (docs/method.md §3, :mod:`cmpt.data.pairs`): a ``.json`` memb
 ``task``) and no ``text`` / ``conversations``; its image fields name members of the sample
 (``"qry.png"`` or ``"000123.qry.png"``), kept in ``Record.members``.
 
-Reading is streaming (``tarfile``, member by member, nothing extracted to disk) and seekable: every
-raw sample carries the byte offset of its first header, so a reader can restart at any sample
-(:func:`iter_tar` with ``offset``) and a single sample can be read back (:func:`read_sample_at`) —
-this is what makes the streaming loader's resume exact (:mod:`cmpt.data.streaming`). A sample is
-whole once the next sample's header or the end-of-archive marker is read: a shard that stops being
-readable (a bad header, cut data, no end marker: a killed writer or a partial copy, even one cut on
-a 512-byte block) ends with a raw sample whose ``error`` is set, in place of the sample being read
-there; it and the rest of the shard are one ``corrupt_archive`` bad sample, from any resume point.
-Hidden members (``._000123.json``: macOS AppleDouble files) are skipped, logged once per shard.
+Reading (streaming, seekable, damage found where it starts) is :mod:`cmpt.data.tar_reader`.
 
 Shards are given as a list, a glob (``data/*.tar``), a brace pattern (``shards-{000000..000009}.tar``,
 ``{a,b}``; ranges keep their zero padding) or a directory holding ``*.tar`` files.
@@ -56,18 +48,16 @@ Shards are given as a list, a glob (``data/*.tar``), a brace pattern (``shards-{
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from cmpt.data.chat_layout import caption_views, messages_to_conversations
 from cmpt.data.sources import PAIR_KEYS, RECORD_KEYS, BadSample, Record, caption_of
+from cmpt.data.tar_reader import RawSample, iter_tar, read_sample_at, split_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -86,7 +76,6 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "
 _NUMBERED = re.compile(r"(\d+)\.([A-Za-z0-9]+)")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 log = logging.getLogger("cmpt.data")
-_HIDDEN_LOGGED: set[str] = set()  # shards whose hidden members were logged (once per process)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -126,128 +115,6 @@ def expand_shards(spec: str | os.PathLike | list | tuple) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"no tar shard in {s!r}")
     return [os.path.abspath(p) for p in paths]
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``"dir/000123.0.png" -> ("dir/000123", "0.png")``: key up to the first dot of the base name."""
-    base = name.rsplit("/", 1)[-1]
-    dot = base.find(".")
-    if dot < 0:
-        return name, ""
-    return name[: len(name) - len(base) + dot], base[dot + 1 :]
-
-
-@dataclass
-class RawSample:
-    """One sample as stored: ``members`` maps extensions to bytes; ``offset`` is the byte offset of its
-    first tar header, ``next_offset`` that of the next sample. ``error`` (the rest of the shard is
-    unreadable) comes alone, as the last item of a shard."""
-
-    key: str
-    members: dict[str, bytes] = field(default_factory=dict)
-    offset: int = 0
-    next_offset: int = 0
-    error: str = ""
-
-
-def _open_file(path: str) -> Any:
-    """Gzipped shards are read through ``gzip`` (offsets are in the uncompressed stream; seeking
-    back to one decompresses from the start, so compressed shards resume slower)."""
-    return gzip.open(path, "rb") if path.lower().endswith((".gz", ".tgz")) else open(path, "rb")
-
-
-def _open_at(fh: Any, offset: int) -> tarfile.TarFile:
-    fh.seek(offset)
-    return tarfile.open(fileobj=fh, mode="r:")
-
-
-def _end_of_archive(fh: Any, pos: int) -> tuple[bool, str]:
-    """Where ``tarfile`` stopped (byte ``pos``): ``(ended, error)``. ``ended``: the end-of-archive
-    marker (a zero block) is there, so the last sample is whole; ``error``: what is wrong there or
-    after the marker (``""``: nothing). ``tarfile`` stops silently at a missing or bad header."""
-    fh.seek(pos)
-    block = fh.read(tarfile.BLOCKSIZE)
-    if len(block) < tarfile.BLOCKSIZE:
-        return False, (
-            f"the shard ends at byte {pos + len(block)} without the end-of-archive marker (two zero "
-            "blocks): it is truncated (a killed writer or a partial copy)"
-        )
-    if block.strip(b"\0"):
-        return False, f"bad tar header at byte {pos}"
-    while chunk := fh.read(1 << 16):
-        if chunk.strip(b"\0"):
-            return True, f"data after the end-of-archive marker at byte {pos} (tar files concatenated?)"
-    return True, ""
-
-
-def _read_samples(fh: Any, offset: int, read_data: bool, hidden: list[str]) -> Iterator[RawSample]:
-    """The samples of an open shard from ``offset`` (see :func:`iter_tar`). A sample is whole once
-    the next sample's header or the end-of-archive marker is read: the one being read when damage
-    is found (a bad header, cut data, a missing end marker) is the ``error`` item."""
-    cur: RawSample | None = None
-    tf: tarfile.TarFile | None = None
-    try:
-        tf = _open_at(fh, offset)
-        while (member := tf.next()) is not None:
-            tf.members.clear()  # do not keep every TarInfo of a large shard
-            if not member.isfile():
-                continue
-            if member.name.rsplit("/", 1)[-1].startswith("."):  # "._000123.json" (macOS AppleDouble)
-                hidden.append(member.name)
-                continue
-            key, ext = split_key(member.name)
-            if cur is not None and key != cur.key:
-                cur.next_offset = member.offset
-                yield cur
-                cur = None
-            if cur is None:
-                cur = RawSample(key, offset=member.offset)
-            data = tf.extractfile(member) if read_data else None
-            cur.members[ext] = data.read() if data is not None else b""
-        stop = tf.offset
-        ended, error = _end_of_archive(fh, stop)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        stop = tf.offset if tf is not None else offset
-        ended, error = False, f"{type(e).__name__} near byte {stop}: {e}"
-    if cur is not None and not ended:  # possibly incomplete: not a shorter good sample
-        yield RawSample(cur.key, offset=cur.offset, next_offset=cur.offset, error=error)
-        return
-    if cur is not None:
-        cur.next_offset = stop
-        yield cur
-    if error:
-        yield RawSample("", offset=stop, next_offset=stop, error=error)
-
-
-def iter_tar(
-    path: str, offset: int = 0, *, limit: int | None = None, read_data: bool = True
-) -> Iterator[RawSample]:
-    """Raw samples of shard ``path`` from the sample starting at byte ``offset`` (streaming, seekable).
-
-    ``limit``: stop after that many samples. ``read_data=False``: members are listed with empty
-    contents (headers only: an index of the samples' offsets). Directories, links and other
-    non-files are ignored, and so are hidden members (``._000123.json``), logged once per shard.
-    """
-    hidden: list[str] = []
-    with _open_file(path) as fh:
-        for count, raw in enumerate(_read_samples(fh, offset, read_data, hidden), 1):
-            yield raw
-            if limit is not None and count >= limit:
-                return
-    if hidden and path not in _HIDDEN_LOGGED:
-        _HIDDEN_LOGGED.add(path)
-        log.warning(
-            "%s: skipped %d hidden member(s) such as %r (macOS AppleDouble files, which bsdtar adds "
-            "for extended attributes; not samples): create shards with COPYFILE_DISABLE=1 to leave "
-            "them out", path, len(hidden), hidden[0],
-        )  # fmt: skip
-
-
-def read_sample_at(path: str, offset: int) -> RawSample:
-    """The one raw sample of ``path`` whose first header is at byte ``offset``."""
-    for raw in iter_tar(path, offset, limit=1):
-        return raw
-    raise ValueError(f"{path}: no sample at byte offset {offset}")
 
 
 def _image_extensions(members: dict[str, bytes]) -> list[str]:
@@ -381,9 +248,23 @@ class ShardList:
         """Raw samples of shard number ``shard`` from byte ``offset``."""
         return iter_tar(self.paths[shard], offset)
 
+    def label(self, shard: int, rid: str) -> str:
+        """The id of a sample of entry ``shard`` whose own id is ``rid`` (a mixture adds to it)."""
+        return rid
+
+    def decode(self, raw: RawSample, shard: int, index: int = -1) -> Record:
+        """:func:`decode_sample` of a sample of entry ``shard``, with its :meth:`label` (a
+        ``BadSample``'s too)."""
+        try:
+            record = decode_sample(raw, self.names[shard], index)
+        except BadSample as e:
+            raise BadSample(self.label(shard, e.id), e.reason, e.detail) from None
+        record.id = self.label(shard, record.id)
+        return record
+
     def read(self, shard: int, offset: int, index: int = -1) -> Record:
         """Decode the sample of shard ``shard`` at ``offset`` (raises ``BadSample``)."""
-        return decode_sample(read_sample_at(self.paths[shard], offset), self.names[shard], index)
+        return self.decode(read_sample_at(self.paths[shard], offset), shard, index)
 
     def iter_records(self) -> Iterator[Record | BadSample]:
         """Every sample of every shard, in order: a ``Record`` or the ``BadSample`` it raised."""
@@ -391,7 +272,7 @@ class ShardList:
         for shard in range(len(self)):
             for raw in self.iter_shard(shard):
                 try:
-                    yield decode_sample(raw, self.names[shard], n)
+                    yield self.decode(raw, shard, n)
                 except BadSample as e:
                     yield e
                 n += 1
