@@ -212,6 +212,11 @@ def test_all_tar_mixture_ids_carry_prefix_and_copy(tmp_path, builder, monkeypatc
         "W/s0#1",
         "W/s1#1",
     ]
+    # MoCa CL opens an all-tar mixture map-style too: the same ids
+    from cmpt.data.pair_loader import open_pair_source
+
+    pairs = open_pair_source(str(tmp_path / "p.yaml"))
+    assert [pairs[i].id for i in range(len(pairs))] == ["A/s0", "A/s1", "B/s0", "B/s1"]
 
 
 def test_a_member_left_without_records_is_an_error(tmp_path):

@@ -73,6 +73,7 @@ __all__ = [
     "MixtureShards",
     "MixtureSource",
     "load_mixture",
+    "map_style",
     "parse_sampling",
     "select_indices",
     "weighted",
@@ -300,14 +301,19 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) or not base else os.path.join(base, p)
 
 
-def _open_member(base: str, m: MixtureMember, key: str) -> Any:
-    """The member's source, map-style: tar shards (or an all-tar mixture) as a ``TarIndexSource``;
-    ``key`` (``MIXTURE: datasets[N].path``) names the member when its path does not exist."""
-    root = _resolve(base, m.image_root) or None
-    src = open_source(_resolve(base, m.path), root, split=m.split or None, key=key)
+def map_style(src: Any) -> Any:
+    """``src`` with random access: tar shards as a ``TarIndexSource`` (an all-tar mixture's keeping
+    its ids), any other source as it is."""
     if isinstance(src, MixtureShards):
         return _MixtureIndex(src)
     return TarIndexSource(src) if isinstance(src, ShardList) else src
+
+
+def _open_member(base: str, m: MixtureMember, key: str) -> Any:
+    """The member's source, map-style (:func:`map_style`); ``key`` (``MIXTURE: datasets[N].path``)
+    names the member when its path does not exist."""
+    root = _resolve(base, m.image_root) or None
+    return map_style(open_source(_resolve(base, m.path), root, split=m.split or None, key=key))
 
 
 def _tar_mixture(members: list[MixtureMember], seed: int, base: str, path: str) -> MixtureShards:

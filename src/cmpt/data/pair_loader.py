@@ -39,13 +39,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cmpt.data.batching import LoaderBase, worker_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.hf_source import HFSource
-from cmpt.data.mixture import MixtureSource
+from cmpt.data.mixture import MixtureSource, map_style
 from cmpt.data.open import open_source
 from cmpt.data.pairs import PairBuilder, collate_pairs
 from cmpt.data.sources import BadSample, set_follow_symlinks
 from cmpt.data.tar_index import TarIndexSource
 from cmpt.data.task_sampler import TaskBatchSampler
-from cmpt.data.webdataset import ShardList
 
 __all__ = ["PairLoader", "TarPairSource", "build_pair_loader", "open_pair_source", "record_tasks"]
 
@@ -70,9 +69,9 @@ def open_pair_source(
 ) -> Any:
     """A map-style source of pair records: :func:`~cmpt.data.open.open_source` (``split`` and
     ``PATH#SPLIT`` as there: a Hugging Face dataset's split), with tar shards (or an all-tar
-    mixture) opened as a :class:`~cmpt.data.tar_index.TarIndexSource` (offsets cached by content)."""
-    source = open_source(path, image_root, split=split)
-    return TarIndexSource(source) if isinstance(source, ShardList) else source
+    mixture, its ids kept) opened as a :class:`~cmpt.data.tar_index.TarIndexSource` (offsets cached
+    by content; :func:`cmpt.data.mixture.map_style`)."""
+    return map_style(open_source(path, image_root, split=split))
 
 
 def _valid(task: Any) -> bool:
