@@ -135,7 +135,9 @@ def test_eval_models_by_hub_id(hub, models, name):
 
 
 def test_mteb_adapter_takes_a_hub_id(hub, models):
-    mteb_model = pytest.importorskip("cmpt.embed.mteb_model")
+    pytest.importorskip("mteb", reason="the optional extra: pip install 'cmpt[mteb]'")
+    from cmpt.embed import mteb_model
+
     enc = mteb_model.CmptMtebEncoder("acme/vlm", device="cpu")
     assert enc.mteb_model_meta.name == "cmpt/vlm" and enc.mteb_model_meta.loader_kwargs == {
         "path": "acme/vlm"
