@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -159,3 +160,70 @@ def test_foreign_progress_bars_are_off_off_a_terminal(monkeypatch: pytest.Monkey
         import huggingface_hub
 
         huggingface_hub.utils.enable_progress_bars()
+
+
+# ----------------------------------------------------------------------------- metrics across crashes
+class _Crash(Exception):
+    pass
+
+
+def _fit(run_dir: Path, crash_at: int | None = None, **train_kw) -> dict:
+    """The toy task; ``crash_at``: the micro-batch (1-based) whose loss raises (a crash mid-run)."""
+    from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
+    from toy_task import ToyTask
+
+    task, calls = ToyTask(**train_kw.pop("task_kw", {})), [0]
+    compute = task.compute_loss
+
+    def crashing(model, batch):
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise _Crash("simulated crash")
+        return compute(model, batch)
+
+    task.compute_loss = crashing
+    kw = {"steps": 8, "log_every": 4, "progress": False, "tensorboard": False, **train_kw}
+    return Trainer(RunConfig(dir=str(run_dir), seed=1), OptimConfig(lr=1e-3), TrainConfig(**kw), task).fit()
+
+
+def _records(run_dir: Path) -> list[dict]:
+    def strict(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=strict) for line in lines]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_every_trained_step_is_logged_across_a_crash(tmp_path: Path) -> None:
+    """A crash after a log line but before the next checkpoint: the steps the checkpoint kept are
+    in metrics.jsonl (the trainer logs at every checkpoint step), none twice."""
+    with pytest.raises(_Crash):
+        _fit(tmp_path, crash_at=5, save_every=3)  # checkpoint at step 3, log line at step 4
+    s = _fit(tmp_path, save_every=3)
+    assert s["resumed_from"] == 3
+    recs = _records(tmp_path)
+    assert [r["step"] for r in recs] == [3, 4, 6, 8]
+    assert sum(r["loss_steps"] for r in recs) == 8
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tensorboard_of_a_fresh_start_hides_a_crashed_launch(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with pytest.raises(_Crash):
+        _fit(tmp_path, crash_at=7, log_every=2, tensorboard=True)  # no checkpoint: starts again
+    _fit(tmp_path, log_every=2, tensorboard=True)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4, 6, 8]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_non_finite_values_are_null_in_metrics_and_summary(tmp_path: Path) -> None:
+    s = _fit(tmp_path, steps=2, log_every=1, task_kw={"nan_at": frozenset({1})})
+    assert s["skipped_steps"] == 1
+    assert _records(tmp_path)[-1]["loss"] is None  # the last step: not finite
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert summary["loss"] is None

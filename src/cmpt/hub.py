@@ -36,7 +36,7 @@ from typing import Any
 
 __all__ = ["CorruptFileError", "HubOfflineError", "cli_for", "download_command", "hub_cli", "is_hub_id"]
 __all__ += ["check_local_path", "local_model_dir", "missing_path_error", "read_json", "reading_safetensors"]
-__all__ += ["CONFIG_FILES", "WEIGHT_FILES", "resolving"]
+__all__ += ["CONFIG_FILES", "WEIGHT_FILES", "json_ready", "resolving"]
 
 #: ``allow_patterns`` of :func:`local_model_dir` for what a model's configs say (what it is, its
 #: preprocessing), and for its configs and safetensors weights (what cmpt's own loaders read).
@@ -249,6 +249,18 @@ def reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
         raise CorruptFileError(
             f"a safetensors weight file of {path} is truncated or corrupt ({e}): re-download or re-export it"
         ) from None
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every NaN float (nested in dicts, lists, tuples) as ``None``: strict JSON
+    (``null``), which ``json.loads`` of other tools and browsers accept; infinities are kept."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | os.PathLike) -> Any:

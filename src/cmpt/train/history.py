@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..hub import json_ready
+
 if TYPE_CHECKING:
     from .resume import ResumePlan
 
@@ -45,7 +47,7 @@ def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
     """``run_dir/summary.json``, atomically (rank 0's job)."""
     path = run_dir / "summary.json"
     tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(json_ready(data), indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -1,10 +1,12 @@
 """Run metrics: ``metrics.jsonl``, TensorBoard, W&B, a tqdm bar and one summary line per interval.
 
 Only rank 0 writes (the trainer builds a disabled logger elsewhere). ``metrics.jsonl`` holds one
-JSON object per logging interval and survives resumption: on start the lines with a step beyond
-the resumed step are dropped (they belong to steps that will be trained again), new lines are
-appended. TensorBoard is used only when enabled *and* importable (otherwise an info line says so);
-``train.wandb`` without wandb is refused at start.
+JSON object per logging interval (strict JSON: a non-finite value is ``null``) and survives
+resumption: the trainer also logs at every checkpoint step, so the records up to the resumed step
+cover every step it trained; on start the lines with a step beyond it are dropped (they belong to
+steps that will be trained again) and TensorBoard hides its events from there on (a fresh start:
+all of them), new lines are appended. TensorBoard is used only when enabled *and* importable
+(otherwise an info line says so); ``train.wandb`` without wandb is refused at start.
 
 What a reader sees (docs/architecture.md, "Logs"):
 
@@ -33,6 +35,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from ..hub import json_ready
 
 __all__ = ["EtaClock", "IntervalMeter", "MetricsLogger", "StepStats", "format_summary", "truncate_jsonl"]
 
@@ -239,7 +243,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, allow_nan=True) + "\n")
+            f.write(json.dumps(json_ready(rec)) + "\n")  # a non-finite loss is null: strict JSON
         step = int(rec["step"])
         numbers = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
@@ -287,7 +291,9 @@ def _open_tensorboard(log_dir: Path, start_step: int):
     except ImportError:  # torch's wrapper needs the `tensorboard` package
         logger.info("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard)")
         return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+    # events at or after the first step this launch trains are hidden: those of a crashed launch
+    # (a fresh start purges them all, as metrics.jsonl is truncated)
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
 
 
 def _open_wandb(run_dir: Path, run_name: str, config: dict | None):

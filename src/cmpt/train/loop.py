@@ -295,12 +295,13 @@ class Trainer:
                 from ..data.length_cache import first_step_message
 
                 self.metrics.message(first_step_message(self.loader) + f"; {res.tokens:,} tokens in it")
-            if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or res.stop:
+            save = res.stop or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+            if save or (cfg.log_every and step % cfg.log_every == 0):  # a checkpoint's steps are logged
                 extra = {k: c[k] for k in ("skipped_steps", "bad_samples")}
                 rec = meter.record(step, lrs, **extra, elapsed_s=c["elapsed_s"] + elapsed_run, eta_s=eta)
                 self.metrics.log(rec)
                 meter = IntervalMeter()
-            if res.stop or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if save:
                 self._save(ckpt, elapsed_run)
                 if res.stop and step < cfg.steps:
                     stopped = True
