@@ -95,5 +95,5 @@ def test_bare_vit_is_refused(data, tmp_path):
     with pytest.raises(TypeError, match="text side"):
         retrieval_eval(vit, data)
     vit.save_pretrained(tmp_path / "vit")
-    with pytest.raises(TypeError, match=r"vlm_config\.json"):
+    with pytest.raises(ValueError, match=r"vlm_config\.json"):
         retrieval_main(tmp_path / "vit", data)

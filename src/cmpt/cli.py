@@ -1,7 +1,7 @@
 """The `cmpt` command line (also `python -m cmpt`, so `torchrun -m cmpt train ...` works).
 
-Subcommands: demo · encode · train · export · convert {official} · eval; the tools data {synth,
-check, vocab-prior} and ckpt {verify} are in :mod:`cmpt.cli_tools`.
+Subcommands: demo · encode · train · export · convert {official} · eval (:mod:`cmpt.cli_eval`); the
+tools data {synth, check, vocab-prior} and ckpt {verify} are in :mod:`cmpt.cli_tools`.
 Each subcommand is a thin adapter over a library function; heavy imports happen inside handlers.
 """
 
@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .cli_tools import add_tool_commands
+from .cli_eval import add_eval_commands
+from .cli_tools import add_tool_commands, positive_int
 
 
 def _encode(a: argparse.Namespace) -> int:
@@ -80,13 +81,6 @@ def _train(a: argparse.Namespace) -> int:
     if is_main():
         print(json.dumps(summary, default=str))
     return int(summary.get("exit_code", 0))
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (anything else is a usage error naming the value)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def _check_export_paths(model: str, out: str) -> None:
@@ -159,43 +153,6 @@ def _convert(a: argparse.Namespace) -> int:
     kind, out = convert_official(a.src, a.out, vision_config=a.vision_config, dtype=dtype)
     what = "CoMP-MM VLM -> cmpt VLM directory" if kind == "vlm" else "CoMP-VFM tower -> NativeViT directory"
     print(f"converted {a.src} ({what}, pos_embed_order: official) -> {out}")
-    return 0
-
-
-def _eval(a: argparse.Namespace) -> int:
-    from . import eval as ev
-
-    common = {"device": a.device}
-    if a.eval_command == "embed":
-        from .eval.embed import embed_main
-
-        opts = {"batch_tokens": a.batch_tokens, "limit": a.limit, "skip_bad": a.skip_bad}
-        res = embed_main(a.model, a.data, out=a.out, **opts, **common)
-        print(res["table"], end="")
-        if res["skipped"]:
-            print(f"skipped {res['skipped']} bad records (listed in the log above)", file=sys.stderr)
-        return 0
-    if a.eval_command == "probe":
-        res = ev.probe_main(a.model, a.data, a.val, max_pixels=a.max_pixels, out=a.out, **common)
-    elif a.eval_command == "seg":
-        res = ev.seg_main(a.model, a.data, a.val, max_pixels=a.max_pixels, out=a.out, **common)
-    elif a.eval_command == "vqa":
-        res = ev.vqa_main(
-            a.model,
-            a.data,
-            max_pixels=a.max_pixels,
-            limit=a.limit,
-            batch_size=a.batch_size,
-            metric=a.metric,
-            with_caption_loss=a.caption_loss,
-            out_dir=a.out,
-            **common,
-        )
-    elif a.eval_command == "resolution":
-        res = ev.resolution_main(a.model, a.data, a.max_pixels, out_dir=a.out, limit=a.limit, **common)
-    else:
-        res = ev.retrieval_main(a.model, a.data, limit=a.limit, max_pixels=a.max_pixels, out=a.out, **common)
-    print(json.dumps(res, indent=2, default=str))
     return 0
 
 
@@ -280,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nproc-per-node",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="start N processes on this machine (torchrun's launcher via python -m cmpt.launch; "
@@ -318,48 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the LLM")
     p.set_defaults(fn=_convert)
 
-    ev = sub.add_parser("eval", help="evaluate a ViT or VLM").add_subparsers(
-        dest="eval_command", required=True
-    )
-    helps = {
-        "probe": "frozen linear classification probe (best val top-1 over an LR grid)",
-        "seg": "frozen segmentation probe (BatchNorm + 1×1 linear head, mIoU)",
-        "vqa": "VQA with the benchmark's scorer (relaxed accuracy, ANLS, VQA accuracy)",
-        "resolution": "the same VQA eval at several max_pixels (CoMP Fig. 3): table + PNG",
-        "retrieval": "image↔text Recall@1/5/10 in the alignment-loss feature spaces",
-    }
-    for name, text in helps.items():
-        p = ev.add_parser(name, help=text)
-        p.add_argument("--model", required=True, help="NativeViT dir, HF vision checkpoint, or VLM dir")
-        p.add_argument("--data", required=True, help="LLaVA JSON file or a directory of splits")
-        p.add_argument("--device", default=None)
-        if name in ("probe", "seg"):
-            p.add_argument("--val", default=None, help="validation JSON (default: DATA/val.json)")
-        if name == "resolution":
-            p.add_argument("--max-pixels", required=True, help='comma list, e.g. "224*224,448*448,3136*256"')
-            p.add_argument("--out", required=True, help="output directory (table, JSON, PNG)")
-        else:
-            p.add_argument("--max-pixels", type=int, default=None)
-            p.add_argument("--out", default=None, help="where to write results / predictions")
-        if name not in ("probe", "seg"):
-            p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
-        if name == "vqa":
-            p.add_argument("--batch-size", type=int, default=8)
-            p.add_argument("--metric", default="auto", help="auto | relaxed_accuracy | anls | vqa_accuracy")
-            p.add_argument("--caption-loss", action="store_true", help="also report the caption loss")
-        p.set_defaults(fn=_eval)
-    p = ev.add_parser("embed", help="embedding model (MoCa): MMEB Precision@1 and ViDoRe-style nDCG@5")
-    p.add_argument(
-        "--model", required=True, help="Embedder dir, cmpt VLM dir or Hugging Face Qwen2-VL / Qwen2.5-VL dir"
-    )
-    p.add_argument("--data", required=True, help="folder of *.jsonl MMEB tasks and/or page-retrieval folders")
-    p.add_argument("--out", default=None, help="output directory (embed_results.json / .md / .png)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward (default: the model's)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many queries per task")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted, logged), not fail")
-    p.add_argument("--device", default=None)
-    p.set_defaults(fn=_eval)
-
+    add_eval_commands(sub)
     add_tool_commands(sub)
     return ap
 

@@ -51,6 +51,16 @@ def _ckpt_verify(a: argparse.Namespace) -> int:
     return 0 if good else 1
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is a usage error naming the value)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+DEVICE_HELP = "auto (default: CUDA if available, else CPU), cpu, cuda, cuda:N or mps"
+
+
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``data {synth, check, vocab-prior}`` and ``ckpt {verify}`` to the ``cmpt`` parser."""
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

@@ -171,6 +171,8 @@ class Embedder:
         the image of every text); ``instructions``: one string for all inputs or B entries.
         ``progress``: a progress bar (default: for more than 256 inputs).
         """
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1 (tokens per forward), got {batch_tokens}")
         n = _count(texts, images)
         if n == 0:
             raise ValueError("encode needs texts or images")

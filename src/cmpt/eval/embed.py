@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from cmpt.eval.embed_data import PAGE_PROMPT, EmbedData, Key, load_embed_data
 from cmpt.eval.embed_metrics import mmeb_group_means, ndcg_at_k_qrels, precision_at_1
-from cmpt.eval.features import pick_device, write_json
+from cmpt.eval.runtime import check_out_dir, pick_device, write_json
 
 __all__ = ["PAGE_PROMPT", "K", "embed_main", "embed_table", "evaluate_embed", "plot_embed"]
 
@@ -199,6 +199,9 @@ def embed_main(
     :meth:`cmpt.Embedder.from_pretrained` loads (or a loaded Embedder). The data are read (and
     checked) before the model loads. Writes ``embed_results.{json,md,png}`` to ``out`` when given;
     the result carries the markdown ``table``."""
+    check_out_dir(out, "embed")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError(f"--batch-tokens must be >= 1 (tokens per forward), got {batch_tokens}")
     ds = load_embed_data(data, limit=limit, skip_bad=skip_bad)
     name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):

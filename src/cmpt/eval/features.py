@@ -22,8 +22,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -45,13 +43,11 @@ __all__ = [
     "extract_patch_maps",
     "feature_setting",
     "first_images",
-    "head_threads",
     "load_records",
     "load_vision",
     "model_device",
     "processor_with",
     "resolve_split_files",
-    "write_json",
 ]
 
 log = logging.getLogger("cmpt.eval")
@@ -77,6 +73,8 @@ def load_records(path: str | os.PathLike, limit: int | None = None) -> list[Eval
     Unreadable records raise (an evaluation must not silently drop samples); ``limit`` keeps the
     first records.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     src = LlavaSource(path)
     n = len(src) if limit is None else min(len(src), int(limit))
     out = []
@@ -178,60 +176,6 @@ def load_vision(
     if device is not None:
         vit = vit.to(device)
     return vit, processor_with(proc, proc_kw.get("max_pixels"), proc_kw.get("min_pixels"))
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    """``None`` / ``"auto"`` → CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@contextlib.contextmanager
-def head_threads(device: torch.device | str) -> Iterator[None]:
-    """Run the enclosed (small) probe-head training single-threaded on the CPU.
-
-    A probe head's steps are tiny matrix products: intra-op threads only add synchronisation
-    (on a busy 2-core host a 60×64 linear backward takes ~70 ms with 2 threads, 0.3 ms with one).
-    The previous thread count is restored on exit; GPU runs are unaffected.
-    """
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def finish_result(result: dict[str, Any], out: str | os.PathLike | None, **provenance: Any) -> dict[str, Any]:
-    """Add where the numbers came from (model, data) to ``result``; write it as JSON to ``out`` if given."""
-    result.update(provenance)
-    if out is not None:
-        write_json(result, Path(out))
-    return result
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON (atomic rename); NaN becomes ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_nan_to_none(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- extraction

@@ -29,15 +29,13 @@ import torch.nn.functional as F
 from cmpt.eval.features import (
     _pooled_features,
     feature_setting,
-    finish_result,
     first_images,
-    head_threads,
     load_records,
     load_vision,
-    pick_device,
     processor_with,
     resolve_split_files,
 )
+from cmpt.eval.runtime import finish_result, head_threads, pick_device, results_file
 from cmpt.vision.processor import ImageProcessor
 
 __all__ = ["linear_probe", "probe_main", "train_linear_head"]
@@ -214,8 +212,10 @@ def probe_main(
 ) -> dict[str, Any]:
     """``cmpt eval probe`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or
     a VLM directory; the data is a directory with ``train.json`` / ``val.json`` or a train JSON plus
-    ``val_json``. Writes the result as JSON to ``out`` when given; returns it."""
+    ``val_json``. Writes the result as JSON to ``out`` when given (a directory, or a path ending in ``/``:
+    ``probe_results.json`` inside it); returns it."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)
+    out = results_file(out, "probe")
     vit, proc = load_vision(model, device=pick_device(device), max_pixels=max_pixels)
     result = linear_probe(
         vit,

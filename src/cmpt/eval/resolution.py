@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cmpt.eval.features import pick_device, write_json
+from cmpt.eval.runtime import check_out_dir, pick_device, write_json
 from cmpt.eval.vqa import evaluate_vqa, resolve_data
 
 __all__ = ["parse_pixels", "plot_sweep", "resolution_main", "resolution_sweep", "sweep_table"]
@@ -30,7 +30,13 @@ def parse_pixels(values: str | int | Sequence[str | int]) -> list[int]:
     out = set()
     for v in items:
         if isinstance(v, str):
-            factors = [int(f) for f in v.strip().split("*") if f.strip()]
+            try:
+                factors = [int(f) for f in v.strip().split("*") if f.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"--max-pixels {values!r}: {v.strip()!r} is not a pixel count; expected a comma list "
+                    'of counts or products, e.g. "224*224,448*448"'
+                ) from None
             if not factors:
                 continue
             prod = 1
@@ -40,7 +46,9 @@ def parse_pixels(values: str | int | Sequence[str | int]) -> list[int]:
         else:
             out.add(int(v))
     if not out or min(out) <= 0:
-        raise ValueError(f"max_pixels must be positive integers, got {values!r}")
+        raise ValueError(
+            f'--max-pixels must be positive pixel counts, e.g. "224*224,448*448"; got {values!r}'
+        )
     return sorted(out)
 
 
@@ -145,8 +153,10 @@ def resolution_main(
 ) -> dict[str, Any]:
     """``cmpt eval resolution`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model);
     ``max_pixels`` a list or a comma-separated string (``"224*224,448*448"`` works)."""
+    pixels = parse_pixels(max_pixels)
+    check_out_dir(out_dir, "resolution")
     if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel
 
         model = VisionLanguageModel.from_pretrained(model, device=pick_device(device))
-    return resolution_sweep(model, data, parse_pixels(max_pixels), out_dir=out_dir, limit=limit, **vqa_kwargs)
+    return resolution_sweep(model, data, pixels, out_dir=out_dir, limit=limit, **vqa_kwargs)

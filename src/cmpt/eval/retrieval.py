@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmpt.eval.features import load_records, pick_device, processor_with, write_json
+from cmpt.eval.features import load_records, processor_with
 from cmpt.eval.metrics import recall_at_k
+from cmpt.eval.runtime import pick_device, results_file, write_json
 from cmpt.eval.vqa import resolve_data
 from cmpt.vision.processor import load_image
 from cmpt.vision.vit import NativeViT
@@ -146,19 +147,23 @@ def retrieval_main(
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``cmpt eval retrieval`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model); a
-    NativeViT directory is refused with a clear error. Writes JSON to ``out`` when given."""
+    NativeViT directory is refused with a clear error. Writes JSON to ``out`` when given (a directory, or
+    a path ending in ``/``: ``retrieval_results.json`` inside it)."""
+    out_file = results_file(out, "retrieval")
     if isinstance(model, (str, os.PathLike)):
         d = Path(model)
+        if not d.exists():
+            raise FileNotFoundError(f"--model {str(d)!r} does not exist: pass a cmpt VLM directory")
         if not (d / "vlm_config.json").is_file():
-            raise TypeError(
-                f"{d} is not a VisionLanguageModel directory (no vlm_config.json): retrieval needs the "
-                "text side of a VLM; evaluate a bare vision model with `cmpt eval probe` / `cmpt eval seg`"
+            raise ValueError(
+                f"--model {str(d)!r} is not a VLM directory (no vlm_config.json): retrieval needs a cmpt VLM "
+                "(its text side); evaluate a bare vision model with `cmpt eval probe` / `cmpt eval seg`"
             )
         from cmpt.vlm.model import VisionLanguageModel
 
         model = VisionLanguageModel.from_pretrained(d, device=pick_device(device))
     result = retrieval_eval(model, data, limit=limit, max_pixels=max_pixels)
     result["data"] = str(resolve_data(data))
-    if out is not None:
-        write_json(result, Path(out))
+    if out_file is not None:
+        write_json(result, out_file)
     return result

@@ -33,17 +33,15 @@ from torch import nn
 from cmpt.data.sources import resolve_image_path
 from cmpt.eval.features import (
     extract_patch_maps,
-    finish_result,
     first_images,
-    head_threads,
     load_records,
     load_vision,
     model_device,
-    pick_device,
     processor_with,
     resolve_split_files,
 )
 from cmpt.eval.metrics import SegMeter
+from cmpt.eval.runtime import finish_result, head_threads, pick_device, results_file
 from cmpt.vision.processor import ImageProcessor
 
 __all__ = ["IGNORE_INDEX", "SegHead", "load_mask", "seg_main", "seg_probe"]
@@ -219,8 +217,10 @@ def seg_main(
 ) -> dict[str, Any]:
     """``cmpt eval seg`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or a
     VLM directory; the data is a directory with ``train.json`` / ``val.json`` (e.g. synthetic
-    scenes) or a train JSON plus ``val_json``. Writes the result as JSON to ``out`` when given."""
+    scenes) or a train JSON plus ``val_json``. Writes the result as JSON to ``out`` when given (a directory,
+    or a path ending in ``/``: ``seg_results.json`` inside it)."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)
+    out = results_file(out, "seg")
     vit, proc = load_vision(model, device=pick_device(device), max_pixels=max_pixels)
     result = seg_probe(
         vit,

@@ -36,14 +36,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cmpt.eval.features import (
-    default_processor,
-    load_records,
-    pick_device,
-    processor_with,
-    write_json,
-)
+from cmpt.eval.features import default_processor, load_records, processor_with
 from cmpt.eval.metrics import anls, relaxed_accuracy, vqa_accuracy
+from cmpt.eval.runtime import check_out_dir, pick_device, write_json
 from cmpt.vision.processor import ImageProcessor, load_image
 
 __all__ = [
@@ -330,6 +325,9 @@ def vqa_main(
 ) -> dict[str, Any]:
     """``cmpt eval vqa`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model). With
     ``out_dir``, writes ``predictions.jsonl`` and ``vqa_results.json`` there; returns the result."""
+    check_out_dir(out_dir, "vqa")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel
 
