@@ -94,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             torchrun.run(args)
         except (ChildFailedError, SignalException) as e:
             print(f"cmpt.launch: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        except UnboundLocalError as e:
+            # torch's elastic metrics wrapper hit by the signal before its first assignment raises
+            # this while handling the SignalException: the workers' codes still tell the outcome
+            if not isinstance(e.__context__, SignalException):
+                raise
+            print(f"cmpt.launch: SignalException: {str(e.__context__).strip()}", file=sys.stderr)
         files = sorted(exit_dir.glob("rank_*"))  # this node's workers (RANK is global)
         codes = [_read_code(f) for f in files]
         local = str(args.nproc_per_node)

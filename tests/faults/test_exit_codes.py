@@ -93,6 +93,31 @@ def test_launcher_argv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert seen == [["--standalone", "--nproc_per_node=2", "-m", "cmpt", "train", "x.yaml", *sets]]
 
 
+@pytest.mark.parametrize("torch_bug", [False, True])
+def test_a_signalled_launcher_reports_its_workers_code(
+    monkeypatch: pytest.MonkeyPatch, torch_bug: bool
+) -> None:
+    """SIGTERM to ``python -m cmpt.launch``: torchrun raises SignalException — or, when the signal
+    lands on the first line of torch's elastic metrics wrapper, an UnboundLocalError raised while
+    handling it (seen in CI) — and the exit code is still the workers' (75: stopped, resumable)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from cmpt import launch
+
+    def signalled_run(args) -> None:
+        for rank in range(2):  # what each worker's report_exit leaves
+            Path(os.environ[launch.EXIT_DIR_ENV], f"rank_{rank:05d}").write_text("75\n")
+        try:
+            raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+        except SignalException:
+            if not torch_bug:
+                raise
+            raise UnboundLocalError("cannot access local variable 'start'") from None
+
+    monkeypatch.setattr("torch.distributed.run.run", signalled_run)
+    assert launch.main(["--standalone", "--nproc_per_node=2", "worker.py"]) == 75
+
+
 def test_failure_is_recorded(tmp_path: Path) -> None:
     train = TrainConfig(steps=6, max_nonfinite=0, progress=False, tensorboard=False)
     with pytest.raises(NonFiniteError):
