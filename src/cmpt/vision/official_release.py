@@ -55,6 +55,8 @@ TOWER_KEYS = {
 }
 _HF_TYPE = {"siglip": "siglip_vision_model", "dinov2": "dinov2"}
 _CONFIG_TYPES = {"siglip": ("siglip", "siglip_vision_model"), "dinov2": ("dinov2",)}
+_RELEASE_CLASSES = ("CoMPSiglipVisionModel", "CoMPDinov2Model")  # the towers' classes in config.json
+_RELEASE_FIELDS = ("use_rope", "spatial_merge_size")
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -149,6 +151,33 @@ def detect_official_layout(path: str | Path) -> str | None:
     return "vit" if tower_family(keys) is not None else None
 
 
+def release_tower_dir(name_or_path: str | Path) -> Path | None:
+    """The local directory of a CoMP-VFM tower of the release (:func:`detect_official_layout` says
+    ``"vit"``) named by a path or hub id, else None (a cmpt directory, an HF checkpoint, no such path).
+
+    Decided from ``config.json`` first: only one that names a release class or carries the release's
+    fields (``use_rope`` / ``spatial_merge_size``) has its weights' names read (for a hub id: its
+    weight files downloaded), so an HF or cmpt checkpoint's weight files are neither fetched nor
+    opened (a meta build, ``weights=False``, reads none)."""
+    from cmpt.hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir
+
+    hub = is_hub_id(name_or_path)
+    if hub:
+        d = local_model_dir(name_or_path, "vision checkpoint", allow_patterns=CONFIG_FILES)
+    else:
+        d = Path(name_or_path).expanduser()
+    if not (d / "config.json").is_file():
+        return None
+    raw = read_config(d)
+    vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else {}
+    release_class = set(raw.get("architectures") or []) & set(_RELEASE_CLASSES)
+    if "cmpt_model" in raw or not (release_class or any(k in raw or k in vision for k in _RELEASE_FIELDS)):
+        return None
+    if hub:
+        d = local_model_dir(name_or_path, "vision checkpoint", allow_patterns=WEIGHT_FILES)
+    return d if detect_official_layout(d) == "vit" else None
+
+
 def hf_tower_config(family: str, raw: dict[str, Any], source: str) -> Any:
     """The HF vision config (``SiglipVisionConfig`` / ``Dinov2Config``) of a release tower's
     ``config.json`` (``raw``); ``source`` names it in errors."""
@@ -225,8 +254,9 @@ def load_official_vit(
     """Load a CoMP-VFM directory of the release (SigLIP or DINOv2 tower) as a NativeViT (docs/method.md
     §1.5): ``pos_embed_order: official``, RoPE as ``use_rope`` says, image mean/std from the
     checkpoint's ``preprocessor_config.json``, no pooling head (pooled output = patch mean).
-    ``overrides`` replace NativeViT config fields (e.g. ``attn``; None values are ignored).
-    ``weights=False``: a meta-device skeleton from the config and the weights' headers."""
+    ``overrides`` replace NativeViT config fields (e.g. ``attn``, ``keep_prefix_tokens``; None values
+    are ignored: ``rope=None`` keeps ``use_rope``). ``weights=False``: a meta-device skeleton from
+    the config and the weights' headers (FSDP2 ranks > 0, docs/method.md §6)."""
     d = Path(path)
     family = tower_family(read_keys(d))
     if family is None:
@@ -240,6 +270,7 @@ def load_official_vit(
     hf_config = hf_tower_config(family, raw, str(d / "config.json"))
     state = read_state(d, TOWER_PREFIX[family], weights=weights)
     state = {k: v for k, v in state.items() if not k.startswith("merger.")}  # the release's w_merger=False
-    settings = {**release_settings(raw), **image_stats(d), **overrides}
+    given = {k: v for k, v in overrides.items() if v is not None}  # rope=None must not drop use_rope
+    settings = {**release_settings(raw), **image_stats(d), **given}
     model = build_tower(family, hf_config, state, str(d), weights=weights, **settings)
     return model.to(device) if device is not None else model

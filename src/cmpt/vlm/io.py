@@ -120,13 +120,18 @@ def load_vit(
     keep_prefix_tokens: bool,
     weights: bool = True,
 ) -> NativeViT:
-    """A NativeViT from an instance, a NativeViT directory, or an HF vision checkpoint (docs/method.md §1).
+    """A NativeViT from an instance, a NativeViT directory, a CoMP-VFM tower of the official release
+    or an HF vision checkpoint (docs/method.md §1, §1.5).
 
     An HF checkpoint becomes the official CoMP tower (``comp_tower_overrides``: SigLIP loses its
     ``post_layernorm``, stored as ``final_norm: false`` in the ViT config so the saved VLM reloads
-    alike); an instance or a NativeViT directory keeps its own ``final_norm``. ``weights=False``
-    builds the tower on the meta device from its configs alone (``NativeViT.from_pretrained`` /
-    ``NativeViT.from_hf``).
+    alike); an instance or a NativeViT directory keeps its own ``final_norm``. A release tower
+    (detected unless ``vit_from_hf`` is given: :func:`~cmpt.vision.official_release.release_tower_dir`)
+    is read by :func:`~cmpt.vision.official_release.load_official_vit`: already the CoMP tower,
+    ``pos_embed_order: official``, RoPE as its ``use_rope`` says unless ``rope`` is given.
+    ``weights=False`` builds the tower on the meta device from its configs alone
+    (``NativeViT.from_pretrained`` / ``NativeViT.from_hf``; a release tower: config and the weights'
+    headers).
     """
     if isinstance(vit, NativeViT):
         updates: dict[str, Any] = {"keep_prefix_tokens": keep_prefix_tokens}
@@ -134,7 +139,14 @@ def load_vit(
             updates["rope"] = rope
         vit.config = replace(vit.config, **updates)  # re-validates (RoPE needs head dim % 4 == 0)
         return vit
-    if vit_from_hf is None:  # a hub id: what its config says (cmpt.hub.local_model_dir)
+    if vit_from_hf is None:  # detect: a release tower, else what its config says (a hub id too)
+        from cmpt.vision.official_release import load_official_vit, release_tower_dir
+
+        tower_dir = release_tower_dir(vit)
+        if tower_dir is not None:  # a CoMP-VFM tower of the release (docs/method.md §1.5)
+            return load_official_vit(
+                tower_dir, rope=rope, keep_prefix_tokens=keep_prefix_tokens, weights=weights
+            )
         cfg_file = local_model_dir(vit, "vision checkpoint", allow_patterns=CONFIG_FILES) / "config.json"
         vit_from_hf = not (cfg_file.is_file() and "cmpt_model" in read_json(cfg_file))
     if vit_from_hf:
@@ -197,7 +209,8 @@ def build_vlm(
     LLM hidden size) (docs/method.md §2 "Assembly").
 
     Args:
-        vit: a :class:`NativeViT`, a NativeViT directory (``config.json`` with ``cmpt_model``)
+        vit: a :class:`NativeViT`, a NativeViT directory (``config.json`` with ``cmpt_model``),
+            a CoMP-VFM tower of the official release (``load_official_vit``, docs/method.md §1.5)
             or a Hugging Face vision checkpoint (converted with ``NativeViT.from_hf``).
         llm: HF causal-LM id/directory (``AutoModelForCausalLM``, no ``trust_remote_code``) or a
             loaded model. tokenizer: defaults to ``AutoTokenizer`` of ``llm`` (or of the loaded
@@ -211,7 +224,8 @@ def build_vlm(
         dtype: dtype of a loaded LLM (default float32). llm_kwargs: extra
             ``from_pretrained`` arguments (e.g. ``attn_implementation``).
         weights: False builds the skeleton on the meta device (module docstring): the LLM from
-            its ``config.json``, the ViT from a NativeViT directory's (see :func:`load_vit`).
+            its ``config.json``, the ViT from a NativeViT directory's or a release tower's config
+            and weight headers (see :func:`load_vit`).
         **cfg: :class:`VLMConfig` fields.
 
     The vision tokens are added to the tokenizer where missing and the embeddings resized when

@@ -181,7 +181,8 @@ def load_official_vlm(
     if stray:
         raise ValueError(f"{d}: weights under visual. that are neither tower nor merger: {stray[:3]}")
     tower = {k.removeprefix(prefix): v for k, v in rest.items()}
-    settings = {**release_settings(raw), **image_stats(d), **vit_overrides}
+    given = {k: v for k, v in vit_overrides.items() if v is not None}  # rope=None keeps use_rope
+    settings = {**release_settings(raw), **image_stats(d), **given}
     hf_config = hf_tower_config(family, tower_raw, tower_src)
     vit = build_tower(family, hf_config, tower, str(d), weights=weights, **settings)
     llm = _load_llm(d, raw, state, weights, dtype=dtype or torch.float32, **(llm_kwargs or {}))
