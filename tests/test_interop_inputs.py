@@ -30,7 +30,7 @@ from cmpt.hub import hub_cli
 from cmpt.vision.convert import comp_tower_overrides, image_stats
 from cmpt.vlm.chat import ensure_vision_tokens
 from cmpt.vlm.official_release import load_official_vlm
-from test_official_release import tower_config, write_vfm, write_vlm
+from release_fixtures import tower_config, write_vfm, write_vlm
 from vlm_fixtures import build_dirs, build_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
