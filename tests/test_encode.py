@@ -126,3 +126,46 @@ def test_budget_batches():
 def test_python_dash_m_help():
     res = subprocess.run([sys.executable, "-m", "cmpt", "--help"], capture_output=True, text=True, check=True)
     assert "encode" in res.stdout and "demo" in res.stdout
+
+
+def test_encode_vlm_directory_uses_its_vision_tower(setup, tmp_path, capsys):
+    from cmpt import NativeViT, NativeViTConfig, VisionLanguageModel
+    from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
+    from cmpt.vision.processor import ImageProcessor
+
+    _, _, root = setup
+    tok = train_tokenizer(default_corpus(50), vocab_size=300)
+    vit = NativeViT(
+        NativeViTConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, pos_grid=4)
+    )
+    proc = ImageProcessor(14, 2, mean=(0.2, 0.3, 0.4), min_pixels=28 * 28, max_pixels=56 * 56)
+    VisionLanguageModel.build(
+        vit, build_tiny_causal_lm(tok, hidden_size=32), tok, processor=proc
+    ).save_pretrained(tmp_path / "vlm")
+    out = tmp_path / "vlm.safetensors"
+    assert (
+        main(["encode", "--model", str(tmp_path / "vlm"), str(root / "imgs"), "--out", str(out), "--quiet"])
+        == 0
+    )
+    ref = tmp_path / "ref.safetensors"
+    tower = NativeViT.from_pretrained(tmp_path / "vlm" / "vision")
+    encode_images(
+        tower, ImageProcessor.from_hf(tmp_path / "vlm" / "processor"), sorted((root / "imgs").iterdir()), ref
+    )
+    got, want = load_file(out), load_file(ref)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key])
+    assert (got["grid_hw"].prod(1) * 14 * 14 <= 56 * 56).all()  # the VLM's processor/ (its cap) applies
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "mps:0"])
+def test_encode_refuses_an_unusable_device(setup, device, tmp_path, capsys):
+    ckpt, paths, _ = setup
+    args = ["encode", "--model", str(ckpt), str(paths[0]), "--out", str(tmp_path / "f.safetensors")]
+    if device == "mps:0" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    assert main([*args, "--quiet", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--device {device!r} is not available here" in err
+    assert "use one of: auto, cpu" in err and not (tmp_path / "f.safetensors").exists()

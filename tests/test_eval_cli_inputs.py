@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cmpt import NativeViT, NativeViTConfig
 from cmpt.cli import main
 from cmpt.demo.synthetic import generate_splits
 from cmpt.embed.embedder import Embedder
-from cmpt.eval.runtime import check_out_dir, results_file
+from cmpt.eval.runtime import available_devices, check_out_dir, pick_device, results_file
 
 COMMANDS = ("probe", "seg", "vqa", "resolution", "retrieval", "embed")
 
@@ -123,3 +124,53 @@ def test_probe_out_directory_gets_results_json(trailing_slash, tmp_path, tiny_vi
     res = json.loads((out / "probe_results.json").read_text())
     assert res["n_val"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evals", "scenes"]
+
+
+@pytest.mark.parametrize("command", ["probe", "seg", "vqa", "retrieval", "resolution"])
+@pytest.mark.parametrize(("value", "pixels"), [("0", None), ("-5", None), ("100", "100"), ("20*20", "400")])
+def test_max_pixels_below_one_merge_window_is_refused_first(
+    command, value, pixels, tiny_vit, tmp_path, capsys
+):
+    # data that does not exist: a check after loading anything would report it instead
+    args = ["eval", command, "--model", str(tiny_vit), "--data", str(tmp_path / "nodata")]
+    args += ["--out", str(tmp_path / "o")] if command == "resolution" else []
+    assert main([*args, "--max-pixels", value]) == 2
+    err = _error(capsys)
+    assert f"--max-pixels {value!r}" in err or f"got {value!r}" in err
+    assert "784 (28*28)" in err  # patch 14 × merge 2: the smallest value this model accepts
+    if pixels:
+        assert f"{pixels} pixels is less than one 28×28 merge window" in err
+
+
+def test_max_pixels_checks_without_a_readable_model(tmp_path, capsys):
+    args = ["eval", "probe", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)]
+    assert main([*args, "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be positive" in (err := _error(capsys)) and "'0'" in err
+    assert main([*args, "--max-pixels", "224*224,448*448"]) == 2  # one value, not a sweep
+    assert "one pixel count or product" in (err := _error(capsys)) and "cmpt eval resolution" in err
+
+
+def test_max_pixels_takes_a_product(tmp_path, tiny_vit, capsys):
+    data = generate_splits("scenes", tmp_path / "scenes", 4, 2, 1)["train"].parent
+    out = tmp_path / "probe.json"
+    args = ["eval", "probe", "--model", str(tiny_vit), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--max-pixels", "28*56"]) == 0
+    assert json.loads(out.read_text())["n_val"] == 2
+
+
+def test_mps_index_zero_is_accepted_where_mps_is(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("mps:0") == torch.device("mps:0") and pick_device("mps") == torch.device("mps")
+    assert {"mps", "mps:0"} <= set(available_devices())
+    with pytest.raises(ValueError, match=r"'mps:1'.*MPS has one device.*use one of: auto, cpu.*mps:0"):
+        pick_device("mps:1")
+    # the device passes; what is reported is the missing data
+    assert main([*_args("probe", tmp_path), "--device", "mps:0"]) == 2
+    assert "not available" not in (err := _error(capsys)) and "does not exist" in err
+
+
+def test_unavailable_mps_lists_the_usable_devices(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main([*_args("seg", tmp_path), "--device", "mps:0"]) == 2
+    err = _error(capsys)
+    assert "--device 'mps:0' is not available here (MPS is not available); use one of: auto, cpu" in err

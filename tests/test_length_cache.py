@@ -23,6 +23,7 @@ import pytest
 from broken_corpus import build_broken_corpus, tiny_processor, tiny_tokenizer
 from cmpt.data import length_cache as LC
 from cmpt.data import length_index as LI
+from cmpt.data import length_scan as LS
 from cmpt.data.llava_source import LlavaSource
 from cmpt.data.pipeline import LengthIndex, estimate_lengths, template_overhead
 from cmpt.data.sources import BadSample
@@ -60,13 +61,13 @@ def _parts(corpus):
 
 def _count_opens(monkeypatch) -> list[int]:
     calls = [0]
-    real = LI.Image.open
+    real = LS.Image.open
 
     def counting(*a, **kw):
         calls[0] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(LI.Image, "open", counting)
+    monkeypatch.setattr(LS.Image, "open", counting)
     return calls
 
 
@@ -88,7 +89,7 @@ def test_fast_token_counts_match_the_tokenizer(corpus):
     tok = tiny_tokenizer()
     texts = ["Describe the chart.", "A red <|image_pad|> bar, 12 units!", "", "é ü 中文"]
     assert LI.count_tokens(tok, texts, fast=True) == LI.count_tokens(tok, texts)
-    assert LI._fast_matches(tok, texts)
+    assert LS._fast_matches(tok, texts)
 
 
 def test_cache_reused_by_a_reloaded_tokenizer_without_header_reads(corpus, tmp_path, monkeypatch):
@@ -177,20 +178,20 @@ def test_stale_lock_of_a_dead_builder_is_broken(corpus, tmp_path):
 RACER = """
 import json, logging, os, sys, time
 logging.basicConfig(level=logging.INFO)
-from cmpt.data import length_index as LI
+from cmpt.data import length_scan as LS
 from cmpt.data.pipeline import LengthIndex
 from cmpt.data.llava_source import LlavaSource
 from transformers import AutoTokenizer
 sys.path.insert(0, {tests!r})
 from broken_corpus import tiny_processor
 data, tok_dir, cache, out, go = sys.argv[1:6]
-slow = LI._scan
+slow = LS._scan
 def _scan(job, bounds):  # holds the lock until the test says go
     deadline = time.monotonic() + 120
     while go != "-" and not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.02)
     return slow(job, bounds)
-LI._scan = _scan
+LS._scan = _scan
 idx = LengthIndex.build(
     LlavaSource(data), tiny_processor(), AutoTokenizer.from_pretrained(tok_dir), cache_dir=cache,
     backend="serial", chunk=8,

@@ -1,4 +1,5 @@
-"""The demo's tiny pretraining runs through cmpt.train.Trainer (cmpt.demo.pretrain), not a loop of its own."""
+"""The demo's tiny pretraining runs through cmpt.train.Trainer (cmpt.demo.pretrain_run), not a loop of
+its own."""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, Dinov2Model
 
-from cmpt.demo.pretrain import (
-    HEADS,
-    LMPretrainTask,
-    ShuffledBatches,
-    VitPretrainTask,
-    held_out_loss,
-    lm_batch,
-    train_into,
-)
+from cmpt.demo.lm_pretrain import LMPretrainTask, held_out_loss, lm_batch
+from cmpt.demo.pretrain_run import ShuffledBatches, train_into
 from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
 from cmpt.demo.tiny_models import QUICK
+from cmpt.demo.vit_pretrain import HEADS, VitPretrainTask
 
 
 def _records(run_dir):

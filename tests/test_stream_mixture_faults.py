@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from broken_corpus import tiny_processor, tiny_tokenizer
+from cmpt.data import streaming
 from cmpt.data.check import data_check_main
 from cmpt.data.config import DataConfig
 from cmpt.data.convert import write_tar_samples
@@ -248,3 +249,39 @@ def test_a_member_left_without_records_is_an_error(tmp_path):
         load_mixture(_yaml(tmp_path / "z.yaml", [{"path": one}, {"path": "z"}]))
     with pytest.raises(ValueError, match=r"none.yaml: a mixture needs at least one member"):
         load_mixture(_yaml(tmp_path / "none.yaml", []))
+
+
+def test_a_resumed_stream_keeps_its_feed_check_and_epoch_count(tmp_path, builder, monkeypatch):
+    # one shard of four has data: stream 0 of 4 skips empty epochs; the first one asks whether any
+    # epoch can feed it (a scan of the shards), once per stream, not again after every resume
+    shards = _shards(tmp_path / "d", [4, 0, 0, 0])
+    calls: list[int] = []
+    real = streaming.never_read
+
+    def counting(*a, **kw):
+        calls.append(a[1])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(streaming, "never_read", counting)
+    cfg = _cfg(buffer_size=1, max_samples=1)
+    ref = SampleStream(shards, 0, 4, builder, cfg)
+    expected = [ref.next_batch() for _ in range(12)]  # several epochs, empty ones among them
+    assert calls == [0]
+    for k in range(1, 12):
+        calls.clear()
+        head = SampleStream(shards, 0, 4, builder, cfg)
+        for _ in range(k):
+            state = head.next_batch()[2]
+        tail = SampleStream(shards, 0, 4, builder, cfg, state=state)
+        got = [tail.next_batch() for _ in range(12 - k)]
+        assert [b[0]["sample_ids"] for b in got] == [b[0]["sample_ids"] for b in expected[k:]], k
+        assert calls == [0], (k, calls)  # the resumed stream knows it was fed
+        assert tail.state_dict() == ref.state_dict(), k
+    assert ref.state_dict()["fed"] and ref.state_dict()["epochs_read"] >= 2
+    # a state saved before these counters were kept still loads (as before: counted from the resume)
+    k = next(k for k, b in enumerate(expected) if b[2]["epochs_read"])
+    old = {key: v for key, v in expected[k][2].items() if key not in ("fed", "epochs_read")}
+    tail = SampleStream(shards, 0, 4, builder, cfg, state=old)
+    got = [tail.next_batch()[0]["sample_ids"] for _ in range(11 - k)]
+    assert got == [b[0]["sample_ids"] for b in expected[k + 1 :]]
+    assert tail.state_dict()["epochs_read"] < ref.state_dict()["epochs_read"]

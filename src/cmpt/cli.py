@@ -13,17 +13,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .cli_eval import add_eval_commands
+from .cli_eval import add_eval_commands, max_pixels_arg
 from .cli_tools import add_tool_commands, positive_int
 
 
 def _encode(a: argparse.Namespace) -> int:
     from .encode import check_output, encode_images, expand_images, load_vit, processor_for
+    from .eval.runtime import pick_device
 
+    device = pick_device(a.device)  # options first: nothing loads for a mistyped one
+    max_pixels = max_pixels_arg(a.max_pixels, a.model, many=False)
     images = expand_images(a.images)
     check_output(a.out, images, model=a.model)  # before the model is loaded
     vit = load_vit(a.model, rope=a.rope, attn=a.attn)
-    proc = processor_for(vit, a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    proc = processor_for(vit, a.model, min_pixels=a.min_pixels, max_pixels=max_pixels)
     res = encode_images(
         vit,
         proc,
@@ -33,13 +36,12 @@ def _encode(a: argparse.Namespace) -> int:
         pooled=a.features in ("pooled", "both"),
         patches=a.features in ("patch", "both"),
         skip_bad=a.skip_bad,
-        device=a.device,
+        device=device,
         precision=a.precision,
         progress=not a.quiet,
     )
-    print(
-        f"encoded {len(res.images)} images ({res.num_patches} patches) with {vit.config.source} -> {res.out}"
-    )
+    source = vit.config.source or a.model
+    print(f"encoded {len(res.images)} images ({res.num_patches} patches) with {source} -> {res.out}")
     for path, why in res.skipped.items():
         print(f"skipped {path}: {why}", file=sys.stderr)
     return 0
@@ -191,16 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("encode", help="native-resolution features of images → safetensors")
-    p.add_argument("--model", required=True, help="NativeViT directory or Hugging Face vision checkpoint")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="NativeViT directory, Hugging Face vision checkpoint, CoMP-VFM tower, or a cmpt / CoMP-MM VLM "
+        "directory (encodes with its vision tower and its image processor)",
+    )
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--features", choices=["pooled", "patch", "both"], default="both")
     p.add_argument("--token-budget", type=int, default=16384, help="patches per forward pass (default 16384)")
     p.add_argument("--min-pixels", type=int, default=None)
-    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", default=None, help="pixel cap, a count or a product (e.g. 448*448)")
     _bool(p, "rope", "2D RoPE on/off (default: the checkpoint's setting; off for HF checkpoints)")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash", "varlen"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA if available), cuda[:N], mps")
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA"
     )

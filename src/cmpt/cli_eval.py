@@ -18,6 +18,8 @@ def _eval(a: argparse.Namespace) -> int:
     from .eval.runtime import pick_device
 
     pick_device(a.device)  # a device this torch cannot use is refused before anything loads
+    if a.eval_command != "embed":
+        a.max_pixels = max_pixels_arg(a.max_pixels, a.model, many=a.eval_command == "resolution")
     common = {"device": a.device}
     if a.eval_command == "embed":
         from .eval.embed import embed_main
@@ -52,6 +54,49 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def max_pixels_arg(text: str | None, model: str, *, many: bool) -> int | list[int] | None:
+    """``--max-pixels`` checked before anything loads: a count or a product (``224*224``), a comma
+    list where ``many``; each at least one merge window of ``model``'s image processor, read from
+    its config files (a local directory; otherwise the check happens when the model loads)."""
+    from .eval.resolution import parse_pixels
+
+    if text is None:
+        return None
+    window = _merge_window(model)
+    least = f"; the smallest {model} accepts is {window**2} ({window}*{window})" if window else ""
+    try:
+        values = parse_pixels(text)
+    except ValueError as e:
+        raise ValueError(f"{e}{least}") from None
+    if not many and "," in text:
+        raise ValueError(
+            f"--max-pixels {text!r}: one pixel count or product, e.g. 50176 or 224*224 (a comma list is "
+            "for `cmpt eval resolution`)"
+        )
+    if window and values[0] < window**2:
+        raise ValueError(
+            f"--max-pixels {text!r}: {values[0]} pixels is less than one {window}×{window} merge window "
+            f"(patch side × merge size) of {model}; pass at least {window**2} ({window}*{window})"
+        )
+    return values if many else values[0]
+
+
+def _merge_window(model: str) -> int | None:
+    """Pixels a side of one merge window of ``model``'s image processor, from a local directory's
+    config files only (no weights); None when it is not one (a hub id, a missing path, a directory
+    that does not load: the load reports that)."""
+    from pathlib import Path
+
+    if not Path(model).is_dir():
+        return None
+    from .encode import load_vision_model
+
+    try:
+        return load_vision_model(model, weights=False)[1].factor
+    except (ValueError, OSError):
+        return None
+
+
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``eval {probe, seg, vqa, resolution, retrieval, embed}`` to the ``cmpt`` parser."""
     ev = sub.add_parser("eval", help="evaluate a ViT or VLM").add_subparsers(
@@ -75,7 +120,12 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--max-pixels", required=True, help='comma list, e.g. "224*224,448*448,3136*256"')
             p.add_argument("--out", required=True, help="output DIRECTORY (table, JSON, PNG); not a file")
         else:
-            p.add_argument("--max-pixels", type=int, default=None)
+            p.add_argument(
+                "--max-pixels",
+                default=None,
+                help="resolution cap in pixels, a count or a product (e.g. 50176 or 224*224); at least one "
+                "merge window, (patch size × merge size)² (784 for patch 14, merge 2)",
+            )
         if name == "vqa":
             p.add_argument(
                 "--out",

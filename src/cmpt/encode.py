@@ -24,6 +24,7 @@ from .vision.image_io import ImageLoadError
 from .vision.processor import ImageProcessor
 from .vision.rope import patch_positions
 from .vision.vit import NativeViT
+from .vlm.io import VLM_CONFIG_NAME
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -41,47 +42,72 @@ def _is_native_vit(d: Path) -> bool:
     return cfg.is_file() and read_json(cfg).get("cmpt_model") == "NativeViT"
 
 
-def load_vit(model: str | os.PathLike, *, rope: bool | None = None, attn: str = "auto") -> NativeViT:
+def load_vit(
+    model: str | os.PathLike, *, rope: bool | None = None, attn: str = "auto", weights: bool = True
+) -> NativeViT:
     """A cmpt NativeViT directory, a CoMP-VFM tower of the official release (docs/method.md §1.5;
-    both through ``NativeViT.from_pretrained``) or any Hugging Face vision checkpoint that
-    ``NativeViT.from_hf`` reads; local or by hub id (:func:`vision_dir`)."""
+    both through ``NativeViT.from_pretrained``), any Hugging Face vision checkpoint that
+    ``NativeViT.from_hf`` reads, or the vision tower of a VLM: a cmpt VLM directory (its
+    ``vision/``; also an Embedder saved over one) or a CoMP-MM of the official release; local or by
+    hub id (:func:`vision_dir`). ``weights=False``: a meta-device skeleton from the configs only."""
     from .vision.official_release import detect_official_layout
 
     d = vision_dir(model)
-    if _is_native_vit(d) or detect_official_layout(d) == "vit":
-        return NativeViT.from_pretrained(d, rope=rope, attn=attn)
+    if (d / VLM_CONFIG_NAME).is_file():
+        return NativeViT.from_pretrained(d / "vision", rope=rope, attn=attn, weights=weights)
+    layout = detect_official_layout(d)
+    if layout == "vlm":
+        from .vlm.model import VisionLanguageModel
+
+        # by name: its tokenizer files too
+        vlm = VisionLanguageModel.from_pretrained(_by_name(model, d), rope=rope, weights=weights)
+        vlm.vit.config.attn = attn  # read when the ViT runs
+        return vlm.vit
+    if _is_native_vit(d) or layout == "vit":
+        return NativeViT.from_pretrained(d, rope=rope, attn=attn, weights=weights)
     # a hub id by name: transformers fetches the weight files it reads (a .bin too)
-    return NativeViT.from_hf(model if is_hub_id(model) else d, rope=rope, attn=attn)
+    return NativeViT.from_hf(_by_name(model, d), rope=rope, attn=attn, weights=weights)
+
+
+def _by_name(model: str | os.PathLike, d: Path) -> str | Path:
+    return model if is_hub_id(model) else d
 
 
 def processor_for(vit: NativeViT, model: str | os.PathLike, **overrides) -> ImageProcessor:
-    """The checkpoint's preprocessing (its ``preprocessor_config.json``, local or by hub id: mean/std)
-    with the native-resolution policy unless overridden; the ViT's own mean/std without one."""
+    """The checkpoint's preprocessing (its ``preprocessor_config.json``, local or by hub id; a cmpt
+    VLM directory's ``processor/``: mean/std, pixel bounds) with the native-resolution policy unless
+    overridden; the ViT's own mean/std without one."""
     c = vit.config
     kwargs = {"policy": "native", **{k: v for k, v in overrides.items() if v is not None}}
+    if kwargs["policy"] == "native":
+        kwargs.setdefault("fixed_size", None)  # a fixed-resolution checkpoint's side does not apply
     d = local_model_dir(model, "vision checkpoint", allow_patterns=CONFIG_FILES)
+    if (d / VLM_CONFIG_NAME).is_file():
+        d = d / "processor"
     if (d / "preprocessor_config.json").is_file():
         return ImageProcessor.from_hf(d, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
     return default_processor(vit, **kwargs)
 
 
-def load_vision_model(model: str | os.PathLike) -> tuple[NativeViT, ImageProcessor]:
+def load_vision_model(model: str | os.PathLike, *, weights: bool = True) -> tuple[NativeViT, ImageProcessor]:
     """``(vit, processor)`` of a model name, local or by hub id (:func:`vision_dir`): a cmpt VLM
     directory (its ``vision/`` and ``processor/``), a CoMP-MM of the official release (its tower
-    and processor, docs/method.md §1.5), else what :func:`load_vit` reads (:func:`processor_for`)."""
+    and processor, docs/method.md §1.5), else what :func:`load_vit` reads (:func:`processor_for`).
+    ``weights=False``: the ViT as a meta-device skeleton, from the configs only (the processor is
+    the same)."""
     from .vision.official_release import detect_official_layout
 
     d = vision_dir(model)
-    if (d / "vlm_config.json").is_file():
-        vit = NativeViT.from_pretrained(d / "vision")
+    if (d / VLM_CONFIG_NAME).is_file():
+        vit = load_vit(d, weights=weights)
         proc_dir = d / "processor"
         return vit, ImageProcessor.from_hf(proc_dir) if proc_dir.is_dir() else default_processor(vit)
     if detect_official_layout(d) == "vlm":
         from .vlm.model import VisionLanguageModel
 
-        vlm = VisionLanguageModel.from_pretrained(model)  # by name: its tokenizer files too
+        vlm = VisionLanguageModel.from_pretrained(model, weights=weights)  # by name: its tokenizer files too
         return vlm.vit, vlm.processor or default_processor(vlm.vit)
-    vit = load_vit(model)
+    vit = load_vit(model, weights=weights)
     return vit, processor_for(vit, model)
 
 
@@ -177,15 +203,17 @@ def encode_images(
     pooled: bool = True,
     patches: bool = True,
     skip_bad: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     precision: str = "auto",
     progress: bool = True,
 ) -> EncodeResult:
     """Encode ``images`` at native resolution and write one safetensors file (see module docstring).
 
     ``precision``: ``fp32``, ``bf16`` (autocast; on a GPU the ViT then uses a flash varlen kernel)
-    or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way. An
-    ``out`` that is a directory, an input image or a file of the model's directory is refused
+    or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way.
+    ``device``: what ``--device`` takes (:func:`cmpt.eval.runtime.pick_device`: ``auto``, ``cpu``,
+    ``cuda[:N]``, ``mps[:0]``; one this torch cannot use is a ``ValueError`` listing those it can).
+    An ``out`` that is a directory, an input image or a file of the model's directory is refused
     first (:func:`check_output`); the file is written to ``<out>.tmp`` and renamed (removed on error).
     """
     if not (pooled or patches):
@@ -193,8 +221,11 @@ def encode_images(
     check_output(out, images, getattr(vit, "loaded_from", None))
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    from .eval.runtime import pick_device
+
+    device = pick_device(device)  # one the torch cannot use: a ValueError listing the usable ones
     vit = vit.to(device).eval()
-    dev_type = torch.device(device).type
+    dev_type = device.type
     bf16 = precision == "bf16" or (precision == "auto" and dev_type == "cuda")
     costs, sizes, skipped = [], {}, {}
     from PIL import Image

@@ -29,15 +29,17 @@ builder is any object with ``build(record, epoch)``, ``processor``, ``tokenizer`
 carries samples across the boundary, and each sample is built with the epoch in which it was read.
 
 **Exact resume.** Every micro-batch carries its stream's state after it: the epoch, the shard being
-read and the byte offset of its next sample, the draw counter and the buffer (and the sample that did
-not fit, which opens the next micro-batch) as ``(epoch, shard, byte offset)`` locators — the samples
-themselves are read back from the shards on resume. The loader keeps the states of the micro-batches
-the caller *consumed* (not those workers prefetched), so a loader given that state yields exactly the
-next unseen micro-batches, with any number of workers dividing ``S``. Bad samples (unreadable JSON,
-missing image members, undecodable images, a corrupt shard tail) are skipped and counted exactly like
-the map-style loader's: ``MAX_CARRIED_BAD`` of them in a row without a usable sample come out as an
-empty micro-batch (``num_samples == 0``), so a stream whose data are all bad still reports them and
-the trainer's one limit, ``train.max_bad_fraction`` over all ranks, decides (docs/method.md §4).
+read and the byte offset of its next sample, the draw counter, the counters of its checks (``fed``:
+some epoch can feed it, so the shards are not scanned again; ``epochs_read``) and the buffer (and the
+sample that did not fit, which opens the next micro-batch) as ``(epoch, shard, byte offset)`` locators
+— the samples themselves are read back from the shards on resume. The loader keeps the states of the
+micro-batches the caller *consumed* (not those workers prefetched), so a loader given that state yields
+exactly the next unseen micro-batches, with any number of workers dividing ``S``. Bad samples
+(unreadable JSON, missing image members, undecodable images, a corrupt shard tail) are skipped and
+counted exactly like the map-style loader's: ``MAX_CARRIED_BAD`` of them in a row without a usable
+sample come out as an empty micro-batch (``num_samples == 0``), so a stream whose data are all bad
+still reports them and the trainer's one limit, ``train.max_bad_fraction`` over all ranks, decides
+(docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -262,6 +264,8 @@ class SampleStream:
             "oversize_skipped": self.oversize_skipped,
             "buffer": [list(it.loc) for it in self.buffer],
             "pending": list(self.pending.loc) if self.pending is not None else None,
+            "fed": self._fed,
+            "epochs_read": self._epochs_read,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -270,6 +274,8 @@ class SampleStream:
         for k in ("epoch", "shard_pos", "sample_idx", "offset", "draws", "good_in_epoch", "oversize_skipped"):
             setattr(self, k, int(state[k]))
         self.bad_in_epoch = int(state.get("bad_in_epoch", 0))
+        # older states lack the counters: as before, counted from the resume
+        self._fed, self._epochs_read = bool(state.get("fed", False)), int(state.get("epochs_read", 0))
         self.buffer = [self._reread(loc) for loc in state["buffer"]]
         self.pending = self._reread(state["pending"]) if state.get("pending") is not None else None
 

@@ -17,8 +17,8 @@ where ``configs/tiny/comp_stage*.yaml`` look:
   training conversations (rendered as text chats), so it already "speaks" the domain.
   ``lm/pretrain.json`` records its losses.
 
-Both models are trained by :mod:`cmpt.demo.pretrain` with the project's
-:class:`~cmpt.train.Trainer`; the run's ``config.yaml`` and ``metrics.jsonl`` stay in
+Both models are trained by :mod:`cmpt.demo.vit_pretrain` / :mod:`cmpt.demo.lm_pretrain` with the
+project's :class:`~cmpt.train.Trainer`; the run's ``config.yaml`` and ``metrics.jsonl`` stay in
 ``vit-hf/pretrain/`` and ``lm/pretrain/``.
 
 Each part is written to a temporary directory and renamed into place with a completion marker
@@ -39,7 +39,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..recipes.paths import cache_root
-from .pretrain import pretrain_lm, pretrain_vit
+from .lm_pretrain import pretrain_lm
+from .vit_pretrain import pretrain_vit
 
 __all__ = ["FULL", "MARKER", "QUICK", "TinySizes", "prepare_tiny", "tiny_root"]
 

@@ -20,17 +20,20 @@ __all__ += ["results_file", "write_json"]
 
 
 def available_devices() -> list[str]:
-    """The ``--device`` values this torch can use: ``auto``, ``cpu``, ``cuda:N`` / ``mps`` when present."""
+    """The ``--device`` values this torch can use: ``auto``, ``cpu``, then ``cuda`` and ``cuda:N`` /
+    ``mps`` and ``mps:0`` when present."""
     out = ["auto", "cpu"]
-    out += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    out += ["mps"] if torch.backends.mps.is_available() else []
+    if torch.cuda.is_available() and (n := torch.cuda.device_count()):
+        out += ["cuda", *(f"cuda:{i}" for i in range(n))]
+    if torch.backends.mps.is_available():
+        out += ["mps", "mps:0"]  # one MPS device; torch names it either way
     return out
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     """``None`` / ``"auto"`` → CUDA when available, else CPU. A device this torch cannot use (a typo,
-    ``cuda`` without a GPU or CUDA build, an index past the last GPU) is a ``ValueError`` listing
-    :func:`available_devices`."""
+    ``cuda`` without a GPU or CUDA build, an index past the last GPU, ``mps`` off Apple silicon) is
+    a ``ValueError`` listing :func:`available_devices`."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     usable = available_devices()
@@ -38,9 +41,24 @@ def pick_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         dev = None
-    if dev is None or not (dev.type == "cpu" or str(dev) in usable or f"{dev}:0" in usable):
-        raise ValueError(f"--device {str(device)!r} is not available here; use one of: {', '.join(usable)}")
-    return dev
+    if dev is not None and (dev.type == "cpu" or str(dev) in usable):
+        return dev
+    why = _why_unavailable(dev)
+    raise ValueError(f"--device {str(device)!r} is not available here{why}; use one of: {', '.join(usable)}")
+
+
+def _why_unavailable(dev: torch.device | None) -> str:
+    """``" (reason)"`` for a well-formed device this torch cannot use; ``""`` for a malformed name."""
+    if dev is None:
+        return ""
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return f" (this torch sees {n} CUDA GPU{'' if n == 1 else 's'})"
+    if dev.type == "mps":
+        return (
+            " (MPS is not available)" if not torch.backends.mps.is_available() else " (MPS has one device: 0)"
+        )
+    return f" (cmpt runs on cpu, cuda or mps, not {dev.type})"
 
 
 def results_file(out: str | os.PathLike | None, command: str) -> Path | None:

@@ -32,7 +32,8 @@ PARTS = ("vision", "merger", "llm", "lm_head")
 @dataclass
 class ModelConfig:
     """Where the stage starts. ``init``: a VLM directory (previous stage's ``final/``); else
-    ``vision`` (NativeViT dir, HF vision checkpoint or a CoMP-VFM tower of the release) + ``llm`` (HF causal LM) build a fresh VLM.
+    ``vision`` (NativeViT dir, HF vision checkpoint or a CoMP-VFM tower of the release) + ``llm``
+    (HF causal LM) build a fresh VLM.
     ``pos_embed_order``: the tower's position-table order (docs/method.md §1.1, §1.5); unset keeps
     the starting checkpoint's (``official`` for a converted release checkpoint, ``window`` for a
     fresh HF tower and cmpt's own outputs); :class:`CompTask` records the order it resolved to in
