@@ -1,8 +1,8 @@
 """MoCa CPT training step at Qwen2.5-VL-3B shapes on a GPU: every step-efficiency variant in one
 run, MFU against a bf16 matmul measured in the same run (issue 14 item 3; docs/method.md §3, §6).
 
-The twin of ``bench_comp_gpu.py`` (same variants, harness, table and JSON line; see its docstring)
-for recipe ``moca/qwen2.5-vl-3b/cpt.yaml``: ``L = L_MLM + 0.1·L_MAE``, bidirectional LLM, packed
+The twin of ``bench_comp_gpu.py`` (same variants, harness ``gpu_harness.py``, table and JSON lines; see its
+docstring) for recipe ``moca/qwen2.5-vl-3b/cpt.yaml``: ``L = L_MLM + 0.1·L_MAE``, bidirectional LLM, packed
 text, every part trainable (vision, merger, LLM, LM head, MAE decoder), bf16 autocast, fused AdamW.
 
 **Model**: a Hugging Face ``Qwen2_5_VLForConditionalGeneration`` with random weights, built here
@@ -33,40 +33,44 @@ micro-batch, and ×3 for forward + backward:
   blocks; 8×8-patch windows, cut at image edges, in the others); merger
   ``2·(P/m²)·((m²·D)² + m²·D·H)``.
 
-One invocation at full shapes is planned to fit ~6 minutes on one H200 (an estimate: the model is
-built on the GPU, saved in bf16 and loaded once; compilation dominates).
+Its vision-attention variant is ``vision_per_segment``: transformers' own attention of the tower,
+which runs one SDPA call per window / image segment (``bench_comp_gpu.py``'s equal-size images make
+its counterpart one batched call). The model is built on the GPU, saved in bf16 and loaded once
+(the GPU's cache emptied after); compilation dominates a full run.
 
 Usage: python benchmarks/bench_moca_gpu.py [--steps 8] [--batches 4] [--text-budget 4096]
        [--vision-budget 2048] [--variants a,b] [--smoke] [--shapes full|tiny] [--budget-s S]
+       [--timeout-s T]
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_comp_gpu import (
+from gpu_harness import (
     Setup,
+    Variant,
     base_args,
-    deadline_of,
+    clock_of,
     device_or_exit,
-    matmul_tflops,
-    named,
-    report,
-    run_variants,
+    run_bench,
     select_variants,
+    variant_list,
 )
 
+#: MoCa's: transformers' own vision attention, one SDPA call per window / image segment.
+VARIANTS = variant_list(Variant("vision_per_segment", change="vision attn: HF per-segment SDPA"))
 VIDEO_PAD = "<|video_pad|>"
 PATCH, TEMPORAL, MERGE = 14, 2, 2
 TEXT = {  # Qwen2.5-VL-3B-Instruct's language model and a tiny stand-in
@@ -150,6 +154,9 @@ def build_checkpoint(out: Path, shapes: str, device: torch.device) -> Path:
         model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
     model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(str(out))
     del model
+    gc.collect()
+    if device.type == "cuda":  # the copy the task loads is a new one
+        torch.cuda.empty_cache()
     tok.save_pretrained(str(out))
     pre = {
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -248,16 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--text-budget", type=int, default=4096, help="text rows per micro-batch")
     ap.add_argument("--vision-budget", type=int, default=2048, help="merged vision tokens per micro-batch")
     args = ap.parse_args(argv)
-    started = time.perf_counter()
+    clock = clock_of(args)
     if args.smoke:
         args.shapes, args.steps, args.batches, args.text_budget, args.vision_budget = "tiny", 1, 1, 1024, 96
     device = device_or_exit(args.smoke or args.shapes == "tiny", "bench_moca_gpu.py")
-    variants = select_variants(args.variants, args.act_ckpt)
+    variants = select_variants(args.variants, args.act_ckpt, VARIANTS)
     setup = moca_setup(args, device)
-    peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    results, flops = run_variants(
-        setup, variants, device, args.steps, args.smoke, named(args.variants), deadline_of(args, started)
-    )
     hf_config = setup.task.backbone.hf.config
     closed = [analytic_flops(b, hf_config) for b in setup.batches]
     total, attention = (sum(c[k] for c in closed) / len(closed) for k in ("total", "attention"))
@@ -267,11 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{attention / 1e12:.3f} T",
         "MLM tokens per micro-batch (mean)": f"{mlm:.0f}",
     }
-    figures = report(setup, variants, results, flops, peak, device, extra)
-    figures.update(closed_form_flop_per_microbatch=total, closed_form_attention_flop=attention)
-    figures = {"bench": "moca_gpu", "shapes": args.shapes, **figures}
-    print(json.dumps(figures))
-    return figures
+    more = {"closed_form_flop_per_microbatch": total, "closed_form_attention_flop": attention}
+    meta = {"bench": "moca_gpu", "shapes": args.shapes}
+    return run_bench(setup, variants, device, args, clock, meta, extra, more)
 
 
 if __name__ == "__main__":

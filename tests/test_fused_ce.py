@@ -87,6 +87,42 @@ def test_config_key() -> None:
             load_recipe(recipe, ["loss.lm_impl=fused"])
 
 
+def test_liger_whose_import_raises_any_error_counts_as_absent(monkeypatch) -> None:
+    """An installed liger-kernel whose import raises more than ``ImportError`` (a triton or driver
+    mismatch: RuntimeError, AttributeError) makes ``auto`` the chunked loss and ``liger`` a start-time
+    error naming the cause; the reason is logged once."""
+    import importlib.util
+    import sys
+    import types
+
+    from cmpt.losses import fused_ce
+
+    class Broken(types.ModuleType):  # what a triton failing at import time looks like to liger
+        def __getattr__(self, name: str):
+            raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a),
+    )
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", Broken("functional"))
+    warned: list[tuple] = []
+    monkeypatch.setattr(fused_ce._log, "warning", lambda *args: warned.append(args))
+    fused_ce._liger_import_error.cache_clear()
+    try:
+        assert not fused_ce.liger_available() and not fused_ce.liger_available()
+        assert resolve_lm_impl("auto", "cuda") == "chunked"
+        with pytest.raises(
+            ValueError, match=r"liger-kernel does not import \(RuntimeError: 0 active drivers"
+        ):
+            check_lm_impl("liger")
+    finally:
+        fused_ce._liger_import_error.cache_clear()  # the real answer again for the other tests
+    assert len(warned) == 1 and "RuntimeError" in warned[0][1]
+
+
 @pytest.mark.skipif(LIGER_RUNS, reason="liger runs here: nothing to refuse")
 def test_liger_where_it_cannot_run_is_an_error_at_start(tmp_path) -> None:
     vlm = build_vlm(build_dirs(tmp_path))

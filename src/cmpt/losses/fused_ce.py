@@ -12,7 +12,8 @@ sum over supervised tokens, float32 softmax) is the same for all:
   states and the LM head computed in the forward pass, so no logits are kept or recomputed.
   CUDA only; the optional extra ``cmpt[liger]``.
 * ``auto`` (default) — ``liger`` when the loss runs on CUDA and liger-kernel imports, else
-  ``chunked``.
+  ``chunked``. An installed liger-kernel that fails to import (any error: a triton or driver
+  mismatch raises more than ``ImportError``) counts as absent; the reason is logged once.
 
 :func:`check_lm_impl` is the start-time check (an unknown name, or ``liger`` where it cannot run,
 is a :class:`ValueError` naming the fix); :func:`resolve_lm_impl` decides per call from the device.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 
 import torch
 
@@ -29,17 +31,21 @@ __all__ = ["LM_IMPLS", "check_lm_impl", "fused_linear_ce_sum", "liger_available"
 
 LM_IMPLS = ("auto", "chunked", "liger")
 _INSTALL = "pip install 'cmpt[liger]' (or: pip install liger-kernel)"
+_log = logging.getLogger(__name__)
 
 
 @functools.cache
 def _liger_import_error() -> str | None:
-    """Why Liger's fused linear CE cannot be imported here, or None when it can."""
+    """Why Liger's fused linear CE cannot be imported here, or None when it can (asked once: an
+    installed liger-kernel that does not import is logged once, as a warning)."""
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed"
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
-    except ImportError as e:  # e.g. no triton on a CPU-only install
-        return f"liger-kernel does not import ({type(e).__name__}: {e})"
+    except Exception as e:  # ImportError (no triton), or what triton / a driver raises on import
+        why = f"liger-kernel does not import ({type(e).__name__}: {e})"
+        _log.warning("%s: loss.lm_impl=auto uses the chunked LM loss", why)
+        return why
     return None
 
 

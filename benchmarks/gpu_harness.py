@@ -1,0 +1,669 @@
+"""The GPU step-benchmark harness shared by ``bench_comp_gpu.py`` and ``bench_moca_gpu.py`` (issue 14
+item 3; docs/method.md §6): variants and their groups, the time budget, the bf16 matmul peak and the
+datasheet peaks, model-FLOP counting (grouped key/value heads counted as the query's on any torch),
+timing, and the reporter that prints a table row and a cumulative JSON line after every variant.
+See ``bench_comp_gpu.py``'s docstring for how a run is organised."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+#: dense (no sparsity) bf16 tensor-core peaks of NVIDIA's datasheets, TFLOP/s: the first key found
+#: in the device's name (half the "with sparsity" figures the datasheets headline).
+DATASHEET_BF16_TFLOPS = {
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+}
+#: seconds a compiled group needs (compilation, dynamic-shape recompiles, timed steps): it starts
+#: only with this much left before ``--timeout-s``.
+COMPILE_MIN_S = 120.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One step configuration; ``before``/``change``: the variant it differs from, and how."""
+
+    name: str
+    lm_impl: str = "chunked"  # loss.lm_impl
+    compile: bool = False  # train.compile (torch.compile per block)
+    act_ckpt: str = "off"  # train.activation_checkpointing: a key of ACT_CKPT
+    packing: bool = True  # data.packing
+    packed_vision: bool = True  # the vision tower's attention packed (the recipe's) or on SDPA
+    text_varlen: bool = True  # packed text on the varlen kernel (auto) or SDPA per sequence (sdpa)
+    before: str = ""
+    change: str = ""
+
+
+def variant_list(vision_sdpa: Variant) -> list[Variant]:
+    """A benchmark's variants; ``vision_sdpa``: its vision tower's attention on SDPA (what that
+    means differs between the towers, hence its name and ``change`` are the benchmark's)."""
+    return [
+        Variant("padded", packing=False),
+        Variant("baseline", before="padded", change="packed text"),
+        dataclasses.replace(vision_sdpa, packed_vision=False, before="baseline"),
+        Variant("text_per_sequence", text_varlen=False, before="baseline", change="text attn per sequence"),
+        Variant("fused_ce", lm_impl="liger", before="baseline", change="fused linear CE (liger)"),
+        Variant("compile", compile=True, before="baseline", change="torch.compile per block"),
+        Variant("fused_ce+compile", "liger", True, before="compile", change="fused CE, compiled"),
+        Variant("ckpt_full", act_ckpt="full", before="baseline", change="full activation checkpointing"),
+        Variant(
+            "fused_ce+compile+ckpt", "liger", True, "full", before="fused_ce+compile", change="+ full ckpt"
+        ),
+    ]
+
+
+#: CoMP's: equal-size images (1036²) make cmpt's SDPA path one batched call per block.
+VARIANTS = variant_list(Variant("vision_sdpa_batched", change="vision attn: batched SDPA"))
+
+
+def _full_checkpointing(units: list[nn.Module]) -> None:
+    from cmpt.train.distributed import apply_activation_checkpointing
+
+    apply_activation_checkpointing(units)
+
+
+#: ``act_ckpt`` value → how the trainer applies it to the blocks (None: nothing to apply).
+ACT_CKPT: dict[str, Callable[[list[nn.Module]], None] | None] = {"off": None, "full": _full_checkpointing}
+
+
+@dataclass
+class Setup:
+    """What the harness needs from a recipe: the task (model on the CPU), its micro-batches, how to
+    reach the backbone inside the objective, and how to count a batch's patches and text tokens."""
+
+    task: Any
+    batches: list[dict]
+    backbone_of: Callable[[nn.Module], nn.Module]
+    counting: Callable[[nn.Module], Any]  # context manager: the model set up for FLOP counting
+    title: str
+    vision_attention: Callable[[nn.Module, bool], None]  # (model, packed): packed or on SDPA
+
+
+@dataclass
+class Clock:
+    """A run's time limits in seconds from ``started`` (a ``time.perf_counter()`` value; 0: none):
+    after ``budget_s`` no variant starts; at ``timeout_s`` the caller kills the process, so a
+    compiled group starts only with :data:`COMPILE_MIN_S` left."""
+
+    started: float
+    budget_s: float = 0.0
+    timeout_s: float = 0.0
+
+    def spent(self) -> bool:
+        return self.budget_s > 0 and time.perf_counter() - self.started > self.budget_s
+
+    def left(self) -> float | None:
+        """Seconds before ``timeout_s`` (None: no timeout)."""
+        return None if self.timeout_s <= 0 else self.timeout_s - (time.perf_counter() - self.started)
+
+
+@dataclass
+class Run:
+    """What a run has measured so far: each variant's figures (or ``skipped`` / ``failed``), the
+    model FLOPs per micro-batch, or why they were not counted; ``on_done(run, name)`` is called as
+    each variant's entry is recorded."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+    flops: float | None = None
+    flops_note: str = ""  # why the FLOPs were not counted ("" when counted, or not yet)
+    on_done: Callable[[Run, str], None] | None = None
+
+    def record(self, name: str, result: dict) -> None:
+        self.results[name] = result
+        if self.on_done is not None:
+            self.on_done(self, name)
+
+
+# --------------------------------------------------------------------------- measuring
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Rate of a large square matmul in ``dtype`` (the MFU denominator), measured now: ≥ 3 warm-up
+    products and ~0.3 s more of them (the clocks ramp up), then the mean of ≥ 50 over ≥ 1 s (on
+    the CPU, a smoke run's, a few small ones)."""
+    cuda = device.type == "cuda"
+    n, ramp_s, time_s, min_repeats = (8192, 0.3, 1.0, 50) if cuda else (512, 0.02, 0.05, 3)
+    ab = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+
+    def product() -> None:
+        ab[0] @ ab[1]
+
+    first = timed(product, 3, device)
+    ramped = timed(product, math.ceil(ramp_s / first), device)
+    seconds = timed(product, max(min_repeats, math.ceil(time_s / ramped)), device)
+    ab.clear()
+    if cuda:
+        torch.cuda.empty_cache()
+    return 2 * n**3 / seconds / 1e12
+
+
+def datasheet_tflops(device_name: str) -> float | None:
+    """The datasheet's dense bf16 peak of a device named ``device_name`` (None: not in the table)."""
+    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Mean seconds per call after one warm-up, synchronising the device around the loop."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+aten = torch.ops.aten
+#: attention ops with a FLOP formula → (index of the query among the arguments, axis of the heads;
+#: key and value follow the query). torch < 2.13's formulas reject fewer key/value heads than query
+#: heads (grouped-query attention, ``enable_gqa``), which flash attention takes as they are.
+_ATTENTION_ARGS = {
+    getattr(aten, name): where
+    for name, where in {
+        "_scaled_dot_product_flash_attention": (0, -3),
+        "_scaled_dot_product_efficient_attention": (0, -3),
+        "_scaled_dot_product_cudnn_attention": (0, -3),
+        "_scaled_dot_product_flash_attention_backward": (1, -3),
+        "_scaled_dot_product_efficient_attention_backward": (1, -3),
+        "_scaled_dot_product_cudnn_attention_backward": (1, -3),
+        "_flash_attention_forward": (0, -2),
+        "_efficient_attention_forward": (0, -2),
+        "_flash_attention_backward": (1, -2),
+        "_efficient_attention_backward": (1, -2),
+    }.items()
+    if hasattr(aten, name)
+}
+
+
+def kv_heads_as_query(packet: Any, args: tuple) -> tuple:
+    """``args`` of an attention op with key and value widened to the query's head count (shape-only
+    stand-ins on the meta device): the work of grouped-query attention, whose kernels reuse each
+    key/value head for a group of query heads, is that of attention with the heads repeated."""
+    where = _ATTENTION_ARGS.get(packet)
+    if where is None:
+        return args
+    at, axis = where
+    q, k, v = args[at : at + 3]
+    heads, kv = q.shape[axis], k.shape[axis]
+    if heads == kv or kv == 0 or heads % kv:
+        return args
+
+    def widened(t: torch.Tensor) -> torch.Tensor:
+        shape = (*t.shape[:axis], heads, *t.shape[axis:][1:])
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+
+    return (*args[: at + 1], widened(k), widened(v), *args[at + 3 :])
+
+
+class FlopCount(TorchDispatchMode):
+    """Total FLOPs of the ops run under it, by ``torch.utils.flop_counter``'s formulas (matmuls,
+    convolutions, attention), grouped key/value heads counted as repeated
+    (:func:`kv_heads_as_query`). A formula's error does not stop the ops: it is kept in ``errors``
+    (the total is then incomplete). ``FlopCounterMode`` itself is not used: its module tracker keeps
+    checkpointed activations alive (docs/benchmarks.md), which ran a GPU out of memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.errors: dict[str, str] = {}  # op → its formula's first error
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        formula = flop_registry.get(packet)
+        if formula is not None:
+            try:
+                self.total += formula(*kv_heads_as_query(packet, args), **kwargs, out_val=out)
+            except Exception as e:  # a count must never stop the step
+                self.errors.setdefault(str(packet), _failure(e))
+        return out
+
+
+def device_or_exit(smoke: bool, script: str) -> torch.device:
+    """CUDA when present; the CPU for a smoke run; else a message and exit 0."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if smoke:
+        return torch.device("cpu")
+    print(f"{script}: no CUDA device here, nothing measured (a GPU benchmark; --smoke runs it on the CPU)")
+    sys.exit(0)
+
+
+def skip_reason(v: Variant, device: torch.device, named: bool) -> str:
+    """Why ``v`` does not run here ("" = it runs); ``named``: asked for by ``--variants``."""
+    from cmpt.losses.fused_ce import liger_available
+
+    if v.compile and device.type == "cpu" and not named:
+        return "compilation on the CPU takes minutes: name it in --variants to run it"
+    if v.lm_impl == "liger" and (device.type != "cuda" or not liger_available()):
+        return "needs CUDA and liger-kernel (pip install 'cmpt[liger]')"
+    if v.act_ckpt not in ACT_CKPT:
+        return f"activation checkpointing {v.act_ckpt!r} is not offered here (ACT_CKPT)"
+    return ""
+
+
+def _copy_to(setup: Setup, device: torch.device) -> tuple[nn.Module, list[nn.Module], list[dict]]:
+    """A deep copy of the task's objective on ``device``, its blocks and its parameter groups."""
+    pristine = setup.task.model
+    model = copy.deepcopy(pristine).to(device)
+    module_names = {id(m): n for n, m in pristine.named_modules()}
+    units = [model.get_submodule(module_names[id(u)]) for u in setup.task.fsdp_units()]
+    param_names = {id(p): n for n, p in pristine.named_parameters()}
+    groups = [
+        {**g, "params": [model.get_parameter(param_names[id(p)]) for p in g["params"]]}
+        for g in setup.task.param_groups()
+    ]
+    return model, units, groups
+
+
+def _step_fn(setup: Setup, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device):
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            terms = setup.task.compute_loss(model, batch)
+            loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _count_flops(setup: Setup, model: nn.Module, step, batches: list[dict]) -> tuple[float | None, str]:
+    """Model FLOPs per micro-batch (mean), on the eager model with the LM loss in one chunk, or
+    None and why they could not be counted (a count never stops the timing that follows)."""
+    loss_cfg = model.loss
+    counter = FlopCount()
+    try:
+        model.loss = dataclasses.replace(loss_cfg, lm_impl="chunked", lm_chunk_size=1 << 30)
+        setup.backbone_of(model).text_attn = "sdpa"
+        with setup.counting(model), counter:
+            for batch in batches:
+                step(batch)
+    except Exception as e:  # e.g. out of memory: time the variants anyway
+        traceback.print_exc()
+        return None, f"the counting pass failed: {_failure(e)}"
+    finally:
+        model.loss = loss_cfg
+        setup.backbone_of(model).text_attn = "auto"
+        model.zero_grad(set_to_none=True)
+    if counter.errors:
+        return None, "a FLOP formula failed: " + "; ".join(f"{k}: {v}" for k, v in counter.errors.items())
+    return counter.total / len(batches), ""
+
+
+def _measure(step, batches: list[dict], steps: int, device: torch.device, warmup: bool) -> dict[str, float]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for batch in batches if warmup else []:  # compilation and every shape once
+        step(batch)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"step_s": seconds, "peak_mem_gib": mem}
+
+
+def run_variants(
+    setup: Setup,
+    variants: list[Variant],
+    device: torch.device,
+    steps: int,
+    smoke: bool,
+    named: set[str],
+    clock: Clock | None = None,
+    on_done: Callable[[Run, str], None] | None = None,
+) -> Run:
+    """Every variant's figures (or ``skipped`` / ``failed``) and the model FLOPs per micro-batch
+    (None, with the reason, when they could not be counted); ``named``: the variants ``--variants``
+    asked for. ``smoke``: no warm-up, a variant's error propagates. ``clock``: the eager baseline
+    group always runs; a later group or variant reached after the budget is skipped, and so is a
+    compiled group with less than :data:`COMPILE_MIN_S` left before the timeout."""
+    batches = [_to_device(b, device) for b in setup.batches]
+    steps = max(steps, 1)
+    run = Run(on_done=on_done)
+    groups: dict[tuple[bool, str], list[Variant]] = {}
+    for v in variants:
+        reason = skip_reason(v, device, v.name in named)
+        if reason:
+            run.record(v.name, {"skipped": reason})
+        else:
+            groups.setdefault((v.compile, v.act_ckpt), []).append(v)
+    # eager (counts the FLOPs), compiled, checkpointed, both: the likeliest to matter first
+    for (compiled, ckpt), members in sorted(groups.items(), key=lambda kv: (kv[0][1] != "off", kv[0][0])):
+        members.sort(key=lambda v: v.name != "baseline")  # the headline first
+        count = not compiled and ckpt == "off"  # the eager baseline group counts, and always runs
+        why = "" if count else _why_not_start(compiled, clock)
+        if why:
+            for v in members:
+                run.record(v.name, {"skipped": why})
+            continue
+        try:
+            _run_group(setup, members, compiled, ckpt, batches, steps, smoke, device, count, run, clock)
+        except Exception as e:  # the group could not be set up
+            if smoke:
+                raise
+            traceback.print_exc()
+            for v in members:
+                if v.name not in run.results:
+                    run.record(v.name, {"failed": _failure(e)})
+        finally:
+            gc.collect()  # the group's model, gradients and optimizer state are gone with its frame
+            if compiled:  # fresh recompile limits and caches for a later compiled group
+                torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return run
+
+
+def _why_not_start(compiled: bool, clock: Clock | None) -> str:
+    """Why a group (not the eager baseline's) does not start now ("" = it starts)."""
+    if clock is None:
+        return ""
+    if clock.spent():
+        return BUDGET_SPENT
+    left = clock.left()
+    if compiled and left is not None and left < COMPILE_MIN_S:
+        return (
+            f"compilation needs ≥ {COMPILE_MIN_S:.0f} s and {max(left, 0):.0f} s were left before --timeout-s"
+        )
+    return ""
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def _run_group(
+    setup: Setup,
+    members: list[Variant],
+    compiled: bool,
+    ckpt: str,
+    batches: list[dict],
+    steps: int,
+    smoke: bool,
+    device: torch.device,
+    count: bool,
+    run: Run,
+    clock: Clock | None = None,
+) -> None:
+    """Variants sharing ``compile`` and ``act_ckpt`` on one fresh copy of the model, their figures
+    recorded in ``run``; ``count``: count the model FLOPs first (before any rewrite) and ignore the
+    budget. A variant reached after the budget is skipped."""
+    model, units, param_groups = _copy_to(setup, device)
+    opt = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
+    step = _step_fn(setup, model, opt, device)
+    if count:
+        run.flops, run.flops_note = _count_flops(setup, model, step, batches)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    apply = ACT_CKPT[ckpt]
+    if apply is not None:
+        apply(units)
+    if compiled:  # as the trainer does (train.compile)
+        from cmpt.train.compile import compile_units
+
+        compile_units(units, **({"backend": "eager"} if device.type == "cpu" else {}))
+    for v in members:
+        if not count and clock is not None and clock.spent():
+            run.record(v.name, {"skipped": BUDGET_SPENT})
+            continue
+        model.loss = dataclasses.replace(model.loss, lm_impl=v.lm_impl)
+        setup.backbone_of(model).configure_packing(v.packing)
+        setup.vision_attention(model, v.packed_vision)
+        setup.backbone_of(model).text_attn = "auto" if v.text_varlen else "sdpa"
+        try:
+            result = _measure(step, batches, steps, device, warmup=not smoke)
+        except Exception as e:  # one variant's failure (out of memory, a compiler error)
+            if smoke:
+                raise
+            traceback.print_exc()
+            result = {"failed": _failure(e)}
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        run.record(v.name, result)
+
+
+BUDGET_SPENT = "the time budget (--budget-s) was spent before it started"
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    from cmpt.train.distributed import to_device
+
+    return to_device(batch, device)
+
+
+COLUMNS = ("step ms", "tok/s", "patch/s", "TFLOP/s", "MFU", "MFU ds", "× base", "GiB")
+WIDTHS = (9, 9, 9, 8, 6, 6, 7, 6)
+
+
+class Reporter:
+    """The table and the JSON figures of a run, printed as it goes (flushed): the header first;
+    after each variant its row and a cumulative JSON line (``"partial": true``, ``"pending"``: the
+    variants to come), so that a run killed at its timeout keeps what it measured; at the end the
+    whole table and the final JSON line. ``meta`` opens every JSON line, ``more`` closes it."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        variants: list[Variant],
+        peak: float,
+        device: torch.device,
+        meta: dict[str, Any],
+        extra: dict[str, str],
+        more: dict[str, Any],
+    ) -> None:
+        self.setup, self.variants, self.peak, self.device = setup, variants, peak, device
+        self.meta, self.extra, self.more = meta, extra, more
+        n = len(setup.batches)
+        self.patches = sum(_patches(b) for b in setup.batches) / n
+        self.text = sum(int(b["num_tokens"]) for b in setup.batches) / n
+        self.where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        self.datasheet = datasheet_tflops(self.where) if device.type == "cuda" else None
+        self.count_shown = False
+
+    def header(self) -> None:
+        dtype = "bf16" if self.device.type == "cuda" else "float32"
+        sheet = f"; datasheet dense bf16 peak {self.datasheet:.0f} TFLOP/s" if self.datasheet else ""
+        print(self.setup.title)
+        print(f"  {self.where}; {dtype} matmul measured now: {self.peak:.1f} TFLOP/s{sheet}")
+        n = len(self.setup.batches)
+        print(f"  micro-batch (mean of {n}): {self.patches:.0f} patches, {self.text:.0f} text tokens")
+        for k, v in self.extra.items():
+            print(f"  {k}: {v}")
+        self._columns()
+
+    def _columns(self) -> None:
+        cols = " ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, WIDTHS))
+        print(f"  {'variant':<22} {cols}  change (× throughput)", flush=True)
+
+    def _count_line(self, run: Run) -> str:
+        what = f"{run.flops / 1e12:.3f} T" if run.flops is not None else f"not counted ({run.flops_note})"
+        return f"  model FLOPs per micro-batch (counted on the eager baseline): {what}"
+
+    def progress(self, run: Run, name: str) -> None:
+        """``Run.on_done``: the row of the variant just recorded and the figures so far."""
+        if not self.count_shown and (run.flops is not None or run.flops_note):
+            print(self._count_line(run))
+            self.count_shown = True
+        print(self._row(next(v for v in self.variants if v.name == name), run))
+        print(json.dumps(self.figures(run, partial=True)), flush=True)
+
+    def final(self, run: Run) -> dict[str, Any]:
+        """The whole table, then the final JSON line; returns its figures."""
+        print(f"{self.setup.title}: all variants")
+        print(
+            f"  {self.where}; matmul {self.peak:.1f} TFLOP/s"
+            + (f", datasheet {self.datasheet:.0f}" if self.datasheet else "")
+        )
+        print(self._count_line(run))
+        self._columns()
+        for v in self.variants:
+            print(self._row(v, run))
+        figures = self.figures(run)
+        print(json.dumps(figures), flush=True)
+        return figures
+
+    def _row(self, v: Variant, run: Run) -> str:
+        r = run.results.get(v.name, {})
+        if "step_s" not in r:
+            return f"  {v.name:<22} {_not_run(r)}"
+        t, base = r["step_s"], run.results.get("baseline", {}).get("step_s")
+        tflops = run.flops / t / 1e12 if run.flops is not None else float("nan")
+        ratio = base / t if base else float("nan")
+        prev = run.results.get(v.before, {}).get("step_s")
+        change = f"{v.change} vs {v.before}: ×{prev / t:.3f}" if prev else (v.change or "")
+        sheet = f"{100 * tflops / self.datasheet:5.1f}%" if self.datasheet else ""
+        return (
+            f"  {v.name:<22} {t * 1e3:9.1f} {self.text / t:9,.0f} {self.patches / t:9,.0f} {tflops:8.1f} "
+            f"{100 * tflops / self.peak:5.1f}% {sheet:>6} {ratio:7.3f} "
+            f"{r['peak_mem_gib'] or float('nan'):6.1f}  {change}"
+        )
+
+    def figures(self, run: Run, partial: bool = False) -> dict[str, Any]:
+        """The JSON figures of what ``run`` has measured (``partial``: more to come)."""
+        flops, base = run.flops, run.results.get("baseline", {}).get("step_s")
+        out: dict[str, Any] = {
+            **self.meta,
+            "device": self.where,
+            "matmul_peak_tflops": round(self.peak, 1),
+            "datasheet_peak_tflops": self.datasheet,
+            "model_flop_per_microbatch": flops,
+            "patches_per_microbatch": round(self.patches),
+            "text_tokens_per_microbatch": round(self.text),
+            "step_ms": {},
+            "mfu": {},
+            "mfu_vs_datasheet": {},
+            "speedup_vs_baseline": {},
+            "change_ratio": {},
+            "peak_mem_gib": {},
+        }
+        if run.flops_note:
+            out["flops_not_counted"] = run.flops_note
+        for v in self.variants:
+            r = run.results.get(v.name)
+            if r is None:
+                continue
+            if "step_s" not in r:
+                out.setdefault("not_run", {})[v.name] = _not_run(r)
+                continue
+            t = r["step_s"]
+            tflops = None if flops is None else flops / t / 1e12
+            out["step_ms"][v.name] = round(t * 1e3, 2)
+            out["mfu"][v.name] = None if tflops is None else round(tflops / self.peak, 4)
+            out["mfu_vs_datasheet"][v.name] = (
+                None if tflops is None or not self.datasheet else round(tflops / self.datasheet, 4)
+            )
+            out["speedup_vs_baseline"][v.name] = round(base / t, 4) if base else None
+            out["peak_mem_gib"][v.name] = r["peak_mem_gib"] and round(r["peak_mem_gib"], 2)
+            prev = run.results.get(v.before, {}).get("step_s")
+            if prev:
+                out["change_ratio"][f"{v.name} vs {v.before}"] = round(prev / t, 4)
+        out.update(self.more)
+        if partial:
+            out["partial"] = True
+            out["pending"] = [v.name for v in self.variants if v.name not in run.results]
+        return out
+
+
+def _patches(batch: dict) -> int:
+    return int(batch["patches"].shape[0]) if batch.get("patches") is not None else 0
+
+
+def _not_run(r: dict) -> str:
+    return f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED: {r.get('failed')}"
+
+
+def run_bench(
+    setup: Setup,
+    variants: list[Variant],
+    device: torch.device,
+    args: argparse.Namespace,
+    clock: Clock,
+    meta: dict[str, Any],
+    extra: dict[str, str],
+    more: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure the matmul peak, run the variants and report as they finish; the final figures."""
+    peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    reporter = Reporter(setup, variants, peak, device, meta, extra, more or {})
+    reporter.header()
+    run = run_variants(
+        setup, variants, device, args.steps, args.smoke, named(args.variants), clock, reporter.progress
+    )
+    return reporter.final(run)
+
+
+def select_variants(spec: str, act_ckpt_only: bool, variants: list[Variant] = VARIANTS) -> list[Variant]:
+    """``--variants`` (comma-separated names; the baseline always runs) or all of them."""
+    names = {v.name for v in variants}
+    wanted = named(spec) or names
+    unknown = sorted(wanted - names)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {[v.name for v in variants]}")
+    chosen = [v for v in variants if v.name in wanted | {"baseline"}]
+    return [v for v in chosen if v.name == "baseline" or v.act_ckpt != "off"] if act_ckpt_only else chosen
+
+
+def named(spec: str) -> set[str]:
+    return {s.strip() for s in spec.split(",") if s.strip()}
+
+
+def base_args(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after a warm-up pass)")
+    ap.add_argument("--batches", type=int, default=4, help="micro-batches the steps cycle over")
+    ap.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    ap.add_argument(
+        "--act-ckpt", action="store_true", help="only the checkpointed variants (and the baseline)"
+    )
+    ap.add_argument("--shapes", choices=["full", "tiny"], default="full")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 micro-batches, 1 step: a CPU check")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="seconds from start after which no further variant starts (0: none); the baseline always runs",
+    )
+    ap.add_argument(
+        "--timeout-s",
+        type=float,
+        default=0.0,
+        help=f"seconds from start at which the caller kills this process (0: none): a compiled group "
+        f"starts only with >= {COMPILE_MIN_S:.0f} s left",
+    )
+    return ap
+
+
+def clock_of(args: argparse.Namespace) -> Clock:
+    """``--budget-s`` and ``--timeout-s``, counted from now."""
+    return Clock(time.perf_counter(), args.budget_s, args.timeout_s)
