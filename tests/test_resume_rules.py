@@ -174,12 +174,14 @@ def test_resume_from_a_path(tmp_path: Path) -> None:
     assert s["resumed_from"] == 4 and s["resume"]["checkpoint"] == str(ckpt.resolve())
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    again = fit(tmp_path / "b", resume=str(ckpt))  # the same command rerun: b's own newest
-    assert again["resumed_from"] == 8
+    again = fit(tmp_path / "b", resume=str(ckpt))  # the same command rerun: b's own newest (finished)
+    assert again["resume"]["step"] == 8 and again["nothing_to_do"] is True
     s = fit(tmp_path / "c", resume=str(tmp_path / "a"))  # a run directory: its newest checkpoint
     assert s["resumed_from"] == 4
-    with pytest.raises(ResumeError, match="is not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="step_000099 does not exist"):
         fit(tmp_path / "d", resume=str(tmp_path / "a" / "checkpoints" / "step_000099"))
+    with pytest.raises(ResumeError, match="is not a complete checkpoint"):  # there, but not one
+        fit(tmp_path / "d", resume=str(tmp_path / "a" / "history"))
     fit(tmp_path / "e", steps=8)
     with pytest.raises(ResumeError, match="has newer checkpoints"):
         fit(tmp_path / "e", resume=str(ckpt))

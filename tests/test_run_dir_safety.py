@@ -7,7 +7,7 @@
   folders stay, a ``step_N`` directory without its marker is set aside, not deleted.
 * A checkpoint write error that is not a full disk is named as it is, not blamed on disk space.
 * A run too short for ``train.bad_check_min_samples`` but above ``train.max_bad_fraction`` ends
-  with a warning recorded in summary.json; rerunning a finished run keeps its results.
+  with a warning recorded in summary.json; rerunning a finished run does nothing and keeps its results.
 * A run.dir that is a file is refused when the trainer is made, with one line naming run.dir.
 
 Run as a script under ``torch.distributed.run`` (``... test_run_dir_safety.py worker RUN OUT``) this
@@ -284,8 +284,8 @@ def test_a_short_mostly_bad_run_ends_with_a_warning(tmp_path: Path, caplog: pyte
 
 def test_rerunning_a_finished_run_keeps_its_results(tmp_path: Path) -> None:
     first = fit(tmp_path)
-    again = fit(tmp_path)
-    assert again["resumed_from"] == 4 and again["status"] == "finished"
+    again = fit(tmp_path)  # nothing to do (cmpt.train.resume): no checkpoint loaded, final/ kept
+    assert again["nothing_to_do"] is True and again["resumed_from"] is None and again["status"] == "finished"
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     for s in (again, on_disk):
         assert s["loss"] == first["loss"] is not None and s["losses"] == first["losses"] != {}

@@ -41,11 +41,13 @@ def run_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
 
     from ..train.disk import check_run_dir
     from ..train.loop import Trainer
+    from ..train.resume import check_run_dir_owner
     from .paths import expand_path
 
     cfg, task_cls = load_recipe(name_or_path, list(overrides))
     cfg.run.dir = expand_path(cfg.run.dir)
     check_run_dir(Path(cfg.run.dir))  # before the task loads any model
+    check_run_dir_owner(Path(cfg.run.dir))
     torch.manual_seed(cfg.run.seed)  # fresh modules (e.g. the stage-I merger) start identically on every rank
     task = task_cls(cfg)
     return Trainer(cfg.run, cfg.optim, cfg.train, task, full_config=cfg).fit()

@@ -6,7 +6,9 @@ checkpoints of any world size load in one process — and the recipe's own ``sav
 ``DIR`` exactly as it writes ``final/`` (a VLM / CoMP-VFM directory, an Embedder directory, ...),
 atomically. The checkpoint is verified first; nothing but checkpoint data is unpickled. Every model
 directory written gets a model card naming the run, the recipe and the step (:mod:`cmpt.model_card`);
-the completion marker records the run and step too.
+the completion marker records the run and step too. A checkpoint that a training start set aside as
+``step_N.damaged`` is named as such (:func:`cmpt.train.verify.set_aside_note`; docs/method.md §4
+"Verified checkpoints").
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..io_atomic import atomic_directory
 from ..model_card import CARD_NAME, RunFacts, write_model_card
 from .checkpoint import CheckpointError, save_final_weights
 from .safe_load import safe_dcp_load
-from .verify import verify_checkpoint
+from .verify import set_aside_note, verify_checkpoint
 
 __all__ = ["export_checkpoint", "is_checkpoint"]
 
@@ -42,6 +44,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from ..recipes import load_recipe
 
     ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(set_aside_note(ckpt) or f"checkpoint {ckpt} does not exist")
     verdict = verify_checkpoint(ckpt)
     if not verdict.ok:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {verdict.reason}")

@@ -1,10 +1,13 @@
 """What a run records in its ``run.dir`` besides checkpoints (docs/architecture.md ``train/``):
 
 * ``history/NNNN-<UTC time>.yaml``: one entry per start that got as far as loading its checkpoint
-  (the config, what was resumed from where, the allowed changes, notes); a refused start leaves
-  none. :func:`continued_from` reads them back (:mod:`cmpt.train.resume`);
+  (the config, what was resumed from where, the allowed changes, notes); a refused start, and a
+  finished run started again with nothing to do (``ResumePlan.nothing_to_do``), leave none.
+  :func:`continued_from` reads them back (:mod:`cmpt.train.resume`);
 * ``config.yaml``: the current run's config;
-* ``summary.json``: the last launch's outcome (written atomically by rank 0).
+* ``summary.json``: the last launch's outcome (written atomically by rank 0); ``loss``, ``losses``
+  and ``grad_norm`` are the last optimizer step's, and a launch with nothing to do rewrites it with
+  the finished run's results and ``"nothing_to_do": true`` (docs/method.md §4 "Verified checkpoints").
 """
 
 from __future__ import annotations

@@ -7,13 +7,21 @@ with its schedule, non-finite and bad-data guards (the bad-sample limit is decid
 over ranks, before each step, by :mod:`cmpt.train.bad_data`: docs/method.md §4), atomic resumable
 checkpoints, clean stops on SIGTERM / SIGINT and logging.
 
-**Starts and ends.** ``run.dir`` is checked when the trainer is made and locked by rank 0 for the
-whole run (:func:`cmpt.train.disk.claim_run_dir`: one process per run.dir); ``train.resume`` /
+**Starts and ends.** ``run.dir`` is checked when the trainer is made (a file, or a folder of the
+user's holding no cmpt run: :func:`cmpt.train.resume.check_run_dir_owner`) and locked by rank 0 for
+the whole run (:func:`cmpt.train.disk.claim_run_dir`: one process per run.dir); ``train.resume`` /
 ``train.allow_change`` decide where a run continues from and which config changes it accepts
 (:mod:`cmpt.train.resume`); ``final/`` is swapped in complete (:mod:`cmpt.io_atomic`);
 ``run.dir/summary.json`` records ``status`` (``finished`` | ``stopped`` | ``failed``) and
 ``exit_code`` (:mod:`cmpt.launch`), the bad-sample fraction (:meth:`BadDataPolicy.at_end`) and,
-after a launch with nothing left to do, the previous results (:func:`~cmpt.train.history.previous_results`).
+after a launch that ran no step, the previous results (:func:`~cmpt.train.history.previous_results`).
+Its ``loss``, ``losses`` and ``grad_norm`` are the last optimizer step's (the progress bar's
+``last``); the step lines and ``metrics.jsonl`` average each logging interval, and the run's last
+log line names the last step's loss as summary.json's. A finished run started again (its checkpoint
+at ``train.steps``, ``final/`` complete: ``ResumePlan.nothing_to_do``) logs one line and returns at
+once: no model is wrapped, no loader built, no checkpoint loaded, ``final/`` and ``history/`` stay
+as they are, and summary.json records the finished run again with ``"nothing_to_do": true`` and
+``"resumed_from": null`` (docs/method.md §4 "Verified checkpoints").
 
 **One optimizer step** (globally normalized losses, accumulation, clipping, the non-finite guard) is
 :class:`cmpt.train.step.StepRunner` (docs/method.md §6 "Loss normalization").
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import threading
@@ -64,6 +73,7 @@ from .resume import (
     IGNORED_KEYS,
     ResumeError,
     ResumePlan,
+    check_run_dir_owner,
     load_and_reschedule,
     start_run,
 )
@@ -95,6 +105,7 @@ class Trainer:
         self.full_config = full_config
         self.run_dir = Path(run.dir)
         check_run_dir(self.run_dir)  # a file there: refused before anything is built
+        check_run_dir_owner(self.run_dir)  # a user's folder, no run in it: refused too
         self._lock: RunDirLock | None = None  # rank 0's, from the start of fit() to its end
         self._stop = False
         self._started = False  # past the resume checks: summary.json describes this launch
@@ -155,6 +166,8 @@ class Trainer:
         args = (ckpt, self.run_dir, cfg, self._config_dict(), ignored, self._batch_key)
         plan, self._fingerprint = start_run(*args)
         self.plan, self._started = plan, True
+        if plan.nothing_to_do:  # finished, final/ complete: nothing is wrapped, loaded or rewritten
+            return self._write_summary(self._already_finished(plan))
         self._build_model()
         if cfg.grad_accum > 1 and not hasattr(self.task, "loss_counts") and world.is_main:
             logger.info(
@@ -308,10 +321,26 @@ class Trainer:
                     break
         run_time = time.perf_counter() - t_start
         final = None if stopped else self._save_final()
-        latest = ckpt.latest()
-        bad_data, warning = self.bad_data.policy.at_end(c["bad_samples"], c["bad_samples"] + c["samples"])
+        summary, warning = self._results(last, stopped, final, ckpt.latest(), c["elapsed_s"] + run_time)
         if warning and self.world.is_main:  # the counts are global: every rank agrees
             logger.warning("%s", warning)
+        if last is not None:  # which loss summary.json holds (the step lines average intervals)
+            terms = [f"{k} {v:.4g}" for k, v in sorted(last.losses.items()) if v is not None]
+            self.metrics.message(
+                f"{summary['status']} at step {c['step']}/{cfg.steps}; last step: loss {last.loss:.4g}"
+                + (f" ({', '.join(terms)})" if len(terms) > 1 else "")
+                + ' = summary.json "loss" (the step lines show means over their interval)'
+            )
+        return summary
+
+    def _results(
+        self, last: StepResult | None, stopped: bool, final: Path | None, latest: Path | None, elapsed: float
+    ) -> tuple[dict[str, Any], str | None]:
+        """The end-of-launch summary from the counters and ``last`` (the last optimizer step; None
+        when this launch ran none: the previous results are kept), and the bad-fraction warning."""
+        c, cfg = self.counters, self.cfg
+        policy = BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples)
+        bad_data, warning = policy.at_end(c["bad_samples"], c["bad_samples"] + c["samples"])
         summary = {
             "step": c["step"],
             "stopped": stopped,
@@ -325,13 +354,24 @@ class Trainer:
             "samples": c["samples"],
             **bad_data,
             "tokens": c["tokens"],
-            "elapsed_s": c["elapsed_s"] + run_time,
+            "elapsed_s": elapsed,
             "checkpoint": str(latest) if latest else None,
             "final": str(final) if final else None,
         }
         if last is None:  # no step ran (the run had finished): keep what its last step gave
             summary.update(previous_results(self.run_dir, c["step"]))
-        return summary
+        return summary, warning
+
+    def _already_finished(self, plan: ResumePlan) -> dict[str, Any]:
+        """The summary of a launch with nothing to do (``plan.nothing_to_do``): the run's counters
+        from its checkpoint at ``train.steps``, the previous results, ``nothing_to_do``; nothing is
+        loaded, ``final/`` and ``history/`` are left as they are."""
+        ckpt = Path(plan.checkpoint)
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        self.counters = {"skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
+        self.counters.update(state["counters"])
+        summary, _ = self._results(None, False, self.run_dir / "final", ckpt, self.counters["elapsed_s"])
+        return {**summary, "resumed_from": None, "nothing_to_do": True}
 
     def _check_faults(self, step: int, res: StepResult) -> None:
         """Count a skipped (non-finite) step; raise past ``max_nonfinite`` (the bad-sample limit is

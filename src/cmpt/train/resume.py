@@ -20,6 +20,17 @@ optimizer's hyper-parameters and the learning-rate schedule are rebuilt from the
 **Data** is compared by content (:mod:`cmpt.train.fingerprint`): a reordered or edited data file is
 refused like a changed key, a moved ``run.dir`` or a touched file is not.
 
+**Whose run.dir** (docs/method.md §4 "Verified checkpoints"): :func:`check_run_dir_owner` refuses,
+before anything is built, a ``run.dir`` that holds files but no cmpt run (none of
+:data:`RUN_ENTRIES`): a user's folder is not trained into. A checkpoint of another recipe or stage
+(``recipe``, ``stage.name`` of the saved config) is refused with one line naming both, not the
+key-by-key list.
+
+**Finished runs**: when ``auto`` picks a checkpoint of this ``run.dir`` at ``train.steps`` and
+``run.dir/final/`` is complete for that step, the plan says ``nothing_to_do``: the trainer logs one
+line, loads nothing, records no start in ``history/``, leaves ``final/`` as it is and exits 0
+(docs/method.md §4 "Verified checkpoints"). A missing or incomplete ``final/`` is written again.
+
 **History**: every start that loaded its checkpoint is recorded in ``run.dir/history/``
 (:mod:`cmpt.train.history`).
 """
@@ -37,12 +48,14 @@ from typing import Any
 import torch
 import yaml
 
+from ..io_atomic import read_marker
 from .frozen import FROZEN_KEY
 from .history import continued_from
 from .optim import restore_schedule, snapshot_groups
+from .verify import set_aside_note, verify_final
 
-__all__ = ["IGNORED_KEYS", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
-__all__ += ["load_and_reschedule", "plan_resume", "start_run"]
+__all__ = ["IGNORED_KEYS", "RUN_ENTRIES", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
+__all__ += ["check_run_dir_owner", "load_and_reschedule", "plan_resume", "start_run"]
 
 logger = logging.getLogger("cmpt.train")
 
@@ -77,6 +90,9 @@ IGNORED_KEYS: tuple[str, ...] = (
     "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
 _ABSENT = "(absent)"
+#: what only a cmpt run writes into run.dir (:mod:`cmpt.train.history`, the checkpoints, the lock of
+#: :mod:`cmpt.train.disk`): a folder holding one of them holds a run
+RUN_ENTRIES: tuple[str, ...] = ("checkpoints", "history", "config.yaml", "summary.json", ".lock")
 
 
 class ResumeError(ValueError):
@@ -92,12 +108,36 @@ class ResumePlan:
     step: int | None = None
     changes: dict[str, list[Any]] = field(default_factory=dict)  # allowed: key -> [old, new]
     notes: list[str] = field(default_factory=list)
+    nothing_to_do: bool = False  # run.dir finished at train.steps with final/ complete (module docstring)
 
     def describe(self) -> str:
+        if self.nothing_to_do:
+            return (
+                f"run.dir already finished (step {self.step}/{self.step}, final/ complete): nothing to do; "
+                "raise train.steps to continue or use a new run.dir"
+            )
         if self.checkpoint is None:
             return f"starting fresh (--resume {self.mode}: no checkpoint to continue from)"
         what = f"resuming from step {self.step} of {self.checkpoint} (--resume {self.mode})"
         return what + (f"; allowed changes: {', '.join(self.changes)}" if self.changes else "")
+
+
+def check_run_dir_owner(run_dir: Path) -> None:
+    """:class:`ResumeError` when ``run_dir`` holds files but no cmpt run (none of :data:`RUN_ENTRIES`):
+    a user's folder, which training would fill with checkpoints and logs. Absent, empty, or an
+    earlier run (finished, stopped or refused at its start): accepted. Local and cheap: checked
+    before anything is built."""
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # absent (created later), or a file (check_run_dir)
+        return
+    if not names or any(name.rstrip("/") in RUN_ENTRIES for name in names):
+        return
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
+    raise ResumeError(
+        f"run.dir {run_dir} holds files cmpt did not write and no cmpt run ({shown}): training would "
+        "put its checkpoints and logs among them; choose a new or empty run.dir (--set run.dir=...)"
+    )
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -134,6 +174,11 @@ def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path
     from ..recipes.paths import expand_path
 
     path = Path(expand_path(spec))
+    if not path.exists():
+        raise ResumeError(
+            f"--resume {spec}: {set_aside_note(path) or f'{path} does not exist'} (--resume takes auto, "
+            "never, a checkpoint directory RUN/checkpoints/step_NNNNNN, or a run directory RUN)"
+        )
     if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
         found = complete_in(path / "checkpoints")
         if not found:
@@ -184,6 +229,24 @@ def _refusal(
             if unused
             else ""
         )
+    )
+
+
+def _run_kind(cfg: dict) -> str:
+    """``a comp run (stage1)``: the recipe and stage a config trains."""
+    flat = flatten(cfg)
+    recipe, stage = flat.get("recipe"), flat.get("stage.name")
+    return (f"a {recipe} run" if recipe else "a run without a recipe name") + (f" ({stage})" if stage else "")
+
+
+def _other_run(mode: str, run_dir: Path, ckpt: Path, old: dict, new: dict) -> ResumeError:
+    """The one-line refusal of a checkpoint written by another recipe or stage."""
+    theirs, ours = _run_kind(old), _run_kind(new)
+    if ckpt.resolve().parent.parent == run_dir.resolve():
+        return ResumeError(f"{run_dir} holds {theirs}; this is {ours}: use a new run.dir (--set run.dir=...)")
+    return ResumeError(
+        f"--resume {mode}: {ckpt} is a checkpoint of {theirs}; this is {ours}: a checkpoint continues its "
+        "own recipe and stage only (a next stage starts from the previous one's final/, model.init)"
     )
 
 
@@ -261,11 +324,25 @@ def plan_resume(
     refused = {k: v for k, v in sorted(changes.items()) if not covered(k, [*allow, *accepted])}
     # frozen_weights is checked later, against the weights the model loads (cmpt.train.frozen)
     unused = [a for a in allow if a != FROZEN_KEY and not any(covered(k, [a]) for k in changes)]
+    if refused and {"recipe", "stage.name"} & set(refused):
+        raise _other_run(mode, run_dir, ckpt, old, config)
     if refused:
         raise _refusal(run_dir, ckpt, step, refused, unused)
     if unused:
         notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
     return ResumePlan(mode, str(ckpt.resolve()), step, dict(sorted(changes.items())), [*pre, *notes])
+
+
+def _finished(run_dir: Path, plan: ResumePlan, steps: int) -> bool:
+    """Whether ``plan`` continues this ``run_dir``'s own checkpoint at ``steps`` and ``run_dir/final``
+    is complete for that step (its completion marker names the step, :func:`cmpt.train.verify.verify_final`
+    accepts it): a finished run, nothing to do (module docstring)."""
+    if plan.checkpoint is None or plan.step != steps:
+        return False
+    if Path(plan.checkpoint).parent.parent != run_dir.resolve():
+        return False
+    final = run_dir / "final"
+    return (read_marker(final) or {}).get("step") == steps and verify_final(final).ok
 
 
 def start_run(
@@ -277,9 +354,10 @@ def start_run(
     batch_key: str = "train.grad_accum",
 ) -> tuple[ResumePlan, dict[str, str] | None]:
     """Collective. ``ckpt``: the run's :class:`~cmpt.train.checkpoint.CheckpointManager`; ``train``:
-    its :class:`~cmpt.train.config.TrainConfig` (``resume``, ``allow_change``). Rank 0
+    its :class:`~cmpt.train.config.TrainConfig` (``resume``, ``allow_change``, ``steps``). Rank 0
     fingerprints the data, decides (:func:`plan_resume`; ``auto`` takes ``ckpt.latest()``, the
-    newest checkpoint that verifies) and logs the decision (one INFO line); every rank gets the
+    newest checkpoint that verifies; ``nothing_to_do`` for a finished run, :func:`_finished`) and
+    logs the decision (one INFO line); every rank gets the
     plan — or raises the refusal. The trainer records the start
     (:func:`cmpt.train.history.record_start`) once the checkpoint is loaded. Returns (plan, data
     fingerprint on rank 0 / None elsewhere)."""
@@ -299,7 +377,9 @@ def start_run(
         try:
             fingerprint = data_fingerprint(config, ignored)
             args = (config, fingerprint, train.allow_change, ignored, latest, world.world_size, batch_key)
-            outcome = ("ok", dataclasses.asdict(plan_resume(spec, run_dir, complete_in, *args)))
+            plan = plan_resume(spec, run_dir, complete_in, *args)
+            plan.nothing_to_do = _finished(run_dir, plan, train.steps)
+            outcome = ("ok", dataclasses.asdict(plan))
         except Exception as e:
             error, outcome = e, ("error", f"{type(e).__name__}: {e}", exit_code_for(e))
     if D.is_dist():

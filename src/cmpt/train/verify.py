@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime as _dt
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any
 
 __all__ = ["MANIFEST_FORMAT", "MARKER", "CheckpointError", "CheckpointSaveError", "Verdict"]
 __all__ += ["checksum_files", "dir_nbytes", "file_crc32", "read_manifest", "verify_checkpoint"]
-__all__ += ["quarantine", "step_dirs", "verify_final", "verify_run", "write_manifest"]
+__all__ += ["quarantine", "set_aside_note", "step_dirs", "verify_final", "verify_run", "write_manifest"]
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = "cmpt-checkpoint-manifest/1"
@@ -242,6 +243,26 @@ def quarantine(path: Path) -> Path | None:
                 return None
             return target
     return None
+
+
+def set_aside_note(path: str | os.PathLike) -> str | None:
+    """Why checkpoint ``path`` is not there, when a start set it aside (:func:`quarantine`: found
+    damaged, or without its marker; docs/method.md §4 "Verified checkpoints"): one clause naming the
+    ``.damaged`` copy, when it was renamed (its change time) and ``cmpt ckpt verify``, which says
+    what is wrong with it. None when ``path`` exists or has no such copy."""
+    p = Path(path)
+    if p.exists() or not p.parent.is_dir():
+        return None
+    copy = re.compile(rf"^{re.escape(p.name)}{re.escape(DAMAGED_SUFFIX)}\d*$")
+    found = [q for q in p.parent.iterdir() if copy.match(q.name) and q.is_dir()]
+    if not found:
+        return None
+    newest = max(found, key=lambda q: q.stat().st_ctime)
+    when = _dt.datetime.fromtimestamp(newest.stat().st_ctime).astimezone().isoformat(timespec="seconds")
+    return (
+        f"{p} was set aside as {newest.name} by a training start that found it damaged or incomplete "
+        f"(renamed {when}); `cmpt ckpt verify {p.parent.parent}` says why"
+    )
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
