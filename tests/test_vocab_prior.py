@@ -115,11 +115,16 @@ def test_main_json_and_jsonl_with_prefix_check(tmp_path) -> None:
         load_vocab_counts(out_a, tokenizer=other)
 
 
-def test_bad_jsonl_line_is_reported(tmp_path) -> None:
+def test_bad_jsonl_line_is_skipped_counted_and_named(tmp_path, caplog) -> None:
+    # as training skips it (docs/method.md §4): the prior counts what the loader reads
     jl = tmp_path / "bad.jsonl"
     jl.write_text(json.dumps(RECORDS[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        vocab_prior_main(str(jl), _bpe(), str(tmp_path / "o.safetensors"))
+    tok = _bpe()
+    summary = vocab_prior_main(str(jl), tok, str(tmp_path / "o.safetensors"))
+    assert summary["num_records"] == 2 and summary["num_bad"] == 1 and summary["num_texts"] == 1
+    expected = count_tokens(caption_texts_from_llava(RECORDS[:1]), tok)
+    assert torch.equal(load_vocab_counts(tmp_path / "o.safetensors"), expected)
+    assert "skipped 1 record(s)" in caplog.text and "bad.jsonl:2" in caplog.text
 
 
 def test_main_refuses_data_without_caption_tokens(tmp_path) -> None:

@@ -21,6 +21,8 @@ def _eval(a: argparse.Namespace) -> int:
     if a.eval_command != "embed":
         a.max_pixels = max_pixels_arg(a.max_pixels, a.model, many=a.eval_command == "resolution")
     common = {"device": a.device}
+    if a.eval_command != "embed":
+        common["image_root"] = a.image_root
     if a.eval_command == "embed":
         from .eval.embed import embed_main
 
@@ -114,6 +116,12 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--model", required=True, help="NativeViT dir, HF vision checkpoint, or VLM dir")
         p.add_argument("--data", required=True, help="LLaVA JSON file or a directory of splits")
         p.add_argument("--device", default=None, help=DEVICE_HELP)
+        p.add_argument(
+            "--image-root",
+            default=None,
+            help="folder the image paths are relative to (default: the JSON file's folder); image paths "
+            "must stay inside it: --image-root / reads absolute paths",
+        )
         if name in ("probe", "seg"):
             p.add_argument("--val", default=None, help="validation JSON (default: DATA/val.json)")
         if name == "resolution":

@@ -72,10 +72,23 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
         help="moca: documents + passages (train n, val n//5 each) and train.yaml / val.yaml mixtures; "
         "retrieval: n contrastive pairs with hard negatives (train.jsonl) + held-out eval/",
     )
-    p.add_argument("--n", type=int, required=True, help="train samples (val/test get n//4 each)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", default="train,val,test")
+    p.add_argument(
+        "--n",
+        type=int,
+        required=True,
+        help="size: charts/docs/scenes/documents/passages: train (or a lone split) gets n, the other splits "
+        "of --splits max(1, n//4) each; moca: n train and max(1, n//5) val documents, and as many passages; "
+        "retrieval: n training pairs and max(8, n//25) held-out queries per task",
+    )
+    p.add_argument("--out", required=True, help="output directory (new, or one synth wrote before)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; each split has its own stream")
+    p.add_argument(
+        "--splits",
+        default="train,val,test",
+        help="charts/docs/scenes/documents/passages: the splits to write, comma-separated, each NAME or "
+        "NAME:COUNT (default train,val,test; see --n for the sizes); moca and retrieval write their own "
+        "splits and ignore it",
+    )
     p.set_defaults(fn=_synth)
     p = data.add_parser(
         "check",
@@ -106,17 +119,28 @@ every form, with the rules and examples: docs/data.md""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", help="data source: JSON/JSONL, tar shards, HF dataset (PATH#SPLIT) or mixture")
-    p.add_argument("--image-root", default=None)
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the image paths are relative to (default: the data file's folder); image paths must "
+        "stay inside it: --image-root / reads absolute paths",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/name to check conversation lengths")
-    p.add_argument("--max-text-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-text-tokens", type=int, default=None, help="with --tokenizer: longer ones are too_long"
+    )
     p.add_argument("--out", default=None, help="write bad samples as JSONL here")
     p.set_defaults(fn=_check)
     p = data.add_parser(
         "vocab-prior", help="token frequencies of a dataset's captions (alignment-loss prior)"
     )
-    p.add_argument("data", help="LLaVA JSON/JSONL")
+    p.add_argument(
+        "data",
+        help="data source in any form data.path takes: JSON/JSONL, tar shards, HF dataset (PATH#SPLIT) "
+        "or mixture YAML; the assistant turns (captions) are counted",
+    )
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors (an existing file: only a counts file)")
     p.set_defaults(fn=_vocab)
 
     ck = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True)

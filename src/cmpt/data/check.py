@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmpt.data.open import open_source, split_spec
+from cmpt.data.open import is_map_style, open_source, split_spec
 from cmpt.data.sources import BadSample
 from cmpt.data.tar_reader import iter_tar
 from cmpt.data.validate import Problem, check_record
@@ -52,9 +52,16 @@ class Report:
         return dict(Counter(reason for _, _, reason in seen).most_common())
 
     def summary(self) -> str:
+        """The counts per reason, each with its first bad sample and why (the fix, where the
+        message names one: an absolute image path's ``path_escape``, docs/data.md)."""
         frac = self.num_bad / self.num_records if self.num_records else 0.0
+        first: dict[str, Problem] = {}
+        for p in self.problems:
+            first.setdefault(p.reason, p)
         lines = [f"{self.num_records} records, {self.num_bad} bad ({100 * frac:.2f}%)"]
-        lines += [f"  {reason:<22} {n}" for reason, n in self.counts.items()]
+        for reason, n in self.counts.items():
+            eg = first[reason]
+            lines.append(f"  {reason:<22} {n:<6} e.g. {eg.id}" + (f": {eg.detail}" if eg.detail else ""))
         return "\n".join(lines)
 
 
@@ -83,7 +90,7 @@ def check_dataset(source: Any, *, num_threads: int = 0, **kwargs: Any) -> Report
                 return [Problem(e.id, e.reason, e.detail, i)]
         return check_record(rec, source, **kwargs)
 
-    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+    if is_map_style(source):  # records read lazily, in the threads
         items: Any = ((i, None) for i in range(len(source)))
     else:  # streaming: records (or BadSample) in shard order
         items = enumerate(source.iter_records())
@@ -119,8 +126,9 @@ def empty_shards(source: Any) -> list[str]:
 
 
 def _check_out_path(out_jsonl: str, spec: Any, source: Any) -> None:
-    """Refuse a bad-sample list path that is a directory or one of the files the check reads (the
-    spec, a mixture's members, shards, parquet files): writing it would replace the data."""
+    """Refuse a bad-sample list path that is a directory, one of the files the check reads (the
+    spec, a mixture's members, shards, parquet files: writing it would replace the data) or any other
+    existing file but an empty one or an earlier bad-sample list (:func:`_earlier_list`)."""
     if os.path.isdir(out_jsonl):
         raise IsADirectoryError(
             f"--out {out_jsonl} is a directory: pass the .jsonl file to write, e.g. "
@@ -134,6 +142,23 @@ def _check_out_path(out_jsonl: str, spec: Any, source: Any) -> None:
                 f"--out {out_jsonl} is the input data file {f}: the bad-sample list would replace it; "
                 "choose another file, e.g. bad_samples.jsonl"
             )
+    if not _earlier_list(out_jsonl):
+        raise FileExistsError(
+            f"--out {out_jsonl} exists and is not an earlier bad-sample list of `cmpt data check`; cmpt "
+            "does not replace it: move or remove it, or choose another file, e.g. bad_samples.jsonl"
+        )
+
+
+def _earlier_list(path: str) -> bool:
+    """Whether the existing file ``path`` is empty or a bad-sample list (its first row's keys)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return True
+        with open(path, encoding="utf-8") as fh:
+            row = json.loads(fh.readline(1 << 20))
+    except (OSError, UnicodeDecodeError, ValueError):  # unreadable, not text, not JSON: not a list
+        return False
+    return isinstance(row, dict) and set(row) >= {"id", "index", "reasons"}
 
 
 def data_check_main(
@@ -167,7 +192,7 @@ def data_check_main(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    source = open_source(spec, image_root, key="the data to check")
+    source = open_source(spec, image_root, key="the data to check", root_key="--image-root")
     if out_jsonl:
         _check_out_path(out_jsonl, spec, source)
     report = check_dataset(

@@ -8,7 +8,9 @@ directory of them) or a Hugging Face dataset (:class:`~cmpt.data.hf_source.HFSou
 downloaded from the hub, :mod:`cmpt.data.hub_layout`). ``PATH#SPLIT`` names a split of a Hugging
 Face dataset; a path that exists as written (a ``#`` in a file name) is taken literally. A path
 without wildcards that does not exist is one ``FileNotFoundError`` naming the setting it came from
-(``data.path``, a mixture's ``datasets[N].path``).
+(``data.path``, a mixture's ``datasets[N].path``); so is an image root that is not a folder
+(``data.image_root``, ``--image-root``): one error up front, not a ``missing_image`` per record.
+:func:`iter_records` reads an opened source's records in order, whatever its kind.
 
 The training loaders (:mod:`cmpt.data.batching`), the pair loader (:mod:`cmpt.data.pair_loader`),
 mixtures and ``cmpt data check`` all open their data here, so they accept the same forms.
@@ -18,15 +20,17 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from cmpt.data.hf_source import HFSource
 from cmpt.data.hub_layout import is_parquet_dir
 from cmpt.data.llava_source import LlavaSource
+from cmpt.data.sources import BadSample, Record, check_image_root
 from cmpt.data.webdataset import TAR_SUFFIXES, ShardList
 from cmpt.hub import missing_path_error
 
-__all__ = ["open_source", "source_kind", "split_spec"]
+__all__ = ["is_map_style", "iter_records", "open_source", "source_kind", "split_spec"]
 
 
 def split_spec(path: str | os.PathLike | list) -> tuple[Any, str | None]:
@@ -95,6 +99,7 @@ def open_source(
     *,
     split: str | None = None,
     key: str = "data.path",
+    root_key: str | None = None,
 ) -> Any:
     """The source named by ``path``, by :func:`source_kind` (docs/method.md §4, docs/data.md).
 
@@ -102,9 +107,15 @@ def open_source(
     ``MixtureSource``. Tar shards give a :class:`cmpt.data.webdataset.ShardList` (streaming), and so
     does a mixture whose members are all tar shards. ``split``: the split of a Hugging Face dataset
     (as ``PATH#SPLIT``, which wins); ``ValueError`` for the other kinds. ``key``: the setting
-    ``path`` came from, named when it does not exist.
+    ``path`` came from, named when it does not exist. ``image_root`` (JSON and Hugging Face sources;
+    tar shards and mixtures hold their own) must be an existing folder
+    (:func:`~cmpt.data.sources.check_image_root`); ``root_key`` names it (default: ``key`` with
+    ``path`` → ``image_root``, e.g. ``data.image_root``).
     """
     kind = source_kind(path, key)
+    if kind in ("llava", "hf"):
+        default = key[: -len("path")] + "image_root" if key.endswith("path") else "image_root"
+        check_image_root(image_root, root_key or default)
     path, named = split_spec(path)
     split = named or split
     if split is not None and kind != "hf":
@@ -118,3 +129,22 @@ def open_source(
 
         return load_mixture(path)
     return ShardList(path)
+
+
+def is_map_style(source: Any) -> bool:
+    """Whether an opened source reads by index (``len`` / ``source[i]``) rather than streaming."""
+    return hasattr(source, "__getitem__") and hasattr(source, "__len__")
+
+
+def iter_records(source: Any) -> Iterator[Record | BadSample]:
+    """Every record of a source from :func:`open_source`, in order: by index for map-style sources
+    (a record that cannot be read comes as its :class:`~cmpt.data.sources.BadSample`), as streamed
+    for tar shards (docs/method.md §4)."""
+    if not is_map_style(source):
+        yield from source.iter_records()
+        return
+    for i in range(len(source)):
+        try:
+            yield source[i]
+        except BadSample as e:
+            yield e

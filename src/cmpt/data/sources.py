@@ -15,9 +15,11 @@ Decisions:
   for every kind of source, so the sample builder and the checkers treat them alike.
 * **Image paths** must stay inside the image root: a path that leaves it lexically (``../``, an
   absolute path elsewhere) or through a symbolic link (its ``realpath`` is outside the resolved
-  root) is a bad sample (``path_escape``). Links that stay inside the root are fine; links out of
-  it are followed only with ``data.follow_symlinks: true`` (datasets that link their image
-  folders in), see :func:`set_follow_symlinks`.
+  root) is a bad sample (``path_escape``). Absolute paths are read when the image root holds them:
+  the message of an absolute one names the fix, an image root such as ``/``
+  (:data:`ABSOLUTE_PATH_FIX`, ``docs/data.md`` "Image paths"). Links that stay inside the root
+  are fine; links out of it are followed only with ``data.follow_symlinks: true`` (datasets that
+  link their image folders in), see :func:`set_follow_symlinks`.
 * **Captions.** A record whose only content is a caption (a ``caption`` key, :func:`caption_of`; in
   tar shards also a ``.txt`` member) is an image–caption record (:attr:`Record.caption`) in every
   reader alike (:func:`cmpt.data.chat_layout.caption_views`).
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ABSOLUTE_PATH_FIX",
     "PAIR_KEYS",
     "READER_VERSION",
     "REASONS",
@@ -38,6 +41,7 @@ __all__ = [
     "BadSample",
     "Record",
     "caption_of",
+    "check_image_root",
     "resolve_image_path",
     "set_follow_symlinks",
 ]
@@ -88,6 +92,13 @@ class BadSample(ValueError):
         return (BadSample, (self.id, self.reason, self.detail))
 
 
+#: How to let absolute image paths through, named in their ``path_escape`` message (docs/data.md).
+ABSOLUTE_PATH_FIX = (
+    "image paths must stay inside the image root; to read absolute paths set the root to a folder "
+    "that holds the images, e.g. `data.image_root: /` (training; `image_root:` of a mixture member) "
+    "or `--image-root /` (cmpt data check, cmpt eval)"
+)
+
 #: Whether image paths may follow symbolic links out of the image root (``data.follow_symlinks``,
 #: docs/method.md §4). A process-wide default: the loader builders set it from their
 #: ``DataConfig`` (:func:`set_follow_symlinks`); ``CMPT_FOLLOW_SYMLINKS=1`` carries it to spawned
@@ -112,12 +123,27 @@ def _real_root(root: str) -> str:
     return os.path.realpath(root)
 
 
+def check_image_root(image_root: str | os.PathLike | None, key: str = "data.image_root") -> None:
+    """Refuse an image root that is given but is not an existing folder, in one line naming ``key``
+    (the setting or option it came from) — otherwise every image would be a ``missing_image``
+    (docs/data.md "Image paths"). ``None`` / ``""`` (the default root) pass."""
+    if not image_root:
+        return
+    root = os.fspath(image_root)
+    fix = "set it to the folder the image paths are relative to, or leave it out (default: the data's folder)"
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{key} {root!r} does not exist: {fix}")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{key} {root!r} is a file, not a folder: {fix}")
+
+
 def resolve_image_path(
     image_root: str, path: Any, sample_id: str = "?", follow_symlinks: bool | None = None
 ) -> str:
     """``path`` joined to ``image_root``, normalized; ``BadSample`` if it leaves the root or is not a path.
 
-    Absolute paths are accepted only inside the root. ``..`` components are collapsed first; then,
+    Absolute paths are accepted only inside the root (the message names the fix,
+    :data:`ABSOLUTE_PATH_FIX`). ``..`` components are collapsed first; then,
     unless ``follow_symlinks`` (default :data:`FOLLOW_SYMLINKS`), the path's ``realpath`` must lie
     inside the root's ``realpath`` — a symbolic link out of the root is ``path_escape`` (docs/method.md §4).
     The normalized, unresolved path is returned.
@@ -127,9 +153,11 @@ def resolve_image_path(
     root = os.path.normpath(os.path.abspath(image_root))
     full = os.path.normpath(os.path.join(root, path))
     if not _inside(full, root):
-        raise BadSample(
-            sample_id, "path_escape", f"{path!r} resolves to {full!r}, outside the image root {root!r}"
-        )
+        if os.path.isabs(path):
+            detail = f"absolute path {path!r} is outside the image root {root!r}: {ABSOLUTE_PATH_FIX}"
+        else:
+            detail = f"{path!r} resolves to {full!r}, outside the image root {root!r}"
+        raise BadSample(sample_id, "path_escape", detail)
     if not (FOLLOW_SYMLINKS if follow_symlinks is None else follow_symlinks):
         real_root, real = _real_root(root), os.path.realpath(full)
         if not _inside(real, real_root):

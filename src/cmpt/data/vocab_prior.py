@@ -6,6 +6,12 @@ the caption texts of the training data: ``p = clamp(n, min=1) / Σ n``, ``π = s
 counts them, and stores them as a safetensors file with one int64 tensor ``counts`` and string
 metadata (tokenizer name, number of texts, vocabulary size, a vocabulary fingerprint).
 
+``cmpt data vocab-prior DATA`` reads every form ``data.path`` takes (JSON / JSONL, tar shards, a
+Hugging Face dataset, ``PATH#SPLIT``, a mixture YAML: :func:`cmpt.data.open.open_source`,
+``docs/data.md``), through the same readers as training: a record's caption text is its assistant
+turns (captions of image–caption records included). Records that cannot be read are skipped and
+counted, as training skips them; documents and contrastive pairs have no assistant turn.
+
 Vocabulary-size rule on load (:func:`load_vocab_counts`): the model's tokenizer usually gains
 tokens after counting (``<|image_pad|>`` & co. are *appended*, docs/method.md §2). When the expected size
 is larger than the stored one, the stored ids are taken to be a prefix of the new vocabulary
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
@@ -29,12 +36,13 @@ from safetensors.torch import save_file
 
 from cmpt.hub import reading_safetensors, resolving
 
+log = logging.getLogger("cmpt.data")
+
 __all__ = [
     "ASSISTANT_ROLES",
     "caption_texts_from_llava",
     "count_tokens",
     "load_vocab_counts",
-    "read_llava_records",
     "read_vocab_counts_meta",
     "save_vocab_counts",
     "vocab_fingerprint",
@@ -164,44 +172,57 @@ def caption_texts_from_llava(records: Iterable[Mapping[str, Any]]) -> Iterator[s
     are insensitive to the order up to the joins).
     """
     for rec in records:
-        turns = rec.get("conversations") or []
-        answers = [
-            str(t.get("value", "")).strip()
-            for t in turns
-            if isinstance(t, Mapping) and t.get("from") in ASSISTANT_ROLES
-        ]
-        text = " ".join(a for a in answers if a)
-        if text:
+        if text := _answer_text(rec.get("conversations")):
             yield text
 
 
-def read_llava_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Records of a LLaVA ``.json`` (one list) or ``.jsonl`` (one object per line) file."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        head = fh.read(4096).lstrip()
-        fh.seek(0)
-        if head.startswith("["):
-            data = json.load(fh)
-            yield from data
-            return
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON line ({err.msg})") from err
+def _answer_text(turns: Any) -> str:
+    """The assistant answers of LLaVA ``turns`` joined by spaces (``""`` when none, or not turns)."""
+    if not isinstance(turns, list):
+        return ""
+    answers = [
+        str(t.get("value", "")).strip()
+        for t in turns
+        if isinstance(t, Mapping) and t.get("from") in ASSISTANT_ROLES
+    ]
+    return " ".join(a for a in answers if a)
+
+
+def _check_out(out: str | os.PathLike) -> None:
+    """Refuse an ``--out`` that is a directory, or an existing file that is not a counts file (a
+    user's file, the data itself): it would be replaced."""
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory: pass the .safetensors file to write")
+    if not path.exists():
+        return
+    try:
+        ours = read_vocab_counts_meta(path).get("format") == _FORMAT
+    except Exception:  # not a safetensors file at all
+        ours = False
+    if not ours:
+        raise FileExistsError(
+            f"--out {out} exists and is not a vocab-counts file; cmpt does not replace it: move or "
+            "remove it, or choose another --out"
+        )
 
 
 def vocab_prior_main(data_json: str, tokenizer: Any, out: str, batch_size: int = 1000) -> dict[str, Any]:
     """``cmpt data vocab-prior DATA --tokenizer T --out F``: count caption tokens and save them.
 
-    ``tokenizer`` is a name / local directory for ``AutoTokenizer.from_pretrained`` (no remote
-    code) or a tokenizer object; a local path that does not exist, or a hub id missing offline, is
-    one error naming it (:func:`cmpt.hub.resolving`). Returns a summary dict (out, tokenizer,
-    vocab_size, num_records, num_texts, num_tokens, num_distinct_tokens).
+    ``data_json``: any form ``data.path`` takes (the module docstring); a record that cannot be read
+    is skipped, counted (``num_bad``) and the first one named in a warning. An existing ``out`` that
+    is not a counts file is refused before anything is read. ``tokenizer`` is a name /
+    local directory for ``AutoTokenizer.from_pretrained`` (no remote code) or a tokenizer object; a
+    local path that does not exist, or a hub id missing offline, is one error naming it
+    (:func:`cmpt.hub.resolving`). Returns a summary dict (out, tokenizer, vocab_size, num_records,
+    num_bad, num_texts, num_tokens, num_distinct_tokens).
     """
+    from cmpt.data.open import iter_records, open_source
+    from cmpt.data.sources import BadSample
+
+    _check_out(out)
+    source = open_source(data_json, key="DATA")  # a missing path or an unknown form: one line
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
@@ -212,26 +233,37 @@ def vocab_prior_main(data_json: str, tokenizer: Any, out: str, batch_size: int =
         tok = tokenizer
         tok_name = str(getattr(tok, "name_or_path", "") or type(tok).__name__)
     n_records = n_texts = 0
+    bad: list[BadSample] = []
 
     def texts() -> Iterator[str]:
         nonlocal n_records, n_texts
-        for rec in read_llava_records(data_json):
+        for rec in iter_records(source):
             n_records += 1
-            for text in caption_texts_from_llava([rec]):
+            if isinstance(rec, BadSample):
+                bad.append(rec)
+            elif text := _answer_text(rec.conversations):
                 n_texts += 1
                 yield text
 
     counts = count_tokens(texts(), tok, batch_size=batch_size)
+    if bad:
+        log.warning(
+            "vocab-prior: skipped %d record(s) that cannot be read (first: %s); `cmpt data check %s` "
+            "lists them",
+            len(bad), bad[0], data_json,
+        )  # fmt: skip
     if int(counts.sum()) == 0:  # the prior divides by Σ n (docs/method.md §2): undefined for no tokens
         raise ValueError(
-            f"{data_json}: no caption tokens counted ({n_records} records, {n_texts} texts with an "
-            f"assistant answer from {sorted(ASSISTANT_ROLES)}); the prior needs captioned records"
+            f"{data_json}: no caption tokens counted ({n_records} records, {len(bad)} unreadable, {n_texts} "
+            f"with an assistant answer from {sorted(ASSISTANT_ROLES)}); the prior needs conversation or "
+            "caption records (documents and contrastive pairs have none)"
         )
     size = counts.numel()
     meta = {
         "tokenizer": tok_name,
         "num_texts": n_texts,
         "num_records": n_records,
+        "num_bad": len(bad),
         "source": str(data_json),
         "vocab_fingerprint": vocab_fingerprint(tok, size),
     }
@@ -241,6 +273,7 @@ def vocab_prior_main(data_json: str, tokenizer: Any, out: str, batch_size: int =
         "tokenizer": tok_name,
         "vocab_size": size,
         "num_records": n_records,
+        "num_bad": len(bad),
         "num_texts": n_texts,
         "num_tokens": int(counts.sum()),
         "num_distinct_tokens": int((counts > 0).sum()),

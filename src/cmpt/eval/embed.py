@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from cmpt.eval.embed_data import PAGE_PROMPT, EmbedData, Key, load_embed_data
 from cmpt.eval.embed_metrics import mmeb_group_means, ndcg_at_k_qrels, precision_at_1
-from cmpt.eval.runtime import check_out_dir, pick_device, write_json
+from cmpt.eval.runtime import check_out_dir, pick_device, png_metadata, write_result
 
 __all__ = ["PAGE_PROMPT", "K", "embed_main", "embed_table", "evaluate_embed", "plot_embed"]
 
@@ -181,7 +181,7 @@ def plot_embed(result: dict[str, Any], path: str | os.PathLike, title: str = "")
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, metadata=png_metadata("embed"))
     return out
 
 
@@ -199,7 +199,7 @@ def embed_main(
     :meth:`cmpt.Embedder.from_pretrained` loads (or a loaded Embedder). The data are read (and
     checked) before the model loads. Writes ``embed_results.{json,md,png}`` to ``out`` when given;
     the result carries the markdown ``table``."""
-    check_out_dir(out, "embed")
+    check_out_dir(out, "embed", [f"embed_results.{ext}" for ext in ("json", "md", "png")])
     if batch_tokens is not None and batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be >= 1 (tokens per forward), got {batch_tokens}")
     ds = load_embed_data(data, limit=limit, skip_bad=skip_bad)
@@ -212,7 +212,7 @@ def embed_main(
     table = embed_table(result)
     if out is not None:
         out_dir = Path(out)
-        json_path = write_json(result, out_dir / "embed_results.json")
+        json_path = write_result(result, out_dir / "embed_results.json", "embed")
         md_path = out_dir / "embed_results.md"
         md_path.write_text(f"# Embedding evaluation: {name} on {ds.root}\n\n{table}")
         title = f"{Path(name).name} on {ds.root.name}"

@@ -67,15 +67,19 @@ class EvalRecord(dict):
         return self.get("meta") or {}
 
 
-def load_records(path: str | os.PathLike, limit: int | None = None) -> list[EvalRecord]:
-    """Records of a LLaVA JSON / JSONL file, image paths resolved against the file's directory.
+def load_records(
+    path: str | os.PathLike, limit: int | None = None, image_root: str | os.PathLike | None = None
+) -> list[EvalRecord]:
+    """Records of a LLaVA JSON / JSONL file, image paths resolved against ``image_root``
+    (``--image-root``; default: the file's directory) and kept inside it (docs/method.md §4;
+    ``--image-root /`` lets absolute paths through, docs/data.md).
 
     Unreadable records raise (an evaluation must not silently drop samples); ``limit`` keeps the
     first records.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    src = LlavaSource(path)
+    src = LlavaSource(path, image_root or None)
     n = len(src) if limit is None else min(len(src), int(limit))
     out = []
     for i in range(n):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmpt.data.sources import check_image_root
 from cmpt.eval.features import (
     _pooled_features,
     feature_setting,
@@ -119,6 +120,7 @@ def linear_probe(
     batch_size: int = 256,
     batch_tokens: int = 8192,
     processor: ImageProcessor | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Linear-probe top-1 of frozen ``vit`` features (docs/method.md §5; protocol in the module docstring).
 
@@ -131,6 +133,7 @@ def linear_probe(
         lrs: AdamW learning rates of the grid. epochs, weight_decay, batch_size: head training.
         max_pixels: resolution cap of the native-resolution processor (None: its default).
         processor: use this processor instead (``max_pixels`` still applies).
+        image_root: where image paths resolve (default: each JSON file's directory).
 
     Returns:
         ``{"top1", "setting": {"features", "layers", "lr", "dim", ...}, "grid": [{"features",
@@ -140,7 +143,8 @@ def linear_probe(
     model, proc = load_vision(vit, max_pixels=max_pixels)
     if processor is not None:
         proc = processor_with(processor, max_pixels)
-    train_recs, val_recs = load_records(train_json), load_records(val_json)
+    train_recs = load_records(train_json, image_root=image_root)
+    val_recs = load_records(val_json, image_root=image_root)
     if not train_recs or not val_recs:
         raise ValueError(f"empty split: {len(train_recs)} train and {len(val_recs)} val records")
     y_tr_raw = _labels(train_recs, label_key, train_json)
@@ -209,6 +213,7 @@ def probe_main(
     seed: int = 0,
     device: str | None = None,
     out: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``cmpt eval probe`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or
     a VLM directory; the data is a directory with ``train.json`` / ``val.json`` or a train JSON plus
@@ -216,6 +221,7 @@ def probe_main(
     ``probe_results.json`` inside it); returns it."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)
     out = results_file(out, "probe")
+    check_image_root(image_root, "--image-root")
     vit, proc = load_vision(model, device=pick_device(device), max_pixels=max_pixels)
     result = linear_probe(
         vit,
@@ -229,5 +235,6 @@ def probe_main(
         max_pixels=max_pixels,
         seed=seed,
         processor=proc,
+        image_root=image_root,
     )
-    return finish_result(result, out, model=str(model), train_json=str(train), val_json=str(val))
+    return finish_result(result, out, "probe", model=str(model), train_json=str(train), val_json=str(val))

@@ -3,9 +3,14 @@
 For every ``max_pixels`` the model's processor is re-capped (``min_pixels`` lowered when needed)
 and :func:`cmpt.eval.vqa.evaluate_vqa` runs on the same records. Outputs in ``out_dir``:
 
-* ``resolution_sweep.json``: ``{"data", "metric", "points": [{"max_pixels", "score", "n",
-  "mean_vision_tokens", "per_type", ...}]}``;
-* ``resolution_sweep.md``: a markdown table (max pixels, merged vision tokens per image, score);
+* ``resolution_sweep.json``: ``{"data", "metric", "points": [{"requested_max_pixels",
+  "max_pixels", "score", "n", "mean_vision_tokens", "per_type", ...}]}``; ``max_pixels`` is the
+  effective cap, which differs from the requested one where the model's processor has a fixed
+  resolution (the official ``force_resize``, docs/method.md §1.4): such a point also names its
+  ``fixed_resolution`` (``"112x112"``), the table says it and a warning line is logged
+  (:func:`cmpt.eval.vqa.effective_resolution`);
+* ``resolution_sweep.md``: a markdown table (max pixels asked for, the side the images get, merged
+  vision tokens per image, score);
 * ``resolution_sweep.png``: score against max pixels (log₂ axis), each point labelled with its
   mean number of merged vision tokens (matplotlib, Agg backend);
 * ``predictions_<max_pixels>.jsonl``: the predictions of every point.
@@ -18,10 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cmpt.eval.runtime import check_out_dir, pick_device, write_json
-from cmpt.eval.vqa import evaluate_vqa, resolve_data
+from cmpt.data.sources import check_image_root
+from cmpt.eval.runtime import check_out_dir, pick_device, png_metadata, write_result
+from cmpt.eval.vqa import evaluate_vqa, fixed_resolution_note, log, resolve_data
 
-__all__ = ["parse_pixels", "plot_sweep", "resolution_main", "resolution_sweep", "sweep_table"]
+__all__ = ["parse_pixels", "plot_sweep", "resolution_main", "resolution_sweep", "sweep_files", "sweep_table"]
 
 
 def parse_pixels(values: str | int | Sequence[str | int]) -> list[int]:
@@ -52,18 +58,27 @@ def parse_pixels(values: str | int | Sequence[str | int]) -> list[int]:
     return sorted(out)
 
 
+def _asked(point: dict[str, Any]) -> int:
+    """The ``max_pixels`` a sweep point asked for (its effective one in results of older sweeps)."""
+    return point.get("requested_max_pixels", point["max_pixels"])
+
+
 def sweep_table(points: Sequence[dict[str, Any]], metric: str) -> str:
-    """Markdown table of a sweep."""
+    """Markdown table of a sweep: the max pixels asked for, the side the images get (``≈ √max`` for
+    the native policy, the fixed size where the processor has one), tokens, score; a fixed
+    resolution that overrode a request adds a line under the table (:func:`fixed_resolution_note`)."""
     lines = [
         f"| max pixels | ≈ side | vision tokens / image | {metric} | n |",
         "|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        side = round(p["max_pixels"] ** 0.5)
+        fixed = p.get("fixed_resolution")
+        side = f"{fixed} (fixed)" if fixed else f"{round(_asked(p) ** 0.5)}²"
         lines.append(
-            f"| {p['max_pixels']} | {side}² | {p['mean_vision_tokens']:.1f} | {p['score']:.4f} | {p['n']} |"
+            f"| {_asked(p)} | {side} | {p['mean_vision_tokens']:.1f} | {p['score']:.4f} | {p['n']} |"
         )
-    return "\n".join(lines) + "\n"
+    note = fixed_resolution_note(points)
+    return "\n".join(lines) + "\n" + (f"\nNote: {note}.\n" if note else "")
 
 
 def plot_sweep(
@@ -73,7 +88,7 @@ def plot_sweep(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    xs = [p["max_pixels"] for p in points]
+    xs = [_asked(p) for p in points]
     ys = [p["score"] for p in points]
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)  # Agg rendering without touching pyplot's global backend
@@ -94,8 +109,15 @@ def plot_sweep(
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, metadata=png_metadata("resolution"))
     return out
+
+
+def sweep_files(pixels: Sequence[int]) -> list[str]:
+    """The files a sweep over ``pixels`` writes into its output directory (the module docstring)."""
+    return [f"resolution_sweep.{ext}" for ext in ("json", "md", "png")] + [
+        f"predictions_{mp}.jsonl" for mp in pixels
+    ]
 
 
 def resolution_sweep(
@@ -110,26 +132,32 @@ def resolution_sweep(
     """Run :func:`~cmpt.eval.vqa.evaluate_vqa` at each ``max_pixels`` (docs/method.md §5, paper Fig. 3).
 
     ``vqa_kwargs`` go to ``evaluate_vqa`` (``batch_size``, ``max_new_tokens``, ``metric``,
-    ``prompt_suffix``, ``min_pixels``). Returns ``{"data", "metric", "points", "json", "markdown",
-    "png", "table"}``; the files are described in the module docstring.
+    ``prompt_suffix``, ``min_pixels``, ``image_root``). Returns ``{"data", "metric", "points",
+    "json", "markdown", "png", "table"}``; the files are described in the module docstring. An
+    existing file there that is not an earlier output of the sweep is refused first
+    (:func:`~cmpt.eval.runtime.check_out_dir`).
     """
     for bad in ("max_pixels", "out_jsonl"):
         if bad in vqa_kwargs:
             raise TypeError(f"resolution_sweep sets {bad} itself; do not pass it")
+    pixels = parse_pixels(list(max_pixels))
+    check_out_dir(out_dir, "resolution", sweep_files(pixels))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = resolve_data(data)
     points = []
-    for mp in parse_pixels(list(max_pixels)):
+    for mp in pixels:
         r = evaluate_vqa(
             model, path, max_pixels=mp, limit=limit, out_jsonl=out / f"predictions_{mp}.jsonl", **vqa_kwargs
         )
-        points.append({"max_pixels": mp, **{k: v for k, v in r.items() if k != "max_pixels"}})
+        points.append({"requested_max_pixels": mp, **r})  # r["max_pixels"]: the effective cap
+    if note := fixed_resolution_note(points):
+        log.warning("cmpt eval resolution: %s", note)
     metrics = {p["metric"] for p in points}
     metric = metrics.pop() if len(metrics) == 1 else "mixed"
     table = sweep_table(points, metric)
     result = {"data": str(path), "metric": metric, "points": points}
-    json_path = write_json(result, out / "resolution_sweep.json")
+    json_path = write_result(result, out / "resolution_sweep.json", "resolution")
     md_path = out / "resolution_sweep.md"
     md_path.write_text(f"# Resolution sweep ({path.parent.name}/{path.name})\n\n{table}")
     png_path = plot_sweep(
@@ -154,7 +182,9 @@ def resolution_main(
     """``cmpt eval resolution`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model);
     ``max_pixels`` a list or a comma-separated string (``"224*224,448*448"`` works)."""
     pixels = parse_pixels(max_pixels)
-    check_out_dir(out_dir, "resolution")
+    check_out_dir(out_dir, "resolution", sweep_files(pixels))
+    resolve_data(data)  # a missing --data is reported before the model loads
+    check_image_root(vqa_kwargs.get("image_root"), "--image-root")
     if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel
 

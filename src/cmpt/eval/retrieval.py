@@ -21,9 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmpt.data.sources import check_image_root
 from cmpt.eval.features import load_records, processor_with
 from cmpt.eval.metrics import recall_at_k
-from cmpt.eval.runtime import pick_device, results_file, write_json
+from cmpt.eval.runtime import pick_device, results_file, write_result
 from cmpt.eval.vqa import resolve_data
 from cmpt.vision.processor import load_image
 from cmpt.vision.vit import NativeViT
@@ -91,12 +92,14 @@ def retrieval_eval(
     limit: int | None = None,
     max_pixels: int | None = None,
     batch_size: int = 16,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Image↔text Recall@1/5/10 from pooled features (docs/method.md §5; see the module docstring).
 
     ``model``: a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``encode_images``,
     ``text_features``, ``tokenizer`` and ``processor``). ``data``: LLaVA JSON(L) or a directory
     (``test.json``, else ``val.json``); records without an image or a caption are skipped.
+    ``image_root``: where image paths resolve (default: the data file's directory).
 
     Returns ``{"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "mean_recall", "n", "skipped"}``.
     """
@@ -108,7 +111,7 @@ def retrieval_eval(
         )
     path = resolve_data(data)
     records, captions, skipped = [], [], 0
-    for rec in load_records(path, limit):
+    for rec in load_records(path, limit, image_root):
         cap = _caption(rec)
         if rec.get("images") and cap:
             records.append(rec)
@@ -145,6 +148,7 @@ def retrieval_main(
     max_pixels: int | None = None,
     device: str | None = None,
     out: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``cmpt eval retrieval`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model); a
     NativeViT directory is refused with a clear error. Writes JSON to ``out`` when given (a directory, or
@@ -159,11 +163,14 @@ def retrieval_main(
                 f"--model {str(d)!r} is not a VLM directory (no vlm_config.json): retrieval needs a cmpt VLM "
                 "(its text side); evaluate a bare vision model with `cmpt eval probe` / `cmpt eval seg`"
             )
+    data = resolve_data(data)  # the data are checked before the model loads
+    check_image_root(image_root, "--image-root")
+    if isinstance(model, (str, os.PathLike)):
         from cmpt.vlm.model import VisionLanguageModel
 
-        model = VisionLanguageModel.from_pretrained(d, device=pick_device(device))
-    result = retrieval_eval(model, data, limit=limit, max_pixels=max_pixels)
-    result["data"] = str(resolve_data(data))
+        model = VisionLanguageModel.from_pretrained(model, device=pick_device(device))
+    result = retrieval_eval(model, data, limit=limit, max_pixels=max_pixels, image_root=image_root)
+    result["data"] = str(data)
     if out_file is not None:
-        write_json(result, out_file)
+        write_result(result, out_file, "retrieval")
     return result

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cmpt.data.sources import resolve_image_path
+from cmpt.data.sources import check_image_root, resolve_image_path
 from cmpt.eval.features import (
     extract_patch_maps,
     first_images,
@@ -76,8 +76,10 @@ def load_mask(path: str | os.PathLike) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im).astype(np.int64))
 
 
-def _masks(records: list[dict], mask_key: str, json_path: str | os.PathLike) -> list[torch.Tensor]:
-    root = os.path.dirname(os.path.abspath(json_path))
+def _masks(
+    records: list[dict], mask_key: str, json_path: str | os.PathLike, image_root: str | os.PathLike | None
+) -> list[torch.Tensor]:
+    root = os.fspath(image_root) if image_root else os.path.dirname(os.path.abspath(json_path))
     out = []
     for rec in records:
         rel = (rec.get("meta") or {}).get(mask_key)
@@ -118,6 +120,7 @@ def seg_probe(
     weight_decay: float = 0.0,
     batch_tokens: int = 8192,
     processor: ImageProcessor | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """mIoU of a BN + 1×1 linear head on frozen patch tokens (method.md §5; protocol in the module docstring).
 
@@ -127,6 +130,7 @@ def seg_probe(
         num_classes: default: ``len(meta["seg_classes"])`` when present, else the largest label + 1.
         epochs, lr, batch_size (images), weight_decay: head training (AdamW, cosine schedule).
         max_pixels: resolution cap of the native-resolution processor.
+        image_root: where image and label-map paths resolve (default: each JSON file's directory).
 
     Returns:
         ``{"miou", "per_class_iou" (None for classes absent from prediction and label),
@@ -135,10 +139,12 @@ def seg_probe(
     model, proc = load_vision(vit, max_pixels=max_pixels)
     if processor is not None:
         proc = processor_with(processor, max_pixels)
-    train_recs, val_recs = load_records(train_json), load_records(val_json)
+    train_recs = load_records(train_json, image_root=image_root)
+    val_recs = load_records(val_json, image_root=image_root)
     if not train_recs or not val_recs:
         raise ValueError(f"empty split: {len(train_recs)} train and {len(val_recs)} val records")
-    y_tr, y_va = _masks(train_recs, mask_key, train_json), _masks(val_recs, mask_key, val_json)
+    y_tr = _masks(train_recs, mask_key, train_json, image_root)
+    y_va = _masks(val_recs, mask_key, val_json, image_root)
     k = int(num_classes) if num_classes is not None else _num_classes(train_recs + val_recs, y_tr + y_va)
     for name, masks in (("train", y_tr), ("val", y_va)):
         for m in masks:
@@ -214,6 +220,7 @@ def seg_main(
     seed: int = 0,
     device: str | None = None,
     out: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``cmpt eval seg`` (docs/method.md §5): ``model`` is a NativeViT directory, an HF vision checkpoint or a
     VLM directory; the data is a directory with ``train.json`` / ``val.json`` (e.g. synthetic
@@ -221,6 +228,7 @@ def seg_main(
     or a path ending in ``/``: ``seg_results.json`` inside it)."""
     train, val = resolve_split_files(data_dir_or_train_json, val_json)
     out = results_file(out, "seg")
+    check_image_root(image_root, "--image-root")
     vit, proc = load_vision(model, device=pick_device(device), max_pixels=max_pixels)
     result = seg_probe(
         vit,
@@ -233,5 +241,6 @@ def seg_main(
         max_pixels=max_pixels,
         seed=seed,
         processor=proc,
+        image_root=image_root,
     )
-    return finish_result(result, out, model=str(model), train_json=str(train), val_json=str(val))
+    return finish_result(result, out, "seg", model=str(model), train_json=str(train), val_json=str(val))

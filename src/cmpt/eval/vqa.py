@@ -36,16 +36,19 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cmpt.data.sources import check_image_root
 from cmpt.eval.features import default_processor, load_records, processor_with
 from cmpt.eval.metrics import anls, relaxed_accuracy, vqa_accuracy
-from cmpt.eval.runtime import check_out_dir, pick_device, write_json
+from cmpt.eval.runtime import check_out_dir, pick_device, write_result
 from cmpt.vision.processor import ImageProcessor, load_image
 
 __all__ = [
     "METRICS",
     "Question",
     "caption_loss",
+    "effective_resolution",
     "evaluate_vqa",
+    "fixed_resolution_note",
     "resolve_data",
     "route_metric",
     "score_answer",
@@ -74,15 +77,19 @@ class Question:
 
 
 def resolve_data(data: str | os.PathLike) -> Path:
-    """A JSON / JSONL file as given; a directory → its ``test.json``, else ``val.json``."""
+    """A JSON / JSONL file as given; a directory → its ``test.json``, else ``val.json``; a missing
+    one is a ``FileNotFoundError`` naming ``--data`` and what it takes."""
     p = Path(data)
     if p.is_dir():
         for name in ("test.json", "val.json"):
             if (p / name).is_file():
                 return p / name
-        raise FileNotFoundError(f"{p} has neither test.json nor val.json; pass the JSON file itself")
+        raise FileNotFoundError(f"--data {p} has neither test.json nor val.json; pass the JSON file itself")
     if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist")
+        raise FileNotFoundError(
+            f"--data {p} does not exist: pass a LLaVA JSON / JSONL file, or a directory holding test.json "
+            "or val.json"
+        )
     return p
 
 
@@ -171,6 +178,37 @@ def _model_processor(model: Any, max_pixels: int | None, min_pixels: int | None)
     return processor_with(proc, max_pixels, min_pixels)
 
 
+def effective_resolution(proc: ImageProcessor) -> dict[str, Any]:
+    """The resolution the images get from ``proc`` (docs/method.md §1.4): ``{"max_pixels"}``, its
+    cap, for the native policy. A fixed-resolution processor (the official ``force_resize``) resizes
+    every image to one size, whatever ``max_pixels`` asks (which can only lower it): then
+    ``fixed_resolution`` (``"HxW"``), ``max_pixels`` its pixel count, and, where that differs from
+    the processor's cap (``--max-pixels``, else the model's own), ``requested_max_pixels`` the cap."""
+    if proc.policy != "fixed":
+        return {"max_pixels": proc.max_pixels}
+    h, w = proc.target_size(proc.fixed_size, proc.fixed_size)  # the same for every input size
+    out: dict[str, Any] = {"max_pixels": h * w, "fixed_resolution": f"{h}x{w}"}
+    if h * w != proc.max_pixels:
+        out["requested_max_pixels"] = proc.max_pixels
+    return out
+
+
+def fixed_resolution_note(points: Sequence[dict[str, Any]]) -> str | None:
+    """One line for results (:func:`effective_resolution` fields) where a fixed resolution overrode
+    the ``max_pixels`` asked for; None when none did."""
+    over = [p for p in points if "fixed_resolution" in p and "requested_max_pixels" in p]
+    if not over:
+        return None
+    asked = ", ".join(str(p["requested_max_pixels"]) for p in over)
+    got = ", ".join(str(p["max_pixels"]) for p in over)
+    sizes = ", ".join(dict.fromkeys(p["fixed_resolution"] for p in over))
+    return (
+        f"the model's image processor resizes every image to {sizes} (a fixed resolution, docs/method.md "
+        f"§1.4), so max_pixels {asked} cannot raise it: the results report the effective max_pixels "
+        f"{got} and the one asked for as requested_max_pixels"
+    )
+
+
 def _mean_vision_tokens(paths: Sequence[str], proc: ImageProcessor) -> float:
     """Mean merged vision tokens per image (``h·w / merge²``) at ``proc``'s resolution policy."""
     counts = []
@@ -193,19 +231,23 @@ def evaluate_vqa(
     metric: str = "auto",
     prompt_suffix: str | None = None,
     out_jsonl: str | Path | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Batched greedy VQA evaluation (docs/method.md §5; decisions in the module docstring).
 
     ``model`` is a :class:`~cmpt.vlm.model.VisionLanguageModel` (anything with ``generate_batch``
     and ``processor``). The image processor is the model's with ``min_pixels`` / ``max_pixels``
     overridden when given. Predictions go to ``out_jsonl`` (``{"id", "question", "prediction",
-    "answers", "score", "type", "metric"}`` per line).
+    "answers", "score", "type", "metric"}`` per line). ``image_root``: where image paths resolve
+    (default: the data file's directory).
 
     Returns ``{"score", "metric", "n", "per_type", "per_metric", "mean_vision_tokens",
-    "max_pixels", "min_pixels", "n_records", "predictions"}``.
+    "max_pixels", "min_pixels", "n_records", "predictions"}``; ``max_pixels`` is the effective one,
+    with ``fixed_resolution`` / ``requested_max_pixels`` for a fixed-resolution processor
+    (:func:`effective_resolution`).
     """
     path = resolve_data(data)
-    records = load_records(path, limit)
+    records = load_records(path, limit, image_root)
     dataset_name = f"{path.parent.name}/{path.name}"
     questions = vqa_questions(records, dataset_name, metric)
     if not questions:
@@ -245,7 +287,7 @@ def evaluate_vqa(
         "per_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "per_metric": {m: sum(v) / len(v) for m, v in sorted(by_metric.items())},
         "mean_vision_tokens": _mean_vision_tokens([p for q in questions for p in q.images], proc),
-        "max_pixels": proc.max_pixels,
+        **effective_resolution(proc),
         "min_pixels": proc.min_pixels,
         "n_records": len(records),
         "predictions": str(out_jsonl) if out_jsonl is not None else None,
@@ -260,6 +302,7 @@ def caption_loss(
     limit: int | None = None,
     max_pixels: int | None = None,
     batch_size: int = 8,
+    image_root: str | os.PathLike | None = None,
 ) -> float:
     """Mean next-token loss per supervised token over held-out records (docs/method.md §5, §2 ``L_dec``).
 
@@ -273,7 +316,7 @@ def caption_loss(
     from cmpt.recipes.comp import LossConfig
     from cmpt.recipes.comp_objective import CompObjective
 
-    src = LlavaSource(resolve_data(data))
+    src = LlavaSource(resolve_data(data), image_root or None)
     n = len(src) if limit is None else min(len(src), int(limit))
     proc = _model_processor(model, max_pixels, None)
     builder = SampleBuilder(
@@ -322,10 +365,15 @@ def vqa_main(
     with_caption_loss: bool = False,
     device: str | None = None,
     out_dir: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``cmpt eval vqa`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model). With
-    ``out_dir``, writes ``predictions.jsonl`` and ``vqa_results.json`` there; returns the result."""
-    check_out_dir(out_dir, "vqa")
+    ``out_dir``, writes ``predictions.jsonl`` and ``vqa_results.json`` there; returns the result.
+    The output directory and the data are checked before the model loads; a fixed resolution that
+    overrides ``max_pixels`` is a warning (:func:`fixed_resolution_note`)."""
+    check_out_dir(out_dir, "vqa", ("predictions.jsonl", "vqa_results.json"))
+    data = resolve_data(data)
+    check_image_root(image_root, "--image-root")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if isinstance(model, (str, os.PathLike)):
@@ -344,10 +392,15 @@ def vqa_main(
         metric=metric,
         prompt_suffix=prompt_suffix,
         out_jsonl=out / "predictions.jsonl" if out is not None else None,
+        image_root=image_root,
     )
     if with_caption_loss:
-        result["caption_loss"] = caption_loss(model, data, limit=limit, max_pixels=max_pixels)
-    result["data"] = str(resolve_data(data))
+        result["caption_loss"] = caption_loss(
+            model, data, limit=limit, max_pixels=max_pixels, image_root=image_root
+        )
+    result["data"] = str(data)
+    if max_pixels is not None and (note := fixed_resolution_note([result])):
+        log.warning("cmpt eval vqa: %s", note)
     if out is not None:
-        write_json(result, out / "vqa_results.json")
+        write_result(result, out / "vqa_results.json", "vqa")
     return result
