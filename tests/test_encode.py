@@ -169,3 +169,78 @@ def test_encode_refuses_an_unusable_device(setup, device, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"--device {device!r} is not available here" in err
     assert "use one of: auto, cpu" in err and not (tmp_path / "f.safetensors").exists()
+
+
+def test_out_replaces_only_an_earlier_encode_output(setup, tmp_path, capsys):
+    """README: outputs never replace a user's file. An existing ``--out`` is replaced only when its
+    safetensors metadata marks it as ``cmpt encode``'s (or it has exactly encode's layout, older files)."""
+    from safetensors.torch import save_file
+
+    ckpt, paths, _ = setup
+    args = ["encode", "--model", str(ckpt), str(paths[0]), "--quiet", "--out"]
+    user_files = {
+        "notes.safetensors": b"my precious notes",
+        "weights.safetensors": None,  # another tool's safetensors file
+    }
+    for name, data in user_files.items():
+        f = tmp_path / name
+        if data is None:
+            save_file({"w": torch.ones(2)}, str(f), metadata={"format": "pt"})
+        else:
+            f.write_bytes(data)
+        before = f.read_bytes()
+        assert main([*args, str(f)]) == 2
+        err = capsys.readouterr().err
+        assert f"output {f} exists and is not a file cmpt encode wrote: not replacing it" in err
+        assert "choose another --out" in err and "Traceback" not in err
+        assert f.read_bytes() == before and not f.with_name(f.name + ".tmp").exists()
+    out = tmp_path / "f.safetensors"
+    assert main([*args, str(out)]) == 0 and main([*args, str(out)]) == 0  # its own output: replaced
+    from cmpt.encode import ENCODE_MARKER
+
+    with safe_open(out, "pt") as f:
+        assert ENCODE_MARKER in f.metadata()
+    old = tmp_path / "old.safetensors"  # written before the mark: encode's tensors and image list
+    save_file(
+        {"grid_hw": torch.ones(1, 2, dtype=torch.long), "offsets": torch.zeros(2, dtype=torch.long)},
+        str(old),
+        metadata={"images": "[]", "model": "hf:dinov2"},
+    )
+    assert main([*args, str(old)]) == 0
+
+
+def test_encode_names_the_model_passed_and_takes_pixel_products(setup, tmp_path, capsys):
+    ckpt, paths, _ = setup
+    out = tmp_path / "f.safetensors"
+    args = ["encode", "--model", str(ckpt), str(paths[3]), "--quiet", "--out", str(out)]
+    assert main([*args, "--min-pixels", "200*200"]) == 0
+    line = capsys.readouterr().out
+    assert f" with {ckpt} (from hf:dinov2) -> {out}" in line  # what the user passed, then its origin
+    want = processor_for(load_vit(ckpt, weights=False), ckpt, min_pixels=40000).grid_size(40, 90)
+    assert load_file(out)["grid_hw"].tolist() == [list(want)]  # the 90×40 image upscaled to >= 200²
+    assert main([*args, "--min-pixels", "56x"]) == 2
+    assert "--min-pixels '56x': pass one positive pixel count or product" in capsys.readouterr().err
+    assert main([*args, "--min-pixels", "200*200", "--max-pixels", "112*112"]) == 2
+    assert "--min-pixels 40000 exceeds --max-pixels 12544" in capsys.readouterr().err
+
+
+def test_encode_help_explains_both_pixel_bounds():
+    res = subprocess.run(
+        [sys.executable, "-m", "cmpt", "encode", "--help"], capture_output=True, text=True, check=True
+    )
+    text = " ".join(res.stdout.split())
+    assert "--min-pixels MIN_PIXELS pixel floor, a count or a product" in text
+    assert "--max-pixels MAX_PIXELS pixel cap, a count or a product" in text
+
+
+def test_progress_stays_short_of_100_percent_when_encoding_fails(setup, tmp_path, capsys):
+    ckpt, paths, _ = setup
+    vit = load_vit(ckpt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    vit.encode = broken
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        encode_images(vit, processor_for(vit, ckpt), paths[:1], tmp_path / "f.safetensors", progress=True)
+    assert "100%" not in capsys.readouterr().err

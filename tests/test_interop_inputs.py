@@ -206,10 +206,11 @@ def test_hints_name_the_installed_cli(hub, models, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"acme/noconfig has no config\.json") as err:
         comp_tower_overrides("acme/noconfig")  # a cached repo without config.json
     assert stale not in str(err.value)
+    noconfig = models["root"] / "noconfig"  # a NativeViT directory has its preprocessor_config.json
     with pytest.raises(
-        FileNotFoundError, match=rf"no preprocessor_config.json in '{re.escape(str(models['vit']))}'"
+        FileNotFoundError, match=rf"no preprocessor_config.json in '{re.escape(str(noconfig))}'"
     ) as err:
-        cmpt.ImageProcessor.from_hf(models["vit"])
+        cmpt.ImageProcessor.from_hf(noconfig)
     assert stale not in str(err.value)
 
 

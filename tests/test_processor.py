@@ -332,6 +332,56 @@ def test_save_pretrained_round_trip(tmp_path):
     assert "fixed_size=512" in repr(proc)
 
 
+def _tiny_vit(**kw):
+    from cmpt import NativeViT, NativeViTConfig
+
+    cfg = dict(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, pos_grid=4, patch_size=16)
+    return NativeViT(NativeViTConfig(**cfg, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6), **kw))
+
+
+def test_a_saved_vit_directory_carries_its_image_processor(tmp_path):
+    """``NativeViT.save_pretrained`` (also ``cmpt export --vfm-only`` and a run's ``final/vit``)
+    writes ``preprocessor_config.json``: the directory preprocesses by itself, with ``from_hf`` and
+    ``from_pretrained``; a directory written before (no such file) still loads with ``from_pretrained``."""
+    vit = _tiny_vit(merge_size=1)
+    vit.save_pretrained(tmp_path / "vit")
+    want = ImageProcessor.for_vit(vit.config).to_dict()
+    assert (want["patch_size"], want["merge_size"], want["image_mean"]) == (16, 1, [0.1, 0.2, 0.3])
+    for load in (ImageProcessor.from_hf, ImageProcessor.from_pretrained):
+        assert load(tmp_path / "vit").to_dict() == want
+    assert ImageProcessor.from_pretrained(tmp_path / "vit", max_pixels=64 * 64).max_pixels == 64 * 64
+    (tmp_path / "vit" / "preprocessor_config.json").unlink()  # a directory from before
+    assert ImageProcessor.from_pretrained(tmp_path / "vit").to_dict() == want
+    from cmpt.vision.vit_io import save_vit
+
+    own = ImageProcessor(16, 1, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), max_pixels=96 * 96)
+    save_vit(vit, tmp_path / "vit2", processor=own)  # a VLM's own processor (its training resolution)
+    assert ImageProcessor.from_pretrained(tmp_path / "vit2").to_dict() == own.to_dict()
+
+
+def test_from_pretrained_reads_vlm_vit_and_hf_directories(tmp_path):
+    from cmpt import VisionLanguageModel
+    from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(50), vocab_size=300)
+    proc = ImageProcessor(16, 2, mean=(0.2, 0.3, 0.4), min_pixels=32 * 32, max_pixels=64 * 64)
+    lm = build_tiny_causal_lm(tok, hidden_size=32)
+    vlm = VisionLanguageModel.build(_tiny_vit(), lm, tok, processor=proc)
+    vlm.save_pretrained(tmp_path / "vlm")
+    assert ImageProcessor.from_pretrained(tmp_path / "vlm").to_dict() == proc.to_dict()  # its processor/
+    vlm.export_vit(tmp_path / "vfm")  # what `cmpt export --vfm-only` writes
+    assert (tmp_path / "vfm" / "preprocessor_config.json").is_file()
+    # the ViT alone preprocesses as inside the VLM: the VLM's processor, not the tower's defaults
+    assert ImageProcessor.from_pretrained(tmp_path / "vfm").to_dict() == proc.to_dict()
+    assert ImageProcessor.from_pretrained(tmp_path / "vlm" / "vision").to_dict() == proc.to_dict()
+    _tiny_vit().save_pretrained(tmp_path / "vit")  # a ViT saved alone: its own native processor
+    assert ImageProcessor.from_pretrained(tmp_path / "vit").mean == (0.1, 0.2, 0.3)
+    qwen = _write(tmp_path / "qwen", {"min_pixels": 3136, "max_pixels": 50176, "merge_size": 2})
+    assert ImageProcessor.from_pretrained(qwen).to_dict() == ImageProcessor.from_hf(qwen).to_dict()
+    with pytest.raises(FileNotFoundError, match=r"preprocessor_config\.json"):
+        ImageProcessor.from_pretrained(tmp_path / "nowhere")
+
+
 # ---------------------------------------------------------------- load_image: bad inputs (docs/method.md §4)
 
 

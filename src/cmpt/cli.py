@@ -15,18 +15,26 @@ from collections.abc import Sequence
 
 from .cli_eval import add_eval_commands, max_pixels_arg
 from .cli_tools import add_tool_commands, positive_int
+from .vision.attention import BACKENDS
 
 
 def _encode(a: argparse.Namespace) -> int:
-    from .encode import check_output, encode_images, expand_images, load_vit, processor_for
+    from .encode import check_attention, check_output, encode_images, expand_images, load_vit, processor_for
     from .eval.runtime import pick_device
 
     device = pick_device(a.device)  # options first: nothing loads for a mistyped one
+    check_attention(a.attn, device, a.precision)
+    min_pixels = _min_pixels_arg(a.min_pixels)
     max_pixels = max_pixels_arg(a.max_pixels, a.model, many=False)
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(
+            f"--min-pixels {min_pixels} exceeds --max-pixels {max_pixels}: lower --min-pixels or raise "
+            "--max-pixels"
+        )
     images = expand_images(a.images)
     check_output(a.out, images, model=a.model)  # before the model is loaded
     vit = load_vit(a.model, rope=a.rope, attn=a.attn)
-    proc = processor_for(vit, a.model, min_pixels=a.min_pixels, max_pixels=max_pixels)
+    proc = processor_for(vit, a.model, min_pixels=min_pixels, max_pixels=max_pixels)
     res = encode_images(
         vit,
         proc,
@@ -40,11 +48,28 @@ def _encode(a: argparse.Namespace) -> int:
         precision=a.precision,
         progress=not a.quiet,
     )
-    source = vit.config.source or a.model
-    print(f"encoded {len(res.images)} images ({res.num_patches} patches) with {source} -> {res.out}")
+    origin = vit.config.source
+    origin = f" (from {origin})" if origin and origin not in (str(a.model), f"hf:{a.model}") else ""
+    print(f"encoded {len(res.images)} images ({res.num_patches} patches) with {a.model}{origin} -> {res.out}")
     for path, why in res.skipped.items():
         print(f"skipped {path}: {why}", file=sys.stderr)
     return 0
+
+
+def _min_pixels_arg(text: str | None) -> int | None:
+    """``--min-pixels``: one pixel count or product (``56*56``), parsed as ``--max-pixels`` is
+    (:func:`cmpt.eval.resolution.parse_pixels`), checked before anything loads."""
+    from .eval.resolution import parse_pixels
+
+    if text is None:
+        return None
+    try:
+        values = parse_pixels(text)
+    except ValueError:
+        values = []
+    if len(values) != 1 or "," in text:
+        raise ValueError(f"--min-pixels {text!r}: pass one positive pixel count or product, e.g. 56*56")
+    return values[0]
 
 
 def _demo(a: argparse.Namespace) -> int:
@@ -203,10 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--features", choices=["pooled", "patch", "both"], default="both")
     p.add_argument("--token-budget", type=int, default=16384, help="patches per forward pass (default 16384)")
-    p.add_argument("--min-pixels", type=int, default=None)
-    p.add_argument("--max-pixels", default=None, help="pixel cap, a count or a product (e.g. 448*448)")
+    p.add_argument(
+        "--min-pixels",
+        default=None,
+        help="pixel floor, a count or a product (e.g. 56*56); smaller images are upscaled (default: the "
+        "model's processor)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        default=None,
+        help="pixel cap, a count or a product (e.g. 448*448); larger images are downscaled (default: the "
+        "model's processor)",
+    )
     _bool(p, "rope", "2D RoPE on/off (default: the checkpoint's setting; off for HF checkpoints)")
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex", "flash", "varlen"])
+    p.add_argument(
+        "--attn",
+        default="auto",
+        choices=BACKENDS,
+        help="attention backend (default auto: flash-attn or torch's varlen kernel on CUDA in bf16, else "
+        "sdpa); flash and varlen need CUDA",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA if available), cuda[:N], mps")
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA"

@@ -4,7 +4,10 @@ Output: one safetensors file with
   ``pooled``        (n, D)  one vector per image (CLS / MAP head / patch mean, per the model's family)
   ``patch_tokens``  (N, D)  every image's patch features, raster order, concatenated
   ``grid_hw``       (n, 2)  patch grid per image; ``offsets`` (n+1,) rows of each image in patch_tokens
-and the image paths (in row order) in the file's metadata under ``images`` (JSON list).
+and in the file's metadata the image paths (in row order) under ``images`` (JSON list), the
+model's origin under ``model`` and the format version under ``cmpt_encode``
+(:data:`ENCODE_MARKER`): an existing ``--out`` is replaced only when it carries that mark
+(:func:`check_output`; README "outputs never replace a user's file").
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from tqdm import tqdm
 
 from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
 from .vision.image_io import ImageLoadError
+from .vision.processor import CONFIG_NAME as PROCESSOR_CONFIG
 from .vision.processor import ImageProcessor
 from .vision.rope import patch_positions
 from .vision.vit import NativeViT
 from .vlm.io import VLM_CONFIG_NAME
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: metadata key (and format version) of every file ``cmpt encode`` writes
+ENCODE_MARKER, ENCODE_FORMAT = "cmpt_encode", "1"
+_TENSORS = {"grid_hw", "offsets", "pooled", "patch_tokens"}
 
 
 def vision_dir(model: str | os.PathLike) -> Path:
@@ -74,18 +81,16 @@ def _by_name(model: str | os.PathLike, d: Path) -> str | Path:
 
 
 def processor_for(vit: NativeViT, model: str | os.PathLike, **overrides) -> ImageProcessor:
-    """The checkpoint's preprocessing (its ``preprocessor_config.json``, local or by hub id; a cmpt
-    VLM directory's ``processor/``: mean/std, pixel bounds) with the native-resolution policy unless
-    overridden; the ViT's own mean/std without one."""
+    """The checkpoint's preprocessing (:meth:`ImageProcessor.from_pretrained`, local or by hub id: its
+    ``preprocessor_config.json``, a cmpt VLM directory's ``processor/``; mean/std, pixel bounds) with
+    the native-resolution policy unless overridden; the ViT's own settings without one."""
     c = vit.config
     kwargs = {"policy": "native", **{k: v for k, v in overrides.items() if v is not None}}
     if kwargs["policy"] == "native":
         kwargs.setdefault("fixed_size", None)  # a fixed-resolution checkpoint's side does not apply
     d = local_model_dir(model, "vision checkpoint", allow_patterns=CONFIG_FILES)
-    if (d / VLM_CONFIG_NAME).is_file():
-        d = d / "processor"
-    if (d / "preprocessor_config.json").is_file():
-        return ImageProcessor.from_hf(d, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
+    if (d / VLM_CONFIG_NAME).is_file() or (d / PROCESSOR_CONFIG).is_file():
+        return ImageProcessor.from_pretrained(d, patch_size=c.patch_size, merge_size=c.merge_size, **kwargs)
     return default_processor(vit, **kwargs)
 
 
@@ -99,9 +104,7 @@ def load_vision_model(model: str | os.PathLike, *, weights: bool = True) -> tupl
 
     d = vision_dir(model)
     if (d / VLM_CONFIG_NAME).is_file():
-        vit = load_vit(d, weights=weights)
-        proc_dir = d / "processor"
-        return vit, ImageProcessor.from_hf(proc_dir) if proc_dir.is_dir() else default_processor(vit)
+        return load_vit(d, weights=weights), ImageProcessor.from_pretrained(d)
     if detect_official_layout(d) == "vlm":
         from .vlm.model import VisionLanguageModel
 
@@ -112,10 +115,9 @@ def load_vision_model(model: str | os.PathLike, *, weights: bool = True) -> tupl
 
 
 def default_processor(vit: NativeViT, **overrides) -> ImageProcessor:
-    """The native-resolution processor of ``vit`` (its patch/merge size, mean and std)."""
-    c = vit.config
-    kw = {k: v for k, v in overrides.items() if v is not None}
-    return ImageProcessor(c.patch_size, c.merge_size, mean=c.image_mean, std=c.image_std, **kw)
+    """The native-resolution processor of ``vit`` (:meth:`ImageProcessor.for_vit`: its patch/merge
+    size, mean and std)."""
+    return ImageProcessor.for_vit(vit.config, **overrides)
 
 
 def expand_images(items: Iterable[str | Path]) -> list[Path]:
@@ -134,9 +136,25 @@ def expand_images(items: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def is_encode_output(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file an earlier ``cmpt encode`` wrote: its metadata carries
+    :data:`ENCODE_MARKER`, or (a file from before the mark) encode's ``images`` list and only
+    encode's tensors. Anything else — not safetensors, unreadable, another tool's — is not."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+    except (SafetensorError, OSError):
+        return False
+    return ENCODE_MARKER in meta or ("images" in meta and {"grid_hw", "offsets"} <= names <= _TENSORS)
+
+
 def check_output(out: str | Path, images: Iterable[str | Path], model: str | Path | None = None) -> None:
-    """Refuse an output file that would destroy an input or cannot be written, before any work:
-    ``out`` is a directory, one of ``images``, or a file of the local ``model`` directory."""
+    """Refuse an output file that would destroy an input or the user's data, or cannot be written,
+    before any work: ``out`` is a directory, one of ``images``, a file of the local ``model``
+    directory, or an existing file that is not an earlier ``cmpt encode`` output
+    (:func:`is_encode_output`); such a one is replaced."""
     out = Path(out)
     if out.is_dir():
         raise IsADirectoryError(
@@ -156,6 +174,25 @@ def check_output(out: str | Path, images: Iterable[str | Path], model: str | Pat
             f"output {out} is a file of the model directory {model}: writing it would damage the model; "
             "choose a file outside it"
         )
+    if not is_encode_output(out):
+        raise FileExistsError(
+            f"output {out} exists and is not a file cmpt encode wrote: not replacing it; choose another "
+            "--out, or remove the file yourself first if it may go"
+        )
+
+
+def bf16_autocast(precision: str, device_type: str) -> bool:
+    """Whether ``precision`` (``auto`` | ``fp32`` | ``bf16``) encodes under bf16 autocast on a
+    ``device_type`` device: ``bf16``, or ``auto`` on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def check_attention(attn: str, device: torch.device, precision: str, key: str = "--attn") -> None:
+    """Refuse an attention backend that cannot run on ``device`` at ``precision`` before anything
+    loads (:func:`cmpt.vision.attention.check_backend`, docs/method.md §1.1)."""
+    from .vision.attention import check_backend
+
+    check_backend(attn, device.type, key=key, half=bf16_autocast(precision, device.type))
 
 
 def budget_batches(costs: Sequence[int], budget: int) -> Iterator[list[int]]:
@@ -213,8 +250,10 @@ def encode_images(
     or ``auto`` = bf16 on CUDA, fp32 elsewhere. Features are saved in float32 either way.
     ``device``: what ``--device`` takes (:func:`cmpt.eval.runtime.pick_device`: ``auto``, ``cpu``,
     ``cuda[:N]``, ``mps[:0]``; one this torch cannot use is a ``ValueError`` listing those it can).
-    An ``out`` that is a directory, an input image or a file of the model's directory is refused
-    first (:func:`check_output`); the file is written to ``<out>.tmp`` and renamed (removed on error).
+    An ``out`` that is a directory, an input image, a file of the model's directory or a file
+    ``cmpt encode`` did not write is refused first (:func:`check_output`), and so is an attention
+    backend (``vit.config.attn``) that cannot run there (:func:`check_attention`); the file is
+    written to ``<out>.tmp`` and renamed (removed on error).
     """
     if not (pooled or patches):
         raise ValueError("nothing to save: enable pooled and/or patch features")
@@ -224,9 +263,10 @@ def encode_images(
     from .eval.runtime import pick_device
 
     device = pick_device(device)  # one the torch cannot use: a ValueError listing the usable ones
+    check_attention(vit.config.attn, device, precision, key="attn")
     vit = vit.to(device).eval()
     dev_type = device.type
-    bf16 = precision == "bf16" or (precision == "auto" and dev_type == "cuda")
+    bf16 = bf16_autocast(precision, dev_type)
     costs, sizes, skipped = [], {}, {}
     from PIL import Image
 
@@ -244,33 +284,31 @@ def encode_images(
             skipped[str(path)] = str(e)
             costs.append(0)
     pooled_rows, patch_rows, grids, kept = [], [], [], []
-    bar = tqdm(total=len(images), desc="encode", unit="img", disable=not progress)
-    for batch in budget_batches(costs, token_budget):
-        batch_paths = [images[i] for i in batch if images[i] in sizes]
-        good, tensors = [], []
-        for path in batch_paths:
-            try:
-                tensors.append(processor.preprocess(path))
-                good.append(path)
-            except (ImageLoadError, ValueError) as e:
-                if not skip_bad:
-                    raise
-                skipped[str(path)] = str(e)
-        bar.update(len(batch))
-        if not good:
-            continue
-        x = torch.cat([t for t, _ in tensors]).to(device)
-        grid = [g for _, g in tensors]
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-            tokens, prefix = vit.encode(x, grid)
-            pooled_out = vit.pool(tokens, prefix, grid) if pooled else None
-        if pooled:
-            pooled_rows.append(pooled_out.float().cpu())
-        if patches:
-            patch_rows.append(to_raster(tokens.float().cpu(), grid, vit.config.merge_size))
-        grids.extend(grid)
-        kept.extend(str(p) for p in good)
-    bar.close()
+    # the bar advances after each batch is encoded: an error leaves it short of 100 %
+    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar:
+        for batch in budget_batches(costs, token_budget):
+            good, tensors = [], []
+            for path in (images[i] for i in batch if images[i] in sizes):
+                try:
+                    tensors.append(processor.preprocess(path))
+                    good.append(path)
+                except (ImageLoadError, ValueError) as e:
+                    if not skip_bad:
+                        raise
+                    skipped[str(path)] = str(e)
+            if good:
+                x = torch.cat([t for t, _ in tensors]).to(device)
+                grid = [g for _, g in tensors]
+                with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+                    tokens, prefix = vit.encode(x, grid)
+                    pooled_out = vit.pool(tokens, prefix, grid) if pooled else None
+                if pooled:
+                    pooled_rows.append(pooled_out.float().cpu())
+                if patches:
+                    patch_rows.append(to_raster(tokens.float().cpu(), grid, vit.config.merge_size))
+                grids.extend(grid)
+                kept.extend(str(p) for p in good)
+            bar.update(len(batch))
     if not kept:
         raise ValueError(f"no image could be encoded; problems: {skipped}")
     counts = torch.tensor([h * w for h, w in grids])
@@ -285,8 +323,9 @@ def encode_images(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    meta = {"images": json.dumps(kept), "model": vit.config.source, ENCODE_MARKER: ENCODE_FORMAT}
     try:
-        save_file(tensors_out, str(tmp), metadata={"images": json.dumps(kept), "model": vit.config.source})
+        save_file(tensors_out, str(tmp), metadata=meta)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
-from ..train.distributed import loads_weights
+from ..train.distributed import loads_weights, world_info
 from ..train.loop import LossTerms
+from ..vision.attention import check_backend
 from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
 from .paths import expand_path
@@ -114,11 +115,14 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     ``model.init`` may be a hub id (:func:`cmpt.hub.local_model_dir`: the cached or downloaded
     snapshot; offline and not cached, one line naming the installed CLI's download command). On
     FSDP2 ranks > 0 the backbone is a skeleton on the meta device, no weight file read
-    (:func:`cmpt.train.distributed.loads_weights`)."""
+    (:func:`cmpt.train.distributed.loads_weights`). A ``model.vit_attn`` the training device cannot
+    run is refused first, before anything is read or downloaded
+    (:func:`cmpt.vision.attention.check_backend`, docs/method.md §1.1)."""
     from ..embed.backbones import load_backbone
     from ..hub import local_model_dir
     from ..vlm.chat import ensure_mask_token
 
+    check_backend(cfg.model.vit_attn, world_info().device.type, key="model.vit_attn")
     init = str(local_model_dir(expand_path(cfg.model.init), "model.init")) if cfg.model.init else ""
     if not init or not Path(init).is_dir():
         raise FileNotFoundError(

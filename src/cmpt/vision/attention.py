@@ -12,7 +12,10 @@ Backends, all giving the same numbers within floating-point tolerance:
   shipped with torch >= 2.10; CUDA, fp16/bf16), for GPUs without the flash-attn package.
 
 ``auto`` picks ``flash``, then ``varlen``, when usable for the inputs (CUDA and a half-precision
-compute dtype, autocast included), else ``sdpa``. Every backend takes ``causal`` (the packed text
+compute dtype, autocast included), else ``sdpa``. Whether a backend can run is one rule,
+:func:`backend_problem`: :func:`check_backend` applies it before a run is built (a ``ValueError``
+naming the option, one line and exit 2 on the command line) and :func:`resolve_backend` when
+attention runs (a ``RuntimeError``). Every backend takes ``causal`` (the packed text
 of §7 runs here too), a ``scale`` and fewer key/value heads than query heads (grouped queries).
 The per-batch bookkeeping (lengths, ``cu_seqlens``, masks) is built once on the host by
 :func:`build_plan` and shared by every layer (docs/method.md §6: no per-layer host syncs).
@@ -97,25 +100,65 @@ class AttentionPlan:
         return self._block_masks[causal]
 
 
+#: what each kernel backend needs besides CUDA and a float16/bfloat16 compute dtype, and how it
+#: reads when it is missing
+_NEEDS = {
+    "flash": ("the flash-attn package", "flash-attn is not installed"),
+    "varlen": ("torch >= 2.10 (torch.nn.attention.varlen)", f"this torch ({torch.__version__}) lacks it"),
+}
+
+
+class BackendUnavailableError(ValueError):
+    """An attention backend the run's device cannot use, named before anything is built: the
+    user's choice, so the command line reports it in one line (exit status 2)."""
+
+
+def backend_problem(backend: str, device_type: str, half: bool | None = None) -> str | None:
+    """Why ``backend`` cannot run on a ``device_type`` device, or None when it can: the one
+    availability rule behind :func:`check_backend` (before a run) and :func:`resolve_backend`
+    (when attention runs). ``flash`` and ``varlen`` are CUDA kernels in float16/bfloat16 (``half``:
+    whether the compute dtype is; None when not known yet) that need :data:`_NEEDS`; ``auto``,
+    ``sdpa`` and ``flex`` run anywhere (docs/method.md §1.1)."""
+    if backend not in _NEEDS:
+        return None
+    needs, missing = _NEEDS[backend]
+    installed = flash_available() if backend == "flash" else torch_varlen_available()
+    here = [] if installed else [missing]
+    if device_type != "cuda":
+        here.append(f"the device is {device_type}")
+    elif half is False:
+        here.append("the compute dtype is not float16/bfloat16")
+    if not here:
+        return None
+    return f"attention backend {backend!r} needs {needs} on CUDA in float16/bfloat16 (here {', '.join(here)})"
+
+
+def check_backend(backend: str, device_type: str, key: str = "attn", half: bool | None = None) -> None:
+    """Refuse, before any model is built, an attention ``backend`` (the value of the option or
+    config ``key``, e.g. ``model.attn``) that cannot run where the work runs (``device_type``;
+    ``half`` as in :func:`backend_problem`): a :class:`BackendUnavailableError` naming the key,
+    why, and what works here. ``auto`` always passes (it picks what works, docs/method.md §1.1)."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"{key}={backend!r}: unknown attention backend; use one of {BACKENDS}")
+    problem = backend_problem(backend, device_type, half)
+    if problem:
+        raise BackendUnavailableError(f"{key}={backend}: {problem}; use auto, sdpa or flex here")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn ``auto`` into a concrete backend and validate explicit choices. Under autocast the
-    compute dtype is autocast's, not the (float32) residual stream's."""
+    """Turn ``auto`` into a concrete backend and validate explicit choices (:func:`backend_problem`:
+    a ``RuntimeError`` for one that cannot run here). Under autocast the compute dtype is
+    autocast's, not the (float32) residual stream's."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
-    half_on_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    half = dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
-        if half_on_cuda and flash_available():
-            return "flash"
-        return "varlen" if half_on_cuda and torch_varlen_available() else "sdpa"
-    if backend == "flash" and not flash_available():
-        raise RuntimeError("attention backend 'flash' needs the flash-attn package: pip install flash-attn")
-    if backend == "varlen" and not (torch_varlen_available() and half_on_cuda):
-        raise RuntimeError(
-            f"attention backend 'varlen' needs torch >= 2.10 on CUDA in float16/bfloat16 (got {device.type}, "
-            f"{dtype}); use attn='sdpa' or 'flex' here"
-        )
+        usable = [b for b in ("flash", "varlen") if backend_problem(b, device.type, half) is None]
+        return usable[0] if usable else "sdpa"
+    if problem := backend_problem(backend, device.type, half):
+        raise RuntimeError(f"{problem}; use attn='sdpa' or 'flex' here")
     return backend
 
 

@@ -276,6 +276,43 @@ class ImageProcessor:
         return path
 
     @classmethod
+    def for_vit(cls, config: Any, **overrides: Any) -> ImageProcessor:
+        """The native-resolution processor of a ``NativeViTConfig``: its patch and merge size, image
+        mean and std, the default pixel bounds (docs/method.md §1.4); ``overrides`` that are not None
+        win. What a NativeViT directory's ``preprocessor_config.json`` holds unless saved with
+        another processor (:func:`cmpt.vision.vit_io.save_vit`)."""
+        kw = {k: v for k, v in overrides.items() if v is not None}
+        return cls(config.patch_size, config.merge_size, mean=config.image_mean, std=config.image_std, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str | os.PathLike, **overrides: Any) -> ImageProcessor:
+        """The image processor of a model, local or by hub id (docs/method.md §1.4):
+
+        * a cmpt VLM directory (``vlm_config.json``; also a MoCa Embedder over one): its
+          ``processor/``, else its tower's settings (``vision/config.json``);
+        * a cmpt NativeViT directory (``save_pretrained``, ``cmpt export --vfm-only``, a run's
+          ``final/vit``): its ``preprocessor_config.json``, else (one written before cmpt saved it)
+          its config's patch and merge size, mean and std (:meth:`for_vit`);
+        * anything else: :meth:`from_hf` (a Hugging Face checkpoint, a directory holding a
+          ``preprocessor_config.json``, or the file itself).
+
+        ``overrides`` win over everything read."""
+        from cmpt.hub import CONFIG_FILES, local_model_dir, read_json
+        from cmpt.vlm.io import VLM_CONFIG_NAME
+
+        d = local_model_dir(path_or_dir, "image processor", allow_patterns=CONFIG_FILES)
+        if (d / VLM_CONFIG_NAME).is_file():
+            d = d / "processor" if (d / "processor").is_dir() else d / "vision"
+        vit_config = d / "config.json"
+        if not (d / CONFIG_NAME).is_file() and vit_config.is_file():
+            raw = read_json(vit_config)
+            if raw.get("cmpt_model") == "NativeViT":
+                from .vit import NativeViTConfig
+
+                return cls.for_vit(NativeViTConfig.from_dict(raw), **overrides)
+        return cls.from_hf(d if d.exists() else path_or_dir, **overrides)
+
+    @classmethod
     def from_hf(cls, path_or_dir: str | os.PathLike, **overrides: Any) -> ImageProcessor:
         """Build from a Hugging Face ``preprocessor_config.json``: a directory, its hub id (the cached
         or downloaded snapshot's configs, :func:`cmpt.hub.local_model_dir`) or the file itself.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .attention import build_plan
 from .layers import AttentionPoolHead, Block, make_norm
 from .pos_embed import interpolate_table, resize_matrix, sincos_2d, window_index
 from .rope import patch_positions, rope_cos_sin
+
+if TYPE_CHECKING:
+    from .processor import ImageProcessor
 
 # the position-table helpers live in pos_embed.py; importing them from here keeps working
 __all__ = [
@@ -298,11 +302,14 @@ class NativeViT(nn.Module):
         return [torch.cat([pre, chunk]) for pre, chunk in zip(prefix, chunks)]
 
     # ------------------------------------------------------------------ I/O (vision/vit_io.py)
-    def save_pretrained(self, directory: str | Path, *, model_card: bool = True) -> None:
-        """Write the NativeViT directory (:func:`cmpt.vision.vit_io.save_vit`)."""
+    def save_pretrained(
+        self, directory: str | Path, *, model_card: bool = True, processor: ImageProcessor | None = None
+    ) -> None:
+        """Write the NativeViT directory (:func:`cmpt.vision.vit_io.save_vit`; ``processor``: the
+        ``ImageProcessor`` saved beside it, by default the ViT's native-resolution one)."""
         from .vit_io import save_vit
 
-        save_vit(self, directory, model_card=model_card)
+        save_vit(self, directory, model_card=model_card, processor=processor)
 
     @classmethod
     def from_pretrained(

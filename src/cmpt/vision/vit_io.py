@@ -1,5 +1,6 @@
 """The NativeViT directory: ``config.json`` (cmpt's config, also read by transformers' ``AutoConfig``
-after ``import cmpt``) + ``model.safetensors`` + a model card ``README.md`` (docs/method.md §1;
+after ``import cmpt``) + ``model.safetensors`` + ``preprocessor_config.json`` (its image processor,
+``ImageProcessor.from_pretrained``, docs/method.md §1.4) + a model card ``README.md`` (docs/method.md §1;
 docs/architecture.md "Sharing models"). ``NativeViT.save_pretrained`` / ``from_pretrained`` call
 these functions; a hub id resolves through :mod:`cmpt.hub`, a tower in the CoMP release's layout
 through :mod:`cmpt.vision.official_release`, and ``weights=False`` builds a meta-device skeleton
@@ -16,24 +17,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .processor import ImageProcessor
 from .vit import CONFIG_NAME, WEIGHTS_NAME, NativeViT, NativeViTConfig
 
 __all__ = ["load_vit_dir", "save_vit"]
 
 
-def save_vit(model: NativeViT, directory: str | Path, *, model_card: bool = True) -> None:
+def save_vit(
+    model: NativeViT,
+    directory: str | Path,
+    *,
+    model_card: bool = True,
+    processor: ImageProcessor | None = None,
+) -> None:
     """``NativeViT.save_pretrained``: write ``config.json`` (also read by transformers'
-    ``AutoConfig`` after ``import cmpt``: :mod:`cmpt.hf_auto`) + ``model.safetensors`` and, with
-    ``model_card``, ``README.md`` (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`)."""
+    ``AutoConfig`` after ``import cmpt``: :mod:`cmpt.hf_auto`) + ``model.safetensors`` +
+    ``preprocessor_config.json`` (``processor``, by default the ViT's own native-resolution one:
+    :meth:`ImageProcessor.for_vit`, docs/method.md §1.4) and, with ``model_card``, ``README.md``
+    (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`)."""
     from cmpt.hf_auto import VIT_TYPE, auto_config_fields
     from cmpt.io_atomic import atomic_directory
     from cmpt.model_card import write_model_card
+
+    processor = processor or ImageProcessor.for_vit(model.config)  # refused before anything is written
 
     with atomic_directory(directory, writer="NativeViT.save_pretrained") as out:
         cfg = {"cmpt_model": "NativeViT", **auto_config_fields(VIT_TYPE), **asdict(model.config)}
         (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        processor.save_pretrained(out)
         if model_card:
             write_model_card(out, sources=[getattr(model, "loaded_from", None)])
 

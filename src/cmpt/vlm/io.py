@@ -287,7 +287,7 @@ def save_vlm(model, directory: str | Path) -> Path:
 def _write_vlm(model, out: Path) -> None:
     from cmpt.hf_auto import VLM_TYPE, write_auto_config
 
-    model.vit.save_pretrained(out / "vision", model_card=False)
+    model.vit.save_pretrained(out / "vision", model_card=False, processor=model.processor)
     merger_state = {k: v.detach().contiguous().cpu() for k, v in model.merger.state_dict().items()}
     save_file(merger_state, str(out / MERGER_WEIGHTS), metadata={"format": "pt"})
     model.llm.save_pretrained(str(out / "llm"))

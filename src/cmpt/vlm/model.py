@@ -252,6 +252,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
     from_pretrained = classmethod(load_vlm)
 
     def export_vit(self, directory: str | Path) -> Path:
-        """Write the ViT alone as a NativeViT directory (CoMP-VFM, ``NativeViT.from_pretrained``)."""
-        self.vit.save_pretrained(directory)
+        """Write the ViT alone as a NativeViT directory (CoMP-VFM, ``NativeViT.from_pretrained``), with
+        the VLM's image processor as its ``preprocessor_config.json``."""
+        self.vit.save_pretrained(directory, processor=self.processor)
         return Path(directory)
