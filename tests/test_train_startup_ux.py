@@ -28,6 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "faults"))
 
+from cmpt.cli import main
 from cmpt.io_atomic import COMPLETE_MARKER
 from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
 from cmpt.train.checkpoint import MARKER
@@ -122,7 +123,7 @@ def test_another_recipe_or_stage_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- --resume PATH
-def test_resume_of_a_missing_or_set_aside_checkpoint_says_so(tmp_path: Path) -> None:
+def test_resume_of_a_missing_or_set_aside_checkpoint_says_so(tmp_path: Path, capsys) -> None:
     from cmpt.train.export import export_checkpoint
 
     nope = tmp_path / "nope"
@@ -147,6 +148,8 @@ def test_resume_of_a_missing_or_set_aside_checkpoint_says_so(tmp_path: Path) -> 
         fit(tmp_path / "c", resume=str(newest))
     with pytest.raises(FileNotFoundError, match=f"^{note}$"):
         export_checkpoint(newest, tmp_path / "out")
+    assert main(["export", str(newest), "--out", str(tmp_path / "out")]) == 2  # the command says it too
+    assert re.search(note, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 

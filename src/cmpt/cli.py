@@ -120,7 +120,7 @@ def _check_export_paths(model: str, out: str) -> None:
     from .hub import is_hub_id
     from .io_atomic import check_not_overlapping, check_replaceable
     from .train.export import is_checkpoint
-    from .train.verify import step_dirs
+    from .train.verify import set_aside_note, step_dirs
     from .vlm.io import VLM_CONFIG_NAME
 
     src = Path(model)
@@ -137,7 +137,8 @@ def _check_export_paths(model: str, out: str) -> None:
         check_not_overlapping(out, src)
     elif not is_hub_id(model) or (src.parent != Path(".") and src.parent.is_dir()):  # a local path
         raise FileNotFoundError(
-            f"{model} does not exist; pass a model directory (a run's final/) or a checkpoint "
+            set_aside_note(src)
+            or f"{model} does not exist; pass a model directory (a run's final/) or a checkpoint "
             "(RUN/checkpoints/step_N)"
         )
     check_replaceable(out)
