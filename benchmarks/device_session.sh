@@ -16,7 +16,7 @@
 # told its kill time (*_TIMEOUT less 15 s of interpreter start-up: --timeout-s), so it starts a
 # compiled group only with >= 120 s left, and prints its figures after every variant, so a kill
 # keeps what ran. BENCH_ARGS: the benchmarks' sizes (default 3 micro-batches, 6 timed steps).
-# Tests: only those that skip without CUDA (reason "needs CUDA ..."), kernel-parity files first,
+# Tests: only those marked `gpu` (they skip without CUDA), kernel-parity files first,
 # the trainer's (tests/test_cuda_train.py) last, TEST_EACH s per test (pytest-timeout, where
 # installed). TESTS: the test files. A step whose timeout is 0 is left out.
 # Output: one log per step and summary.json in $OUT (default ./device-out); exit 1 if a step failed.
@@ -65,28 +65,15 @@ print('transformers', transformers.__version__, '| triton', u.find_spec('triton'
 bench comp benchmarks/bench_comp_gpu.py "${COMP_TIMEOUT:-215}" "${COMP_BUDGET:-150}"
 bench moca benchmarks/bench_moca_gpu.py "${MOCA_TIMEOUT:-215}" "${MOCA_BUDGET:-150}"
 
-# the GPU tests: a plugin keeps those whose skip reason says they need CUDA (the CPU ones of the
-# same files would spend the step: e.g. tests/test_varlen_op.py's gradchecks)
-plugins=$(mktemp -d)
-cat >"$plugins/cmpt_needs_cuda.py" <<'EOF'
-def pytest_collection_modifyitems(config, items):
-    """Keep the tests marked skipif(..., reason="needs CUDA ...") (module marks included)."""
-    def needs_cuda(item):
-        return any("needs cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
-
-    keep = [item for item in items if needs_cuda(item)]
-    config.hook.pytest_deselected(items=[item for item in items if not needs_cuda(item)])
-    items[:] = keep
-EOF
+# the GPU tests: those marked `gpu` (the CPU ones of the same files would spend the step: e.g.
+# tests/test_varlen_op.py's gradchecks)
 per_test=()
 if "$py" -c "import pytest_timeout" 2>/dev/null; then
   per_test=(--timeout "${TEST_EACH:-45}")
 fi
 # shellcheck disable=SC2086  # TESTS: a list of paths
-step tests "${TEST_TIMEOUT:-100}" env PYTHONPATH="$plugins:$PYTHONPATH" "$py" -m pytest -v -p no:cacheprovider \
-  -p cmpt_needs_cuda -m "not slow" "${per_test[@]}" \
+step tests "${TEST_TIMEOUT:-100}" "$py" -m pytest -v -p no:cacheprovider -m "gpu and not slow" "${per_test[@]}" \
   ${TESTS:-tests/test_attention.py tests/test_varlen_op.py tests/test_vit.py tests/test_fused_ce.py tests/test_cuda_train.py}
-rm -rf "$plugins"
 
 "$py" benchmarks/device_summary.py "$out"
 if [ ${#failed[@]} -gt 0 ]; then

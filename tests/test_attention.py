@@ -71,6 +71,7 @@ GPU_BACKENDS = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_backends_match_reference_with_gradients(backend):
@@ -87,6 +88,7 @@ def test_gpu_backends_match_reference_with_gradients(backend):
         assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_follows_autocast_on_cuda():
     dev = torch.device("cuda")

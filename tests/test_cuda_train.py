@@ -35,10 +35,13 @@ from fsdp_runs import _free_port, losses, moca_sets, stage2_sets
 from test_comp_recipe import weights
 from vlm_fixtures import TWO, make_batch
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA: CMPT_TEST_DEVICE=cuda on a GPU machine (benchmarks/device_session.sh)",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs CUDA: CMPT_TEST_DEVICE=cuda on a GPU machine (benchmarks/device_session.sh)",
+    ),
+]
 
 WORKER = Path(__file__).resolve().parent / "cuda_train_worker.py"
 STEPS = 24  # the eager run; the resumed run stops half-way

@@ -138,6 +138,7 @@ def test_liger_where_it_cannot_run_is_an_error_at_start(tmp_path) -> None:
     assert out["lm_count"] > 0 and torch.isfinite(out["lm_sum"])
 
 
+@pytest.mark.gpu
 @needs_liger
 @pytest.mark.parametrize("bias", [False, True])
 def test_liger_equals_reference_float32(bias: bool) -> None:
@@ -152,6 +153,7 @@ def test_liger_equals_reference_float32(bias: bool) -> None:
     torch.testing.assert_close(summed.double(), ref * count, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.gpu
 @needs_liger
 def test_liger_equals_chunked_under_bf16_autocast() -> None:
     hidden, labels, weight, _ = _setup((2, 300), dtype=torch.float32, device="cuda", seed=3)
@@ -165,6 +167,7 @@ def test_liger_equals_chunked_under_bf16_autocast() -> None:
         torch.testing.assert_close(got, exp, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
 @needs_liger
 def test_comp_objective_liger_equals_chunked(tmp_path) -> None:
     vlm = build_vlm(build_dirs(tmp_path)).cuda()

@@ -180,6 +180,7 @@ CUDA_BACKENDS = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("backend", "dtype"), CUDA_BACKENDS)
 def test_cuda_backends_take_causal_grouped_heads_and_scale(backend: str, dtype: torch.dtype) -> None:

@@ -155,6 +155,7 @@ def test_unused_parameters_get_no_gradient_and_the_rest_do(keep_prefix):
         assert (p.grad is None) == (id(p) in unused), name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rope", [False, True])
 def test_cuda_bf16_autocast_matches_cpu_fp32(rope):
