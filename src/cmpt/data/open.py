@@ -137,10 +137,10 @@ def is_map_style(source: Any) -> bool:
 
 
 def iter_records(source: Any) -> Iterator[Record | BadSample]:
-    """Every record of a source from :func:`open_source`, in order: by index for map-style sources
-    (a record that cannot be read comes as its :class:`~cmpt.data.sources.BadSample`), as streamed
-    for tar shards (docs/method.md §4)."""
-    if not is_map_style(source):
+    """Every record of a source from :func:`open_source`, in order: as the source streams them
+    when it can (tar shards, a tar index reads each shard once), else by index (a record that
+    cannot be read comes as its :class:`~cmpt.data.sources.BadSample`; docs/method.md §4)."""
+    if hasattr(source, "iter_records"):
         yield from source.iter_records()
         return
     for i in range(len(source)):

@@ -40,7 +40,7 @@ from cmpt.data.batching import LoaderBase, worker_loader
 from cmpt.data.config import DataConfig
 from cmpt.data.hf_source import HFSource
 from cmpt.data.mixture import MixtureSource, map_style
-from cmpt.data.open import open_source
+from cmpt.data.open import iter_records, open_source
 from cmpt.data.pairs import PairBuilder, collate_pairs
 from cmpt.data.sources import BadSample, set_follow_symlinks
 from cmpt.data.tar_index import TarIndexSource
@@ -93,21 +93,8 @@ def record_tasks(source: Any) -> list[str]:
     if isinstance(source, HFSource):  # the task column alone, no row decoded
         values = source.column("task") or [None] * len(source)
     else:
-        values = [None if isinstance(r, BadSample) else r.meta.get("task") for r in _records(source)]
+        values = [None if isinstance(r, BadSample) else r.meta.get("task") for r in iter_records(source)]
     return [t if _valid(t) else d for t, d in zip(values, defaults)]
-
-
-def _records(source: Any) -> Iterator[Any]:
-    """Every record of a map-style source in order, or the ``BadSample`` it raises (a tar index
-    streams each shard once)."""
-    if isinstance(source, TarIndexSource):
-        yield from source.iter_records()
-        return
-    for i in range(len(source)):
-        try:
-            yield source[i]
-        except BadSample as e:
-            yield e
 
 
 class _PairBatches(Dataset):
