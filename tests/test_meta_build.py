@@ -225,7 +225,7 @@ def test_the_resolved_order_is_what_the_run_records(models, init, order) -> None
     """The run's config (compared on resume) holds the order trained, not "unset": a run saved with
     ``window`` before the key could be unset resumes, and a release checkpoint records ``official``."""
     from cmpt.recipes.comp import CompTask
-    from cmpt.train.resume import diff_configs
+    from cmpt.train.config_diff import diff_configs
 
     cfg = _comp_cfg(models[init], "none")
     assert cfg.model.pos_embed_order is None

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from cmpt.config import load_config, to_dict
 from cmpt.recipes.comp import CompConfig
 from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
+from cmpt.train.config_diff import covered, diff_configs
 from cmpt.train.optim import lr_factor
-from cmpt.train.resume import ResumeError, covered, diff_configs
+from cmpt.train.resume import ResumeError
 from toy_task import ToyTask
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, schedule="cosine")

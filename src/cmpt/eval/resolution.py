@@ -8,7 +8,7 @@ and :func:`cmpt.eval.vqa.evaluate_vqa` runs on the same records. Outputs in ``ou
   effective cap, which differs from the requested one where the model's processor has a fixed
   resolution (the official ``force_resize``, docs/method.md §1.4): such a point also names its
   ``fixed_resolution`` (``"112x112"``), the table says it and a warning line is logged
-  (:func:`cmpt.eval.vqa.effective_resolution`);
+  (:func:`cmpt.eval.pixels.effective_resolution`);
 * ``resolution_sweep.md``: a markdown table (max pixels asked for, the side the images get, merged
   vision tokens per image, score);
 * ``resolution_sweep.png``: score against max pixels (log₂ axis), each point labelled with its
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from cmpt.data.sources import check_image_root
+from cmpt.eval.pixels import fixed_resolution_note
 from cmpt.eval.runtime import check_out_dir, pick_device, png_metadata, write_result
-from cmpt.eval.vqa import evaluate_vqa, fixed_resolution_note, log, resolve_data
+from cmpt.eval.vqa import evaluate_vqa, log, resolve_data
 
 __all__ = ["parse_pixels", "plot_sweep", "resolution_main", "resolution_sweep", "sweep_files", "sweep_table"]
 

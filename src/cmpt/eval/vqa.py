@@ -34,21 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from cmpt.data.sources import check_image_root
-from cmpt.eval.features import default_processor, load_records, processor_with
+from cmpt.eval.features import load_records
 from cmpt.eval.metrics import anls, relaxed_accuracy, vqa_accuracy
+from cmpt.eval.pixels import (
+    _mean_vision_tokens,
+    _model_processor,
+    effective_resolution,
+    fixed_resolution_note,
+)
 from cmpt.eval.runtime import check_out_dir, pick_device, write_result
-from cmpt.vision.processor import ImageProcessor, load_image
+from cmpt.vision.processor import load_image
 
 __all__ = [
     "METRICS",
     "Question",
     "caption_loss",
-    "effective_resolution",
     "evaluate_vqa",
-    "fixed_resolution_note",
     "resolve_data",
     "route_metric",
     "score_answer",
@@ -171,54 +174,6 @@ def _default_suffix(metric: str) -> str:
     return CHARTQA_SUFFIX if metric == "relaxed_accuracy" else SHORT_ANSWER_SUFFIX
 
 
-def _model_processor(model: Any, max_pixels: int | None, min_pixels: int | None) -> ImageProcessor:
-    proc = getattr(model, "processor", None)
-    if proc is None:
-        proc = default_processor(model.vit)
-    return processor_with(proc, max_pixels, min_pixels)
-
-
-def effective_resolution(proc: ImageProcessor) -> dict[str, Any]:
-    """The resolution the images get from ``proc`` (docs/method.md §1.4): ``{"max_pixels"}``, its
-    cap, for the native policy. A fixed-resolution processor (the official ``force_resize``) resizes
-    every image to one size, whatever ``max_pixels`` asks (which can only lower it): then
-    ``fixed_resolution`` (``"HxW"``), ``max_pixels`` its pixel count, and, where that differs from
-    the processor's cap (``--max-pixels``, else the model's own), ``requested_max_pixels`` the cap."""
-    if proc.policy != "fixed":
-        return {"max_pixels": proc.max_pixels}
-    h, w = proc.target_size(proc.fixed_size, proc.fixed_size)  # the same for every input size
-    out: dict[str, Any] = {"max_pixels": h * w, "fixed_resolution": f"{h}x{w}"}
-    if h * w != proc.max_pixels:
-        out["requested_max_pixels"] = proc.max_pixels
-    return out
-
-
-def fixed_resolution_note(points: Sequence[dict[str, Any]]) -> str | None:
-    """One line for results (:func:`effective_resolution` fields) where a fixed resolution overrode
-    the ``max_pixels`` asked for; None when none did."""
-    over = [p for p in points if "fixed_resolution" in p and "requested_max_pixels" in p]
-    if not over:
-        return None
-    asked = ", ".join(str(p["requested_max_pixels"]) for p in over)
-    got = ", ".join(str(p["max_pixels"]) for p in over)
-    sizes = ", ".join(dict.fromkeys(p["fixed_resolution"] for p in over))
-    return (
-        f"the model's image processor resizes every image to {sizes} (a fixed resolution, docs/method.md "
-        f"§1.4), so max_pixels {asked} cannot raise it: the results report the effective max_pixels "
-        f"{got} and the one asked for as requested_max_pixels"
-    )
-
-
-def _mean_vision_tokens(paths: Sequence[str], proc: ImageProcessor) -> float:
-    """Mean merged vision tokens per image (``h·w / merge²``) at ``proc``'s resolution policy."""
-    counts = []
-    for p in dict.fromkeys(paths):
-        with Image.open(p) as im:
-            h, w = proc.grid_size(im.height, im.width)
-        counts.append(h * w // proc.merge_size**2)
-    return float(sum(counts) / len(counts)) if counts else 0.0
-
-
 def evaluate_vqa(
     model: Any,
     data: str | Path,
@@ -244,7 +199,7 @@ def evaluate_vqa(
     Returns ``{"score", "metric", "n", "per_type", "per_metric", "mean_vision_tokens",
     "max_pixels", "min_pixels", "n_records", "predictions"}``; ``max_pixels`` is the effective one,
     with ``fixed_resolution`` / ``requested_max_pixels`` for a fixed-resolution processor
-    (:func:`effective_resolution`).
+    (:func:`~cmpt.eval.pixels.effective_resolution`).
     """
     path = resolve_data(data)
     records = load_records(path, limit, image_root)
@@ -370,7 +325,7 @@ def vqa_main(
     """``cmpt eval vqa`` (docs/method.md §5): ``model`` is a VLM directory (or a loaded model). With
     ``out_dir``, writes ``predictions.jsonl`` and ``vqa_results.json`` there; returns the result.
     The output directory and the data are checked before the model loads; a fixed resolution that
-    overrides ``max_pixels`` is a warning (:func:`fixed_resolution_note`)."""
+    overrides ``max_pixels`` is a warning (:func:`~cmpt.eval.pixels.fixed_resolution_note`)."""
     check_out_dir(out_dir, "vqa", ("predictions.jsonl", "vqa_results.json"))
     data = resolve_data(data)
     check_image_root(image_root, "--image-root")

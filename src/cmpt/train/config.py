@@ -99,7 +99,7 @@ class TrainConfig:
     * ``allow_change`` (``cmpt train --allow-change``): config keys (dotted; a prefix covers its
       sub-keys: ``stage.lr`` covers ``stage.lr.vision``, ``data`` covers the data fingerprint) that
       may differ from the checkpoint's config on resume; any other difference outside
-      :data:`cmpt.train.resume.IGNORED_KEYS` is refused, listing old → new (:mod:`cmpt.train.resume`).
+      :data:`cmpt.train.config_diff.IGNORED_KEYS` is refused, listing old → new (:mod:`cmpt.train.resume`).
     """
 
     steps: int = 100

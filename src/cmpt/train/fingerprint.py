@@ -103,7 +103,7 @@ def _fingerprint_path(key: str, raw: str, base: str, out: dict, budget: list[int
 def data_fingerprint(config: dict, ignored: Iterable[str] = ()) -> dict[str, str]:
     """Content digests of the data a config names (see the module docstring), skipping keys covered
     by ``ignored``: ``{"data.path[content]": "sha256 …, 1234 B", "data.path[docs.jsonl]": ...}``."""
-    from .resume import covered, flatten
+    from .config_diff import covered, flatten
 
     out: dict[str, str] = {}
     budget = [_MAX_FILES]

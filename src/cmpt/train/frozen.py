@@ -76,7 +76,7 @@ def frozen_mismatch(saved: dict[str, list[float]], now: dict[str, list[float]]) 
 
 
 def _sources(config: dict) -> str:
-    from .resume import flatten
+    from .config_diff import flatten
 
     keys = [
         k for k, v in flatten(config).items() if k.startswith("model.") and isinstance(v, str) and "/" in v
@@ -92,7 +92,8 @@ def check_frozen(
     by ``--allow-change frozen_weights``, or a checkpoint from before the digest existed) or None;
     raises :class:`~cmpt.train.resume.ResumeError` naming the parameters and the config keys that
     load them."""
-    from .resume import ResumeError, covered
+    from .config_diff import covered
+    from .resume import ResumeError
 
     path = Path(checkpoint) / "trainer_state.json"
     saved = json.loads(path.read_text(encoding="utf-8")).get(FROZEN_KEY)

@@ -7,7 +7,9 @@
 * ``config.yaml``: the current run's config;
 * ``summary.json``: the last launch's outcome (written atomically by rank 0); ``loss``, ``losses``
   and ``grad_norm`` are the last optimizer step's, and a launch with nothing to do rewrites it with
-  the finished run's results and ``"nothing_to_do": true`` (docs/method.md §4 "Verified checkpoints").
+  the finished run's results and ``"nothing_to_do": true`` (docs/method.md §4 "Verified checkpoints");
+  :func:`launch_summary` and :func:`finished_summary` build it, with the bad-sample fraction of
+  :meth:`~cmpt.train.bad_data.BadDataPolicy.at_end` (docs/method.md §4 "Bad samples").
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..hub import json_ready
+from ..launch import EXIT_OK, EXIT_RESUMABLE
+from .bad_data import BadDataPolicy
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .resume import ResumePlan
+    from .step import StepResult
 
-__all__ = ["continued_from", "previous_results", "record_start", "write_summary"]
+__all__ = ["continued_from", "finished_summary", "launch_summary", "previous_results", "record_start"]
+__all__ += ["write_summary"]
 
 #: summary.json keys of the last optimizer step, kept by a launch that runs none (:func:`previous_results`)
 _RESULT_KEYS = ("loss", "losses", "grad_norm", "elapsed_s")
@@ -66,6 +73,56 @@ def previous_results(run_dir: Path, step: int) -> dict[str, Any]:
     if not isinstance(old, dict) or old.get("step") != step:
         return {}
     return {k: old[k] for k in _RESULT_KEYS if k in old}
+
+
+def launch_summary(
+    run_dir: Path,
+    counters: dict[str, Any],
+    train: TrainConfig,
+    last: StepResult | None,
+    stopped: bool,
+    final: Path | None,
+    latest: Path | None,
+    elapsed: float,
+) -> tuple[dict[str, Any], str | None]:
+    """The end-of-launch summary from the trainer's ``counters`` and ``last`` (the last optimizer
+    step; None when this launch ran none: the previous results are kept), and the bad-fraction warning."""
+    c, cfg = counters, train
+    policy = BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples)
+    bad_data, warning = policy.at_end(c["bad_samples"], c["bad_samples"] + c["samples"])
+    summary = {
+        "step": c["step"],
+        "stopped": stopped,
+        "status": "stopped" if stopped else "finished",
+        "exit_code": EXIT_RESUMABLE if stopped else EXIT_OK,
+        "loss": last.loss if last else None,
+        "losses": last.losses if last else {},
+        "grad_norm": last.grad_norm if last else None,
+        "skipped_steps": c["skipped_steps"],
+        "bad_samples": c["bad_samples"],
+        "samples": c["samples"],
+        **bad_data,
+        "tokens": c["tokens"],
+        "elapsed_s": elapsed,
+        "checkpoint": str(latest) if latest else None,
+        "final": str(final) if final else None,
+    }
+    if last is None:  # no step ran (the run had finished): keep what its last step gave
+        summary.update(previous_results(run_dir, c["step"]))
+    return summary, warning
+
+
+def finished_summary(run_dir: Path, train: TrainConfig, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(counters, summary) of a launch with nothing to do (``ResumePlan.nothing_to_do``): the run's
+    counters from its checkpoint ``ckpt`` at ``train.steps``, the previous results, ``nothing_to_do``;
+    nothing is loaded, ``final/`` and ``history/`` are left as they are."""
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    counters = {"skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
+    counters.update(state["counters"])
+    summary, _ = launch_summary(
+        run_dir, counters, train, None, False, run_dir / "final", ckpt, counters["elapsed_s"]
+    )
+    return counters, {**summary, "resumed_from": None, "nothing_to_do": True}
 
 
 def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import threading
@@ -44,7 +43,7 @@ from torch import nn
 
 from ..config import config_hash
 from ..io_atomic import atomic_directory
-from ..launch import EXIT_OK, EXIT_RESUMABLE, exit_code_for
+from ..launch import exit_code_for
 from ..log_setup import ensure_logging
 from . import distributed as D
 from .bad_data import BadDataError, BadDataGuard, BadDataPolicy
@@ -57,9 +56,10 @@ from .checkpoint import (
 )
 from .compile import compile_units
 from .config import OptimConfig, RunConfig, TrainConfig
+from .config_diff import IGNORED_KEYS
 from .disk import RunDirLock, check_run_dir, claim_run_dir, on_main
 from .frozen import FROZEN_KEY, check_frozen, frozen_digest
-from .history import previous_results, record_start, write_summary
+from .history import finished_summary, launch_summary, record_start, write_summary
 from .logging import EtaClock, IntervalMeter, MetricsLogger
 from .optim import (
     build_optimizer,
@@ -70,7 +70,6 @@ from .optim import (
 )
 from .reshard import DEFAULT_BATCH_KEY, loader_refused
 from .resume import (
-    IGNORED_KEYS,
     ResumeError,
     ResumePlan,
     check_run_dir_owner,
@@ -167,7 +166,8 @@ class Trainer:
         plan, self._fingerprint = start_run(*args)
         self.plan, self._started = plan, True
         if plan.nothing_to_do:  # finished, final/ complete: nothing is wrapped, loaded or rewritten
-            return self._write_summary(self._already_finished(plan))
+            self.counters, summary = finished_summary(self.run_dir, self.cfg, Path(plan.checkpoint))
+            return self._write_summary(summary)
         self._build_model()
         if cfg.grad_accum > 1 and not hasattr(self.task, "loss_counts") and world.is_main:
             logger.info(
@@ -321,7 +321,8 @@ class Trainer:
                     break
         run_time = time.perf_counter() - t_start
         final = None if stopped else self._save_final()
-        summary, warning = self._results(last, stopped, final, ckpt.latest(), c["elapsed_s"] + run_time)
+        args = (self.run_dir, c, cfg, last, stopped, final, ckpt.latest(), c["elapsed_s"] + run_time)
+        summary, warning = launch_summary(*args)
         if warning and self.world.is_main:  # the counts are global: every rank agrees
             logger.warning("%s", warning)
         if last is not None:  # which loss summary.json holds (the step lines average intervals)
@@ -332,46 +333,6 @@ class Trainer:
                 + ' = summary.json "loss" (the step lines show means over their interval)'
             )
         return summary
-
-    def _results(
-        self, last: StepResult | None, stopped: bool, final: Path | None, latest: Path | None, elapsed: float
-    ) -> tuple[dict[str, Any], str | None]:
-        """The end-of-launch summary from the counters and ``last`` (the last optimizer step; None
-        when this launch ran none: the previous results are kept), and the bad-fraction warning."""
-        c, cfg = self.counters, self.cfg
-        policy = BadDataPolicy(cfg.max_bad_fraction, cfg.bad_check_min_samples)
-        bad_data, warning = policy.at_end(c["bad_samples"], c["bad_samples"] + c["samples"])
-        summary = {
-            "step": c["step"],
-            "stopped": stopped,
-            "status": "stopped" if stopped else "finished",
-            "exit_code": EXIT_RESUMABLE if stopped else EXIT_OK,
-            "loss": last.loss if last else None,
-            "losses": last.losses if last else {},
-            "grad_norm": last.grad_norm if last else None,
-            "skipped_steps": c["skipped_steps"],
-            "bad_samples": c["bad_samples"],
-            "samples": c["samples"],
-            **bad_data,
-            "tokens": c["tokens"],
-            "elapsed_s": elapsed,
-            "checkpoint": str(latest) if latest else None,
-            "final": str(final) if final else None,
-        }
-        if last is None:  # no step ran (the run had finished): keep what its last step gave
-            summary.update(previous_results(self.run_dir, c["step"]))
-        return summary, warning
-
-    def _already_finished(self, plan: ResumePlan) -> dict[str, Any]:
-        """The summary of a launch with nothing to do (``plan.nothing_to_do``): the run's counters
-        from its checkpoint at ``train.steps``, the previous results, ``nothing_to_do``; nothing is
-        loaded, ``final/`` and ``history/`` are left as they are."""
-        ckpt = Path(plan.checkpoint)
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-        self.counters = {"skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
-        self.counters.update(state["counters"])
-        summary, _ = self._results(None, False, self.run_dir / "final", ckpt, self.counters["elapsed_s"])
-        return {**summary, "resumed_from": None, "nothing_to_do": True}
 
     def _check_faults(self, step: int, res: StepResult) -> None:
         """Count a skipped (non-finite) step; raise past ``max_nonfinite`` (the bad-sample limit is

@@ -94,7 +94,7 @@ def world_size_change(
     --allow-change, notes)``. ``changes`` holds the pseudo-key ``train.world_size`` (old → new, with
     the global batch each gives) when the world size differs from the checkpoint's; ``batch_key``:
     the config key whose value times the world size is the global batch (the module docstring)."""
-    from .resume import flatten
+    from .config_diff import flatten
 
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     saved = int(state.get("world_size", 1))

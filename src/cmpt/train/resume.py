@@ -11,8 +11,9 @@ is refused (the next ``auto`` resume would jump to those).
 (``trainer_state.json``: ``config``, ``data_fingerprint``). On resume, both are compared with the
 current ones key by key (dotted keys; ``name[content]`` / ``name[member]`` for data content). A key
 that differs — present on one side only counts — is refused, listed old → new, unless it is in
-:data:`IGNORED_KEYS` (keys that do not change the model, the data stream or the optimization) or
-covered by ``train.allow_change`` (a prefix covers its sub-keys: ``stage.lr`` covers
+:data:`~cmpt.train.config_diff.IGNORED_KEYS` (keys that do not change the model, the data stream or
+the optimization; the comparison is :mod:`cmpt.train.config_diff`) or covered by
+``train.allow_change`` (a prefix covers its sub-keys: ``stage.lr`` covers
 ``stage.lr.vision``; ``data.path`` covers ``data.path[content]``). Allowed changes take effect: the
 optimizer's hyper-parameters and the learning-rate schedule are rebuilt from the current config
 (:func:`restore_schedule`), not taken from the checkpoint.
@@ -49,47 +50,17 @@ import torch
 import yaml
 
 from ..io_atomic import read_marker
+from .config_diff import _ABSENT, IGNORED_KEYS, covered, diff_configs, flatten
 from .frozen import FROZEN_KEY
 from .history import continued_from
 from .optim import restore_schedule, snapshot_groups
 from .verify import set_aside_note, verify_final
 
-__all__ = ["IGNORED_KEYS", "RUN_ENTRIES", "ResumeError", "ResumePlan", "covered", "diff_configs", "flatten"]
-__all__ += ["check_run_dir_owner", "load_and_reschedule", "plan_resume", "start_run"]
+__all__ = ["RUN_ENTRIES", "ResumeError", "ResumePlan", "check_run_dir_owner", "load_and_reschedule"]
+__all__ += ["plan_resume", "start_run"]
 
 logger = logging.getLogger("cmpt.train")
 
-#: config keys (and prefixes) that never block a resume: where the run lives, logging, checkpoint
-#: cadence, the resume controls themselves, fault tolerances, and implementation choices with the
-#: same mathematics (distribution wrapper, activation checkpointing, compile, attention kernels,
-#: loss chunking, GradCache chunking)
-IGNORED_KEYS: tuple[str, ...] = (
-    "run.dir",
-    "run.name",
-    "train.log_every",
-    "train.progress",
-    "train.tensorboard",
-    "train.wandb",
-    "train.save_every",
-    "train.keep_last",
-    "train.resume",
-    "train.allow_change",
-    "train.max_nonfinite",
-    "train.max_bad_fraction",
-    "train.bad_check_min_samples",
-    "train.dist",
-    "train.activation_checkpointing",
-    "train.ac_every",
-    "train.compile",
-    "model.attn",
-    "model.llm_attn",
-    "model.vit_attn",
-    "loss.lm_chunk_size",
-    "loss.lm_impl",  # who computes the same cross-entropy (cmpt.losses.fused_ce)
-    "loss.grad_cache_chunk",
-    "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
-)
-_ABSENT = "(absent)"
 #: what only a cmpt run writes into run.dir (:mod:`cmpt.train.history`, the checkpoints, the lock of
 #: :mod:`cmpt.train.disk`): a folder holding one of them holds a run
 RUN_ENTRIES: tuple[str, ...] = ("checkpoints", "history", "config.yaml", "summary.json", ".lock")
@@ -138,35 +109,6 @@ def check_run_dir_owner(run_dir: Path) -> None:
         f"run.dir {run_dir} holds files cmpt did not write and no cmpt run ({shown}): training would "
         "put its checkpoints and logs among them; choose a new or empty run.dir (--set run.dir=...)"
     )
-
-
-# ----------------------------------------------------------------------------- comparison
-def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists and scalars are leaves."""
-    if not isinstance(cfg, dict):
-        return {prefix: cfg} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
-def covered(key: str, prefixes: Iterable[str]) -> bool:
-    """True when ``key`` is one of ``prefixes`` or below one (``a.b`` covers ``a.b.c`` and ``a.b[x]``)."""
-    for p in prefixes:
-        p = p.strip()
-        if p and (key == p or key.startswith(p + ".") or key.startswith(p + "[")):
-            return True
-    return False
-
-
-def diff_configs(old: dict, new: dict, ignored: Iterable[str] = IGNORED_KEYS) -> dict[str, list[Any]]:
-    """Keys of the flattened configs whose values differ (one side absent counts), minus ``ignored``:
-    ``{key: [old, new]}``, sorted by key."""
-    a, b, ignored = flatten(old), flatten(new), tuple(ignored)
-    keys = sorted(k for k in set(a) | set(b) if not covered(k, ignored))
-    return {k: [a.get(k, _ABSENT), b.get(k, _ABSENT)] for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
 # ----------------------------------------------------------------------------- the decision

@@ -55,7 +55,7 @@ class Task(Protocol):
     already holds those full weights in place of its shards, :mod:`cmpt.train.final_weights`, so
     the task's own modules can be saved as they are; ``out_dir`` is a temporary sibling of
     ``run.dir/final`` that replaces it once complete), ``resume_ignored_keys`` (config keys, besides
-    :data:`cmpt.train.resume.IGNORED_KEYS`, whose changes never block a resume) and
+    :data:`cmpt.train.config_diff.IGNORED_KEYS`, whose changes never block a resume) and
     ``world_batch_key`` (the config key that, times the world size, makes the global batch the data
     stream is cut into; ``train.grad_accum`` when absent: :mod:`cmpt.train.reshard`)."""
 
