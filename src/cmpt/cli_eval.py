@@ -159,7 +159,11 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="Embedder dir, cmpt VLM dir or Hugging Face Qwen2-VL / Qwen2.5-VL dir"
     )
-    p.add_argument("--data", required=True, help="folder of *.jsonl MMEB tasks and/or page-retrieval folders")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder of *.jsonl MMEB tasks and/or page-retrieval folders, or one such task",
+    )
     p.add_argument(
         "--out", default=None, help="output DIRECTORY (embed_results.json / .md / .png); not a file"
     )

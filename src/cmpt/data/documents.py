@@ -24,15 +24,25 @@ MoCa's continual pre-training:
   ids unchanged, labels all ``-100``, ``window_mask`` all False.
 
 ``caption_ids`` is empty (documents take no part in CoMP's alignment loss).
+
+**Data kind.** :func:`record_kind` tells a record MoCa's stage ``cpt`` reads (a document, an
+image–caption or a conversation record) from a contrastive pair of stage ``cl``
+(:attr:`~cmpt.data.sources.Record.is_pair`) by its structure; :func:`check_data_kind` looks at a
+source's first records (no image decoded) and refuses, in one line, data that is wholly of the
+other stage's kind (docs/method.md §3 "Data", "Pair data"). Mixed or odd records are left to the
+bad-sample path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import os
+from typing import Any, Literal
 
 import torch
 
 from cmpt.data.masking import apply_mlm, mlm_mask, window_mask
+from cmpt.data.open import iter_records
 from cmpt.data.pipeline import ProcessedSample, decode_image, sample_seed
 from cmpt.data.sources import BadSample, Record
 from cmpt.data.validate import document_problems, document_text
@@ -47,7 +57,55 @@ from cmpt.vlm.vision_tokens import (
     single_token_id,
 )
 
-__all__ = ["DocumentBuilder", "protected_token_ids"]
+__all__ = ["DATA_KINDS", "DocumentBuilder", "check_data_kind", "probe_kind", "protected_token_ids"]
+__all__ += ["record_kind"]
+
+Kind = Literal["documents", "pairs"]
+
+#: Per kind: what it holds, the MoCa stage that trains on it and the command that makes tiny data of it.
+DATA_KINDS: dict[str, tuple[str, str, str]] = {
+    "documents": (
+        "MoCa documents (text / image–caption / interleaved)",
+        "cpt",
+        "cmpt data synth --kind moca",
+    ),
+    "pairs": ("contrastive pairs (qry/pos_text…)", "cl", "cmpt data synth --kind retrieval"),
+}
+
+
+def record_kind(rec: Record) -> Kind | None:
+    """``"pairs"`` for a contrastive pair (:attr:`~cmpt.data.sources.Record.is_pair`),
+    ``"documents"`` for what :class:`DocumentBuilder` reads (a document, an image–caption or a
+    conversation record), else ``None`` (docs/method.md §3). Structure only: nothing is decoded."""
+    if rec.is_pair:
+        return "pairs"
+    if rec.is_document or rec.is_caption or rec.conversations is not None:
+        return "documents"
+    return None
+
+
+def probe_kind(source: Any, n: int = 16) -> Kind | None:
+    """The kind shared by every readable record among the first ``n`` of ``source`` (an opened
+    source, :func:`cmpt.data.open.iter_records`); ``None`` when they are mixed, of neither kind or
+    none is readable. Cheap: structure only, no image decoded (docs/method.md §3)."""
+    first = itertools.islice(iter_records(source), n)
+    kinds = {record_kind(r) for r in first if not isinstance(r, BadSample)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def check_data_kind(source: Any, want: Kind, path: Any, key: str = "data.path") -> None:
+    """Refuse in one ``ValueError`` a source whose first records are all of the other MoCa kind
+    than ``want`` (pairs for stage ``cpt``, documents for stage ``cl``; docs/method.md §3), naming
+    ``key`` = ``path`` and the fix. Mixed or odd data pass: their bad records go the bad-sample way."""
+    found = probe_kind(source)
+    if found is None or found == want:
+        return
+    held, wanted = DATA_KINDS[found], DATA_KINDS[want]
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+    raise ValueError(
+        f"{key}={name} holds {held[0]}, but stage {wanted[1]} trains on {wanted[0]}: point {key} at "
+        f"{want} (`{wanted[2]}`) or use stage {held[1]}"
+    )
 
 
 def protected_token_ids(tokenizer: Any, extra: tuple[str, ...] = ()) -> list[int]:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmpt.data.batching import LoaderBase, worker_loader
 from cmpt.data.config import DataConfig
+from cmpt.data.documents import check_data_kind
 from cmpt.data.hf_source import HFSource
 from cmpt.data.mixture import MixtureSource, map_style
 from cmpt.data.open import iter_records, open_source
@@ -230,10 +231,13 @@ def build_pair_loader(
     ``cfg.image_root``, ``cfg.seed`` and ``cfg.num_workers`` as for the other loaders.
     ``batch_size``: pairs per rank (``B``); the global batch is ``world_size · B``, all of one task.
     ``max_text_tokens``: per input (default ``cfg.max_text_tokens``; the release uses 1280).
-    ``tokenizer`` must already hold the vision tokens.
+    ``tokenizer`` must already hold the vision tokens. Data whose first records are all MoCa
+    documents (stage ``cpt``'s) are refused up front in one line
+    (:func:`~cmpt.data.documents.check_data_kind`), before any task is read.
     """
     set_follow_symlinks(cfg.follow_symlinks)
     source = open_pair_source(cfg.path, cfg.image_root or None)
+    check_data_kind(source, "pairs", cfg.path)
     sampler = TaskBatchSampler(
         record_tasks(source), batch_size, world_size, weights=task_weights, seed=cfg.seed, rank=rank
     )

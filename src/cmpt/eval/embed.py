@@ -100,7 +100,7 @@ def evaluate_embed(
     n_inputs = sum(len(t.queries) + sum(map(len, t.candidates)) for t in ds.mmeb)
     n_inputs += sum(len(t.queries) + len(t.pages) for t in ds.pages)
     return {
-        "data": str(ds.root),
+        "data": str(ds.path or ds.root),
         "mmeb": mmeb,
         "mmeb_mean_precision_at_1": _mean([v["precision_at_1"] for v in mmeb.values()]),
         **mmeb_group_means({name: v["precision_at_1"] for name, v in mmeb.items()}),
@@ -214,8 +214,9 @@ def embed_main(
         out_dir = Path(out)
         json_path = write_result(result, out_dir / "embed_results.json", "embed")
         md_path = out_dir / "embed_results.md"
-        md_path.write_text(f"# Embedding evaluation: {name} on {ds.root}\n\n{table}")
-        title = f"{Path(name).name} on {ds.root.name}"
+        given = ds.path or ds.root
+        md_path.write_text(f"# Embedding evaluation: {name} on {given}\n\n{table}")
+        title = f"{Path(name).name} on {given.name}"
         png_path = plot_embed(result, out_dir / "embed_results.png", title=title)
         result.update(json=str(json_path), markdown=str(md_path), png=str(png_path))
     return {**result, "table": table}

@@ -9,6 +9,13 @@
   "text"}``, ``{"id", "image_path"}`` (relative to the folder), ``{"query_id", "corpus_id",
   "score"}``. A query is its raw text (no instruction); a page is :data:`PAGE_PROMPT` with the
   image at its placeholder.
+* A single task: ``--data D/<task>.jsonl`` (one MMEB task, image paths relative to ``D``) or
+  ``--data D/<task>/`` (one page-retrieval folder).
+
+Training data are refused in one line, before any record is checked: a ``.jsonl`` whose first
+records are MoCa contrastive pairs (``qry`` / ``pos_text`` keys, e.g. the ``train.jsonl`` of
+``cmpt data synth --kind retrieval``) or documents (:func:`cmpt.data.documents.probe_kind`, by
+structure), with the evaluation folder to pass instead (docs/method.md §3 "Evaluation").
 
 Every distinct input ``(text, absolute image path)`` gets one index in :class:`EmbedData` ``keys``
 (embedded once whatever its tasks or roles). ``limit`` keeps the first N usable queries per task.
@@ -63,7 +70,8 @@ class PageTask:
 
 @dataclass
 class EmbedData:
-    """The tasks of a data directory and the distinct inputs they need (``keys``)."""
+    """The tasks of a data directory (or single task) and the distinct inputs they need (``keys``).
+    ``root``: the folder MMEB image paths are relative to; ``path``: what ``--data`` named."""
 
     root: Path
     mmeb: list[MMEBTask] = field(default_factory=list)
@@ -71,6 +79,7 @@ class EmbedData:
     keys: list[Key] = field(default_factory=list)
     bad: list[dict[str, Any]] = field(default_factory=list)
     index: dict[Key, int] = field(default_factory=dict, repr=False)
+    path: Path | None = None  # what --data named (default: root)
 
     def add(self, text: str | None, image: str | None) -> int:
         key = (text, image)
@@ -171,9 +180,30 @@ def _mmeb_record(obj: dict, root: Path, check: _Checker) -> tuple[Key, list[Key]
     return (text, image), cands
 
 
+def _refuse_training_data(path: Path) -> None:
+    """One ``ValueError`` when ``path`` holds MoCa training pairs or documents rather than an MMEB
+    task (its first records, by structure: :func:`cmpt.data.documents.probe_kind`; docs/method.md §3)."""
+    from cmpt.data.documents import DATA_KINDS, probe_kind
+    from cmpt.data.open import open_source
+
+    kind = probe_kind(open_source(path, key="--data"))
+    if kind is None:
+        return
+    held, stage, _ = DATA_KINDS[kind]
+    sibling = path.parent / "eval"
+    where = f"e.g. {sibling}" if sibling.is_dir() else "e.g. the eval/ of `cmpt data synth --kind retrieval`"
+    raise ValueError(
+        f"{path} looks like training data, not an evaluation task: it holds {held}, MoCa stage "
+        f"{stage}'s data; pass the evaluation folder ({where}) whose *.jsonl files have "
+        "qry_text/qry_img_path + tgt_text/tgt_img_path keys, or one such file"
+    )
+
+
 def _load_mmeb(path: Path, data: EmbedData, check: _Checker, limit: int | None) -> MMEBTask:
     task = MMEBTask(path.stem, path)
     for n, obj in _jsonl(path, check):
+        if not task.queries and "qry_text" not in obj and "qry_img_path" not in obj:
+            _refuse_training_data(path)  # no query key: training data? (else a bad record below)
         if limit is not None and len(task.queries) >= limit:
             break
         try:
@@ -254,18 +284,34 @@ def _load_pages(task_dir: Path, data: EmbedData, check: _Checker, limit: int | N
 def load_embed_data(
     data: str | os.PathLike, *, limit: int | None = None, skip_bad: bool = False
 ) -> EmbedData:
-    """Read every task of ``data`` (see the module docstring; docs/method.md §3 "Evaluation")."""
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory of *.jsonl MMEB tasks / page-retrieval folders")
+    """Read every task of ``data`` — a folder of tasks, one ``*.jsonl`` MMEB task or one
+    page-retrieval folder (see the module docstring; docs/method.md §3 "Evaluation")."""
+    given = Path(data)
+    files = ("queries.jsonl", "corpus.jsonl", "qrels.jsonl")
+    if given.is_file() and given.suffix.lower() != ".jsonl":
+        raise ValueError(
+            f"--data {given}: expected a folder of *.jsonl MMEB tasks / page-retrieval folders, one "
+            "*.jsonl MMEB task file or one page-retrieval folder (queries/corpus/qrels.jsonl)"
+        )
+    if not given.exists():
+        raise FileNotFoundError(
+            f"{given} does not exist: pass a folder of *.jsonl MMEB tasks / page-retrieval folders, "
+            "one *.jsonl MMEB task file or one page-retrieval folder"
+        )
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    out = EmbedData(root)
+    root = given.parent if given.is_file() else given  # MMEB image paths are relative to it
+    if given.is_file():  # one MMEB task
+        mmeb_files, page_dirs = [given], []
+    elif all((given / f).is_file() for f in files):  # one page-retrieval task
+        mmeb_files, page_dirs = [], [given]
+    else:
+        mmeb_files, page_dirs = sorted(root.glob("*.jsonl")), sorted(p for p in root.iterdir() if p.is_dir())
+    out = EmbedData(root, path=given)
     check = _Checker(out, skip_bad)
-    for path in sorted(root.glob("*.jsonl")):
+    for path in mmeb_files:
         out.mmeb.append(_load_mmeb(path, out, check, limit))
-    files = ("queries.jsonl", "corpus.jsonl", "qrels.jsonl")
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in page_dirs:
         present = [f for f in files if (sub / f).is_file()]
         if present and len(present) < 3:
             raise FileNotFoundError(f"{sub} has {', '.join(present)} but not all of {', '.join(files)}")

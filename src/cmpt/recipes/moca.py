@@ -194,9 +194,14 @@ class MocaTask:
         return [*self.backbone.fsdp_units(), *([] if self.cl else [self.model.mae_decoder])]
 
     def build_loader(self, rank: int, world_size: int):
-        from ..data.documents import DocumentBuilder
+        """Stage ``cl``: the pair loader; stage ``cpt``: the token-budget loader of documents
+        (docs/method.md §3, §4). Data of the other stage's kind (pairs for ``cpt``, documents for
+        ``cl``) are refused in one line naming ``data.path`` before anything else is read
+        (:func:`cmpt.data.documents.check_data_kind`)."""
+        from ..data.documents import DocumentBuilder, check_data_kind
         from ..data.length_cache import length_cache_dir
         from ..data.loader import build_loader
+        from ..data.open import open_source
 
         data = dataclasses.replace(self.cfg.data, path=expand_path(self.cfg.data.path))
         if self.cl:
@@ -211,6 +216,7 @@ class MocaTask:
                 batch_size=self.cfg.stage.batch_size,
                 num_hard_negatives=self.cfg.loss.num_hard_negatives,
             )
+        check_data_kind(open_source(data.path, data.image_root or None), "documents", data.path)
         builder = DocumentBuilder(
             self.backbone.processor,
             self.backbone.tokenizer,
