@@ -136,8 +136,10 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     vit = tiny()
     with pytest.raises(ValueError, match="not divisible by merge_size"):
         vit(torch.randn(15, 3 * P * P), torch.tensor([[3, 5]]))
-    with pytest.raises(ValueError, match="patches must be"):
+    with pytest.raises(ValueError, match=r"grid_hw=\[\(4, 4\)\] describes 16 patches .* patches has 10 rows"):
         vit(torch.randn(10, 3 * P * P), torch.tensor([[4, 4]]))
+    with pytest.raises(ValueError, match="patches must be"):
+        vit(torch.randn(16, 5), torch.tensor([[4, 4]]))
     with pytest.raises(ValueError, match="multiples of 14"):
         vit.forward_images([torch.randn(3, 50, 56)])
     with pytest.raises(FileNotFoundError, match="not a NativeViT directory"):

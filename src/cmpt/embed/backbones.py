@@ -15,9 +15,11 @@ from torch import nn
 
 from cmpt.hub import missing_path_error, read_json
 
-__all__ = ["QWEN_VL_TYPES", "backbone_kind", "load_backbone"]
+__all__ = ["BACKBONE_KWARGS", "QWEN_VL_TYPES", "backbone_kind", "load_backbone"]
 
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+#: The keyword arguments of :func:`load_backbone` (what ``Embedder.from_pretrained`` passes on).
+BACKBONE_KWARGS = ("dtype", "attn_implementation", "weights")
 
 
 def backbone_kind(path: str | Path) -> str:

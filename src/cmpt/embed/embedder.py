@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmpt.embed.backbones import load_backbone
+from cmpt.embed.backbones import BACKBONE_KWARGS, load_backbone
 from cmpt.hub import read_json
 from cmpt.losses import segment_mean
 from cmpt.vision.image_io import ImageSource
-from cmpt.vlm.chat import encode_text_with_images, plain_input
+from cmpt.vlm.chat import IMAGE_TOKEN, encode_text_with_images, plain_input
 
 __all__ = ["EMBEDDER_CONFIG", "POOLINGS", "Embedder", "EmbedderConfig"]
 
@@ -92,6 +92,26 @@ def _count(texts: Any, images: Any) -> int:
     return int(texts is not None or images is not None)
 
 
+def _check_entries(entries: list[Any], name: str) -> None:
+    """Each entry of ``texts`` / ``instructions`` is a string or None; each of ``images`` None, one
+    image (:data:`~cmpt.vision.image_io.ImageSource`) or a list/tuple of images. A ``TypeError``
+    names the input's index."""
+    for i, x in enumerate(entries):
+        if name == "images":
+            bad = [
+                im for im in (x if isinstance(x, (list, tuple)) else [x]) if not isinstance(im, ImageSource)
+            ]
+            ok = x is None or not bad
+            want = "None, one image (PIL image, path, bytes, numpy array or torch tensor) or a list of images"
+        else:
+            ok, bad, want = x is None or isinstance(x, str), [x], "a string or None"
+        if not ok:
+            raise TypeError(
+                f"encode: {name}[{i}] must be {want}, got {type(bad[0]).__name__}"
+                f"{f' ({bad[0]!r})' if isinstance(bad[0], (int, float)) else ''}"
+            )
+
+
 class Embedder:
     """``Embedder(backbone)`` or :meth:`from_pretrained`; :meth:`encode` gives ``(B, D)`` embeddings."""
 
@@ -102,20 +122,32 @@ class Embedder:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device | None = None, **load_kwargs: Any
+        cls, path: str | Path, *, device: str | torch.device | None = None, **kwargs: Any
     ) -> Embedder:
         """An Embedder directory, a cmpt VLM directory or a Hugging Face Qwen2-VL / Qwen2.5-VL
-        checkpoint, local or by hub id (:func:`cmpt.hub.local_model_dir`; ``load_kwargs``:
-        ``dtype``, ``attn_implementation``, ``weights``: False builds the backbone on the meta
-        device, :func:`cmpt.embed.backbones.load_backbone`). ``loaded_from`` is the directory."""
+        checkpoint, local or by hub id (:func:`cmpt.hub.local_model_dir`) (docs/method.md §3).
+        ``kwargs``: :class:`EmbedderConfig` fields override the saved config, as in
+        ``Embedder(backbone, **overrides)`` (``normalize=False``, ``max_length=``, ...); the rest go
+        to :func:`cmpt.embed.backbones.load_backbone` (``dtype``, ``attn_implementation``,
+        ``weights``: False builds the backbone on the meta device); anything else is a ``TypeError``
+        naming it, before any weight is read. ``loaded_from`` is the directory."""
         from cmpt.hub import local_model_dir
 
+        names = {f.name for f in fields(EmbedderConfig)}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        unknown = sorted(set(kwargs) - set(BACKBONE_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"Embedder.from_pretrained got unsupported arguments {unknown}; it takes device, "
+                f"{', '.join(BACKBONE_KWARGS)} (the backbone) and the EmbedderConfig fields {sorted(names)}"
+            )
         d = local_model_dir(path, "Embedder", must_exist=True)
-        backbone = load_backbone(d, **load_kwargs)
+        cfg_file = d / EMBEDDER_CONFIG
+        saved = EmbedderConfig.from_file(cfg_file) if cfg_file.is_file() else EmbedderConfig()
+        config = EmbedderConfig(**{**asdict(saved), **overrides})  # refused before loading weights
+        backbone = load_backbone(d, **kwargs)
         if device is not None:
             backbone.to(device)
-        cfg_file = d / EMBEDDER_CONFIG
-        config = EmbedderConfig.from_file(cfg_file) if cfg_file.is_file() else None
         emb = cls(backbone, config)
         emb.loaded_from = d
         return emb
@@ -143,6 +175,13 @@ class Embedder:
         packed = bb.processor(images) if images else None
         m2 = bb.config.merge_size**2
         n_tokens = [] if packed is None else [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
+        placeholders = (text or "").count(IMAGE_TOKEN)
+        if placeholders and placeholders != len(images):
+            raise ValueError(
+                f"encode: input {i}: its text has {placeholders} {IMAGE_TOKEN} placeholder(s) but "
+                f"{len(images)} image(s) were passed with it; pass one image per {IMAGE_TOKEN} in "
+                f"images[{i}] (a list for several), or drop the placeholders"
+            )
         full = plain_input(text, len(images), instruction)
         if not full:
             raise ValueError(f"input {i} is empty: give a text, an image or an instruction")
@@ -167,9 +206,12 @@ class Embedder:
         """Embeddings ``(B, D)`` (float32, CPU, L2-normalized) of B inputs.
 
         ``texts``: B strings (or None entries), or one string; ``images``: B entries, each None,
-        one image (PIL, path or bytes) or a list of images, or one image (an input of its own, or
+        one image (PIL, path, bytes, numpy array or torch tensor: :func:`cmpt.vision.image_io.load_image`)
+        or a list of images, or one image (an input of its own, or
         the image of every text); ``instructions``: one string for all inputs or B entries.
-        ``progress``: a progress bar (default: for more than 256 inputs).
+        ``progress``: a progress bar (default: for more than 256 inputs). A text with ``<image>``
+        placeholders (interleaved) needs as many images in its entry. A wrong entry is a
+        ``TypeError`` / ``ValueError`` naming its index (docs/method.md §3 ``cmpt.Embedder``).
         """
         if batch_tokens is not None and batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1 (tokens per forward), got {batch_tokens}")
@@ -177,11 +219,13 @@ class Embedder:
         if n == 0:
             raise ValueError("encode needs texts or images")
         texts_l = _as_list(texts, n, "texts")
-        images_l = [
-            [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
-            for x in _as_list(images, n, "images")
-        ]
+        images_raw = _as_list(images, n, "images")
         instr_l = _as_list(instructions, n, "instructions")
+        for entries, name in ((texts_l, "texts"), (images_raw, "images"), (instr_l, "instructions")):
+            _check_entries(entries, name)
+        images_l = [
+            [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x]) for x in images_raw
+        ]
         rendered = [self._render(texts_l[i], images_l[i], instr_l[i], i) for i in range(n)]
         order = sorted(range(n), key=lambda i: -len(rendered[i][0]))
         budget = batch_tokens or self.config.batch_tokens

@@ -29,13 +29,21 @@ def info_nce(
     target_mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """InfoNCE of ``query (B, D)`` against ``target (M, D)`` (M ≥ B) and ``hard_negatives (B, k, D)``.
+    """InfoNCE of ``query (B, D)`` against ``target (M, D)`` and ``hard_negatives (B, k, D)``
+    (docs/method.md §3 "Stage 2").
 
-    ``positives`` ``(B,)``: the row of ``target`` holding each query's positive (default ``0..B-1``).
-    ``hard_negative_mask`` ``(B, k)``: False for a slot that is not a real negative (excluded).
-    ``target_mask`` ``(M,)``: False for a target that is no in-batch negative (e.g. a repeated pair).
-    ``reduction``: ``"mean"`` over the B queries (default) or ``"sum"``. Computed in float32 (or
-    wider); embeddings are expected L2-normalized (scores = cosine / τ).
+    ``positives`` ``(B,)`` integers: the row of ``target`` holding each query's positive (default
+    ``0..B-1``, which needs M ≥ B). ``hard_negative_mask`` ``(B, k)``: False for a slot that is not a
+    real negative (excluded). ``target_mask`` ``(M,)``: False for a target that is no in-batch
+    negative (e.g. a repeated pair); it must keep every query's own positive. ``reduction``:
+    ``"mean"`` over the B queries (default) or ``"sum"``. Computed in float32 (or wider);
+    embeddings are expected L2-normalized (scores = cosine / τ). With B = 0 the loss is a zero still
+    connected to ``query`` and ``target``.
+
+    Shapes are always checked. The values of ``positives`` (in ``0..M-1``) and of ``target_mask``
+    (true at each positive) are checked only for CPU tensors: on an accelerator the check would
+    wait for the device in every step (the training objective, whose masks keep its positives by
+    construction, passes device tensors).
     """
     if query.dim() != 2 or target.dim() != 2 or query.shape[1] != target.shape[1]:
         raise ValueError(
@@ -45,27 +53,68 @@ def info_nce(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    b, m = query.shape[0], target.shape[0]
+    if positives is None:
+        if m < b:
+            raise ValueError(
+                f"target has {m} rows for {b} queries: by default query i's positive is target row i, "
+                "so give at least one target per query, or pass positives= (the target row of each "
+                "query's positive)"
+            )
+        positives = torch.arange(b, device=query.device)
+    elif positives.shape != (b,) or positives.dtype.is_floating_point or positives.dtype == torch.bool:
+        raise ValueError(
+            f"positives must be a ({b},) integer tensor (one target row per query), got "
+            f"{positives.dtype} of shape {tuple(positives.shape)}"
+        )
+    elif positives.device.type == "cpu" and b and (int(positives.min()) < 0 or int(positives.max()) >= m):
+        raise ValueError(
+            f"positives must index the {m} target rows (0..{m - 1}), got values from "
+            f"{int(positives.min())} to {int(positives.max())}"
+        )
+    if target_mask is not None:
+        if target_mask.shape != (m,):
+            raise ValueError(
+                f"target_mask must be ({m},), one flag per target row, got shape {tuple(target_mask.shape)}"
+            )
+        if target_mask.device.type == "cpu" and positives.device.type == "cpu" and b:
+            hidden = (~target_mask.to(torch.bool)[positives]).nonzero().flatten().tolist()
+            if hidden:
+                raise ValueError(
+                    f"target_mask hides the positive of queries {hidden[:8]} (target rows "
+                    f"{positives[hidden[:8]].tolist()}): their loss would be infinite; keep each "
+                    "query's positive in target_mask (it only removes in-batch negatives)"
+                )
+    if hard_negatives is not None:
+        if (
+            hard_negatives.dim() != 3
+            or hard_negatives.shape[0] != b
+            or hard_negatives.shape[2] != query.shape[1]
+        ):
+            raise ValueError(
+                f"hard_negatives must be (B={b}, k, D={query.shape[1]}), got {tuple(hard_negatives.shape)}"
+            )
+        if hard_negative_mask is not None and hard_negative_mask.shape != hard_negatives.shape[:2]:
+            raise ValueError(
+                f"hard_negative_mask must be {tuple(hard_negatives.shape[:2])} (B, k), got shape "
+                f"{tuple(hard_negative_mask.shape)}"
+            )
     dtype = torch.promote_types(query.dtype, torch.float32)
+    if b == 0:  # no query: a zero that keeps the inputs in the graph (as alignment_loss, mae_loss)
+        zero = query.sum() + target.sum()
+        if hard_negatives is not None:
+            zero = zero + hard_negatives.sum()
+        return zero.to(dtype) * 0.0
     q, t = query.to(dtype), target.to(dtype)
     logits = q @ t.T / temperature
     if target_mask is not None:
         keep = target_mask.to(device=logits.device, dtype=torch.bool)
         logits = logits.masked_fill(~keep[None, :], float("-inf"))
     if hard_negatives is not None:
-        if (
-            hard_negatives.dim() != 3
-            or hard_negatives.shape[0] != q.shape[0]
-            or hard_negatives.shape[2] != q.shape[1]
-        ):
-            raise ValueError(
-                f"hard_negatives must be (B={q.shape[0]}, k, D), got {tuple(hard_negatives.shape)}"
-            )
         hard = torch.einsum("bd,bkd->bk", q, hard_negatives.to(dtype)) / temperature
         if hard_negative_mask is not None:
             hard = hard.masked_fill(
                 ~hard_negative_mask.to(device=hard.device, dtype=torch.bool), float("-inf")
             )
         logits = torch.cat([logits, hard], dim=1)
-    if positives is None:
-        positives = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(logits, positives.to(q.device), reduction=reduction)

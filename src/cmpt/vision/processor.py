@@ -232,8 +232,10 @@ class ImageProcessor:
     def __call__(
         self, images: Sequence[ImageSource] | ImageSource, names: Sequence[str] | None = None
     ) -> PackedImages:
-        """Images (PIL, paths or bytes) → ``PackedImages``; ``names`` label images in error messages."""
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        """Images (PIL, paths, bytes, arrays or tensors: :func:`load_image`) → ``PackedImages``;
+        ``names`` label images in error messages. One image (any :data:`ImageSource`, an array or a
+        tensor too) is a batch of one; a list of images is the batch."""
+        if isinstance(images, ImageSource):
             images = [images]
         prepared = [self.prepare(im, None if names is None else names[i]) for i, im in enumerate(images)]
         grids = [(im.height // self.patch_size, im.width // self.patch_size) for im in prepared]
@@ -277,10 +279,23 @@ class ImageProcessor:
 
     @classmethod
     def for_vit(cls, config: Any, **overrides: Any) -> ImageProcessor:
-        """The native-resolution processor of a ``NativeViTConfig``: its patch and merge size, image
+        """The native-resolution processor of a ``NativeViTConfig`` (or of a ``NativeViT``: its
+        ``config``): its patch and merge size, image
         mean and std, the default pixel bounds (docs/method.md §1.4); ``overrides`` that are not None
         win. What a NativeViT directory's ``preprocessor_config.json`` holds unless saved with
         another processor (:func:`cmpt.vision.vit_io.save_vit`)."""
+        from .vit import NativeViT
+
+        if isinstance(config, NativeViT):
+            config = config.config
+        missing = [
+            k for k in ("patch_size", "merge_size", "image_mean", "image_std") if not hasattr(config, k)
+        ]
+        if missing:
+            raise TypeError(
+                f"ImageProcessor.for_vit takes a NativeViT or its NativeViTConfig, got "
+                f"{type(config).__name__} (no {', '.join(missing)})"
+            )
         kw = {k: v for k, v in overrides.items() if v is not None}
         return cls(config.patch_size, config.merge_size, mean=config.image_mean, std=config.image_std, **kw)
 

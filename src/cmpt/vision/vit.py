@@ -8,7 +8,9 @@ sequence with block-diagonal attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +34,13 @@ __all__ = [
 ]  # fmt: skip
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # a NativeViT directory (vit_io.py)
+#: The NativeViTConfig fields that ``NativeViT.from_pretrained`` may override: they change how the
+#: saved weights run, not which weights there are (``final_norm`` only off). Every other field fixes
+#: the architecture the weights were saved with (docs/method.md §1).
+RUNTIME_FIELDS = (
+    "rope", "rope_theta", "keep_prefix_tokens", "attn", "final_norm", "merge_size", "pos_antialias",
+    "pos_embed_order", "norm_eps", "image_mean", "image_std", "source",
+)  # fmt: skip
 
 
 @dataclass
@@ -101,6 +110,46 @@ class NativeViTConfig:
         if unknown:
             raise ValueError(f"unknown NativeViT config keys {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _positive_int(v: object) -> bool:
+    return (
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and v > 0
+    )
+
+
+def _grids(grid_hw: torch.Tensor | Sequence[Sequence[int]], n_rows: int, what: str) -> list[tuple[int, int]]:
+    """``grid_hw`` as ``[(h, w), ...]`` in patches, checked: an ``(n, 2)`` tensor or a sequence of
+    pairs of positive integers whose ``Σ h·w`` is ``n_rows``, the rows of ``what`` (docs/method.md §1
+    "Input packing"). The values are read on the host either way (the model needs them to split the
+    stream), so the check costs nothing beyond that read."""
+    if torch.is_tensor(grid_hw):
+        shape = f"shape {tuple(grid_hw.shape)}"
+        pairs = grid_hw.tolist() if grid_hw.dim() == 2 and grid_hw.shape[1] == 2 else None
+    elif isinstance(grid_hw, Iterable) and not isinstance(grid_hw, (str, bytes)):
+        pairs = [
+            [*g] if isinstance(g, Iterable) and not isinstance(g, (str, bytes)) else None for g in grid_hw
+        ]
+        shape = f"{len(pairs)} entries {[g if g is None else len(g) for g in pairs][:4]} long"
+        pairs = pairs if all(g is not None and len(g) == 2 for g in pairs) else None
+    else:
+        shape, pairs = type(grid_hw).__name__, None
+    if pairs is None:
+        raise ValueError(
+            f"grid_hw must be (n, 2), one (h, w) row per image in patches (ImageProcessor's "
+            f"PackedImages.grid_hw), got {shape}; for one image pass [[h, w]]"
+        )
+    pairs = [[v.item() if hasattr(v, "item") else v for v in g] for g in pairs]  # numpy / 0-d tensors
+    if not all(_positive_int(v) for g in pairs for v in g):
+        raise ValueError(f"grid_hw must hold positive integers (patch rows and columns), got {pairs}")
+    grids = [(int(h), int(w)) for h, w in pairs]
+    total = sum(h * w for h, w in grids)
+    if total != n_rows:
+        raise ValueError(
+            f"grid_hw={grids} describes {total} patches (sum of h*w) but {what} has {n_rows} rows; pass "
+            "the patches and grid_hw of the same PackedImages"
+        )
+    return grids
 
 
 class NativeViT(nn.Module):
@@ -196,29 +245,32 @@ class NativeViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the packed stream; returns (patch tokens (N, D), prefix tokens (n, P, D) or None).
 
-        ``merge_size`` is the patch order of the input: ``config.merge_size`` (window order) by
-        default, 1 for raster order.
+        ``grid_hw``: ``(n, 2)``, each image's ``(h, w)`` in patches (rows, columns), ``Σ h·w = N``,
+        checked (a ``ValueError`` naming ``grid_hw``); no image (``n = 0``, ``N = 0``) gives empty
+        outputs. ``merge_size`` is the patch order of the input: ``config.merge_size`` (window order)
+        by default, 1 for raster order (docs/method.md §1 "Input packing").
         """
         c = self.config
         merge = c.merge_size if merge_size is None else merge_size
-        grids = [(int(h), int(w)) for h, w in (grid_hw.tolist() if torch.is_tensor(grid_hw) else grid_hw)]
-        n_patch = sum(h * w for h, w in grids)
-        if patches.ndim != 2 or patches.shape != (n_patch, 3 * c.patch_size**2):
+        if patches.ndim != 2 or patches.shape[1] != 3 * c.patch_size**2:
             raise ValueError(
-                f"patches must be (sum of h*w = {n_patch}, 3*{c.patch_size}^2 = {3 * c.patch_size**2}) "
-                f"for grid_hw={grids}, got {tuple(patches.shape)}"
+                f"patches must be (N, 3*{c.patch_size}^2 = {3 * c.patch_size**2}), got {tuple(patches.shape)}"
             )
+        grids = _grids(grid_hw, patches.shape[0], "patches")
         if merge > 1 and any(h % merge or w % merge for h, w in grids):
             raise ValueError(
                 f"grid_hw={grids} is not divisible by merge_size={merge}; resize images to multiples of "
                 f"patch_size*merge_size={c.patch_size * merge} (cmpt.ImageProcessor does) or use merge_size=1"
             )
         x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        P = c.num_prefix_tokens
+        if not grids:  # no image (ImageProcessor([])): empty outputs of the right shapes
+            return x, (x.new_zeros(0, P, x.shape[1]) if P else None)
         if self.patch_norm is not None:
             x = self.patch_norm(x)
         if c.pos_embed != "none":
             x = x + self._abs_pos(grids, merge)
-        P, sizes = c.num_prefix_tokens, [h * w for h, w in grids]
+        sizes = [h * w for h, w in grids]
         if P:
             prefix = self._prefix()[:P]
             x = torch.cat([t for chunk in x.split(sizes) for t in (prefix, chunk)])
@@ -261,7 +313,11 @@ class NativeViT(nn.Module):
         return params
 
     def forward(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
-        """Packed patches (N, 3·p·p) in merge-window order + grids (n, 2) → patch features (N, D)."""
+        """Packed patches (N, 3·p·p) in merge-window order + grids (n, 2) → patch features (N, D).
+
+        ``grid_hw`` rows are each image's ``(h, w)`` in patches (rows, columns; ``Σ h·w = N``), as in
+        ``ImageProcessor``'s ``PackedImages`` (docs/method.md §1 "Input packing"); a mismatch is a
+        ``ValueError`` naming ``grid_hw``. No image (``(0, 3·p·p)``, ``(0, 2)``) gives ``(0, D)``."""
         return self.encode(patches, grid_hw)[0]
 
     def pool(
@@ -269,11 +325,22 @@ class NativeViT(nn.Module):
     ) -> torch.Tensor:
         """One vector per image (n, D): CLS (DINOv2, CLIP + post-norm), MAP head (SigLIP) or patch mean.
 
-        With ``pool == "cls"`` but prefix tokens dropped, the patch mean is used.
+        With ``pool == "cls"`` but prefix tokens dropped, the patch mean is used. ``patch_tokens``
+        ``(N, D)``, ``prefix`` and ``grid_hw`` are :meth:`encode`'s outputs and input (checked: a
+        ``ValueError`` naming ``grid_hw``); no image gives ``(0, D)``.
         """
-        grids = grid_hw.tolist() if torch.is_tensor(grid_hw) else grid_hw
-        chunks = patch_tokens.split([int(h) * int(w) for h, w in grids])
-        if self.config.pool == "cls" and prefix is not None and self.cls_token is not None:
+        if patch_tokens.dim() != 2:
+            raise ValueError(f"patch_tokens must be (N, D), got shape {tuple(patch_tokens.shape)}")
+        grids = _grids(grid_hw, patch_tokens.shape[0], "patch_tokens")
+        if prefix is not None and prefix.shape[0] != len(grids):
+            raise ValueError(
+                f"prefix holds {prefix.shape[0]} images but grid_hw {len(grids)}; pass encode's outputs "
+                "for the same grid_hw"
+            )
+        chunks = patch_tokens.split([h * w for h, w in grids])
+        if not grids:
+            out = patch_tokens.new_zeros(0, patch_tokens.shape[1])
+        elif self.config.pool == "cls" and prefix is not None and self.cls_token is not None:
             out = prefix[:, 0]
         elif self.head is not None:
             seqs = chunks if prefix is None else [torch.cat([pre, ch]) for pre, ch in zip(prefix, chunks)]
@@ -287,6 +354,8 @@ class NativeViT(nn.Module):
         → per image (P + h·w, D): prefix tokens first, then patches in raster order."""
         p = self.config.patch_size
         patches, grids = [], []
+        if not images:
+            return []
         for i, img in enumerate(images):
             if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % p or img.shape[2] % p:
                 raise ValueError(
@@ -303,13 +372,19 @@ class NativeViT(nn.Module):
 
     # ------------------------------------------------------------------ I/O (vision/vit_io.py)
     def save_pretrained(
-        self, directory: str | Path, *, model_card: bool = True, processor: ImageProcessor | None = None
+        self,
+        directory: str | Path,
+        *,
+        model_card: bool = True,
+        processor: ImageProcessor | None = None,
+        push_to_hub: bool = False,
     ) -> None:
         """Write the NativeViT directory (:func:`cmpt.vision.vit_io.save_vit`; ``processor``: the
-        ``ImageProcessor`` saved beside it, by default the ViT's native-resolution one)."""
+        ``ImageProcessor`` saved beside it, by default the ViT's native-resolution one).
+        ``push_to_hub=True`` is refused: cmpt writes a local directory, ``hf upload`` publishes it."""
         from .vit_io import save_vit
 
-        save_vit(self, directory, model_card=model_card, processor=processor)
+        save_vit(self, directory, model_card=model_card, processor=processor, push_to_hub=push_to_hub)
 
     @classmethod
     def from_pretrained(
@@ -321,7 +396,9 @@ class NativeViT(nn.Module):
         **overrides,
     ) -> NativeViT:
         """Load a NativeViT directory, its hub id or a CoMP-VFM tower of the official release
-        (:func:`cmpt.vision.vit_io.load_vit_dir`); ``overrides`` replace config fields."""
+        (:func:`cmpt.vision.vit_io.load_vit_dir`); ``overrides`` replace the config fields of
+        :data:`RUNTIME_FIELDS` (``rope``, ``attn``, ``keep_prefix_tokens``, ...); a changed
+        architecture field (``hidden_size``, ...) is a ``ValueError`` naming it."""
         from .vit_io import load_vit_dir
 
         return load_vit_dir(cls, directory, device, weights=weights, **overrides)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .processor import ImageProcessor
-from .vit import CONFIG_NAME, WEIGHTS_NAME, NativeViT, NativeViTConfig
+from .vit import CONFIG_NAME, RUNTIME_FIELDS, WEIGHTS_NAME, NativeViT, NativeViTConfig
 
 __all__ = ["load_vit_dir", "save_vit"]
 
@@ -29,16 +29,20 @@ def save_vit(
     *,
     model_card: bool = True,
     processor: ImageProcessor | None = None,
+    push_to_hub: bool = False,
 ) -> None:
     """``NativeViT.save_pretrained``: write ``config.json`` (also read by transformers'
     ``AutoConfig`` after ``import cmpt``: :mod:`cmpt.hf_auto`) + ``model.safetensors`` +
     ``preprocessor_config.json`` (``processor``, by default the ViT's own native-resolution one:
     :meth:`ImageProcessor.for_vit`, docs/method.md §1.4) and, with ``model_card``, ``README.md``
-    (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`)."""
-    from cmpt.hf_auto import VIT_TYPE, auto_config_fields
+    (:mod:`cmpt.model_card`); atomically (:mod:`cmpt.io_atomic`). ``push_to_hub=True`` is refused
+    (cmpt writes a local directory; ``hf upload`` publishes it)."""
+    from cmpt.hf_auto import _UPLOAD, VIT_TYPE, auto_config_fields
     from cmpt.io_atomic import atomic_directory
     from cmpt.model_card import write_model_card
 
+    if push_to_hub:  # as the AutoModel wrappers refuse it (cmpt.hf_auto)
+        raise ValueError(f"save_pretrained(push_to_hub=True): {_UPLOAD}")
     processor = processor or ImageProcessor.for_vit(model.config)  # refused before anything is written
 
     with atomic_directory(directory, writer="NativeViT.save_pretrained") as out:
@@ -49,6 +53,27 @@ def save_vit(
         processor.save_pretrained(out)
         if model_card:
             write_model_card(out, sources=[getattr(model, "loaded_from", None)])
+
+
+def _refuse_architecture_overrides(d: Path, saved: NativeViTConfig, overrides: dict) -> None:
+    """A ``ValueError`` naming the overrides that change the saved architecture: every field but
+    :data:`~cmpt.vision.vit.RUNTIME_FIELDS` (and ``final_norm=True`` over a tower saved without
+    one), where the saved weights would not fit or would silently compute something else."""
+    known = {f.name for f in fields(NativeViTConfig)}
+    fixed = {
+        k: v
+        for k, v in overrides.items()
+        if k in known  # unknown keys: NativeViTConfig.from_dict names them
+        and v != getattr(saved, k)
+        and (k not in RUNTIME_FIELDS or (k == "final_norm" and v and not saved.final_norm))
+    }
+    if fixed:
+        given = ", ".join(f"{k}={v!r} (saved {getattr(saved, k)!r})" for k, v in sorted(fixed.items()))
+        raise ValueError(
+            f"{d}: its saved weights do not fit the overridden config fields {sorted(fixed)} ({given}); "
+            "these fields fix the architecture the weights were saved with: drop them, or load a "
+            f"directory saved with them (fields a load may change: {list(RUNTIME_FIELDS)})"
+        )
 
 
 def load_vit_dir(
@@ -81,6 +106,11 @@ def load_vit_dir(
 
         if detect_official_layout(d) == "vit":  # a CoMP-VFM tower of the release (docs/method.md §1.5)
             return load_official_vit(d, device, weights=weights, **overrides)
+    if (d / "vlm_config.json").is_file():  # a cmpt VLM, or an Embedder over one
+        raise ValueError(
+            f"{d} is a cmpt VLM directory (or an Embedder over one), not a NativeViT directory; its "
+            f"vision tower is {d / 'vision'}: NativeViT.from_pretrained('{d / 'vision'}')"
+        )
     if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{d} is not a NativeViT directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
@@ -91,7 +121,9 @@ def load_vit_dir(
         raise ValueError(
             f"{d / CONFIG_NAME} is not a cmpt NativeViT config; use NativeViT.from_hf for HF models"
         )
-    config = NativeViTConfig.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_architecture_overrides(d, NativeViTConfig.from_dict(raw), overrides)
+    config = NativeViTConfig.from_dict({**raw, **overrides})
     with contextlib.nullcontext() if weights else torch.device("meta"):
         model = cls(config)
     if weights:

@@ -49,8 +49,8 @@ def generate_batch(
 ) -> list[str]:
     """Greedy answers (new text only, special tokens skipped) for ``(images, prompt)`` items.
 
-    ``images`` is None, one image or a list of images (PIL, paths or bytes: whatever ``processor``
-    takes).
+    ``images`` is None, one image or a list of images (PIL, paths, bytes, numpy arrays or tensors:
+    whatever ``processor`` takes).
     """
     if not items:
         return []
@@ -60,7 +60,7 @@ def generate_batch(
     prompts, patches, grids = [], [], []
     for images, prompt in items:
         n_tokens: list[int] = []
-        if images:
+        if images is not None and not (isinstance(images, (list, tuple)) and not images):  # an array too
             if processor is None:
                 raise ValueError(
                     "generate with images needs an ImageProcessor (processor= or model.processor)"
