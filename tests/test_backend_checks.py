@@ -102,7 +102,11 @@ def test_train_check_follows_the_training_device(kernels, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"model\.attn=flash"):
         load_model(cfg)
     _train_device(monkeypatch, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     with pytest.raises(FileNotFoundError, match="/nonexistent/vit"):  # past the check: the missing tower
+        load_model(cfg)
+    cfg.train.precision = "fp32"  # the same GPU run without bf16 autocast: the kernels need half precision
+    with pytest.raises(BackendUnavailableError, match=r"model\.attn=flash: .*compute dtype is not float16"):
         load_model(cfg)
 
 

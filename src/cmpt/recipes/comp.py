@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
-from ..train.distributed import loads_weights, world_info
+from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
 from ..vision.attention import check_backend
 from ..vlm.model import VisionLanguageModel
@@ -99,11 +99,12 @@ class CompConfig:
 def load_model(cfg: CompConfig) -> VisionLanguageModel:
     """The stage's starting VLM, with the stage's RoPE switch, processor and text packing. On FSDP2
     ranks > 0 it is a skeleton on the meta device, no weight file read
-    (:func:`cmpt.train.distributed.loads_weights`). A ``model.attn`` the training device cannot run
-    is refused first, before anything is read (:func:`cmpt.vision.attention.check_backend`,
-    docs/method.md §1.1)."""
+    (:func:`cmpt.train.distributed.loads_weights`). A ``model.attn`` the training device and
+    precision cannot run is refused first, before anything is read
+    (:func:`cmpt.vision.attention.check_backend`, docs/method.md §1.1)."""
     m, s = cfg.model, cfg.stage
-    check_backend(m.attn, world_info().device.type, key="model.attn")
+    device = world_info().device
+    check_backend(m.attn, device.type, key="model.attn", half=trains_in_bf16(cfg.train.precision, device))
     weights = loads_weights(cfg.train.dist)
     if m.init:
         init = expand_path(m.init)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
-from ..train.distributed import loads_weights, world_info
+from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
 from ..vision.attention import check_backend
 from .moca_cl_objective import ContrastiveObjective
@@ -122,7 +122,9 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     from ..hub import local_model_dir
     from ..vlm.chat import ensure_mask_token
 
-    check_backend(cfg.model.vit_attn, world_info().device.type, key="model.vit_attn")
+    device = world_info().device
+    half = trains_in_bf16(cfg.train.precision, device)
+    check_backend(cfg.model.vit_attn, device.type, key="model.vit_attn", half=half)
     init = str(local_model_dir(expand_path(cfg.model.init), "model.init")) if cfg.model.init else ""
     if not init or not Path(init).is_dir():
         raise FileNotFoundError(

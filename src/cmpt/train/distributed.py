@@ -179,6 +179,12 @@ def bf16_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def trains_in_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``train.precision`` (``auto`` | ``bf16`` | ``fp32``) trains under bf16 autocast on
+    ``device`` (:func:`bf16_capable` decides ``auto``; docs/method.md §6)."""
+    return precision == "bf16" or (precision == "auto" and bf16_capable(device))
+
+
 def mixed_precision(bf16: bool) -> object | None:
     """FSDP2's policy under bf16 training: parameters all-gathered in bf16 for compute, gradients
     reduced in fp32 (the sharded parameters and the optimizer stay fp32); ``None`` (fp32) otherwise.

@@ -152,7 +152,7 @@ class Trainer:
         self.world, cfg = world, self.cfg
         # under torchrun with > 1 process, "none" means DDP; a single process is never wrapped
         self.mode = "none" if world.world_size == 1 else ("fsdp" if cfg.dist == "fsdp" else "ddp")
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and D.bf16_capable(world.device))
+        bf16 = D.trains_in_bf16(cfg.precision, world.device)
         self._precision = "bf16 autocast" if bf16 else "fp32"
         self._amp = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if bf16 else None
         D.seed_all(self.run.seed + world.rank)
