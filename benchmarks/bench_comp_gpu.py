@@ -40,7 +40,7 @@ Groups run eager, compiled, checkpointed, compiled + checkpointed; after a compi
 
 **MFU = model FLOPs / step time / measured bf16 matmul rate** (8192³ products: ≥ 3 warm-ups and
 ~0.3 s more for the clocks to ramp, then the mean of ≥ 50 over ≥ 1 s); the datasheet's dense bf16
-peak (:data:`DATASHEET_BF16_TFLOPS`, H200: 989 TFLOP/s) is printed beside it, with the MFU against
+peak (``gpu_report.DATASHEET_BF16_TFLOPS``, H200: 989 TFLOP/s) is printed beside it, with the MFU against
 it. Model FLOPs of a micro-batch are counted once, on the eager baseline, by
 ``torch.utils.flop_counter``'s formulas in a minimal dispatch mode (:class:`FlopCount`; matmuls
 2·m·n·k forward, twice that backward; attention by the SDPA formulas; the alignment loss's caption

@@ -183,7 +183,7 @@ def test_failed_count_and_short_timeout_never_stop_the_timing(bench, capsys, mon
 
 
 def test_datasheet_peaks(bench) -> None:
-    datasheet_tflops = bench("gpu_harness").datasheet_tflops
+    datasheet_tflops = bench("gpu_report").datasheet_tflops
     assert datasheet_tflops("NVIDIA H200") == 989.0 and datasheet_tflops("NVIDIA H100 PCIe") == 756.0
     assert datasheet_tflops("NVIDIA H100 80GB HBM3") == 989.0 and datasheet_tflops("cpu") is None
 

@@ -13,7 +13,7 @@ import pytest
 from cmpt.demo.synthetic import generate
 from cmpt.recipes import run_recipe
 from comp_fixtures import make_tiny_setup, overrides
-from test_layouts import KINDS, N, write_layout
+from layout_fixtures import KINDS, N, write_layout
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("datasets")

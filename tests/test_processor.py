@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import io
 import json
 import math
 import random
@@ -11,9 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
-from cmpt.vision.image_io import ImageLoadError, load_image
 from cmpt.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
@@ -22,6 +19,7 @@ from cmpt.vision.processor import (
     smart_resize,
     unpatchify,
 )
+from processor_fixtures import textured
 
 MAXP = 14 * 14 * 4 * 1280
 HF_PIL_PROCESSOR = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
@@ -144,14 +142,6 @@ def test_patch_order_is_merge_window_order(p, m, gh, gw):
         assert torch.equal(vals[k, 2].flatten(), torch.arange(p * p))
 
 
-def _textured(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    grad = np.stack([255 * y / max(h - 1, 1), 255 * x / max(w - 1, 1), 127 + 0 * x], axis=-1)
-    arr = np.clip(grad + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "sizes"),
     [
@@ -175,7 +165,7 @@ def test_parity_with_transformers_qwen2vl_pil_processor(kwargs, sizes):
         min_pixels=proc.min_pixels,
         max_pixels=proc.max_pixels,
     )
-    images = [_textured(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    images = [textured(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     ours = proc(images)
     ref = hf(images, return_tensors="pt")
     thw = ref["image_grid_thw"]
@@ -187,7 +177,7 @@ def test_parity_with_transformers_qwen2vl_pil_processor(kwargs, sizes):
 
 def test_unpatchify_inverts_patchify():
     proc = ImageProcessor(min_pixels=0)
-    images = [_textured(h, w, seed=h) for h, w in [(112, 168), (56, 280), (84, 84)]]
+    images = [textured(h, w, seed=h) for h, w in [(112, 168), (56, 280), (84, 84)]]
     batch = proc(images)
     recon = unpatchify(batch.patches, batch.grid_hw, 14, 2)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -202,7 +192,7 @@ def test_unpatchify_inverts_patchify():
 
 
 def test_inputs_as_path_bytes_and_pil_agree(tmp_path):
-    img = _textured(90, 130, seed=3)
+    img = textured(90, 130, seed=3)
     path = tmp_path / "a.png"
     img.save(path)
     proc = ImageProcessor()
@@ -214,7 +204,7 @@ def test_inputs_as_path_bytes_and_pil_agree(tmp_path):
 
 def test_packed_images_helpers_and_empty_batch():
     proc = ImageProcessor()
-    batch = proc([_textured(56, 84, 0), _textured(112, 56, 1)])
+    batch = proc([textured(56, 84, 0), textured(112, 56, 1)])
     assert isinstance(batch, PackedImages)
     assert batch.num_images == len(batch) == 2
     assert batch.tokens_per_image == [4 * 6, 8 * 4]
@@ -232,20 +222,20 @@ def test_packed_images_helpers_and_empty_batch():
 
 def test_fixed_policy_gives_square():
     proc = ImageProcessor(policy="fixed", fixed_size=448)
-    batch = proc([_textured(300, 700, 0), _textured(50, 90, 1)])
+    batch = proc([textured(300, 700, 0), textured(50, 90, 1)])
     assert batch.grid_hw.tolist() == [[32, 32], [32, 32]]
     assert proc.target_size(1, 5000) == (448, 448)
     # 384 is not a multiple of 28: the official force_resize goes 384x384, then smart_resize -> 392
     odd = ImageProcessor(policy="fixed", fixed_size=384)
-    img = _textured(200, 333, 2)
+    img = textured(200, 333, 2)
     step = img.resize((384, 384), Image.Resampling.BICUBIC).resize((392, 392), Image.Resampling.BICUBIC)
     assert torch.equal(odd([img]).patches, ImageProcessor()([step]).patches)
 
 
 def test_native_policy_resizes_once_and_skips_when_unchanged():
-    img = _textured(112, 168, 0)
+    img = textured(112, 168, 0)
     assert ImageProcessor().prepare(img) is img  # already a valid size: no resize, no copy
-    assert ImageProcessor().prepare(_textured(100, 150, 0)).size == (140, 112)
+    assert ImageProcessor().prepare(textured(100, 150, 0)).size == (140, 112)
 
 
 @pytest.mark.parametrize(
@@ -380,159 +370,3 @@ def test_from_pretrained_reads_vlm_vit_and_hf_directories(tmp_path):
     assert ImageProcessor.from_pretrained(qwen).to_dict() == ImageProcessor.from_hf(qwen).to_dict()
     with pytest.raises(FileNotFoundError, match=r"preprocessor_config\.json"):
         ImageProcessor.from_pretrained(tmp_path / "nowhere")
-
-
-# ---------------------------------------------------------------- load_image: bad inputs (docs/method.md §4)
-
-
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=95, **kw)
-    return buf.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def _strict_truncation(monkeypatch):
-    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
-
-
-@pytest.mark.parametrize(
-    ("fname", "data", "match"),
-    [
-        ("corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "corrupt"),
-        ("noise.jpg", np.random.default_rng(0).bytes(3000), "not a recognized image"),
-        ("trunc.png", _png_bytes(_textured(64, 64, 0))[:700], "truncated"),
-        ("trunc.jpg", _jpeg_bytes(_textured(64, 64, 0))[:900], "truncated"),
-        ("empty.jpg", b"", "empty"),
-        ("page.jpg", b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "HTML"),
-    ],
-)
-def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, fname, data, match):
-    path = tmp_path / fname
-    path.write_bytes(data)
-    with pytest.raises(ImageLoadError, match=match) as err:
-        load_image(path)
-    assert fname in str(err.value) and "drop the sample" in str(err.value)
-    assert isinstance(err.value, ValueError)
-    if data:
-        with pytest.raises(ImageLoadError, match=r"sample-42"):
-            load_image(data, name="sample-42")
-    with pytest.raises(ImageLoadError, match=fname):
-        ImageProcessor()([path])
-
-
-def test_missing_file_and_zero_size_image(tmp_path):
-    with pytest.raises(ImageLoadError, match=r"missing\.jpg.*check the path"):
-        load_image(tmp_path / "missing.jpg")
-    with pytest.raises(ImageLoadError, match="zero size"):
-        load_image(Image.new("RGB", (0, 0)), name="zero")
-    with pytest.raises(ImageLoadError, match="zero size"):
-        load_image(Image.new("RGB", (0, 7)))
-    with pytest.raises(TypeError):
-        load_image(12345)
-
-
-def test_decompression_bomb_raises(tmp_path, monkeypatch):
-    path = tmp_path / "bomb.png"
-    _textured(40, 40, 0).save(path)  # 1600 px
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # warning zone (> limit)
-    with pytest.raises(ImageLoadError, match=r"bomb\.png.*decompression") as err:
-        load_image(path)
-    assert "MAX_IMAGE_PIXELS" in str(err.value)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # error zone (> 2x limit)
-    with pytest.raises(ImageLoadError, match="decompression"):
-        load_image(path.read_bytes(), name="bomb-bytes")
-
-
-def test_extreme_aspect_ratio_raises_value_error_naming_the_image(tmp_path):
-    path = tmp_path / "strip.png"
-    Image.new("RGB", (5000, 1), (10, 20, 30)).save(path)
-    assert load_image(path).size == (5000, 1)  # loading is fine; the resolution policy refuses it
-    with pytest.raises(ValueError, match=r"strip\.png.*aspect ratio"):
-        ImageProcessor()([path])
-
-
-# ---------------------------------------------------------------- load_image: modes
-
-
-def test_cmyk_jpeg_loads_to_rgb(tmp_path):
-    path = tmp_path / "cmyk.jpg"
-    Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(path, quality=100)
-    img = load_image(path)
-    assert img.mode == "RGB" and img.size == (32, 24)
-    r, g, b = np.asarray(img).reshape(-1, 3).mean(0)
-    assert r > 245 and g < 10 and b < 10
-
-
-def test_16bit_grayscale_png_is_scaled(tmp_path):
-    a = (np.arange(32 * 16, dtype=np.uint32).reshape(16, 32) * 128).astype(np.uint16)
-    path = tmp_path / "g16.png"
-    Image.fromarray(a).save(path)
-    assert Image.open(path).mode.startswith("I;16")
-    img = load_image(path)
-    assert img.mode == "RGB" and img.size == (32, 16)
-    want = np.floor(a / 257 + 0.5).astype(np.uint8)
-    got = np.asarray(img)
-    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
-    as_i = load_image(Image.fromarray(a.astype(np.int32)))  # mode "I"
-    assert np.array_equal(np.asarray(as_i)[..., 1], want)
-
-
-def test_transparency_is_composited_on_white(tmp_path):
-    from transformers.image_transforms import convert_to_rgb
-
-    # palette PNG with a transparent index
-    pal = Image.new("P", (8, 4))
-    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * (254 * 3))
-    pal.putdata([0, 1] * 16)
-    path = tmp_path / "pal.png"
-    pal.save(path, transparency=0)
-    got = np.asarray(load_image(path))
-    assert (got[:, 0::2] == 255).all() and (got[:, 1::2] == [0, 0, 255]).all()
-    # RGBA with partial alpha, LA, matching transformers' convert_to_rgb (>= 5.23; older ones drop alpha)
-    hf_composites = "return_numpy" in inspect.signature(convert_to_rgb).parameters
-    rgba = Image.fromarray(np.array([[[255, 0, 0, 128], [0, 255, 0, 0], [0, 0, 255, 255]]], dtype=np.uint8))
-    la = Image.fromarray(np.array([[[100, 255], [100, 0], [50, 128]]], dtype=np.uint8), mode="LA")
-    for im in (rgba, la):
-        ours = np.asarray(load_image(_png_bytes(im), name="x"))
-        if hf_composites:
-            assert np.array_equal(ours, convert_to_rgb(im, return_numpy=True))
-    assert np.asarray(load_image(rgba))[0, 1].tolist() == [255, 255, 255]
-    assert np.abs(np.asarray(load_image(rgba))[0, 0].astype(int) - [255, 127, 127]).max() <= 1
-
-
-def test_gray_and_bilevel_images():
-    one = Image.new("1", (4, 2))
-    one.putpixel((1, 0), 1)
-    got = np.asarray(load_image(one))
-    assert got.shape == (2, 4, 3) and got[0, 1].tolist() == [255] * 3 and got[0, 0].tolist() == [0] * 3
-    assert np.asarray(load_image(Image.new("L", (3, 3), 77)))[1, 1].tolist() == [77] * 3
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    arr = np.zeros((20, 40, 3), dtype=np.uint8)
-    arr[:, :20] = (255, 0, 0)  # left half red
-    arr[:, 20:] = (0, 0, 255)  # right half blue
-    exif = Image.Exif()
-    exif[0x0112] = 6  # display = stored image rotated 90° clockwise
-    path = tmp_path / "rot.jpg"
-    Image.fromarray(arr).save(path, quality=100, exif=exif.tobytes())
-    img = load_image(path)
-    assert img.size == (20, 40)  # (W, H) swapped
-    got = np.asarray(img).astype(int)
-    assert got[:15, :, 0].mean() > 240 and got[:15, :, 2].mean() < 15  # left -> top: red
-    assert got[25:, :, 2].mean() > 240 and got[25:, :, 0].mean() < 15  # right -> bottom: blue
-
-
-def test_load_image_does_not_mutate_or_copy_rgb_input():
-    img = _textured(30, 30, 0)
-    assert load_image(img) is img
-    rgba = img.convert("RGBA")
-    out = load_image(rgba)
-    assert out.mode == "RGB" and rgba.mode == "RGBA"
