@@ -105,3 +105,22 @@ def test_a_single_task_file_or_page_folder_is_a_one_task_evaluation(setup, tmp_p
     (tmp_path / "x.txt").write_text("no")
     with pytest.raises(ValueError, match=r"one \*\.jsonl MMEB task file"):
         load_embed_data(tmp_path / "x.txt")
+
+
+def test_a_moca_recipe_on_generic_optim_defaults_is_warned(tmp_path, caplog):
+    """A MoCa YAML written without ``optim`` (and without ``base:`` on a shipped recipe) trains on
+    cmpt's generic defaults: warned, naming the release's values; the shipped recipes are not."""
+    import logging
+
+    from cmpt.recipes import load_recipe
+    from cmpt.recipes.moca import warn_generic_optim
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("recipe: moca\nstage: {name: cl}\n")
+    with caplog.at_level(logging.WARNING, logger="cmpt.recipes.moca"):
+        warn_generic_optim(load_recipe(str(bare))[0])
+        assert "not MoCa's (stage cl: lr 2e-5, warmup 5 %" in caplog.text
+        caplog.clear()
+        for name in ("moca/qwen2.5-vl-3b/cpt", "moca/qwen2.5-vl-3b/cl", "tiny/moca_cpt", "tiny/moca_cl"):
+            warn_generic_optim(load_recipe(name)[0])
+        assert caplog.text == ""

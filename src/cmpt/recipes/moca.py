@@ -148,11 +148,30 @@ def load_backbone_for(cfg: MocaConfig) -> nn.Module:
     return backbone
 
 
+#: the release's optimisation per stage (docs/method.md §3 "Hyperparameters"; configs/moca/*/)
+RELEASE_OPTIM = {"cpt": "lr 2e-6, warmup 10 %", "cl": "lr 2e-5, warmup 5 %"}
+
+
+def warn_generic_optim(cfg: MocaConfig) -> None:
+    """Warn when a MoCa stage runs on cmpt's generic ``optim`` defaults (lr 1e-4, cosine, no warmup,
+    clip 1.0) — a recipe written without ``optim`` and without ``base:`` on a shipped MoCa recipe —
+    instead of the release's (docs/method.md §3)."""
+    if cfg.optim == OptimConfig():
+        log.warning(
+            "optim is cmpt's generic default (lr %g, %s schedule, no warmup, clip %g), not MoCa's "
+            "(stage %s: %s, linear decay, clip 5.0): set optim, or start the recipe from "
+            "`base: moca/qwen2.5-vl-3b/%s.yaml`",
+            cfg.optim.lr, cfg.optim.schedule, cfg.optim.clip_grad, cfg.stage.name,
+            RELEASE_OPTIM[cfg.stage.name], cfg.stage.name,
+        )  # fmt: skip
+
+
 class MocaTask:
     """:class:`cmpt.train.loop.Task` for MoCa's CPT stage; the trainer sees nothing MoCa-specific."""
 
     def __init__(self, cfg: MocaConfig) -> None:
         self.cfg = cfg
+        warn_generic_optim(cfg)
         self.backbone = load_backbone_for(cfg)
         self.cl = cfg.stage.name == "cl"
         if self.cl:  # a contrastive batch spans the ranks (cmpt.train.reshard, resuming elsewhere)
