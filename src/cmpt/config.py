@@ -35,7 +35,6 @@ import difflib
 import enum
 import hashlib
 import json
-import os
 from pathlib import Path, PurePath
 from typing import Any, get_args, get_origin
 
@@ -60,6 +59,7 @@ from .config_schema import (
     _unwrap_optional,
     _warn_moved,
 )
+from .io_atomic import atomic_file
 
 __all__ = ["BASE_KEY", "ConfigError", "config_hash", "deep_merge", "load_config", "load_yaml"]
 __all__ += ["resolve_config_path", "save_config", "to_dict"]
@@ -305,12 +305,15 @@ def to_dict(obj: Any) -> dict:
 
 def save_config(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as YAML (atomically); ``load_config(type(obj), path)`` gives it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_yaml(to_dict(obj), path)
+
+
+def write_yaml(data: Any, path: str | Path) -> Path:
+    """Write plain ``data`` (dicts, lists, scalars) as YAML, atomically
+    (:func:`cmpt.io_atomic.atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return Path(path)
 
 
 def config_hash(obj: Any, length: int = 12) -> str:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
+from .io_atomic import atomic_file
 from .vision.image_io import ImageLoadError
 from .vision.processor import CONFIG_NAME as PROCESSOR_CONFIG
 from .vision.processor import ImageProcessor
@@ -320,14 +321,7 @@ def encode_images(
         tensors_out["pooled"] = torch.cat(pooled_rows)
     if patches:
         tensors_out["patch_tokens"] = torch.cat(patch_rows)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     meta = {"images": json.dumps(kept), "model": vit.config.source, ENCODE_MARKER: ENCODE_FORMAT}
-    try:
+    with atomic_file(out) as tmp:
         save_file(tensors_out, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return EncodeResult(kept, skipped, int(counts.sum()), str(out))

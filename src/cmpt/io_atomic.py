@@ -1,4 +1,8 @@
-"""Atomic output directories: written to a temporary sibling, then swapped into place.
+"""Atomic outputs: files and directories written to a temporary sibling, then renamed into place.
+
+A single file (a summary, a results JSON, a safetensors, a shard) goes through :func:`atomic_file`:
+the caller writes a hidden temporary sibling of this host and process, renamed onto the target when
+the write finished and removed when it failed, so the target is the old file or the new one.
 
 Every directory cmpt hands out as a result — a run's ``final/``, ``VisionLanguageModel``,
 ``NativeViT`` and ``Embedder`` saves, ``cmpt export`` — goes through :func:`atomic_directory`:
@@ -49,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COMPLETE_MARKER", "WRITING_MARKER", "IncompleteOutputError", "atomic_directory"]
-__all__ += ["check_loadable", "check_not_overlapping", "check_replaceable", "read_marker"]
+__all__ += ["atomic_file", "check_loadable", "check_not_overlapping", "check_replaceable", "read_marker"]
 
 logger = logging.getLogger("cmpt.io")
 COMPLETE_MARKER = ".cmpt-complete.json"
@@ -181,6 +185,29 @@ def check_not_overlapping(out: str | os.PathLike, source: str | os.PathLike) -> 
             f"output {os.fspath(out)} lies inside the source {os.fspath(source)}: choose a new output "
             "directory outside it"
         )
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """The temporary file to write ``path``'s new content to: ``.<name>.<host>.<pid>.tmp`` beside it
+    (hidden, so no reader's glob takes it; this process's, so concurrent writers do not meet).
+    When the block ends it replaces ``path`` (after an fsync when ``durable``); when the block raises
+    it is removed and ``path`` is left as it was. The parent directory is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_tree(root: Path) -> None:

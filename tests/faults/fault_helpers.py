@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pickle
-import shutil
 import sys
 from pathlib import Path
 
@@ -92,8 +91,3 @@ class _Payload:
 def evil_pickle(path: Path) -> bytes:
     """A pickle whose loading creates ``path``."""
     return pickle.dumps(_Payload(path))
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

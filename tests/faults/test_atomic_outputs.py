@@ -152,3 +152,21 @@ def test_vlm_rewrite_killed_at_the_llm_keeps_the_old_model(tmp_path: Path) -> No
     again = VisionLanguageModel.from_pretrained(out)
     assert all(torch.equal(again.vit.state_dict()[k], v) for k, v in old_vit.items())  # no mix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "parts"]
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path: Path) -> None:
+    """``atomic_file``: a write that raises leaves the old content and no temporary; a finished one
+    replaces it; the temporary is hidden and of this process while written."""
+    target = tmp_path / "sub" / "summary.json"
+    with io_atomic.atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".") and str(os.getpid()) in tmp.name
+        tmp.write_text("old")
+        assert not target.exists()
+    assert target.read_text() == "old"
+    with pytest.raises(KeyboardInterrupt), io_atomic.atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+    with io_atomic.atomic_file(target, durable=True) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and len(list(target.parent.iterdir())) == 1

@@ -31,6 +31,7 @@ from typing import Any
 
 from cmpt.data.llava_source import LlavaSource
 from cmpt.data.sources import BadSample, Record
+from cmpt.io_atomic import atomic_file
 
 __all__ = ["llava_to_hf", "llava_to_wds", "require_datasets", "write_tar_samples"]
 
@@ -53,14 +54,12 @@ def _image_ext(path: Any) -> str:
 
 def write_tar_samples(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write ``[(key, {ext: bytes})]`` as one tar shard (atomically, deterministic headers)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
+    with atomic_file(path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
         for key, members in samples:
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 tf.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def _records(source: LlavaSource, skipped: list[dict[str, str]]) -> Iterator[Record]:

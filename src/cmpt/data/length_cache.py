@@ -40,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cmpt.io_atomic import atomic_file
+
 __all__ = ["STALE_S", "first_step_message", "length_cache_dir", "load_or_build", "process_age_s"]
 __all__ += ["share_from_rank0", "tokenizer_identity"]
 
@@ -138,13 +140,8 @@ def _read(path: Path, key: str, n: int) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     _prune(path.parent)
 
 

@@ -123,11 +123,10 @@ class LlavaSource:
         sizes = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-        self._lines = np.full(len(blobs), -1, dtype=np.int64)
         self._bad = np.zeros(len(blobs), dtype=bool)
 
     def _scan_jsonl(self, strict: bool) -> None:
-        offsets, sizes, lines, bad = [], [], [], []
+        offsets, sizes, bad = [], [], []
         pos = 0
         with open(self.path, "rb") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -149,21 +148,14 @@ class LlavaSource:
                     self.bad_lines.append((len(offsets), lineno, msg))
                 offsets.append(start)
                 sizes.append(len(line))
-                lines.append(lineno)
                 bad.append(bool(msg))
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
-        self._lines = np.asarray(lines, dtype=np.int64)
         self._bad = np.asarray(bad, dtype=bool)
 
     # -- access ----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._bad)
-
-    def line_of(self, index: int) -> int | None:
-        """1-based line number of record ``index`` in a JSONL file (``None`` for a JSON list)."""
-        ln = int(self._lines[index])
-        return ln if ln > 0 else None
 
     def _raw(self, i: int) -> bytes:
         if self.format == "json":

@@ -219,11 +219,3 @@ class TaskBatchSampler:
                 + ", ".join(f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in diff)
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def __getattr__(name: str) -> Any:  # the loader lives in cmpt.data.pair_loader (it imports this module)
-    if name in ("PairLoader", "build_pair_loader"):
-        from cmpt.data import pair_loader
-
-        return getattr(pair_loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

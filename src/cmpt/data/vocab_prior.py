@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmpt.hub import reading_safetensors, resolving
+from cmpt.io_atomic import atomic_file
 
 log = logging.getLogger("cmpt.data")
 
@@ -113,11 +114,8 @@ def save_vocab_counts(counts: torch.Tensor, path: str | os.PathLike, meta: Mappi
         raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     metadata.update(format=_FORMAT, vocab_size=str(counts.numel()))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"counts": counts.detach().to("cpu", torch.long).contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"counts": counts.detach().to("cpu", torch.long).contiguous()}, str(tmp), metadata=metadata)
 
 
 def read_vocab_counts_meta(path: str | os.PathLike) -> dict[str, str]:

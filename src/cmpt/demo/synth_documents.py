@@ -24,7 +24,6 @@ pixels (long side) before saving, which keeps generation fast (about 200 documen
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from cmpt.demo.synthetic import SynthSample, _generator, _parse_splits, claim_output_dir, save_png, split_seed
+from cmpt.io_atomic import atomic_file
 
 __all__ = ["DOCUMENT_KINDS", "generate_documents", "generate_passages", "synth_documents_main"]
 
@@ -120,11 +120,9 @@ def make_passage(seed: int, index: int) -> tuple[str, dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_documents(

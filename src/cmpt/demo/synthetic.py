@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import zlib
@@ -52,7 +51,7 @@ from typing import Any
 
 from PIL import Image
 
-from cmpt.io_atomic import COMPLETE_MARKER
+from cmpt.io_atomic import COMPLETE_MARKER, atomic_file
 
 __all__ = [
     "KINDS",
@@ -152,11 +151,9 @@ def _generator(kind: str) -> Callable[[random.Random], SynthSample]:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write ``image`` as a PNG with no metadata chunks (byte-identical for identical pixels)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     clean = Image.frombytes(image.mode, image.size, image.tobytes())  # drop any ``info``
-    tmp = path.with_name(path.name + ".tmp")
-    clean.save(tmp, format="PNG", compress_level=6)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        clean.save(tmp, format="PNG", compress_level=6)
 
 
 def claim_output_dir(out_dir: str | Path) -> Path:
@@ -176,10 +173,9 @@ def claim_output_dir(out_dir: str | Path) -> Path:
             "not writing into it, its files could be overwritten; choose a new or empty directory"
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{SYNTH_MARKER}.tmp-{os.getpid()}"
     marker = {"writer": "cmpt data synth", "note": "generated data: synth may overwrite it"}
-    tmp.write_text(json.dumps(marker) + "\n")
-    os.replace(tmp, out / SYNTH_MARKER)
+    with atomic_file(out / SYNTH_MARKER) as tmp:
+        tmp.write_text(json.dumps(marker) + "\n")
     return out
 
 
@@ -234,9 +230,8 @@ def generate(kind: str, n: int, out_dir: str | Path, *, seed: int = 0, split: st
             {"id": sample_id, "image": rel, "conversations": _conversations(rng, sample), "meta": meta}
         )
     json_path = out / f"{split}.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return json_path
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cmpt.hub import json_ready
+from cmpt.io_atomic import atomic_file
 
 __all__ = ["available_devices", "check_out_dir", "finish_result", "head_threads", "pick_device"]
 __all__ += ["RESULT_MARKER", "check_replaceable", "png_metadata", "results_file", "write_json"]
@@ -225,16 +226,8 @@ def write_result(result: dict[str, Any], path: str | os.PathLike, command: str) 
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON (a hidden temporary file of this process, then an atomic
-    rename); NaN becomes ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden, this process's: no user file
-    try:
+    """Write ``obj`` as indented JSON, atomically (:func:`cmpt.io_atomic.atomic_file`); NaN becomes
+    ``null``."""
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(json_ready(obj), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return path
+    return Path(path)

@@ -11,7 +11,6 @@ is built or read from disk, and rank 0 holds one full copy of the weights (the g
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from ..io_atomic import atomic_file
 from .distributed import barrier, is_dist
 
 __all__ = ["full_state_dict", "is_sharded", "load_full_weights", "save_final_weights", "write_safetensors"]
@@ -62,13 +62,10 @@ def load_full_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mo
 
 def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write ``state_dict`` as safetensors (tied tensors are stored once per name), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return Path(path)
 
 
 def save_final_weights(task: Any, module: nn.Module, out_dir: Path, is_main: bool) -> Path:

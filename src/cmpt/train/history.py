@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..config import write_yaml
 from ..hub import json_ready
+from ..io_atomic import atomic_file
 from ..launch import EXIT_OK, EXIT_RESUMABLE
 from .bad_data import BadDataPolicy
 
@@ -56,9 +57,8 @@ def continued_from(run_dir: Path) -> set[str]:
 def write_summary(run_dir: Path, data: dict[str, Any]) -> Path:
     """``run_dir/summary.json``, atomically (rank 0's job)."""
     path = run_dir / "summary.json"
-    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_ready(data), indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(json_ready(data), indent=1, default=str), encoding="utf-8")
     return path
 
 
@@ -136,7 +136,7 @@ def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
             "note": "config.yaml of this run before cmpt kept a history",
             "config": yaml.safe_load(current.read_text()),
         }
-        _write_yaml(hist / "0000-before-history.yaml", old)
+        write_yaml(old, hist / "0000-before-history.yaml")
     hist.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     n = sum(1 for p in hist.glob("*.yaml")) + 1
@@ -152,12 +152,6 @@ def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
         "config": config,
     }
     path = hist / f"{n:04d}-{now.strftime('%Y%m%dT%H%M%SZ')}.yaml"
-    _write_yaml(path, entry)
-    _write_yaml(current, config)
+    write_yaml(entry, path)
+    write_yaml(config, current)
     return path
-
-
-def _write_yaml(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub import json_ready
+from ..io_atomic import atomic_file
 
 __all__ = ["EtaClock", "IntervalMeter", "MetricsLogger", "StepStats", "format_summary", "truncate_jsonl"]
 
@@ -55,9 +56,8 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
             continue  # a line cut by a crash
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
     return len(kept)
 
 
