@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .cli_eval import add_eval_commands, max_pixels_arg
-from .cli_tools import add_tool_commands, positive_int
+from .cli_tools import DEVICE_HELP, add_tool_commands, positive_int
 from .vision.attention import BACKENDS
 
 
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention backend (default auto: flash-attn or torch's varlen kernel on CUDA in bf16, else "
         "sdpa); flash and varlen need CUDA",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA if available), cuda[:N], mps")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA"
     )

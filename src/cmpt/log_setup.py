@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 __all__ = ["LOG_FORMAT", "configure_logging", "ensure_logging", "quiet_progress_bars_off_tty"]
 
@@ -64,7 +65,7 @@ def _rank() -> int:
         return 0
 
 
-def configure_logging(level: str | int = "INFO", stream=None) -> logging.Logger:
+def configure_logging(level: str | int = "INFO", stream: TextIO | None = None) -> logging.Logger:
     """Send the ``"cmpt"`` loggers to ``stream`` (default: the current standard error) at ``level`` on rank 0,
     warnings elsewhere; idempotent (a second call updates the level, it adds no handler)."""
     if isinstance(level, str):

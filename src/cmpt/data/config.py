@@ -6,10 +6,13 @@ Plain module-level dataclasses, so :func:`cmpt.config.load_config` can read them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cmpt.data.chat_layout import DEFAULT_CAPTION_PROMPT
 from cmpt.vlm.vision_tokens import IMAGE_TOKEN, VISION_TOKENS
+
+if TYPE_CHECKING:
+    from cmpt.vision.processor import ImageProcessor
 
 __all__ = ["DataConfig", "ResolutionConfig"]
 
@@ -133,7 +136,7 @@ class ResolutionConfig:
             kw["fixed_size"] = self.fixed_size
         return kw
 
-    def make_processor(self, patch_size: int = 14, merge_size: int = 2, **kwargs: Any):
+    def make_processor(self, patch_size: int = 14, merge_size: int = 2, **kwargs: Any) -> ImageProcessor:
         """An ``ImageProcessor`` with this policy (``kwargs``: ``mean``, ``std``, ...)."""
         from cmpt.vision.processor import ImageProcessor
 

@@ -81,7 +81,7 @@ class LlavaSource:
 
     def __init__(
         self, path: str | os.PathLike, image_root: str | os.PathLike | None = None, *, strict: bool = False
-    ):
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.name = os.path.basename(self.path)
         self.image_root = os.path.abspath(os.fspath(image_root) if image_root else os.path.dirname(self.path))

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from cmpt.hub import read_json
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
@@ -96,7 +97,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
     def __init__(
         self,
         hf: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         processor: ImageProcessor | None = None,
         preprocessor_config: dict[str, Any] | None = None,
     ) -> None:

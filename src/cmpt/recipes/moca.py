@@ -26,6 +26,7 @@ from ..data.config import DataConfig, ResolutionConfig
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
+from ..train.task import Loader
 from ..vision.attention import check_backend
 from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
@@ -214,7 +215,7 @@ class MocaTask:
     def fsdp_units(self) -> list[nn.Module]:
         return [*self.backbone.fsdp_units(), *([] if self.cl else [self.model.mae_decoder])]
 
-    def build_loader(self, rank: int, world_size: int):
+    def build_loader(self, rank: int, world_size: int) -> Loader:
         """Stage ``cl``: the pair loader; stage ``cpt``: the token-budget loader of documents
         (docs/method.md §3, §4). Data of the other stage's kind (pairs for ``cpt``, documents for
         ``cl``) are refused in one line naming ``data.path`` before anything else is read

@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 @contextlib.contextmanager
-def quiet_dcp():
+def quiet_dcp() -> Iterator[None]:
     """DCP warns on every single-process call ("torch.distributed is disabled"); that is intended here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
