@@ -61,7 +61,11 @@ def test_alignment_loss_matches_direct_formula():
 def test_2d_rope_and_window_order_match_hand_written_qwen2vl_layout():
     d, theta, h, w, m = 8, 10000.0, 4, 6, 2
     order = [
-        (wr * m + r, wc * m + c) for wr in range(h // m) for wc in range(w // m) for r in range(m) for c in range(m)
+        (wr * m + r, wc * m + c)
+        for wr in range(h // m)
+        for wc in range(w // m)
+        for r in range(m)
+        for c in range(m)
     ]
     pos = patch_positions([(h, w)], m)
     assert [tuple(p) for p in pos.tolist()] == order
