@@ -124,10 +124,30 @@ def test_anls_score_and_bad_variant() -> None:
         ("red,blue", "red blue"),
         ("none", "0"),
         ("\tcat\n", "cat"),
+        # the official table acts after lower-casing: its capitalised keys never fire ...
+        ("Im", "im"),
+        ("ive", "ive"),
+        ("shes", "shes"),
+        # ... and its lower-case ones do, with apostrophes inside the word too
+        ("hed've", "he'd've"),
+        ("yall'll", "y'all'll"),
+        ("somebodyd", "somebodyd"),
+        ("someoned", "someone'd"),
     ],
 )
 def test_vqa_normalization(raw: str, norm: str) -> None:
     assert normalize_vqa_answer(raw) == norm
+
+
+def test_vqa_contractions_act_as_lmms_evals_port_of_the_official_table() -> None:
+    """Every word of lmms-eval's port of the official VQAv2 contraction table (keys, capitalised
+    ones included, and values) normalises as its digit/article/contraction step does (its
+    EvalAI-only tokenisation step, which splits "'s", is not part of the official evaluation)."""
+    metric = pytest.importorskip("lmms_eval.tasks._task_utils.vqa_eval_metric")
+    ref = metric.EvalAIAnswerProcessor()
+    words = sorted({w for kv in ref.CONTRACTIONS.items() for w in kv})
+    for w in words:
+        assert normalize_vqa_answer(w) == ref.process_digit_article(ref.process_punctuation(w)), w
 
 
 def test_vqa_accuracy_leave_one_out() -> None:

@@ -157,26 +157,37 @@ _PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _NUMBER_WORDS = {"none": "0", **{w: str(i) for i, w in enumerate(_DIGIT_WORDS)}}
 _ARTICLES = frozenset({"a", "an", "the"})
-# Apostrophe-less spellings → canonical form (the official table maps in this direction).
+# Spellings → canonical form: the official VQAv2 evaluation's table as it acts. It looks words up after
+# lower-casing them, so its capitalised keys ("Im", "Ive", "Id've", ...) never match and are left out.
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldntve": "couldn't've", "couldnt've": "couldn't've", "couldn'tve": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll",
-    "hows": "how's", "idve": "i'd've", "i'dve": "i'd've", "im": "i'm", "ive": "i've", "isnt": "isn't",
-    "itd": "it'd", "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
-    "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't",
-    "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "somebodys": "somebody's", "someones": "someone's", "somethings": "something's",
-    "thats": "that's", "thered": "there'd", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll", "whos": "who's",
+    "'ow'sat": "'ow's'at", "'ows'at": "'ow's'at", "aint": "ain't", "arent": "aren't", "cant": "can't",
+    "couldn'tve": "couldn't've", "couldnt": "couldn't", "couldnt've": "couldn't've", "couldve": "could've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadn'tve": "hadn't've", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "he'dve": "he'd've", "hed": "he'd",
+    "hed've": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "isnt": "isn't", "it'dve": "it'd've", "itd": "it'd", "itd've": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightn'tve": "mightn't've", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "shant": "shan't", "she'dve": "she'd've", "she's": "she's",
+    "shed've": "she'd've", "shouldn'tve": "shouldn't've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldve": "should've", "somebody'd": "somebodyd",
+    "somebody'dve": "somebody'd've", "somebodyd've": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someone'dve": "someone'd've", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "something'dve": "something'd've", "somethingd": "something'd", "somethingd've": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "there'dve": "there'd've", "thered": "there'd",
+    "thered've": "there'd've", "therere": "there're", "theres": "there's", "they'dve": "they'd've",
+    "theyd": "they'd", "theyd've": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "we'dve": "we'd've", "wed've": "we'd've",
+    "werent": "weren't", "weve": "we've", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "who'dve": "who'd've", "whod": "who'd", "whod've": "who'd've", "wholl": "who'll", "whos": "who's",
     "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "wouldn'tve": "wouldn't've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldve": "would've",
+    "y'all'dve": "y'all'd've", "y'alld've": "y'all'd've", "y'allll": "y'all'll", "yall": "y'all",
+    "yall'd've": "y'all'd've", "yall'll": "y'all'll", "you'dve": "you'd've", "youd": "you'd",
+    "youd've": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
 
 
