@@ -89,6 +89,28 @@ def test_official_pos_order_scrambles_windows():
     assert not torch.allclose(correct, official)
 
 
+def test_forward_images_of_an_official_order_tower_runs_as_released():
+    """A release tower (`pos_embed_order: official`) sees window-order patches under the raster
+    table, in forward_images too: its raster output is forward() on window-order patches put back
+    in raster order, not the (different) output of the same weights with correct positions."""
+    vit = tiny()
+    vit.config.pos_embed_order = "official"
+    imgs = [torch.randn(3, h, w) for h, w in IMAGES]
+    grids = [(h // P, w // P) for h, w in IMAGES]
+    packed = torch.cat([to_window(raster_patches(im), *g) for im, g in zip(imgs, grids)])
+    with torch.no_grad():
+        released = vit(packed, torch.tensor(grids))
+        got = vit.forward_images(imgs)
+        vit.config.pos_embed_order = "window"
+        corrected = vit.forward_images(imgs)
+    prefix = vit.config.num_prefix_tokens
+    torch.testing.assert_close(torch.cat([to_window(r[prefix:], *g) for r, g in zip(got, grids)]), released)
+    assert not torch.allclose(got[0], corrected[0], atol=1e-4)
+    vit.config.pos_embed_order = "official"
+    with pytest.raises(ValueError, match="multiples of 28 .an official-order tower"):
+        vit.forward_images([torch.randn(3, 42, 56)])
+
+
 def test_rope_changes_output_and_prefix_is_kept_first():
     imgs = [torch.randn(3, 56, 56)]
     with torch.no_grad():

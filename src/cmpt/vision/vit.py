@@ -276,21 +276,34 @@ class NativeViT(nn.Module):
 
     def forward_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Normalized (3, H, W) images, H and W multiples of the patch size, any grid (odd ones too)
-        → per image (P + h·w, D): prefix tokens first, then patches in raster order."""
-        p = self.config.patch_size
-        patches, grids = [], []
+        → per image (P + h·w, D): prefix tokens first, then patches in raster order.
+
+        A tower with ``pos_embed_order: official`` (a CoMP release, docs/method.md §1.1, §8 #1) runs
+        as released: its patches in merge-window order under the raster-order table, so H and W must
+        be multiples of patch_size·merge_size; the output is put back in raster order."""
+        c = self.config
+        p, merge = c.patch_size, c.merge_size if c.pos_embed_order == "official" else 1
+        patches, grids, orders = [], [], []
         if not images:
             return []
         for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % p or img.shape[2] % p:
+            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % (p * merge) or img.shape[2] % (p * merge):
+                why = " (an official-order tower sees merge windows)" if merge > 1 else ""
                 raise ValueError(
-                    f"image {i}: expected (3, H, W) with H, W multiples of {p}, got {tuple(img.shape)}"
+                    f"image {i}: expected (3, H, W) with H, W multiples of {p * merge}{why}, "
+                    f"got {tuple(img.shape)}"
                 )
             h, w = img.shape[1] // p, img.shape[2] // p
-            patches.append(img.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p))
+            raster = img.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p)
+            order = window_index(h, w, merge, img.device) if merge > 1 else None
+            patches.append(raster if order is None else raster[order])
             grids.append((h, w))
-        tokens, prefix = self.encode(torch.cat(patches), grids, merge_size=1)
-        chunks = tokens.split([h * w for h, w in grids])
+            orders.append(order)
+        tokens, prefix = self.encode(torch.cat(patches), grids, merge_size=merge)
+        chunks = [
+            t if order is None else torch.empty_like(t).index_copy_(0, order, t)
+            for t, order in zip(tokens.split([h * w for h, w in grids]), orders)
+        ]
         if prefix is None:
             return list(chunks)
         return [torch.cat([pre, chunk]) for pre, chunk in zip(prefix, chunks)]
