@@ -240,3 +240,24 @@ def test_hub_snapshot_and_split_paths_are_fingerprinted(tmp_path: Path) -> None:
     assert fp["data.path[content]"].endswith("of 1 files")
     part.write_bytes(b"rows v2")
     assert data_fingerprint({"data": {"path": str(tmp_path / "hub") + "#train"}}) != fp
+
+
+@pytest.mark.parametrize("recipe", ["tiny/comp_stage2", "tiny/moca_cpt", "tiny/moca_cl"])
+def test_recipe_implementation_switches_never_block_a_resume(recipe: str) -> None:
+    """Each recipe names its same-math switches (attention kernels, LM-loss implementation,
+    GradCache chunking, the length cache's place) as ``Task.resume_ignored_keys``: every one is a
+    key of its config, and changing them all leaves nothing for the resume rule to refuse."""
+    from cmpt.recipes import load_recipe
+    from cmpt.train.config_diff import IGNORED_KEYS, flatten
+
+    cfg, task_cls = load_recipe(recipe)
+    own = task_cls.resume_ignored_keys
+    old = to_dict(cfg)
+    keys = flatten(old)
+    assert own and all(k in keys for k in own), [k for k in own if k not in keys]
+    new = yaml.safe_load(yaml.safe_dump(old))
+    for key in own:
+        section, name = key.split(".")
+        new[section][name] = {str: "changed", int: 7}.get(type(new[section][name]), "changed")
+    assert diff_configs(old, new, (*IGNORED_KEYS, *own)) == {}
+    assert set(diff_configs(old, new)) == set(own)  # the trainer's own keys do not cover them

@@ -107,7 +107,7 @@ def test_forward_images_of_an_official_order_tower_runs_as_released():
     torch.testing.assert_close(torch.cat([to_window(r[prefix:], *g) for r, g in zip(got, grids)]), released)
     assert not torch.allclose(got[0], corrected[0], atol=1e-4)
     vit.config.pos_embed_order = "official"
-    with pytest.raises(ValueError, match="multiples of 28 .an official-order tower"):
+    with pytest.raises(ValueError, match=r"multiples of 28 \(an official-order tower"):
         vit.forward_images([torch.randn(3, 42, 56)])
 
 

@@ -138,6 +138,10 @@ def load_model(cfg: CompConfig) -> VisionLanguageModel:
 class CompTask:
     """:class:`cmpt.train.loop.Task` for a CoMP stage; the trainer never sees anything CoMP-specific."""
 
+    #: keys whose changes keep the mathematics: the attention kernel, how the LM loss is computed
+    #: (chunked or fused, :mod:`cmpt.losses.fused_ce`), where the length index is cached
+    resume_ignored_keys = ("model.attn", "loss.lm_chunk_size", "loss.lm_impl", "data.length_cache")
+
     def __init__(self, cfg: CompConfig) -> None:
         self.cfg = cfg
         self.vlm = load_model(cfg)

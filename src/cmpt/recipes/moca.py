@@ -168,7 +168,14 @@ def warn_generic_optim(cfg: MocaConfig) -> None:
 
 
 class MocaTask:
-    """:class:`cmpt.train.loop.Task` for MoCa's CPT stage; the trainer sees nothing MoCa-specific."""
+    """:class:`cmpt.train.loop.Task` for a MoCa stage (CPT or CL); the trainer sees nothing MoCa-specific."""
+
+    #: keys whose changes keep the mathematics: attention kernels, how the LM loss is computed,
+    #: GradCache's chunking, where the length index is cached
+    resume_ignored_keys = (
+        "model.llm_attn", "model.vit_attn", "loss.lm_chunk_size", "loss.lm_impl", "loss.grad_cache_chunk",
+        "data.length_cache",
+    )  # fmt: skip
 
     def __init__(self, cfg: MocaConfig) -> None:
         self.cfg = cfg

@@ -19,10 +19,10 @@ from typing import Any
 
 __all__ = ["IGNORED_KEYS", "covered", "diff_configs", "flatten"]
 
-#: config keys (and prefixes) that never block a resume: where the run lives, logging, checkpoint
-#: cadence, the resume controls themselves, fault tolerances, and implementation choices with the
-#: same mathematics (distribution wrapper, activation checkpointing, compile, attention kernels,
-#: loss chunking, GradCache chunking)
+#: config keys (and prefixes) of the trainer's own sections that never block a resume: where the run
+#: lives, logging, checkpoint cadence, the resume controls themselves, fault tolerances, and
+#: implementation choices with the same mathematics (distribution wrapper, activation checkpointing,
+#: compile). A recipe adds its own (attention kernels, loss chunking) as ``Task.resume_ignored_keys``.
 IGNORED_KEYS: tuple[str, ...] = (
     "run.dir",
     "run.name",
@@ -41,13 +41,6 @@ IGNORED_KEYS: tuple[str, ...] = (
     "train.activation_checkpointing",
     "train.ac_every",
     "train.compile",
-    "model.attn",
-    "model.llm_attn",
-    "model.vit_attn",
-    "loss.lm_chunk_size",
-    "loss.lm_impl",  # who computes the same cross-entropy (cmpt.losses.fused_ce)
-    "loss.grad_cache_chunk",
-    "data.length_cache",  # where the length index is cached, not what it holds (cmpt.data.length_cache)
 )
 _ABSENT = "(absent)"
 
