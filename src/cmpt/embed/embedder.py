@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from cmpt.embed.backbones import BACKBONE_KWARGS, load_backbone
 from cmpt.hub import read_json
-from cmpt.losses import segment_mean
+from cmpt.pooling import segment_mean
 from cmpt.vision.image_io import ImageSource
 from cmpt.vlm.chat import IMAGE_TOKEN, encode_text_with_images, plain_input
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,7 @@ import torch.nn.functional as F
 __all__ = [
     "SINKHORN_VARIANTS",
     "alignment_loss",
-    "masked_mean",
     "prior_from_counts",
-    "segment_mean",
     "sinkhorn_targets",
 ]
 
@@ -228,43 +225,3 @@ def alignment_loss(
     vision_logits = _prototype_logits(vision_feats, prototypes)
     log_p = torch.log_softmax(vision_logits / vision_temp, dim=-1)
     return -(targets * log_p).sum(dim=-1).mean()
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden (B, T, D)`` over the positions where ``mask (B, T)`` is nonzero.
-
-    Used for the caption feature ``F_t`` (docs/method.md §2: mean over non-pad tokens). Accumulated in
-    float32 (or wider); the result has dtype ``promote(hidden.dtype, float32)``. A row without
-    any valid position gives a zero vector.
-    """
-    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"expected hidden (B, T, D) and mask (B, T), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
-        )
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    m = mask.to(device=hidden.device, dtype=dtype)
-    total = torch.einsum("btd,bt->bd", hidden.to(dtype), m)
-    return total / m.sum(dim=1, keepdim=True).clamp(min=1.0)
-
-
-def segment_mean(tokens: torch.Tensor, lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Per-segment mean of a packed stream ``tokens (N, D)`` cut into consecutive ``lengths``.
-
-    Used for the vision feature ``F_v`` (docs/method.md §2: mean of a sample's merged vision tokens).
-    ``sum(lengths)`` must equal ``N``; a zero-length segment gives a zero vector. Accumulated and
-    returned in ``promote(tokens.dtype, float32)``; differentiable w.r.t. ``tokens``.
-    """
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be (N, D), got shape {tuple(tokens.shape)}")
-    lens = torch.as_tensor(lengths, dtype=torch.long).to(tokens.device).reshape(-1)
-    if bool((lens < 0).any()):
-        raise ValueError("lengths must be non-negative")
-    total_len = int(lens.sum())
-    if total_len != tokens.shape[0]:
-        raise ValueError(f"sum(lengths) = {total_len} does not match the number of tokens {tokens.shape[0]}")
-    dtype = torch.promote_types(tokens.dtype, torch.float32)
-    n_seg = lens.numel()
-    seg_ids = torch.repeat_interleave(torch.arange(n_seg, device=tokens.device), lens, output_size=total_len)
-    sums = torch.zeros(n_seg, tokens.shape[1], dtype=dtype, device=tokens.device)
-    sums = sums.index_add(0, seg_ids, tokens.to(dtype))
-    return sums / lens.clamp(min=1).to(dtype).unsqueeze(1)

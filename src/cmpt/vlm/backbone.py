@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmpt.losses import segment_mean
+from cmpt.pooling import segment_mean
 from cmpt.vlm.chat import IMAGE_PAD
 from cmpt.vlm.packed_sdpa import implementation_for
 from cmpt.vlm.text_attention import (
