@@ -89,6 +89,7 @@ class Setup:
     counting: Callable[[nn.Module], Any]  # context manager: the model set up for FLOP counting
     title: str
     vision_attention: Callable[[nn.Module, bool], None]  # (model, packed): packed or on SDPA
+    grad_accum: int = 1  # micro-batches per optimizer step, as the recipe trains (run_bench sets it)
 
 
 @dataclass
@@ -268,15 +269,18 @@ def _copy_to(setup: Setup, device: torch.device) -> tuple[nn.Module, list[nn.Mod
 
 
 def _step_fn(setup: Setup, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device):
+    """One micro-batch's forward and backward; ``update``: then the optimizer step (the last
+    micro-batch of a step of ``setup.grad_accum``)."""
     amp = torch.bfloat16 if device.type == "cuda" else None
 
-    def step(batch: dict) -> None:
+    def step(batch: dict, update: bool = True) -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             terms = setup.task.compute_loss(model, batch)
             loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if update:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -291,7 +295,7 @@ def _count_flops(setup: Setup, model: nn.Module, step, batches: list[dict]) -> t
         setup.backbone_of(model).text_attn = "sdpa"
         with setup.counting(model), counter:
             for batch in batches:
-                step(batch)
+                step(batch, update=False)
     except Exception as e:  # e.g. out of memory: time the variants anyway
         traceback.print_exc()
         return None, f"the counting pass failed: {_failure(e)}"
@@ -304,7 +308,11 @@ def _count_flops(setup: Setup, model: nn.Module, step, batches: list[dict]) -> t
     return counter.total / len(batches), ""
 
 
-def _measure(step, batches: list[dict], steps: int, device: torch.device, warmup: bool) -> dict[str, float]:
+def _measure(
+    step, batches: list[dict], steps: int, device: torch.device, warmup: bool, accum: int = 1
+) -> dict[str, float]:
+    """Seconds per micro-batch over ``steps`` micro-batches (a multiple of ``accum``: an optimizer
+    step after every ``accum``, as training does), after a warm-up over every batch."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for batch in batches if warmup else []:  # compilation and every shape once
@@ -312,7 +320,7 @@ def _measure(step, batches: list[dict], steps: int, device: torch.device, warmup
     sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
-        step(batches[i % len(batches)])
+        step(batches[i % len(batches)], update=(i + 1) % accum == 0)
     sync(device)
     seconds = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -335,7 +343,7 @@ def run_variants(
     group always runs; a later group or variant reached after the budget is skipped, and so is a
     compiled group with less than :data:`COMPILE_MIN_S` left before the timeout."""
     batches = [_to_device(b, device) for b in setup.batches]
-    steps = max(steps, 1)
+    steps = -(-max(steps, 1) // setup.grad_accum) * setup.grad_accum  # whole optimizer steps
     run = Run(on_done=on_done)
     groups: dict[tuple[bool, str], list[Variant]] = {}
     for v in variants:
@@ -428,7 +436,7 @@ def _run_group(
         setup.vision_attention(model, v.packed_vision)
         setup.backbone_of(model).text_attn = "auto" if v.text_varlen else "sdpa"
         try:
-            result = _measure(step, batches, steps, device, warmup=not smoke)
+            result = _measure(step, batches, steps, device, warmup=not smoke, accum=setup.grad_accum)
         except Exception as e:  # one variant's failure (out of memory, a compiler error)
             if smoke:
                 raise
@@ -459,7 +467,10 @@ def run_bench(
     extra: dict[str, str],
     more: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure the matmul peak, run the variants and report as they finish; the final figures."""
+    """Measure the matmul peak, run the variants and report as they finish; the final figures.
+    Micro-batches per optimizer step: ``--grad-accum``, else the recipe's ``train.grad_accum``."""
+    setup.grad_accum = args.grad_accum or int(setup.task.cfg.train.grad_accum)
+    meta = {**meta, "grad_accum": setup.grad_accum}
     peak = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     reporter = Reporter(setup, variants, peak, device, meta, extra, more or {})
     reporter.header()
@@ -488,6 +499,9 @@ def base_args(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after a warm-up pass)")
     ap.add_argument("--batches", type=int, default=4, help="micro-batches the steps cycle over")
+    ap.add_argument(
+        "--grad-accum", type=int, default=0, help="micro-batches per optimizer step (0: the recipe's)"
+    )
     ap.add_argument("--variants", default="", help="comma-separated names (default: all)")
     ap.add_argument(
         "--act-ckpt", action="store_true", help="only the checkpointed variants (and the baseline)"

@@ -65,6 +65,9 @@ class Reporter:
         print(f"  {self.where}; {dtype} matmul measured now: {self.peak:.1f} TFLOP/s{sheet}")
         n = len(self.setup.batches)
         print(f"  micro-batch (mean of {n}): {self.patches:.0f} patches, {self.text:.0f} text tokens")
+        accum = self.setup.grad_accum
+        every = f"{accum} micro-batches" if accum > 1 else "micro-batch"
+        print(f"  an optimizer step every {every} (its share in each micro-batch's time)")
         for k, v in self.extra.items():
             print(f"  {k}: {v}")
         self._columns()

@@ -61,7 +61,17 @@ def _check_common(figures: dict, out: str, vision: str) -> None:
 def test_comp_gpu_smoke(bench, capsys) -> None:
     figures = bench("bench_comp_gpu").main(["--smoke"])
     assert figures["bench"] == "comp_gpu" and figures["shapes"] == "tiny"
+    assert figures["grad_accum"] == 2  # stage II pass 1's train.grad_accum
     _check_common(figures, capsys.readouterr().out, "vision_sdpa_batched")
+
+
+def test_an_optimizer_step_every_grad_accum_micro_batches(bench) -> None:
+    """The timed micro-batches carry the optimizer as training does: once per ``grad_accum``."""
+    updates: list[bool] = []
+    bench("gpu_harness")._measure(
+        lambda batch, update=True: updates.append(update), [{}, {}], 6, torch.device("cpu"), True, 3
+    )
+    assert updates == [True, True] + [False, False, True] * 2  # warm-up over both batches, then 6
 
 
 def test_moca_gpu_smoke_and_closed_form(bench, capsys) -> None:
