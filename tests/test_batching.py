@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cmpt.data.batching import TokenBudgetBatcher
+from cmpt.data.batching import TokenBudgetBatcher, worker_loader
 
 
 def _lengths(n: int = 300, seed: int = 0) -> list[tuple[int, int]]:
@@ -108,3 +108,15 @@ def test_rank_iteration_positions_and_empty_epoch():
         next(oversize.iter_rank(0, 2, 0, 0))
     with pytest.raises(ValueError):
         TokenBudgetBatcher([(1, 1)], 0, 10, 4)
+
+
+def test_worker_batches_are_pinned_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers' batches go to page-locked memory when CUDA is available (the trainer's non-blocking
+    copy then does not wait for the GPU), not on a CPU-only machine; an explicit choice wins."""
+    import torch
+
+    data = [{"x": torch.zeros(2)}]
+    assert not worker_loader(data, 1, seed=0).pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker_loader(data, 1, seed=0).pin_memory
+    assert not worker_loader(data, 1, seed=0, pin_memory=False).pin_memory

@@ -148,6 +148,16 @@ def test_compiled_blocks_train_like_eager_ones(root: Path, stage2: Callable[...,
     assert curve == pytest.approx(losses(root / "uncompiled"), rel=RTOL)
 
 
+def test_loader_workers_hand_pinned_batches_to_the_same_steps(
+    root: Path, stage2: Callable[..., list[str]], eager: tuple[dict, str]
+) -> None:
+    """``data.num_workers=2`` on CUDA: the workers' batches arrive in pinned memory (their copy to
+    the GPU is asynchronous) and train the same steps as the in-process loader."""
+    summary, log = _train(stage2("workers", 2, **{"data.num_workers": 2}))
+    assert ON_DEVICE in log and summary["status"] == "finished"
+    assert losses(root / "workers") == pytest.approx(losses(root / "eager")[:2], rel=RTOL)
+
+
 def test_resumed_run_continues_like_an_uninterrupted_one(
     root: Path, stage2: Callable[..., list[str]], eager: tuple[dict, str]
 ) -> None:

@@ -228,12 +228,13 @@ def worker_loader(
     sampler: Any = None,
     persistent: bool = True,
     prefetch_factor: int = 2,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """The DataLoader every cmpt loader runs its workers with: items are whole micro-batches
     (``batch_size=None``, :func:`identity_collate`), workers seeded by :func:`worker_init` from a
     generator seeded with ``seed`` (so a resumed run's workers draw alike), tokenizers single-threaded
-    in the forked workers."""
+    in the forked workers. ``pin_memory`` (default: when CUDA is available) puts the batches in
+    page-locked memory, so their non-blocking copy to the GPU does not wait for the queued work."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
     return DataLoader(
         dataset,
@@ -243,7 +244,7 @@ def worker_loader(
         collate_fn=identity_collate,
         persistent_workers=persistent,
         prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=worker_init,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -313,7 +314,7 @@ class BatchLoader(LoaderBase):
         world_size: int = 1,
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         log_limit: int = 20,
     ) -> None:
         super().__init__(rank, world_size, log_limit)

@@ -150,7 +150,7 @@ class PairLoader(LoaderBase):
         *,
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         log_limit: int = 20,
         max_spares: int = 64,
     ) -> None:
