@@ -284,3 +284,18 @@ def test_masked_mean_and_segment_mean() -> None:
     torch.testing.assert_close(tok.grad[:2], torch.full((2, 4), 0.5))
     with pytest.raises(ValueError, match="sum\\(lengths\\)"):
         segment_mean(tok, [2, 2])
+
+
+def test_log_prior_given_once_equals_the_counts_every_time() -> None:
+    """A loop that computes ``log π`` once (``log_prior_from_counts``) gets the loss of the counts."""
+    from cmpt.losses import log_prior_from_counts
+
+    g = torch.Generator().manual_seed(0)
+    fv, ft = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    w = torch.randn(30, 8, generator=g)
+    counts = torch.randint(0, 40, (30,), generator=g)
+    want = alignment_loss(fv, ft, w, counts, prior_temp=0.1)
+    got = alignment_loss(fv, ft, w, log_prior=log_prior_from_counts(counts, 0.1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="either vocab_counts or log_prior"):
+        alignment_loss(fv, ft, w, counts, log_prior=log_prior_from_counts(counts))

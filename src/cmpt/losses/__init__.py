@@ -9,7 +9,13 @@
 - :func:`info_nce` — MoCa's contrastive loss (in-batch and hard negatives, fixed temperature).
 """
 
-from cmpt.losses.alignment import SINKHORN_VARIANTS, alignment_loss, prior_from_counts, sinkhorn_targets
+from cmpt.losses.alignment import (
+    SINKHORN_VARIANTS,
+    alignment_loss,
+    log_prior_from_counts,
+    prior_from_counts,
+    sinkhorn_targets,
+)
 from cmpt.losses.contrastive import info_nce
 from cmpt.losses.lm import next_token_loss, shift_labels
 from cmpt.losses.mae import mae_loss, window_targets
@@ -19,6 +25,7 @@ __all__ = [
     "SINKHORN_VARIANTS",
     "alignment_loss",
     "info_nce",
+    "log_prior_from_counts",
     "mae_loss",
     "masked_mean",
     "next_token_loss",

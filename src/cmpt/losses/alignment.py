@@ -25,6 +25,7 @@ import torch.nn.functional as F
 __all__ = [
     "SINKHORN_VARIANTS",
     "alignment_loss",
+    "log_prior_from_counts",
     "prior_from_counts",
     "sinkhorn_targets",
 ]
@@ -34,8 +35,10 @@ __all__ = [
 SINKHORN_VARIANTS = ("official", "balanced")
 
 
-def _log_prior_from_counts(vocab_counts: torch.Tensor, prior_temp: float) -> torch.Tensor:
-    """``log π`` in float64 (``log_softmax``, so never ``-inf`` even for a very sharp prior)."""
+def log_prior_from_counts(vocab_counts: torch.Tensor, prior_temp: float = 0.05) -> torch.Tensor:
+    """``log π`` of :func:`prior_from_counts` in float64 (``log_softmax``, so never ``-inf`` even for
+    a very sharp prior): what :func:`alignment_loss` takes as ``log_prior``, so a training loop
+    computes it once rather than from the counts every micro-batch."""
     if vocab_counts.dim() != 1 or vocab_counts.numel() == 0:
         raise ValueError(
             f"vocab_counts must be a non-empty 1-D tensor, got shape {tuple(vocab_counts.shape)}"
@@ -66,7 +69,7 @@ def prior_from_counts(vocab_counts: torch.Tensor, prior_temp: float = 0.05) -> t
     the device of ``vocab_counts``. Constant counts (or ``None`` in :func:`alignment_loss`) give
     ``π_k = 1/V``.
     """
-    return _log_prior_from_counts(vocab_counts, prior_temp).exp().to(torch.float32)
+    return log_prior_from_counts(vocab_counts, prior_temp).exp().to(torch.float32)
 
 
 def _log_prior(
@@ -150,16 +153,20 @@ def sinkhorn_targets(
     return torch.exp(log_q + log_b)
 
 
-def _prototype_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``normalize(feats) @ normalize(prototypes)ᵀ`` in float32, prototypes detached.
+def _prototypes(prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detached float32 prototypes and the reciprocals of their row norms, made once per loss
+    (the LM head may be a 151k-row bf16 tensor: one float32 copy, one pass for the norms)."""
+    with torch.no_grad(), torch.autocast(device_type=prototypes.device.type, enabled=False):
+        w = prototypes.detach().to(torch.float32)
+        return w, w.norm(dim=1).clamp(min=1e-12).reciprocal()
 
-    The row norms of the prototypes are applied to the logits' columns instead of building a
-    normalized ``V×D`` copy of the (possibly 151k-row) LM head.
-    """
+
+def _prototype_logits(feats: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """``normalize(feats) @ normalize(prototypes)ᵀ`` in float32 (:func:`_prototypes` gives ``w`` and
+    ``inv_norm``). The row norms are applied to the logits' columns instead of building a normalized
+    ``V×D`` copy of the LM head."""
     with torch.autocast(device_type=feats.device.type, enabled=False):  # float32 even under autocast
         f = F.normalize(feats.to(torch.float32), dim=-1)
-        w = prototypes.detach().to(torch.float32)
-        inv_norm = w.norm(dim=1).clamp(min=1e-12).reciprocal()
         return (f @ w.t()) * inv_norm
 
 
@@ -174,6 +181,7 @@ def alignment_loss(
     prior_temp: float = 0.05,
     iters: int = 3,
     variant: str = "official",
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``L_align = −mean_b Σ_k Q_t[b,k] log softmax(c_v/τ)[b,k]`` (docs/method.md §2, paper §3.2).
 
@@ -188,6 +196,8 @@ def alignment_loss(
         vision_temp: ``τ`` of ``P_v``. sinkhorn_eps: ``ε``. prior_temp: temperature of ``π``.
         iters: Sinkhorn iterations. variant: ``"official"`` or ``"balanced"`` (see
             :func:`sinkhorn_targets`).
+        log_prior: ``(V,)`` ``log π`` already computed (:func:`log_prior_from_counts`), in place of
+            ``vocab_counts``: a training loop computes it once instead of every micro-batch.
 
     Returns:
         Scalar float32 loss. With ``B = 0`` a zero that is still connected to ``vision_feats``.
@@ -213,15 +223,17 @@ def alignment_loss(
             f"vocab_counts must have shape ({vocab},) to match the prototypes, "
             f"got {tuple(vocab_counts.shape)}"
         )
+    if vocab_counts is not None and log_prior is not None:
+        raise ValueError("pass either vocab_counts or log_prior, not both")
     if vision_feats.shape[0] == 0:
         return vision_feats.sum().to(torch.float32) * 0.0
 
-    log_prior = None
     if vocab_counts is not None:
-        log_prior = _log_prior_from_counts(vocab_counts.to(prototypes.device), prior_temp)
+        log_prior = log_prior_from_counts(vocab_counts.to(prototypes.device), prior_temp)
+    w, inv_norm = _prototypes(prototypes)
     with torch.no_grad():
-        text_logits = _prototype_logits(text_feats.detach(), prototypes)
+        text_logits = _prototype_logits(text_feats.detach(), w, inv_norm)
         targets = sinkhorn_targets(text_logits, sinkhorn_eps, None, iters, variant, log_prior=log_prior)
-    vision_logits = _prototype_logits(vision_feats, prototypes)
+    vision_logits = _prototype_logits(vision_feats, w, inv_norm)
     log_p = torch.log_softmax(vision_logits / vision_temp, dim=-1)
     return -(targets * log_p).sum(dim=-1).mean()

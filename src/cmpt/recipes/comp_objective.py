@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmpt.losses import alignment_loss, next_token_loss, segment_mean, shift_labels
+from cmpt.losses import alignment_loss, log_prior_from_counts, next_token_loss, segment_mean, shift_labels
 from cmpt.losses.fused_ce import check_lm_impl
 from cmpt.vlm.model import VisionLanguageModel
 
@@ -45,6 +45,11 @@ class CompObjective(nn.Module):
         if vocab_counts is not None and vocab_counts.shape[0] < rows:  # tokens added after counting
             vocab_counts = torch.cat([vocab_counts, vocab_counts.new_zeros(rows - vocab_counts.shape[0])])
         self.vocab_counts = vocab_counts
+        # log π, computed once (docs/method.md §2) and kept per device: no per-micro-batch copy of
+        # the counts, no recomputation of the prior
+        counts = vocab_counts
+        self._log_prior = None if counts is None else log_prior_from_counts(counts, loss.prior_temp)
+        self._log_prior_on: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         vlm = self.vlm
@@ -98,17 +103,20 @@ class CompObjective(nn.Module):
             kept_cu.append(kept_cu[-1] + cu[i + 1] - cu[i])
         text_feats = self.vlm.text_features(ids, kept_cu)
         vision_feats = segment_mean(vision, per_sample)[keep]
-        counts = None if self.vocab_counts is None else self.vocab_counts.to(vision.device)
+        log_prior = None
+        if self._log_prior is not None:
+            if vision.device not in self._log_prior_on:
+                self._log_prior_on[vision.device] = self._log_prior.to(vision.device)
+            log_prior = self._log_prior_on[vision.device]
         c = self.loss
         loss = alignment_loss(
             vision_feats,
             text_feats,
             self.vlm.lm_head.weight,
-            counts,
             vision_temp=c.vision_temp,
             sinkhorn_eps=c.sinkhorn_eps,
-            prior_temp=c.prior_temp,
             iters=c.sinkhorn_iters,
             variant=c.sinkhorn_variant,
+            log_prior=log_prior,
         )
         return loss * len(keep), len(keep)
