@@ -6,7 +6,10 @@ final one at the end (``bench_comp_gpu.py``): the figures of a benchmark are tho
 line of its log that parses — a run killed at its timeout keeps the variants it finished, and a
 line cut off by the kill is passed over.
 
-Usage: python benchmarks/device_summary.py OUT   (reads OUT/comp.log, OUT/moca.log)
+The host-device synchronisations per micro-batch (``sync_audit.py``, ``OUT/syncs.log``) are added
+to ``summary.json`` and printed below the table.
+
+Usage: python benchmarks/device_summary.py OUT   (reads OUT/comp.log, OUT/moca.log, OUT/syncs.log)
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def summarize(out: Path) -> dict[str, dict]:
             print(f"{name:<6} FLOPs not counted: {fig['flops_not_counted']}")
         if "missing" in fig:
             print(f"{name:<6} {fig['missing']}")
+    log = out / "syncs.log"
+    syncs = last_figures(log.read_text(errors="replace").splitlines()) if log.exists() else None
+    if syncs:
+        summary["syncs"] = syncs
+        per = ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in syncs.items() if k.endswith("_microbatch"))
+        print(f"host-device synchronisations per micro-batch ({syncs.get('device')}): {per}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

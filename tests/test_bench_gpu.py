@@ -249,5 +249,9 @@ def test_device_session_script_smoke(tmp_path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["comp"]["bench"] == "comp_gpu" and summary["moca"]["bench"] == "moca_gpu"
     assert {"padded", "baseline"} <= set(summary["moca"]["step_ms"])
-    assert {"env.log", "tests.log", "comp.log", "moca.log"} <= {p.name for p in tmp_path.iterdir()}
+    logs = {"env.log", "tests.log", "comp.log", "moca.log", "syncs.log"}
+    assert logs <= {p.name for p in tmp_path.iterdir()}
     assert "moca   baseline" in done.stdout
+    syncs = summary["syncs"]  # on the CPU the steps run uncounted: zero
+    assert syncs["bench"] == "sync_audit" and syncs["comp_syncs_per_microbatch"] == 0.0
+    assert "host-device synchronisations per micro-batch (cpu): comp 0.0, moca 0.0" in done.stdout
