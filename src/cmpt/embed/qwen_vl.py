@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cmpt.hub import read_json
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
-from cmpt.vlm.backbone import BackboneMixin
+from cmpt.vlm.backbone import BackboneMixin, enable_hf_checkpointing
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START
 from cmpt.vlm.io import from_pretrained_checked, resize_vocab
 from cmpt.vlm.model import VLMOutput
@@ -364,7 +364,4 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Activation checkpointing in the vision blocks and the text decoder layers."""
-        if hasattr(self.hf, "activation_checkpointing_enable"):  # newer transformers 5.x
-            self.hf.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_hf_checkpointing(self.hf)

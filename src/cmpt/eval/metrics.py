@@ -28,7 +28,7 @@ unless stated otherwise):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -355,11 +355,6 @@ class SegMeter:
     def update(self, pred: Any, label: Any) -> None:
         """Add one image (or a batch of the same shape) of predicted and true class ids."""
         self.confusion += confusion_matrix(pred, label, self.num_classes, self.ignore_index)
-
-    def update_many(self, preds: Iterable[Any], labels: Iterable[Any]) -> None:
-        """Add a list of (possibly differently sized) images."""
-        for p, t in zip(preds, labels):
-            self.update(p, t)
 
     def iou_per_class(self) -> np.ndarray:
         """Per-class IoU of everything seen so far (NaN for absent classes)."""

@@ -42,6 +42,15 @@ __all__ = ["BackboneMixin"]
 log = logging.getLogger("cmpt.vlm")
 
 
+def enable_hf_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing in a transformers model's layers, under whichever
+    name this transformers release gives the switch."""
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class BackboneMixin:
     """Shared methods of cmpt's backbones (docs/method.md §3 "Backbones", §7)."""
 

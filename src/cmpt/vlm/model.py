@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from cmpt.vision.vit import NativeViT
-from cmpt.vlm.backbone import BackboneMixin
+from cmpt.vlm.backbone import BackboneMixin, enable_hf_checkpointing
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, resize_vocab, save_vlm
 from cmpt.vlm.merger import PatchMerger
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
@@ -242,10 +242,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Activation checkpointing in the ViT blocks and the LLM decoder layers."""
         self.vit.grad_checkpointing = True
-        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x
-            self.llm.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_hf_checkpointing(self.llm)
 
     # ------------------------------------------------------------------ I/O (cmpt.vlm.io)
     save_pretrained = save_vlm
