@@ -1,7 +1,8 @@
 """The GPU step-benchmark harness shared by ``bench_comp_gpu.py`` and ``bench_moca_gpu.py`` (issue 14
-item 3; docs/method.md §6): variants and their groups, the time budget, the bf16 matmul peak and the
-model-FLOP counting (grouped key/value heads counted as the query's on any torch) and timing; the
-reporter (a table row and a cumulative JSON line after every variant) and the datasheet peaks are in
+item 3; docs/method.md §6): variants and their groups, the time budget, each group's model copy,
+step and timing loop; the matmul peak, the timing helpers and the model-FLOP count (grouped
+key/value heads counted as the query's on any torch) are in ``gpu_measure.py``, the reporter (a
+table row and a cumulative JSON line after every variant) and the datasheet peaks in
 ``gpu_report.py``.
 See ``bench_comp_gpu.py``'s docstring for how a run is organised."""
 
@@ -11,7 +12,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import math
 import sys
 import time
 import traceback
@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
+from gpu_measure import FlopCount, failure, matmul_tflops, sync
 from gpu_report import Reporter
 
 #: seconds a compiled group needs (compilation, dynamic-shape recompiles, timed steps): it starts
@@ -127,110 +126,6 @@ class Run:
             self.on_done(self, name)
 
 
-# --------------------------------------------------------------------------- measuring
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Rate of a large square matmul in ``dtype`` (the MFU denominator), measured now: ≥ 3 warm-up
-    products and ~0.3 s more of them (the clocks ramp up), then the mean of ≥ 50 over ≥ 1 s (on
-    the CPU, a smoke run's, a few small ones)."""
-    cuda = device.type == "cuda"
-    n, ramp_s, time_s, min_repeats = (8192, 0.3, 1.0, 50) if cuda else (512, 0.02, 0.05, 3)
-    ab = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
-
-    def product() -> None:
-        ab[0] @ ab[1]
-
-    first = timed(product, 3, device)
-    ramped = timed(product, math.ceil(ramp_s / first), device)
-    seconds = timed(product, max(min_repeats, math.ceil(time_s / ramped)), device)
-    ab.clear()
-    if cuda:
-        torch.cuda.empty_cache()
-    return 2 * n**3 / seconds / 1e12
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Mean seconds per call after one warm-up, synchronising the device around the loop."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
-
-
-aten = torch.ops.aten
-#: attention ops with a FLOP formula → (index of the query among the arguments, axis of the heads;
-#: key and value follow the query). torch < 2.13's formulas reject fewer key/value heads than query
-#: heads (grouped-query attention, ``enable_gqa``), which flash attention takes as they are.
-_ATTENTION_ARGS = {
-    getattr(aten, name): where
-    for name, where in {
-        "_scaled_dot_product_flash_attention": (0, -3),
-        "_scaled_dot_product_efficient_attention": (0, -3),
-        "_scaled_dot_product_cudnn_attention": (0, -3),
-        "_scaled_dot_product_flash_attention_backward": (1, -3),
-        "_scaled_dot_product_efficient_attention_backward": (1, -3),
-        "_scaled_dot_product_cudnn_attention_backward": (1, -3),
-        "_flash_attention_forward": (0, -2),
-        "_efficient_attention_forward": (0, -2),
-        "_flash_attention_backward": (1, -2),
-        "_efficient_attention_backward": (1, -2),
-    }.items()
-    if hasattr(aten, name)
-}
-
-
-def kv_heads_as_query(packet: Any, args: tuple) -> tuple:
-    """``args`` of an attention op with key and value widened to the query's head count (shape-only
-    stand-ins on the meta device): the work of grouped-query attention, whose kernels reuse each
-    key/value head for a group of query heads, is that of attention with the heads repeated."""
-    where = _ATTENTION_ARGS.get(packet)
-    if where is None:
-        return args
-    at, axis = where
-    q, k, v = args[at : at + 3]
-    heads, kv = q.shape[axis], k.shape[axis]
-    if heads == kv or kv == 0 or heads % kv:
-        return args
-
-    def widened(t: torch.Tensor) -> torch.Tensor:
-        shape = (*t.shape[:axis], heads, *t.shape[axis:][1:])
-        return torch.empty(shape, dtype=t.dtype, device="meta")
-
-    return (*args[: at + 1], widened(k), widened(v), *args[at + 3 :])
-
-
-class FlopCount(TorchDispatchMode):
-    """Total FLOPs of the ops run under it, by ``torch.utils.flop_counter``'s formulas (matmuls,
-    convolutions, attention), grouped key/value heads counted as repeated
-    (:func:`kv_heads_as_query`). A formula's error does not stop the ops: it is kept in ``errors``
-    (the total is then incomplete). ``FlopCounterMode`` itself is not used: its module tracker keeps
-    checkpointed activations alive (docs/benchmarks.md), which ran a GPU out of memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.errors: dict[str, str] = {}  # op → its formula's first error
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        formula = flop_registry.get(packet)
-        if formula is not None:
-            try:
-                self.total += formula(*kv_heads_as_query(packet, args), **kwargs, out_val=out)
-            except Exception as e:  # a count must never stop the step
-                self.errors.setdefault(str(packet), _failure(e))
-        return out
-
-
 def device_or_exit(smoke: bool, script: str) -> torch.device:
     """CUDA when present; the CPU for a smoke run; else a message and exit 0."""
     if torch.cuda.is_available():
@@ -298,7 +193,7 @@ def _count_flops(setup: Setup, model: nn.Module, step, batches: list[dict]) -> t
                 step(batch, update=False)
     except Exception as e:  # e.g. out of memory: time the variants anyway
         traceback.print_exc()
-        return None, f"the counting pass failed: {_failure(e)}"
+        return None, f"the counting pass failed: {failure(e)}"
     finally:
         model.loss = loss_cfg
         setup.backbone_of(model).text_attn = "auto"
@@ -369,7 +264,7 @@ def run_variants(
             traceback.print_exc()
             for v in members:
                 if v.name not in run.results:
-                    run.record(v.name, {"failed": _failure(e)})
+                    run.record(v.name, {"failed": failure(e)})
         finally:
             gc.collect()  # the group's model, gradients and optimizer state are gone with its frame
             if compiled:  # fresh recompile limits and caches for a later compiled group
@@ -391,10 +286,6 @@ def _why_not_start(compiled: bool, clock: Clock | None) -> str:
             f"compilation needs ≥ {COMPILE_MIN_S:.0f} s and {max(left, 0):.0f} s were left before --timeout-s"
         )
     return ""
-
-
-def _failure(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
 def _run_group(
@@ -441,7 +332,7 @@ def _run_group(
             if smoke:
                 raise
             traceback.print_exc()
-            result = {"failed": _failure(e)}
+            result = {"failed": failure(e)}
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -133,8 +133,8 @@ def test_flop_count_of_grouped_kv_heads_where_torchs_formula_rejects_them(bench,
     without the widening the error is kept and the ops still run."""
     from torch.utils.flop_counter import flop_registry
 
-    harness = bench("gpu_harness")
-    for packet, (at, axis) in harness._ATTENTION_ARGS.items():
+    measure = bench("gpu_measure")
+    for packet, (at, axis) in measure._ATTENTION_ARGS.items():
         if packet in flop_registry:
             monkeypatch.setitem(flop_registry, packet, _as_on_torch_2_11(flop_registry[packet], at, axis))
     aten = torch.ops.aten
@@ -155,7 +155,7 @@ def test_flop_count_of_grouped_kv_heads_where_torchs_formula_rejects_them(bench,
 
     def count(kv_heads: int) -> tuple[int, dict]:
         k, v = (torch.empty(b, kv_heads, s, d, device="meta") for _ in range(2))
-        with harness.FlopCount() as counter:
+        with measure.FlopCount() as counter:
             attention(k, v)
         return counter.total, counter.errors
 
@@ -166,7 +166,7 @@ def test_flop_count_of_grouped_kv_heads_where_torchs_formula_rejects_them(bench,
     grouped, errors = count(kv)
     assert errors == {}
     assert grouped == count(heads)[0] == 2 * (4 + 10) * b * heads * s * s * d
-    monkeypatch.setattr(harness, "_ATTENTION_ARGS", {})  # no widening: torch 2.11's failure, kept
+    monkeypatch.setattr(measure, "_ATTENTION_ARGS", {})  # no widening: torch 2.11's failure, kept
     total, errors = count(kv)
     assert "sdpa_flop_count" in errors["aten._scaled_dot_product_flash_attention"] and total < grouped
 
