@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+
+from bench_common import current_rss, make_step, peak_rss_during, saved_bytes
 
 
 def build(quick: bool, act_ckpt: bool):
@@ -43,17 +43,6 @@ def build(quick: bool, act_ckpt: bool):
     return task, [next(loader) for _ in range(4)]
 
 
-def step_fn(task, opt):
-    def step(batch):
-        terms = task.compute_loss(task.model, batch)
-        loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def caption_inputs(batch) -> tuple[torch.Tensor, list[int]]:
     """The caption pass's packed input as the objective builds it: the non-empty captions (samples
     with an image; in the tiny stage-II data every sample has one) and their boundaries."""
@@ -66,58 +55,16 @@ def caption_inputs(batch) -> tuple[torch.Tensor, list[int]]:
     return ids, bounds
 
 
-def saved_bytes(task, batch) -> int:
-    """Bytes of all tensors autograd saves for backward during one forward (activations)."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms = task.compute_loss(task.model, batch)
-    sum(terms.sums.values()).backward()
-    task.model.zero_grad(set_to_none=True)
-    return total[0]
-
-
-def current_rss() -> int:
-    """Resident bytes of this process now (Linux ``/proc/self/statm``)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_during(fn, every_s: float = 0.002) -> int:
-    """Highest resident bytes sampled while ``fn`` runs (``ru_maxrss`` is the lifetime peak, which
-    model loading already sets, so it cannot show a training step's peak)."""
-    peak, done = [current_rss()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss())
-            time.sleep(every_s)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return peak[0]
-
-
 def child(args) -> None:
     """One setting in a fresh process: peak RSS increase over `steps` training steps."""
     task, batches = build(args.quick, args.act_ckpt)
-    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-5)
-    step = step_fn(task, opt)
+    step, _ = make_step(task, lr=1e-5)
     base = current_rss()  # model, data and batches loaded
     peak = peak_rss_during(lambda: [step(batches[i % len(batches)]) for i in range(args.steps)])
     adam_state = sum(2 * p.numel() * p.element_size() for p in task.model.parameters() if p.requires_grad)
     stats = {
         "rss_increase_mb": round((peak - base - adam_state) / 2**20, 1),
-        "saved_mb": saved_bytes(task, batches[0]) / 2**20,
+        "saved_mb": saved_bytes(task, batches[0])[0] / 2**20,
     }
     print(json.dumps(stats))
 
@@ -133,8 +80,7 @@ def main() -> None:
         return child(args)
 
     task, batches = build(args.quick, act_ckpt=False)
-    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-5)
-    step = step_fn(task, opt)
+    step, _ = make_step(task, lr=1e-5)
     step(batches[0])  # warm-up
     t0 = time.perf_counter()
     for i in range(args.steps):

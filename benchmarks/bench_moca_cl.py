@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_comp_step import current_rss, peak_rss_during
+from bench_common import current_rss, make_step, peak_rss_during, quick_defaults
 
 QUICK = {"n": 80, "batches": 3, "reps": 2, "steps": 3}
 
@@ -101,20 +101,6 @@ def set_chunk(task, chunk: int) -> None:
 
 def label(chunk: int) -> str:
     return "plain" if chunk == 0 else f"GradCache {chunk}"
-
-
-def make_step(task):
-    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=0.0)
-
-    def step(batch) -> float:
-        terms = task.compute_loss(task.model, batch)
-        loss = terms.sums["cl"] / max(terms.counts["cl"], 1)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step, opt
 
 
 # --------------------------------------------------------------------------- memory and equality
@@ -199,8 +185,9 @@ def measure(task, batches: list[dict], chunks: list[int], reps: int) -> dict:
             for c in chunks[k:] + chunks[:k]:
                 set_chunk(task, c)
                 t0 = time.perf_counter()
-                loss = step(b)
+                terms = step(b)
                 wall[c][i].append(time.perf_counter() - t0)
+                loss = float(terms.sums["cl"].detach()) / max(terms.counts["cl"], 1)
                 losses[c][i].append(loss)
     mem = {c: [] for c in chunks}
     for b in batches:
@@ -286,10 +273,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    if args.quick:  # smaller values for the options left at their defaults
-        for name, value in QUICK.items():
-            if getattr(args, name) == ap.get_default(name):
-                setattr(args, name, value)
+    if args.quick:
+        quick_defaults(ap, args, QUICK)
     grad_chunks = sorted({int(x) for x in args.chunks.split(",") if x.strip()} - {0}, reverse=True)
     args.chunk_list = [0, *grad_chunks]
     t_start = time.perf_counter()

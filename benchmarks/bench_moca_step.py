@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_comp_step import current_rss, peak_rss_during
+from bench_common import current_rss, make_step, peak_rss_during, quick_defaults, saved_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/cmpt-bench-moca")
@@ -135,19 +135,6 @@ def patches_of(batch: dict) -> int:
 
 
 # --------------------------------------------------------------------------- step and its parts
-def make_step(task):
-    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=0.0)
-
-    def step(batch):
-        terms = task.compute_loss(task.model, batch)
-        loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 class _ZeroHead(nn.Module):
     def __init__(self, out_features: int) -> None:
         super().__init__()
@@ -228,27 +215,9 @@ class DecoderTimer:
             h.remove()
 
 
-def saved_bytes(task, batch, timer: DecoderTimer | None = None) -> tuple[int, int]:
-    """Bytes autograd saves for backward in one objective forward; of which inside the decoder/head."""
-    total, inside = [0], [0]
-
-    def pack(t):
-        n = t.numel() * t.element_size()
-        total[0] += n
-        if timer is not None and timer.inside:
-            inside[0] += n
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms = task.compute_loss(task.model, batch)
-    sum(terms.sums.values()).backward()
-    task.model.zero_grad(set_to_none=True)
-    return total[0], inside[0]
-
-
 def measure_step(task, batches: list[dict], reps: int) -> dict:
     """Full vs MAE-skipped steps on the same batches, interleaved; decoder time inside the full step."""
-    step = make_step(task)
+    step, _ = make_step(task)
     settings = ("full", "skipped")
     wall = {s: [[] for _ in batches] for s in settings}
     dec = [[] for _ in batches]  # (fwd, bwd) of the full step, per repetition
@@ -284,7 +253,7 @@ def measure_step(task, batches: list[dict], reps: int) -> dict:
     saved = {"full": [], "decoder": [], "skipped": []}
     with timer:
         for b in batches:
-            tot, inside = saved_bytes(task, b, timer)
+            tot, inside, _ = saved_bytes(task, b, lambda: timer.inside)
             saved["full"].append(tot)
             saved["decoder"].append(inside)
     with mae_branch_skipped(task.model):
@@ -309,7 +278,7 @@ def child(args) -> None:
     """One setting in a fresh process: peak RSS increase over ``--steps`` steps (less AdamW state)."""
     _, task = make_task(Path(args.init), Path(args.data), WORK / f"rss-{args.setting}")
     batches = take_batches(task, args.batches)
-    step = make_step(task)
+    step, _ = make_step(task)
     cm = mae_branch_skipped(task.model) if args.setting == "skipped" else contextlib.nullcontext()
     with cm:
         step(batches[0])  # allocator warm-up, AdamW state created
@@ -430,10 +399,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    if args.quick:  # smaller values for the options left at their defaults
-        for name, value in QUICK.items():
-            if getattr(args, name) == ap.get_default(name):
-                setattr(args, name, value)
+    if args.quick:
+        quick_defaults(ap, args, QUICK)
     t_start = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     init, init_what = starting_point(args.init)

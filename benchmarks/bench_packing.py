@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_comp_step import current_rss, peak_rss_during
+from bench_common import current_rss, make_step, peak_rss_during, quick_defaults, saved_bytes
 
 FULL_RECIPE = "comp/siglip-so400m_qwen2.5-0.5b/stage2_pass1"
 TEMPLATE_TOKENS = 30  # Qwen2.5 chat template around one turn (system prompt, role markers), assumed
@@ -247,35 +247,6 @@ def synthetic_stage2_pass1(
 
 
 # --------------------------------------------------------------------------- training step
-def make_step(task):
-    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=0.0)
-
-    def step(batch):
-        terms = task.compute_loss(task.model, batch)
-        loss = sum(terms.weights[k] * terms.sums[k] / max(terms.counts[k], 1) for k in terms.sums)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return terms
-
-    return step, opt
-
-
-def saved_bytes(task, batch) -> tuple[int, dict[str, float]]:
-    """Bytes autograd saves for backward in one objective forward, and the loss sums."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms = task.compute_loss(task.model, batch)
-    sum(terms.sums.values()).backward()
-    task.model.zero_grad(set_to_none=True)
-    return total[0], {k: float(v.detach()) for k, v in terms.sums.items()}
-
-
 def mask_build_s(vlm, cu_seqlens, packed: bool, impl: str, repeats: int = 3) -> float:
     """Seconds to build the body's attention inputs (``body_inputs``) of one LM pass with ``impl``,
     best of ``repeats``."""
@@ -327,7 +298,7 @@ def compare_steps(task, batches: list[dict], reps: int) -> dict:
     for s in settings:
         vlm.configure_packing(s)
         for b in batches:
-            nbytes, loss = saved_bytes(task, b)
+            nbytes, _, loss = saved_bytes(task, b)
             saved[s].append(nbytes)
             sums[s].append(loss)
     impls, mask_ms = {}, {}
@@ -412,10 +383,8 @@ def main() -> None:
     if args.child:
         args.packed = bool(args.packed)
         return child(args)
-    if args.quick:  # smaller values for the options left at their defaults
-        for name, value in QUICK.items():
-            if getattr(args, name) == ap.get_default(name):
-                setattr(args, name, value)
+    if args.quick:
+        quick_defaults(ap, args, QUICK)
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
