@@ -107,7 +107,7 @@ def _path_like(name: str) -> bool:
 def missing_path_error(path: str | os.PathLike, what: str, fix: str = "check the path") -> FileNotFoundError:
     """The error "``what`` PATH does not exist: ``fix``"; under cmpt's cache (the tiny recipes' models and
     data, ``{cache}/tiny...``), the fix is to build them with ``cmpt demo`` first."""
-    from cmpt.recipes.paths import cache_root
+    from cmpt.paths import cache_root
 
     p, root = Path(path).expanduser().absolute(), cache_root().absolute()
     if p.is_relative_to(root / "tiny-quick"):

@@ -54,7 +54,7 @@ _IMPORTED = time.time()
 def length_cache_dir(setting: str | os.PathLike | None = "") -> Path | None:
     """Where length indexes are cached: ``""`` / ``None`` = ``cache_root()/lengths``; ``"off"`` = no
     cache; else the directory named (``{cache}``, ``~`` and ``$VARS`` expand)."""
-    from cmpt.recipes.paths import cache_root, expand_path
+    from cmpt.paths import cache_root, expand_path
 
     text = "" if setting is None else str(setting).strip()
     if text.lower() in ("off", "none", "false"):

@@ -38,7 +38,7 @@ VERSION = 2  # 2: the sample being read at the damage is the corrupt_archive ent
 
 def tar_index_dir() -> Path:
     """Where shard offsets are cached: ``cache_root()/tar_index``."""
-    from cmpt.recipes.paths import cache_root
+    from cmpt.paths import cache_root
 
     return cache_root() / "tar_index"
 

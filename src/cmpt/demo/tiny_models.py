@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from ..recipes.paths import cache_root
+from ..paths import cache_root
 from .lm_pretrain import pretrain_lm
 from .vit_pretrain import pretrain_vit
 

@@ -39,10 +39,10 @@ def run_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
     """`cmpt train`: load the recipe, seed, build its task, run the generic trainer; returns its summary."""
     import torch
 
+    from ..paths import expand_path
     from ..train.disk import check_run_dir
     from ..train.loop import Trainer
     from ..train.resume import check_run_dir_owner
-    from .paths import expand_path
 
     cfg, task_cls = load_recipe(name_or_path, list(overrides))
     cfg.run.dir = expand_path(cfg.run.dir)

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
+from ..paths import expand_path
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
 from ..vision.attention import check_backend
 from ..vlm.model import VisionLanguageModel
 from .comp_objective import CompObjective
-from .paths import expand_path
 
 log = logging.getLogger("cmpt.recipes.comp")
 PARTS = ("vision", "merger", "llm", "lm_head")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig, ResolutionConfig
+from ..paths import expand_path
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
@@ -30,7 +31,6 @@ from ..train.task import Loader
 from ..vision.attention import check_backend
 from .moca_cl_objective import ContrastiveObjective
 from .moca_objective import MocaObjective
-from .paths import expand_path
 
 log = logging.getLogger("cmpt.recipes.moca")
 PARTS = ("vision", "merger", "llm", "lm_head", "mae")

@@ -80,7 +80,7 @@ def _files_of(path: Path, raw: str) -> list[tuple[str, Path]]:
 
 def _fingerprint_path(key: str, raw: str, base: str, out: dict, budget: list[int], depth: int) -> None:
     from ..data.open import split_spec
-    from ..recipes.paths import expand_path
+    from ..paths import expand_path
 
     text = split_spec(expand_path(raw))[0]
     path = Path(text if os.path.isabs(text) or not base else os.path.join(base, text))

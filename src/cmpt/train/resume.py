@@ -113,7 +113,7 @@ def check_run_dir_owner(run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- the decision
 def _checkpoint_of(spec: str, complete_in: Callable[[Path], list[tuple[int, Path]]]) -> tuple[int, Path]:
-    from ..recipes.paths import expand_path
+    from ..paths import expand_path
 
     path = Path(expand_path(spec))
     if not path.exists():

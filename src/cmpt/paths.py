@@ -1,4 +1,5 @@
-"""Path conventions of recipes: ``{cache}`` is cmpt's cache directory, ``~`` and ``$VARS`` expand."""
+"""Path conventions of cmpt (recipes, data, caches): ``{cache}`` is cmpt's cache directory, ``~`` and
+``$VARS`` expand."""
 
 from __future__ import annotations
 
