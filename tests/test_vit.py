@@ -42,6 +42,14 @@ def to_window(x: torch.Tensor, h: int, w: int, m: int = 2) -> torch.Tensor:
 IMAGES = [(56, 84), (112, 56), (28, 28), (84, 140)]
 
 
+def window_packed_images() -> tuple[list[torch.Tensor], list[tuple[int, int]], torch.Tensor]:
+    """Random images of the sizes in IMAGES, their patch grids and their patches packed in
+    merge-window order (what the processor gives the ViT)."""
+    imgs = [torch.randn(3, h, w) for h, w in IMAGES]
+    grids = [(h // P, w // P) for h, w in IMAGES]
+    return imgs, grids, torch.cat([to_window(raster_patches(im), *g) for im, g in zip(imgs, grids)])
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("keep_prefix", [True, False])
 def test_packed_equals_one_at_a_time(rope, keep_prefix):
@@ -60,9 +68,7 @@ def test_window_order_forward_matches_raster(rope):
     """forward() on merge-window-ordered patches = forward_images() re-ordered: the position table and
     the RoPE angles follow each patch (docs/method.md §1: table in the same order as the patches)."""
     vit = tiny(rope=rope)
-    imgs = [torch.randn(3, h, w) for h, w in IMAGES]
-    grids = [(h // P, w // P) for h, w in IMAGES]
-    packed = torch.cat([to_window(raster_patches(im), *g) for im, g in zip(imgs, grids)])
+    imgs, grids, packed = window_packed_images()
     with torch.no_grad():
         out = vit(packed, torch.tensor(grids))
         ref = vit.forward_images(imgs)
@@ -95,9 +101,7 @@ def test_forward_images_of_an_official_order_tower_runs_as_released():
     in raster order, not the (different) output of the same weights with correct positions."""
     vit = tiny()
     vit.config.pos_embed_order = "official"
-    imgs = [torch.randn(3, h, w) for h, w in IMAGES]
-    grids = [(h // P, w // P) for h, w in IMAGES]
-    packed = torch.cat([to_window(raster_patches(im), *g) for im, g in zip(imgs, grids)])
+    imgs, grids, packed = window_packed_images()
     with torch.no_grad():
         released = vit(packed, torch.tensor(grids))
         got = vit.forward_images(imgs)
