@@ -22,6 +22,7 @@ from ..paths import expand_path
 from ..train.config import OptimConfig, RunConfig, TrainConfig
 from ..train.distributed import loads_weights, trains_in_bf16, world_info
 from ..train.loop import LossTerms
+from ..train.task import Loader
 from ..vision.attention import check_backend
 from ..vlm.model import VisionLanguageModel
 from .comp_objective import CompObjective
@@ -179,7 +180,7 @@ class CompTask:
     def fsdp_units(self) -> list[nn.Module]:
         return self.vlm.fsdp_units()
 
-    def build_loader(self, rank: int, world_size: int):
+    def build_loader(self, rank: int, world_size: int) -> Loader:
         from ..data.length_cache import length_cache_dir
         from ..data.loader import build_loader
 

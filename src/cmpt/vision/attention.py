@@ -27,11 +27,15 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .varlen_op import varlen_sdpa
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 BACKENDS = ("auto", "sdpa", "flex", "flash", "varlen")
 
@@ -80,7 +84,7 @@ class AttentionPlan:
             by_len.setdefault(n, []).append(i)
         self.groups = sorted(by_len.items())
 
-    def block_mask(self, causal: bool = False):
+    def block_mask(self, causal: bool = False) -> BlockMask:
         """FlexAttention document mask (causal within each segment or not), built once per plan."""
         if causal not in self._block_masks:
             from torch.nn.attention.flex_attention import create_block_mask

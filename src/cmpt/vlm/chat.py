@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -62,6 +63,9 @@ from cmpt.vlm.vision_tokens import (
     single_token_id,
     vision_token_ids,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: Turn roles as written (LLaVA ``from`` or ``role``) → chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -123,7 +127,9 @@ def _with_single_pads(messages: list[dict]) -> list[dict]:
     return [{**m, "content": single_pads(m["content"])} for m in messages]
 
 
-def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _apply_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool
+) -> str:
     """The tokenizer's chat template, or plain ChatML when it has none."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
@@ -133,14 +139,14 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _end_of_turn_ids(tokenizer) -> set[int]:
+def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     out = {i for i in (single_token_id(tokenizer, "<|im_end|>"), tokenizer.eos_token_id) if i is not None}
     return out
 
 
 def render_conversation(
     conversations: list[dict],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     num_image_tokens: list[int],
     *,
     system: str | None = None,
@@ -227,7 +233,7 @@ def render_conversation(
 
 
 def render_prompt(
-    prompt: str, tokenizer, num_image_tokens: list[int], system: str | None = None
+    prompt: str, tokenizer: PreTrainedTokenizerBase, num_image_tokens: list[int], system: str | None = None
 ) -> torch.LongTensor:
     """Token ids of a generation prompt: one user turn + the assistant header (docs/method.md §2).
 
@@ -251,7 +257,7 @@ def render_prompt(
 
 
 def encode_text_with_images(
-    text: str, tokenizer, num_image_tokens: list[int], *, sample_id: str = "?"
+    text: str, tokenizer: PreTrainedTokenizerBase, num_image_tokens: list[int], *, sample_id: str = "?"
 ) -> torch.LongTensor:
     """Token ids of plain ``text`` (no chat template, no special tokens added) with its ``<image>``
     placeholders expanded as in :func:`render_conversation` (docs/method.md §3, MoCa documents).
@@ -280,7 +286,7 @@ def plain_input(text: str | None, num_images: int, instruction: str | None = Non
     return f"{instruction}\n{body}" if instruction else body
 
 
-def caption_ids(caption: str, tokenizer, max_length: int) -> torch.LongTensor:
+def caption_ids(caption: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> torch.LongTensor:
     """The caption tokenized alone — no chat template, no special tokens — for ``L_align`` (method.md §2).
 
     At most ``max_length`` tokens; empty for an empty caption (callers skip such samples).

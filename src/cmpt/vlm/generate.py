@@ -20,6 +20,7 @@ from cmpt.vlm.packed_sdpa import standard_attention
 from cmpt.vlm.text_attention import set_attention_mode
 
 if TYPE_CHECKING:
+    from cmpt.vision.processor import ImageProcessor
     from cmpt.vlm.model import VisionLanguageModel
 
 __all__ = ["end_of_turn_ids", "generate_batch"]
@@ -43,7 +44,7 @@ def end_of_turn_ids(model: VisionLanguageModel) -> list[int]:
 def generate_batch(
     model: VisionLanguageModel,
     items: Sequence[tuple[Sequence[Any] | None, str]],
-    processor,
+    processor: ImageProcessor | None,
     max_new_tokens: int = 64,
     system: str | None = None,
 ) -> list[str]:

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,6 +39,11 @@ from cmpt.io_atomic import atomic_directory, check_loadable
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.chat import IMAGE_PAD, VISION_END, VISION_START, ensure_vision_tokens
 from cmpt.vlm.merger import PatchMerger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cmpt.vlm.model import VisionLanguageModel
 
 VLM_CONFIG_NAME = "vlm_config.json"
 MERGER_WEIGHTS = "merger.safetensors"
@@ -183,7 +188,7 @@ def _causal_lm(source: str, weights: bool, **kwargs: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def _single_token_id(tokenizer, token: str) -> int:
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"{token} is not a single token of the tokenizer (got ids {ids})")
@@ -194,7 +199,7 @@ def build_vlm(
     cls: type,
     vit: NativeViT | str | Path,
     llm: str | Path | nn.Module,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     *,
     vit_from_hf: bool | None = None,
     rope: bool | None = None,
@@ -204,7 +209,7 @@ def build_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     weights: bool = True,
     **cfg: Any,
-):
+) -> VisionLanguageModel:
     """``VisionLanguageModel.build``: assemble a VLM (eval mode) with a fresh PatchMerger (ViT width →
     LLM hidden size) (docs/method.md §2 "Assembly").
 
@@ -271,7 +276,7 @@ def build_vlm(
     return cls(vit, merger, llm, tokenizer, config, processor).eval()
 
 
-def save_vlm(model, directory: str | Path) -> Path:
+def save_vlm(model: VisionLanguageModel, directory: str | Path) -> Path:
     """``VisionLanguageModel.save_pretrained``: write ``vision/`` (NativeViT), ``merger.safetensors``,
     ``llm/`` (HF model + tokenizer), ``processor/`` (if a processor is attached), ``vlm_config.json``,
     ``config.json`` (Auto classes) and ``README.md`` (model card); atomically (:mod:`cmpt.io_atomic`:
@@ -284,7 +289,7 @@ def save_vlm(model, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def _write_vlm(model, out: Path) -> None:
+def _write_vlm(model: VisionLanguageModel, out: Path) -> None:
     from cmpt.hf_auto import VLM_TYPE, write_auto_config
 
     model.vit.save_pretrained(out / "vision", model_card=False, processor=model.processor)
@@ -313,7 +318,7 @@ def load_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     weights: bool = True,
     **overrides: Any,
-):
+) -> VisionLanguageModel:
     """``VisionLanguageModel.from_pretrained``: load a directory written by :func:`save_vlm` (or its
     hub id: :func:`cmpt.hub.local_model_dir`; eval mode) or a CoMP-MM of the official release
     (:func:`cmpt.vlm.official_release.load_official_vlm`); ``overrides`` replace :class:`VLMConfig`

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,11 @@ from cmpt.vlm.backbone import BackboneMixin, enable_hf_checkpointing
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, resize_vocab, save_vlm
 from cmpt.vlm.merger import PatchMerger
 from cmpt.vlm.text_attention import AttentionMode, TextLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cmpt.vision.processor import ImageProcessor
 
 __all__ = ["VLMConfig", "VLMOutput", "VisionLanguageModel"]
 
@@ -72,9 +77,9 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         vit: NativeViT,
         merger: PatchMerger,
         llm: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         config: VLMConfig,
-        processor=None,
+        processor: ImageProcessor | None = None,
     ) -> None:
         super().__init__()
         self.vit, self.merger, self.llm = vit, merger, llm
@@ -181,7 +186,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         images: Sequence[Any] | None = None,
         prompt: str = "",
         *,
-        processor=None,
+        processor: ImageProcessor | None = None,
         max_new_tokens: int = 64,
         system: str | None = None,
     ) -> str:
@@ -198,7 +203,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         self,
         items: Sequence[tuple[Sequence[Any] | None, str]],
         *,
-        processor=None,
+        processor: ImageProcessor | None = None,
         max_new_tokens: int = 64,
         system: str | None = None,
     ) -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from cmpt.vision.official_release import (
     release_settings,
     tower_family,
 )
+
+if TYPE_CHECKING:
+    from cmpt.vlm.model import VisionLanguageModel
 
 #: The release's merger sub-modules → :class:`cmpt.vlm.merger.PatchMerger`'s.
 MERGER_NAMES = {"ln_q": "norm", "mlp.0": "fc1", "mlp.2": "fc2"}
@@ -143,7 +146,7 @@ def load_official_vlm(
     llm_kwargs: dict[str, Any] | None = None,
     weights: bool = True,
     **vit_overrides: Any,
-):
+) -> VisionLanguageModel:
     """Load a CoMP-MM directory of the release as a :class:`VisionLanguageModel` (eval mode;
     docs/method.md §1.5): the tower with ``pos_embed_order: official`` and RoPE as ``use_rope``
     says, the release's merger, the Qwen2 LLM (``dtype``, default float32), tokenizer and
