@@ -188,3 +188,15 @@ def test_save_options_and_from_config_are_refused_by_name(dirs, vlm_dir, emb_dir
     for d in (vlm_dir, emb_dir):
         with pytest.raises(ValueError, match=r"config.json alone.*AutoModel.from_pretrained\(DIR\)"):
             AutoModel.from_config(AutoConfig.from_pretrained(d))
+
+
+def test_an_out_of_memory_error_under_overrides_is_not_a_misfit(dirs, monkeypatch):
+    """Only the load's shape errors become "do not fit the overridden fields": an out-of-memory error
+    (a RuntimeError subclass) while loading with an override passes unchanged."""
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cmpt.NativeViT, "from_pretrained", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        AutoModel.from_pretrained(dirs / "vit", rope=True)

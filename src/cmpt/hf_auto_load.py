@@ -156,11 +156,12 @@ def prepare(
 @contextlib.contextmanager
 def fitting(load: Load) -> Iterator[None]:
     """Around cmpt's loader: saved weights that do not fit the overridden fields (torch's
-    ``load_state_dict`` RuntimeError) are one ValueError naming those fields."""
+    ``load_state_dict`` error, a plain RuntimeError) are one ValueError naming those fields; its
+    subclasses (out of memory, NotImplementedError, ...) pass unchanged."""
     try:
         yield
     except RuntimeError as e:
-        if not load.overrides:
+        if not load.overrides or type(e) is not RuntimeError:
             raise
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]  # torch's first mismatch, after its heading
