@@ -7,18 +7,22 @@ YAML file or a dict, checking every key and value against the type hints: nested
 
 Conversions (everything else is a :class:`ConfigError`):
 
-* ``float`` fields accept ints and numeric strings (YAML 1.1 reads ``1e-4`` as a string);
+* ``float`` fields accept ints and numeric strings (YAML 1.1 reads ``1e-4`` as a string), but
+  not NaN or infinities (``.nan``, ``inf``, ``1e400``);
 * ``int`` fields accept ints, and floats or numeric strings that are exact integers (``1e5``);
 * ``bool`` fields accept only booleans; ``str`` fields only strings (quote ``"2024"``);
 * ``Path`` fields accept strings; tuples accept YAML lists; mapping keys declared ``str`` accept
   YAML numbers (``1: x``) as their string form.
 
+A key given twice in one YAML mapping is an error (YAML would keep the last silently).
+
 A YAML file may start with ``base: other.yaml`` (or a list of files), relative to the file
 itself; bases are merged first, in order, then the file on top (dicts merge deep, lists and
 scalars replace). ``base`` is therefore a reserved top-level key.
 
-The value checks and conversions live in :mod:`cmpt.config_schema`; this module reads YAML,
-applies bases, moved keys and overrides, and writes configs back.
+The value checks and conversions live in :mod:`cmpt.config_schema`, reading the files and their
+bases in :mod:`cmpt.config_files`; this module applies moved keys and overrides, builds the
+dataclasses, and writes configs back.
 
 Moved keys: a dataclass may list ``_moved_keys = (("old", "section.new"), ...)``, an old field name
 and its new dotted path from the root of the schema. A file or ``--set`` that still uses the old
@@ -29,9 +33,7 @@ values, or a schema without the new key, is a :class:`ConfigError`.
 from __future__ import annotations
 
 import collections.abc as cabc
-import copy
 import dataclasses
-import difflib
 import enum
 import hashlib
 import json
@@ -40,6 +42,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from .config_files import deep_merge, load_yaml, read_yaml, resolve_config_path, with_bases
 from .config_schema import (
     _DICTS,
     _LISTS,
@@ -63,66 +66,6 @@ from .io_atomic import atomic_file
 
 __all__ = ["BASE_KEY", "ConfigError", "config_hash", "deep_merge", "load_config", "load_yaml"]
 __all__ += ["resolve_config_path", "save_config", "to_dict"]
-
-
-# ----------------------------------------------------------------------------- YAML and bases
-def deep_merge(base: dict, override: dict) -> dict:
-    """A new dict: ``override`` on top of ``base``; nested dicts merge, everything else replaces."""
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        if isinstance(out.get(k), dict) and isinstance(v, dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _record_origins(data: dict, name: str, prefix: _KeyPath, origins: dict[_KeyPath, str]) -> None:
-    for k, v in data.items():
-        origins[(*prefix, k)] = name
-        if isinstance(v, dict):
-            _record_origins(v, name, (*prefix, k), origins)
-
-
-def _with_bases(data: dict, base_dir: Path, name: str, stack: tuple[Path, ...]) -> tuple[dict, dict]:
-    data = dict(data)
-    bases = data.pop(BASE_KEY, None)
-    bases = [] if bases is None else [bases] if isinstance(bases, (str, PurePath)) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, (str, PurePath)) for b in bases):
-        raise ConfigError(f"'{BASE_KEY}' in {name} must be a file name or a list of file names")
-    merged: dict = {}
-    origins: dict[_KeyPath, str] = {}
-    for b in bases:
-        b_path = Path(b).expanduser()
-        b_data, b_origins = _read_yaml(b_path if b_path.is_absolute() else base_dir / b_path, stack)
-        merged = deep_merge(merged, b_data)
-        origins.update(b_origins)
-    _record_origins(data, name, (), origins)
-    return deep_merge(merged, data), origins
-
-
-def _read_yaml(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict]:
-    resolved = path.resolve()
-    if resolved in stack:
-        chain = " -> ".join(str(p) for p in (*stack, resolved))
-        raise ConfigError(f"cycle in '{BASE_KEY}' inheritance: {chain}")
-    if not path.is_file():
-        extra = f" (base of {stack[-1]})" if stack else ""
-        raise ConfigError(f"config file not found: {path}{extra}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"invalid YAML in {path}: {e}") from e
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return _with_bases(data, path.parent, str(path), (*stack, resolved))
-
-
-def load_yaml(path: str | Path) -> dict:
-    """The plain dict of a YAML file with its ``base:`` chain merged in (no schema check)."""
-    return _read_yaml(Path(path), ())[0]
 
 
 # ----------------------------------------------------------------------------- moved keys
@@ -181,11 +124,17 @@ def _is_text_type(tp: Any) -> bool:
     return tp is str or (isinstance(tp, type) and issubclass(tp, PurePath))
 
 
+_NULLS = ("", "~", "null", "Null", "NULL")
+
+
 def _override_value(raw: str, tp: Any, override: str) -> Any:
     """The value of ``--set key=raw``, parsed as YAML; a text-typed key (``str``, ``Path``) takes
-    ``raw`` verbatim when YAML would not give a string (``{cache}/x`` is a YAML flow mapping,
-    ``2024`` a number) — ``null`` / ``~`` / empty still mean None for an optional key, and quoted
-    YAML strings are unquoted."""
+    ``raw`` as written (stripped), not YAML's reading of it (``{cache}/x`` is a YAML flow mapping,
+    ``2024`` a number, ``run #2`` loses its ``#`` comment, ``&a x`` its anchor) — ``null`` / ``~`` /
+    empty still mean None for an optional key, and quoted YAML strings are unquoted."""
+    text = raw.strip()
+    if _is_text_type(tp) and text not in _NULLS and not text.startswith(("'", '"')):
+        return text
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
@@ -196,6 +145,20 @@ def _override_value(raw: str, tp: Any, override: str) -> Any:
     if _is_text_type(tp) and value is not None and not isinstance(value, str):
         return raw.strip()
     return value
+
+
+def _merge_section(current: dict, new: dict, cls: type) -> dict:
+    """``--set section={a: 1}``: ``new`` on top of the section's current values, as a ``base:``
+    child file merges; nested dataclass sections merge too, any other value (a list, a
+    ``dict[str, X]`` such as ``stage.lr``) is replaced."""
+    out = dict(current)
+    fields, hints = _init_fields(cls), _hints(cls)
+    for key, value in new.items():
+        sub = _unwrap_optional(hints[key]) if key in fields else None
+        if _is_dataclass_type(sub) and isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge_section(out[key], value, sub)
+        out[key] = value
+    return out
 
 
 def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
@@ -239,6 +202,10 @@ def _apply_override(data: dict, cls: type, override: str, ctx: _Ctx) -> None:
         path = (*path, k)
         if i == len(parts) - 1:
             value = _override_value(raw, child_tp, override)
+            current = node.get(k) if isinstance(node, dict) else node[k]
+            section = _unwrap_optional(child_tp)
+            if _is_dataclass_type(section) and isinstance(value, dict) and isinstance(current, dict):
+                value = _merge_section(current, value, section)  # keep the file's other keys
             _convert(value, child_tp, path, _Ctx(where))  # fail now, naming the override
             node[k] = value
             ctx.origins[path] = where
@@ -257,19 +224,20 @@ def load_config(
 
     Overrides look like ``"optim.lr=1e-4"``, ``"data.sizes=[224, 448]"`` or
     ``"data.sources.0.weight=2"`` (list index); values are parsed with ``yaml.safe_load`` and
-    type-checked. A text key (``str`` / ``Path``) takes the value as written when YAML would not
-    give a string, so ``data.path={cache}/x.json`` and ``run.name=2024`` need no quotes. Errors
-    are :class:`ConfigError` naming the dotted key and where it came from.
+    type-checked. A text key (``str`` / ``Path``) takes the value as written (unless quoted or
+    ``null``), so ``data.path={cache}/x.json``, ``run.name=2024`` and ``run.name=exp #2`` need no
+    quotes. A mapping set on a section (``train={steps: 5}``) merges into it, as a ``base:`` child
+    file does. Errors are :class:`ConfigError` naming the dotted key and where it came from.
     """
     if isinstance(overrides, str):
         overrides = [overrides]
     if source is None:
         data, ctx = {}, _Ctx("<defaults>")
     elif isinstance(source, dict):
-        data, origins = _with_bases(source, Path.cwd(), "<dict>", ())
+        data, origins = with_bases(source, Path.cwd(), "<dict>", ())
         ctx = _Ctx("<dict>", origins)
     else:
-        data, origins = _read_yaml(Path(source), ())
+        data, origins = read_yaml(Path(source), ())
         ctx = _Ctx(str(source), origins)
     if _is_dataclass_type(cls) and isinstance(data, dict):
         _migrate_moved(data, cls, ctx)
@@ -321,24 +289,3 @@ def config_hash(obj: Any, length: int = 12) -> str:
     data = obj if isinstance(obj, dict) else to_dict(obj)
     text = json.dumps(_plain(data), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
-def resolve_config_path(name_or_path: str | Path, packaged_root: str | Path) -> Path:
-    """A YAML path if it exists, else the packaged recipe ``<packaged_root>/<name>.yaml``."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    root = Path(packaged_root)
-    name = str(name_or_path)
-    candidate = root / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-    if candidate.is_file():
-        return candidate
-    available = sorted(
-        p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.y*ml") if p.is_file()
-    )
-    hint = difflib.get_close_matches(name.removesuffix(".yaml"), available, n=1)
-    raise ConfigError(
-        f"no config file {name!r} and no packaged recipe of that name under {root}"
-        + (f"; did you mean '{hint[0]}'?" if hint else "")
-        + f"; available recipes: {', '.join(available) if available else '(none)'}"
-    )

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import math
 import types
 import typing
 import warnings
@@ -175,17 +176,29 @@ def _convert_scalar(value: Any, tp: Any, path: _KeyPath, ctx: _Ctx) -> Any:
         raise ctx.error(path, f"unsupported type {tp!r} in the schema")
     if tp is int and not isinstance(value, (bool, int)):
         num = _as_number(value)
-        if num is not None and float(num).is_integer():
+        if isinstance(num, int) or (isinstance(num, float) and num.is_integer()):
             return int(num)
     elif tp is float:
         num = _as_number(value)
         if num is not None:
-            return float(num)
+            return _finite(num, value, path, ctx)
     elif issubclass(tp, PurePath) and isinstance(value, (str, PurePath)):
         return tp(value)
     elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value  # bool, int, str, None and any other plain class
     raise _type_error(value, tp, path, ctx)
+
+
+def _finite(num: int | float, value: Any, path: _KeyPath, ctx: _Ctx) -> float:
+    """``num`` as a float; NaN, infinities and numbers beyond float range (``.nan``, ``inf``,
+    ``1e400``) are refused: no float setting means them, and ``lr >= 0``-style checks let NaN by."""
+    try:
+        out = float(num)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ctx.error(path, f"expected a finite number, got {value!r}")
+    return out
 
 
 def _as_number(value: Any) -> int | float | None:

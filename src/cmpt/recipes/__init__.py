@@ -21,16 +21,28 @@ def recipes() -> dict[str, tuple[type, type]]:
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[Any, Any]:
     """A recipe YAML (path, or packaged name like ``tiny/comp_stage1``) + ``--set`` overrides →
     (typed config, task class)."""
-    from ..config import load_config, load_yaml, resolve_config_path
+    from ..config import ConfigError, load_config, load_yaml, resolve_config_path
 
     path = resolve_config_path(name_or_path, CONFIG_ROOT)
-    name = load_yaml(path).get("recipe", "comp")
+    data = load_yaml(path)
+    name, where = data.get("recipe", "comp"), str(path)
     for item in overrides:
-        if item.startswith("recipe="):
-            name = yaml.safe_load(item.split("=", 1)[1])
+        key, _, raw = item.partition("=")
+        if key.strip() != "recipe":
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if "recipe" in data and value != data["recipe"]:  # the file's keys belong to its recipe
+            raise ConfigError(
+                f"--set {item}: {path} is a {data['recipe']!r} recipe; --set cannot change the "
+                "recipe: start from a recipe file of that kind"
+            )
+        name, where = value, f"--set {item}"
     table = recipes()
-    if name not in table:
-        raise ValueError(f"{path}: unknown recipe {name!r}; known recipes: {sorted(table)}")
+    if not isinstance(name, str) or name not in table:
+        raise ConfigError(f"{where}: unknown recipe {name!r}; known recipes: {', '.join(sorted(table))}")
     cfg_cls, task_cls = table[name]
     return load_config(cfg_cls, path, overrides), task_cls
 
