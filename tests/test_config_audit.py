@@ -206,3 +206,15 @@ def test_cli_recipe_list_is_one_line_exit_2(capsys: pytest.CaptureFixture, tmp_p
     assert main(argv) == 2
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("cmpt ")]
     assert line.startswith("cmpt train: error: --set recipe=[a]: ") and not (tmp_path / "run").exists()
+
+
+def test_an_unset_variable_in_a_path_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$VAR`` / ``${VAR}`` in a path expand; one that is not set is named (left as written, a run
+    would write into a directory literally called ``$VAR``)."""
+    from cmpt.paths import expand_path
+
+    monkeypatch.setenv("CMPT_AUDIT_SET", "/data")
+    monkeypatch.delenv("CMPT_AUDIT_UNSET", raising=False)
+    assert expand_path("$CMPT_AUDIT_SET/a") == expand_path("${CMPT_AUDIT_SET}/a") == "/data/a"
+    with pytest.raises(ValueError, match=r"\$CMPT_AUDIT_UNSET is not set; set it or write the path out"):
+        expand_path("runs/${CMPT_AUDIT_UNSET}/x")

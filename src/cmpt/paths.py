@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+_VAR = re.compile(r"\$(\w+|\{([^}]*)\})")
 
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
@@ -13,6 +16,12 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
 
 
 def expand_path(path: str | os.PathLike) -> str:
-    """``{cache}/tiny/data.json`` → ``<cache_root()>/tiny/data.json``; also ``~`` and ``$VAR``."""
+    """``{cache}/tiny/data.json`` → ``<cache_root()>/tiny/data.json``; also ``~`` and ``$VAR`` /
+    ``${VAR}``. A variable that is not set is a ``ValueError`` naming it (left as written, it would
+    make a run write into a directory literally called ``$VAR``)."""
     text = str(path).replace("{cache}", str(cache_root()))
+    unset = sorted({m.group(2) or m.group(1) for m in _VAR.finditer(text)} - set(os.environ))
+    if unset:
+        names = ", ".join(f"${v}" for v in unset)
+        raise ValueError(f"{path}: the environment variable {names} is not set; set it or write the path out")
     return os.path.expanduser(os.path.expandvars(text))
