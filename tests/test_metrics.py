@@ -267,3 +267,22 @@ def test_miou_rejects_bad_inputs() -> None:
         miou(np.array([0, 1]), np.array([0]), 2)
     with pytest.raises(ValueError):
         miou(np.array([0, 1]), np.array([0, 5]), 2)
+
+
+def test_anls_and_relaxed_accuracy_equal_lmms_evals_where_installed() -> None:
+    """cmpt's ``anls(variant="lmms-eval")`` and ChartQA relaxed accuracy give lmms-eval's numbers
+    on random predictions and answers (case, spaces, numbers, percentages, empty strings)."""
+    metrics = pytest.importorskip("lmms_eval.api.metrics")
+    chartqa = pytest.importorskip("lmms_eval.tasks.chartqa.utils")
+    rng = np.random.default_rng(0)
+    words = ["Total", "total ", " 12", "12.5", "13", "50%", "0.5", "0", "", "a  b", "A B", "-3", "1e3", "x"]
+
+    def text() -> str:
+        return " ".join(rng.choice(words, size=int(rng.integers(1, 3))))
+
+    for _ in range(2000):
+        pred, golds = text(), [text() for _ in range(int(rng.integers(1, 4)))]
+        want = metrics.anls(golds, [pred])["anls"]
+        assert anls(pred, golds, "lmms-eval") == pytest.approx(want), (pred, golds)
+        gold = golds[0]
+        assert relaxed_accuracy(pred, gold) == chartqa.relaxed_correctness(pred, gold), (pred, gold)
