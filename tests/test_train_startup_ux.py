@@ -6,7 +6,7 @@
 * a run.dir (or --resume checkpoint) of another recipe or stage is refused with one line naming
   both, not a key-by-key diff;
 * --resume of a path that does not exist says so, and names the ``.damaged`` copy when a start set
-  the checkpoint aside (as ``cmpt.train.export.export_checkpoint`` does);
+  the checkpoint aside (as ``cmpt.export.export_checkpoint`` does);
 * a finished run started again does nothing (one line, exit 0, final/ and history/ untouched),
   unless its final/ is missing or of another step; raising train.steps continues it;
 * the last log line names the last step's loss as summary.json's ``loss``.
@@ -124,7 +124,7 @@ def test_another_recipe_or_stage_is_refused_in_one_line(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- --resume PATH
 def test_resume_of_a_missing_or_set_aside_checkpoint_says_so(tmp_path: Path, capsys) -> None:
-    from cmpt.train.export import export_checkpoint
+    from cmpt.export import export_checkpoint
 
     nope = tmp_path / "nope"
     with pytest.raises(ResumeError) as e:

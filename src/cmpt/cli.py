@@ -117,9 +117,9 @@ def _check_export_paths(model: str, out: str) -> None:
     from pathlib import Path
 
     from .embed.embedder import EMBEDDER_CONFIG
+    from .export import is_checkpoint
     from .hub import is_hub_id
     from .io_atomic import check_not_overlapping, check_replaceable
-    from .train.export import is_checkpoint
     from .train.verify import set_aside_note, step_dirs
     from .vlm.io import VLM_CONFIG_NAME
 
@@ -148,7 +148,7 @@ def _export(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .embed.embedder import EMBEDDER_CONFIG, Embedder
-    from .train.export import export_checkpoint, is_checkpoint
+    from .export import export_checkpoint, is_checkpoint
     from .vlm.model import VisionLanguageModel
 
     _check_export_paths(a.model, a.out)

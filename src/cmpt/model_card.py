@@ -40,7 +40,7 @@ __all__ = ["CARD_NAME", "RunFacts", "find_run", "model_kind", "render_card", "wr
 
 CARD_NAME = "README.md"
 TRAINER = "cmpt.train.Trainer"  # the writer of a run's final/ (cmpt.train.loop)
-EXPORT = "cmpt export"  # the writer of an exported checkpoint (cmpt.train.export)
+EXPORT = "cmpt export"  # the writer of an exported checkpoint (cmpt.export)
 
 _KINDS = {  # kind -> (pipeline_tag, tags, one-line description)
     "vlm": ("image-text-to-text", ["vision-language-model", "comp", "c-rope"], "a vision-language model"),

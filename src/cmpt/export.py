@@ -1,4 +1,6 @@
-"""Any checkpoint step as a model directory: ``cmpt export RUN/checkpoints/step_N --out DIR``.
+"""Any checkpoint step as a model directory: ``cmpt export RUN/checkpoints/step_N --out DIR`` (a
+command over a recipe and the trainer's checkpoints, so it lives beside them, not in ``train/``,
+which never knows its recipe).
 
 The run's recipe is rebuilt from ``RUN/config.yaml`` (the same starting point: its ``model.init``
 must still exist), the checkpoint's weights are read into it — DCP reshards, so DDP and FSDP2
@@ -24,11 +26,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from ..io_atomic import atomic_directory
-from ..model_card import CARD_NAME, RunFacts, write_model_card
-from .checkpoint import CheckpointError, save_final_weights
-from .safe_load import safe_dcp_load
-from .verify import set_aside_note, verify_checkpoint
+from .io_atomic import atomic_directory
+from .model_card import CARD_NAME, RunFacts, write_model_card
+from .train.checkpoint import CheckpointError, save_final_weights
+from .train.safe_load import safe_dcp_load
+from .train.verify import set_aside_note, verify_checkpoint
 
 __all__ = ["export_checkpoint", "is_checkpoint"]
 
@@ -41,7 +43,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write checkpoint ``ckpt`` as its recipe's final output into ``out``; returns ``out``."""
-    from ..recipes import load_recipe
+    from .recipes import load_recipe
 
     ckpt = Path(ckpt)
     if not ckpt.exists():
