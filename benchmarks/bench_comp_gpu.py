@@ -7,7 +7,7 @@ random weights built locally (no hub access), synthetic chart images. Recipe
 RoPE and the alignment loss on, images forced to 1024² (→ 1036², 5,476 patches, 1,369 merged
 tokens each). bf16 autocast, fused AdamW.
 
-**Variants** (:func:`variant_list`, data: one line each; ``change`` says what differs from the
+**Variants** (``gpu_options.variant_list``, data: one line each; ``change`` says what differs from the
 variant named in ``before``, and the table gives that change's throughput ratio):
 
 * ``padded`` — text right-padded (``data.packing: false``);
@@ -81,7 +81,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from gpu_harness import Setup, base_args, clock_of, device_or_exit, run_bench, select_variants
+from gpu_harness import Setup, clock_of, device_or_exit, run_bench
+from gpu_options import base_args, select_variants
 
 VISION = {  # SigLIP-so400m/14 and a tiny stand-in
     "full": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),

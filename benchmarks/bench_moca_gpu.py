@@ -58,16 +58,8 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_harness import (
-    Setup,
-    Variant,
-    base_args,
-    clock_of,
-    device_or_exit,
-    run_bench,
-    select_variants,
-    variant_list,
-)
+from gpu_harness import Setup, clock_of, device_or_exit, run_bench
+from gpu_options import Variant, base_args, select_variants, variant_list
 
 #: MoCa's: transformers' own vision attention, one SDPA call per window / image segment.
 VARIANTS = variant_list(Variant("vision_per_segment", change="vision attn: HF per-segment SDPA"))

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from gpu_harness import Run, Setup, Variant
+    from gpu_harness import Run, Setup
+    from gpu_options import Variant
 
 #: dense (no sparsity) bf16 tensor-core peaks of NVIDIA's datasheets, TFLOP/s: the first key found
 #: in the device's name (half the "with sparsity" figures the datasheets headline).
