@@ -299,3 +299,5 @@ def test_log_prior_given_once_equals_the_counts_every_time() -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="either vocab_counts or log_prior"):
         alignment_loss(fv, ft, w, counts, log_prior=log_prior_from_counts(counts))
+    with pytest.raises(ValueError, match=r"log_prior must have shape \(30,\)"):
+        alignment_loss(fv, ft, w, log_prior=log_prior_from_counts(counts[:29]))

@@ -218,11 +218,9 @@ def alignment_loss(
     if vision_temp <= 0:
         raise ValueError(f"vision_temp must be > 0, got {vision_temp}")
     vocab = prototypes.shape[0]
-    if vocab_counts is not None and vocab_counts.shape != (vocab,):
-        raise ValueError(
-            f"vocab_counts must have shape ({vocab},) to match the prototypes, "
-            f"got {tuple(vocab_counts.shape)}"
-        )
+    for name, t in (("vocab_counts", vocab_counts), ("log_prior", log_prior)):
+        if t is not None and t.shape != (vocab,):
+            raise ValueError(f"{name} must have shape ({vocab},) like the prototypes, got {tuple(t.shape)}")
     if vocab_counts is not None and log_prior is not None:
         raise ValueError("pass either vocab_counts or log_prior, not both")
     if vision_feats.shape[0] == 0:

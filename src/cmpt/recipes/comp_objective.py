@@ -47,8 +47,8 @@ class CompObjective(nn.Module):
         self.vocab_counts = vocab_counts
         # log π, computed once (docs/method.md §2) and kept per device: no per-micro-batch copy of
         # the counts, no recomputation of the prior
-        counts = vocab_counts
-        self._log_prior = None if counts is None else log_prior_from_counts(counts, loss.prior_temp)
+        prior_temp = loss.prior_temp
+        self._log_prior = None if vocab_counts is None else log_prior_from_counts(vocab_counts, prior_temp)
         self._log_prior_on: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
