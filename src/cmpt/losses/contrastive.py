@@ -45,6 +45,43 @@ def info_nce(
     wait for the device in every step (the training objective, whose masks keep its positives by
     construction, passes device tensors).
     """
+    positives = _checked_positives(
+        query, target, hard_negatives, temperature, positives, hard_negative_mask, target_mask, reduction
+    )
+    b = query.shape[0]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    if b == 0:  # no query: a zero that keeps the inputs in the graph (as alignment_loss, mae_loss)
+        zero = query.sum() + target.sum()
+        if hard_negatives is not None:
+            zero = zero + hard_negatives.sum()
+        return zero.to(dtype) * 0.0
+    q, t = query.to(dtype), target.to(dtype)
+    logits = q @ t.T / temperature
+    if target_mask is not None:
+        keep = target_mask.to(device=logits.device, dtype=torch.bool)
+        logits = logits.masked_fill(~keep[None, :], float("-inf"))
+    if hard_negatives is not None:
+        hard = torch.einsum("bd,bkd->bk", q, hard_negatives.to(dtype)) / temperature
+        if hard_negative_mask is not None:
+            hard = hard.masked_fill(
+                ~hard_negative_mask.to(device=hard.device, dtype=torch.bool), float("-inf")
+            )
+        logits = torch.cat([logits, hard], dim=1)
+    return F.cross_entropy(logits, positives.to(q.device), reduction=reduction)
+
+
+def _checked_positives(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    hard_negatives: torch.Tensor | None,
+    temperature: float,
+    positives: torch.Tensor | None,
+    hard_negative_mask: torch.Tensor | None,
+    target_mask: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    """Check :func:`info_nce`'s arguments (one-line errors naming the argument) and return the
+    positives' target rows (default ``0..B-1``)."""
     if query.dim() != 2 or target.dim() != 2 or query.shape[1] != target.shape[1]:
         raise ValueError(
             f"query (B, D) and target (M, D) expected, got {tuple(query.shape)}, {tuple(target.shape)}"
@@ -99,22 +136,4 @@ def info_nce(
                 f"hard_negative_mask must be {tuple(hard_negatives.shape[:2])} (B, k), got shape "
                 f"{tuple(hard_negative_mask.shape)}"
             )
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    if b == 0:  # no query: a zero that keeps the inputs in the graph (as alignment_loss, mae_loss)
-        zero = query.sum() + target.sum()
-        if hard_negatives is not None:
-            zero = zero + hard_negatives.sum()
-        return zero.to(dtype) * 0.0
-    q, t = query.to(dtype), target.to(dtype)
-    logits = q @ t.T / temperature
-    if target_mask is not None:
-        keep = target_mask.to(device=logits.device, dtype=torch.bool)
-        logits = logits.masked_fill(~keep[None, :], float("-inf"))
-    if hard_negatives is not None:
-        hard = torch.einsum("bd,bkd->bk", q, hard_negatives.to(dtype)) / temperature
-        if hard_negative_mask is not None:
-            hard = hard.masked_fill(
-                ~hard_negative_mask.to(device=hard.device, dtype=torch.bool), float("-inf")
-            )
-        logits = torch.cat([logits, hard], dim=1)
-    return F.cross_entropy(logits, positives.to(q.device), reduction=reduction)
+    return positives
