@@ -211,36 +211,75 @@ def plan_resume(
     with the checkpoint's as ``train.world_size`` (:func:`cmpt.train.reshard.world_size_change`; with
     ``batch_key``, the key that times the world size makes the global batch)."""
     mode, allow = spec.strip(), [a.strip() for a in allow if a.strip()]
-    pre: list[str] = []
+    start = _start_point(mode, run_dir, complete_in, latest)
+    if start is None:
+        return ResumePlan(mode)
+    step, ckpt, pre = start
+    changes, accepted, notes = _changes(ckpt, run_dir, config, fingerprint, ignored, world_size, batch_key)
+    refused = {k: v for k, v in sorted(changes.items()) if not covered(k, [*allow, *accepted])}
+    # frozen_weights is checked later, against the weights the model loads (cmpt.train.frozen)
+    unused = [a for a in allow if a != FROZEN_KEY and not any(covered(k, [a]) for k in changes)]
+    if refused and {"recipe", "stage.name"} & set(refused):
+        raise _other_run(mode, run_dir, ckpt, _saved_config(ckpt, run_dir)[0], config)
+    if refused:
+        raise _refusal(run_dir, ckpt, step, refused, unused)
+    if unused:
+        notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
+    return ResumePlan(mode, str(ckpt.resolve()), step, dict(sorted(changes.items())), [*pre, *notes])
+
+
+def _start_point(
+    mode: str, run_dir: Path, complete_in: Callable[[Path], list[tuple[int, Path]]], latest: Path | None
+) -> tuple[int, Path, list[str]] | None:
+    """The checkpoint ``mode`` continues, as (step, path, notes); None for a fresh start
+    (:func:`plan_resume`)."""
     own = complete_in(run_dir / "checkpoints")
-    names = ", ".join(p.name for _, p in own)
     if mode == "never":
         if own:
             raise ResumeError(
-                f"{run_dir} already has checkpoints ({names}) and --resume never was given: continue "
-                f"them with --resume auto, or choose a new run.dir (--set run.dir=...), or remove "
-                f"{run_dir / 'checkpoints'}"
+                f"{run_dir} already has checkpoints ({', '.join(p.name for _, p in own)}) and --resume "
+                f"never was given: continue them with --resume auto, or choose a new run.dir "
+                f"(--set run.dir=...), or remove {run_dir / 'checkpoints'}"
             )
-        return ResumePlan(mode)
+        return None
     if mode == "auto":
         if latest is None:
-            return ResumePlan(mode)
+            return None
         step, ckpt = next(
             ((s, p) for s, p in own if p == Path(latest)), (_step_of(Path(latest)), Path(latest))
         )
-    else:
-        step, ckpt = _checkpoint_of(mode, complete_in)
-        newer = [p.name for s, p in own if s > step]
-        if newer and str(ckpt.resolve()) in continued_from(run_dir):  # the same command, rerun
-            early = f"{ckpt} (step {step})"
-            step, ckpt = own[-1]
-            pre = [f"this run.dir already continued from {early}: continuing from its newest checkpoint"]
-        elif newer:
-            raise ResumeError(
-                f"--resume {mode} continues from step {step}, but {run_dir} has newer checkpoints "
-                f"({', '.join(newer)}) that a later --resume auto would pick up: move them away or "
-                "choose a new run.dir"
-            )
+        return step, ckpt, []
+    step, ckpt = _checkpoint_of(mode, complete_in)
+    newer = [p.name for s, p in own if s > step]
+    if newer and str(ckpt.resolve()) in continued_from(run_dir):  # the same command, rerun
+        early = f"{ckpt} (step {step})"
+        step, ckpt = own[-1]
+        return (
+            step,
+            ckpt,
+            [f"this run.dir already continued from {early}: continuing from its newest checkpoint"],
+        )
+    if newer:
+        raise ResumeError(
+            f"--resume {mode} continues from step {step}, but {run_dir} has newer checkpoints "
+            f"({', '.join(newer)}) that a later --resume auto would pick up: move them away or "
+            "choose a new run.dir"
+        )
+    return step, ckpt, []
+
+
+def _changes(
+    ckpt: Path,
+    run_dir: Path,
+    config: dict,
+    fingerprint: dict[str, str],
+    ignored: Iterable[str],
+    world_size: int | None,
+    batch_key: str,
+) -> tuple[dict[str, list[Any]], tuple[str, ...], list[str]]:
+    """What differs between ``ckpt``'s saved config and data fingerprint and this run's, as
+    (changes ``{key: [old, new]}``, keys accepted without ``--allow-change``, notes)
+    (:func:`plan_resume`)."""
     old, old_fp, notes = _saved_config(ckpt, run_dir)
     changes: dict[str, list[Any]] = {}
     if old is not None:
@@ -263,16 +302,7 @@ def plan_resume(
         moved, accepted, more = world_size_change(ckpt, old, config, world_size, batch_key)
         changes.update(moved)
         notes.extend(more)
-    refused = {k: v for k, v in sorted(changes.items()) if not covered(k, [*allow, *accepted])}
-    # frozen_weights is checked later, against the weights the model loads (cmpt.train.frozen)
-    unused = [a for a in allow if a != FROZEN_KEY and not any(covered(k, [a]) for k in changes)]
-    if refused and {"recipe", "stage.name"} & set(refused):
-        raise _other_run(mode, run_dir, ckpt, old, config)
-    if refused:
-        raise _refusal(run_dir, ckpt, step, refused, unused)
-    if unused:
-        notes.append(f"train.allow_change entries that match no change: {', '.join(unused)}")
-    return ResumePlan(mode, str(ckpt.resolve()), step, dict(sorted(changes.items())), [*pre, *notes])
+    return changes, accepted, notes
 
 
 def _finished(run_dir: Path, plan: ResumePlan, steps: int) -> bool:
