@@ -1,20 +1,17 @@
 """M-RoPE positions of a packed Qwen2-VL / Qwen2.5-VL batch (docs/method.md §3 "Backbones").
 
-Each sequence gets the model's own ids (``get_rope_index``), computed as if it were alone, and a
-packed row concatenates them. ``get_rope_index``'s signature differs between transformers versions:
-from 5.x it also takes ``mm_token_type_ids`` (0 text, 1 image), passed where the signature has it.
-Images are found in the text as ``<|vision_start|><|image_pad|>`` pairs (the Qwen chat format).
+Each sequence gets the ids transformers' ``get_rope_index`` gives it alone, and a packed row
+concatenates them; :func:`mrope_position_ids` computes them for the whole micro-batch in one pass
+on the device (``get_rope_index`` runs per sequence and reads several values back from the device
+per image). Images are counted in the text as ``<|vision_start|><|image_pad|>`` pairs (the Qwen
+chat format).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from functools import cache
-from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from cmpt.vlm.chat import IMAGE_PAD, VISION_START
 from cmpt.vlm.text_attention import TextLayout
@@ -58,48 +55,67 @@ def images_per_sequence(
     return found
 
 
-@cache
-def _takes_token_types(model_cls: type) -> bool:
-    return "mm_token_type_ids" in inspect.signature(model_cls.get_rope_index).parameters
-
-
-def _rope_index(model: nn.Module, image_pad_id: int, ids: torch.Tensor, grid_thw: torch.Tensor) -> Tensor:
-    """``(3, L)`` M-RoPE ids of one sequence ``ids`` ``(1, L)`` from ``model.get_rope_index``."""
-    kwargs: dict[str, Any] = {"image_grid_thw": grid_thw}
-    if _takes_token_types(type(model)):
-        kwargs["mm_token_type_ids"] = (ids == image_pad_id).int()
-    pos, _ = model.get_rope_index(input_ids=ids, **kwargs)
-    return pos[:, 0]
-
-
 def mrope_position_ids(
-    model: nn.Module,
-    image_pad_id: int,
     input_ids: torch.Tensor,
     layout: TextLayout,
-    grid_hw: torch.Tensor | None,
-    images_per_sequence: Sequence[int],
+    grid_hw: torch.Tensor | Sequence[Sequence[int]] | None,
+    merge_size: int,
+    image_pad_id: int,
 ) -> torch.Tensor:
-    """M-RoPE ids ``(3, rows, T)`` of the layout's rows: per sequence, restarting at every sequence
-    of a packed row; ``images_per_sequence`` assigns the grids ``(n, 2)``, in order. ``model``: the
-    ``*ForConditionalGeneration``'s ``.model`` (it owns ``get_rope_index``)."""
-    dev = input_ids.device
-    thw = None
-    if grid_hw is not None and grid_hw.shape[0] > 0:
-        g = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2).to(dev)
-        thw = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
-    per_seq, start = [], 0
-    for seq, k in zip(input_ids.split(layout.lengths), images_per_sequence):
-        if k:
-            per_seq.append(_rope_index(model, image_pad_id, seq[None], thw[start : start + k]))
-        else:
-            per_seq.append(torch.arange(seq.numel(), device=dev).expand(3, -1))
-        start += k
+    """M-RoPE ids ``(3, rows, T)`` (temporal, height, width) of the layout's rows, restarting at
+    every sequence of a packed row (docs/method.md §3 "Backbones"); padding positions are 0.
+
+    A text token takes the running position ``p`` in all three rows and advances it by one. Image
+    ``i`` (``grid_hw[i] = (h, w)`` patches, ``h/m × w/m`` merged tokens after ``m = merge_size``)
+    is the next run of ``image_pad_id`` tokens, in order: its token ``r · w/m + c`` gets ``(p, p + r,
+    p + c)``, and the text after it continues at ``p + max(h/m, w/m)``. These are the ids of
+    transformers' Qwen2-VL / Qwen2.5-VL ``get_rope_index`` for still images (tests compare them),
+    computed for the whole micro-batch in one pass on ``input_ids``' device, with the grids read
+    once on the host. The caller checks that the text holds ``Σ h·w/m²`` image tokens
+    (:meth:`cmpt.vlm.backbone.BackboneMixin._check_placeholders`)."""
+    dev, n = input_ids.device, input_ids.numel()
+    rows, width = (1, n) if layout.packed else (len(layout.lengths), layout.width)
+    if n == 0:
+        return torch.zeros(3, rows, width, dtype=torch.long, device=dev)
+    lengths = torch.tensor(layout.lengths, dtype=torch.long, device=dev)
+    seq_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=n)
+    step = torch.ones(n, dtype=torch.long, device=dev)  # how far each token moves the running position
+    row = col = torch.zeros_like(step)
+    merged = [] if grid_hw is None else [(h // merge_size, w // merge_size) for h, w in _host_pairs(grid_hw)]
+    if merged:
+        is_img = input_ids.reshape(-1) == image_pad_id
+        img, rank = _image_token_places(is_img, merged)
+        hw = torch.tensor(merged, dtype=torch.long, device=dev)[img]  # (n, 2) merged rows, cols
+        size, wide = hw.prod(-1), hw[:, 1]
+        step = torch.where(is_img, torch.where(rank == size - 1, hw.amax(-1), 0), 1)
+        row = torch.where(is_img, torch.div(rank, wide, rounding_mode="floor"), 0)
+        col = torch.where(is_img, rank % wide, 0)
+    running = torch.cumsum(step, 0) - step  # before each token, counted from the row's start
+    cur = running - running[seq_start]  # ... from its sequence's start
+    pos = torch.stack([cur, cur + row, cur + col])
     if layout.packed:
-        if not per_seq:
-            return torch.zeros(3, 1, 0, dtype=torch.long, device=dev)
-        return torch.cat(per_seq, dim=1)[:, None]
-    out = torch.zeros(3, len(per_seq), layout.width, dtype=torch.long, device=dev)
-    for i, pos in enumerate(per_seq):
-        out[:, i, : pos.shape[1]] = pos
-    return out
+        return pos[:, None]
+    flat = layout.sequence_ids(dev) * width + torch.arange(n, device=dev) - seq_start
+    out = torch.zeros(3, rows * width, dtype=torch.long, device=dev)
+    out[:, flat] = pos
+    return out.reshape(3, rows, width)
+
+
+def _host_pairs(grid_hw: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """``(n, 2)`` grids as host integers (one read-back for a device tensor)."""
+    return [(int(h), int(w)) for h, w in torch.as_tensor(grid_hw).reshape(-1, 2).tolist()]
+
+
+def _image_token_places(
+    is_img: torch.Tensor, merged: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token: the image its ``image_pad`` belongs to and its place in that image's raster
+    of merged tokens (meaningless on text tokens). The k-th image token belongs to the image whose
+    run of ``h·w`` tokens covers k (images in order)."""
+    dev = is_img.device
+    sizes = torch.tensor([h * w for h, w in merged], dtype=torch.long, device=dev)
+    total = sum(h * w for h, w in merged)
+    image_of = torch.repeat_interleave(torch.arange(len(merged), device=dev), sizes, output_size=total)
+    k = (torch.cumsum(is_img, 0) - 1).clamp_(0, total - 1)  # index among the image tokens
+    img = image_of[k]
+    return img, k - (torch.cumsum(sizes, 0) - sizes)[img]

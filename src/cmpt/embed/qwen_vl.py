@@ -7,7 +7,7 @@ embedder use either backbone unchanged::
 
     patches (P, 3·T·p·p), grid_hw (n, 2) ──model.visual (grid_thw = (1, h, w))──▶ (P / m², H)
     input_ids (N,) cut by cu_seqlens ──input embeddings──▶ (N, H) ◀── merged tokens at <|image_pad|>
-    M-RoPE ids (3, rows, T) from the model's own ``get_rope_index``, one call per sequence
+    M-RoPE ids (3, rows, T): ``get_rope_index``'s, for the whole micro-batch in one pass (mrope)
     ──text decoder, "causal" | "bidirectional", packed or padded (text_attention)──▶ hidden (N, H)
 
 Decisions:
@@ -18,10 +18,10 @@ Decisions:
   then ``p×p``) become the model's rows with :meth:`QwenVLBackbone.prepare_patches`: each still
   image is ``temporal_patch_size`` identical frames, laid out ``(channel, frame, p, p)`` as in
   ``Qwen2VLImageProcessor``. :meth:`forward` accepts either width.
-* **Positions.** Each sequence gets the model's own M-RoPE ids (:mod:`cmpt.embed.mrope`); a packed
-  row concatenates them, so every sequence is computed as if alone. Each image must be rendered as
-  ``<|vision_start|>`` followed by its ``<|image_pad|>`` tokens (the Qwen chat format; transformers
-  5.0 finds images that way).
+* **Positions.** Each sequence gets the M-RoPE ids the model's own ``get_rope_index`` gives it
+  alone (:mod:`cmpt.embed.mrope` computes them in one pass; tests compare); a packed row
+  concatenates them. Each image must be rendered as ``<|vision_start|>`` followed by its
+  ``<|image_pad|>`` tokens (the Qwen chat format).
 * **Vision attention** packed, one varlen call per block (:mod:`cmpt.embed.vision_attention`).
 * **Dtypes and mode** as for ``VisionLanguageModel``: float32 unless ``dtype`` is given, returned
   in eval mode; the dummy image (docs/method.md §6) runs only in training with gradients.
@@ -337,7 +337,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         if vision is None and self.training and torch.is_grad_enabled():
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every vision parameter used (§6)
         grids = grid_hw if has_images else None
-        positions = mrope_position_ids(self.hf.model, c.image_pad_id, input_ids, layout, grids, counts)
+        positions = mrope_position_ids(input_ids, layout, grids, c.merge_size, c.image_pad_id)
         hidden, kwargs = self.text_hidden(embeds, layout, attention, positions)
         return VLMOutput(hidden, vision, per_sample, layout, kwargs)
 

@@ -128,7 +128,9 @@ class TextLayout:
     def sequence_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(N,)``: the index of the sequence each token belongs to."""
         lens = torch.tensor(self.lengths, dtype=torch.long, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lens)
+        return torch.repeat_interleave(
+            torch.arange(len(self.lengths), device=device), lens, output_size=self.total
+        )
 
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(1, N)`` restarting at 0 per sequence (packed) or ``(B, T)`` ``0..T-1`` (padded)."""
