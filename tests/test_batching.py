@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cmpt.data.batching import TokenBudgetBatcher, worker_loader
+from cmpt.data.batching import BatchLoader, TokenBudgetBatcher, worker_loader
 
 
 def _lengths(n: int = 300, seed: int = 0) -> list[tuple[int, int]]:
@@ -120,3 +120,17 @@ def test_worker_batches_are_pinned_when_cuda_is_there(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert worker_loader(data, 1, seed=0).pin_memory
     assert not worker_loader(data, 1, seed=0, pin_memory=False).pin_memory
+
+
+def test_a_micro_batch_may_fill_its_budget_exactly():
+    """Two samples of 5 vision tokens fill a budget of 10 exactly; the third starts a new batch."""
+    b = TokenBudgetBatcher([(5, 1), (5, 1), (5, 1)], 10, 100, 8, shuffle=False)
+    assert b.epoch_batches(0) == [[0, 1], [2]]
+
+
+def test_batch_loader_refuses_the_state_of_another_seed():
+    lengths = [(1, 1)] * 10
+    a = BatchLoader(None, None, TokenBudgetBatcher(lengths, 4, 4, 2, seed=1))
+    b = BatchLoader(None, None, TokenBudgetBatcher(lengths, 4, 4, 2, seed=2))
+    with pytest.raises(ValueError, match="seed"):
+        b.load_state_dict(a.state_dict())

@@ -110,3 +110,22 @@ def test_validation_errors() -> None:
     bad[0, 2] = V
     with pytest.raises(ValueError, match="outside the vocabulary"):
         next_token_loss(hidden, bad, weight)
+
+
+def test_shift_labels_masks_the_last_position_of_every_sequence():
+    """Position t predicts label t+1 of its own sequence; a sequence's last position predicts
+    nothing (the next sequence's first label is not its target)."""
+    out = lm_module.shift_labels(torch.tensor([1, 2, 3, 4, 5]), [2, 3])
+    assert out.tolist() == [2, -100, 4, 5, -100]
+
+
+def test_bfloat16_logits_take_a_float32_softmax():
+    """bf16 hidden states and head: the loss equals cross-entropy of the float32 logits to float32
+    precision (a softmax in bf16 would be off by ~1e-2 relative)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 16, generator=g).bfloat16()
+    w = torch.randn(50, 16, generator=g).bfloat16()
+    y = torch.randint(0, 50, (64,), generator=g)
+    loss, _ = next_token_loss(h, y, w, shift=False, chunk_size=16)
+    ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)

@@ -286,3 +286,12 @@ def test_anls_and_relaxed_accuracy_equal_lmms_evals_where_installed() -> None:
         assert anls(pred, golds, "lmms-eval") == pytest.approx(want), (pred, golds)
         gold = golds[0]
         assert relaxed_accuracy(pred, gold) == chartqa.relaxed_correctness(pred, gold), (pred, gold)
+
+
+def test_ndcg_breaks_ties_by_candidate_order():
+    """Four candidates tie at the top score: the stable order is 1, 3, 6, 7, then 2 (score 1) at
+    rank 5 holds the relevant one: nDCG@5 = 1 / log2(6)."""
+    scores = np.array([[0.0, 2, 1, 2, 1, 1, 2, 2]])
+    rel = np.zeros((1, 8))
+    rel[0, 2] = 1
+    assert ndcg_at_k(scores, rel, k=5) == pytest.approx(1 / math.log2(6))

@@ -160,3 +160,23 @@ def test_learned_fill_is_trained(dirs):
     assert obj.mask_vector.grad is not None and obj.mask_vector.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="mask_fill"):
         MocaObjective(vlm, MocaLossConfig(mask_fill="zeros"))
+
+
+def test_mae_head_reads_the_decoder_at_the_masked_windows(dirs):
+    """The MAE head's input rows are the decoder's outputs at the ``<|image_pad|>`` tokens of the
+    masked windows, in order (not merely as many rows)."""
+    vlm = _backbone(dirs)
+    obj = MocaObjective(vlm, MocaLossConfig())
+    batch = doc_batch(vlm, DOCS)
+    seen = {}
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731 (a layer may return a tuple)
+    obj.mae_decoder.register_forward_hook(lambda m, i, o: seen.update(dec=first(o)))
+    obj.mae_head.register_forward_hook(lambda m, i, o: seen.update(head_in=i[0]))
+    with torch.no_grad():
+        obj(batch)
+    ids = batch["input_ids"].reshape(-1)
+    decoded = seen["dec"].reshape(-1, seen["dec"].shape[-1])
+    assert decoded.shape[0] == ids.numel()  # one packed row
+    pads = (ids == vlm.config.image_pad_id).nonzero().flatten()
+    assert batch["mae_mask"].any() and not batch["mae_mask"].all()
+    assert torch.equal(seen["head_in"], decoded[pads[batch["mae_mask"]]])

@@ -12,7 +12,7 @@ import torch
 from broken_corpus import conv, noise, tiny_processor, tiny_tokenizer
 from cmpt.data.batching import BatchLoader, TokenBudgetBatcher
 from cmpt.data.llava_source import LlavaSource
-from cmpt.data.pipeline import LengthIndex, SampleBuilder, collate, sample_seed
+from cmpt.data.pipeline import LengthIndex, ProcessedSample, SampleBuilder, collate, sample_seed
 from cmpt.data.sources import BadSample
 from cmpt.vlm.chat import IGNORE_INDEX, IMAGE_PAD, caption_ids
 
@@ -241,3 +241,12 @@ def test_build_loader_from_config(corpus, tmp_path):
 
     with pytest.raises(ValueError, match="ensure_vision_tokens"):
         SampleBuilder(proc, train_tokenizer(default_corpus(50), vocab_size=300))
+
+
+def test_num_loss_tokens_counts_the_shifted_targets():
+    """Labels [5, 6, -100, 7] supervise positions 0 and 2 after the shift (targets 6 and 7): 2,
+    not the 3 labels that are not ignored."""
+    empty = torch.zeros(0, dtype=torch.long)
+    ids, labels = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, -100, 7])
+    s = ProcessedSample("a", torch.zeros(0, 12), [], ids, labels, empty)
+    assert collate([s])["num_loss_tokens"] == 2

@@ -124,3 +124,17 @@ def test_drop_last_false_completes_the_last_batch_and_spares_are_outside():
         assert {tasks[i] for i in sp[0] + sp[1]} <= {task}
     with pytest.raises(ValueError, match="no task has a full global batch"):
         TaskBatchSampler(["x"] * 3, 2, 2)
+
+
+def test_weighted_passes_continue_across_epochs():
+    """Weights 6:3:1 on 400/400/100 records: a task's batches continue its passes across epochs, so
+    every complete pass (50 batches of "a", 12 of "c") holds each record at most once."""
+    tasks = [t for t, n in (("a", 400), ("b", 400), ("c", 100)) for _ in range(n)]
+    s = TaskBatchSampler(tasks, 4, 2, seed=0, weights={"a": 6.0, "b": 3.0, "c": 1.0})
+    for task, per_pass in (("a", 50), ("c", 12)):
+        order = [(e, k) for e in range(3) for k, t in enumerate(s.epoch_order(e)) if t == task]
+        seq = [s.global_batch(e, k)[1].tolist() for e, k in order]
+        assert len(seq) >= 2 * per_pass
+        for r in range(len(seq) // per_pass):
+            flat = [i for b in seq[r * per_pass : (r + 1) * per_pass] for i in b]
+            assert len(flat) == len(set(flat)), (task, r)

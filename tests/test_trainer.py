@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from cmpt.config import ConfigError, load_config
-from cmpt.train import BadDataError, NonFiniteError, OptimConfig, RunConfig, TrainConfig, Trainer
-from cmpt.train.checkpoint import MARKER
+from cmpt.train import BadDataError, LossTerms, NonFiniteError, OptimConfig, RunConfig, TrainConfig, Trainer
+from cmpt.train.checkpoint import MARKER, get_rng_state, set_rng_state
 from cmpt.train.optim import build_optimizer, group_names, lr_factor, resolve_groups
 from toy_task import ToyModel, ToyTask, ToyTaskPrecount
 
@@ -272,3 +274,32 @@ def test_wandb_without_the_package_is_an_error_at_start(monkeypatch):
     with pytest.raises(ConfigError, match="wandb is not installed"):
         load_config(TrainConfig, {"wandb": True})
     assert load_config(TrainConfig, {"wandb": False}).wandb is False
+
+
+class _HalfAuxInTheSum(ToyTask):
+    """ToyTask with its ``aux`` weight 0.5 moved into the term's sum (weight 1.0)."""
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> LossTerms:
+        t = super().compute_loss(model, batch)
+        sums = {"mse": t.sums["mse"], "aux": 0.5 * t.sums["aux"]}
+        return LossTerms(sums=sums, counts=t.counts, weights={"mse": 1.0, "aux": 1.0}, metrics=t.metrics)
+
+
+def test_term_weights_scale_the_gradient(tmp_path: Path) -> None:
+    """A term's weight reaches the gradient, not only the logged loss: weight 0.5 trains as the
+    term's sum halved (the runs differ when the weights are left out of the backward)."""
+    optim = OptimConfig(lr=3e-3, schedule="constant")
+    fit(tmp_path / "a", ToyTask(), optim, steps=4)
+    fit(tmp_path / "b", _HalfAuxInTheSum(), optim, steps=4)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_rng_state_round_trips_every_generator() -> None:
+    """Python's, numpy's and torch's global generators draw the same after a restore (a task may
+    draw from any of them)."""
+    state = get_rng_state()
+    draws = (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist())
+    set_rng_state(state)
+    assert (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist()) == draws

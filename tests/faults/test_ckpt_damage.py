@@ -129,6 +129,17 @@ def test_verify_reasons(run: Path) -> None:
     assert reasons[2].startswith("COMPLETE manifest is not valid JSON")
 
 
+def test_legacy_checkpoint_with_a_short_data_file_is_damaged(run: Path) -> None:
+    """Without a manifest the sizes come from DCP's metadata: a data file one byte short of the
+    last stored item is named as truncated."""
+    ckpt = run / "checkpoints" / "step_000008"
+    _legacy(ckpt)
+    data = ckpt / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:-1])
+    v = verify_checkpoint(ckpt)
+    assert not v.ok and "truncated" in v.reason and "__0_0.distcp" in v.reason
+
+
 def test_cli_verify_exit_codes(run: Path, tmp_path: Path, capsys) -> None:
     assert cli(["ckpt", "verify", str(run)]) == 0
     out = capsys.readouterr().out
