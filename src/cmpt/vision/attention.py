@@ -92,6 +92,7 @@ class AttentionPlan:
             doc = torch.repeat_interleave(
                 torch.arange(len(self.lengths), device=self.device),
                 torch.tensor(self.lengths, device=self.device),
+                output_size=self.total,  # without it, a read-back of the device
             )
 
             def same_doc(b, h, q_idx, kv_idx):
