@@ -126,3 +126,25 @@ def test_stays_on_the_device_without_read_backs(packed):
 def test_empty_batch():
     layout = TextLayout.from_cu_seqlens([0], True)
     assert mrope_position_ids(torch.zeros(0, dtype=torch.long), layout, None, M, PAD).shape == (3, 1, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("packed", [True, False])
+def test_cuda_equals_cpu_without_synchronising(packed):
+    """On a GPU: the CPU's ids, with the grids as host metadata and no host-device synchronisation
+    (``set_sync_debug_mode("error")`` raises at the first one)."""
+    seqs, grids = _random_batch(random.Random(5))
+    cu = [0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()]
+    layout = TextLayout.from_cu_seqlens(cu, packed)
+    flat = [g for per_seq in grids for g in per_seq] or None
+    ids = torch.cat(seqs)
+    want = mrope_position_ids(ids, layout, flat, M, PAD)
+    ids_gpu = ids.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = mrope_position_ids(ids_gpu, layout, flat, M, PAD)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), want)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cmpt.host_tensor import host_tensor
 from cmpt.vlm.chat import IMAGE_PAD, VISION_START
 from cmpt.vlm.text_attention import TextLayout
 
@@ -77,7 +78,7 @@ def mrope_position_ids(
     rows, width = (1, n) if layout.packed else (len(layout.lengths), layout.width)
     if n == 0:
         return torch.zeros(3, rows, width, dtype=torch.long, device=dev)
-    lengths = torch.tensor(layout.lengths, dtype=torch.long, device=dev)
+    lengths = host_tensor(layout.lengths, dev)
     seq_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=n)
     step = torch.ones(n, dtype=torch.long, device=dev)  # how far each token moves the running position
     row = col = torch.zeros_like(step)
@@ -85,7 +86,7 @@ def mrope_position_ids(
     if merged:
         is_img = input_ids.reshape(-1) == image_pad_id
         img, rank = _image_token_places(is_img, merged)
-        hw = torch.tensor(merged, dtype=torch.long, device=dev)[img]  # (n, 2) merged rows, cols
+        hw = host_tensor(merged, dev)[img]  # (n, 2) merged rows, cols
         size, wide = hw.prod(-1), hw[:, 1]
         step = torch.where(is_img, torch.where(rank == size - 1, hw.amax(-1), 0), 1)
         row = torch.where(is_img, torch.div(rank, wide, rounding_mode="floor"), 0)
@@ -113,7 +114,7 @@ def _image_token_places(
     of merged tokens (meaningless on text tokens). The k-th image token belongs to the image whose
     run of ``h·w`` tokens covers k (images in order)."""
     dev = is_img.device
-    sizes = torch.tensor([h * w for h, w in merged], dtype=torch.long, device=dev)
+    sizes = host_tensor([h * w for h, w in merged], dev)
     total = sum(h * w for h, w in merged)
     image_of = torch.repeat_interleave(torch.arange(len(merged), device=dev), sizes, output_size=total)
     k = (torch.cumsum(is_img, 0) - 1).clamp_(0, total - 1)  # index among the image tokens

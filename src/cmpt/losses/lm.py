@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from cmpt.host_tensor import host_tensor
 from cmpt.losses.fused_ce import fused_linear_ce_sum, resolve_lm_impl
 
 __all__ = ["next_token_loss", "shift_labels"]
@@ -78,7 +79,7 @@ def shift_labels(labels: torch.Tensor, lengths: Sequence[int], ignore_index: int
         pos += int(n)
         if n > 0:
             ends.append(pos - 1)
-    out[torch.tensor(ends, dtype=torch.long, device=labels.device)] = ignore_index
+    out[host_tensor(ends, labels.device)] = ignore_index
     return out
 
 

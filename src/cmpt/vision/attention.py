@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from cmpt.host_tensor import host_tensor
+
 from .varlen_op import varlen_sdpa
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ class AttentionPlan:
             starts.append(starts[-1] + n)
         self.starts = starts
         self.total = starts[-1]
-        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        self.cu_seqlens = host_tensor(starts, self.device, torch.int32)
         self.max_seqlen = max(self.lengths, default=0)
         by_len: dict[int, list[int]] = {}
         for i, n in enumerate(self.lengths):
@@ -91,7 +93,7 @@ class AttentionPlan:
 
             doc = torch.repeat_interleave(
                 torch.arange(len(self.lengths), device=self.device),
-                torch.tensor(self.lengths, device=self.device),
+                host_tensor(self.lengths, self.device),
                 output_size=self.total,  # without it, a read-back of the device
             )
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cmpt.host_tensor import host_tensor
 from cmpt.vision.attention import build_plan
 from cmpt.vlm.packed_sdpa import PACKED_SDPA
 
@@ -127,7 +128,7 @@ class TextLayout:
 
     def sequence_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(N,)``: the index of the sequence each token belongs to."""
-        lens = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        lens = host_tensor(self.lengths, device)
         return torch.repeat_interleave(
             torch.arange(len(self.lengths), device=device), lens, output_size=self.total
         )
@@ -141,12 +142,12 @@ class TextLayout:
 
     def padding_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(B, T)`` long, 1 on real tokens (right padding)."""
-        lens = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        lens = host_tensor(self.lengths, device)
         return (torch.arange(self.width, device=device)[None, :] < lens[:, None]).long()
 
     def cu_seqlens(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(B + 1,)`` int32 cumulative boundaries."""
-        lens = torch.tensor([0, *self.lengths], dtype=torch.int32, device=device)
+        lens = host_tensor([0, *self.lengths], device, torch.int32)
         return lens.cumsum(0, dtype=torch.int32)
 
 
