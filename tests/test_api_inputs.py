@@ -186,6 +186,12 @@ def emb_dir(dirs, tmp_path_factory):
 def test_embedder_from_pretrained_takes_config_overrides(emb_dir):
     emb = Embedder.from_pretrained(emb_dir, normalize=False, max_length=8)
     assert emb.config.normalize is False and emb.config.max_length == 8 and emb.config.batch_tokens == 64
+    raw = emb.encode(["a longer text than eight tokens, cut to max_length"])  # normalize=False applies
+    unit = Embedder.from_pretrained(emb_dir, max_length=8).encode(
+        ["a longer text than eight tokens, cut to max_length"]
+    )
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(1))
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), unit, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match=r"unsupported arguments \['colour'\]"):
         Embedder.from_pretrained(emb_dir, colour=1)
 

@@ -313,3 +313,18 @@ def test_unused_cache_files_are_pruned(corpus, tmp_path):
     os.utime(old, (time.time() - 40 * 86400,) * 2)
     LengthIndex.build(*_parts(corpus), cache_dir=tmp_path)
     assert not old.exists() and len(list(tmp_path.glob("lengths-*.json"))) == 1
+
+
+def test_tokenizer_identity_tells_added_tokens_apart():
+    """Two tokenizers of the same size whose one added token differs count tokens differently
+    ("<a>" is one token for the first, several for the second): their identities differ, so the
+    cache of one is never read for the other."""
+    a, b = (
+        train_tokenizer(default_corpus(50), vocab_size=120),
+        train_tokenizer(default_corpus(50), vocab_size=120),
+    )
+    a.add_tokens(["<a>"], special_tokens=True)
+    b.add_tokens(["<b>"], special_tokens=True)
+    assert len(a) == len(b) and len(a("<a>")["input_ids"]) != len(b("<a>")["input_ids"])
+    assert LC.tokenizer_identity(a) != LC.tokenizer_identity(b)
+    assert LC.tokenizer_identity(a) == LC.tokenizer_identity(a)
