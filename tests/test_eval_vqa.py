@@ -174,3 +174,26 @@ def test_tiny_vlm_end_to_end(data, tiny_vlm, tmp_path):
     assert math.isfinite(loss) and loss > 0
     assert abs(loss - math.log(len(tiny_vlm.tokenizer))) < 2.0  # an untrained LM: about log(vocab)
     assert tiny_vlm.training is False
+
+
+def test_questions_of_conversations_without_meta():
+    """Without ``meta["qa"]``: the (human, gpt) pairs, consecutive human turns joined by a newline;
+    with two or more pairs the first (the dense caption) is skipped, a single pair is the question."""
+    conv = [
+        {"from": "human", "value": "<image>\nDescribe the chart."},
+        {"from": "gpt", "value": "A bar chart."},
+        {"from": "human", "value": "Which bar is largest?"},
+        {"from": "human", "value": "Answer with a colour."},
+        {"from": "gpt", "value": "red"},
+    ]
+    qs = vqa_questions([{"id": "r", "conversations": conv}])
+    assert [(q.question, q.answers) for q in qs] == [
+        ("Which bar is largest?\nAnswer with a colour.", ["red"])
+    ]
+    single = vqa_questions([{"id": "s", "conversations": conv[:2]}])
+    assert [(q.question, q.answers) for q in single] == [("Describe the chart.", ["A bar chart."])]
+
+
+def test_relaxed_accuracy_takes_the_best_gold_answer():
+    assert score_answer("10", ["12", "10"], "relaxed_accuracy") == 1.0
+    assert score_answer("10", ["12", "20"], "relaxed_accuracy") == 0.0
