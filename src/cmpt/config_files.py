@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from cmpt.paths import user_path
+
 from .config_schema import BASE_KEY, ConfigError, _KeyPath
 
 __all__ = ["deep_merge", "load_yaml", "read_yaml", "resolve_config_path", "with_bases"]
@@ -46,7 +48,7 @@ def with_bases(data: dict, base_dir: Path, name: str, stack: tuple[Path, ...]) -
     merged: dict = {}
     origins: dict[_KeyPath, str] = {}
     for b in bases:
-        b_path = Path(b).expanduser()
+        b_path = user_path(b)
         b_data, b_origins = read_yaml(b_path if b_path.is_absolute() else base_dir / b_path, stack)
         merged = deep_merge(merged, b_data)
         origins.update(b_origins)
@@ -118,7 +120,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def resolve_config_path(name_or_path: str | Path, packaged_root: str | Path) -> Path:
     """A YAML path if it exists, else the packaged recipe ``<packaged_root>/<name>.yaml``."""
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path)
     if path.is_file():
         return path
     root = Path(packaged_root)

@@ -34,6 +34,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+from cmpt.paths import user_path
+
 __all__ = ["CorruptFileError", "HubOfflineError", "cli_for", "download_command", "hub_cli", "is_hub_id"]
 __all__ += ["check_local_path", "local_model_dir", "missing_path_error", "read_json", "reading_safetensors"]
 __all__ += ["CONFIG_FILES", "WEIGHT_FILES", "json_ready", "resolving"]
@@ -92,7 +94,7 @@ def _repo_id_form(name: str) -> bool:
 
 def is_hub_id(name_or_path: str | os.PathLike) -> bool:
     """Whether ``name_or_path`` is no existing local path and has the form of a hub repo id."""
-    if not isinstance(name_or_path, str) or Path(name_or_path).expanduser().exists():
+    if not isinstance(name_or_path, str) or user_path(name_or_path).exists():
         return False
     return _repo_id_form(name_or_path)
 
@@ -109,7 +111,7 @@ def missing_path_error(path: str | os.PathLike, what: str, fix: str = "check the
     data, ``{cache}/tiny...``), the fix is to build them with ``cmpt demo`` first."""
     from cmpt.paths import cache_root
 
-    p, root = Path(path).expanduser().absolute(), cache_root().absolute()
+    p, root = user_path(path).absolute(), cache_root().absolute()
     if p.is_relative_to(root / "tiny-quick"):
         fix = "run `cmpt demo --quick` first to build it (cmpt's tiny models and data)"
     elif p.is_relative_to(root):
@@ -123,11 +125,7 @@ _CHECK_PATH = "check the path (a Hugging Face Hub id has the form namespace/name
 def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
     """Raise :func:`missing_path_error` (naming ``what``) for a string that can only be a local path
     (:func:`_path_like`) and does not exist; hub ids and ``Path`` objects pass."""
-    if (
-        isinstance(name_or_path, str)
-        and _path_like(name_or_path)
-        and not Path(name_or_path).expanduser().exists()
-    ):
+    if isinstance(name_or_path, str) and _path_like(name_or_path) and not user_path(name_or_path).exists():
         raise missing_path_error(name_or_path, what, _CHECK_PATH)
 
 
@@ -197,7 +195,7 @@ def local_model_dir(
     ``must_exist`` refused: one :func:`missing_path_error` naming ``what``, before any guess at what
     kind of directory it is."""
     if not is_hub_id(name_or_path):
-        path = Path(name_or_path).expanduser()
+        path = user_path(name_or_path)
         if must_exist and not path.exists():
             raise missing_path_error(name_or_path, what, _CHECK_PATH)
         return path
@@ -237,7 +235,7 @@ def reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except SafetensorError as e:
-        p = Path(path).expanduser()
+        p = user_path(path)
         if p.is_file():
             raise _corrupt_weights(p, e) from None
         for f in sorted(p.glob("*.safetensors")) if p.is_dir() else []:

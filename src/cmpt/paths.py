@@ -15,6 +15,12 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache or os.environ.get("CMPT_CACHE") or Path.home() / ".cache" / "cmpt").expanduser()
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` / ``~user`` expanded; left as written when that user does not
+    exist (``Path.expanduser`` raises ``RuntimeError`` there), so the caller reports a missing path."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def expand_path(path: str | os.PathLike) -> str:
     """``{cache}/tiny/data.json`` → ``<cache_root()>/tiny/data.json``; also ``~`` and ``$VAR`` /
     ``${VAR}``. A variable that is not set is a ``ValueError`` naming it (left as written, it would

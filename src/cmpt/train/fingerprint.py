@@ -61,7 +61,7 @@ def _files_of(path: Path, raw: str) -> list[tuple[str, Path]]:
         for dirpath, dirnames, filenames in os.walk(path):
             rel = os.path.relpath(dirpath, path)
             if rel.count(os.sep) >= 2:
-                dirnames.clear()  # <root>/a/b/ is the deepest level read
+                dirnames.clear()  # <root>/a/b/c/ (3 levels down) is the deepest level read
             dirnames.sort()
             for n in sorted(filenames):
                 if n.endswith(_DATA_SUFFIXES):

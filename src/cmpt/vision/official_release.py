@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from cmpt.hub import read_json, reading_safetensors
+from cmpt.paths import user_path
 
 from .convert import convert_state, image_stats
 from .vit import NativeViT, NativeViTConfig
@@ -165,7 +166,7 @@ def release_tower_dir(name_or_path: str | Path) -> Path | None:
     if hub:
         d = local_model_dir(name_or_path, "vision checkpoint", allow_patterns=CONFIG_FILES)
     else:
-        d = Path(name_or_path).expanduser()
+        d = user_path(name_or_path)
     if not (d / "config.json").is_file():
         return None
     raw = read_config(d)
