@@ -75,7 +75,7 @@ def test_shuffled_captions_lower_recall(data):
     perm = [(k + 1) % N for k in range(N)]  # every caption points at another image's feature
     r = retrieval_eval(FakeRetrievalModel(perm), data)
     assert r["i2t"]["R@1"] < 0.5 and r["t2i"]["R@1"] < 0.5
-    assert r["i2t"]["R@10"] <= 1.0 and r["mean_recall"] < 1.0
+    assert r["mean_recall"] < 1.0
     limited = retrieval_eval(FakeRetrievalModel(), data, limit=4)
     assert limited["n"] == 4 and limited["i2t"]["R@1"] == 1.0
 
