@@ -327,16 +327,16 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         counts = images_per_sequence(
             input_ids, layout, n_images, images_per_sample, sample_ids, c.vision_start_id, c.image_pad_id
         )
-        vision, per_sample = None, None
+        vision, per_sample, grids = None, None, None
         if has_images:
-            per_sample = self._tokens_per_sample(grid_hw, torch.tensor(counts))
+            grids = grid_hw.tolist()  # read once: token counts and M-RoPE ids
+            per_sample = self._tokens_per_sample(grids, counts)
         self._check_placeholders(input_ids, layout, per_sample or [0] * len(layout.lengths), sample_ids)
         if has_images:
             vision = self.encode_images(patches, grid_hw)
         embeds = self.embed_inputs(input_ids, vision)
         if vision is None and self.training and torch.is_grad_enabled():
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every vision parameter used (§6)
-        grids = grid_hw if has_images else None
         positions = mrope_position_ids(input_ids, layout, grids, c.merge_size, c.image_pad_id)
         hidden, kwargs = self.text_hidden(embeds, layout, attention, positions)
         return VLMOutput(hidden, vision, per_sample, layout, kwargs)

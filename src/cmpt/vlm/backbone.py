@@ -116,12 +116,16 @@ class BackboneMixin:
                 "num_image_tokens = h·w / merge_size² of its grid"
             )
 
-    def _tokens_per_sample(self, grid_hw: torch.Tensor, images_per_sample: torch.Tensor) -> list[int]:
-        """Merged-token count of every sample from the image grids (host side)."""
+    def _tokens_per_sample(
+        self, grid_hw: torch.Tensor | Sequence[Sequence[int]], images_per_sample: torch.Tensor | Sequence[int]
+    ) -> list[int]:
+        """Merged-token count of every sample from the image grids (host side; a tensor is read once)."""
         m2 = self.config.merge_size**2
-        per_image = [int(h) * int(w) // m2 for h, w in grid_hw.tolist()]
+        pairs = grid_hw.tolist() if torch.is_tensor(grid_hw) else grid_hw
+        per_image = [int(h) * int(w) // m2 for h, w in pairs]
         out, start = [], 0
-        for k in images_per_sample.tolist():
+        counts = images_per_sample.tolist() if torch.is_tensor(images_per_sample) else images_per_sample
+        for k in counts:
             out.append(sum(per_image[start : start + int(k)]))
             start += int(k)
         if start != len(per_image):
