@@ -20,6 +20,8 @@ variant named in ``before``, and the table gives that change's throughput ratio)
   ``text_attn = "sdpa"``: SDPA per group of equal-length sequences on CUDA, in practice one call
   per sequence) instead of one varlen kernel (on the CPU both are the ``cmpt::varlen_sdpa``
   operator: the ratio there is noise);
+* ``batch_on_device`` — the whole micro-batch moved to the device, as before ``Task.host_keys``
+  (ids, labels and layout on the host, pinned: docs/method.md §7 "Batches on the host");
 * ``fused_ce`` — ``loss.lm_impl: liger`` (Liger's fused linear CE, needs ``cmpt[liger]``);
 * ``compile`` — ``train.compile``: ``torch.compile`` of each transformer block, as the trainer does;
 * ``fused_ce+compile``;

@@ -76,7 +76,7 @@ if "$py" -c "import pytest_timeout" 2>/dev/null; then
 fi
 # shellcheck disable=SC2086  # TESTS: a list of paths
 step tests "${TEST_TIMEOUT:-100}" "$py" -m pytest -v -p no:cacheprovider -m "gpu and not slow" "${per_test[@]}" \
-  ${TESTS:-tests/test_attention.py tests/test_varlen_op.py tests/test_vit.py tests/test_fused_ce.py tests/test_mrope.py tests/test_host_tensor.py tests/test_cuda_train.py}
+  ${TESTS:-tests/test_attention.py tests/test_varlen_op.py tests/test_vit.py tests/test_fused_ce.py tests/test_mrope.py tests/test_host_tensor.py tests/test_sync_free.py tests/test_cuda_train.py}
 
 "$py" benchmarks/device_summary.py "$out"
 if [ ${#failed[@]} -gt 0 ]; then

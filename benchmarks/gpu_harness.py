@@ -197,7 +197,7 @@ def run_variants(
     asked for. ``smoke``: no warm-up, a variant's error propagates. ``clock``: the eager baseline
     group always runs; a later group or variant reached after the budget is skipped, and so is a
     compiled group with less than :data:`COMPILE_MIN_S` left before the timeout."""
-    batches = [_to_device(b, device) for b in setup.batches]
+    batches = {keep: placed_batches(setup, device, keep) for keep in (True, False)}
     steps = -(-max(steps, 1) // setup.grad_accum) * setup.grad_accum  # whole optimizer steps
     run = Run(on_done=on_done)
     groups: dict[tuple[bool, str], list[Variant]] = {}
@@ -253,7 +253,7 @@ def _run_group(
     members: list[Variant],
     compiled: bool,
     ckpt: str,
-    batches: list[dict],
+    batches: dict[bool, list[dict]],
     steps: int,
     smoke: bool,
     device: torch.device,
@@ -263,12 +263,13 @@ def _run_group(
 ) -> None:
     """Variants sharing ``compile`` and ``act_ckpt`` on one fresh copy of the model, their figures
     recorded in ``run``; ``count``: count the model FLOPs first (before any rewrite) and ignore the
-    budget. A variant reached after the budget is skipped."""
+    budget. A variant reached after the budget is skipped. ``batches``: the micro-batches with the
+    task's ``host_keys`` on the host (True) or all on the device (False)."""
     model, units, param_groups = _copy_to(setup, device)
     opt = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
     step = _step_fn(setup, model, opt, device)
     if count:
-        run.flops, run.flops_note = _count_flops(setup, model, step, batches)
+        run.flops, run.flops_note = _count_flops(setup, model, step, batches[True])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     apply = ACT_CKPT[ckpt]
@@ -287,7 +288,9 @@ def _run_group(
         setup.vision_attention(model, v.packed_vision)
         setup.backbone_of(model).text_attn = "auto" if v.text_varlen else "sdpa"
         try:
-            result = _measure(step, batches, steps, device, warmup=not smoke, accum=setup.grad_accum)
+            result = _measure(
+                step, batches[v.host_keys], steps, device, warmup=not smoke, accum=setup.grad_accum
+            )
         except Exception as e:  # one variant's failure (out of memory, a compiler error)
             if smoke:
                 raise
@@ -302,10 +305,18 @@ def _run_group(
 BUDGET_SPENT = "the time budget (--budget-s) was spent before it started"
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def placed_batches(setup: Setup, device: torch.device, host_keys: bool = True) -> list:
+    """The setup's micro-batches placed as the trainer places them (``host_keys``: the task's
+    ``host_keys`` stay on the host, pinned on CUDA as the data loader's are) or all on the device."""
     from cmpt.train.distributed import to_device
 
-    return to_device(batch, device)
+    keep = frozenset(getattr(setup.task, "host_keys", ())) if host_keys else frozenset()
+    pin = device.type == "cuda"
+    out = []
+    for b in setup.batches:
+        b = {k: v.pin_memory() if pin and k in keep and torch.is_tensor(v) else v for k, v in b.items()}
+        out.append(to_device(b, device, keep=keep))
+    return out
 
 
 def run_bench(

@@ -24,6 +24,7 @@ class Variant:
     packing: bool = True  # data.packing
     packed_vision: bool = True  # the vision tower's attention packed (the recipe's) or on SDPA
     text_varlen: bool = True  # packed text on the varlen kernel (auto) or SDPA per sequence (sdpa)
+    host_keys: bool = True  # the task's host_keys left on the host (the trainer's) or all on the device
     before: str = ""
     change: str = ""
 
@@ -36,6 +37,7 @@ def variant_list(vision_sdpa: Variant) -> list[Variant]:
         Variant("baseline", before="padded", change="packed text"),
         dataclasses.replace(vision_sdpa, packed_vision=False, before="baseline"),
         Variant("text_per_sequence", text_varlen=False, before="baseline", change="text attn per sequence"),
+        Variant("batch_on_device", host_keys=False, before="baseline", change="whole batch on the device"),
         Variant("fused_ce", lm_impl="liger", before="baseline", change="fused linear CE (liger)"),
         Variant("compile", compile=True, before="baseline", change="torch.compile per block"),
         Variant("fused_ce+compile", "liger", True, before="compile", change="fused CE, compiled"),

@@ -23,17 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_comp_gpu import comp_setup
 from bench_moca_gpu import moca_setup
-from gpu_harness import Setup, _copy_to, _step_fn, _to_device
+from gpu_harness import Setup, _copy_to, _step_fn, placed_batches
 
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def count_syncs(setup: Setup, device: torch.device, micro_batches: int) -> tuple[Counter, int]:
+def count_syncs(
+    setup: Setup, device: torch.device, micro_batches: int, host_keys: bool = True
+) -> tuple[Counter, int]:
     """``{(file, line): syncs}`` over ``micro_batches`` micro-batches after one warm-up (its one-time
-    syncs, e.g. caches filled, are not counted), and how many micro-batches were counted."""
+    syncs, e.g. caches filled, are not counted), and how many micro-batches were counted.
+    ``host_keys``: the batches placed as the trainer places them, else all on the device."""
     model, _, groups = _copy_to(setup, device)
     step = _step_fn(setup, model, torch.optim.AdamW(groups, fused=device.type == "cuda"), device)
-    batches = [_to_device(b, device) for b in setup.batches]
+    batches = placed_batches(setup, device, host_keys)
     step(batches[0])
     counted: Counter = Counter()
     cuda = device.type == "cuda"
@@ -77,12 +80,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n = max(args.micro_batches, 1)
     comp = argparse.Namespace(shapes="tiny", images=2, fixed_size=112, batches=2)
     moca = argparse.Namespace(shapes="tiny", batches=2, text_budget=1024, vision_budget=96)
-    comp_counts = count_syncs(comp_setup(comp), device, n)
-    moca_counts = count_syncs(moca_setup(moca, device), device, n)
-    figures = {
-        "comp_syncs_per_microbatch": report("CoMP stage II", *comp_counts, args.top),
-        "moca_syncs_per_microbatch": report("MoCa CPT", *moca_counts, args.top),
-    }
+    comp_setup_, moca_setup_ = comp_setup(comp), moca_setup(moca, device)
+    figures = {}
+    for keep, tag in ((True, ""), (False, "_batch_on_device")):
+        where = "host_keys on the host" if keep else "whole batch on the device"
+        comp_counts = count_syncs(comp_setup_, device, n, keep)
+        moca_counts = count_syncs(moca_setup_, device, n, keep)
+        figures[f"comp_syncs_per_microbatch{tag}"] = report(f"CoMP stage II, {where}", *comp_counts, args.top)
+        figures[f"moca_syncs_per_microbatch{tag}"] = report(f"MoCa CPT, {where}", *moca_counts, args.top)
     print(json.dumps({"bench": "sync_audit", "device": str(device), **figures}))
     return figures
 

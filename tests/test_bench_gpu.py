@@ -30,11 +30,12 @@ def _check_common(figures: dict, out: str, vision: str) -> None:
     # after every variant a cumulative JSON line, flushed: what a killed run leaves
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     partial, final = lines[:-1], lines[-1]
-    assert len(partial) == 9 and all(p["partial"] for p in partial) and "partial" not in final
-    assert partial[-1]["pending"] == [] and len(partial[0]["pending"]) == 8
+    assert len(partial) == 10 and all(p["partial"] for p in partial) and "partial" not in final
+    assert partial[-1]["pending"] == [] and len(partial[0]["pending"]) == 9
     assert partial[-1]["step_ms"] == final["step_ms"] and partial[-1]["bench"] == final["bench"]
     ran = set(figures["step_ms"])
-    assert {"padded", "baseline", vision, "text_per_sequence", "ckpt_full"} <= ran  # on the CPU
+    assert {"padded", "baseline", vision, "text_per_sequence", "batch_on_device", "ckpt_full"} <= ran  # CPU
+    assert "batch_on_device vs baseline" in figures["change_ratio"]
     assert all(t > 0 for t in figures["step_ms"].values())
     assert figures["speedup_vs_baseline"]["baseline"] == 1.0
     assert (
@@ -47,6 +48,7 @@ def _check_common(figures: dict, out: str, vision: str) -> None:
         "baseline",
         vision,
         "text_per_sequence",
+        "batch_on_device",
         "fused_ce",
         "compile",
         "fused_ce+compile",
@@ -106,7 +108,8 @@ def test_comp_gpu_smoke_compiled_variant(bench, capsys) -> None:
 
 def test_budget_spent_skips_all_but_the_baseline_group(bench, capsys) -> None:
     figures = bench("bench_comp_gpu").main(["--smoke", "--budget-s", "1e-9"])
-    assert set(figures["step_ms"]) == {"padded", "baseline", "vision_sdpa_batched", "text_per_sequence"}
+    eager = {"padded", "baseline", "vision_sdpa_batched", "text_per_sequence", "batch_on_device"}
+    assert set(figures["step_ms"]) == eager
     assert figures["not_run"]["ckpt_full"] == "skipped: " + bench("gpu_harness").BUDGET_SPENT
     assert "--budget-s" in capsys.readouterr().out
 

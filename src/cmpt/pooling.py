@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cmpt.host_tensor import to_device_async
+
 __all__ = ["masked_mean", "segment_mean"]
 
 
@@ -48,7 +50,7 @@ def segment_mean(tokens: torch.Tensor, lengths: Sequence[int] | torch.Tensor) ->
     total_len = int(lens.sum())
     if total_len != tokens.shape[0]:
         raise ValueError(f"sum(lengths) = {total_len} does not match the number of tokens {tokens.shape[0]}")
-    lens = lens.to(tokens.device)
+    lens = to_device_async(lens, tokens.device)
     dtype = torch.promote_types(tokens.dtype, torch.float32)
     n_seg = lens.numel()
     seg_ids = torch.repeat_interleave(torch.arange(n_seg, device=tokens.device), lens, output_size=total_len)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from cmpt.host_tensor import to_device_async
 from cmpt.hub import read_json
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
 from cmpt.vlm.backbone import BackboneMixin, enable_hf_checkpointing
@@ -275,7 +276,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
             raise ValueError(
                 f"{rows.shape[0]} patch rows but grids {grid_hw.tolist()} cover {int(grid_hw.prod(-1).sum())}"
             )
-        thw = torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1).to(self.device)
+        thw = to_device_async(torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1), self.device)
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(rows.to(self.device, dtype), grid_thw=thw)
         return out.pooler_output if hasattr(out, "pooler_output") else out
@@ -315,9 +316,11 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
 
         ``patches``: ``(P, 3·T·p·p)`` model rows or ``(P, 3·p·p)`` processor rows; ``grid_hw``
         ``(n, 2)`` in patches; ``images_per_sample`` ``(B,)`` (inferred from the text when absent).
+        The ids and layout tensors may stay on the host, as in ``VisionLanguageModel.forward``; the
+        vision tower still reads its grids back (transformers' code, docs/method.md §7).
         ``VLMOutput.body_kwargs["position_ids"]`` holds the M-RoPE ids ``(3, rows, T)``.
         """
-        input_ids = input_ids.to(self.device).reshape(-1)
+        input_ids = input_ids.reshape(-1)  # checked where it is (the host: no read-back), then moved
         layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
         has_images = patches is not None and grid_hw is not None and grid_hw.shape[0] > 0
         if not has_images and images_per_sample is not None and int(images_per_sample.sum()) > 0:
@@ -337,7 +340,8 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         embeds = self.embed_inputs(input_ids, vision)
         if vision is None and self.training and torch.is_grad_enabled():
             embeds = embeds + 0.0 * self._dummy_vision().sum()  # every vision parameter used (§6)
-        positions = mrope_position_ids(input_ids, layout, grids, c.merge_size, c.image_pad_id)
+        ids = to_device_async(input_ids, self.device)
+        positions = mrope_position_ids(ids, layout, grids, c.merge_size, c.image_pad_id)
         hidden, kwargs = self.text_hidden(embeds, layout, attention, positions)
         return VLMOutput(hidden, vision, per_sample, layout, kwargs)
 

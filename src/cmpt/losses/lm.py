@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from cmpt.host_tensor import host_tensor
+from cmpt.host_tensor import host_tensor, to_device_async
 from cmpt.losses.fused_ce import fused_linear_ce_sum, resolve_lm_impl
 
 __all__ = ["next_token_loss", "shift_labels"]
@@ -100,7 +100,9 @@ def next_token_loss(
 
     Args:
         hidden: ``(B, T, H)`` or ``(T, H)`` final hidden states of the language model.
-        labels: ``(B, T)`` or ``(T,)`` token ids, ``ignore_index`` where unsupervised.
+        labels: ``(B, T)`` or ``(T,)`` token ids, ``ignore_index`` where unsupervised; on the
+            host or on ``hidden``'s device (on the host, finding and checking the supervised
+            positions never waits for the device, docs/method.md §7).
         lm_head_weight: ``(V, H)`` LM-head weight; ``lm_head_bias``: optional ``(V,)``.
         ignore_index: label value of unsupervised positions.
         chunk_size: at most this many rows of logits are built at once.
@@ -141,12 +143,15 @@ def next_token_loss(
 
     h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
     y2 = labels if labels.dim() == 2 else labels.unsqueeze(0)
-    if shift:
-        h3, y2 = h3[:, :-1], y2[:, 1:]
-    supervised = y2 != ignore_index
-    h_sel = h3[supervised]  # (n, H): only the rows that will get logits
-    y_sel = y2[supervised].long()
+    if shift:  # position t predicts labels[t + 1]: hidden row t keeps its index
+        y2 = y2[:, 1:]
+    # the supervised rows, found where the labels are (on the host when the batch keeps them
+    # there: no device read-back), then gathered from the hidden states by index
+    b, t = (y2 != ignore_index).nonzero(as_tuple=True)
+    y_sel = y2[b, t].long()
     count = int(y_sel.numel())
+    rows = to_device_async(b * h3.shape[1] + t, hidden.device)
+    h_sel = h3.reshape(-1, h3.shape[-1]).index_select(0, rows)  # (n, H): only the rows that get logits
 
     if count == 0:
         zero = hidden.sum() + lm_head_weight.sum()
@@ -156,6 +161,7 @@ def next_token_loss(
     if bool(((y_sel < 0) | (y_sel >= vocab)).any()):
         bad = y_sel[(y_sel < 0) | (y_sel >= vocab)][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index")
+    y_sel = to_device_async(y_sel, hidden.device)
     if resolved == "liger":
         total = fused_linear_ce_sum(h_sel, y_sel, lm_head_weight, lm_head_bias)
     else:

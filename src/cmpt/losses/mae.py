@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from cmpt.host_tensor import to_device_async
+
 __all__ = ["mae_loss", "window_targets"]
 
 
@@ -24,7 +26,8 @@ def window_targets(patches: torch.Tensor, window_mask: torch.Tensor, merge_size:
             f"patches {tuple(patches.shape)} must have {m2} rows per window for {window_mask.numel()} windows"
         )
     windows = patches.reshape(window_mask.numel(), m2 * patches.shape[1])
-    return windows[window_mask.to(device=patches.device, dtype=torch.bool)]
+    masked = window_mask.to(torch.bool).nonzero().flatten()  # where the mask is: the host reads it freely
+    return windows.index_select(0, to_device_async(masked, patches.device))
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:

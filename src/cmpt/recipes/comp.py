@@ -142,6 +142,12 @@ class CompTask:
     #: keys whose changes keep the mathematics: the attention kernel, how the LM loss is computed
     #: (chunked or fused, :mod:`cmpt.losses.fused_ce`), where the length index is cached
     resume_ignored_keys = ("model.attn", "loss.lm_chunk_size", "loss.lm_impl", "data.length_cache")
+    #: batch keys left on the host (``Task.host_keys``): the model and objective read them in
+    #: Python or index by them, and copy to the device what it computes on (docs/method.md §7)
+    host_keys = frozenset(
+        {"input_ids", "labels", "cu_seqlens", "grid_hw", "images_per_sample"}
+        | {"caption_ids", "caption_cu_seqlens"}
+    )
 
     def __init__(self, cfg: CompConfig) -> None:
         self.cfg = cfg

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmpt.host_tensor import host_tensor
 from cmpt.losses import alignment_loss, log_prior_from_counts, next_token_loss, segment_mean, shift_labels
 from cmpt.losses.fused_ce import check_lm_impl
 from cmpt.vlm.model import VisionLanguageModel
@@ -62,8 +63,7 @@ class CompObjective(nn.Module):
             sample_ids=batch.get("sample_ids"),
         )
         head = vlm.lm_head
-        labels = batch["labels"].to(out.hidden.device).reshape(-1)
-        targets = shift_labels(labels, out.layout.lengths)
+        targets = shift_labels(batch["labels"].reshape(-1), out.layout.lengths)  # where the labels are
         lm_sum, lm_count = next_token_loss(
             out.hidden,
             targets,
@@ -102,7 +102,7 @@ class CompObjective(nn.Module):
         for i in keep:
             kept_cu.append(kept_cu[-1] + cu[i + 1] - cu[i])
         text_feats = self.vlm.text_features(ids, kept_cu)
-        vision_feats = segment_mean(vision, per_sample)[keep]
+        vision_feats = segment_mean(vision, per_sample).index_select(0, host_tensor(keep, vision.device))
         log_prior = None
         if self._log_prior is not None:
             if vision.device not in self._log_prior_on:

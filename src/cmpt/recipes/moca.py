@@ -176,6 +176,12 @@ class MocaTask:
         "model.llm_attn", "model.vit_attn", "loss.lm_chunk_size", "loss.lm_impl", "loss.grad_cache_chunk",
         "data.length_cache",
     )  # fmt: skip
+    #: batch keys left on the host (``Task.host_keys``): the backbone and objectives read them in
+    #: Python or index by them, and copy to the device what they compute on (docs/method.md §7)
+    host_keys = frozenset(
+        {"input_ids", "labels", "cu_seqlens", "grid_hw", "images_per_sample"}
+        | {"mae_mask", "pair_mask", "neg_mask"}
+    )
 
     def __init__(self, cfg: MocaConfig) -> None:
         self.cfg = cfg

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cmpt.host_tensor import to_device_async
 from cmpt.losses import info_nce, segment_mean
 from cmpt.train.distributed import all_gather_with_grad
 
@@ -95,18 +96,19 @@ class ContrastiveObjective(nn.Module):
         emb = self.embed(batch)
         query, positive = emb[:b], emb[b : 2 * b]
         negatives = emb[2 * b :].reshape(b, k, -1) if k else None
-        real = batch.get("pair_mask")
+        real = batch.get("pair_mask")  # on the host with MocaTask.host_keys: read there
         real = torch.ones(b, dtype=torch.bool) if real is None else real.to(torch.bool).cpu()
         targets, offset = all_gather_with_grad(positive)
-        valid_targets, _ = all_gather_with_grad(real.to(emb.device, emb.dtype))
-        rows = real.nonzero().flatten().to(emb.device)
+        valid_targets, _ = all_gather_with_grad(to_device_async(real, emb.device).to(emb.dtype))
+        rows = to_device_async(real.nonzero().flatten(), emb.device)
+        hard_mask = to_device_async(batch["neg_mask"], emb.device).index_select(0, rows) if k else None
         total = info_nce(
-            query[rows],
+            query.index_select(0, rows),
             targets,
-            negatives[rows] if negatives is not None else None,
+            negatives.index_select(0, rows) if negatives is not None else None,
             self.loss.temperature,
             positives=rows + offset,
-            hard_negative_mask=batch["neg_mask"].to(emb.device)[rows] if k else None,
+            hard_negative_mask=hard_mask,
             target_mask=valid_targets > 0.5,
             reduction="sum",
         )

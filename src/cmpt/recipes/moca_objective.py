@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmpt.host_tensor import to_device_async
 from cmpt.losses import mae_loss, next_token_loss, window_targets
 from cmpt.losses.fused_ce import check_lm_impl
 from cmpt.vlm.text_attention import set_attention_mode
@@ -79,7 +80,7 @@ class MocaObjective(nn.Module):
         if self.mask_vector is not None:
             return self.mask_vector.to(like.dtype)
         gen = torch.Generator().manual_seed(_fill_seed(self.loss.seed, batch.get("sample_ids")))
-        return torch.randn(like.shape[1], generator=gen).to(device=like.device, dtype=like.dtype)
+        return to_device_async(torch.randn(like.shape[1], generator=gen), like.device).to(like.dtype)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         bb = self.backbone
@@ -89,9 +90,9 @@ class MocaObjective(nn.Module):
         target = corrupted = None
         if has_images:
             patches = bb.prepare_patches(patches.to(dev))
-            windows = batch["mae_mask"].to(dev)
+            windows = batch["mae_mask"].to(torch.bool)  # on the host with MocaTask.host_keys
             target = window_targets(patches, windows, bb.config.merge_size)
-            rows = windows.repeat_interleave(bb.config.merge_size**2)[:, None]
+            rows = to_device_async(windows, dev).repeat_interleave(bb.config.merge_size**2)[:, None]
             corrupted = torch.where(rows, self._fill(batch, patches), patches)
         out = bb(
             batch["input_ids"],
@@ -103,10 +104,9 @@ class MocaObjective(nn.Module):
             sample_ids=batch.get("sample_ids"),
         )
         head = bb.lm_head
-        labels = batch["labels"].to(dev).reshape(-1)
         mlm_sum, mlm_count = next_token_loss(
             out.hidden,
-            labels,
+            batch["labels"].reshape(-1),  # where the labels are: the host finds the masked rows
             head.weight,
             head.bias,
             chunk_size=self.loss.lm_chunk_size,
@@ -115,8 +115,10 @@ class MocaObjective(nn.Module):
         )
         decoded = bb.run_layer(self.mae_decoder, out.hidden, out)
         if target is not None:
-            at_images = decoded[batch["input_ids"].to(dev).reshape(-1) == bb.config.image_pad_id]
-            pred = self.mae_head(at_images[batch["mae_mask"].to(dev)])
+            # the masked windows' image-token rows, found where the ids and mask are (the host)
+            image_rows = (batch["input_ids"].reshape(-1) == bb.config.image_pad_id).nonzero().flatten()
+            masked = image_rows[windows.to(image_rows.device)]
+            pred = self.mae_head(decoded.index_select(0, to_device_async(masked, dev)))
             mae_sum, mae_count = mae_loss(pred, target)
         else:  # text-only: keep the decoder, head (and fill) in the graph (DDP/FSDP)
             mae_sum, mae_count = self.mae_head(decoded[:1]).sum() * 0.0, 0

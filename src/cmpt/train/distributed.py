@@ -16,7 +16,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ __all__ = [
 ]
 __all__ += ["barrier", "destroy", "init_distributed", "is_dist", "is_main", "loads_weights"]
 __all__ += ["mixed_precision", "seed_all"]
-__all__ += ["SAVED_OPS", "shard_fsdp", "to_device", "world_info", "wrap_ddp"]
+__all__ += ["SAVED_OPS", "PlacedBatch", "shard_fsdp", "to_device", "world_info", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -317,14 +317,40 @@ def average_grads(params: Iterable[torch.Tensor], world_size: int) -> None:
             p.grad.div_(world_size)
 
 
-def to_device(batch: object, device: torch.device) -> object:
-    """``batch`` with every tensor (in nested dicts / lists / tuples) moved to ``device``."""
+class PlacedBatch(Mapping[str, Any]):
+    """A micro-batch whose tensors the trainer has placed: on the device, or on the host for the
+    task's ``host_keys`` (docs/method.md §7). A ``Mapping`` but not a ``dict``: DDP (with
+    ``device_ids``) and FSDP2's root move every tensor of the dicts, lists and tuples their forward
+    receives to the device, with a blocking copy, and would undo the placement."""
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def to_device(batch: object, device: torch.device, keep: Collection[str] = ()) -> object:
+    """``batch`` with every tensor (in nested dicts / lists / tuples) moved to ``device``; a dict
+    batch comes back as a :class:`PlacedBatch` whose top-level keys in ``keep`` stay on the host."""
+    if isinstance(batch, dict):
+        return PlacedBatch({k: v if k in keep else _moved(v, device) for k, v in batch.items()})
+    return _moved(batch, device)
+
+
+def _moved(batch: object, device: torch.device) -> object:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: _moved(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(_moved(v, device) for v in batch)
     return batch
 
 

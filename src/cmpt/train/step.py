@@ -107,7 +107,7 @@ class StepRunner:
         return self._finish_step(stats, gcounts, bad, good, stop_requested())
 
     def _forward(self, batch: dict) -> LossTerms:
-        batch = D.to_device(batch, self.device)
+        batch = D.to_device(batch, self.device, keep=getattr(self.task, "host_keys", ()))
         with self._amp() if self._amp else contextlib.nullcontext():
             terms = self.task.compute_loss(self.model, batch)
         return terms
@@ -145,7 +145,14 @@ class StepRunner:
         self, stats: StepStats, gcounts: dict[str, int], bad: int, samples: int, stop_here: bool
     ) -> StepResult:
         names = self._term_names
-        local = torch.stack([*stats.sums_for(names), stats.nonfinite]).double().cpu()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        # the step's one read-back: loss sums, the non-finite flag and the gradient norm together
+        dev = stats.nonfinite.device
+        local = torch.stack([*stats.sums_for(names), stats.nonfinite, norm.to(dev, torch.float64)]).cpu()
+        grad_norm, local = float(local[-1]), local[:-1]
         extra = [float(stop_here), stats.tokens]
         g = D.all_reduce_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64)]))
         sums, nonfinite = g[: len(names)], g[len(names)] > 0
@@ -153,11 +160,6 @@ class StepRunner:
         losses = {n: (s / gcounts[n] if gcounts[n] else None) for n, s in zip(names, sums)}
         w = stats.weights
         loss = sum(w.get(n, 1.0) * v for n, v in losses.items() if v is not None)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
         nonfinite = nonfinite or not math.isfinite(grad_norm) or not math.isfinite(loss)
         if not nonfinite:
             if self.clip_grad is not None:

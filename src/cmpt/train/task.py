@@ -57,7 +57,11 @@ class Task(Protocol):
     ``run.dir/final`` that replaces it once complete), ``resume_ignored_keys`` (config keys, besides
     :data:`cmpt.train.config_diff.IGNORED_KEYS`, whose changes never block a resume) and
     ``world_batch_key`` (the config key that, times the world size, makes the global batch the data
-    stream is cut into; ``train.grad_accum`` when absent: :mod:`cmpt.train.reshard`)."""
+    stream is cut into; ``train.grad_accum`` when absent: :mod:`cmpt.train.reshard`) and
+    ``host_keys`` (batch keys the trainer leaves on the host instead of moving them to the device:
+    layout metadata, token ids and labels that the recipe reads in Python or indexes by, so that
+    reading them never waits for the GPU; the recipe copies what the device needs itself,
+    :func:`cmpt.host_tensor.to_device_async`; docs/method.md §7)."""
 
     model: nn.Module
 

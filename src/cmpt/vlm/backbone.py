@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmpt.host_tensor import to_device_async
 from cmpt.pooling import segment_mean
 from cmpt.vlm.chat import IMAGE_PAD
 from cmpt.vlm.packed_sdpa import implementation_for
@@ -79,11 +80,13 @@ class BackboneMixin:
     # ------------------------------------------------------------------ placeholders
     def embed_inputs(self, input_ids: torch.Tensor, vision_tokens: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings (``input_ids.shape + (H,)``) with the merged vision tokens put, in order,
-        at the ``<|image_pad|>`` positions; their counts must agree (``ValueError`` otherwise)."""
+        at the ``<|image_pad|>`` positions; their counts must agree (``ValueError`` otherwise).
+        ``input_ids`` may be on the host: counted there, copied to the device without waiting."""
+        n_vision = 0 if vision_tokens is None else int(vision_tokens.shape[0])
+        n_pad = int((input_ids == self.config.image_pad_id).sum())
+        input_ids = to_device_async(input_ids, self.input_embeddings.weight.device)
         embeds = self.input_embeddings(input_ids)
         is_pad = input_ids == self.config.image_pad_id
-        n_vision = 0 if vision_tokens is None else int(vision_tokens.shape[0])
-        n_pad = int(is_pad.sum())
         if n_pad != n_vision:
             raise ValueError(
                 f"{n_pad} {IMAGE_PAD} placeholders but {n_vision} merged vision tokens "
@@ -193,7 +196,7 @@ class BackboneMixin:
         """Mean of the last hidden states (after the final norm) over each text sequence, ``(B, H)``,
         without gradient: CoMP's caption feature ``F_t`` before normalization (docs/method.md §2)."""
         layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
-        ids = input_ids.to(self.device).reshape(-1)
+        ids = to_device_async(input_ids.reshape(-1), self.device)
         hidden, _ = self.text_hidden(self.input_embeddings(ids), layout, attention)
         return segment_mean(hidden, list(layout.lengths))
 

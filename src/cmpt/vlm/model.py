@@ -159,10 +159,13 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
         ``input_ids`` ``(N,)``: the batch's sequences concatenated, cut by ``cu_seqlens`` ``(B + 1,)``
         (the collate contract of :func:`cmpt.data.pipeline.collate`); ``patches`` / ``grid_hw``: the
         images of all sequences, packed; ``images_per_sample`` ``(B,)``: how many belong to each
-        sequence (checked against its placeholders). In training with gradients, a batch without
+        sequence (checked against its placeholders). ``input_ids``, ``cu_seqlens``, ``grid_hw`` and
+        ``images_per_sample`` may stay on the host (``Task.host_keys``): they are checked and read
+        there and only the ids are copied to the device, without waiting (docs/method.md §7). In
+        training with gradients, a batch without
         images still runs the dummy image through the ViT and merger (docs/method.md §6).
         """
-        input_ids = input_ids.to(self.device).reshape(-1)
+        input_ids = input_ids.reshape(-1)  # checked where it is (the host: no read-back), then moved
         layout = TextLayout.from_cu_seqlens(cu_seqlens, self.packing)
         vision, per_sample = None, None
         if patches is not None and grid_hw is not None and grid_hw.shape[0] > 0:

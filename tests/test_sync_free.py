@@ -1,0 +1,174 @@
+"""A training step's forward and backward never wait for the device (docs/method.md §7 "Batches
+on the host"), checked on the CPU with the meta device standing in for the GPU
+(:mod:`device_audit`): the model and the trainer-moved tensors on ``meta``, the task's
+``host_keys`` on the host, placed by the trainer's own :func:`cmpt.train.distributed.to_device`.
+A read-back raises there; host→device copies outside :mod:`cmpt.host_tensor` are recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import cmpt
+from cmpt.host_tensor import host_tensor, to_device_async
+from cmpt.losses import next_token_loss
+from cmpt.recipes.comp import CompTask, LossConfig
+from cmpt.recipes.comp_objective import CompObjective
+from cmpt.recipes.moca import MocaLossConfig, MocaTask
+from cmpt.recipes.moca_cl_objective import ContrastiveObjective
+from cmpt.recipes.moca_objective import MocaObjective
+from cmpt.train.distributed import PlacedBatch, to_device
+from device_audit import HostCopies, meta_autocast
+from test_contrastive import _pair_batch
+from test_moca_objective import DOCS, _backbone, doc_batch
+from vlm_fixtures import THREE, build_dirs, build_vlm, make_batch
+
+META = torch.device("meta")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return build_dirs(tmp_path_factory.mktemp("sync_free"))
+
+
+def _meta_step(objective: torch.nn.Module, batch: dict, host_keys: frozenset, monkeypatch) -> tuple:
+    """Counts of ``objective`` on the CPU, then two forward + backward passes on meta; the counts
+    and the host copies of the second one (a first step's cached tables are copied once)."""
+    with torch.no_grad():
+        ref = {k: v for k, v in objective(batch).items() if isinstance(v, int)}
+    objective.to(META)
+    placed = to_device(batch, META, keep=host_keys)
+    with meta_autocast(monkeypatch):
+        for audit in (HostCopies(), HostCopies()):  # audited: the second step (caches filled)
+            with audit:
+                out = objective(placed)
+                sum(v for v in out.values() if torch.is_tensor(v)).backward()
+    counts = {k: v for k, v in out.items() if isinstance(v, int)}
+    grads = [p.grad for p in objective.parameters() if p.grad is not None]
+    assert grads and all(g.is_meta for g in grads)
+    return counts, ref, audit.found
+
+
+def test_the_audit_sees_read_backs_and_host_copies():
+    """The checks below can fail: a device read-back raises on meta and host copies are recorded,
+    except those of cmpt.host_tensor."""
+    with HostCopies() as audit:
+        torch.arange(3).to(META)
+        torch.zeros(4, device=META)[torch.tensor([0, 1])]
+        host_tensor([1, 2], META)
+        to_device_async(torch.arange(3), META)
+    assert len(audit.found) == 2 and all("test_sync_free" not in f for f in audit.found)
+    hidden, weight = torch.zeros(6, 4, device=META), torch.zeros(10, 4, device=META)
+    labels = torch.tensor([-100, 1, 2, -100, 3, -100])
+    with pytest.raises(NotImplementedError):  # labels on the device: finding the rows reads back
+        next_token_loss(hidden, labels.to(META), weight, shift=False)
+    loss, count = next_token_loss(hidden, labels, weight, shift=False)
+    assert count == 3 and loss.is_meta
+
+
+def test_comp_step_reads_nothing_back(dirs, monkeypatch):
+    vlm = build_vlm(dirs, "qwen2").train()
+    batch = make_batch(vlm, THREE, seed=3)
+    counts, ref, found = _meta_step(CompObjective(vlm, LossConfig()), batch, CompTask.host_keys, monkeypatch)
+    assert counts == ref and ref["align_count"] == 2 and ref["lm_count"] > 0
+    assert found == []
+
+
+def test_moca_cpt_step_reads_nothing_back(dirs, monkeypatch):
+    vlm = _backbone(dirs, "llama")
+    batch = doc_batch(vlm, DOCS)
+    objective = MocaObjective(vlm, MocaLossConfig())
+    counts, ref, found = _meta_step(objective, batch, MocaTask.host_keys, monkeypatch)
+    assert counts == ref and ref["mae_count"] > 0 and ref["mlm_count"] > 0
+    assert found == []
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_moca_cl_step_reads_nothing_back(dirs, monkeypatch, chunk):
+    vlm = build_vlm(dirs, "qwen2").train()
+    batch = dict(_pair_batch(vlm, b=3), pair_mask=torch.tensor([True, True, False]))
+    objective = ContrastiveObjective(vlm, MocaLossConfig(grad_cache_chunk=chunk))
+    counts, ref, found = _meta_step(objective, batch, MocaTask.host_keys, monkeypatch)
+    assert counts == ref == {"cl_count": 2}
+    assert found == []
+
+
+def test_ddp_and_fsdp_input_moving_leaves_a_placed_batch_alone():
+    """DDP (with device_ids) and FSDP2's root move the tensors of their inputs' dicts to the device
+    with ``torch.distributed.utils._to_kwargs``; a PlacedBatch is not a dict and stays as placed."""
+    from torch.distributed.utils import _to_kwargs
+
+    batch = {"patches": torch.ones(2, 3), "cu_seqlens": torch.tensor([0, 2])}
+    placed = to_device(batch, META, keep={"cu_seqlens"})
+    assert isinstance(placed, PlacedBatch) and dict(placed).keys() == batch.keys()
+    assert placed["patches"].is_meta and placed["cu_seqlens"].device.type == "cpu"
+    (args,), _ = _to_kwargs((placed,), {}, META, False)
+    assert args[0] is placed and placed["cu_seqlens"].device.type == "cpu"
+    (args,), _ = _to_kwargs((dict(placed),), {}, META, False)
+    assert args[0]["cu_seqlens"].is_meta  # what a plain dict would have gone through
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_text_side_reads_nothing_back(tmp_path, monkeypatch, arch):
+    """QwenVLBackbone's own code (checks, placeholders, M-RoPE ids, the decoder) reads nothing back.
+    Its vision tower is transformers' code, which reads the grids back (docs/method.md §7): a
+    stand-in with the tower's output shape takes its place here."""
+    from cmpt.embed.qwen_vl import QwenVLBackbone
+    from test_qwen_vl_backbone import SAMPLES, M, build_checkpoint
+    from test_qwen_vl_backbone import batch as qwen_batch
+
+    bb = QwenVLBackbone.from_pretrained(build_checkpoint(arch, tmp_path / arch)).train()
+    b = qwen_batch(bb, SAMPLES)
+    bb.to(META)
+    weight = bb.input_embeddings.weight
+
+    def tower(patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        assert grid_hw.device.type == "cpu"  # the host's copy reached the vision side
+        n = int(grid_hw.prod(-1).sum()) // M**2
+        return weight[:1].expand(n, -1) * 1.0
+
+    monkeypatch.setattr(bb, "encode_images", tower)
+    placed = to_device(b, META, keep=MocaTask.host_keys)
+    with meta_autocast(monkeypatch):
+        for audit in (HostCopies(), HostCopies()):
+            with audit:
+                out = bb(placed["input_ids"], placed["cu_seqlens"], patches=placed["patches"],
+                         grid_hw=placed["grid_hw"], images_per_sample=placed["images_per_sample"],
+                         attention="bidirectional")  # fmt: skip
+                out.hidden.float().sum().backward()
+    assert out.hidden.is_meta and out.vision_per_sample == [6, 0, 7]
+    assert audit.found == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
+    """On a GPU, under ``set_sync_debug_mode("warn")``: no line of cmpt makes the host wait during a
+    CoMP micro-batch's forward and backward placed as the trainer places it (after a warm-up)."""
+    import warnings
+
+    vlm = build_vlm(dirs, "qwen2").train().cuda()
+    keep = CompTask.host_keys
+    batch = make_batch(vlm, THREE, seed=3)
+    batch = {k: v.pin_memory() if torch.is_tensor(v) and k in keep else v for k, v in batch.items()}
+    placed = to_device(batch, torch.device("cuda"), keep=keep)
+    objective = CompObjective(vlm, LossConfig())
+
+    def step() -> None:
+        out = objective(placed)
+        (out["lm_sum"] + out["align_sum"]).backward()
+
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    package = Path(cmpt.__file__).resolve().parent
+    ours = [f"{r.filename}:{r.lineno}" for r in records if Path(r.filename).resolve().is_relative_to(package)]
+    assert ours == []
