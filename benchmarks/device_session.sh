@@ -4,7 +4,7 @@
 # micro-batches make the host wait for the GPU (sync_audit.py), the GPU tests, then one table of both
 # benchmarks.
 #
-#   bash benchmarks/device_session.sh            # one H200: at most ~9.2 min (the timeouts below)
+#   bash benchmarks/device_session.sh            # one H200: at most ~9.4 min (the timeouts below)
 #   SMOKE=1 bash benchmarks/device_session.sh    # the same steps on tiny shapes, on the CPU too
 #
 # Runs from the repository root with the machine's own python3 (PYTHON=... to choose) and the
@@ -12,7 +12,7 @@
 # liger-kernel, for the fused-CE variants, where the machine cannot reach a registry), which go to
 # a private target.
 #
-# Time (seconds; the call's limit is 600): env 15 + comp 205 + moca 205 + syncs 30 + tests 100 = 555, plus
+# Time (seconds; the call's limit is 600): env 15 + comp 200 + moca 200 + syncs 45 + tests 100 = 560, plus
 # ~5 for the wheels and ~1 for the summary. A benchmark starts no variant after its *_BUDGET, is
 # told its kill time (*_TIMEOUT less 15 s of interpreter start-up: --timeout-s), so it starts a
 # compiled group only with >= 120 s left, and prints its figures after every variant, so a kill
@@ -63,10 +63,10 @@ import torch, transformers, importlib.util as u
 print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')
 print('transformers', transformers.__version__, '| triton', u.find_spec('triton') is not None, '| liger', u.find_spec('liger_kernel') is not None)
 "
-bench comp benchmarks/bench_comp_gpu.py "${COMP_TIMEOUT:-205}" "${COMP_BUDGET:-145}"
-bench moca benchmarks/bench_moca_gpu.py "${MOCA_TIMEOUT:-205}" "${MOCA_BUDGET:-145}"
+bench comp benchmarks/bench_comp_gpu.py "${COMP_TIMEOUT:-200}" "${COMP_BUDGET:-145}"
+bench moca benchmarks/bench_moca_gpu.py "${MOCA_TIMEOUT:-200}" "${MOCA_BUDGET:-145}"
 # shellcheck disable=SC2086  # smoke: a flag or nothing
-step syncs "${SYNC_TIMEOUT:-30}" "$py" benchmarks/sync_audit.py $smoke
+step syncs "${SYNC_TIMEOUT:-45}" "$py" benchmarks/sync_audit.py $smoke
 
 # the GPU tests: those marked `gpu` (the CPU ones of the same files would spend the step: e.g.
 # tests/test_varlen_op.py's gradchecks)

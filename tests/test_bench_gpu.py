@@ -240,6 +240,7 @@ def test_device_session_script_smoke(tmp_path) -> None:
 
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     env["TESTS"] = "tests/test_cuda_train.py"
+    env["SYNC_TIMEOUT"] = "120"  # a GPU's budget, not a loaded 2-core CPU's: both placements, uncounted
     done = subprocess.run(
         ["bash", str(BENCH / "device_session.sh")],
         cwd=BENCH.parent,

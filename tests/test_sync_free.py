@@ -6,6 +6,7 @@ A read-back raises there; host→device copies outside :mod:`cmpt.host_tensor` a
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -110,26 +111,23 @@ def test_ddp_and_fsdp_input_moving_leaves_a_placed_batch_alone():
     assert args[0]["cu_seqlens"].is_meta  # what a plain dict would have gone through
 
 
+@pytest.mark.skipif(
+    find_spec("transformers.vision_utils") is None, reason="transformers < 5.17: the tower reads grids back"
+)
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vl_text_side_reads_nothing_back(tmp_path, monkeypatch, arch):
-    """QwenVLBackbone's own code (checks, placeholders, M-RoPE ids, the decoder) reads nothing back.
-    Its vision tower is transformers' code, which reads the grids back (docs/method.md §7): a
-    stand-in with the tower's output shape takes its place here."""
+@pytest.mark.parametrize("tower_attention", ["auto", None])
+def test_qwen_vl_backbone_reads_nothing_back(tmp_path, monkeypatch, arch, tower_attention):
+    """QwenVLBackbone, vision tower included (cmpt's packed attention or transformers' own): the
+    tower's positions, segments and windows come precomputed from the host's grids
+    (:mod:`cmpt.embed.vision_inputs`)."""
     from cmpt.embed.qwen_vl import QwenVLBackbone
-    from test_qwen_vl_backbone import SAMPLES, M, build_checkpoint
+    from test_qwen_vl_backbone import SAMPLES, build_checkpoint
     from test_qwen_vl_backbone import batch as qwen_batch
 
     bb = QwenVLBackbone.from_pretrained(build_checkpoint(arch, tmp_path / arch)).train()
+    bb.set_vision_attention(tower_attention)
     b = qwen_batch(bb, SAMPLES)
     bb.to(META)
-    weight = bb.input_embeddings.weight
-
-    def tower(patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
-        assert grid_hw.device.type == "cpu"  # the host's copy reached the vision side
-        n = int(grid_hw.prod(-1).sum()) // M**2
-        return weight[:1].expand(n, -1) * 1.0
-
-    monkeypatch.setattr(bb, "encode_images", tower)
     placed = to_device(b, META, keep=MocaTask.host_keys)
     with meta_autocast(monkeypatch):
         for audit in (HostCopies(), HostCopies()):
@@ -139,6 +137,7 @@ def test_qwen_vl_text_side_reads_nothing_back(tmp_path, monkeypatch, arch):
                          attention="bidirectional")  # fmt: skip
                 out.hidden.float().sum().backward()
     assert out.hidden.is_meta and out.vision_per_sample == [6, 0, 7]
+    assert all(p.grad is not None for p in bb.visual.parameters() if p.requires_grad)
     assert audit.found == []
 
 
@@ -172,3 +171,40 @@ def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
     package = Path(cmpt.__file__).resolve().parent
     ours = [f"{r.filename}:{r.lineno}" for r in records if Path(r.filename).resolve().is_relative_to(package)]
     assert ours == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_qwen_vl_step_never_waits_in_cmpt_or_the_tower_inputs(tmp_path):
+    """On a GPU: a Qwen2.5-VL backbone's forward and backward, placed as the trainer places MoCa's
+    batches, waits in no line of cmpt nor of transformers' ``vision_utils`` (precomputed)."""
+    import warnings
+
+    from cmpt.embed.qwen_vl import QwenVLBackbone
+    from test_qwen_vl_backbone import SAMPLES, build_checkpoint
+    from test_qwen_vl_backbone import batch as qwen_batch
+
+    bb = QwenVLBackbone.from_pretrained(build_checkpoint("qwen2_5_vl", tmp_path / "q")).train().cuda()
+    keep = MocaTask.host_keys
+    b = {k: v.pin_memory() if k in keep else v for k, v in qwen_batch(bb, SAMPLES).items()}
+    placed = to_device(b, torch.device("cuda"), keep=keep)
+
+    def step() -> None:
+        out = bb(placed["input_ids"], placed["cu_seqlens"], patches=placed["patches"],
+                 grid_hw=placed["grid_hw"], images_per_sample=placed["images_per_sample"],
+                 attention="bidirectional")  # fmt: skip
+        out.hidden.float().sum().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    package = Path(cmpt.__file__).resolve().parent
+    waits = [f"{r.filename}:{r.lineno}" for r in records]
+    ours = [w for w in waits if Path(w.rsplit(":", 1)[0]).resolve().is_relative_to(package)]
+    assert ours == [] and not [w for w in waits if "vision_utils" in w]

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from cmpt.embed.vision_inputs import precomputed_vision_inputs
 from cmpt.host_tensor import to_device_async
 from cmpt.hub import read_json
 from cmpt.vision.processor import CONFIG_NAME, ImageProcessor
@@ -267,7 +268,7 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (``(P, 3·T·p·p)`` or processor rows) + grids ``(n, 2)`` → merged vision
         tokens ``(P / m², H)`` from the model's own vision tower."""
-        grid_hw = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2)
+        grid_hw = torch.as_tensor(grid_hw, dtype=torch.long).reshape(-1, 2).cpu()  # read on the host
         m = self.config.merge_size
         if bool(((grid_hw % m) != 0).any()):
             raise ValueError(f"image grids {grid_hw.tolist()} must be multiples of merge_size {m}")
@@ -276,9 +277,11 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
             raise ValueError(
                 f"{rows.shape[0]} patch rows but grids {grid_hw.tolist()} cover {int(grid_hw.prod(-1).sum())}"
             )
-        thw = to_device_async(torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1), self.device)
+        thw = torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1)
+        host_built = precomputed_vision_inputs(self.visual, thw, self.device)  # no grid read-back
         dtype = next(self.visual.parameters()).dtype
-        out = self.visual(rows.to(self.device, dtype), grid_thw=thw)
+        pixels, thw_on_device = rows.to(self.device, dtype), to_device_async(thw, self.device)
+        out = self.visual(pixels, grid_thw=thw_on_device, **host_built)
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
     def _dummy_vision(self) -> torch.Tensor:
