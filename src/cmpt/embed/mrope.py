@@ -9,6 +9,7 @@ chat format).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -33,8 +34,8 @@ def images_per_sequence(
     ``images_per_sample`` (or, without it, against the batch's image count ``n_images``)."""
     starts = torch.zeros_like(input_ids, dtype=torch.long)
     starts[1:] = ((input_ids[:-1] == vision_start_id) & (input_ids[1:] == image_pad_id)).long()
-    first = layout.cu_seqlens(input_ids.device)[:-1].long()
-    starts[first[first < starts.numel()]] = 0  # a pair never spans two sequences
+    first = [s for s in itertools.accumulate(layout.lengths[:-1], initial=0) if s < starts.numel()]
+    starts[host_tensor(first, input_ids.device)] = 0  # a pair never spans two sequences
     found = [int(x) for x in torch.stack([s.sum() for s in starts.split(layout.lengths)]).tolist()]
     ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(found))]
     if images_per_sample is not None:
