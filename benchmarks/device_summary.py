@@ -65,7 +65,11 @@ def summarize(out: Path) -> dict[str, dict]:
     if syncs:
         summary["syncs"] = syncs
         per = ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in syncs.items() if k.endswith("_microbatch"))
-        print(f"host-device synchronisations per micro-batch ({syncs.get('device')}): {per}")
+        old = ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in syncs.items() if k.endswith("_on_device"))
+        print(
+            f"host-device synchronisations per micro-batch ({syncs.get('device')}): {per}"
+            + (f" (whole batch on the device: {old})" if old else "")
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

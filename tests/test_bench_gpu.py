@@ -259,3 +259,4 @@ def test_device_session_script_smoke(tmp_path) -> None:
     syncs = summary["syncs"]  # on the CPU the steps run uncounted: zero
     assert syncs["bench"] == "sync_audit" and syncs["comp_syncs_per_microbatch"] == 0.0
     assert "host-device synchronisations per micro-batch (cpu): comp 0.0, moca 0.0" in done.stdout
+    assert "(whole batch on the device: comp 0.0, moca 0.0)" in done.stdout

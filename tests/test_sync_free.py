@@ -104,6 +104,8 @@ def test_ddp_and_fsdp_input_moving_leaves_a_placed_batch_alone():
     batch = {"patches": torch.ones(2, 3), "cu_seqlens": torch.tensor([0, 2])}
     placed = to_device(batch, META, keep={"cu_seqlens"})
     assert isinstance(placed, PlacedBatch) and dict(placed).keys() == batch.keys()
+    placed["extra"] = 1  # a task may still add to its batch, as to the dict it got before
+    del placed["extra"]
     assert placed["patches"].is_meta and placed["cu_seqlens"].device.type == "cpu"
     (args,), _ = _to_kwargs((placed,), {}, META, False)
     assert args[0] is placed and placed["cu_seqlens"].device.type == "cpu"

@@ -16,7 +16,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,9 +317,9 @@ def average_grads(params: Iterable[torch.Tensor], world_size: int) -> None:
             p.grad.div_(world_size)
 
 
-class PlacedBatch(Mapping[str, Any]):
+class PlacedBatch(MutableMapping[str, Any]):
     """A micro-batch whose tensors the trainer has placed: on the device, or on the host for the
-    task's ``host_keys`` (docs/method.md §7). A ``Mapping`` but not a ``dict``: DDP (with
+    task's ``host_keys`` (docs/method.md §7). A mapping but not a ``dict``: DDP (with
     ``device_ids``) and FSDP2's root move every tensor of the dicts, lists and tuples their forward
     receives to the device, with a blocking copy, and would undo the placement."""
 
@@ -328,6 +328,12 @@ class PlacedBatch(Mapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         return self._items[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
