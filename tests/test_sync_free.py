@@ -143,23 +143,16 @@ def test_qwen_vl_backbone_reads_nothing_back(tmp_path, monkeypatch, arch, tower_
     assert audit.found == []
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
-    """On a GPU, under ``set_sync_debug_mode("warn")``: no line of cmpt makes the host wait during a
-    CoMP micro-batch's forward and backward placed as the trainer places it (after a warm-up)."""
-    import warnings
-
-    vlm = build_vlm(dirs, "qwen2").train().cuda()
-    keep = CompTask.host_keys
-    batch = make_batch(vlm, THREE, seed=3)
+def _on_cuda(batch: dict, keep: frozenset) -> PlacedBatch:
+    """``batch`` placed as the trainer places it on CUDA, its host keys pinned (the loader's)."""
     batch = {k: v.pin_memory() if torch.is_tensor(v) and k in keep else v for k, v in batch.items()}
-    placed = to_device(batch, torch.device("cuda"), keep=keep)
-    objective = CompObjective(vlm, LossConfig())
+    return to_device(batch, torch.device("cuda"), keep=keep)
 
-    def step() -> None:
-        out = objective(placed)
-        (out["lm_sum"] + out["align_sum"]).backward()
+
+def _cuda_waits(step) -> tuple[list[str], list[str]]:
+    """``(cmpt's lines, all lines)`` that made the host wait during ``step()`` (after a warm-up
+    call), as ``set_sync_debug_mode("warn")`` reports them."""
+    import warnings
 
     step()
     torch.cuda.synchronize()
@@ -171,7 +164,24 @@ def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     package = Path(cmpt.__file__).resolve().parent
-    ours = [f"{r.filename}:{r.lineno}" for r in records if Path(r.filename).resolve().is_relative_to(package)]
+    waits = [(Path(r.filename).resolve(), r.lineno) for r in records]
+    return [f"{f}:{n}" for f, n in waits if f.is_relative_to(package)], [f"{f}:{n}" for f, n in waits]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
+    """On a GPU, under ``set_sync_debug_mode("warn")``: no line of cmpt makes the host wait during a
+    CoMP micro-batch's forward and backward placed as the trainer places it (after a warm-up)."""
+    vlm = build_vlm(dirs, "qwen2").train().cuda()
+    placed = _on_cuda(make_batch(vlm, THREE, seed=3), CompTask.host_keys)
+    objective = CompObjective(vlm, LossConfig())
+
+    def step() -> None:
+        out = objective(placed)
+        (out["lm_sum"] + out["align_sum"]).backward()
+
+    ours, _ = _cuda_waits(step)
     assert ours == []
 
 
@@ -180,16 +190,12 @@ def test_cuda_comp_step_never_waits_in_cmpt_code(dirs):
 def test_cuda_qwen_vl_step_never_waits_in_cmpt_or_the_tower_inputs(tmp_path):
     """On a GPU: a Qwen2.5-VL backbone's forward and backward, placed as the trainer places MoCa's
     batches, waits in no line of cmpt nor of transformers' ``vision_utils`` (precomputed)."""
-    import warnings
-
     from cmpt.embed.qwen_vl import QwenVLBackbone
     from test_qwen_vl_backbone import SAMPLES, build_checkpoint
     from test_qwen_vl_backbone import batch as qwen_batch
 
     bb = QwenVLBackbone.from_pretrained(build_checkpoint("qwen2_5_vl", tmp_path / "q")).train().cuda()
-    keep = MocaTask.host_keys
-    b = {k: v.pin_memory() if k in keep else v for k, v in qwen_batch(bb, SAMPLES).items()}
-    placed = to_device(b, torch.device("cuda"), keep=keep)
+    placed = _on_cuda(qwen_batch(bb, SAMPLES), MocaTask.host_keys)
 
     def step() -> None:
         out = bb(placed["input_ids"], placed["cu_seqlens"], patches=placed["patches"],
@@ -197,16 +203,5 @@ def test_cuda_qwen_vl_step_never_waits_in_cmpt_or_the_tower_inputs(tmp_path):
                  attention="bidirectional")  # fmt: skip
         out.hidden.float().sum().backward()
 
-    step()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    package = Path(cmpt.__file__).resolve().parent
-    waits = [f"{r.filename}:{r.lineno}" for r in records]
-    ours = [w for w in waits if Path(w.rsplit(":", 1)[0]).resolve().is_relative_to(package)]
+    ours, waits = _cuda_waits(step)
     assert ours == [] and not [w for w in waits if "vision_utils" in w]
