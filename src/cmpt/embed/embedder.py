@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmpt.embed.backbones import BACKBONE_KWARGS, load_backbone
+from cmpt.host_tensor import to_device_async
 from cmpt.hub import read_json
 from cmpt.pooling import segment_mean
 from cmpt.vision.image_io import ImageSource
@@ -258,7 +259,7 @@ class Embedder:
         kwargs: dict[str, Any] = {}
         if imgs:
             kwargs = dict(
-                patches=bb.prepare_patches(torch.cat([p.patches for p in imgs]).to(bb.device)),
+                patches=bb.prepare_patches(to_device_async(torch.cat([p.patches for p in imgs]), bb.device)),
                 grid_hw=torch.cat([p.grid_hw for p in imgs]),
                 images_per_sample=torch.tensor([0 if x[1] is None else len(x[1].grid_hw) for x in items]),
             )

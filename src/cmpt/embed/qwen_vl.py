@@ -280,8 +280,8 @@ class QwenVLBackbone(BackboneMixin, nn.Module):
         thw = torch.cat([torch.ones_like(grid_hw[:, :1]), grid_hw], dim=1)
         host_built = precomputed_vision_inputs(self.visual, thw, self.device)  # no grid read-back
         dtype = next(self.visual.parameters()).dtype
-        pixels, thw_on_device = rows.to(self.device, dtype), to_device_async(thw, self.device)
-        out = self.visual(pixels, grid_thw=thw_on_device, **host_built)
+        pixels = to_device_async(rows, self.device).to(dtype)
+        out = self.visual(pixels, grid_thw=to_device_async(thw, self.device), **host_built)
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
     def _dummy_vision(self) -> torch.Tensor:

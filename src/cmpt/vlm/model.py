@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cmpt.host_tensor import to_device_async
 from cmpt.vision.vit import NativeViT
 from cmpt.vlm.backbone import BackboneMixin, enable_hf_checkpointing
 from cmpt.vlm.io import VLMConfig, build_vlm, load_vlm, resize_vocab, save_vlm
@@ -133,7 +134,7 @@ class VisionLanguageModel(BackboneMixin, nn.Module):
 
     def encode_images(self, patches: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed patches (N, 3·p·p) + grids (n, 2) → merged vision tokens (N / m², H) in LLM space."""
-        feats = self.vit(patches.to(self.device), grid_hw)
+        feats = self.vit(to_device_async(patches, self.device), grid_hw)
         return self.merger(feats)
 
     def _dummy_vision(self) -> torch.Tensor:
