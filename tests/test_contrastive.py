@@ -205,3 +205,18 @@ def test_every_trainable_parameter_of_the_cl_stage_gets_a_gradient(tmp_path):
         trainable
         and [n for n, p in task.model.named_parameters() if p.requires_grad and p.grad is None] == []
     )
+
+
+def test_hard_negative_mask_rows_match_the_real_pairs(vlm):
+    """With a repeated pair in the middle, each real query keeps its own row of neg_mask."""
+    obj = ContrastiveObjective(vlm, MocaLossConfig())
+    nm, real = torch.tensor([[True, False], [True, True], [False, True]]), torch.tensor([True, False, True])
+    batch = dict(_pair_batch(vlm, b=3), pair_mask=real, neg_mask=nm)
+    with torch.no_grad():
+        got = obj(batch)["cl_sum"]
+        emb = obj.embed(batch)
+        q, t, n = emb[:3], emb[3:6], emb[6:].reshape(3, 2, -1)
+        rows = torch.tensor([0, 2])
+        ref = info_nce(q[rows], t, n[rows], obj.loss.temperature, positives=rows,
+                       hard_negative_mask=nm[rows], target_mask=real, reduction="sum")  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
-from cmpt.embed.mrope import mrope_position_ids
+from cmpt.embed.mrope import images_per_sequence, mrope_position_ids
 from cmpt.vlm.text_attention import TextLayout
 
 M, VS, VE, PAD, VIDEO = 2, 60, 61, 62, 63  # merge size and the vision token ids of the tiny configs
@@ -148,3 +148,15 @@ def test_cuda_equals_cpu_without_synchronising(packed):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), want)
+
+
+def test_images_per_sequence_never_counts_a_pair_across_sequences():
+    """A sequence ending in <|vision_start|> and the next starting with <|image_pad|> hold no image:
+    each sequence's first token is never the pad of a pair (empty sequences included)."""
+    ids = torch.tensor([5, VS, PAD, VE, VS, PAD, PAD, VE])
+    assert images_per_sequence(ids, TextLayout.from_cu_seqlens([0, 5, 8], True), 1, None, None, VS, PAD) == [
+        1,
+        0,
+    ]
+    three = TextLayout.from_cu_seqlens([0, 5, 8, 8], True)
+    assert images_per_sequence(ids, three, 1, None, None, VS, PAD) == [1, 0, 0]

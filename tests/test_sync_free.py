@@ -96,6 +96,14 @@ def test_moca_cl_step_reads_nothing_back(dirs, monkeypatch, chunk):
     assert found == []
 
 
+def test_to_device_moves_nested_containers_and_keeps_only_kept_keys():
+    t = torch.ones(2)
+    placed = to_device({"a": {"b": t}, "c": [t, (t,)], "labels": t, "ids": t}, META, keep={"ids"})
+    assert placed["a"]["b"].is_meta and placed["c"][0].is_meta and placed["c"][1][0].is_meta
+    assert isinstance(placed["c"], list) and isinstance(placed["c"][1], tuple)
+    assert placed["labels"].is_meta and placed["ids"] is t
+
+
 def test_ddp_and_fsdp_input_moving_leaves_a_placed_batch_alone():
     """DDP (with device_ids) and FSDP2's root move the tensors of their inputs' dicts to the device
     with ``torch.distributed.utils._to_kwargs``; a PlacedBatch is not a dict and stays as placed."""

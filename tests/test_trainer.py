@@ -18,6 +18,7 @@ from cmpt.config import ConfigError, load_config
 from cmpt.train import BadDataError, LossTerms, NonFiniteError, OptimConfig, RunConfig, TrainConfig, Trainer
 from cmpt.train.checkpoint import MARKER, get_rng_state, set_rng_state
 from cmpt.train.optim import build_optimizer, group_names, lr_factor, resolve_groups
+from cmpt.train.step import StepRunner
 from toy_task import ToyModel, ToyTask, ToyTaskPrecount
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,3 +304,24 @@ def test_rng_state_round_trips_every_generator() -> None:
     draws = (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist())
     set_rng_state(state)
     assert (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist()) == draws
+
+
+@pytest.mark.parametrize("clip", [None, 1e-4])
+def test_step_grad_norm_is_the_norm_and_clipping_uses_it(clip) -> None:
+    """The step's one read-back gives the gradient norm itself, and clipping scales by it."""
+    task = ToyTask()
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    seen = []
+    opt.register_step_pre_hook(
+        lambda *_: seen.append(
+            float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        )
+    )
+    runner = StepRunner(
+        task, task.model, opt, mode="none", device=torch.device("cpu"), world_size=1,
+        grad_accum=1, clip_grad=clip, amp=None,
+    )  # fmt: skip
+    res = runner.run([next(iter(task.build_loader(0, 1)))], 0, 0, lambda: False)
+    assert res.grad_norm > 1e-2 and not res.nonfinite
+    assert seen[0] == pytest.approx(res.grad_norm if clip is None else clip, rel=1e-3)

@@ -249,3 +249,13 @@ def test_run_layer_reproduces_a_body_layer(qwen, packed, attention):
             h.remove()
         qwen.configure_packing(True)
     torch.testing.assert_close(again, h1, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_inputs_refuses_a_placeholder_count_mismatch(qwen):
+    """``embed_inputs`` counts the placeholders of the ids it is given (on the host) itself."""
+    pad = qwen.config.image_pad_id
+    ids = torch.tensor([1, pad, pad, 2])
+    h = qwen.input_embeddings.weight.shape[1]
+    with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholders but 3 merged"):
+        qwen.embed_inputs(ids, torch.zeros(3, h))
+    assert qwen.embed_inputs(ids, torch.zeros(2, h)).shape == (4, h)
