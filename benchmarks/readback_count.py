@@ -151,17 +151,25 @@ def measure(micro_batches: int) -> dict[str, dict]:
     return out
 
 
+def _check_checkout(directory: Path) -> None:
+    if (
+        not (directory / "src" / "cmpt").is_dir()
+        or not (directory / "benchmarks" / "bench_comp_gpu.py").is_file()
+    ):
+        raise SystemExit(
+            f"--before {directory}: not a cmpt checkout (needs src/cmpt/ and benchmarks/bench_comp_gpu.py); "
+            "make one with: mkdir DIR && git archive REV | tar -x -C DIR"
+        )
+
+
 def _before(directory: Path, micro_batches: int) -> dict[str, dict]:
     """The same counts for an older checkout, in a subprocess with its ``src`` and ``benchmarks``."""
     env = {**os.environ, "PYTHONPATH": f"{directory / 'src'}:{directory / 'benchmarks'}"}
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--json-only",
-        "--micro-batches",
-        str(micro_batches),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    script = str(Path(__file__).resolve())
+    cmd = [sys.executable, script, "--json-only", "--micro-batches", str(micro_batches)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"--before {directory}: counting failed there:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -172,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top", type=int, default=12, help="lines shown per recipe")
     ap.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.before:
+        _check_checkout(args.before.resolve())
     torch.manual_seed(0)
     now = measure(max(args.micro_batches, 1))
     if args.json_only:

@@ -42,3 +42,8 @@ def test_benchmark_micro_batches_read_nothing_back(counter):
     assert lm.to_device_async is before  # the marking is undone
     assert figures["comp"]["per_microbatch"] == 0.0, figures["comp"]["lines"]
     assert figures["moca"]["per_microbatch"] == 0.0, figures["moca"]["lines"]
+
+
+def test_before_names_a_directory_that_is_not_a_checkout(counter, tmp_path):
+    with pytest.raises(SystemExit, match="not a cmpt checkout"):
+        counter.main(["--before", str(tmp_path), "--micro-batches", "1"])
