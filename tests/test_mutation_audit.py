@@ -610,16 +610,17 @@ def vlm(tmp_path_factory):
 
 
 def test_embedder_cut_keeps_the_last_image_end_token(vlm):
-    """embedder.py:191: a long input is cut after its last image's ``<|vision_end|>`` (inclusive)."""
+    """embedder.py ``_render``: a long input is cut after its last image's ``<|vision_end|>`` (inclusive)."""
     from PIL import Image
 
     from cmpt.embed.embedder import Embedder
 
     emb = Embedder(vlm, max_length=32)
     img = Image.new("RGB", (56, 28), (200, 10, 10))
-    ids, _ = emb._render("word " * 60 + "<image>", [img], None, 0)
+    text = emb._text("word " * 60 + "<image>", 1, None, 0)
+    ids, _ = emb._render(text, emb._images([img]), 0)
     end = vlm.config.vision_end_id
     assert len(ids) > 32 and int(ids[-1]) == end
     assert int((ids == end).sum()) == 1
-    ids_short, _ = emb._render("word " * 60, [], None, 1)
+    ids_short, _ = emb._render(emb._text("word " * 60, 0, None, 1), None, 1)
     assert len(ids_short) == 32  # text only: cut at max_length

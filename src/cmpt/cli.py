@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .cli_eval import add_eval_commands, max_pixels_arg
-from .cli_tools import DEVICE_HELP, add_tool_commands, positive_int
+from .cli_tools import DEVICE_HELP, add_tool_commands, non_negative_int, positive_int
 from .vision.attention import BACKENDS
 
 
@@ -47,6 +47,7 @@ def _encode(a: argparse.Namespace) -> int:
         device=device,
         precision=a.precision,
         progress=not a.quiet,
+        workers=a.workers,
     )
     origin = vit.config.source
     origin = f" (from {origin})" if origin and origin not in (str(a.model), f"hf:{a.model}") else ""
@@ -257,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) instead of failing"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="threads that load and patchify images ahead of the model (default: the CPUs, at most 8; "
+        "0: none)",
+    )
     p.set_defaults(fn=_encode)
 
     p = sub.add_parser(

@@ -58,6 +58,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (anything else is a usage error naming the value)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 DEVICE_HELP = "auto (default: CUDA if available, else CPU), cpu, cuda, cuda:N or mps"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
 from .io_atomic import atomic_file
+from .prefetch import check_workers, ordered_map
 from .vision.image_io import ImageLoadError
 from .vision.processor import CONFIG_NAME as PROCESSOR_CONFIG
 from .vision.processor import ImageProcessor
@@ -244,6 +246,7 @@ def encode_images(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     progress: bool = True,
+    workers: int | None = None,
 ) -> EncodeResult:
     """Encode ``images`` at native resolution and write one safetensors file (see module docstring).
 
@@ -254,11 +257,14 @@ def encode_images(
     An ``out`` that is a directory, an input image, a file of the model's directory or a file
     ``cmpt encode`` did not write is refused first (:func:`check_output`), and so is an attention
     backend (``vit.config.attn``) that cannot run there (:func:`check_attention`); the file is
-    written to ``<out>.tmp`` and renamed (removed on error).
+    written to ``<out>.tmp`` and renamed (removed on error). ``workers``: threads that load and
+    patchify images ahead of the forward (default :func:`cmpt.prefetch.default_workers`; 0: in this
+    thread; :func:`cmpt.prefetch.ordered_map`).
     """
     if not (pooled or patches):
         raise ValueError("nothing to save: enable pooled and/or patch features")
     check_output(out, images, getattr(vit, "loaded_from", None))
+    check_workers(workers)
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     from .eval.runtime import pick_device
@@ -285,18 +291,28 @@ def encode_images(
             skipped[str(path)] = str(e)
             costs.append(0)
     pooled_rows, patch_rows, grids, kept = [], [], [], []
+
+    def prepare(path: Path) -> tuple[torch.Tensor, tuple[int, int]] | Exception:
+        try:
+            return processor.preprocess(path)
+        except (ImageLoadError, ValueError) as e:  # a bad image: the loop below raises or skips it
+            return e
+
+    # images decoded and patchified by `workers` threads ahead of the forward (docs/method.md §7)
+    prepared = ordered_map(prepare, [p for p in images if p in sizes], workers=workers)
     # the bar advances after each batch is encoded: an error leaves it short of 100 %
-    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar, closing(prepared):
         for batch in budget_batches(costs, token_budget):
             good, tensors = [], []
             for path in (images[i] for i in batch if images[i] in sizes):
-                try:
-                    tensors.append(processor.preprocess(path))
-                    good.append(path)
-                except (ImageLoadError, ValueError) as e:
+                result = next(prepared)
+                if isinstance(result, Exception):
                     if not skip_bad:
-                        raise
-                    skipped[str(path)] = str(e)
+                        raise result
+                    skipped[str(path)] = str(result)
+                else:
+                    tensors.append(result)
+                    good.append(path)
             if good:
                 x = torch.cat([t for t, _ in tensors]).to(device)
                 grid = [g for _, g in tensors]

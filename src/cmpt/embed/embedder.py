@@ -30,9 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmpt.embed.backbones import BACKBONE_KWARGS, load_backbone
+from cmpt.encode import budget_batches
 from cmpt.host_tensor import to_device_async
 from cmpt.hub import read_json
 from cmpt.pooling import segment_mean
+from cmpt.prefetch import check_workers, ordered_map
 from cmpt.vision.image_io import ImageSource
 from cmpt.vlm.chat import IMAGE_TOKEN, encode_text_with_images, plain_input
 
@@ -41,6 +43,9 @@ __all__ = ["EMBEDDER_CONFIG", "POOLINGS", "Embedder", "EmbedderConfig"]
 EMBEDDER_CONFIG = "embedder_config.json"
 #: The implemented ``EmbedderConfig.pooling`` values (docs/method.md §3): the mean over the input's tokens.
 POOLINGS = ("mean",)
+#: inputs rendered, sorted and packed together by :meth:`Embedder.encode`; their images are
+#: preprocessed up to one window ahead of the forward
+RENDER_WINDOW = 256
 
 
 @dataclass
@@ -170,22 +175,32 @@ class Embedder:
         return Path(directory)
 
     # ------------------------------------------------------------------ rendering
-    def _render(self, text: str | None, images: list[Any], instruction: str | None, i: int) -> tuple:
-        """``(ids, patches, grid_hw)`` of one input."""
-        bb = self.backbone
-        packed = bb.processor(images) if images else None
-        m2 = bb.config.merge_size**2
-        n_tokens = [] if packed is None else [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
+    def _images(self, images: list[Any]) -> Any:
+        """The preprocessed images of one input (``PackedImages``), or None: run ahead in threads."""
+        return self.backbone.processor(images) if images else None
+
+    @staticmethod
+    def _text(text: str | None, n_images: int, instruction: str | None, i: int) -> str:
+        """The plain text of input ``i`` (:func:`cmpt.vlm.chat.plain_input`); an empty input or a
+        placeholder count that is not its image count is a ``ValueError`` naming ``i``."""
         placeholders = (text or "").count(IMAGE_TOKEN)
-        if placeholders and placeholders != len(images):
+        if placeholders and placeholders != n_images:
             raise ValueError(
                 f"encode: input {i}: its text has {placeholders} {IMAGE_TOKEN} placeholder(s) but "
-                f"{len(images)} image(s) were passed with it; pass one image per {IMAGE_TOKEN} in "
+                f"{n_images} image(s) were passed with it; pass one image per {IMAGE_TOKEN} in "
                 f"images[{i}] (a list for several), or drop the placeholders"
             )
-        full = plain_input(text, len(images), instruction)
+        full = plain_input(text, n_images, instruction)
         if not full:
             raise ValueError(f"input {i} is empty: give a text, an image or an instruction")
+        return full
+
+    def _render(self, full: str, packed: Any, i: int) -> tuple:
+        """``(ids, packed images)`` of input ``i``: its text (:meth:`_text`) tokenized with each
+        image's merged tokens, its images preprocessed (:meth:`_images`)."""
+        bb = self.backbone
+        m2 = bb.config.merge_size**2
+        n_tokens = [] if packed is None else [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
         ids = encode_text_with_images(full, bb.tokenizer, n_tokens, sample_id=str(i))
         if len(ids) > self.config.max_length:
             ends = (ids == bb.config.vision_end_id).nonzero()
@@ -203,6 +218,7 @@ class Embedder:
         *,
         batch_tokens: int | None = None,
         progress: bool | None = None,
+        workers: int | None = None,
     ) -> torch.Tensor:
         """Embeddings ``(B, D)`` (float32, CPU, L2-normalized) of B inputs.
 
@@ -213,9 +229,13 @@ class Embedder:
         ``progress``: a progress bar (default: for more than 256 inputs). A text with ``<image>``
         placeholders (interleaved) needs as many images in its entry. A wrong entry is a
         ``TypeError`` / ``ValueError`` naming its index (docs/method.md §3 ``cmpt.Embedder``).
+        ``workers``: threads that load and preprocess images ahead of the forward (default
+        :func:`cmpt.prefetch.default_workers`; 0: in this thread); at most about two windows of
+        :data:`RENDER_WINDOW` inputs are held preprocessed at once, whatever the number of inputs.
         """
         if batch_tokens is not None and batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1 (tokens per forward), got {batch_tokens}")
+        check_workers(workers)
         n = _count(texts, images)
         if n == 0:
             raise ValueError("encode needs texts or images")
@@ -227,26 +247,27 @@ class Embedder:
         images_l = [
             [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x]) for x in images_raw
         ]
-        rendered = [self._render(texts_l[i], images_l[i], instr_l[i], i) for i in range(n)]
-        order = sorted(range(n), key=lambda i: -len(rendered[i][0]))
+        full = [self._text(texts_l[i], len(images_l[i]), instr_l[i], i) for i in range(n)]  # checked first
         budget = batch_tokens or self.config.batch_tokens
-        batches, cur, used = [], [], 0
-        for i in order:
-            t = len(rendered[i][0])
-            if cur and used + t > budget:
-                batches.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += t
-        batches.append(cur)
+        # images preprocessed by `workers` threads up to a window ahead; a window's inputs are
+        # rendered, sorted longest first and packed by the token budget (docs/method.md §7)
+        prepared = ordered_map(self._images, images_l, workers=workers, ahead=RENDER_WINDOW)
         was_training = self.backbone.training
         self.backbone.eval()
         out = torch.empty(n, self.backbone.lm_head.weight.shape[1])
         show = progress if progress is not None else n > 256
         try:
-            for idx in tqdm(batches, desc="embedding", unit="batch", disable=not show):
-                out[idx] = self._forward([rendered[i] for i in idx]).float().cpu()
+            with tqdm(total=n, desc="embedding", unit="input", disable=not show) as bar:
+                for start in range(0, n, RENDER_WINDOW):
+                    window = range(start, min(n, start + RENDER_WINDOW))
+                    rendered = {i: self._render(full[i], next(prepared), i) for i in window}
+                    order = sorted(window, key=lambda i: -len(rendered[i][0]))
+                    for group in budget_batches([len(rendered[i][0]) for i in order], budget):
+                        idx = [order[j] for j in group]
+                        out[idx] = self._forward([rendered[i] for i in idx]).float().cpu()
+                        bar.update(len(idx))
         finally:
+            prepared.close()
             self.backbone.train(was_training)
         return out
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from PIL import Image
 
 from cmpt.data.llava_source import LlavaSource
 from cmpt.encode import budget_batches, default_processor, load_vision_model, to_raster
+from cmpt.prefetch import ordered_map
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor, load_image
 from cmpt.vision.vit import NativeViT
@@ -215,13 +217,17 @@ def _image_size(img: ImageInput) -> tuple[int, int]:
 
 
 def _packed_batches(
-    images: Sequence[ImageInput], processor: ImageProcessor, batch_tokens: int
+    images: Sequence[ImageInput], processor: ImageProcessor, batch_tokens: int, workers: int | None = None
 ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, int]]]]:
-    """``(indices, patches, grids)`` per packed batch of at most ``batch_tokens`` patches."""
+    """``(indices, patches, grids)`` per packed batch of at most ``batch_tokens`` patches; the
+    images are loaded and patchified by ``workers`` threads ahead of the consumer
+    (:func:`cmpt.prefetch.ordered_map`, docs/method.md §7)."""
     grids = [processor.grid_size(*_image_size(im)) for im in images]
-    for idx in budget_batches([h * w for h, w in grids], batch_tokens):
-        packed = processor([load_image(images[i]) for i in idx])
-        yield idx, packed.patches, [tuple(g) for g in packed.grid_hw.tolist()]
+    with closing(ordered_map(lambda im: processor([load_image(im)]), images, workers=workers)) as prepared:
+        for idx in budget_batches([h * w for h, w in grids], batch_tokens):
+            packed = [next(prepared) for _ in idx]
+            patches = torch.cat([p.patches for p in packed])
+            yield idx, patches, [tuple(g) for p in packed for g in p.grid_hw.tolist()]
 
 
 class _BlockTap:
