@@ -15,6 +15,7 @@ A bare NativeViT has no text side: :func:`retrieval_eval` raises a ``TypeError``
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cmpt.eval.features import load_records, processor_with
 from cmpt.eval.metrics import recall_at_k
 from cmpt.eval.runtime import pick_device, results_file, write_result
 from cmpt.eval.vqa import resolve_data
+from cmpt.prefetch import ordered_map
 from cmpt.vision.processor import load_image
 from cmpt.vision.vit import NativeViT
 
@@ -53,20 +55,22 @@ def retrieval_scores(sim: torch.Tensor, captions: list[str]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _vision_features(model: Any, records: list[dict], proc, batch_size: int) -> torch.Tensor:
+    """Each record's pooled image tokens; the images are loaded and patchified by threads ahead of
+    the model (:func:`cmpt.prefetch.ordered_map`, docs/method.md §7)."""
     m2 = proc.merge_size**2
     feats = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        images = [load_image(p) for r in chunk for p in r["images"]]
-        packed = proc(images)
-        tokens = model.encode_images(packed.patches, packed.grid_hw).float()
-        per_image = [int(h) * int(w) // m2 for h, w in packed.grid_hw.tolist()]
-        per_record, i = [], 0
-        for r in chunk:
-            k = len(r["images"])
-            per_record.append(sum(per_image[i : i + k]))
-            i += k
-        feats.extend(t.mean(0) for t in tokens.split(per_record))
+
+    def load(record: dict) -> Any:
+        return proc([load_image(p) for p in record["images"]])
+
+    with closing(ordered_map(load, records)) as prepared:
+        for start in range(0, len(records), batch_size):
+            chunk = [next(prepared) for _ in records[start : start + batch_size]]
+            patches = torch.cat([c.patches for c in chunk])
+            grid_hw = torch.cat([c.grid_hw for c in chunk])
+            tokens = model.encode_images(patches, grid_hw).float()
+            per_record = [int((c.grid_hw[:, 0] * c.grid_hw[:, 1]).sum()) // m2 for c in chunk]
+            feats.extend(t.mean(0) for t in tokens.split(per_record))
     return torch.stack(feats).cpu()
 
 
