@@ -45,7 +45,7 @@ EMBEDDER_CONFIG = "embedder_config.json"
 POOLINGS = ("mean",)
 #: inputs rendered, sorted and packed together by :meth:`Embedder.encode`; their images are
 #: preprocessed up to one window ahead of the forward
-RENDER_WINDOW = 256
+RENDER_WINDOW = 64
 
 
 @dataclass

@@ -26,27 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from cmpt.eval.embed_data import PAGE_PROMPT, EmbedData, Key, load_embed_data
+from cmpt.eval.embed_data import PAGE_PROMPT, EmbedData, load_embed_data
 from cmpt.eval.embed_metrics import mmeb_group_means, ndcg_at_k_qrels, precision_at_1
 from cmpt.eval.runtime import check_out_dir, pick_device, png_metadata, write_result
 
 __all__ = ["PAGE_PROMPT", "K", "embed_main", "embed_table", "evaluate_embed", "plot_embed"]
 
 K = 5
-
-
-def _encode(embedder: Any, keys: list[Key], batch_tokens: int | None, chunk: int = 256) -> torch.Tensor:
-    parts = []
-    for start in tqdm(range(0, len(keys), chunk), desc="embedding", unit="chunk", disable=len(keys) <= chunk):
-        part = keys[start : start + chunk]
-        parts.append(
-            embedder.encode(
-                [t for t, _ in part], [p for _, p in part], batch_tokens=batch_tokens, progress=False
-            )
-        )
-    return torch.cat(parts).float()
 
 
 def _mean(values: list[float]) -> float:
@@ -72,7 +59,9 @@ def evaluate_embed(
     "skipped", "bad"}`` (a mean over no task is NaN).
     """
     ds = data if isinstance(data, EmbedData) else load_embed_data(data, limit=limit, skip_bad=skip_bad)
-    emb = _encode(embedder, ds.keys, batch_tokens) if ds.keys else torch.zeros(0, 1)
+    # one call: the Embedder preprocesses and embeds its inputs window by window (docs/method.md §7)
+    texts, images = [t for t, _ in ds.keys], [p for _, p in ds.keys]
+    emb = embedder.encode(texts, images, batch_tokens=batch_tokens).float() if ds.keys else torch.zeros(0, 1)
     unit = F.normalize(emb, dim=-1)  # cosine for MMEB, whatever the Embedder's normalization
     mmeb = {}
     for t in ds.mmeb:
