@@ -1,6 +1,6 @@
 """Device read-backs per training micro-batch, counted on the CPU (docs/benchmarks.md "Host-device
 synchronisations"): the CoMP stage-II and MoCa CPT micro-batches of the GPU benchmarks (tiny
-shapes) go through the task's forward with the tensors that would be on the GPU marked (a
+shapes) go through the task's forward, and ``Embedder.encode`` embeds inputs (counted per forward), with the tensors that would be on the GPU marked (a
 ``torch.Tensor`` subclass that marks what is computed from them), and every call that would copy
 a marked value to the host is counted by the cmpt line that made it: ``.tolist()``, ``.item()``,
 ``int()`` / ``float()`` / ``bool()`` / an index of a tensor, ``.cpu()``, ``nonzero``, a boolean-mask
@@ -22,8 +22,10 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections import Counter
 from collections.abc import Iterator
@@ -134,16 +136,54 @@ def count(setup: object, micro_batches: int) -> tuple[Counter, int]:
     return Counter(_Counter.lines), micro_batches
 
 
+def count_embed(n_inputs: int) -> tuple[Counter, int]:
+    """Read-backs by (line, call) of ``Embedder.encode`` over ``n_inputs`` text + image inputs (the
+    tiny Qwen2.5-VL of the MoCa benchmark, a small token budget: several forwards), after one
+    uncounted call, and the number of forwards."""
+    from PIL import Image
+
+    from bench_moca_gpu import build_checkpoint
+    from cmpt.embed.embedder import Embedder
+
+    root = Path(tempfile.mkdtemp(prefix="cmpt-readback-embed-"))
+    emb = Embedder.from_pretrained(build_checkpoint(root / "model", "tiny", torch.device("cpu")))
+    emb.backbone.processor.min_pixels, emb.backbone.processor.max_pixels = 3136, 18816
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(56 + 28 * (i % 3), 56 + 28 * (i % 2)) for i in range(n_inputs)]
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()) for w, h in sizes]
+    texts = [f"a picture, number {i}, " + "word " * (i % 7) for i in range(n_inputs)]
+    forwards, real = [0], emb._forward
+
+    def forward(items: list) -> torch.Tensor:
+        forwards[0] += 1
+        return real(items)
+
+    emb._forward = forward
+    with _device_copies_marked():
+        emb.encode(texts[:2], images[:2], batch_tokens=128)
+        _Counter.lines.clear()
+        forwards[0] = 0
+        emb.encode(texts, images, batch_tokens=128)
+    shutil.rmtree(root, ignore_errors=True)
+    return Counter(_Counter.lines), forwards[0]
+
+
 def measure(micro_batches: int) -> dict[str, dict]:
-    """``{recipe: {"per_microbatch": n, "lines": {...}}}`` for this process's cmpt."""
+    """``{recipe: {"per_microbatch": n, "lines": {...}}}`` for this process's cmpt (``embed``: per
+    forward of ``Embedder.encode``)."""
     from bench_comp_gpu import comp_setup
     from bench_moca_gpu import moca_setup
 
     comp = argparse.Namespace(shapes="tiny", images=2, fixed_size=112, batches=2)
     moca = argparse.Namespace(shapes="tiny", batches=2, text_budget=1024, vision_budget=96)
     out = {}
-    for name, setup in (("comp", comp_setup(comp)), ("moca", moca_setup(moca, torch.device("cpu")))):
-        lines, n = count(setup, micro_batches)
+    counts = {
+        "comp": lambda: count(comp_setup(comp), micro_batches),
+        "moca": lambda: count(moca_setup(moca, torch.device("cpu")), micro_batches),
+        "embed": lambda: count_embed(16 * micro_batches),
+    }
+    for name, counted in counts.items():
+        lines, n = counted()
         out[name] = {
             "per_microbatch": sum(lines.values()) / n,
             "lines": {f"{w} {c}": k / n for (w, c), k in lines.most_common()},
@@ -189,9 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
         return now
     before = _before(args.before.resolve(), args.micro_batches) if args.before else None
     figures: dict = {"bench": "readback_count"}
-    for name, title in (("comp", "CoMP stage II"), ("moca", "MoCa CPT")):
+    titles = (("comp", "CoMP stage II"), ("moca", "MoCa CPT"), ("embed", "Embedder.encode, per forward"))
+    for name, title in titles:
         n = now[name]["per_microbatch"]
-        head = f"\n{title}: {n:.1f} device read-backs per micro-batch"
+        head = f"\n{title}: {n:.2f} device read-backs" + ("" if name == "embed" else " per micro-batch")
         if before:
             b = before[name]["per_microbatch"]
             head += f" (before: {b:.1f})"

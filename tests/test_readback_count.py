@@ -1,6 +1,7 @@
 """``benchmarks/readback_count.py`` (docs/benchmarks.md "Host-device synchronisations"): the counter
 sees each kind of device read-back, and the CoMP stage-II and MoCa CPT micro-batches of the GPU
-benchmarks, placed as the trainer places them, read nothing back in their forward."""
+benchmarks, placed as the trainer places them, read nothing back in their forward; ``Embedder.encode``
+reads back once per window of inputs, not once per forward."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def test_benchmark_micro_batches_read_nothing_back(counter):
     assert lm.to_device_async is before  # the marking is undone
     assert figures["comp"]["per_microbatch"] == 0.0, figures["comp"]["lines"]
     assert figures["moca"]["per_microbatch"] == 0.0, figures["moca"]["lines"]
+    # Embedder.encode: one read-back per window of inputs (its embeddings), none inside a forward
+    embed = figures["embed"]
+    assert list(embed["lines"]) and all(k.startswith("embed/embedder.py:") for k in embed["lines"])
+    assert all(k.endswith(" cpu") for k in embed["lines"]) and embed["per_microbatch"] <= 0.25, embed
 
 
 def test_before_names_a_directory_that_is_not_a_checkout(counter, tmp_path):

@@ -262,10 +262,13 @@ class Embedder:
                     window = range(start, min(n, start + RENDER_WINDOW))
                     rendered = {i: self._render(full[i], next(prepared), i) for i in window}
                     order = sorted(window, key=lambda i: -len(rendered[i][0]))
-                    for group in budget_batches([len(rendered[i][0]) for i in order], budget):
-                        idx = [order[j] for j in group]
-                        out[idx] = self._forward([rendered[i] for i in idx]).float().cpu()
-                        bar.update(len(idx))
+                    # one read-back per window, not per forward: the device runs on while forwards are queued
+                    queued = [
+                        self._forward([rendered[order[j]] for j in group])
+                        for group in budget_batches([len(rendered[i][0]) for i in order], budget)
+                    ]
+                    out[order] = torch.cat(queued).float().cpu()
+                    bar.update(len(window))
         finally:
             prepared.close()
             self.backbone.train(was_training)
