@@ -1,7 +1,8 @@
 """Device read-backs per training micro-batch, counted on the CPU (docs/benchmarks.md "Host-device
 synchronisations"): the CoMP stage-II and MoCa CPT micro-batches of the GPU benchmarks (tiny
-shapes) go through the task's forward, and ``Embedder.encode`` embeds inputs (counted per forward), with the tensors that would be on the GPU marked (a
-``torch.Tensor`` subclass that marks what is computed from them), and every call that would copy
+shapes) go through the task's forward, and ``Embedder.encode`` embeds inputs (counted per
+forward), with the tensors that would be on the GPU marked (a ``torch.Tensor`` subclass that
+marks what is computed from them), and every call that would copy
 a marked value to the host is counted by the cmpt line that made it: ``.tolist()``, ``.item()``,
 ``int()`` / ``float()`` / ``bool()`` / an index of a tensor, ``.cpu()``, ``nonzero``, a boolean-mask
 gather or assignment, ``repeat_interleave`` without ``output_size`` (not ``.to(device)``: on the
