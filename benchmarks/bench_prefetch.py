@@ -1,6 +1,9 @@
 """Inference inputs prepared ahead in threads (docs/method.md §7 "Inference inputs prepared ahead"):
 what :func:`cmpt.prefetch.ordered_map` changes for ``cmpt encode`` and ``Embedder.encode``.
 
+0. The preparation alone: :meth:`~cmpt.vision.processor.ImageProcessor.preprocess` of each JPEG
+   through :func:`cmpt.prefetch.ordered_map` with ``workers`` 0, 1, 2 and 4, no model: whether
+   decoding and patchifying scale over threads on this host (they release the GIL).
 1. ``cmpt encode`` (:func:`cmpt.encode.encode_images`) over JPEGs of 640x480 to 1280x960 written
    offline (smooth colour blobs plus noise, so decoding is real work), with ``workers`` 0, 2 and 4.
 2. ``Embedder.encode`` over inputs of a short text and one JPEG path each: *before* is the old
@@ -43,6 +46,7 @@ import cmpt.embed.embedder as embedder
 from cmpt.demo.tiny_lm import build_tiny_causal_lm, default_corpus, train_tokenizer
 from cmpt.embed.embedder import Embedder
 from cmpt.encode import encode_images
+from cmpt.prefetch import ordered_map
 from cmpt.vision.processor import ImageProcessor
 from cmpt.vision.vit import NativeViT, NativeViTConfig
 from cmpt.vlm.model import VisionLanguageModel
@@ -50,6 +54,7 @@ from cmpt.vlm.model import VisionLanguageModel
 ENCODE_MAX_PIXELS = 224 * 224  # 256 patches an image: the tiny ViT's forward stays cheap
 EMBED_MAX_PIXELS = 112 * 112  # 16 merged tokens an image
 ENCODE_WORKERS = (0, 2, 4)
+PREPARE_WORKERS = (0, 1, 2, 4)
 #: per variant, wall seconds of each run and CPU seconds (all threads) per wall second of each run
 Timings = tuple[dict[str, list[float]], dict[str, list[float]]]
 
@@ -171,6 +176,18 @@ def peak_rss_in_child(variant: str, image_dir: Path, n: int, window: int, thread
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def bench_prepare(paths: list[Path], repeats: int) -> Timings:
+    """Every JPEG decoded, resized and patchified through :func:`~cmpt.prefetch.ordered_map` with
+    each of :data:`PREPARE_WORKERS`, no model (the processor of ``cmpt encode``'s section)."""
+    processor = ImageProcessor.for_vit(tiny_vit(), max_pixels=ENCODE_MAX_PIXELS)
+
+    def prepare(workers: int) -> Callable[[], Any]:
+        return lambda: sum(len(x) for x, _ in ordered_map(processor.preprocess, paths, workers=workers))
+
+    prepare(0)()
+    return interleaved({f"workers={w}": prepare(w) for w in PREPARE_WORKERS}, repeats)
+
+
 def bench_encode(paths: list[Path], out: Path, repeats: int) -> Timings:
     """``cmpt encode``'s :func:`~cmpt.encode.encode_images` over ``paths`` with each of
     :data:`ENCODE_WORKERS`, after a warm-up on four images."""
@@ -257,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rss = not q if args.rss is None else args.rss
     with tempfile.TemporaryDirectory(prefix="bench_prefetch_") as tmp:
         paths = make_jpegs(Path(tmp) / "images", n_images, small=q)
+        prep = bench_prepare(paths, repeats)
         enc = bench_encode(paths, Path(tmp) / "features.safetensors", repeats)
         emb, peaks = bench_embed(paths, n, window, repeats)
         variants = embed_variants(n, window)
@@ -265,6 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {v: peak_rss_in_child(v, paths[0].parent, n, window, threads) for v in variants} if rss else {}
         )
 
+    print_table(
+        f"preparation only (no model): {n_images} JPEGs decoded, resized, patchified; median of {repeats}",
+        prep,
+        "workers=0",
+        {},
+    )
     print_table(
         f"cmpt encode: {n_images} JPEGs, max_pixels {ENCODE_MAX_PIXELS}, torch threads {threads}, "
         f"median of {repeats} interleaved runs",
@@ -283,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra,
     )
     figures: dict[str, Any] = {"bench": "prefetch"}
+    figures.update(
+        {f"prepare_speedup_w{w}": speedup(prep[0], "workers=0", f"workers={w}") for w in PREPARE_WORKERS[1:]}
+    )
     figures.update(
         {f"encode_speedup_w{w}": speedup(enc[0], "workers=0", f"workers={w}") for w in ENCODE_WORKERS[1:]}
     )
