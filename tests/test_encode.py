@@ -244,3 +244,23 @@ def test_progress_stays_short_of_100_percent_when_encoding_fails(setup, tmp_path
     with pytest.raises(RuntimeError, match="kernel failed"):
         encode_images(vit, processor_for(vit, ckpt), paths[:1], tmp_path / "f.safetensors", progress=True)
     assert "100%" not in capsys.readouterr().err
+
+
+def test_token_budget_must_be_positive(setup, tmp_path, capsys):
+    ckpt, paths, _ = setup
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    "encode",
+                    "--model",
+                    str(ckpt),
+                    str(paths[0]),
+                    "--out",
+                    str(tmp_path / "f"),
+                    "--token-budget",
+                    bad,
+                ]
+            )
+        assert f"--token-budget: expected an integer >= 1, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

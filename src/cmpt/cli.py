@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--features", choices=["pooled", "patch", "both"], default="both")
-    p.add_argument("--token-budget", type=int, default=16384, help="patches per forward pass (default 16384)")
+    p.add_argument(
+        "--token-budget", type=positive_int, default=16384, help="patches per forward pass (default 16384)"
+    )
     p.add_argument(
         "--min-pixels",
         default=None,
