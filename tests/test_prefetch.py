@@ -115,7 +115,7 @@ def test_cmpt_encode_output_does_not_depend_on_workers_and_bad_images_still_skip
     root, paths = images
     ckpt = hf_tiny.save("dinov2", root)
     bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG header, then garbage: fails when decoded
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then zeros: the header pass fails
     inputs = [str(p) for p in paths[:3]] + [str(bad)] + [str(p) for p in paths[3:]]
     outs = {}
     for workers in ("0", "3"):
@@ -231,4 +231,25 @@ def test_embedder_names_a_bad_image_and_leaves_no_thread(emb):
     imgs[4] = b"not an image"
     with pytest.raises(ImageLoadError, match="image"):
         emb.encode(texts, imgs, workers=2)
+    assert not _prefetch_threads()
+
+
+def test_one_lazily_opened_image_shared_by_many_inputs(emb, tmp_path):
+    """``Image.open`` decodes on first use, in place, not thread-safely: one such image given for
+    every text (or repeated in a list) is read under a lock by ``load_image``, so preparation
+    threads give the same result as none (was: truncated-data errors with 2 or more workers)."""
+    import numpy as np
+
+    from cmpt.vision.image_io import load_image
+
+    path = tmp_path / "page.jpg"
+    Image.fromarray((np.random.default_rng(0).random((1200, 900, 3)) * 255).astype(np.uint8)).save(path)
+    ref = np.asarray(load_image(path))
+    for _ in range(3):
+        loaded = list(ordered_map(lambda im: np.asarray(load_image(im)), [Image.open(path)] * 8, workers=8))
+        assert all(np.array_equal(x, ref) for x in loaded)
+    texts = [f"question {i}" for i in range(8)]
+    expected = emb.encode(texts, Image.open(path), workers=0)
+    for _ in range(2):
+        torch.testing.assert_close(emb.encode(texts, Image.open(path), workers=4), expected, rtol=0, atol=0)
     assert not _prefetch_threads()

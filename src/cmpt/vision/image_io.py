@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageLoadError", "ImageSource", "load_image"]
+
+#: held while :func:`load_image` reads a caller's PIL image (loads it, applies EXIF, converts it)
+_CALLER_IMAGE_LOCK = threading.Lock()
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
@@ -173,6 +177,15 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
     to 0–255 and refused outside that range; CMYK and other modes are converted. Any unusable input raises
     ``ImageLoadError`` whose message names the image (``name`` or the path) and says what to do.
     """
+    if isinstance(src, Image.Image):
+        # the caller's object, which prefetch threads may share (one image for many inputs): PIL
+        # decodes an opened file on first use and parses its EXIF in place, neither thread-safe
+        with _CALLER_IMAGE_LOCK:
+            return _load(src, name)
+    return _load(src, name)
+
+
+def _load(src: ImageSource, name: str | None) -> Image.Image:
     label = _label(src, name)
     if isinstance(src, Image.Image):
         img = src
