@@ -4,6 +4,8 @@ what :func:`cmpt.prefetch.ordered_map` changes for ``cmpt encode`` and ``Embedde
 0. The preparation alone: :meth:`~cmpt.vision.processor.ImageProcessor.preprocess` of each JPEG
    through :func:`cmpt.prefetch.ordered_map` with ``workers`` 0, 1, 2 and 4, no model: whether
    decoding and patchifying scale over threads on this host (they release the GIL).
+   The same for ``cmpt eval embed``'s data check (:func:`cmpt.eval.embed_data.load_embed_data`
+   decodes every image of an MMEB task once): decoded in turn (before) vs by threads (now).
 1. ``cmpt encode`` (:func:`cmpt.encode.encode_images`) over JPEGs of 640x480 to 1280x960 written
    offline (smooth colour blobs plus noise, so decoding is real work), with ``workers`` 0, 2 and 4.
 2. ``Embedder.encode`` over inputs of a short text and one JPEG path each: *before* is the old
@@ -188,6 +190,33 @@ def bench_prepare(paths: list[Path], repeats: int) -> Timings:
     return interleaved({f"workers={w}": prepare(w) for w in PREPARE_WORKERS}, repeats)
 
 
+def bench_embed_data(paths: list[Path], root: Path, repeats: int) -> Timings:
+    """``load_embed_data`` of one MMEB task whose queries are ``paths`` (images relative to ``root``),
+    each image decoded in turn (the old single pass) vs by :func:`~cmpt.prefetch.ordered_map`."""
+    import cmpt.eval.embed_data as embed_data
+
+    rows = [
+        {"qry_img_path": str(q.relative_to(root)), "tgt_text": [f"caption {i}", "other"]}
+        for i, q in enumerate(paths)
+    ]
+    task = root / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    threaded = embed_data.ordered_map
+
+    def load(in_turn: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            embed_data.ordered_map = (lambda fn, items, **kw: map(fn, items)) if in_turn else threaded
+            try:
+                return embed_data.load_embed_data(task)
+            finally:
+                embed_data.ordered_map = threaded
+
+        return run
+
+    load(False)()
+    return interleaved({"in turn": load(True), "threads": load(False)}, repeats)
+
+
 def bench_encode(paths: list[Path], out: Path, repeats: int) -> Timings:
     """``cmpt encode``'s :func:`~cmpt.encode.encode_images` over ``paths`` with each of
     :data:`ENCODE_WORKERS`, after a warm-up on four images."""
@@ -275,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_prefetch_") as tmp:
         paths = make_jpegs(Path(tmp) / "images", n_images, small=q)
         prep = bench_prepare(paths, repeats)
+        check = bench_embed_data(paths, Path(tmp), repeats)
         enc = bench_encode(paths, Path(tmp) / "features.safetensors", repeats)
         emb, peaks = bench_embed(paths, n, window, repeats)
         variants = embed_variants(n, window)
@@ -287,6 +317,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"preparation only (no model): {n_images} JPEGs decoded, resized, patchified; median of {repeats}",
         prep,
         "workers=0",
+        {},
+    )
+    print_table(
+        f"cmpt eval embed data check: {n_images} query images decoded once each; median of {repeats}",
+        check,
+        "in turn",
         {},
     )
     print_table(
@@ -307,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra,
     )
     figures: dict[str, Any] = {"bench": "prefetch"}
+    figures["embed_data_check_speedup"] = speedup(check[0], "in turn", "threads")
     figures.update(
         {f"prepare_speedup_w{w}": speedup(prep[0], "workers=0", f"workers={w}") for w in PREPARE_WORKERS[1:]}
     )

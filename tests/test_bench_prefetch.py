@@ -21,9 +21,12 @@ def test_prefetch_benchmark_quick(monkeypatch, capsys) -> None:
     figures = bench.main(["--quick"])
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == figures
-    assert {"encode_speedup_w2", "encode_speedup_w4", "embed_speedup", "embed_peak_bytes_ratio"} <= set(
-        figures
-    )
+    assert {
+        "encode_speedup_w2",
+        "embed_speedup",
+        "embed_peak_bytes_ratio",
+        "embed_data_check_speedup",
+    } <= set(figures)
     assert all(figures[k] > 0 for k in ("encode_speedup_w2", "encode_speedup_w4", "embed_speedup"))
     # before: all 40 inputs' patches at once; now: at most two windows of 8 and the one in hand
     # (17 of 40 images of similar patch counts)

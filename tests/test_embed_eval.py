@@ -278,3 +278,42 @@ def test_hugging_face_qwen2_5_vl_directory(data, tmp_path):
     expected = _direct_p1(q, data, T2I[:2])
     assert res["mmeb"]["t2i"]["precision_at_1"] == pytest.approx(expected)
     assert 0.0 <= res["pages_mean_ndcg_at_5"] <= 1.0
+
+
+def test_images_are_decoded_once_each_by_threads(data, monkeypatch):
+    """Clean data: one pass over the records, every distinct image decoded once, in the preparation
+    threads (docs/method.md §7); the same result as decoding each in turn."""
+    import threading
+
+    import cmpt.eval.embed_data as embed_data
+
+    seen, real = [], embed_data.load_image
+
+    def spy(path, *args):
+        seen.append((path, threading.current_thread().name))
+        return real(path, *args)
+
+    monkeypatch.setattr(embed_data, "load_image", spy)
+    ds = load_embed_data(data)
+    paths = [p for p, _ in seen]
+    assert sorted(paths) == sorted({p for _, p in ds.keys if p is not None}) and len(set(paths)) == len(paths)
+    assert all(name.startswith("cmpt-prefetch") for _, name in seen)
+    monkeypatch.setattr(embed_data, "ordered_map", lambda fn, items, **kw: map(fn, items))  # in turn
+    serial = load_embed_data(data)
+    assert (serial.keys, serial.mmeb, serial.pages, serial.bad) == (ds.keys, ds.mmeb, ds.pages, ds.bad)
+
+
+def test_limit_counts_queries_whose_images_decode(tmp_path, caplog):
+    """An unreadable image found after the first pass: its query is skipped, logged once, and the
+    limit is filled from the queries after it, as when each image was decoded in turn."""
+    root = make_data(tmp_path / "d")
+    (root / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rows = [{"task": "i2t", **I2T[0], "qry_img_path": "img/bad.png"}, *({"task": "i2t", **r} for r in I2T)]
+    _write(root / "i2t.jsonl", rows)
+    with caplog.at_level("WARNING", logger="cmpt.eval"):
+        ds = load_embed_data(root / "i2t.jsonl", limit=2, skip_bad=True)
+    assert [b["line"] for b in ds.bad] == [1] and ds.bad[0]["reason"] == "unreadable_image"
+    assert len(ds.mmeb[0].queries) == 2 and ds.keys[ds.mmeb[0].queries[0]][1].endswith("img/0.png")
+    assert [r.getMessage().count("skipping") for r in caplog.records] == [1]
+    with pytest.raises(ValueError, match=r"i2t\.jsonl:1: unreadable_image"):
+        load_embed_data(root / "i2t.jsonl", limit=2)

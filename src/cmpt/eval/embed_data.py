@@ -23,7 +23,10 @@ A bad record (invalid JSON, missing / mistyped key, image missing, unreadable or
 root, duplicate id, qrels naming an unknown id) raises ``ValueError`` naming the file and line, or
 with ``skip_bad`` is skipped, logged and listed in ``EmbedData.bad`` (reasons from
 :data:`cmpt.data.sources.REASONS`). Images are fully decoded once here, so a bad one never
-surfaces in the middle of the embedding.
+surfaces in the middle of the embedding: the records are read once with every existing image taken
+as usable, the images decoded by threads (:func:`cmpt.prefetch.ordered_map`, docs/method.md §7),
+and only when something is bad are the records read again, to raise or skip in file order as if
+each image had been decoded in turn.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmpt.data.sources import BadSample, resolve_image_path
+from cmpt.prefetch import ordered_map
 from cmpt.vision.processor import load_image
 from cmpt.vlm.chat import IMAGE_TOKEN
 
@@ -90,17 +95,29 @@ class EmbedData:
 
 
 class _Checker:
-    """Raises on a bad record (naming file and line) or, with ``skip_bad``, records it."""
+    """Raises on a bad record (naming file and line) or, with ``skip_bad``, records it.
 
-    def __init__(self, data: EmbedData, skip_bad: bool) -> None:
-        self.data, self.skip_bad = data, skip_bad
-        self.images: dict[str, str | None] = {}  # path → reason it is unusable (None: fine)
+    ``survey=True`` (a first pass): records every bad record silently, and takes an existing image
+    as usable for now, listing it in ``unverified`` to be decoded in parallel after the pass
+    (:func:`_decode_all`); ``known``: usability already established per path."""
+
+    def __init__(
+        self,
+        data: EmbedData,
+        skip_bad: bool,
+        survey: bool = False,
+        known: dict[str, str | None] | None = None,
+    ) -> None:
+        self.data, self.skip_bad, self.survey = data, skip_bad, survey
+        self.images: dict[str, str | None] = dict(known or {})  # path → reason it is unusable (None: fine)
+        self.unverified: list[str] = []
 
     def bad(self, path: Path, line: int, reason: str, detail: str) -> None:
         where = f"{path}:{line}"
-        if not self.skip_bad:
+        if not self.skip_bad and not self.survey:
             raise ValueError(f"{where}: {reason}: {detail}; fix the record or pass --skip-bad to skip it")
-        log.warning("skipping %s: %s: %s", where, reason, detail)
+        if not self.survey:
+            log.warning("skipping %s: %s: %s", where, reason, detail)
         self.data.bad.append({"file": str(path), "line": line, "reason": reason, "detail": detail})
 
     def image(self, root: Path, value: Any, what: str) -> str:
@@ -109,15 +126,29 @@ class _Checker:
         if full not in self.images:
             if not os.path.isfile(full):
                 self.images[full] = "missing_image"
+            elif self.survey:
+                self.images[full] = None
+                self.unverified.append(full)
             else:
-                try:
-                    load_image(full)
-                    self.images[full] = None
-                except ValueError:
-                    self.images[full] = "unreadable_image"
+                self.images[full] = _decode_problem(full)
         if self.images[full] is not None:
             raise BadSample(what, self.images[full], f"{value!r} ({full})")
         return full
+
+
+def _decode_problem(path: str) -> str | None:
+    """``"unreadable_image"`` when the image at ``path`` cannot be fully decoded, else None."""
+    try:
+        load_image(path)
+    except ValueError:
+        return "unreadable_image"
+    return None
+
+
+def _decode_all(paths: list[str]) -> dict[str, str | None]:
+    """:func:`_decode_problem` of each path, decoded by threads (:func:`cmpt.prefetch.ordered_map`,
+    docs/method.md §7)."""
+    return dict(zip(paths, ordered_map(_decode_problem, paths)))
 
 
 def _jsonl(path: Path, check: _Checker):
@@ -307,16 +338,25 @@ def load_embed_data(
         mmeb_files, page_dirs = [], [given]
     else:
         mmeb_files, page_dirs = sorted(root.glob("*.jsonl")), sorted(p for p in root.iterdir() if p.is_dir())
-    out = EmbedData(root, path=given)
-    check = _Checker(out, skip_bad)
-    for path in mmeb_files:
-        out.mmeb.append(_load_mmeb(path, out, check, limit))
     for sub in page_dirs:
         present = [f for f in files if (sub / f).is_file()]
         if present and len(present) < 3:
             raise FileNotFoundError(f"{sub} has {', '.join(present)} but not all of {', '.join(files)}")
-        if present:
-            out.pages.append(_load_pages(sub, out, check, limit))
+    page_dirs = [sub for sub in page_dirs if all((sub / f).is_file() for f in files)]
+
+    def read(check_of: Callable[[EmbedData], _Checker]) -> tuple[EmbedData, _Checker]:
+        out = EmbedData(root, path=given)
+        check = check_of(out)
+        out.mmeb = [_load_mmeb(path, out, check, limit) for path in mmeb_files]
+        out.pages = [_load_pages(sub, out, check, limit) for sub in page_dirs]
+        return out, check
+
+    # a survey pass, then its images decoded in parallel; when anything is bad, a second pass with
+    # what the survey learnt raises or skips exactly as one pass decoding each image in turn
+    out, check = read(lambda d: _Checker(d, skip_bad, survey=True))
+    decoded = _decode_all(check.unverified)
+    if out.bad or any(decoded.values()):
+        out, _ = read(lambda d: _Checker(d, skip_bad, known={**check.images, **decoded}))
     if not out.mmeb and not out.pages:
         raise FileNotFoundError(
             f"{root} holds no task: expected *.jsonl MMEB files and/or folders with {', '.join(files)}"
