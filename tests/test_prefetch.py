@@ -253,3 +253,20 @@ def test_one_lazily_opened_image_shared_by_many_inputs(emb, tmp_path):
     for _ in range(2):
         torch.testing.assert_close(emb.encode(texts, Image.open(path), workers=4), expected, rtol=0, atol=0)
     assert not _prefetch_threads()
+
+
+def test_text_only_inputs_start_no_thread(emb, monkeypatch):
+    import cmpt.embed.embedder as embedder
+
+    started = []
+    real = embedder.ordered_map
+
+    def spy(fn, items, **kwargs):
+        started.append(kwargs["workers"])
+        return real(fn, items, **kwargs)
+
+    monkeypatch.setattr(embedder, "ordered_map", spy)
+    texts, imgs = _inputs(6)
+    emb.encode([t or "x" for t in texts], workers=3)
+    emb.encode(texts, imgs, workers=3)
+    assert started == [0, 3]

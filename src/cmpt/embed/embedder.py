@@ -251,6 +251,8 @@ class Embedder:
         budget = batch_tokens or self.config.batch_tokens
         # images preprocessed by `workers` threads up to a window ahead; a window's inputs are
         # rendered, sorted longest first and packed by the token budget (docs/method.md §7)
+        if not any(images_l):  # text only: nothing to prepare, no threads
+            workers = 0
         prepared = ordered_map(self._images, images_l, workers=workers, ahead=RENDER_WINDOW)
         was_training = self.backbone.training
         self.backbone.eval()
