@@ -9,6 +9,8 @@ import importlib
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -34,3 +36,17 @@ def test_prefetch_benchmark_quick(monkeypatch, capsys) -> None:
     assert figures["embed_peak_bytes_ratio"] < 0.6
     assert "cmpt encode" in out and "Embedder.encode" in out
     assert window == embedder.RENDER_WINDOW  # restored
+
+
+def test_caller_images_benchmark_runs(monkeypatch, capsys, tmp_path) -> None:
+    """``benchmarks/bench_caller_images.py``: each variant measured in a child process of this
+    checkout, the last line is its JSON; ``--before`` refuses a directory that is no cmpt checkout."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_caller_images")
+    figures = bench.main(["--images", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == figures
+    assert figures["opened_speedup_w2_now"] > 0 and figures["paths_speedup_w2_now"] > 0
+    assert "opened, workers=2" in out
+    with pytest.raises(SystemExit, match="not a cmpt checkout"):
+        bench.main(["--before", str(tmp_path)])

@@ -6,9 +6,11 @@ holds a bounded window of preprocessed inputs."""
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -253,6 +255,36 @@ def test_one_lazily_opened_image_shared_by_many_inputs(emb, tmp_path):
     for _ in range(2):
         torch.testing.assert_close(emb.encode(texts, Image.open(path), workers=4), expected, rtol=0, atol=0)
     assert not _prefetch_threads()
+
+
+def test_distinct_lazily_opened_images_are_read_in_parallel(tmp_path):
+    """Each caller's PIL image has its own lock: two distinct lazily opened images are decoded at
+    the same time (each ``load`` waits at a two-party barrier, which a lock shared by all images
+    would break), and no lock outlives its image."""
+    import gc
+
+    import cmpt.vision.image_io as image_io
+
+    barrier, waited = threading.Barrier(2, timeout=10), set()
+
+    def decode(img: Image.Image) -> Any:  # an image's first load waits; PIL calls load again later
+        if id(img) not in waited:
+            waited.add(id(img))
+            barrier.wait()
+        return type(img).load(img)
+
+    images = []
+    for i in range(2):
+        Image.new("RGB", (16, 12), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        images.append(Image.open(tmp_path / f"{i}.png"))
+        images[-1].load = functools.partial(decode, images[-1])
+    loaded = list(ordered_map(image_io.load_image, images, workers=2))
+    assert [im.getpixel((0, 0)) for im in loaded] == [(0, 0, 0), (40, 0, 0)]
+    keys = {id(im) for im in images}
+    assert keys <= set(image_io._IMAGE_LOCKS)
+    del images, loaded
+    gc.collect()
+    assert not keys & set(image_io._IMAGE_LOCKS)
 
 
 def test_text_only_inputs_start_no_thread(emb, monkeypatch):

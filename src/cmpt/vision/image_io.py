@@ -10,6 +10,7 @@ import io
 import os
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageLoadError", "ImageSource", "load_image"]
 
-#: held while :func:`load_image` reads a caller's PIL image (loads it, applies EXIF, converts it)
-_CALLER_IMAGE_LOCK = threading.Lock()
+#: one lock per caller's PIL image (by ``id``, dropped when the image is collected), held while
+#: :func:`load_image` reads it; :data:`_LOCKS_GUARD` guards making them
+_IMAGE_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
@@ -179,10 +182,22 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
     """
     if isinstance(src, Image.Image):
         # the caller's object, which prefetch threads may share (one image for many inputs): PIL
-        # decodes an opened file on first use and parses its EXIF in place, neither thread-safe
-        with _CALLER_IMAGE_LOCK:
+        # decodes an opened file on first use and parses its EXIF in place, neither thread-safe;
+        # distinct images are read in parallel
+        with _lock_of(src):
             return _load(src, name)
     return _load(src, name)
+
+
+def _lock_of(img: Image.Image) -> threading.Lock:
+    key = id(img)
+    with _LOCKS_GUARD:
+        lock = _IMAGE_LOCKS.get(key)
+        if lock is None:
+            lock = _IMAGE_LOCKS[key] = threading.Lock()
+            # the entry goes when the image does, before its id can be reused
+            weakref.finalize(img, _IMAGE_LOCKS.pop, key, None)
+    return lock
 
 
 def _load(src: ImageSource, name: str | None) -> Image.Image:
