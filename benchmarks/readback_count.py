@@ -1,12 +1,12 @@
 """Device read-backs per training micro-batch, counted on the CPU (docs/benchmarks.md "Host-device
 synchronisations"): the CoMP stage-II and MoCa CPT micro-batches of the GPU benchmarks (tiny
-shapes) go through the task's forward, and ``Embedder.encode`` embeds inputs (counted per
-forward), with the tensors that would be on the GPU marked (a ``torch.Tensor`` subclass that
-marks what is computed from them), and every call that would copy
-a marked value to the host is counted by the cmpt line that made it: ``.tolist()``, ``.item()``,
-``int()`` / ``float()`` / ``bool()`` / an index of a tensor, ``.cpu()``, ``nonzero``, a boolean-mask
-gather or assignment, ``repeat_interleave`` without ``output_size`` (not ``.to(device)``: on the
-CPU the device is the host). The device's tensors: the
+shapes) go through the task's forward, ``Embedder.encode`` embeds inputs and ``cmpt encode``
+(:func:`cmpt.encode.encode_images`) encodes images (both counted per forward), with the tensors
+that would be on the GPU marked (a ``torch.Tensor`` subclass that marks what is computed from
+them), and every call that would copy a marked value to the host is counted by the cmpt line
+that made it: ``.tolist()``, ``.item()``, ``int()`` / ``float()`` / ``bool()`` / an index of a tensor,
+``.cpu()``, ``nonzero``, a boolean-mask gather or assignment, ``repeat_interleave`` without
+``output_size`` (not ``.to(device)``: on the CPU the device is the host). The device's tensors: the
 batch's, except the task's ``host_keys`` (what the trainer leaves on the host), and whatever
 :mod:`cmpt.host_tensor` copies there. Host-to-device copies from pageable memory also make the host
 wait; they are not counted here (``tests/test_sync_free.py`` checks them on the meta device).
@@ -169,9 +169,44 @@ def count_embed(n_inputs: int) -> tuple[Counter, int]:
     return Counter(_Counter.lines), forwards[0]
 
 
+def count_encode(n_images: int) -> tuple[Counter, int]:
+    """Read-backs by (line, call) of :func:`cmpt.encode.encode_images` over ``n_images`` small
+    images (a tiny random NativeViT, a token budget of about two images: many forwards), after one
+    uncounted call, and the number of forwards."""
+    from PIL import Image
+
+    from bench_prefetch import tiny_vit
+    from cmpt.encode import default_processor, encode_images
+
+    root = Path(tempfile.mkdtemp(prefix="cmpt-readback-encode-"))
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n_images):
+        h, w = 56 + 28 * (i % 3), 56 + 28 * (i % 2)
+        paths.append(root / f"{i}.png")
+        Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()).save(paths[-1])
+    vit = tiny_vit()
+    processor = default_processor(vit, max_pixels=112 * 112)
+    forwards, real = [0], vit.encode
+
+    def encode(patches: torch.Tensor, *args, **kwargs):  # its input is on the device, however it got there
+        forwards[0] += 1
+        return real(_mark(patches), *args, **kwargs)
+
+    vit.encode = encode
+    run = {"token_budget": 40, "progress": False, "workers": 0}
+    with _device_copies_marked():
+        encode_images(vit, processor, paths[:2], root / "warm.safetensors", **run)
+        _Counter.lines.clear()
+        forwards[0] = 0
+        encode_images(vit, processor, paths, root / "out.safetensors", **run)
+    shutil.rmtree(root, ignore_errors=True)
+    return Counter(_Counter.lines), forwards[0]
+
+
 def measure(micro_batches: int) -> dict[str, dict]:
-    """``{recipe: {"per_microbatch": n, "lines": {...}}}`` for this process's cmpt (``embed``: per
-    forward of ``Embedder.encode``)."""
+    """``{recipe: {"per_microbatch": n, "lines": {...}}}`` for this process's cmpt (``embed`` and
+    ``encode``: per forward of ``Embedder.encode`` and ``cmpt encode``)."""
     from bench_comp_gpu import comp_setup
     from bench_moca_gpu import moca_setup
 
@@ -182,6 +217,7 @@ def measure(micro_batches: int) -> dict[str, dict]:
         "comp": lambda: count(comp_setup(comp), micro_batches),
         "moca": lambda: count(moca_setup(moca, torch.device("cpu")), micro_batches),
         "embed": lambda: count_embed(16 * micro_batches),
+        "encode": lambda: count_encode(16 * micro_batches),
     }
     for name, counted in counts.items():
         lines, n = counted()
@@ -230,10 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
         return now
     before = _before(args.before.resolve(), args.micro_batches) if args.before else None
     figures: dict = {"bench": "readback_count"}
-    titles = (("comp", "CoMP stage II"), ("moca", "MoCa CPT"), ("embed", "Embedder.encode, per forward"))
+    titles = (
+        ("comp", "CoMP stage II"),
+        ("moca", "MoCa CPT"),
+        ("embed", "Embedder.encode, per forward"),
+        ("encode", "cmpt encode, per forward"),
+    )
     for name, title in titles:
         n = now[name]["per_microbatch"]
-        head = f"\n{title}: {n:.2f} device read-backs" + ("" if name == "embed" else " per micro-batch")
+        per = "" if name in ("embed", "encode") else " per micro-batch"
+        head = f"\n{title}: {n:.2f} device read-backs{per}"
         if before:
             b = before[name]["per_microbatch"]
             head += f" (before: {b:.1f})"

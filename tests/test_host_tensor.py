@@ -1,12 +1,12 @@
 """``host_tensor``: host metadata on the device without waiting for it (docs/method.md §7 "Layout
-metadata on the device")."""
+metadata on the device"), and inference outputs read back a window of batches at a time."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cmpt.host_tensor import host_tensor, to_device_async
+from cmpt.host_tensor import host_tensor, read_back_in_windows, to_device_async
 
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32])
@@ -61,3 +61,62 @@ def test_to_device_async_does_not_synchronise():
     for h, out in zip(hosts, outs):
         assert out.device.type == "cuda" and torch.equal(out.cpu(), h)
     assert torch.equal(out7.cpu(), torch.arange(7))
+
+
+def _batches(n: int) -> list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """``n`` batches of uneven sizes: bf16 rows of width 3 and int rows of width 2."""
+    gen = torch.Generator().manual_seed(n)
+    sizes = [1 + (7 * i) % 5 for i in range(n)]
+    return [
+        (i, (torch.randn(k, 3, generator=gen).bfloat16(), torch.randint(0, 9, (k, 2), generator=gen)))
+        for i, k in enumerate(sizes)
+    ]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7, 50])
+def test_read_back_in_windows_equals_reading_each_batch(window):
+    batches = _batches(7)
+    out = list(read_back_in_windows(iter(batches), window))
+    assert [key for key, _ in out] == list(range(7))
+    for (_, got), (_, want) in zip(out, batches, strict=True):
+        assert len(got) == 2
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == torch.float32 and g.device.type == "cpu"
+            assert torch.equal(g, w.float())
+    assert list(read_back_in_windows(iter([]), window)) == []
+
+
+def test_read_back_in_windows_reads_back_once_per_window_and_consumes_lazily():
+    """A window's forwards are all pulled before its one read-back per tensor position; the next
+    window's are not pulled before the consumer asks for them."""
+    pulled, reads = [], []
+
+    class CountReads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.cpu:
+                reads.append(len(pulled))
+            return func(*args, **(kwargs or {}))
+
+    def outputs():
+        for key, tensors in _batches(7):
+            pulled.append(key)
+            yield key, tensors
+
+    with CountReads():
+        it = read_back_in_windows(outputs(), 3)
+        first = [next(it) for _ in range(3)]
+        assert pulled == [0, 1, 2] and reads == [3, 3]
+        rest = list(it)
+    assert [k for k, _ in first + rest] == list(range(7)) and reads == [3, 3, 6, 6, 7, 7]
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        next(read_back_in_windows(outputs(), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_read_back_in_windows_from_cuda():
+    batches = _batches(5)
+    on_device = ((k, tuple(t.cuda() for t in ts)) for k, ts in batches)
+    out = list(read_back_in_windows(on_device, 2))
+    for (_, got), (_, want) in zip(out, batches, strict=True):
+        assert all(g.device.type == "cpu" and torch.equal(g, w.float()) for g, w in zip(got, want))

@@ -1,7 +1,8 @@
 """``benchmarks/readback_count.py`` (docs/benchmarks.md "Host-device synchronisations"): the counter
 sees each kind of device read-back, and the CoMP stage-II and MoCa CPT micro-batches of the GPU
 benchmarks, placed as the trainer places them, read nothing back in their forward; ``Embedder.encode``
-reads back once per window of inputs, not once per forward."""
+reads back once per window of inputs, and ``cmpt encode`` once per window of batches, not once per
+forward."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def test_benchmark_micro_batches_read_nothing_back(counter):
     embed = figures["embed"]
     assert list(embed["lines"]) and all(k.startswith("embed/embedder.py:") for k in embed["lines"])
     assert all(k.endswith(" cpu") for k in embed["lines"]) and embed["per_microbatch"] <= 0.25, embed
+    # cmpt encode: patch tokens and pooled rows read back once per READBACK_WINDOW forwards
+    encode = figures["encode"]
+    assert list(encode["lines"]) and all(k.startswith("host_tensor.py:") for k in encode["lines"]), encode
+    assert all(k.endswith(" cpu") for k in encode["lines"]) and encode["per_microbatch"] <= 0.5, encode
 
 
 def test_before_names_a_directory_that_is_not_a_checkout(counter, tmp_path):

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .host_tensor import read_back_in_windows, to_device_async
 from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
 from .io_atomic import atomic_file
 from .prefetch import check_workers, ordered_map
@@ -37,6 +38,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 #: metadata key (and format version) of every file ``cmpt encode`` writes
 ENCODE_MARKER, ENCODE_FORMAT = "cmpt_encode", "1"
 _TENSORS = {"grid_hw", "offsets", "pooled", "patch_tokens"}
+#: batches whose features are read back from the device together (docs/method.md §7)
+READBACK_WINDOW = 8
 
 
 def vision_dir(model: str | os.PathLike) -> Path:
@@ -298,10 +301,8 @@ def encode_images(
         except (ImageLoadError, ValueError) as e:  # a bad image: the loop below raises or skips it
             return e
 
-    # images decoded and patchified by `workers` threads ahead of the forward (docs/method.md §7)
-    prepared = ordered_map(prepare, [p for p in images if p in sizes], workers=workers)
-    # the bar advances after each batch is encoded: an error leaves it short of 100 %
-    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar, closing(prepared):
+    def forwards(bar: tqdm) -> Iterator[tuple[tuple[list[Path], list], tuple[torch.Tensor, ...]]]:
+        """Each batch's images and grids, and its device outputs (patch tokens, pooled rows)."""
         for batch in budget_batches(costs, token_budget):
             good, tensors = [], []
             for path in (images[i] for i in batch if images[i] in sizes):
@@ -314,18 +315,26 @@ def encode_images(
                     tensors.append(result)
                     good.append(path)
             if good:
-                x = torch.cat([t for t, _ in tensors]).to(device)
+                x = to_device_async(torch.cat([t for t, _ in tensors]), device)
                 grid = [g for _, g in tensors]
                 with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
                     tokens, prefix = vit.encode(x, grid)
                     pooled_out = vit.pool(tokens, prefix, grid) if pooled else None
-                if pooled:
-                    pooled_rows.append(pooled_out.float().cpu())
-                if patches:
-                    patch_rows.append(to_raster(tokens.float().cpu(), grid, vit.config.merge_size))
-                grids.extend(grid)
-                kept.extend(str(p) for p in good)
+                yield (good, grid), ((tokens,) if patches else ()) + ((pooled_out,) if pooled else ())
             bar.update(len(batch))
+
+    # images decoded and patchified by `workers` threads ahead of the forward, outputs read back a
+    # window of batches at a time (docs/method.md §7)
+    prepared = ordered_map(prepare, [p for p in images if p in sizes], workers=workers)
+    # the bar advances after each batch's forward: an error leaves it short of 100 %
+    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar, closing(prepared):
+        for (good, grid), host in read_back_in_windows(forwards(bar), READBACK_WINDOW):
+            if patches:
+                patch_rows.append(to_raster(host[0], grid, vit.config.merge_size))
+            if pooled:
+                pooled_rows.append(host[-1])
+            grids.extend(grid)
+            kept.extend(str(p) for p in good)
     if not kept:
         raise ValueError(f"no image could be encoded; problems: {skipped}")
     counts = torch.tensor([h * w for h, w in grids])

@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 
 from cmpt.data.llava_source import LlavaSource
-from cmpt.encode import budget_batches, default_processor, load_vision_model, to_raster
+from cmpt.encode import READBACK_WINDOW, budget_batches, default_processor, load_vision_model, to_raster
+from cmpt.host_tensor import read_back_in_windows, to_device_async
 from cmpt.prefetch import ordered_map
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor, load_image
@@ -287,13 +288,18 @@ def _pooled_features(
     vit.eval()
     tap = _BlockTap(vit, n_layers)
     chunks: list[list[torch.Tensor]] = [[] for _ in settings]
-    try:
+
+    def forwards() -> Iterator[tuple[None, tuple[torch.Tensor, ...]]]:
         for _idx, patches, grids in _packed_batches(images, processor, batch_tokens):
-            vit.encode(patches.to(dev), grids, merge_size=processor.merge_size)
+            vit.encode(to_device_async(patches, dev), grids, merge_size=processor.merge_size)
             outs = tap.layers()
-            for j, s in enumerate(settings):
-                chunks[j].append(_pool(vit, outs, grids, s).cpu())
+            yield None, tuple(_pool(vit, outs, grids, s) for s in settings)
             tap.outputs.clear()
+
+    try:
+        for _, pooled in read_back_in_windows(forwards(), READBACK_WINDOW):
+            for j, rows in enumerate(pooled):
+                chunks[j].append(rows)
     finally:
         tap.close()
         vit.train(was_training)
@@ -331,10 +337,15 @@ def extract_patch_maps(
     dev, was_training = model_device(vit), vit.training
     vit.eval()
     maps: list[torch.Tensor | None] = [None] * len(images)
-    try:
+
+    def forwards() -> Iterator[tuple[tuple[list[int], list], tuple[torch.Tensor]]]:
         for idx, patches, grids in _packed_batches(images, processor, batch_tokens):
-            tokens, _ = vit.encode(patches.to(dev), grids, merge_size=processor.merge_size)
-            raster = to_raster(tokens.float().cpu(), grids, processor.merge_size)
+            tokens, _ = vit.encode(to_device_async(patches, dev), grids, merge_size=processor.merge_size)
+            yield (idx, grids), (tokens,)
+
+    try:
+        for (idx, grids), (tokens,) in read_back_in_windows(forwards(), READBACK_WINDOW):
+            raster = to_raster(tokens, grids, processor.merge_size)
             for i, (h, w), chunk in zip(idx, grids, raster.split([h * w for h, w in grids])):
                 maps[i] = chunk.reshape(h, w, -1)
     finally:
