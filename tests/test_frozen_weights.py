@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from cmpt import weights_digest as D
 from cmpt.train import OptimConfig, RunConfig, TrainConfig, Trainer
 from cmpt.train import frozen as F
 from cmpt.train.resume import ResumeError
@@ -44,8 +45,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_digest_matches_a_copy_and_tells_small_changes_apart() -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 64)
-    base = F._stats(w)
-    assert F.frozen_mismatch({"w": base}, {"w": F._stats(w.clone())}) == []
+    base = D._stats(w)
+    assert F.frozen_mismatch({"w": base}, {"w": D._stats(w.clone())}) == []
     changed = {
         "one entry +1e-4": w.clone().index_put_((torch.tensor(7), torch.tensor(9)), w[7, 9] + 1e-4),
         "rows swapped": w[torch.cat([torch.tensor([1, 0]), torch.arange(2, 64)])],
@@ -54,18 +55,18 @@ def test_digest_matches_a_copy_and_tells_small_changes_apart() -> None:
         "other shape": w[:32],
     }
     for what, other in changed.items():
-        assert F.frozen_mismatch({"w": base}, {"w": F._stats(other)}) == ["w"], what
+        assert F.frozen_mismatch({"w": base}, {"w": D._stats(other)}) == ["w"], what
     assert F.frozen_mismatch({"w": base}, {}) == ["w"] and F.frozen_mismatch({}, {"v": base}) == ["v"]
 
 
 def test_chunked_sums_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(1000, 37)
-    whole = F._stats(w)
-    monkeypatch.setattr(F, "_ROWS", 2)  # 5 passes of 8186 elements, the last one short
-    chunked = F._stats(w)
+    whole = D._stats(w)
+    monkeypatch.setattr(D, "_ROWS", 2)  # 5 passes of 8186 elements, the last one short
+    chunked = D._stats(w)
     assert F.frozen_mismatch({"w": whole}, {"w": chunked}) == []
     x = w.reshape(-1).double()
-    weights = F._weights(F._PERIOD, x.device).repeat(x.numel() // F._PERIOD + 1)[: x.numel()]
+    weights = D._weights(D._PERIOD, x.device).repeat(x.numel() // D._PERIOD + 1)[: x.numel()]
     reference = [float(x.numel()), float(x.sum()), float(x @ x), float(x @ weights)]
     for a, b in zip(chunked, reference):
         assert a == pytest.approx(b, rel=1e-12)

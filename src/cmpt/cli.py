@@ -20,6 +20,7 @@ from .vision.attention import BACKENDS
 
 def _encode(a: argparse.Namespace) -> int:
     from .encode import check_attention, check_output, encode_images, expand_images, load_vit, processor_for
+    from .encode_shards import check_sharded_output, encode_sharded
     from .eval.runtime import pick_device
 
     device = pick_device(a.device)  # options first: nothing loads for a mistyped one
@@ -32,14 +33,13 @@ def _encode(a: argparse.Namespace) -> int:
             "--max-pixels"
         )
     images = expand_images(a.images)
-    check_output(a.out, images, model=a.model)  # before the model is loaded
+    if a.shard_size is None:  # before the model is loaded
+        check_output(a.out, images, model=a.model)
+    else:
+        check_sharded_output(a.out, images, a.shard_size, model=a.model)
     vit = load_vit(a.model, rope=a.rope, attn=a.attn)
     proc = processor_for(vit, a.model, min_pixels=min_pixels, max_pixels=max_pixels)
-    res = encode_images(
-        vit,
-        proc,
-        images,
-        a.out,
+    options = dict(
         token_budget=a.token_budget,
         pooled=a.features in ("pooled", "both"),
         patches=a.features in ("patch", "both"),
@@ -49,9 +49,17 @@ def _encode(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         workers=a.workers,
     )
+    if a.shard_size is None:
+        res = encode_images(vit, proc, images, a.out, **options)
+    else:
+        res = encode_sharded(vit, proc, images, a.out, shard_size=a.shard_size, **options)
     origin = vit.config.source
     origin = f" (from {origin})" if origin and origin not in (str(a.model), f"hf:{a.model}") else ""
-    print(f"encoded {len(res.images)} images ({res.num_patches} patches) with {a.model}{origin} -> {res.out}")
+    shards = f" in {len(res.shards)} shards ({res.reused} kept from before)" if res.shards else ""
+    print(
+        f"encoded {len(res.images)} images ({res.num_patches} patches){shards} with {a.model}{origin} -> "
+        f"{res.out}"
+    )
     for path, why in res.skipped.items():
         print(f"skipped {path}: {why}", file=sys.stderr)
     return 0
@@ -266,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="threads that load and patchify images ahead of the model (default: the CPUs, at most 8; "
         "0: none)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="write shards of N images (OUT stem-00001-of-0000n.safetensors and OUT.index.json) instead "
+        "of one file; running the same command again resumes: finished shards are kept",
     )
     p.set_defaults(fn=_encode)
 

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -216,10 +216,15 @@ def budget_batches(costs: Sequence[int], budget: int) -> Iterator[list[int]]:
 
 @dataclass
 class EncodeResult:
+    """What an encode wrote: the images encoded (in row order), those skipped with why, their patch
+    count and the output file (a sharded encode's index; its ``shards``, ``reused`` of them)."""
+
     images: list[str]
     skipped: dict[str, str]
     num_patches: int
     out: str
+    shards: list[str] = field(default_factory=list)
+    reused: int = 0
 
 
 def to_raster(tokens: torch.Tensor, grids: Sequence[Sequence[int]], merge: int) -> torch.Tensor:
@@ -250,6 +255,8 @@ def encode_images(
     precision: str = "auto",
     progress: bool = True,
     workers: int | None = None,
+    metadata: dict[str, str] | None = None,
+    desc: str = "encode",
 ) -> EncodeResult:
     """Encode ``images`` at native resolution and write one safetensors file (see module docstring).
 
@@ -262,7 +269,8 @@ def encode_images(
     backend (``vit.config.attn``) that cannot run there (:func:`check_attention`); the file is
     written to ``<out>.tmp`` and renamed (removed on error). ``workers``: threads that load and
     patchify images ahead of the forward (default :func:`cmpt.prefetch.default_workers`; 0: in this
-    thread; :func:`cmpt.prefetch.ordered_map`).
+    thread; :func:`cmpt.prefetch.ordered_map`). ``metadata``: more entries of the file's metadata
+    (:mod:`cmpt.encode_shards` records what a shard was made from); ``desc``: the progress bar's label.
     """
     if not (pooled or patches):
         raise ValueError("nothing to save: enable pooled and/or patch features")
@@ -327,7 +335,7 @@ def encode_images(
     # window of batches at a time (docs/method.md §7)
     prepared = ordered_map(prepare, [p for p in images if p in sizes], workers=workers)
     # the bar advances after each batch's forward: an error leaves it short of 100 %
-    with tqdm(total=len(images), desc="encode", unit="img", disable=not progress) as bar, closing(prepared):
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar, closing(prepared):
         for (good, grid), host in read_back_in_windows(forwards(bar), READBACK_WINDOW):
             if patches:
                 patch_rows.append(to_raster(host[0], grid, vit.config.merge_size))
@@ -346,7 +354,8 @@ def encode_images(
         tensors_out["pooled"] = torch.cat(pooled_rows)
     if patches:
         tensors_out["patch_tokens"] = torch.cat(patch_rows)
-    meta = {"images": json.dumps(kept), "model": vit.config.source, ENCODE_MARKER: ENCODE_FORMAT}
+    meta = {**(metadata or {}), "images": json.dumps(kept), "model": vit.config.source}
+    meta[ENCODE_MARKER] = ENCODE_FORMAT
     with atomic_file(out) as tmp:
         save_file(tensors_out, str(tmp), metadata=meta)
     return EncodeResult(kept, skipped, int(counts.sum()), str(out))
