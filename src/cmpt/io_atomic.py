@@ -2,7 +2,9 @@
 
 A single file (a summary, a results JSON, a safetensors, a shard) goes through :func:`atomic_file`:
 the caller writes a hidden temporary sibling of this host and process, renamed onto the target when
-the write finished and removed when it failed, so the target is the old file or the new one.
+the write finished and removed when it failed, so the target is the old file or the new one; a
+writer killed before it could remove its temporary leaves it, and the next write of the same target
+on this host removes it.
 
 Every directory cmpt hands out as a result — a run's ``final/``, ``VisionLanguageModel``,
 ``NativeViT`` and ``Embedder`` saves, ``cmpt export`` — goes through :func:`atomic_directory`:
@@ -42,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as _dt
+import glob
 import json
 import logging
 import os
@@ -192,10 +195,16 @@ def atomic_file(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     """The temporary file to write ``path``'s new content to: ``.<name>.<host>.<pid>.tmp`` beside it
     (hidden, so no reader's glob takes it; this process's, so concurrent writers do not meet).
     When the block ends it replaces ``path`` (after an fsync when ``durable``); when the block raises
-    it is removed and ``path`` is left as it was. The parent directory is created."""
+    it is removed and ``path`` is left as it was. The parent directory is created; temporaries of
+    ``path`` that killed writers on this host left behind are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}.*.tmp"):
+        pid = stale.name[len(f".{path.name}.{host}.") : -len(".tmp")]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{host}.{os.getpid()}.tmp")
     try:
         yield tmp
         if durable:

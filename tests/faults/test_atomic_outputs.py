@@ -170,3 +170,27 @@ def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path: Path) -> No
     with io_atomic.atomic_file(target, durable=True) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and len(list(target.parent.iterdir())) == 1
+
+
+def test_atomic_file_removes_only_dead_writers_temporaries(tmp_path: Path) -> None:
+    """A writer killed inside ``atomic_file`` leaves ``.<name>.<host>.<pid>.tmp``; the next write of
+    the same file removes it, but not a live writer's, another file's or another host's."""
+    import socket
+
+    from cmpt.io_atomic import atomic_file
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    host, dead_pid = socket.gethostname(), int(dead.stdout)
+    target = tmp_path / "summary.json"
+    left = {
+        "dead": tmp_path / f".summary.json.{host}.{dead_pid}.tmp",
+        "live": tmp_path / f".summary.json.{host}.{os.getppid()}.tmp",
+        "other file": tmp_path / f".other.json.{host}.{dead_pid}.tmp",
+        "other host": tmp_path / f".summary.json.elsewhere.{dead_pid}.tmp",
+    }
+    for path in left.values():
+        path.write_text("partial")
+    with atomic_file(target) as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "{}"
+    assert {k for k, p in left.items() if p.exists()} == {"live", "other file", "other host"}
