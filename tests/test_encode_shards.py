@@ -111,6 +111,28 @@ def test_a_bad_image_stops_at_its_shard_and_the_fixed_rerun_resumes(setup, tmp_p
     assert again.reused == 3 and list(again.skipped) == [str(paths[3])]  # reported again, kept
 
 
+def test_a_shard_of_only_bad_images_is_skipped_with_skip_bad(setup, tmp_path):
+    _, vit, proc, images = setup
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths = [images[0], bad, images[1]]
+    out = tmp_path / "f.safetensors"
+    with pytest.raises(ValueError, match=r"bad\.png"):
+        es.encode_sharded(vit, proc, paths, out, shard_size=1, progress=False)
+    for expected_reused in (1, 2):  # shard 1 was written before the error; the empty one has no file
+        res = es.encode_sharded(vit, proc, paths, out, shard_size=1, progress=False, skip_bad=True)
+        assert list(res.skipped) == [str(bad)] and len(res.images) == 2 and res.reused == expected_reused
+    index = json.loads(es.index_path(out).read_text())
+    assert [s["file"] for s in index["shards"]] == [
+        "f-00001-of-00003.safetensors",
+        "f-00003-of-00003.safetensors",
+    ]
+    with pytest.raises(es.NothingEncodedError, match="no image could be encoded"):
+        es.encode_sharded(
+            vit, proc, [bad], tmp_path / "g.safetensors", shard_size=1, skip_bad=True, progress=False
+        )
+
+
 def test_shards_of_other_images_settings_or_weights_stop_the_run(setup, tmp_path):
     ckpt, vit, proc, images = setup
     out = tmp_path / "f.safetensors"

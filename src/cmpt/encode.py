@@ -214,6 +214,14 @@ def budget_batches(costs: Sequence[int], budget: int) -> Iterator[list[int]]:
         yield batch
 
 
+class NothingEncodedError(ValueError):
+    """Every image was skipped (``skip_bad``): nothing to write. ``skipped``: path → why."""
+
+    def __init__(self, message: str, skipped: dict[str, str]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
 @dataclass
 class EncodeResult:
     """What an encode wrote: the images encoded (in row order), those skipped with why, their patch
@@ -344,7 +352,7 @@ def encode_images(
             grids.extend(grid)
             kept.extend(str(p) for p in good)
     if not kept:
-        raise ValueError(f"no image could be encoded; problems: {skipped}")
+        raise NothingEncodedError(f"no image could be encoded; problems: {skipped}", skipped)
     counts = torch.tensor([h * w for h, w in grids])
     tensors_out = {
         "grid_hw": torch.tensor(grids, dtype=torch.long),

@@ -3,7 +3,8 @@
 
 For ``--out DIR/feats.safetensors`` the images are cut, in input order, into shards of ``N``:
 ``DIR/feats-00001-of-00012.safetensors``, ... (each a complete ``cmpt encode`` file, see
-:mod:`cmpt.encode`), then ``DIR/feats.safetensors.index.json`` lists them, written last. Memory
+:mod:`cmpt.encode`), then ``DIR/feats.safetensors.index.json`` lists them, written last (a shard
+whose images were all skipped, ``skip_bad``, has no file and is not listed). Memory
 holds one shard's features, not the whole set's. Each shard records in its metadata
 (:data:`SHARD_KEY`) its input images (absolute paths), the settings that decide its features
 (the model's configuration except its attention backend and origin, the image processor,
@@ -24,7 +25,14 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from .encode import EncodeResult, bf16_autocast, check_output, encode_images, is_encode_output
+from .encode import (
+    EncodeResult,
+    NothingEncodedError,
+    bf16_autocast,
+    check_output,
+    encode_images,
+    is_encode_output,
+)
 from .io_atomic import atomic_file
 from .vision.processor import ImageProcessor
 from .vision.vit import NativeViT
@@ -179,24 +187,30 @@ def encode_sharded(
                     skipped[str(p)] = "skipped when its shard was encoded"
             reused += 1
         else:
-            res = encode_images(
-                vit,
-                processor,
-                chunk,
-                path,
-                pooled=pooled,
-                patches=patches,
-                precision=precision,
-                device=device,
-                metadata={SHARD_KEY: json.dumps(record)},
-                desc=f"shard {i + 1}/{len(shards)}",
-                **kwargs,
-            )
+            try:
+                res = encode_images(
+                    vit,
+                    processor,
+                    chunk,
+                    path,
+                    pooled=pooled,
+                    patches=patches,
+                    precision=precision,
+                    device=device,
+                    metadata={SHARD_KEY: json.dumps(record)},
+                    desc=f"shard {i + 1}/{len(shards)}",
+                    **kwargs,
+                )
+            except NothingEncodedError as e:  # every image of the shard skipped: no file, none listed
+                skipped.update(e.skipped)
+                continue
             names, n_patches = res.images, res.num_patches
             skipped.update(res.skipped)
         kept += names
         patches_total += n_patches
         listed.append({"file": path.name, "images": len(names), "patches": n_patches})
+    if not kept:
+        raise NothingEncodedError(f"no image could be encoded; problems: {skipped}", skipped)
     index = {INDEX_KEY: INDEX_FORMAT, "model": vit.config.source, "images": len(kept), "shards": listed}
     with atomic_file(index_path(out)) as tmp:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
