@@ -8,9 +8,12 @@ import importlib
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow  # four child processes, each importing torch and transformers
 def test_encode_shards_benchmark_quick(monkeypatch, capsys) -> None:
     monkeypatch.syspath_prepend(str(BENCH))
     figures = importlib.import_module("bench_encode_shards").main(["--quick"])

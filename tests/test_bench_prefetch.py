@@ -38,6 +38,7 @@ def test_prefetch_benchmark_quick(monkeypatch, capsys) -> None:
     assert window == embedder.RENDER_WINDOW  # restored
 
 
+@pytest.mark.slow  # child processes, each importing torch and transformers
 def test_caller_images_benchmark_runs(monkeypatch, capsys, tmp_path) -> None:
     """``benchmarks/bench_caller_images.py``: each variant measured in a child process of this
     checkout, the last line is its JSON; ``--before`` refuses a directory that is no cmpt checkout."""
