@@ -103,9 +103,10 @@ def check_sharded_output(out: str | Path, images: list[Path], shard_size: int, m
 
 def _is_index(path: Path) -> bool:
     try:
-        return INDEX_KEY in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
+    return isinstance(data, dict) and INDEX_KEY in data
 
 
 def _record(path: Path) -> tuple[dict, list[str], int] | None:
