@@ -53,8 +53,9 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def combine_codes(codes: Iterable[int | None]) -> int:
-    """The job's code from its workers' (None: the worker reported nothing, i.e. it died)."""
-    codes = [EXIT_FAILED if c is None else int(c) for c in codes]
+    """The job's code from its workers' (None: the worker reported nothing, i.e. it died; a code that
+    cmpt's workers never write counts as a failure too)."""
+    codes = [EXIT_FAILED if c is None or int(c) not in _SEVERITY else int(c) for c in codes]
     for code in _SEVERITY:
         if code in codes:
             return code

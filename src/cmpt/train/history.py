@@ -139,7 +139,7 @@ def record_start(run_dir: Path, config: dict, plan: ResumePlan) -> Path:
         write_yaml(old, hist / "0000-before-history.yaml")
     hist.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
-    n = sum(1 for p in hist.glob("*.yaml")) + 1
+    n = 1 + max((int(p.name[:4]) for p in hist.glob("[0-9][0-9][0-9][0-9]-*.yaml")), default=0)
     entry = {
         "time": now.isoformat(timespec="seconds"),
         "host": socket.gethostname(),
