@@ -102,17 +102,21 @@ def _marking(fn):
 
 @contextlib.contextmanager
 def _device_copies_marked() -> Iterator[None]:
-    """Outputs of ``cmpt.host_tensor``'s functions are device tensors, in every module using them;
-    the modules are restored on exit."""
+    """Outputs of ``cmpt.host_tensor``'s functions are device tensors, and its ``readback_window``
+    is an accelerator's, in every module using them; the modules are restored on exit."""
     import cmpt.host_tensor as ht
 
     originals = [getattr(ht, n) for n in ("host_tensor", "to_device_async") if hasattr(ht, n)]
+    window = getattr(ht, "readback_window", None)
     patched = []
     for module in [m for name, m in sys.modules.items() if name.startswith("cmpt")]:
         for name, value in list(vars(module).items()):
             if any(value is f for f in originals):
                 patched.append((module, name, value))
                 setattr(module, name, _marking(value))
+            elif window is not None and value is window:
+                patched.append((module, name, value))
+                setattr(module, name, lambda device: ht.READBACK_WINDOW)
     try:
         yield
     finally:

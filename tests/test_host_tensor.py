@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmpt.host_tensor import host_tensor, read_back_in_windows, to_device_async
+from cmpt.host_tensor import (
+    READBACK_WINDOW,
+    host_tensor,
+    read_back_in_windows,
+    readback_window,
+    to_device_async,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32])
@@ -120,3 +126,13 @@ def test_read_back_in_windows_from_cuda():
     out = list(read_back_in_windows(on_device, 2))
     for (_, got), (_, want) in zip(out, batches, strict=True):
         assert all(g.device.type == "cpu" and torch.equal(g, w.float()) for g, w in zip(got, want))
+
+
+def test_readback_window_is_one_batch_on_the_cpu_and_outputs_are_not_copied():
+    """From the CPU the outputs already are on the host: one batch per window, and a float32
+    output comes back as a view of the batch's own tensor (no concatenated copy)."""
+    assert readback_window("cpu") == 1 and readback_window(torch.device("cpu")) == 1
+    assert readback_window(torch.device("meta")) == readback_window("cuda") == READBACK_WINDOW > 1
+    rows = torch.randn(5, 4)
+    [(_, (back,))] = read_back_in_windows(iter([(0, (rows,))]), readback_window("cpu"))
+    assert back.data_ptr() == rows.data_ptr() and torch.equal(back, rows)

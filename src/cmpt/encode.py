@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .host_tensor import read_back_in_windows, to_device_async
+from .host_tensor import read_back_in_windows, readback_window, to_device_async
 from .hub import CONFIG_FILES, WEIGHT_FILES, is_hub_id, local_model_dir, read_json
 from .io_atomic import atomic_file
 from .prefetch import check_workers, ordered_map
@@ -38,8 +38,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 #: metadata key (and format version) of every file ``cmpt encode`` writes
 ENCODE_MARKER, ENCODE_FORMAT = "cmpt_encode", "1"
 _TENSORS = {"grid_hw", "offsets", "pooled", "patch_tokens"}
-#: batches whose features are read back from the device together (docs/method.md §7)
-READBACK_WINDOW = 8
 
 
 def vision_dir(model: str | os.PathLike) -> Path:
@@ -344,7 +342,7 @@ def encode_images(
     prepared = ordered_map(prepare, [p for p in images if p in sizes], workers=workers)
     # the bar advances after each batch's forward: an error leaves it short of 100 %
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar, closing(prepared):
-        for (good, grid), host in read_back_in_windows(forwards(bar), READBACK_WINDOW):
+        for (good, grid), host in read_back_in_windows(forwards(bar), readback_window(device)):
             if patches:
                 patch_rows.append(to_raster(host[0], grid, vit.config.merge_size))
             if pooled:

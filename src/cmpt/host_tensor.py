@@ -19,9 +19,11 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["host_tensor", "read_back_in_windows", "to_device_async"]
+__all__ = ["READBACK_WINDOW", "host_tensor", "read_back_in_windows", "readback_window", "to_device_async"]
 
 K = TypeVar("K")
+#: batches whose outputs are read back from an accelerator together (docs/method.md §7)
+READBACK_WINDOW = 8
 
 
 def host_tensor(
@@ -43,6 +45,13 @@ def to_device_async(t: torch.Tensor, device: torch.device | str | None) -> torch
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def readback_window(device: torch.device | str) -> int:
+    """How many batches' outputs to read back together from ``device``: :data:`READBACK_WINDOW`
+    from an accelerator; 1 from the CPU, where they already are on the host (concatenating them
+    would only copy)."""
+    return 1 if torch.device(device).type == "cpu" else READBACK_WINDOW
 
 
 def read_back_in_windows(
@@ -70,6 +79,9 @@ def _on_host(
     if not queued:
         return
     columns = list(zip(*(tensors for _, tensors in queued), strict=True))
-    host = [torch.cat(col).float().cpu().split([t.shape[0] for t in col]) for col in columns]
+    host = [
+        (col[0] if len(col) == 1 else torch.cat(col)).float().cpu().split([t.shape[0] for t in col])
+        for col in columns
+    ]
     for i, (key, _) in enumerate(queued):
         yield key, tuple(h[i] for h in host)

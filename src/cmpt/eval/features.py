@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from cmpt.data.llava_source import LlavaSource
-from cmpt.encode import READBACK_WINDOW, budget_batches, default_processor, load_vision_model, to_raster
-from cmpt.host_tensor import read_back_in_windows, to_device_async
+from cmpt.encode import budget_batches, default_processor, load_vision_model, to_raster
+from cmpt.host_tensor import read_back_in_windows, readback_window, to_device_async
 from cmpt.prefetch import ordered_map
 from cmpt.vision.image_io import ImageLoadError
 from cmpt.vision.processor import ImageProcessor, load_image
@@ -297,7 +297,7 @@ def _pooled_features(
             tap.outputs.clear()
 
     try:
-        for _, pooled in read_back_in_windows(forwards(), READBACK_WINDOW):
+        for _, pooled in read_back_in_windows(forwards(), readback_window(dev)):
             for j, rows in enumerate(pooled):
                 chunks[j].append(rows)
     finally:
@@ -344,7 +344,7 @@ def extract_patch_maps(
             yield (idx, grids), (tokens,)
 
     try:
-        for (idx, grids), (tokens,) in read_back_in_windows(forwards(), READBACK_WINDOW):
+        for (idx, grids), (tokens,) in read_back_in_windows(forwards(), readback_window(dev)):
             raster = to_raster(tokens, grids, processor.merge_size)
             for i, (h, w), chunk in zip(idx, grids, raster.split([h * w for h, w in grids])):
                 maps[i] = chunk.reshape(h, w, -1)
