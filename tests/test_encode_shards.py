@@ -154,6 +154,10 @@ def test_shards_of_other_images_settings_or_weights_stop_the_run(setup, tmp_path
     with pytest.raises(ValueError, match="shards of another shard count"):
         es.encode_sharded(vit, proc, images, out, shard_size=3, progress=False)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("f-*")} == stamps  # nothing rewritten
+    (tmp_path / "f-00001-of-00003.safetensors").unlink()  # missing shard 1, other settings in 2 and 3
+    with pytest.raises(ValueError, match=r"f-00002-of-00003.safetensors was encoded from other settings"):
+        es.encode_sharded(vit, proc, images, out, shard_size=2, patches=False, progress=False)
+    assert not (tmp_path / "f-00001-of-00003.safetensors").exists()  # checked before any work
 
 
 def test_foreign_files_are_refused_before_any_work(setup, tmp_path):

@@ -170,18 +170,19 @@ def encode_sharded(
         "settings": _settings(vit, processor, pooled, patches, bf16_autocast(precision, device.type)),
         "weights": parameter_digest(vit),
     }
+    records = [{"inputs": [str(Path(p).resolve()) for p in chunk], **base} for chunk in chunks]
+    found = [_record(path) for path in shards]
+    for path, record, done in zip(shards, records, found):  # every kept shard checked before any work
+        why = done and _difference(done[0], record)
+        if why:
+            raise ValueError(
+                f"shard {path} was encoded from {why}: its features would not match this run's. Remove "
+                f"the shards ({out.stem}-*-of-*{out.suffix}) to encode again, or choose another --out"
+            )
     kept, skipped, patches_total, reused, listed = [], {}, 0, 0, []
-    for i, (chunk, path) in enumerate(zip(chunks, shards)):
-        record = {"inputs": [str(Path(p).resolve()) for p in chunk], **base}
-        found = _record(path)
-        if found is not None:
-            why = _difference(found[0], record)
-            if why:
-                raise ValueError(
-                    f"shard {path} was encoded from {why}: its features would not match this run's. Remove "
-                    f"the shards ({out.stem}-*-of-*{out.suffix}) to encode again, or choose another --out"
-                )
-            names, n_patches = found[1], found[2]
+    for i, (chunk, path, record) in enumerate(zip(chunks, shards, records)):
+        if found[i] is not None:
+            names, n_patches = found[i][1], found[i][2]
             done = {str(Path(n).resolve()) for n in names}
             for p, resolved in zip(chunk, record["inputs"]):
                 if resolved not in done:
